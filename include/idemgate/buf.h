@@ -1,0 +1,46 @@
+/* buf.h — a growable byte buffer with a read offset.
+ *
+ * Owns its bytes (p). Data lives in p[off .. len); bytes before off were
+ * consumed. Growth may move p: never keep pointers into a buf across an
+ * append. Out of memory aborts. */
+#ifndef IDEMGATE_BUF_H
+#define IDEMGATE_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct buf {
+    char *p;
+    size_t off; /* first unread byte */
+    size_t len; /* end of data */
+    size_t cap;
+};
+
+void buf_init(struct buf *b);
+/* Frees the bytes; b may then be reused after buf_init. Tolerates NULL. */
+void buf_free(struct buf *b);
+/* Makes room for at least n more bytes after len; returns p + len. */
+char *buf_reserve(struct buf *b, size_t n);
+void buf_append(struct buf *b, const void *data, size_t n);
+void buf_append_str(struct buf *b, const char *s);
+void buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void buf_append_u64(struct buf *b, uint64_t v);
+/* Drops n bytes from the front (advances off); resets to empty when drained. */
+void buf_consume(struct buf *b, size_t n);
+/* Moves unread bytes to the start of p. */
+void buf_compact(struct buf *b);
+static inline size_t buf_size(const struct buf *b)
+{
+    return b->len - b->off;
+}
+static inline const char *buf_data(const struct buf *b)
+{
+    return b->p + b->off;
+}
+void buf_reset(struct buf *b);
+/* Swaps the contents of two buffers. */
+void buf_swap(struct buf *a, struct buf *b);
+/* Appends the bytes escaped as the inside of a JSON string. */
+void buf_append_json_str(struct buf *b, const char *s, size_t n);
+
+#endif

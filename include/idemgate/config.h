@@ -1,0 +1,154 @@
+/* config.h — the frozen configuration (SPEC sections 1 and 2).
+ *
+ * Built once in main.c before any worker starts: built-in defaults, then the
+ * JSON file (cJSON), then the environment, then the command-line flags.
+ * After cfg_load returns 0 the struct is read-only and shared by all workers.
+ * Every string is owned by the struct and freed by cfg_free. */
+#ifndef IDEMGATE_CONFIG_H
+#define IDEMGATE_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct cfg_strlist {
+    char **v;
+    size_t n;
+};
+
+/* A parsed "http://host:port" or "https://host:port" URL (no path). */
+struct cfg_url {
+    bool tls;
+    char *host; /* without brackets for IPv6 */
+    int port;   /* default 80 / 443 */
+    char *text; /* the original URL text */
+};
+
+/* A parsed "host:port" or "[v6]:port" address. */
+struct cfg_addr {
+    char *host;
+    int port;
+    char *text;
+};
+
+enum cfg_store { CFG_STORE_REDIS, CFG_STORE_MEMORY };
+enum cfg_redis_mode { CFG_REDIS_STANDALONE, CFG_REDIS_CLUSTER, CFG_REDIS_SENTINEL };
+enum cfg_failure_mode { CFG_FAIL_CLOSED, CFG_FAIL_OPEN };
+enum cfg_anonymous { CFG_ANON_SHARED, CFG_ANON_REJECT, CFG_ANON_BYPASS };
+enum cfg_concurrent { CFG_CONC_REJECT, CFG_CONC_WAIT };
+enum cfg_error_format { CFG_ERR_JSON, CFG_ERR_PROBLEM };
+enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
+
+struct cfg_redis {
+    enum cfg_redis_mode mode;
+    char *url;         /* as given */
+    bool unix_socket;  /* url was unix:///path */
+    char *host;        /* tcp host, or the socket path when unix_socket */
+    int port;          /* default 6379 */
+    char *password;    /* NULL when none */
+    int db;            /* default 0 */
+    struct cfg_strlist nodes;
+    char *master_name;
+    char *key_prefix;
+    int timeout_ms;
+    enum cfg_failure_mode failure_mode;
+    int wait_replicas;
+};
+
+/* The idempotency settings; one global copy plus one fully resolved copy
+ * per route (global values overridden key by key). */
+struct cfg_idem {
+    bool enabled; /* only routes can turn it off */
+    char *header;
+    struct cfg_strlist methods;
+    bool required;
+    int key_max_length;
+    int ttl_seconds;
+    int lock_seconds;
+    struct cfg_strlist scope_headers;
+    enum cfg_anonymous anonymous;
+    char *scope_secret;
+    struct cfg_strlist fingerprint_headers;
+    int mismatch_status; /* 409 or 422 */
+    enum cfg_concurrent concurrent;
+    int wait_max_ms;
+    bool cache_5xx;
+    uint64_t max_cached_response_bytes;
+    struct cfg_strlist replay_exclude_headers;
+};
+
+struct cfg_limits {
+    uint64_t max_request_body_bytes;
+    uint64_t max_header_bytes;
+    int upstream_connect_timeout_ms;
+    int upstream_timeout_ms;
+    int client_timeout_ms;
+    int max_connections;
+    int shutdown_grace_ms;
+};
+
+struct cfg_route {
+    char *prefix;
+    struct cfg_url upstream; /* the route's own, or a copy of the default */
+    struct cfg_idem idem;    /* resolved */
+};
+
+struct cfg {
+    struct cfg_addr listen;
+    int workers; /* resolved: 0 in the file means one per CPU, stored here as the count */
+    struct cfg_url upstream;
+    enum cfg_store store;
+    struct cfg_redis redis;
+    struct cfg_idem idem;
+    enum cfg_error_format error_format;
+    struct cfg_limits limits;
+    bool admin_enabled; /* false when admin.listen is "off" */
+    struct cfg_addr admin_listen;
+    char *tls_cert_file;
+    char *tls_key_file;
+    char *upstream_tls_ca_file;
+    bool upstream_tls_verify;
+    char *upstream_tls_server_name;
+    struct cfg_route *routes; /* sorted by prefix length, longest first */
+    size_t n_routes;
+    enum cfg_log_level log_level;
+    bool log_access;
+};
+
+/* Values given on the command line; NULL when the flag was not given. */
+struct cfg_flags {
+    const char *config_file;
+    const char *listen;
+    const char *upstream;
+    const char *store;
+    const char *redis;
+    const char *workers;
+    const char *admin;
+};
+
+/* Fills c from defaults < file (flags->config_file, may be NULL) < env <
+ * flags. On error returns -1 and writes one line (no newline) into err,
+ * e.g. "config: idempotency.lock_seconds: must be an integer >= 1" or
+ * "config: cannot read /x.json: No such file or directory" or
+ * "flag --workers: must be an integer >= 0"; c is then freed already.
+ * Env variables: IDEMGATE_LISTEN, IDEMGATE_UPSTREAM, IDEMGATE_STORE,
+ * IDEMGATE_REDIS_URL, IDEMGATE_WORKERS, IDEMGATE_ADMIN_LISTEN,
+ * IDEMGATE_SCOPE_SECRET, IDEMGATE_LOG_LEVEL, IDEMPOTENCY_TTL_SECONDS (an
+ * env error names the variable: "env IDEMGATE_WORKERS: must be ..."). */
+int cfg_load(struct cfg *c, const struct cfg_flags *flags, char *err, size_t errlen);
+
+/* Same, from a JSON text instead of a file (for tests and fuzzing); env is
+ * still applied when use_env is true. */
+int cfg_load_json(struct cfg *c, const char *json, size_t len, bool use_env,
+                  const struct cfg_flags *flags, char *err, size_t errlen);
+
+/* Frees everything c owns. Tolerates NULL and a zeroed struct. */
+void cfg_free(struct cfg *c);
+
+/* Longest-prefix route for a request path, or NULL for the default. */
+const struct cfg_route *cfg_route_for(const struct cfg *c, const char *path, size_t len);
+
+/* True when the method is in idem->methods. */
+bool cfg_idem_covers_method(const struct cfg_idem *idem, const char *method, size_t len);
+
+#endif

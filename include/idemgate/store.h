@@ -1,0 +1,112 @@
+/* store.h — the idempotency state store: an interface of asynchronous
+ * operations, with two backends (Redis, memory) behind a table of function
+ * pointers (as Redis does with ConnectionType).
+ *
+ * One struct store per worker thread, bound to that worker's event_base.
+ * A store knows records, keys and owner tokens; it knows nothing of HTTP.
+ *
+ * State of one (scope, key): absent, or IN PROGRESS {token, fingerprint,
+ * expires after lock_ms}, or COMPLETED {fingerprint, record bytes, expires
+ * after ttl}. All of it lives under one backend key,
+ * "<key_prefix>{<skey>}" where skey = "<scope>:<key>" (the hash tag keeps
+ * it on one Redis Cluster slot).
+ *
+ * Callback rules (both backends):
+ *  - every operation's callback fires exactly once, never synchronously
+ *    from inside the call that started it;
+ *  - every operation carries a deadline (redis.timeout_ms): if the backend
+ *    has not answered by then, the callback fires with STORE_ERROR and a
+ *    late reply is dropped;
+ *  - pointers handed to a callback are borrowed until it returns;
+ *  - all arguments passed to an operation are copied by the call (borrowed
+ *    only until it returns). */
+#ifndef IDEMGATE_STORE_H
+#define IDEMGATE_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+struct cfg;
+struct store;
+
+#define STORE_TOKEN_LEN 32 /* owner token: 32 hex chars */
+#define STORE_FP_LEN 16    /* fingerprint: 16 raw bytes (XXH3-128) */
+
+enum store_acquire_state {
+    STORE_ACQ_LOCKED,      /* absent -> now in progress, owned by our token */
+    STORE_ACQ_IN_PROGRESS, /* someone else holds it, same fingerprint */
+    STORE_ACQ_MISMATCH,    /* in progress or completed with another fingerprint */
+    STORE_ACQ_COMPLETED,   /* completed, same fingerprint: record is set */
+    STORE_ACQ_ERROR        /* unreachable, timed out, or a bad reply */
+};
+
+struct store_acquire_reply {
+    enum store_acquire_state state;
+    const uint8_t *record; /* COMPLETED only: the encoded record, borrowed */
+    size_t record_len;
+};
+
+typedef void (*store_acquire_cb)(void *arg, const struct store_acquire_reply *reply);
+/* status: 1 done (the token matched), 0 not done (no such key or another
+ * owner's token), -1 store error or timeout. */
+typedef void (*store_done_cb)(void *arg, int status);
+
+struct store_ops {
+    const char *name;
+    void (*acquire)(struct store *s, const char *skey, size_t skey_len,
+                    const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
+                    uint32_t lock_ms, store_acquire_cb cb, void *arg);
+    void (*complete)(struct store *s, const char *skey, size_t skey_len,
+                     const char token[STORE_TOKEN_LEN], const uint8_t *record, size_t record_len,
+                     uint32_t ttl_seconds, store_done_cb cb, void *arg);
+    void (*release)(struct store *s, const char *skey, size_t skey_len,
+                    const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg);
+    void (*renew)(struct store *s, const char *skey, size_t skey_len,
+                  const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb,
+                  void *arg);
+    /* status 1 when the backend answered, -1 otherwise. */
+    void (*ping)(struct store *s, store_done_cb cb, void *arg);
+    /* Frees the store. Operations still in flight are dropped without
+     * their callback: free a store only when its worker has no exchange
+     * left (or the process is exiting). */
+    void (*free)(struct store *s);
+};
+
+/* Every backend's struct starts with this. */
+struct store {
+    const struct store_ops *ops;
+};
+
+/* Thin wrappers over the ops table. */
+void store_acquire(struct store *s, const char *skey, size_t skey_len,
+                   const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
+                   uint32_t lock_ms, store_acquire_cb cb, void *arg);
+void store_complete(struct store *s, const char *skey, size_t skey_len,
+                    const char token[STORE_TOKEN_LEN], const uint8_t *record, size_t record_len,
+                    uint32_t ttl_seconds, store_done_cb cb, void *arg);
+void store_release(struct store *s, const char *skey, size_t skey_len,
+                   const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg);
+void store_renew(struct store *s, const char *skey, size_t skey_len,
+                 const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb, void *arg);
+void store_ping(struct store *s, store_done_cb cb, void *arg);
+void store_free(struct store *s);
+
+/* Memory backend: one shared table (mutex-protected) for the whole process,
+ * one struct store per worker that defers callbacks onto its own base. */
+struct store_memory_shared;
+struct store_memory_shared *store_memory_shared_new(const char *key_prefix);
+void store_memory_shared_free(struct store_memory_shared *sh);
+/* The shared table is borrowed and must outlive the store. */
+struct store *store_memory_new(struct event_base *base, struct store_memory_shared *sh,
+                               int timeout_ms);
+
+/* Redis backend: one hiredis async connection on base (the libevent
+ * adapter), scripts loaded with SCRIPT LOAD and called with EVALSHA
+ * (reloaded on NOSCRIPT), every command under its own timeout timer,
+ * reconnect with capped exponential backoff. cfg is borrowed for the
+ * store's lifetime (redis.* settings). Never fails: an unreachable Redis
+ * only makes operations answer STORE_ACQ_ERROR / -1 until it is back. */
+struct store *store_redis_new(struct event_base *base, const struct cfg *cfg);
+
+#endif

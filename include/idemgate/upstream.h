@@ -1,0 +1,47 @@
+/* upstream.h — per-worker pools of keep-alive upstream connections.
+ *
+ * One pool per upstream URL per worker. upstream_get hands out an idle
+ * connection (not idle too long, not closed by the peer) or a new one that
+ * is still connecting; the caller owns it until upstream_put, which either
+ * parks it (bounded) or closes it. While parked, the pool watches it and
+ * drops it when the peer closes it or sends anything. */
+#ifndef IDEMGATE_UPSTREAM_H
+#define IDEMGATE_UPSTREAM_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "idemgate/conn.h"
+
+struct worker;
+struct cfg_url;
+struct upstream_pool;
+
+struct upconn {
+    struct conn c;
+    struct upstream_pool *pool;
+    struct upconn *next; /* idle list */
+    bool connected;      /* connect() finished */
+    bool reused;         /* served a request before */
+    uint64_t idle_since_ms;
+};
+
+struct upstream_pool {
+    struct worker *w;
+    const struct cfg_url *url;
+    struct upconn *idle;
+    unsigned n_idle;
+    unsigned max_idle;
+};
+
+void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct cfg_url *url);
+void upstream_pool_free(struct upstream_pool *p);
+/* Returns a connection (caller owns it; set its callback with
+ * conn_set_cb), or NULL with errno when a socket cannot even be started. */
+struct upconn *upstream_get(struct upstream_pool *p);
+/* Gives the connection back: parked when reusable, else closed and freed. */
+void upstream_put(struct upconn *u, bool reusable);
+/* Checks a finished non-blocking connect: 0 ok, else the errno. */
+int upstream_connect_result(struct upconn *u);
+
+#endif

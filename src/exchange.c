@@ -1,0 +1,928 @@
+/* exchange.c — client connections and one request's life: read and parse
+ * the request, hand it to the idem engine, forward it upstream, stream the
+ * response back, answer errors and replays.
+ *
+ * Owns: struct client (one per accepted socket) and struct exchange (one
+ * per request). Does not own: the idempotency decisions (idem.c), the
+ * upstream pool (upstream.c), the parser (http1.c). */
+#include "idemgate/exchange.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <event2/event.h>
+
+#include "idemgate/config.h"
+#include "idemgate/idem.h"
+#include "idemgate/log.h"
+#include "idemgate/server.h"
+#include "idemgate/upstream.h"
+
+/* Stop reading the upstream while this much waits for a slow client. */
+#define CLIENT_OUT_HIGH (1024 * 1024)
+/* Bytes read from the upstream per fill. */
+#define UPSTREAM_FILL (256 * 1024)
+
+static void client_event(struct conn *c, short what, void *arg);
+static void client_process(struct client *cl);
+static void client_arm_timer(struct client *cl);
+static void ex_up_event(struct conn *c, short what, void *arg);
+static void ex_up_read(struct exchange *ex);
+static void ex_upstream_failed(struct exchange *ex, enum err_code e);
+
+/* ---------------------------------------------------------------- state */
+
+static const char *const ex_state_names[] = {"new",       "acquiring", "waiting", "forwarding",
+                                             "streaming", "completing", "done"};
+
+/* Legal transitions: from -> bitmask of to. */
+static const unsigned ex_transitions[] = {
+    [EX_NEW] = 1u << EX_ACQUIRING | 1u << EX_FORWARDING | 1u << EX_COMPLETING | 1u << EX_DONE,
+    [EX_ACQUIRING] = 1u << EX_WAITING | 1u << EX_FORWARDING | 1u << EX_COMPLETING | 1u << EX_DONE,
+    [EX_WAITING] = 1u << EX_ACQUIRING | 1u << EX_COMPLETING | 1u << EX_DONE,
+    [EX_FORWARDING] = 1u << EX_STREAMING | 1u << EX_COMPLETING,
+    [EX_STREAMING] = 1u << EX_COMPLETING,
+    [EX_COMPLETING] = 1u << EX_DONE,
+    [EX_DONE] = 0,
+};
+
+void exchange_set_state(struct exchange *ex, enum ex_state to)
+{
+    if (!(ex_transitions[ex->state] & (1u << to))) {
+        log_msg(LOG_ERROR, "illegal exchange transition %s -> %s", ex_state_names[ex->state],
+                ex_state_names[to]);
+        abort();
+    }
+    ex->state = to;
+}
+
+/* ------------------------------------------------------------- helpers */
+
+static void out_status_line(struct buf *o, int status, const char *reason, size_t reason_len)
+{
+    buf_append(o, "HTTP/1.1 ", 9);
+    buf_append_u64(o, (uint64_t)status);
+    buf_append(o, " ", 1);
+    buf_append(o, reason, reason_len);
+    buf_append(o, "\r\n", 2);
+}
+
+static void out_header(struct buf *o, const char *name, size_t nl, const char *value, size_t vl)
+{
+    buf_append(o, name, nl);
+    buf_append(o, ": ", 2);
+    buf_append(o, value, vl);
+    buf_append(o, "\r\n", 2);
+}
+
+static const char *reason_phrase(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 201: return "Created";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 413: return "Content Too Large";
+    case 422: return "Unprocessable Content";
+    case 431: return "Request Header Fields Too Large";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+/* ---------------------------------------------------------- exchange */
+
+void exchange_ref(struct exchange *ex)
+{
+    ex->refs++;
+}
+
+static void ex_free(struct exchange *ex)
+{
+    struct worker *w = ex->w;
+    idem_free(ex);
+    if (ex->up_timer) event_free(ex->up_timer);
+    buf_free(&ex->req);
+    buf_free(&ex->body_buf);
+    free(ex);
+    w->n_exchanges--;
+    worker_maybe_done(w);
+}
+
+void exchange_unref(struct exchange *ex)
+{
+    assert(ex->refs > 0);
+    if (--ex->refs == 0) ex_free(ex);
+}
+
+static const char *const outcome_names[] = {"passthrough", "executed", "replayed", "in_progress",
+                                            "mismatch",    "rejected", "not_cached",
+                                            "store_error"};
+
+static void ex_access_log(struct exchange *ex)
+{
+    const struct cfg *cfg = ex->w->cfg;
+    if (!cfg->log_access || !log_enabled(LOG_INFO)) return;
+    struct buf b;
+    buf_init(&b);
+    log_line_begin(&b, LOG_INFO);
+    log_kv_str(&b, "msg", "access", 6);
+    log_kv_str(&b, "request_id", ex->request_id, ex->request_id_len);
+    log_kv_str(&b, "method", ex->head.method.p, ex->head.method.n);
+    const char *q = memchr(ex->head.target.p, '?', ex->head.target.n);
+    size_t plen = q ? (size_t)(q - ex->head.target.p) : ex->head.target.n;
+    log_kv_str(&b, "path", ex->head.target.p, plen);
+    log_kv_int(&b, "status", ex->status);
+    log_kv_str(&b, "outcome", outcome_names[ex->outcome], strlen(outcome_names[ex->outcome]));
+    log_kv_int(&b, "duration_ms", (long long)(worker_now_ms(ex->w) - ex->start_ms));
+    log_kv_int(&b, "upstream_ms", (long long)ex->upstream_ms);
+    log_line_end(&b);
+    buf_free(&b);
+}
+
+/* The client got its whole response (or is gone): the client may read its
+ * next request while the exchange finishes its store work. */
+static void ex_detach_client(struct exchange *ex)
+{
+    struct client *cl = ex->client;
+    if (!cl) return;
+    ex_access_log(ex);
+    ex->client = NULL;
+    cl->ex = NULL;
+    size_t used = (size_t)cl->head_len;
+    if (cl->head.body == HTTP1_BODY_LENGTH) used += cl->head.content_length;
+    if (cl->head.body == HTTP1_BODY_CHUNKED) used += cl->chunk_pos;
+    buf_consume(&cl->c.in, used);
+    buf_reset(&cl->chunked_body);
+    cl->have_head = false;
+    cl->head_len = 0;
+    cl->chunk_pos = 0;
+    cl->sent_continue = false;
+    if (ex->client_close || !cl->keep_alive || cl->w->draining) {
+        cl->state = CLIENT_CLOSING;
+    } else {
+        cl->state = CLIENT_IDLE;
+    }
+    exchange_unref(ex);
+    /* Flush what is queued; then either close or look at pipelined bytes. */
+    int r = conn_flush(&cl->c);
+    if (r < 0 || (r == 1 && cl->state == CLIENT_CLOSING)) {
+        client_close(cl);
+        return;
+    }
+    if (cl->state == CLIENT_IDLE) {
+        client_arm_timer(cl);
+        client_process(cl);
+    }
+}
+
+/* Queues bytes for the client (dropped when it is gone) and tries to send. */
+static void ex_client_flush(struct exchange *ex)
+{
+    struct client *cl = ex->client;
+    if (!cl) return;
+    if (conn_flush(&cl->c) < 0) client_close(cl);
+}
+
+static void ex_begin_local_answer(struct exchange *ex, int status, struct buf *o)
+{
+    ex->status = status;
+    out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
+    out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
+    if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
+        ex->client_close = true;
+        buf_append_str(o, "Connection: close\r\n");
+    } else if (ex->client_minor == 0) {
+        buf_append_str(o, "Connection: keep-alive\r\n");
+    }
+}
+
+void exchange_answer_error(struct exchange *ex, enum err_code e)
+{
+    const struct cfg *cfg = ex->w->cfg;
+    int status = err_status(e, ex->idem ? ex->idem->mismatch_status : 409);
+    if (ex->outcome == OUT_PASSTHROUGH || ex->outcome == OUT_EXECUTED) {
+        if (e == ERR_IN_PROGRESS) ex->outcome = OUT_IN_PROGRESS;
+        else if (e == ERR_KEY_REUSE) ex->outcome = OUT_MISMATCH;
+        else if (e == ERR_STORE_UNAVAILABLE) ex->outcome = OUT_STORE_ERROR;
+        else if (status < 500) ex->outcome = OUT_REJECTED;
+    }
+    if (!ex->client) return;
+    struct buf body;
+    buf_init(&body);
+    const char *ctype = err_render(e, status, cfg->error_format == CFG_ERR_PROBLEM, &body);
+    struct buf *o = &ex->client->c.out;
+    ex_begin_local_answer(ex, status, o);
+    out_header(o, "Content-Type", 12, ctype, strlen(ctype));
+    if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE) buf_append_str(o, "Retry-After: 1\r\n");
+    buf_append_str(o, "Content-Length: ");
+    buf_append_u64(o, buf_size(&body));
+    buf_append_str(o, "\r\n\r\n");
+    buf_append(o, buf_data(&body), buf_size(&body));
+    buf_free(&body);
+    ex_detach_client(ex);
+}
+
+void exchange_replay(struct exchange *ex, const struct record *r)
+{
+    ex->outcome = OUT_REPLAYED;
+    if (!ex->client) return;
+    struct buf *o = &ex->client->c.out;
+    ex->status = r->status;
+    const char *reason = reason_phrase(r->status);
+    size_t reason_len = strlen(reason);
+    size_t first = 0;
+    if (r->n_headers > 0 && r->headers[0].name_len == 7 &&
+        memcmp(r->headers[0].name, ":reason", 7) == 0) {
+        reason = r->headers[0].value;
+        reason_len = r->headers[0].value_len;
+        first = 1;
+    }
+    out_status_line(o, r->status, reason, reason_len);
+    for (size_t i = first; i < r->n_headers; i++)
+        out_header(o, r->headers[i].name, r->headers[i].name_len, r->headers[i].value,
+                   r->headers[i].value_len);
+    out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
+    buf_append_str(o, "Idempotent-Replayed: true\r\n");
+    if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
+        ex->client_close = true;
+        buf_append_str(o, "Connection: close\r\n");
+    } else if (ex->client_minor == 0) {
+        buf_append_str(o, "Connection: keep-alive\r\n");
+    }
+    buf_append_str(o, "Content-Length: ");
+    buf_append_u64(o, r->body_len);
+    buf_append_str(o, "\r\n\r\n");
+    buf_append(o, r->body, (size_t)r->body_len);
+    ex_detach_client(ex);
+}
+
+void exchange_idem_finished(struct exchange *ex)
+{
+    if (ex->state != EX_COMPLETING) exchange_set_state(ex, EX_COMPLETING);
+    exchange_set_state(ex, EX_DONE);
+    exchange_unref(ex);
+}
+
+/* ------------------------------------------------------ upstream side */
+
+static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
+{
+    const struct http1_head *h = &ex->head;
+    struct client *cl = ex->client;
+    buf_append(o, h->method.p, h->method.n);
+    buf_append(o, " ", 1);
+    buf_append(o, h->target.p, h->target.n);
+    buf_append(o, " HTTP/1.1\r\n", 11);
+    struct http1_slice xff = {NULL, 0}, xfp = {NULL, 0};
+    bool have_host = false;
+    struct buf xffv;
+    buf_init(&xffv);
+    for (size_t i = 0; i < h->n_headers; i++) {
+        const struct http1_header *hd = &h->headers[i];
+        if (http1_is_hop_by_hop(h, i)) continue;
+        if (http1_slice_ieq(hd->name, "content-length") || http1_slice_ieq(hd->name, "expect"))
+            continue;
+        if (http1_slice_ieq(hd->name, "x-forwarded-for")) {
+            if (buf_size(&xffv)) buf_append(&xffv, ", ", 2);
+            buf_append(&xffv, hd->value.p, hd->value.n);
+            xff = hd->value;
+            continue;
+        }
+        if (http1_slice_ieq(hd->name, "x-forwarded-proto")) {
+            xfp = hd->value;
+            continue;
+        }
+        if (http1_slice_ieq(hd->name, "host")) have_host = true;
+        out_header(o, hd->name.p, hd->name.n, hd->value.p, hd->value.n);
+    }
+    if (!have_host) {
+        buf_append_str(o, "Host: ");
+        buf_append_str(o, ex->upstream_url->host);
+        buf_printf(o, ":%d\r\n", ex->upstream_url->port);
+    }
+    const char *peer = cl ? cl->peer : "unknown";
+    buf_append_str(o, "X-Forwarded-For: ");
+    if (xff.p) {
+        buf_append(o, buf_data(&xffv), buf_size(&xffv));
+        buf_append(o, ", ", 2);
+    }
+    buf_append_str(o, peer);
+    buf_append_str(o, "\r\nX-Forwarded-Proto: ");
+    if (xfp.p) {
+        buf_append(o, xfp.p, xfp.n);
+        buf_append(o, ", ", 2);
+    }
+    buf_append_str(o, "http\r\n");
+    buf_free(&xffv);
+    if (!ex->request_id_from_client)
+        out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
+    if (h->body != HTTP1_BODY_NONE || ex->body_len > 0) {
+        buf_append_str(o, "Content-Length: ");
+        buf_append_u64(o, ex->body_len);
+        buf_append(o, "\r\n", 2);
+    }
+    buf_append(o, "\r\n", 2);
+    buf_append(o, ex->body, ex->body_len);
+}
+
+static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct exchange *ex = arg;
+    if (!ex->up->connected) ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+    else ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT);
+}
+
+static void ex_arm_up_timer(struct exchange *ex, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    if (!ex->up_timer) ex->up_timer = evtimer_new(ex->w->base, ex_up_timeout, ex);
+    evtimer_add(ex->up_timer, &tv);
+}
+
+void exchange_forward(struct exchange *ex)
+{
+    exchange_set_state(ex, EX_FORWARDING);
+    ex->upstream_start_ms = worker_now_ms(ex->w);
+    struct upconn *u = upstream_get(ex->pool);
+    if (!u) {
+        log_msg(LOG_WARN, "upstream %s: %s", ex->upstream_url->text, strerror(errno));
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+        return;
+    }
+    ex->up = u;
+    exchange_ref(ex);
+    conn_set_cb(&u->c, ex_up_event, ex);
+    ex_build_upstream_request(ex, &u->c.out);
+    const struct cfg_limits *lim = &ex->w->cfg->limits;
+    if (!u->connected) {
+        ex_arm_up_timer(ex, lim->upstream_connect_timeout_ms);
+        return;
+    }
+    ex_arm_up_timer(ex, lim->upstream_timeout_ms);
+    if (conn_flush(&u->c) < 0) ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+}
+
+/* Gives the upstream connection back and drops its reference. */
+static void ex_release_upstream(struct exchange *ex, bool reusable)
+{
+    if (ex->up_timer) evtimer_del(ex->up_timer);
+    struct upconn *u = ex->up;
+    if (!u) return;
+    ex->up = NULL;
+    ex->upstream_ms = worker_now_ms(ex->w) - ex->upstream_start_ms;
+    upstream_put(u, reusable);
+    exchange_unref(ex);
+}
+
+static void ex_upstream_failed(struct exchange *ex, enum err_code e)
+{
+    /* Hold a reference: releasing the upstream may drop the last but ours. */
+    exchange_ref(ex);
+    bool streaming = ex->state == EX_STREAMING;
+    ex_release_upstream(ex, false);
+    log_msg(LOG_WARN, "request %.*s: upstream %s: %s", (int)ex->request_id_len, ex->request_id,
+            ex->upstream_url->text, err_code_name(e));
+    if (streaming) {
+        /* Head already sent: the only honest signal left is closing. */
+        ex->client_close = true;
+        if (ex->client) client_close(ex->client);
+    } else {
+        exchange_answer_error(ex, e);
+    }
+    exchange_set_state(ex, EX_COMPLETING);
+    idem_response_end(ex, false);
+    exchange_unref(ex);
+}
+
+static void ex_response_done(struct exchange *ex)
+{
+    exchange_ref(ex);
+    ex_release_upstream(ex, ex->up_reusable);
+    if (ex->client) {
+        if (ex->client_chunked) buf_append(&ex->client->c.out, "0\r\n\r\n", 5);
+        ex_detach_client(ex);
+    }
+    exchange_set_state(ex, EX_COMPLETING);
+    idem_response_end(ex, true);
+    exchange_unref(ex);
+}
+
+static void ex_send_response_head(struct exchange *ex)
+{
+    const struct http1_head *rh = &ex->rhead;
+    ex->status = rh->status;
+    if (!ex->client) return;
+    struct buf *o = &ex->client->c.out;
+    out_status_line(o, rh->status, rh->reason.p, rh->reason.n);
+    bool has_rid = false;
+    for (size_t i = 0; i < rh->n_headers; i++) {
+        const struct http1_header *hd = &rh->headers[i];
+        if (http1_is_hop_by_hop(rh, i)) continue;
+        if (rh->body != HTTP1_BODY_NONE && http1_slice_ieq(hd->name, "content-length")) continue;
+        if (http1_slice_ieq(hd->name, "x-request-id")) has_rid = true;
+        out_header(o, hd->name.p, hd->name.n, hd->value.p, hd->value.n);
+    }
+    if (!has_rid) out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
+    if (rh->body == HTTP1_BODY_CHUNKED || rh->body == HTTP1_BODY_CLOSE) {
+        if (ex->client_minor >= 1) ex->client_chunked = true;
+        else ex->client_close = true;
+    }
+    if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
+        ex->client_close = true;
+        buf_append_str(o, "Connection: close\r\n");
+    } else if (ex->client_minor == 0) {
+        buf_append_str(o, "Connection: keep-alive\r\n");
+    }
+    if (rh->body == HTTP1_BODY_LENGTH) {
+        buf_append_str(o, "Content-Length: ");
+        buf_append_u64(o, rh->content_length);
+        buf_append(o, "\r\n", 2);
+    } else if (ex->client_chunked) {
+        buf_append_str(o, "Transfer-Encoding: chunked\r\n");
+    }
+    buf_append(o, "\r\n", 2);
+}
+
+/* One slice of response body: to the client (framed) and to the engine. */
+static void ex_body_data(struct exchange *ex, const char *p, size_t n)
+{
+    if (n == 0) return;
+    idem_response_body(ex, p, n);
+    if (!ex->client) return;
+    struct buf *o = &ex->client->c.out;
+    if (ex->client_chunked) {
+        buf_printf(o, "%zx\r\n", n);
+        buf_append(o, p, n);
+        buf_append(o, "\r\n", 2);
+    } else {
+        buf_append(o, p, n);
+    }
+}
+
+/* Parses the response head when complete. Returns 1 when the head is done,
+ * 0 when more bytes are needed, -1 after failing the exchange. */
+static int ex_parse_response_head(struct exchange *ex)
+{
+    struct upconn *u = ex->up;
+    for (;;) {
+        bool head_req = http1_slice_ieq(ex->head.method, "HEAD");
+        long n = http1_parse_response(buf_data(&u->c.in), buf_size(&u->c.in),
+                                      ex->w->cfg->limits.max_header_bytes, head_req, &ex->rhead);
+        if (n == HTTP1_INCOMPLETE) {
+            if (u->c.eof || u->c.err) {
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+                return -1;
+            }
+            return 0;
+        }
+        if (n < 0 || ex->rhead.status == 101) {
+            log_msg(LOG_WARN, "upstream %s sent a malformed response", ex->upstream_url->text);
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+            return -1;
+        }
+        if (ex->rhead.status >= 100 && ex->rhead.status < 200) {
+            buf_consume(&u->c.in, (size_t)n); /* interim response: skip */
+            continue;
+        }
+        ex->up_reusable = ex->rhead.keep_alive && ex->rhead.body != HTTP1_BODY_CLOSE;
+        ex->r_remaining = ex->rhead.content_length;
+        http1_chunked_init(&ex->rchunked);
+        exchange_set_state(ex, EX_STREAMING);
+        ex->head_done = true;
+        ex_send_response_head(ex);
+        idem_response_head(ex, &ex->rhead);
+        /* The head's slices are used up: now drop its bytes. */
+        buf_consume(&u->c.in, (size_t)n);
+        return 1;
+    }
+}
+
+/* Consumes body bytes from the upstream buffer. Returns 1 at the end of the
+ * response, 0 when more is needed, -1 after failing the exchange. */
+static int ex_pump_body(struct exchange *ex)
+{
+    struct upconn *u = ex->up;
+    struct buf *in = &u->c.in;
+    switch (ex->rhead.body) {
+    case HTTP1_BODY_NONE:
+        return 1;
+    case HTTP1_BODY_LENGTH: {
+        size_t n = buf_size(in);
+        if (n > ex->r_remaining) n = (size_t)ex->r_remaining;
+        ex_body_data(ex, buf_data(in), n);
+        buf_consume(in, n);
+        ex->r_remaining -= n;
+        if (ex->r_remaining == 0) return 1;
+        break;
+    }
+    case HTTP1_BODY_CHUNKED:
+        while (buf_size(in) > 0) {
+            size_t used = 0;
+            struct http1_slice d;
+            int r = http1_chunked_next(&ex->rchunked, buf_data(in), buf_size(in), &used, &d);
+            if (r == HTTP1_CHUNK_DATA) ex_body_data(ex, d.p, d.n);
+            buf_consume(in, used);
+            if (r == HTTP1_CHUNK_DONE) return 1;
+            if (r < 0) {
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+                return -1;
+            }
+            if (r == HTTP1_CHUNK_MORE) break;
+        }
+        break;
+    case HTTP1_BODY_CLOSE:
+        ex_body_data(ex, buf_data(in), buf_size(in));
+        buf_consume(in, buf_size(in));
+        if (u->c.eof) return 1;
+        break;
+    }
+    if (u->c.eof || u->c.err) {
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+        return -1;
+    }
+    return 0;
+}
+
+static bool ex_client_backlogged(const struct exchange *ex)
+{
+    return ex->client && buf_size(&ex->client->c.out) > CLIENT_OUT_HIGH;
+}
+
+static void ex_up_read(struct exchange *ex)
+{
+    struct upconn *u = ex->up;
+    while (ex->up == u) {
+        if (ex_client_backlogged(ex)) return; /* resumed from the client's write edge */
+        size_t got = conn_fill(&u->c, UPSTREAM_FILL);
+        if (got == 0 && buf_size(&u->c.in) == 0 && !u->c.eof && !u->c.err) return;
+        if (!ex->head_done) {
+            int r = ex_parse_response_head(ex);
+            if (r <= 0) return;
+        }
+        if (got > 0 && ex->head_done)
+            ex_arm_up_timer(ex, ex->w->cfg->limits.upstream_timeout_ms);
+        int r = ex_pump_body(ex);
+        if (r < 0) return;
+        if (r == 1) {
+            if (buf_size(&u->c.in) > 0) ex->up_reusable = false;
+            ex_response_done(ex);
+            return;
+        }
+        ex_client_flush(ex);
+        if (!u->c.rd_ready && !u->c.eof) return;
+    }
+}
+
+static void ex_up_event(struct conn *c, short what, void *arg)
+{
+    struct exchange *ex = arg;
+    struct upconn *u = ex->up;
+    (void)c;
+    if (!u->connected) {
+        int err = upstream_connect_result(u);
+        if (err) {
+            log_msg(LOG_WARN, "upstream %s: connect: %s", ex->upstream_url->text, strerror(err));
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+            return;
+        }
+        if (!u->connected) return;
+        ex_arm_up_timer(ex, ex->w->cfg->limits.upstream_timeout_ms);
+    }
+    if ((what & EV_WRITE) || buf_size(&u->c.out) > 0) {
+        if (conn_flush(&u->c) < 0) {
+            if (!ex->head_done && buf_size(&u->c.in) == 0) {
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+                return;
+            }
+        }
+    }
+    if (what & EV_READ) ex_up_read(ex);
+}
+
+/* The client drained its output: resume an upstream paused on backlog. */
+static void ex_client_drained(struct exchange *ex)
+{
+    if (ex->up && ex->head_done && !ex_client_backlogged(ex)) {
+        exchange_ref(ex);
+        ex_up_read(ex);
+        exchange_unref(ex);
+    }
+}
+
+/* ---------------------------------------------------------- client */
+
+static void client_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct client *cl = arg;
+    if (cl->state != CLIENT_IDLE) return;
+    if (buf_size(&cl->c.in) > 0) {
+        struct buf body;
+        buf_init(&body);
+        const char *ct = err_render(ERR_REQUEST_TIMEOUT, 408, false, &body);
+        buf_printf(&cl->c.out,
+                   "HTTP/1.1 408 Request Timeout\r\nContent-Type: %s\r\nContent-Length: "
+                   "%zu\r\nConnection: close\r\n\r\n",
+                   ct, buf_size(&body));
+        buf_append(&cl->c.out, buf_data(&body), buf_size(&body));
+        buf_free(&body);
+        conn_flush(&cl->c);
+    }
+    client_close(cl);
+}
+
+static void client_arm_timer(struct client *cl)
+{
+    int ms = cl->w->cfg->limits.client_timeout_ms;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    evtimer_add(cl->timer, &tv);
+}
+
+void client_accept(struct worker *w, int fd, const char *peer)
+{
+    struct client *cl = calloc(1, sizeof(*cl));
+    if (!cl) abort();
+    cl->w = w;
+    cl->state = CLIENT_IDLE;
+    cl->keep_alive = true;
+    snprintf(cl->peer, sizeof(cl->peer), "%s", peer);
+    buf_init(&cl->chunked_body);
+    if (conn_open(&cl->c, w->base, fd, client_event, cl) < 0) {
+        free(cl);
+        atomic_fetch_sub(&w->srv->connections, 1);
+        return;
+    }
+    cl->c.rd_ready = false; /* wait for the first edge */
+    cl->timer = evtimer_new(w->base, client_timeout, cl);
+    cl->next = w->clients;
+    if (w->clients) w->clients->prev = cl;
+    w->clients = cl;
+    client_arm_timer(cl);
+}
+
+void client_close(struct client *cl)
+{
+    struct worker *w = cl->w;
+    struct exchange *ex = cl->ex;
+    if (ex) {
+        /* The exchange goes on without us: hand it the request bytes its
+         * slices point into (moving the struct keeps the bytes in place). */
+        buf_swap(&ex->req, &cl->c.in);
+        buf_swap(&ex->body_buf, &cl->chunked_body);
+        ex->client = NULL;
+        cl->ex = NULL;
+        exchange_unref(ex);
+    }
+    if (cl->prev) cl->prev->next = cl->next;
+    else w->clients = cl->next;
+    if (cl->next) cl->next->prev = cl->prev;
+    conn_close(&cl->c);
+    event_free(cl->timer);
+    buf_free(&cl->chunked_body);
+    free(cl);
+    atomic_fetch_sub(&w->srv->connections, 1);
+    worker_maybe_done(w);
+}
+
+void client_drain(struct client *cl)
+{
+    if (cl->state == CLIENT_IDLE && !cl->have_head && buf_size(&cl->c.in) == 0 &&
+        buf_size(&cl->c.out) == 0)
+        client_close(cl);
+}
+
+/* Answers a request we could not parse or accept, then closes. */
+static void client_reject(struct client *cl, enum err_code e)
+{
+    struct buf body;
+    buf_init(&body);
+    int status = err_status(e, 409);
+    const char *ct = err_render(e, status, cl->w->cfg->error_format == CFG_ERR_PROBLEM, &body);
+    struct buf *o = &cl->c.out;
+    out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
+    buf_printf(o, "Content-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", ct,
+               buf_size(&body));
+    buf_append(o, buf_data(&body), buf_size(&body));
+    buf_free(&body);
+    cl->state = CLIENT_CLOSING;
+    int r = conn_flush(&cl->c);
+    if (r != 0) {
+        client_close(cl);
+        return;
+    }
+    /* Stop reading; close after the answer is flushed. */
+    shutdown(cl->c.fd, SHUT_RD);
+}
+
+static enum err_code parse_error_code(long r)
+{
+    switch (r) {
+    case HTTP1_ETOOLARGE:
+    case HTTP1_ETOOMANY: return ERR_HEADERS_TOO_LARGE;
+    case HTTP1_ENOTIMPL: return ERR_NOT_IMPLEMENTED;
+    case HTTP1_EVERSION: return ERR_VERSION;
+    default: return ERR_BAD_REQUEST;
+    }
+}
+
+static void client_start_exchange(struct client *cl)
+{
+    struct worker *w = cl->w;
+    evtimer_del(cl->timer);
+    struct exchange *ex = calloc(1, sizeof(*ex));
+    if (!ex) abort();
+    w->n_exchanges++;
+    ex->refs = 2; /* the client's and the engine's */
+    ex->w = w;
+    ex->client = cl;
+    ex->state = EX_NEW;
+    ex->start_ms = worker_now_ms(w);
+    ex->head = cl->head;
+    buf_init(&ex->req);
+    buf_init(&ex->body_buf);
+    ex->client_keep_alive = cl->head.keep_alive;
+    ex->client_minor = cl->head.minor_version;
+    cl->keep_alive = cl->head.keep_alive;
+    if (cl->head.body == HTTP1_BODY_CHUNKED) {
+        ex->body = buf_data(&cl->chunked_body);
+        ex->body_len = buf_size(&cl->chunked_body);
+    } else {
+        ex->body = buf_data(&cl->c.in) + cl->head_len;
+        ex->body_len = cl->head.body == HTTP1_BODY_LENGTH ? (size_t)cl->head.content_length : 0;
+    }
+    const struct http1_header *rid = http1_find_header(&ex->head, "x-request-id", NULL);
+    if (rid && rid->value.n > 0 && rid->value.n < sizeof(ex->request_id)) {
+        memcpy(ex->request_id, rid->value.p, rid->value.n);
+        ex->request_id_len = rid->value.n;
+        ex->request_id_from_client = true;
+    } else {
+        ex->request_id_len = (size_t)snprintf(ex->request_id, sizeof(ex->request_id),
+                                              "%08x-%04x-%012llx", (unsigned)w->srv->boot_id,
+                                              (unsigned)w->id,
+                                              (unsigned long long)++w->rid_counter);
+    }
+    const struct cfg *cfg = w->cfg;
+    const struct cfg_route *route = cfg_route_for(cfg, ex->head.target.p, ex->head.target.n);
+    ex->idem = route ? &route->idem : &cfg->idem;
+    ex->upstream_url = route ? &route->upstream : &cfg->upstream;
+    ex->pool = &w->pools[route ? (size_t)(route - cfg->routes) + 1 : 0];
+    cl->ex = ex;
+    cl->state = CLIENT_BUSY;
+    idem_start(ex);
+}
+
+/* Reads the body of the request whose head is parsed. Returns 1 when the
+ * request is complete, 0 when more is needed, -1 when the client was
+ * answered with an error. */
+static int client_read_body(struct client *cl)
+{
+    const struct cfg_limits *lim = &cl->w->cfg->limits;
+    struct http1_head *h = &cl->head;
+    size_t have = buf_size(&cl->c.in) - (size_t)cl->head_len;
+    if (h->body == HTTP1_BODY_NONE) return 1;
+    if (h->body == HTTP1_BODY_LENGTH) return have >= h->content_length;
+    const char *p = buf_data(&cl->c.in) + cl->head_len;
+    while (cl->chunk_pos < have) {
+        size_t used = 0;
+        struct http1_slice d;
+        int r = http1_chunked_next(&cl->chunked, p + cl->chunk_pos, have - cl->chunk_pos, &used,
+                                   &d);
+        cl->chunk_pos += used;
+        if (r == HTTP1_CHUNK_DATA) {
+            if (buf_size(&cl->chunked_body) + d.n > lim->max_request_body_bytes) {
+                client_reject(cl, ERR_PAYLOAD_TOO_LARGE);
+                return -1;
+            }
+            buf_append(&cl->chunked_body, d.p, d.n);
+        } else if (r == HTTP1_CHUNK_DONE) {
+            return 1;
+        } else if (r < 0) {
+            client_reject(cl, ERR_BAD_REQUEST);
+            return -1;
+        } else {
+            break;
+        }
+    }
+    return 0;
+}
+
+/* Parses the head. Returns 1 when parsed, 0 when more is needed, -1 when
+ * the client was rejected or closed. */
+static int client_read_head(struct client *cl)
+{
+    const struct cfg_limits *lim = &cl->w->cfg->limits;
+    long r = http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in), lim->max_header_bytes,
+                                 &cl->head);
+    if (r == HTTP1_INCOMPLETE) return 0;
+    if (r < 0) {
+        client_reject(cl, parse_error_code(r));
+        return -1;
+    }
+    cl->head_len = r;
+    cl->have_head = true;
+    cl->keep_alive = cl->head.keep_alive;
+    if (cl->head.body == HTTP1_BODY_LENGTH &&
+        cl->head.content_length > lim->max_request_body_bytes) {
+        client_reject(cl, ERR_PAYLOAD_TOO_LARGE);
+        return -1;
+    }
+    if (cl->head.body == HTTP1_BODY_CHUNKED) {
+        http1_chunked_init(&cl->chunked);
+        cl->chunk_pos = 0;
+        buf_reset(&cl->chunked_body);
+    }
+    return 1;
+}
+
+/* How many buffered bytes the current request needs before we stop reading
+ * (edge-triggered: what we leave unread is picked up after the exchange). */
+static size_t client_fill_limit(const struct client *cl)
+{
+    const struct cfg_limits *lim = &cl->w->cfg->limits;
+    if (!cl->have_head) return lim->max_header_bytes + 1;
+    if (cl->head.body == HTTP1_BODY_LENGTH) return (size_t)cl->head_len + cl->head.content_length;
+    if (cl->head.body == HTTP1_BODY_CHUNKED)
+        return (size_t)cl->head_len + cl->chunk_pos + UPSTREAM_FILL;
+    return (size_t)cl->head_len;
+}
+
+static void client_process(struct client *cl)
+{
+    const struct cfg_limits *lim = &cl->w->cfg->limits;
+    while (cl->state == CLIENT_IDLE) {
+        conn_fill(&cl->c, client_fill_limit(cl));
+        if (cl->c.err) {
+            client_close(cl);
+            return;
+        }
+        const char *base = buf_data(&cl->c.in);
+        if (!cl->have_head) {
+            int r = client_read_head(cl);
+            if (r < 0) return;
+            if (r == 0) {
+                if (cl->c.eof) client_close(cl);
+                else if (cl->c.rd_ready) continue;
+                return;
+            }
+            base = buf_data(&cl->c.in);
+        }
+        int r = client_read_body(cl);
+        if (r < 0) return;
+        if (r == 0) {
+            if (cl->c.eof) {
+                client_close(cl);
+                return;
+            }
+            if (cl->head.expect_continue && !cl->sent_continue) {
+                cl->sent_continue = true;
+                buf_append_str(&cl->c.out, "HTTP/1.1 100 Continue\r\n\r\n");
+                if (conn_flush(&cl->c) < 0) {
+                    client_close(cl);
+                    return;
+                }
+            }
+            if (!cl->c.rd_ready) return;
+            continue;
+        }
+        /* Reads may have moved the buffer: re-point the head's slices. */
+        if (buf_data(&cl->c.in) != base || cl->head.body != HTTP1_BODY_NONE)
+            http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in), lim->max_header_bytes,
+                                &cl->head);
+        client_start_exchange(cl);
+        return;
+    }
+}
+
+static void client_event(struct conn *c, short what, void *arg)
+{
+    struct client *cl = arg;
+    (void)c;
+    if (what & EV_WRITE) {
+        int r = conn_flush(&cl->c);
+        if (r < 0 || (r == 1 && cl->state == CLIENT_CLOSING)) {
+            client_close(cl);
+            return;
+        }
+        if (r == 1 && cl->ex) {
+            /* May end the exchange and the client with it: touch nothing
+             * after. A read edge stays noted in rd_ready for later. */
+            ex_client_drained(cl->ex);
+            return;
+        }
+    }
+    if (cl->state == CLIENT_IDLE && (cl->c.rd_ready || (what & EV_READ))) client_process(cl);
+}

@@ -1,0 +1,128 @@
+/* upstream.c — keep-alive upstream connection pools, one per upstream URL
+ * per worker (no locks: a pool belongs to one event loop). Owns parked
+ * connections; a connection handed out belongs to its exchange until it is
+ * put back. */
+#include "idemgate/upstream.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+
+#include <event2/event.h>
+
+#include "idemgate/config.h"
+#include "idemgate/log.h"
+#include "idemgate/server.h"
+
+/* Many servers close idle keep-alive connections after ~5 s (Node.js,
+ * gunicorn). Reusing one just as the server closes it would fail a request
+ * that we must not retry (it may be a POST), so park connections for less. */
+#define UPSTREAM_MAX_IDLE_MS 4000
+#define UPSTREAM_MAX_IDLE_CONNS 256
+
+void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct cfg_url *url)
+{
+    p->w = w;
+    p->url = url;
+    p->idle = NULL;
+    p->n_idle = 0;
+    p->max_idle = UPSTREAM_MAX_IDLE_CONNS;
+}
+
+static void upconn_free(struct upconn *u)
+{
+    conn_close(&u->c);
+    free(u);
+}
+
+static void pool_unlink(struct upstream_pool *p, struct upconn *u)
+{
+    for (struct upconn **pp = &p->idle; *pp; pp = &(*pp)->next) {
+        if (*pp == u) {
+            *pp = u->next;
+            p->n_idle--;
+            u->next = NULL;
+            return;
+        }
+    }
+}
+
+/* A parked connection became readable: the peer closed it or sent bytes
+ * nobody asked for. Either way it cannot be reused. */
+static void pool_idle_event(struct conn *c, short what, void *arg)
+{
+    struct upconn *u = arg;
+    if (!(what & EV_READ)) return;
+    char b;
+    ssize_t n = recv(c->fd, &b, 1, MSG_PEEK);
+    /* An edge may report bytes an exchange already read: only a real EOF,
+     * error or unexpected byte retires the connection. */
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    pool_unlink(u->pool, u);
+    upconn_free(u);
+}
+
+void upstream_pool_free(struct upstream_pool *p)
+{
+    while (p->idle) {
+        struct upconn *u = p->idle;
+        p->idle = u->next;
+        upconn_free(u);
+    }
+    p->n_idle = 0;
+}
+
+struct upconn *upstream_get(struct upstream_pool *p)
+{
+    uint64_t now = worker_now_ms(p->w);
+    while (p->idle) {
+        struct upconn *u = p->idle;
+        p->idle = u->next;
+        p->n_idle--;
+        u->next = NULL;
+        if (now - u->idle_since_ms < UPSTREAM_MAX_IDLE_MS && !u->c.eof && !u->c.err) {
+            u->reused = true;
+            return u;
+        }
+        upconn_free(u);
+    }
+    int fd = conn_connect_tcp(p->url->host, p->url->port);
+    if (fd < 0) return NULL;
+    struct upconn *u = calloc(1, sizeof(*u));
+    if (!u) abort();
+    u->pool = p;
+    if (conn_open(&u->c, p->w->base, fd, pool_idle_event, u) < 0) {
+        free(u);
+        errno = ENOMEM;
+        return NULL;
+    }
+    /* Not connected yet: the first EV_WRITE edge tells. */
+    u->c.wr_ready = false;
+    u->c.rd_ready = false;
+    return u;
+}
+
+void upstream_put(struct upconn *u, bool reusable)
+{
+    struct upstream_pool *p = u->pool;
+    if (!reusable || u->c.eof || u->c.err || buf_size(&u->c.in) > 0 || buf_size(&u->c.out) > 0 ||
+        p->n_idle >= p->max_idle || p->w->draining) {
+        upconn_free(u);
+        return;
+    }
+    buf_reset(&u->c.in);
+    u->idle_since_ms = worker_now_ms(p->w);
+    conn_set_cb(&u->c, pool_idle_event, u);
+    u->next = p->idle;
+    p->idle = u;
+    p->n_idle++;
+}
+
+int upstream_connect_result(struct upconn *u)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(u->c.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
+    if (err == 0) u->connected = true;
+    return err;
+}

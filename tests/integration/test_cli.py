@@ -1,0 +1,352 @@
+"""Command line and configuration (SPEC sections 1 and 2), end to end:
+flags, -t, exit codes, one-line config errors naming the key, precedence
+defaults < file < env < flags, bind failure."""
+
+import json
+import os
+import re
+import socket
+
+import pytest
+
+import igtest
+from igtest import free_port, run_idemgate
+
+REPO = os.path.normpath(os.path.join(igtest.HERE, "..", ".."))
+
+ALL_FLAGS = ["-c", "--config", "--listen", "--upstream", "--store", "--redis",
+             "--workers", "--admin", "-t", "--test-config", "--version",
+             "-h", "--help"]
+
+
+@pytest.fixture(autouse=True)
+def need_binary():
+    if not os.path.exists(igtest.idemgate_bin()):
+        pytest.fail("idemgate binary not found at %s" % igtest.idemgate_bin())
+
+
+def write_config(tmp_path, cfg, name="cfg.json"):
+    p = tmp_path / name
+    if isinstance(cfg, str):
+        p.write_text(cfg)
+    else:
+        p.write_text(json.dumps(cfg))
+    return str(p)
+
+
+def good_config():
+    return {"listen": "127.0.0.1:%d" % free_port(), "store": "memory",
+            "upstream": "http://127.0.0.1:9", "workers": 1,
+            "admin": {"listen": "off"}}
+
+
+def stderr_lines(res):
+    return [ln for ln in res.stderr.splitlines() if ln.strip()]
+
+
+def assert_config_error(res, key_path):
+    """Exit 2 with exactly one stderr line, starting with "config:" and
+    naming key_path."""
+    lines = stderr_lines(res)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert len(lines) == 1, "expected one stderr line, got %r" % res.stderr
+    assert lines[0].startswith("config:"), lines[0]
+    if key_path:
+        assert key_path in lines[0], (key_path, lines[0])
+    return lines[0]
+
+
+def check_bad(tmp_path, patch, key_path, test_only=True):
+    cfg = good_config()
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = dict(cfg[k], **v)
+        else:
+            cfg[k] = v
+    path = write_config(tmp_path, cfg)
+    args = ["-c", path] + (["-t"] if test_only else [])
+    res = run_idemgate(args)
+    return assert_config_error(res, key_path)
+
+
+# -- flags ----------------------------------------------------------------
+
+
+def test_version_prints_version_and_exits_0():
+    res = run_idemgate(["--version"])
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert re.search(r"\d+\.\d+", out), out
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_exits_0_and_mentions_every_flag(flag):
+    res = run_idemgate([flag])
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    for f in ALL_FLAGS:
+        assert re.search(r"(^|[\s,\[])%s\b" % re.escape(f), out), \
+            "help does not mention %s:\n%s" % (f, out)
+
+
+def test_test_config_valid_prints_ok(tmp_path):
+    path = write_config(tmp_path, good_config())
+    res = run_idemgate(["-c", path, "-t"])
+    assert res.returncode == 0, res.stderr
+    assert "configuration ok" in res.stdout + res.stderr
+
+
+def test_test_config_long_flag(tmp_path):
+    path = write_config(tmp_path, good_config())
+    res = run_idemgate(["--config", path, "--test-config"])
+    assert res.returncode == 0, res.stderr
+    assert "configuration ok" in res.stdout + res.stderr
+
+
+def test_test_config_without_file_uses_defaults():
+    res = run_idemgate(["-t"])
+    assert res.returncode == 0, res.stderr
+    assert "configuration ok" in res.stdout + res.stderr
+
+
+def test_repo_config_passes_test_config():
+    path = os.path.join(REPO, "config", "idemgate.json")
+    assert os.path.exists(path), "config/idemgate.json missing in the repo"
+    res = run_idemgate(["-c", path, "-t"])
+    assert res.returncode == 0, res.stderr
+    assert "configuration ok" in res.stdout + res.stderr
+
+
+def test_unknown_flag_exits_2():
+    res = run_idemgate(["--no-such-flag"])
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "--no-such-flag" in res.stderr or "no-such-flag" in res.stderr
+    assert len(stderr_lines(res)) >= 1
+
+
+def test_bad_flag_value_exits_2(tmp_path):
+    path = write_config(tmp_path, good_config())
+    res = run_idemgate(["-c", path, "--store", "mysql", "-t"])
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "store" in res.stderr
+
+
+def test_missing_flag_argument_exits_2():
+    res = run_idemgate(["--listen"])
+    assert res.returncode == 2, (res.returncode, res.stderr)
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    res = run_idemgate(["-c", str(tmp_path / "nope.json"), "-t"])
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert len(stderr_lines(res)) == 1, res.stderr
+
+
+# -- bad configs: exit 2, one line naming the key --------------------------
+
+
+def test_unknown_top_level_key(tmp_path):
+    line = check_bad(tmp_path, {"foo": 1}, "foo")
+    assert "unknown" in line.lower()
+
+
+def test_unknown_nested_key(tmp_path):
+    line = check_bad(tmp_path, {"idempotency": {"lock_secondz": 30}},
+                     "idempotency.lock_secondz")
+    assert "unknown" in line.lower()
+
+
+def test_unknown_key_also_fails_without_t(tmp_path):
+    check_bad(tmp_path, {"limits": {"max_conections": 5}},
+              "limits.max_conections", test_only=False)
+
+
+def test_wrong_type_string_for_integer(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"lock_seconds": "30"}},
+              "idempotency.lock_seconds")
+
+
+def test_wrong_type_bool_for_list(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"methods": True}},
+              "idempotency.methods")
+
+
+def test_wrong_type_object_for_string(tmp_path):
+    check_bad(tmp_path, {"upstream": {"url": "http://127.0.0.1:9"}},
+              "upstream")
+
+
+def test_wrong_type_list_element(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"scope_headers": ["Authorization", 5]}},
+              "idempotency.scope_headers")
+
+
+def test_out_of_range_lock_seconds(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"lock_seconds": 0}},
+              "idempotency.lock_seconds")
+
+
+def test_out_of_range_mismatch_status(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"mismatch_status": 500}},
+              "idempotency.mismatch_status")
+
+
+def test_out_of_range_negative_workers(tmp_path):
+    check_bad(tmp_path, {"workers": -1}, "workers")
+
+
+def test_bad_enum_store(tmp_path):
+    check_bad(tmp_path, {"store": "mysql"}, "store")
+
+
+def test_bad_enum_failure_mode(tmp_path):
+    check_bad(tmp_path, {"redis": {"failure_mode": "maybe"}},
+              "redis.failure_mode")
+
+
+def test_bad_upstream_url_scheme(tmp_path):
+    check_bad(tmp_path, {"upstream": "ftp://127.0.0.1:9000"}, "upstream")
+
+
+def test_bad_upstream_url_garbage(tmp_path):
+    check_bad(tmp_path, {"upstream": "not a url"}, "upstream")
+
+
+def test_bad_redis_url(tmp_path):
+    check_bad(tmp_path, {"redis": {"url": "http://127.0.0.1:6379"}},
+              "redis.url")
+
+
+def test_bad_route_upstream_url(tmp_path):
+    check_bad(tmp_path, {"routes": [{"prefix": "/a", "upstream": "gopher://x"}]},
+              "routes")
+
+
+def test_bad_listen_no_port(tmp_path):
+    check_bad(tmp_path, {"listen": "127.0.0.1"}, "listen")
+
+
+def test_bad_listen_port_out_of_range(tmp_path):
+    check_bad(tmp_path, {"listen": "127.0.0.1:99999"}, "listen")
+
+
+def test_bad_admin_listen(tmp_path):
+    check_bad(tmp_path, {"admin": {"listen": "localhost:abc"}}, "admin.listen")
+
+
+def test_invalid_json(tmp_path):
+    path = write_config(tmp_path, '{"listen": "127.0.0.1:8080",, }')
+    res = run_idemgate(["-c", path, "-t"])
+    assert_config_error(res, None)
+
+
+def test_top_level_not_object(tmp_path):
+    path = write_config(tmp_path, '[1, 2]')
+    res = run_idemgate(["-c", path, "-t"])
+    assert_config_error(res, None)
+
+
+def test_bad_env_value_exits_2(tmp_path):
+    path = write_config(tmp_path, good_config())
+    res = run_idemgate(["-c", path, "-t"], env={"IDEMGATE_WORKERS": "many"})
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert len(stderr_lines(res)) == 1, res.stderr
+    assert "IDEMGATE_WORKERS" in res.stderr
+
+
+# -- precedence: defaults < file < env < flags -----------------------------
+
+
+def _cfg_for(upstream, port):
+    return {"listen": "127.0.0.1:%d" % port, "store": "memory",
+            "upstream": upstream.url, "workers": 1, "admin": {"listen": "off"}}
+
+
+def test_listen_precedence_flag_wins(idemgate, upstream):
+    a, b, c = free_port(), free_port(), free_port()
+    g = idemgate(_cfg_for(upstream, a),
+                 args=["--listen", "127.0.0.1:%d" % c],
+                 env={"IDEMGATE_LISTEN": "127.0.0.1:%d" % b})
+    assert g.port == c
+    assert igtest.request(c, "GET", "/echo").status == 200
+    assert not igtest.port_open(a)
+    assert not igtest.port_open(b)
+
+
+def test_listen_precedence_env_over_file(idemgate, upstream):
+    a, b = free_port(), free_port()
+    g = idemgate(_cfg_for(upstream, a),
+                 env={"IDEMGATE_LISTEN": "127.0.0.1:%d" % b})
+    assert g.port == b
+    assert igtest.request(b, "GET", "/echo").status == 200
+    assert not igtest.port_open(a)
+
+
+def test_listen_from_file(idemgate, upstream):
+    a = free_port()
+    g = idemgate(_cfg_for(upstream, a))
+    assert g.port == a
+    assert igtest.request(a, "GET", "/echo").status == 200
+
+
+def test_upstream_precedence(idemgate, upstream, upstream2):
+    """file upstream < env IDEMGATE_UPSTREAM < --upstream flag."""
+    cfg = _cfg_for(upstream, free_port())
+    cfg["upstream"] = "http://127.0.0.1:%d" % free_port()  # nothing there
+    g = idemgate(cfg, env={"IDEMGATE_UPSTREAM": upstream.url})
+    r = igtest.request(g.port, "GET", "/echo")
+    assert r.status == 200 and r.json()["port"] == upstream.port
+    g.stop()
+
+    g2 = idemgate(cfg, env={"IDEMGATE_UPSTREAM": upstream.url},
+                  args=["--upstream", upstream2.url])
+    r = igtest.request(g2.port, "GET", "/echo")
+    assert r.status == 200 and r.json()["port"] == upstream2.port
+
+
+def test_store_flag_overrides_file(idemgate, upstream):
+    """File says redis at a dead address; --store memory makes it work."""
+    cfg = _cfg_for(upstream, free_port())
+    cfg["store"] = "redis"
+    cfg["redis"] = {"url": "redis://127.0.0.1:%d/0" % free_port(),
+                    "timeout_ms": 200}
+    g = idemgate(cfg, args=["--store", "memory"])
+    r = igtest.request(g.port, "POST", "/count", igtest.idem_headers("p1"),
+                       b"{}")
+    assert r.status == 201, r
+    r2 = igtest.request(g.port, "POST", "/count", igtest.idem_headers("p1"),
+                        b"{}")
+    assert r2.status == 201
+    assert r2.header("Idempotent-Replayed") == "true"
+    assert upstream.count("p1") == 1
+
+
+# -- runtime failures -------------------------------------------------------
+
+
+def test_cannot_bind_exits_1(tmp_path):
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(8)
+    port = holder.getsockname()[1]
+    try:
+        cfg = good_config()
+        cfg["listen"] = "127.0.0.1:%d" % port
+        path = write_config(tmp_path, cfg)
+        res = run_idemgate(["-c", path])
+        assert res.returncode == 1, (res.returncode, res.stderr)
+        assert res.stderr.strip(), "no error message on stderr"
+    finally:
+        holder.close()
+
+
+def test_sigterm_idle_exits_0(idemgate, upstream):
+    g = idemgate(_cfg_for(upstream, free_port()))
+    assert igtest.request(g.port, "GET", "/echo").status == 200
+    assert g.stop() == 0
+
+
+def test_sigint_idle_exits_0(idemgate, upstream):
+    import signal
+    g = idemgate(_cfg_for(upstream, free_port()))
+    assert g.stop(sig=signal.SIGINT) == 0

@@ -1,0 +1,797 @@
+"""Idempotency engine end to end (SPEC sections 3, 4, 5), against both
+stores (memory, and a real redis-server) wherever the behaviour is the same.
+"""
+
+import json
+import socket
+import time
+
+import pytest
+
+from idemhelp import (BODY, Bg, Upstream, assert_error, assert_in_progress,
+                      assert_replay_of, gate_config, hdrs, post, send, stats,
+                      ucount, unused_port, wait_upstream_saw)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_cfg(request):
+    if request.param == "redis":
+        r = request.getfixturevalue("redis")
+        return {"store": "redis", "redis": {"url": r.url}}
+    return {"store": "memory"}
+
+
+@pytest.fixture
+def gate(idemgate, upstream, store_cfg):
+    """gate(idem={...}, **top) starts idemgate on the test's store and
+    upstream with those idempotency / top-level settings."""
+    def start(idem=None, **top):
+        return idemgate(gate_config(store_cfg, upstream.url, idem, **top))
+    return start
+
+
+def after_release(fn, timeout=5.0):
+    """Calls fn() again while it answers 409 request_in_progress: the client
+    may see the end of a response a moment before the store write that
+    follows it. The final answer is what the test checks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = fn()
+        if not (r.status == 409 and b"request_in_progress" in r.body):
+            return r
+        if time.monotonic() >= deadline:
+            return r
+        time.sleep(0.05)
+
+
+def total(upstream):
+    return stats(upstream.port)["total"]
+
+
+# ---------------------------------------------------------------------------
+# SPEC section 3: which requests are covered
+# ---------------------------------------------------------------------------
+
+def test_no_key_not_required_is_passthrough(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", None)
+    r2 = post(g.port, "/count", None)
+    assert r1.status == 201 and r2.status == 201, (r1, r2)
+    assert r1.json()["n"] == 1 and r2.json()["n"] == 2
+    assert r1.header("Idempotent-Replayed") is None
+    assert r2.header("Idempotent-Replayed") is None
+    assert ucount(upstream.port, "-") == 2
+
+
+def test_no_key_required_is_400(gate, upstream):
+    g = gate(idem={"required": True})
+    r = post(g.port, "/count", None)
+    assert_error(r, 400, "idempotency_key_required")
+    assert total(upstream) == 0
+    # a request with a key still goes through
+    assert post(g.port, "/count", "k-req").status == 201
+
+
+def test_empty_key_is_400(gate, upstream):
+    g = gate()
+    r = post(g.port, "/count", "")
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert total(upstream) == 0
+
+
+def test_key_max_length_default_boundary(gate, upstream):
+    g = gate()
+    ok = "a" * 255
+    r = post(g.port, "/count", ok)
+    assert r.status == 201, r
+    r = post(g.port, "/count", "b" * 256)
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert total(upstream) == 1
+
+
+def test_key_max_length_configured_boundary(gate, upstream):
+    g = gate(idem={"key_max_length": 10})
+    r = post(g.port, "/count", "k" * 10)
+    assert r.status == 201, r
+    r = post(g.port, "/count", "k" * 11)
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert total(upstream) == 1
+
+
+@pytest.mark.parametrize("key", [b"ab c", b"ab\x7fc", b"ab\xc3\xa9c",
+                                 b"ab\tc", b"ab\x01c"],
+                         ids=["space", "del", "non_ascii", "tab", "ctl"])
+def test_key_with_invalid_byte_is_400(gate, upstream, key):
+    g = gate()
+    r = send(g.port, "POST", "/count",
+             [("Idempotency-Key", key), ("Authorization", "Bearer k1"),
+              ("Content-Type", "application/json")], BODY)
+    # DEL and control bytes are not field-vchar (RFC 9110): a strict parser
+    # may refuse them as malformed HTTP (400 bad_request) instead
+    if key in (b"ab\x01c", b"ab\x7fc") and b"bad_request" in r.body:
+        assert_error(r, 400, "bad_request")
+    else:
+        assert_error(r, 400, "invalid_idempotency_key")
+    assert total(upstream) == 0
+
+
+def test_visible_ascii_edges_are_valid(gate, upstream):
+    g = gate()
+    key = "!~" + "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\')
+    r = post(g.port, "/count", key)
+    assert r.status == 201, r
+    r2 = after_release(lambda: post(g.port, "/count", key))
+    assert_replay_of(r2, r)
+
+
+def test_repeated_key_header_is_400(gate, upstream):
+    g = gate()
+    h = [("Idempotency-Key", "rep1"), ("Idempotency-Key", "rep1"),
+         ("Authorization", "Bearer k1"), ("Content-Type", "application/json")]
+    r = send(g.port, "POST", "/count", h, BODY)
+    assert_error(r, 400, "invalid_idempotency_key")
+    h = [("Idempotency-Key", "rep1"), ("Idempotency-Key", "rep2"),
+         ("Authorization", "Bearer k1"), ("Content-Type", "application/json")]
+    r = send(g.port, "POST", "/count", h, BODY)
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert total(upstream) == 0
+
+
+def test_rfc8941_quoted_key_equals_bare_key(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", '"abc"')
+    assert r1.status == 201, r1
+    r2 = after_release(lambda: post(g.port, "/count", "abc"))
+    assert_replay_of(r2, r1)
+    # and the other way round
+    r3 = post(g.port, "/count", "xyz")
+    assert r3.status == 201, r3
+    r4 = after_release(lambda: post(g.port, "/count", '"xyz"'))
+    assert_replay_of(r4, r3)
+    assert ucount(upstream.port, "abc") + ucount(upstream.port, '"abc"') == 1
+
+
+def test_rfc8941_escapes_unquoted(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", '"q\\"x\\\\y"')
+    assert r1.status == 201, r1
+    r2 = after_release(lambda: post(g.port, "/count", 'q"x\\y'))
+    assert_replay_of(r2, r1)
+
+
+@pytest.mark.parametrize("key", ['"abc', '"a\\bc"', '""'],
+                         ids=["unterminated", "bad_escape", "empty_quoted"])
+def test_rfc8941_invalid_strings_are_400(gate, upstream, key):
+    g = gate()
+    r = post(g.port, "/count", key)
+    assert_error(r, 400, "invalid_idempotency_key")
+    assert total(upstream) == 0
+
+
+def test_body_over_limit_is_413(gate, upstream):
+    g = gate(limits={"max_request_body_bytes": 1024})
+    r = post(g.port, "/count", "big1", body=b"x" * 1025)
+    assert_error(r, 413, "payload_too_large")
+    assert total(upstream) == 0
+    r = post(g.port, "/count", "big2", body=b"x" * 1024)
+    assert r.status == 201, r
+    assert total(upstream) == 1
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "PUT"])
+def test_uncovered_methods_execute_every_time(gate, upstream, method):
+    g = gate()
+    body = b"" if method in ("GET", "DELETE") else BODY
+    r1 = post(g.port, "/count", "m-" + method, body=body, method=method)
+    r2 = post(g.port, "/count", "m-" + method, body=body, method=method)
+    assert r1.status == 201 and r2.status == 201, (r1, r2)
+    assert r2.header("Idempotent-Replayed") is None, r2
+    assert ucount(upstream.port, "m-" + method) == 2
+
+
+def test_patch_is_covered(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", "patch1", method="PATCH")
+    assert r1.status == 201, r1
+    r2 = after_release(lambda: post(g.port, "/count", "patch1", method="PATCH"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "patch1") == 1
+
+
+def test_configured_methods(gate, upstream):
+    g = gate(idem={"methods": ["PUT"]})
+    r1 = post(g.port, "/count", "put1", method="PUT")
+    r2 = after_release(lambda: post(g.port, "/count", "put1", method="PUT"))
+    assert_replay_of(r2, r1)
+    assert post(g.port, "/count", "post1").status == 201
+    assert post(g.port, "/count", "post1").status == 201
+    assert ucount(upstream.port, "put1") == 1
+    assert ucount(upstream.port, "post1") == 2
+
+
+# -- scope --------------------------------------------------------------------
+
+def test_scope_two_authorizations_execute_twice(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", "sc1", api_key="alice")
+    r2 = post(g.port, "/count", "sc1", api_key="bob")
+    assert r1.status == 201 and r2.status == 201, (r1, r2)
+    assert r2.header("Idempotent-Replayed") is None
+    assert ucount(upstream.port, "sc1") == 2
+    # each credential replays its own record
+    r3 = after_release(lambda: post(g.port, "/count", "sc1", api_key="alice"))
+    assert_replay_of(r3, r1)
+    r4 = after_release(lambda: post(g.port, "/count", "sc1", api_key="bob"))
+    assert_replay_of(r4, r2)
+    assert ucount(upstream.port, "sc1") == 2
+
+
+def test_scope_x_api_key(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", "xk1", api_key=None, extra=[("X-API-Key", "a")])
+    r2 = post(g.port, "/count", "xk1", api_key=None, extra=[("X-API-Key", "b")])
+    assert r1.status == 201 and r2.status == 201, (r1, r2)
+    assert r2.header("Idempotent-Replayed") is None
+    r3 = after_release(lambda: post(g.port, "/count", "xk1", api_key=None,
+                                    extra=[("X-API-Key", "a")]))
+    assert_replay_of(r3, r1)
+    assert ucount(upstream.port, "xk1") == 2
+
+
+def test_scope_first_scope_header_wins(gate, upstream):
+    """Same Authorization, different X-API-Key: Authorization comes first in
+    scope_headers, so both are one scope."""
+    g = gate()
+    r1 = post(g.port, "/count", "fw1", api_key="same", extra=[("X-API-Key", "a")])
+    r2 = after_release(lambda: post(g.port, "/count", "fw1", api_key="same",
+                                    extra=[("X-API-Key", "b")]))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "fw1") == 1
+
+
+def test_scope_configured_scope_headers(gate, upstream):
+    g = gate(idem={"scope_headers": ["X-Tenant"]})
+    r1 = post(g.port, "/count", "tn1", api_key="a", extra=[("X-Tenant", "t1")])
+    r2 = after_release(lambda: post(g.port, "/count", "tn1", api_key="b",
+                                    extra=[("X-Tenant", "t1")]))
+    assert_replay_of(r2, r1)
+    r3 = post(g.port, "/count", "tn1", api_key="a", extra=[("X-Tenant", "t2")])
+    assert r3.status == 201 and not r3.replayed, r3
+    assert ucount(upstream.port, "tn1") == 2
+
+
+def test_anonymous_shared(gate, upstream):
+    g = gate()  # anonymous: shared is the default
+    r1 = post(g.port, "/count", "anon1", api_key=None)
+    assert r1.status == 201, r1
+    r2 = after_release(lambda: post(g.port, "/count", "anon1", api_key=None))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "anon1") == 1
+    # a credentialed request is another scope
+    r3 = post(g.port, "/count", "anon1", api_key="k1")
+    assert r3.status == 201 and not r3.replayed, r3
+    assert ucount(upstream.port, "anon1") == 2
+
+
+def test_anonymous_shared_explicit(gate, upstream):
+    g = gate(idem={"anonymous": "shared"})
+    r1 = post(g.port, "/count", "anon2", api_key=None)
+    r2 = after_release(lambda: post(g.port, "/count", "anon2", api_key=None))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "anon2") == 1
+
+
+def test_anonymous_reject(gate, upstream):
+    g = gate(idem={"anonymous": "reject"})
+    r = post(g.port, "/count", "anon3", api_key=None)
+    assert_error(r, 401, "credentials_required")
+    assert total(upstream) == 0
+    r = post(g.port, "/count", "anon3", api_key="k1")
+    assert r.status == 201, r
+
+
+def test_anonymous_bypass(gate, upstream):
+    g = gate(idem={"anonymous": "bypass"})
+    r1 = post(g.port, "/count", "anon4", api_key=None)
+    r2 = post(g.port, "/count", "anon4", api_key=None)
+    assert r1.status == 201 and r2.status == 201, (r1, r2)
+    assert r2.header("Idempotent-Replayed") is None, r2
+    assert ucount(upstream.port, "anon4") == 2
+    # with a credential the engine still applies
+    r3 = post(g.port, "/count", "anon5", api_key="k1")
+    r4 = after_release(lambda: post(g.port, "/count", "anon5", api_key="k1"))
+    assert_replay_of(r4, r3)
+    assert ucount(upstream.port, "anon5") == 1
+
+
+# ---------------------------------------------------------------------------
+# SPEC section 4: the state machine
+# ---------------------------------------------------------------------------
+
+def test_first_executes_retry_replays(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", "st1")
+    assert r1.status == 201, r1
+    assert r1.header("Idempotent-Replayed") is None, r1
+    assert r1.header("X-Exec") == "1", r1
+    assert r1.json() == {"n": 1, "key": "st1"}
+    r2 = after_release(lambda: post(g.port, "/count", "st1"))
+    assert_replay_of(r2, r1)
+    assert r2.header("X-Exec") == "1"
+    r3 = post(g.port, "/count", "st1")
+    assert_replay_of(r3, r1)
+    assert ucount(upstream.port, "st1") == 1
+
+
+def test_replay_keeps_custom_headers_in_order(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/echo", "echo1")
+    assert r1.status == 200, r1
+    names = [k.lower() for k, _ in r1.headers]
+    assert "x-upstream" in names and "x-custom" in names, r1
+    r2 = after_release(lambda: post(g.port, "/echo", "echo1"))
+    assert_replay_of(r2, r1)
+    assert r2.header("X-Custom") == "abc"
+    assert r2.header("X-Upstream") == "echo"
+    custom = [(k.lower(), v) for k, v in r2.headers
+              if k.lower() in ("x-upstream", "x-custom")]
+    assert custom == [("x-upstream", "echo"), ("x-custom", "abc")]
+    assert ucount(upstream.port, "echo1") == 1
+
+
+def test_replay_over_keepalive_connection(gate, upstream):
+    import http.client
+    g = gate()
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=15)
+    try:
+        r1 = send(g.port, "POST", "/count", hdrs("ka1"), BODY, conn=conn)
+        assert r1.status == 201, r1
+        r2 = after_release(
+            lambda: send(g.port, "POST", "/count", hdrs("ka1"), BODY, conn=conn))
+        assert_replay_of(r2, r1)
+        r3 = send(g.port, "POST", "/count", hdrs("ka2"), BODY, conn=conn)
+        assert r3.status == 201 and not r3.replayed, r3
+    finally:
+        conn.close()
+    assert ucount(upstream.port, "ka1") == 1
+
+
+def test_in_progress_is_409(gate, upstream):
+    g = gate()
+    first = Bg(post, g.port, "/count?ms=2000", "ip1")
+    wait_upstream_saw(upstream.port, "ip1")
+    r = post(g.port, "/count?ms=2000", "ip1")
+    assert_in_progress(r)
+    r1 = first.result()
+    assert r1.status == 201 and not r1.replayed, r1
+    r2 = after_release(lambda: post(g.port, "/count?ms=2000", "ip1"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "ip1") == 1
+
+
+def test_reuse_while_in_progress(gate, upstream):
+    g = gate()
+    first = Bg(post, g.port, "/count?ms=2000", "ru1")
+    wait_upstream_saw(upstream.port, "ru1")
+    r = post(g.port, "/count?ms=2000", "ru1", body=b'{"amount": 999}')
+    assert_error(r, 409, "idempotency_key_reuse")
+    assert first.result().status == 201
+    assert ucount(upstream.port, "ru1") == 1
+
+
+def test_reuse_after_completion(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", "ru2")
+    assert r1.status == 201
+    r = after_release(lambda: post(g.port, "/count", "ru2", body=b'{"amount": 999}'))
+    assert_error(r, 409, "idempotency_key_reuse")
+    # the original still replays
+    assert_replay_of(post(g.port, "/count", "ru2"), r1)
+    assert ucount(upstream.port, "ru2") == 1
+
+
+def test_mismatch_status_422(gate, upstream):
+    g = gate(idem={"mismatch_status": 422})
+    first = Bg(post, g.port, "/count?ms=1500", "mm1")
+    wait_upstream_saw(upstream.port, "mm1")
+    r = post(g.port, "/count?ms=1500", "mm1", body=b"{}")
+    assert_error(r, 422, "idempotency_key_reuse")
+    # same fingerprint while in progress is still 409 request_in_progress
+    assert_in_progress(post(g.port, "/count?ms=1500", "mm1"))
+    assert first.result().status == 201
+    r = after_release(lambda: post(g.port, "/count?ms=1500", "mm1", body=b"{}"))
+    assert_error(r, 422, "idempotency_key_reuse")
+    assert ucount(upstream.port, "mm1") == 1
+
+
+FP_CASES = {
+    # name: (first request kwargs, second request kwargs)
+    "method": ({}, {"method": "PATCH"}),
+    "path": ({}, {"path": "/echo"}),
+    "query": ({"path": "/count?a=1"}, {"path": "/count?a=2"}),
+    "query_added": ({}, {"path": "/count?a=1"}),
+    "content_type": ({}, {"ctype": "text/plain"}),
+    "content_type_absent": ({}, {"ctype": None}),
+    "body": ({}, {"body": b'{"amount": 101}'}),
+    "body_empty": ({}, {"body": b""}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FP_CASES))
+def test_fingerprint_covers(gate, upstream, case):
+    g = gate()
+    key = "fp-" + case
+    a, b = FP_CASES[case]
+
+    def req(kw):
+        kw = dict(kw)
+        path = kw.pop("path", "/count")
+        return post(g.port, path, key, **kw)
+
+    r1 = req(a)
+    assert r1.status in (200, 201) and not r1.replayed, r1
+    r2 = after_release(lambda: req(b))
+    assert_error(r2, 409, "idempotency_key_reuse")
+    assert ucount(upstream.port, key) == 1
+
+
+def test_fingerprint_ignores_other_headers(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/count", "fpo", extra=[("X-Other", "1"), ("Accept", "a/b")])
+    r2 = after_release(lambda: post(g.port, "/count", "fpo",
+                                    extra=[("X-Other", "2")]))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "fpo") == 1
+
+
+def test_fingerprint_headers_configured(gate, upstream):
+    g = gate(idem={"fingerprint_headers": ["Content-Type", "X-Tenant"]})
+    r1 = post(g.port, "/count", "fph", extra=[("X-Tenant", "a")])
+    assert r1.status == 201
+    r2 = after_release(lambda: post(g.port, "/count", "fph",
+                                    extra=[("X-Tenant", "b")]))
+    assert_error(r2, 409, "idempotency_key_reuse")
+    r3 = post(g.port, "/count", "fph", extra=[("X-Tenant", "a")])
+    assert_replay_of(r3, r1)
+    assert ucount(upstream.port, "fph") == 1
+
+
+def test_fingerprint_headers_empty_list(gate, upstream):
+    """fingerprint_headers [] : Content-Type no longer matters."""
+    g = gate(idem={"fingerprint_headers": []})
+    r1 = post(g.port, "/count", "fpe")
+    r2 = after_release(lambda: post(g.port, "/count", "fpe", ctype="text/plain"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "fpe") == 1
+
+
+# -- what is kept -------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_5xx_not_kept(gate, upstream, status):
+    g = gate()
+    path = "/count?status=%d" % status
+    r1 = post(g.port, path, "e5")
+    assert r1.status == status and not r1.replayed, r1
+    r2 = after_release(lambda: post(g.port, path, "e5"))
+    assert r2.status == status and not r2.replayed, r2
+    assert r2.json()["n"] == 2
+    assert ucount(upstream.port, "e5") == 2
+
+
+def test_5xx_kept_with_cache_5xx(gate, upstream):
+    g = gate(idem={"cache_5xx": True})
+    r1 = post(g.port, "/count?status=500", "e5c")
+    assert r1.status == 500, r1
+    r2 = after_release(lambda: post(g.port, "/count?status=500", "e5c"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "e5c") == 1
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429])
+def test_retryable_4xx_not_kept(gate, upstream, status):
+    g = gate()
+    path = "/count?status=%d" % status
+    r1 = post(g.port, path, "r4")
+    assert r1.status == status and not r1.replayed, r1
+    r2 = after_release(lambda: post(g.port, path, "r4"))
+    assert r2.status == status and not r2.replayed, r2
+    assert r2.json()["n"] == 2
+    assert ucount(upstream.port, "r4") == 2
+
+
+@pytest.mark.parametrize("status", [200, 202, 301, 400, 403, 404, 410, 422])
+def test_final_status_kept(gate, upstream, status):
+    g = gate()
+    path = "/count?status=%d" % status
+    r1 = post(g.port, path, "k4")
+    assert r1.status == status and not r1.replayed, r1
+    r2 = after_release(lambda: post(g.port, path, "k4"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "k4") == 1
+
+
+def test_status_endpoint_404_kept(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/status/404", "s404")
+    assert r1.status == 404
+    r2 = after_release(lambda: post(g.port, "/status/404", "s404"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "s404") == 1
+
+
+def test_sse_not_kept(gate, upstream):
+    g = gate()
+    path = "/sse?n=3&gap_ms=50"
+    expect = b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    r1 = post(g.port, path, "sse1")
+    assert r1.status == 200, r1
+    assert r1.header("Content-Type").startswith("text/event-stream")
+    assert r1.body == expect
+    r2 = after_release(lambda: post(g.port, path, "sse1"))
+    assert r2.status == 200 and not r2.replayed, r2
+    assert r2.body == expect
+    assert ucount(upstream.port, "sse1") == 2
+
+
+@pytest.mark.parametrize("endpoint", ["/big", "/bigchunked"])
+def test_big_response_delivered_not_kept(gate, upstream, endpoint):
+    from upstream import big_body
+    g = gate(idem={"max_cached_response_bytes": 1000})
+    path = endpoint + "?bytes=50000"
+    r1 = post(g.port, path, "big")
+    assert r1.status == 200 and not r1.replayed, r1
+    assert r1.body == big_body(50000)
+    r2 = after_release(lambda: post(g.port, path, "big"))
+    assert r2.status == 200 and not r2.replayed, r2
+    assert r2.body == big_body(50000)
+    assert ucount(upstream.port, "big") == 2
+
+
+@pytest.mark.parametrize("endpoint", ["/big", "/bigchunked"])
+def test_response_at_limit_is_kept(gate, upstream, endpoint):
+    from upstream import big_body
+    g = gate(idem={"max_cached_response_bytes": 1000})
+    path = endpoint + "?bytes=1000"
+    r1 = post(g.port, path, "lim")
+    assert r1.status == 200 and r1.body == big_body(1000), r1
+    r2 = after_release(lambda: post(g.port, path, "lim"))
+    assert r2.replayed and r2.status == 200, r2
+    assert r2.body == r1.body
+    assert ucount(upstream.port, "lim") == 1
+
+
+def test_default_limit_keeps_large_response(gate, upstream):
+    from upstream import big_body
+    g = gate()
+    r1 = post(g.port, "/big?bytes=500000", "big2")
+    assert r1.body == big_body(500000)
+    r2 = after_release(lambda: post(g.port, "/big?bytes=500000", "big2"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "big2") == 1
+
+
+def test_upstream_down_502_then_released(idemgate, store_cfg):
+    port = unused_port()
+    g = idemgate(gate_config(store_cfg, "http://127.0.0.1:%d" % port))
+    r = post(g.port, "/count", "down1")
+    assert_error(r, 502, "upstream_unavailable")
+    up = Upstream(port)
+    try:
+        r2 = after_release(lambda: post(g.port, "/count", "down1"))
+        assert r2.status == 201 and not r2.replayed, r2
+        assert up.count("down1") == 1
+        r3 = after_release(lambda: post(g.port, "/count", "down1"))
+        assert_replay_of(r3, r2)
+        assert up.count("down1") == 1
+    finally:
+        up.stop()
+
+
+def test_upstream_timeout_504_then_released(gate, upstream):
+    g = gate(limits={"upstream_timeout_ms": 500})
+    r = post(g.port, "/count?ms=2000", "to1")
+    assert_error(r, 504, "upstream_timeout")
+    assert ucount(upstream.port, "to1") == 1
+    r2 = after_release(lambda: post(g.port, "/count?ms=2000", "to1"))
+    assert_error(r2, 504, "upstream_timeout")
+    assert ucount(upstream.port, "to1") == 2
+
+
+def test_replay_excludes_set_cookie(gate, upstream):
+    g = gate()
+    r1 = post(g.port, "/echo", "cookie1")
+    assert r1.header("Set-Cookie") == "s=1", r1
+    assert r1.header("X-Custom") == "abc", r1
+    r2 = after_release(lambda: post(g.port, "/echo", "cookie1"))
+    assert r2.replayed, r2
+    assert r2.header("Set-Cookie") is None, r2
+    assert r2.header("X-Custom") == "abc", r2
+    # Server is in the default replay_exclude_headers: the upstream's is not replayed
+    assert any("upstream-test" in v for v in r1.header_all("Server")), r1
+    assert not any("upstream-test" in v for v in r2.header_all("Server")), r2
+    assert_replay_of(r2, r1)
+
+
+def test_replay_exclude_headers_configured(gate, upstream):
+    g = gate(idem={"replay_exclude_headers": ["X-Custom"]})
+    r1 = post(g.port, "/echo", "cookie2")
+    assert r1.header("X-Custom") == "abc", r1
+    r2 = after_release(lambda: post(g.port, "/echo", "cookie2"))
+    assert r2.replayed, r2
+    assert r2.header("X-Custom") is None, r2
+    assert r2.header("Set-Cookie") == "s=1", r2
+    assert r2.header("X-Upstream") == "echo", r2
+    assert r2.body == r1.body
+
+
+def test_concurrent_wait_gets_replay(gate, upstream):
+    g = gate(idem={"concurrent": "wait", "wait_max_ms": 5000})
+    first = Bg(post, g.port, "/count?ms=1000", "cw1")
+    wait_upstream_saw(upstream.port, "cw1")
+    r = post(g.port, "/count?ms=1000", "cw1")
+    r1 = first.result()
+    assert r1.status == 201 and not r1.replayed, r1
+    assert_replay_of(r, r1)
+    assert ucount(upstream.port, "cw1") == 1
+
+
+def test_concurrent_wait_times_out_with_409(gate, upstream):
+    g = gate(idem={"concurrent": "wait", "wait_max_ms": 200})
+    first = Bg(post, g.port, "/count?ms=2000", "cw2")
+    wait_upstream_saw(upstream.port, "cw2")
+    r = post(g.port, "/count?ms=2000", "cw2")
+    assert_in_progress(r)
+    assert first.result().status == 201
+    assert ucount(upstream.port, "cw2") == 1
+
+
+def test_concurrent_wait_mismatch_is_immediate(gate, upstream):
+    g = gate(idem={"concurrent": "wait", "wait_max_ms": 5000})
+    first = Bg(post, g.port, "/count?ms=1500", "cw3")
+    wait_upstream_saw(upstream.port, "cw3")
+    r = post(g.port, "/count?ms=1500", "cw3", body=b"{}")
+    assert_error(r, 409, "idempotency_key_reuse")
+    assert first.result().status == 201
+
+
+def _raw_post(port, path, key, body=BODY):
+    req = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: %s\r\n"
+           "Authorization: Bearer k1\r\nContent-Type: application/json\r\n"
+           "Content-Length: %d\r\n\r\n" % (path, key, len(body))).encode() + body
+    s = socket.create_connection(("127.0.0.1", port), 5)
+    s.sendall(req)
+    return s
+
+
+def _retry_until_not_in_progress(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = fn()
+        if not (r.status == 409 and b"request_in_progress" in r.body):
+            return r
+        assert time.monotonic() < deadline, "still in progress: %r" % r
+        time.sleep(0.1)
+
+
+def test_client_disconnect_at_once_response_kept(gate, upstream):
+    g = gate()
+    s = _raw_post(g.port, "/count?ms=1000", "dc1")
+    s.close()
+    wait_upstream_saw(upstream.port, "dc1")
+    r = _retry_until_not_in_progress(lambda: post(g.port, "/count?ms=1000", "dc1"))
+    assert r.status == 201 and r.replayed, r
+    assert r.json() == {"n": 1, "key": "dc1"}
+    assert ucount(upstream.port, "dc1") == 1
+
+
+def test_client_disconnect_while_upstream_works(gate, upstream):
+    g = gate()
+    s = _raw_post(g.port, "/count?ms=1000", "dc2")
+    wait_upstream_saw(upstream.port, "dc2")
+    s.close()
+    r = _retry_until_not_in_progress(lambda: post(g.port, "/count?ms=1000", "dc2"))
+    assert r.status == 201 and r.replayed, r
+    assert r.json() == {"n": 1, "key": "dc2"}
+    assert ucount(upstream.port, "dc2") == 1
+
+
+def test_route_idempotency_disabled(gate, upstream):
+    g = gate(routes=[{"prefix": "/noidem", "idempotency": {"enabled": False}}])
+    r1 = post(g.port, "/noidem/x", "rt1")
+    r2 = post(g.port, "/noidem/x", "rt1")
+    assert r1.status == 200 and r2.status == 200, (r1, r2)
+    assert r2.header("Idempotent-Replayed") is None, r2
+    assert ucount(upstream.port, "rt1") == 2
+    # outside the route the engine still applies
+    r3 = post(g.port, "/count", "rt2")
+    r4 = after_release(lambda: post(g.port, "/count", "rt2"))
+    assert_replay_of(r4, r3)
+    assert ucount(upstream.port, "rt2") == 1
+
+
+def test_route_longest_prefix_wins(gate, upstream):
+    g = gate(routes=[{"prefix": "/no", "idempotency": {"enabled": False}},
+                     {"prefix": "/noidem/on", "idempotency": {"enabled": True}}])
+    r1 = post(g.port, "/noidem/on/x", "lp1")
+    r2 = after_release(lambda: post(g.port, "/noidem/on/x", "lp1"))
+    assert_replay_of(r2, r1)
+    post(g.port, "/noidem/off", "lp2")
+    r4 = post(g.port, "/noidem/off", "lp2")
+    assert not r4.replayed, r4
+    assert ucount(upstream.port, "lp1") == 1
+    assert ucount(upstream.port, "lp2") == 2
+
+
+def test_route_mismatch_status_override(gate, upstream):
+    g = gate(routes=[{"prefix": "/count", "idempotency": {"mismatch_status": 422}}])
+    post(g.port, "/count", "rm1")
+    r = after_release(lambda: post(g.port, "/count", "rm1", body=b"{}"))
+    assert_error(r, 422, "idempotency_key_reuse")
+    post(g.port, "/echo", "rm2")
+    r = after_release(lambda: post(g.port, "/echo", "rm2", body=b"{}"))
+    assert_error(r, 409, "idempotency_key_reuse")
+
+
+def test_route_required_override(gate, upstream):
+    g = gate(routes=[{"prefix": "/count", "idempotency": {"required": True}}])
+    assert_error(post(g.port, "/count", None), 400, "idempotency_key_required")
+    assert post(g.port, "/echo", None).status == 200
+    assert ucount(upstream.port, "-") == 1
+
+
+# -- SPEC section 5: error format --------------------------------------------
+
+def test_error_format_problem(gate, upstream):
+    g = gate(error_format="problem", idem={"required": True})
+    assert_error(post(g.port, "/count", None), 400, "idempotency_key_required",
+                 problem=True)
+    assert_error(post(g.port, "/count", "a b"), 400, "invalid_idempotency_key",
+                 problem=True)
+    first = Bg(post, g.port, "/count?ms=1500", "pb1")
+    wait_upstream_saw(upstream.port, "pb1")
+    r = post(g.port, "/count?ms=1500", "pb1")
+    assert_in_progress(r, problem=True)
+    r = post(g.port, "/count?ms=1500", "pb1", body=b"{}")
+    assert_error(r, 409, "idempotency_key_reuse", problem=True)
+    assert first.result().status == 201
+
+
+def test_error_format_problem_upstream_errors(idemgate, store_cfg):
+    g = idemgate(gate_config(store_cfg, "http://127.0.0.1:%d" % unused_port(),
+                             error_format="problem"))
+    assert_error(post(g.port, "/count", "pb2"), 502, "upstream_unavailable",
+                 problem=True)
+
+
+def test_error_format_json_explicit(gate, upstream):
+    g = gate(error_format="json", idem={"anonymous": "reject"})
+    doc = assert_error(post(g.port, "/count", "e1", api_key=None), 401,
+                       "credentials_required")
+    assert set(doc) == {"error"}, doc
+
+
+def test_ttl_expiry(gate, upstream):
+    g = gate(idem={"ttl_seconds": 2})
+    r1 = post(g.port, "/count", "ttl1")
+    r2 = after_release(lambda: post(g.port, "/count", "ttl1"))
+    assert_replay_of(r2, r1)
+    time.sleep(2.2)
+    deadline = time.monotonic() + 5
+    while True:
+        r3 = post(g.port, "/count", "ttl1")
+        if not r3.replayed or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r3.status == 201 and not r3.replayed, r3
+    assert r3.json()["n"] == 2
+    assert ucount(upstream.port, "ttl1") == 2
+
+
+def test_json_error_bodies_parse(gate, upstream):
+    """Every idemgate error above is one JSON document (no trailing bytes)."""
+    g = gate(idem={"required": True})
+    for r in (post(g.port, "/count", None), post(g.port, "/count", "")):
+        json.loads(r.body.decode("utf-8"))
+        assert r.header("Content-Length") == str(len(r.body)) or \
+            r.header("Transfer-Encoding"), r

@@ -1,0 +1,910 @@
+/* test_store.c — the store contract, run against both backends (memory and
+ * a real redis-server started on a free 127.0.0.1 port), plus the Redis
+ * backend's own cases: key layout, NOSCRIPT reload, Redis killed and
+ * restarted, a stuck server (SIGSTOP) hitting the deadline, WAIT with too
+ * few replicas, unix socket, AUTH and SELECT. Every wait drives a real
+ * event_base and is bounded in time. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "idemgate/config.h"
+#include "idemgate/store.h"
+
+#include <arpa/inet.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PREFIX "idemtest:"
+#define WAIT_MS 5000 /* upper bound for any single answer */
+
+/* ---- the redis-server under test ---- */
+
+static pid_t redis_pid = -1;
+static int redis_port;
+static char redis_dir[64];
+static char redis_sock[128];
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
+        return -1;
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static redisContext *redis_sync(void)
+{
+    struct timeval tv = {1, 0};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", redis_port, tv);
+    if (c && c->err) {
+        redisFree(c);
+        return NULL;
+    }
+    return c;
+}
+
+static bool redis_answers(void)
+{
+    redisContext *c = redis_sync();
+    if (!c) return false;
+    redisReply *r = redisCommand(c, "PING");
+    bool ok = r && r->type == REDIS_REPLY_STATUS;
+    if (r) freeReplyObject(r);
+    redisFree(c);
+    return ok;
+}
+
+static int redis_start(void)
+{
+    char port[16];
+    snprintf(port, sizeof(port), "%d", redis_port);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+        execlp("redis-server", "redis-server", "--port", port, "--save", "", "--appendonly", "no",
+               "--bind", "127.0.0.1", "--unixsocket", redis_sock, "--unixsocketperm", "700",
+               "--dir", redis_dir, (char *)NULL);
+        _exit(127);
+    }
+    redis_pid = pid;
+    uint64_t end = now_ms() + 10000;
+    while (now_ms() < end) {
+        if (redis_answers()) return 0;
+        usleep(20000);
+    }
+    return -1;
+}
+
+static void redis_stop(void)
+{
+    if (redis_pid <= 0) return;
+    kill(redis_pid, SIGCONT);
+    kill(redis_pid, SIGKILL);
+    waitpid(redis_pid, NULL, 0);
+    redis_pid = -1;
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    snprintf(redis_dir, sizeof(redis_dir), "/tmp/idemgate-test-store-XXXXXX");
+    if (!mkdtemp(redis_dir)) return -1;
+    snprintf(redis_sock, sizeof(redis_sock), "%s/redis.sock", redis_dir);
+    redis_port = free_port();
+    if (redis_port <= 0) return -1;
+    return redis_start();
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    redis_stop();
+    unlink(redis_sock);
+    rmdir(redis_dir);
+    return 0;
+}
+
+/* ---- per-test fixture: one event_base, one store ---- */
+
+struct backend {
+    const char *name;
+    bool redis;
+};
+
+static const struct backend be_memory = {"memory", false};
+static const struct backend be_redis = {"redis", true};
+
+struct ctx {
+    const struct backend *be;
+    struct event_base *base;
+    struct event *tick; /* wakes the loop so that every wait stays bounded */
+    struct cfg cfg;
+    struct store_memory_shared *sh;
+    struct store *st;
+};
+
+static void tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+}
+
+static void fill_cfg(struct cfg *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->store = CFG_STORE_REDIS;
+    c->redis.mode = CFG_REDIS_STANDALONE;
+    c->redis.host = "127.0.0.1";
+    c->redis.port = redis_port;
+    c->redis.key_prefix = PREFIX;
+    c->redis.timeout_ms = 1000;
+}
+
+static struct store *ctx_new_store(struct ctx *c)
+{
+    if (c->be->redis) return store_redis_new(c->base, &c->cfg);
+    return store_memory_new(c->base, c->sh, c->cfg.redis.timeout_ms);
+}
+
+static int ctx_setup(void **state)
+{
+    struct ctx *c = calloc(1, sizeof(*c));
+    c->be = *state;
+    c->base = event_base_new();
+    c->tick = event_new(c->base, -1, EV_PERSIST, tick_cb, NULL);
+    struct timeval tv = {0, 20000};
+    event_add(c->tick, &tv);
+    fill_cfg(&c->cfg);
+    c->sh = store_memory_shared_new(PREFIX);
+    c->st = ctx_new_store(c);
+    *state = c;
+    return 0;
+}
+
+static int ctx_teardown(void **state)
+{
+    struct ctx *c = *state;
+    store_free(c->st);
+    store_memory_shared_free(c->sh);
+    event_free(c->tick);
+    event_base_free(c->base);
+    free(c);
+    return 0;
+}
+
+static void run_until(struct ctx *c, const bool *done, int max_ms)
+{
+    uint64_t end = now_ms() + (uint64_t)max_ms;
+    while (!*done && now_ms() < end)
+        event_base_loop(c->base, EVLOOP_ONCE);
+}
+
+static void run_for(struct ctx *c, int ms)
+{
+    bool never = false;
+    run_until(c, &never, ms);
+}
+
+/* ---- operations, driven to their answer ---- */
+
+static bool in_call; /* true while a store call is running */
+static int unique_counter;
+
+struct acq_res {
+    bool done;
+    bool sync;
+    int calls;
+    enum store_acquire_state state;
+    uint8_t rec[1024];
+    size_t rec_len;
+};
+
+struct done_res {
+    bool done;
+    bool sync;
+    int calls;
+    int status;
+};
+
+static void acq_cb(void *arg, const struct store_acquire_reply *r)
+{
+    struct acq_res *res = arg;
+    res->done = true;
+    res->sync = in_call;
+    res->calls++;
+    res->state = r->state;
+    res->rec_len = 0;
+    if (r->state == STORE_ACQ_COMPLETED) {
+        assert_true(r->record_len <= sizeof(res->rec));
+        if (r->record_len) memcpy(res->rec, r->record, r->record_len);
+        res->rec_len = r->record_len;
+    }
+}
+
+static void done_cb(void *arg, int status)
+{
+    struct done_res *res = arg;
+    res->done = true;
+    res->sync = in_call;
+    res->calls++;
+    res->status = status;
+}
+
+static const char TOKEN_A[STORE_TOKEN_LEN + 1] = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+static const char TOKEN_B[STORE_TOKEN_LEN + 1] = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+static const uint8_t FP_1[STORE_FP_LEN] = {0, 1, 2, 3, 0, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0};
+static const uint8_t FP_2[STORE_FP_LEN] = {0, 1, 2, 3, 0, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1};
+
+static void unique_skey(char *out, size_t n, const char *what)
+{
+    snprintf(out, n, "scope%d-%d:%s", (int)getpid(), ++unique_counter, what);
+}
+
+static enum store_acquire_state acquire_full(struct ctx *c, struct store *st, const char *skey,
+                                             const uint8_t *fp, const char *token,
+                                             uint32_t lock_ms, struct acq_res *res)
+{
+    memset(res, 0, sizeof(*res));
+    in_call = true;
+    store_acquire(st, skey, strlen(skey), fp, token, lock_ms, acq_cb, res);
+    in_call = false;
+    assert_false(res->done); /* never synchronous */
+    run_until(c, &res->done, WAIT_MS);
+    assert_true(res->done);
+    assert_false(res->sync);
+    run_for(c, 0);
+    assert_int_equal(res->calls, 1);
+    return res->state;
+}
+
+static enum store_acquire_state acquire(struct ctx *c, const char *skey, const uint8_t *fp,
+                                        const char *token, uint32_t lock_ms)
+{
+    struct acq_res res;
+    return acquire_full(c, c->st, skey, fp, token, lock_ms, &res);
+}
+
+static int finish_done(struct ctx *c, struct done_res *res)
+{
+    in_call = false;
+    assert_false(res->done);
+    run_until(c, &res->done, WAIT_MS);
+    assert_true(res->done);
+    assert_false(res->sync);
+    assert_int_equal(res->calls, 1);
+    return res->status;
+}
+
+static int complete(struct ctx *c, const char *skey, const char *token, const uint8_t *rec,
+                    size_t len, uint32_t ttl)
+{
+    struct done_res res = {0};
+    in_call = true;
+    store_complete(c->st, skey, strlen(skey), token, rec, len, ttl, done_cb, &res);
+    return finish_done(c, &res);
+}
+
+static int release(struct ctx *c, const char *skey, const char *token)
+{
+    struct done_res res = {0};
+    in_call = true;
+    store_release(c->st, skey, strlen(skey), token, done_cb, &res);
+    return finish_done(c, &res);
+}
+
+static int renew(struct ctx *c, const char *skey, const char *token, uint32_t lock_ms)
+{
+    struct done_res res = {0};
+    in_call = true;
+    store_renew(c->st, skey, strlen(skey), token, lock_ms, done_cb, &res);
+    return finish_done(c, &res);
+}
+
+static int ping(struct ctx *c)
+{
+    struct done_res res = {0};
+    in_call = true;
+    store_ping(c->st, done_cb, &res);
+    return finish_done(c, &res);
+}
+
+/* A binary record with NULs and every byte value. */
+static size_t make_record(uint8_t *buf)
+{
+    for (size_t i = 0; i < 600; i++)
+        buf[i] = (uint8_t)(i * 7);
+    buf[0] = 0;
+    buf[599] = 0;
+    return 600;
+}
+
+/* ---- the contract, both backends ---- */
+
+static void test_acquire_states(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "states");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+    /* the owner asking again is still "in progress", not a second lock */
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_IN_PROGRESS);
+}
+
+static void test_scopes_are_independent(void **state)
+{
+    struct ctx *c = *state;
+    char k1[64], k2[64];
+    unique_skey(k1, sizeof(k1), "same-key");
+    unique_skey(k2, sizeof(k2), "same-key");
+    assert_int_equal(acquire(c, k1, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, k2, FP_2, TOKEN_B, 10000), STORE_ACQ_LOCKED);
+}
+
+static void test_complete_and_replay(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    uint8_t rec[600];
+    size_t n = make_record(rec);
+    unique_skey(k, sizeof(k), "complete");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(complete(c, k, TOKEN_B, rec, n, 60), 0);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(complete(c, k, TOKEN_A, rec, n, 60), 1);
+
+    struct acq_res res;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &res), STORE_ACQ_COMPLETED);
+    assert_int_equal(res.rec_len, n);
+    assert_memory_equal(res.rec, rec, n);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+
+    /* a completed record has no owner any more */
+    assert_int_equal(complete(c, k, TOKEN_A, rec, n, 60), 0);
+    assert_int_equal(release(c, k, TOKEN_A), 0);
+    assert_int_equal(renew(c, k, TOKEN_A, 10000), 0);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_COMPLETED);
+}
+
+static void test_empty_record(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "empty");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"", 0, 60), 1);
+    struct acq_res res;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &res), STORE_ACQ_COMPLETED);
+    assert_int_equal(res.rec_len, 0);
+}
+
+static void test_release(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "release");
+    assert_int_equal(release(c, k, TOKEN_A), 0); /* absent */
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(release(c, k, TOKEN_B), 0);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(release(c, k, TOKEN_A), 1);
+    assert_int_equal(release(c, k, TOKEN_A), 0);
+    /* free again: anyone, any fingerprint */
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_LOCKED);
+}
+
+static void test_renew(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "renew");
+    assert_int_equal(renew(c, k, TOKEN_A, 10000), 0); /* absent */
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 300), STORE_ACQ_LOCKED);
+    assert_int_equal(renew(c, k, TOKEN_B, 10000), 0);
+    assert_int_equal(renew(c, k, TOKEN_A, 20000), 1);
+    /* the renewed lock outlives its first expiry by far */
+    run_for(c, 600);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+}
+
+static void test_lock_expiry(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "lock-expiry");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 200), STORE_ACQ_LOCKED);
+    run_for(c, 400);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_LOCKED);
+    /* the dead owner can no longer touch it */
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"x", 1, 60), 0);
+    assert_int_equal(renew(c, k, TOKEN_A, 1000), 0);
+    assert_int_equal(release(c, k, TOKEN_A), 0);
+}
+
+static void test_ttl_expiry(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "ttl-expiry");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"rec", 3, 1), 1);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_COMPLETED);
+    run_for(c, 1600);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_LOCKED);
+}
+
+static void test_ping(void **state)
+{
+    struct ctx *c = *state;
+    assert_int_equal(ping(c), 1);
+}
+
+static void test_never_synchronous(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "sync");
+    struct acq_res a;
+    struct done_res d[4];
+    memset(&a, 0, sizeof(a));
+    memset(d, 0, sizeof(d));
+    in_call = true;
+    store_acquire(c->st, k, strlen(k), FP_1, TOKEN_A, 10000, acq_cb, &a);
+    store_renew(c->st, k, strlen(k), TOKEN_A, 10000, done_cb, &d[0]);
+    store_complete(c->st, k, strlen(k), TOKEN_A, (const uint8_t *)"r", 1, 60, done_cb, &d[1]);
+    store_release(c->st, k, strlen(k), TOKEN_A, done_cb, &d[2]);
+    store_ping(c->st, done_cb, &d[3]);
+    in_call = false;
+    assert_false(a.done);
+    for (int i = 0; i < 4; i++)
+        assert_false(d[i].done);
+    run_until(c, &d[3].done, WAIT_MS);
+    run_until(c, &d[2].done, WAIT_MS);
+    assert_true(a.done && !a.sync && a.state == STORE_ACQ_LOCKED);
+    assert_true(d[0].done && d[0].status == 1);
+    assert_true(d[1].done && d[1].status == 1);
+    assert_true(d[2].done && d[2].status == 0); /* completed: nothing to release */
+    assert_true(d[3].done && d[3].status == 1);
+}
+
+/* Arguments are copied by the call: the caller's buffers may change right
+ * after it returns. */
+static void test_arguments_copied(void **state)
+{
+    struct ctx *c = *state;
+    char k[64], kcopy[64];
+    unique_skey(k, sizeof(k), "copied");
+    memcpy(kcopy, k, sizeof(k));
+    uint8_t fp[STORE_FP_LEN];
+    char tok[STORE_TOKEN_LEN];
+    memcpy(fp, FP_1, sizeof(fp));
+    memcpy(tok, TOKEN_A, sizeof(tok));
+    struct acq_res a = {0};
+    store_acquire(c->st, k, strlen(k), fp, tok, 10000, acq_cb, &a);
+    memset(k, 'z', strlen(k));
+    memset(fp, 0xee, sizeof(fp));
+    memset(tok, 'q', sizeof(tok));
+    run_until(c, &a.done, WAIT_MS);
+    assert_int_equal(a.state, STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, kcopy, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(release(c, kcopy, TOKEN_A), 1);
+}
+
+static void never_cb(void *arg, const struct store_acquire_reply *r)
+{
+    (void)r;
+    *(bool *)arg = true;
+}
+
+/* Freeing a store with operations in flight drops their callbacks (and
+ * leaks nothing: ASan/valgrind). */
+static void test_free_drops_inflight(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "free-inflight");
+    bool called = false;
+    struct store *st = ctx_new_store(c);
+    run_for(c, 100);
+    for (int i = 0; i < 3; i++)
+        store_acquire(st, k, strlen(k), FP_1, TOKEN_A, 10000, never_cb, &called);
+    store_free(st);
+    run_for(c, 300);
+    assert_false(called);
+}
+
+struct free_in_cb {
+    struct store *st;
+    int calls;
+};
+
+static void free_in_cb(void *arg, const struct store_acquire_reply *r)
+{
+    (void)r;
+    struct free_in_cb *f = arg;
+    f->calls++;
+    if (f->st) {
+        store_free(f->st);
+        f->st = NULL;
+    }
+}
+
+/* A store freed from inside one of its own callbacks, with another op
+ * still pending: no crash, no further callback. */
+static void test_free_inside_callback(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "free-in-cb");
+    struct free_in_cb f = {.st = ctx_new_store(c)};
+    store_acquire(f.st, k, strlen(k), FP_1, TOKEN_A, 10000, free_in_cb, &f);
+    store_acquire(f.st, k, strlen(k), FP_1, TOKEN_B, 10000, free_in_cb, &f);
+    uint64_t end = now_ms() + WAIT_MS;
+    while (f.calls == 0 && now_ms() < end)
+        event_base_loop(c->base, EVLOOP_ONCE);
+    run_for(c, 200);
+    assert_int_equal(f.calls, 1);
+    assert_null(f.st);
+}
+
+/* ---- memory only ---- */
+
+struct race {
+    struct store_memory_shared *sh;
+    const char *skey;
+    int locked;
+    int in_progress;
+};
+
+static void *race_thread(void *arg)
+{
+    struct race *r = arg;
+    struct event_base *base = event_base_new();
+    struct store *st = store_memory_new(base, r->sh, 1000);
+    int mine_locked = 0, mine_busy = 0;
+    for (int i = 0; i < 50; i++) {
+        struct acq_res a = {0};
+        char tok[STORE_TOKEN_LEN];
+        memset(tok, 'a' + (i % 26), sizeof(tok));
+        store_acquire(st, r->skey, strlen(r->skey), FP_1, tok, 10000, acq_cb, &a);
+        while (!a.done)
+            event_base_loop(base, EVLOOP_ONCE);
+        mine_locked += a.state == STORE_ACQ_LOCKED;
+        mine_busy += a.state == STORE_ACQ_IN_PROGRESS;
+    }
+    store_free(st);
+    event_base_free(base);
+    __atomic_add_fetch(&r->locked, mine_locked, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&r->in_progress, mine_busy, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+/* Many workers, one shared table, one key: exactly one lock. */
+static void test_memory_shared_across_threads(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "race");
+    struct race r = {.sh = c->sh, .skey = k};
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, race_thread, &r), 0);
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    assert_int_equal(r.locked, 1);
+    assert_int_equal(r.in_progress, 4 * 50 - 1);
+    /* and the worker of this test sees the same table */
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+}
+
+/* Many short-lived keys: expired entries are swept, not kept forever. */
+static void test_memory_many_keys(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    for (int i = 0; i < 500; i++) {
+        unique_skey(k, sizeof(k), "many");
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_A, i % 2 ? 1 : 60000), STORE_ACQ_LOCKED);
+    }
+    run_for(c, 20);
+    for (int i = 0; i < 500; i++) {
+        unique_skey(k, sizeof(k), "many2");
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 1), STORE_ACQ_LOCKED);
+    }
+}
+
+/* ---- redis only ---- */
+
+static redisReply *sync_cmd(redisContext *rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redisvCommand(rc, fmt, ap);
+    va_end(ap);
+    assert_non_null(r);
+    return r;
+}
+
+static long long sync_int(redisContext *rc, const char *fmt, const char *arg)
+{
+    redisReply *r = sync_cmd(rc, fmt, arg);
+    assert_int_equal(r->type, REDIS_REPLY_INTEGER);
+    long long v = r->integer;
+    freeReplyObject(r);
+    return v;
+}
+
+static void test_redis_key_layout(void **state)
+{
+    struct ctx *c = *state;
+    char k[64], full[128];
+    unique_skey(k, sizeof(k), "layout");
+    snprintf(full, sizeof(full), PREFIX "{%s}", k);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    assert_int_equal(sync_int(rc, "EXISTS %s", full), 1);
+    redisReply *r = sync_cmd(rc, "HGET %s s", full);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "p");
+    freeReplyObject(r);
+    r = sync_cmd(rc, "HGET %s f", full);
+    assert_int_equal(r->len, STORE_FP_LEN);
+    assert_memory_equal(r->str, FP_1, STORE_FP_LEN);
+    freeReplyObject(r);
+    long long pttl = sync_int(rc, "PTTL %s", full);
+    assert_true(pttl > 0 && pttl <= 10000);
+    /* nothing else was written */
+    char pattern[128];
+    snprintf(pattern, sizeof(pattern), PREFIX "*%s*", k);
+    r = sync_cmd(rc, "KEYS %s", pattern);
+    assert_int_equal(r->elements, 1);
+    freeReplyObject(r);
+
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"R", 1, 100), 1);
+    r = sync_cmd(rc, "HGET %s s", full);
+    assert_string_equal(r->str, "c");
+    freeReplyObject(r);
+    assert_int_equal(sync_int(rc, "HEXISTS %s t", full), 0);
+    long long ttl = sync_int(rc, "TTL %s", full);
+    assert_true(ttl > 0 && ttl <= 100);
+    redisFree(rc);
+}
+
+static void test_redis_noscript_reload(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "noscript");
+    assert_int_equal(ping(c), 1);
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    assert_int_equal(renew(c, k, TOKEN_A, 10000), 1);
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"x", 1, 60), 1);
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_COMPLETED);
+    redisFree(rc);
+}
+
+/* Polls ping until the store answers again (bounded). */
+static bool wait_store_up(struct ctx *c, int max_ms)
+{
+    uint64_t end = now_ms() + (uint64_t)max_ms;
+    while (now_ms() < end) {
+        struct done_res res = {0};
+        store_ping(c->st, done_cb, &res);
+        run_until(c, &res.done, WAIT_MS);
+        if (res.status == 1) return true;
+        run_for(c, 50);
+    }
+    return false;
+}
+
+static void test_redis_killed_and_restarted(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "restart");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    redis_stop();
+    /* every operation answers with an error while Redis is gone */
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_ERROR);
+    assert_int_equal(release(c, k, TOKEN_A), -1);
+    assert_int_equal(ping(c), -1);
+    run_for(c, 300); /* reconnect attempts fail meanwhile */
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_ERROR);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"x", 1, 60), -1);
+    assert_int_equal(renew(c, k, TOKEN_A, 1000), -1);
+
+    assert_int_equal(redis_start(), 0);
+    assert_true(wait_store_up(c, 10000));
+    /* the same store works again (a fresh server: the key is gone) */
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+}
+
+static void test_redis_deadline_on_stuck_server(void **state)
+{
+    struct ctx *c = *state;
+    store_free(c->st);
+    c->cfg.redis.timeout_ms = 200;
+    c->st = ctx_new_store(c);
+    assert_true(wait_store_up(c, 5000));
+    char k[64];
+    unique_skey(k, sizeof(k), "stuck");
+
+    assert_int_equal(kill(redis_pid, SIGSTOP), 0);
+    struct acq_res a;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_A, 10000, &a), STORE_ACQ_ERROR);
+    struct done_res d = {0};
+    store_renew(c->st, k, strlen(k), TOKEN_A, 1000, done_cb, &d);
+    run_until(c, &d.done, WAIT_MS);
+    assert_int_equal(d.status, -1);
+    assert_int_equal(kill(redis_pid, SIGCONT), 0);
+    /* late replies (if any) arrive now and must be dropped */
+    run_for(c, 500);
+    assert_int_equal(a.calls, 1);
+    assert_int_equal(d.calls, 1);
+    assert_true(wait_store_up(c, 10000));
+    /* the timed-out acquire did not leave a lock behind once answered:
+     * either it never ran, or its late LOCKED answer was given back; in
+     * both cases the key is free or becomes free at lock expiry */
+    char k2[64];
+    unique_skey(k2, sizeof(k2), "after-stuck");
+    assert_int_equal(acquire(c, k2, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+}
+
+static void test_redis_wait_replicas_unmet(void **state)
+{
+    struct ctx *c = *state;
+    store_free(c->st);
+    c->cfg.redis.wait_replicas = 1;
+    c->cfg.redis.timeout_ms = 400;
+    c->st = ctx_new_store(c);
+    char k[64], full[128];
+    unique_skey(k, sizeof(k), "wait");
+    snprintf(full, sizeof(full), PREFIX "{%s}", k);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_ERROR);
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    assert_int_equal(sync_int(rc, "EXISTS %s", full), 0);
+    redisFree(rc);
+    /* other operations are not affected by wait_replicas */
+    assert_int_equal(ping(c), 1);
+    assert_int_equal(release(c, k, TOKEN_A), 0);
+}
+
+static void test_redis_unix_socket(void **state)
+{
+    struct ctx *c = *state;
+    store_free(c->st);
+    c->cfg.redis.unix_socket = true;
+    c->cfg.redis.host = redis_sock;
+    c->st = ctx_new_store(c);
+    char k[64];
+    unique_skey(k, sizeof(k), "unix");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_A, 10000), STORE_ACQ_MISMATCH);
+}
+
+static void test_redis_auth_and_select(void **state)
+{
+    struct ctx *c = *state;
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    freeReplyObject(sync_cmd(rc, "CONFIG SET requirepass %s", "s3cret"));
+
+    store_free(c->st);
+    c->cfg.redis.password = "s3cret";
+    c->cfg.redis.db = 3;
+    c->st = ctx_new_store(c);
+    char k[64], full[128];
+    unique_skey(k, sizeof(k), "auth");
+    snprintf(full, sizeof(full), PREFIX "{%s}", k);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+
+    /* a wrong password: errors, not a hang */
+    struct cfg bad;
+    fill_cfg(&bad);
+    bad.redis.password = "wrong";
+    bad.redis.timeout_ms = 300;
+    struct store *st_bad = store_redis_new(c->base, &bad);
+    struct acq_res a;
+    assert_int_equal(acquire_full(c, st_bad, k, FP_1, TOKEN_A, 10000, &a), STORE_ACQ_ERROR);
+    store_free(st_bad);
+
+    freeReplyObject(sync_cmd(rc, "SELECT 3"));
+    assert_int_equal(sync_int(rc, "EXISTS %s", full), 1);
+    freeReplyObject(sync_cmd(rc, "SELECT 0"));
+    assert_int_equal(sync_int(rc, "EXISTS %s", full), 0);
+    freeReplyObject(sync_cmd(rc, "CONFIG SET requirepass %s", ""));
+    redisFree(rc);
+}
+
+static void test_redis_down_at_start(void **state)
+{
+    struct ctx *c = *state;
+    store_free(c->st);
+    c->cfg.redis.port = free_port(); /* nobody listens there */
+    c->st = ctx_new_store(c);
+    char k[64];
+    unique_skey(k, sizeof(k), "down");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_ERROR);
+    run_for(c, 300);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_ERROR);
+    assert_int_equal(ping(c), -1);
+}
+
+#define BOTH(f)                                                                                    \
+    cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_memory),      \
+        cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_redis)
+#define MEMORY(f)                                                                                  \
+    cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_memory)
+#define REDIS(f)                                                                                   \
+    cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_redis)
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    const struct CMUnitTest tests[] = {
+        BOTH(test_acquire_states),
+        BOTH(test_scopes_are_independent),
+        BOTH(test_complete_and_replay),
+        BOTH(test_empty_record),
+        BOTH(test_release),
+        BOTH(test_renew),
+        BOTH(test_lock_expiry),
+        BOTH(test_ttl_expiry),
+        BOTH(test_ping),
+        BOTH(test_never_synchronous),
+        BOTH(test_arguments_copied),
+        BOTH(test_free_drops_inflight),
+        BOTH(test_free_inside_callback),
+        MEMORY(test_memory_shared_across_threads),
+        MEMORY(test_memory_many_keys),
+        REDIS(test_redis_key_layout),
+        REDIS(test_redis_noscript_reload),
+        REDIS(test_redis_unix_socket),
+        REDIS(test_redis_auth_and_select),
+        REDIS(test_redis_wait_replicas_unmet),
+        REDIS(test_redis_down_at_start),
+        REDIS(test_redis_deadline_on_stuck_server),
+        REDIS(test_redis_killed_and_restarted),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
