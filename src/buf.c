@@ -26,7 +26,8 @@ char *buf_reserve(struct buf *b, size_t n)
         if (b->cap - b->len >= n) return b->p + b->len;
     }
     size_t cap = b->cap ? b->cap : 256;
-    while (cap - b->len < n) cap *= 2;
+    while (cap - b->len < n)
+        cap *= 2;
     char *p = realloc(b->p, cap);
     if (!p) abort();
     b->p = p;

@@ -32,16 +32,14 @@
 static void *xcalloc(size_t n, size_t size)
 {
     void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p)
-        abort();
+    if (!p) abort();
     return p;
 }
 
 static char *xstrndup(const char *s, size_t n)
 {
     char *p = strndup(s, n);
-    if (!p)
-        abort();
+    if (!p) abort();
     return p;
 }
 
@@ -62,8 +60,7 @@ static void strlist_free(struct cfg_strlist *l)
 static void strlist_push(struct cfg_strlist *l, const char *s, size_t n)
 {
     char **v = realloc(l->v, (l->n + 1) * sizeof *v);
-    if (!v)
-        abort();
+    if (!v) abort();
     l->v = v;
     l->v[l->n++] = xstrndup(s, n);
 }
@@ -132,8 +129,7 @@ static void redis_free(struct cfg_redis *r)
 
 void cfg_free(struct cfg *c)
 {
-    if (!c)
-        return;
+    if (!c) return;
     addr_free(&c->listen);
     url_free(&c->upstream);
     redis_free(&c->redis);
@@ -164,8 +160,7 @@ struct cfg_err {
 __attribute__((format(printf, 3, 4))) static int fail(struct cfg_err *e, const char *where,
                                                       const char *fmt, ...)
 {
-    if (!e->buf || e->len == 0)
-        return -1;
+    if (!e->buf || e->len == 0) return -1;
     int n = snprintf(e->buf, e->len, "%s: ", where);
     if (n >= 0 && (size_t)n < e->len) {
         va_list ap;
@@ -174,8 +169,7 @@ __attribute__((format(printf, 3, 4))) static int fail(struct cfg_err *e, const c
         va_end(ap);
     }
     for (char *p = e->buf; *p; p++)
-        if ((unsigned char)*p < 0x20 || *p == 0x7f)
-            *p = '?';
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
     return -1;
 }
 
@@ -196,21 +190,17 @@ static bool is_tchar(unsigned char ch)
 
 static bool is_token(const char *s)
 {
-    if (!*s)
-        return false;
+    if (!*s) return false;
     for (; *s; s++)
-        if (!is_tchar((unsigned char)*s))
-            return false;
+        if (!is_tchar((unsigned char)*s)) return false;
     return true;
 }
 
 static bool is_method(const char *s)
 {
-    if (!is_token(s))
-        return false;
+    if (!is_token(s)) return false;
     for (; *s; s++)
-        if (*s >= 'a' && *s <= 'z')
-            return false;
+        if (*s >= 'a' && *s <= 'z') return false;
     return true;
 }
 
@@ -218,14 +208,11 @@ static bool is_method(const char *s)
 static int parse_uint(const char *s, size_t n, long long max, long long *out)
 {
     long long v = 0;
-    if (n == 0)
-        return -1;
+    if (n == 0) return -1;
     for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
+        if (s[i] < '0' || s[i] > '9') return -1;
         v = v * 10 + (s[i] - '0');
-        if (v > max)
-            return -1;
+        if (v > max) return -1;
     }
     *out = v;
     return 0;
@@ -233,8 +220,7 @@ static int parse_uint(const char *s, size_t n, long long max, long long *out)
 
 static bool is_hostname(const char *s, size_t n)
 {
-    if (n == 0 || n > 253)
-        return false;
+    if (n == 0 || n > 253) return false;
     for (size_t i = 0; i < n; i++) {
         unsigned char ch = (unsigned char)s[i];
         if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
@@ -254,30 +240,25 @@ static int parse_hostport(const char *s, size_t n, int def_port, char **host, in
         const char *close = memchr(s, ']', n);
         char tmp[INET6_ADDRSTRLEN];
         struct in6_addr a6;
-        if (!close)
-            return -1;
+        if (!close) return -1;
         h = s + 1;
         hlen = (size_t)(close - h);
-        if (hlen == 0 || hlen >= sizeof tmp)
-            return -1;
+        if (hlen == 0 || hlen >= sizeof tmp) return -1;
         memcpy(tmp, h, hlen);
         tmp[hlen] = '\0';
-        if (inet_pton(AF_INET6, tmp, &a6) != 1)
-            return -1;
+        if (inet_pton(AF_INET6, tmp, &a6) != 1) return -1;
         rest = close + 1;
     } else {
         const char *colon = memchr(s, ':', n);
         h = s;
         hlen = colon ? (size_t)(colon - s) : n;
-        if (!is_hostname(h, hlen))
-            return -1;
+        if (!is_hostname(h, hlen)) return -1;
         rest = s + hlen;
     }
     size_t rlen = n - (size_t)(rest - s);
     long long p = def_port;
     if (rlen == 0) {
-        if (def_port == 0)
-            return -1;
+        if (def_port == 0) return -1;
     } else if (rest[0] != ':' || parse_uint(rest + 1, rlen - 1, 65535, &p) < 0 || p < 1) {
         return -1;
     }
@@ -292,8 +273,7 @@ static int parse_addr(const char *s, struct cfg_addr *out)
     memset(out, 0, sizeof *out);
     if (s[0] == '*' && s[1] == ':') {
         long long p;
-        if (parse_uint(s + 2, strlen(s + 2), 65535, &p) < 0 || p < 1)
-            return -1;
+        if (parse_uint(s + 2, strlen(s + 2), 65535, &p) < 0 || p < 1) return -1;
         out->host = xstrdup("0.0.0.0");
         out->port = (int)p;
     } else if (parse_hostport(s, strlen(s), 0, &out->host, &out->port) < 0) {
@@ -322,24 +302,18 @@ static int parse_url(const char *s, struct cfg_url *out)
         return -1;
     }
     size_t n = strlen(auth);
-    if (n > 0 && auth[n - 1] == '/')
-        n--;
-    if (memchr(auth, '/', n) || memchr(auth, '@', n))
-        return -1;
-    if (parse_hostport(auth, n, out->tls ? 443 : 80, &out->host, &out->port) < 0)
-        return -1;
+    if (n > 0 && auth[n - 1] == '/') n--;
+    if (memchr(auth, '/', n) || memchr(auth, '@', n)) return -1;
+    if (parse_hostport(auth, n, out->tls ? 443 : 80, &out->host, &out->port) < 0) return -1;
     out->text = xstrdup(s);
     return 0;
 }
 
 static int hexval(char ch)
 {
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F')
-        return ch - 'A' + 10;
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
     return -1;
 }
 
@@ -384,32 +358,27 @@ static int parse_redis_url(const char *s, struct redis_target *t)
 {
     memset(t, 0, sizeof *t);
     if (strncmp(s, "unix://", 7) == 0) {
-        if (s[7] != '/' || s[8] == '\0')
-            return -1;
+        if (s[7] != '/' || s[8] == '\0') return -1;
         t->unix_socket = true;
         t->host = xstrdup(s + 7);
         return 0;
     }
-    if (strncmp(s, "redis://", 8) != 0)
-        return -1;
+    if (strncmp(s, "redis://", 8) != 0) return -1;
     const char *rest = s + 8;
     const char *at = strrchr(rest, '@');
     if (at) {
         const char *colon = memchr(rest, ':', (size_t)(at - rest));
         if (colon && at > colon + 1) {
             t->password = percent_decode(colon + 1, (size_t)(at - colon - 1));
-            if (!t->password)
-                return -1;
+            if (!t->password) return -1;
         }
         rest = at + 1;
     }
     const char *slash = strchr(rest, '/');
     size_t hlen = slash ? (size_t)(slash - rest) : strlen(rest);
     long long db = 0;
-    if (slash && slash[1] && parse_uint(slash + 1, strlen(slash + 1), 15, &db) < 0)
-        goto bad;
-    if (parse_hostport(rest, hlen, 6379, &t->host, &t->port) < 0)
-        goto bad;
+    if (slash && slash[1] && parse_uint(slash + 1, strlen(slash + 1), 15, &db) < 0) goto bad;
+    if (parse_hostport(rest, hlen, 6379, &t->host, &t->port) < 0) goto bad;
     t->db = (int)db;
     return 0;
 bad:
@@ -453,7 +422,10 @@ struct cfg_val {
     const char *text;
 };
 
-#define OPT(n, k, s, f, lo, hi, ch, d) {n, k, offsetof(s, f), lo, hi, ch, d}
+#define OPT(n, k, s, f, lo, hi, ch, d)                                                             \
+    {                                                                                              \
+        n, k, offsetof(s, f), lo, hi, ch, d                                                        \
+    }
 #define O_INT(s, f, lo, hi, d) OPT(#f, OPT_INT, s, f, lo, hi, NULL, d)
 #define O_U64(s, f, lo, hi, d) OPT(#f, OPT_U64, s, f, lo, hi, NULL, d)
 #define O_KIND(n, k, s, f, d) OPT(n, k, s, f, 0, 0, NULL, d)
@@ -499,8 +471,7 @@ static const struct cfg_opt idem_opts[] = {
     O_KIND("scope_headers", OPT_TOKENS, struct cfg_idem, scope_headers, "Authorization,X-API-Key"),
     O_ENUM("anonymous", struct cfg_idem, anonymous, anon_names, "shared"),
     O_KIND("scope_secret", OPT_STR, struct cfg_idem, scope_secret, ""),
-    O_KIND("fingerprint_headers", OPT_TOKENS, struct cfg_idem, fingerprint_headers,
-           "Content-Type"),
+    O_KIND("fingerprint_headers", OPT_TOKENS, struct cfg_idem, fingerprint_headers, "Content-Type"),
     O_KIND("mismatch_status", OPT_STATUS, struct cfg_idem, mismatch_status, "409"),
     O_ENUM("concurrent", struct cfg_idem, concurrent, conc_names, "reject"),
     O_INT(struct cfg_idem, wait_max_ms, 0, 600000, "5000"),
@@ -598,37 +569,34 @@ static const struct cfg_override flag_vars[] = {
 static const struct cfg_opt *find_opt(const struct cfg_opt *opts, size_t n, const char *name)
 {
     for (size_t i = 0; i < n; i++)
-        if (strcmp(opts[i].name, name) == 0)
-            return &opts[i];
+        if (strcmp(opts[i].name, name) == 0) return &opts[i];
     return NULL;
 }
 
 /* ---------------------------------------------------------------- setters */
 
-/* An integral JSON number, or a text of decimal digits. *out is clamped to
- * the double range of [min, max] checks; returns -1 when not an integer. */
+/* An integral JSON number, or a text of decimal digits; -1 when not an
+ * integer. Compared as a double, so a huge number is out of range rather
+ * than overflowing (digits past 2^53 count as huge). */
 static int val_int(const struct cfg_val *v, double *out)
 {
     if (v->json) {
-        if (!cJSON_IsNumber(v->json))
-            return -1;
+        if (!cJSON_IsNumber(v->json)) return -1;
         double d = v->json->valuedouble;
-        if (!isfinite(d) || d != trunc(d))
-            return -1;
+        if (!isfinite(d) || d != trunc(d)) return -1;
         *out = d;
         return 0;
     }
+    size_t n = strlen(v->text);
     long long ll;
-    if (parse_uint(v->text, strlen(v->text), 1LL << 53, &ll) < 0)
-        return -1;
-    *out = (double)ll;
+    if (n == 0 || strspn(v->text, "0123456789") != n) return -1;
+    *out = parse_uint(v->text, n, 1LL << 53, &ll) < 0 ? 1e300 : (double)ll;
     return 0;
 }
 
 static const char *val_str(const struct cfg_val *v)
 {
-    if (!v->json)
-        return v->text;
+    if (!v->json) return v->text;
     return cJSON_IsString(v->json) ? v->json->valuestring : NULL;
 }
 
@@ -646,8 +614,7 @@ static int val_list(const struct cfg_val *v, struct cfg_strlist *out)
         }
         return 0;
     }
-    if (!cJSON_IsArray(v->json))
-        return -1;
+    if (!cJSON_IsArray(v->json)) return -1;
     const cJSON *it;
     cJSON_ArrayForEach(it, v->json)
     {
@@ -669,8 +636,7 @@ static void enum_message(const struct cfg_opt *o, char *out, size_t len)
     for (size_t i = 0; i < n; i++) {
         const char *sep = i == 0 ? "" : (i + 1 == n ? " or " : ", ");
         int w = snprintf(out + used, len - used, "%s%s", sep, o->choices[i]);
-        if (w < 0 || (size_t)w >= len - used)
-            break;
+        if (w < 0 || (size_t)w >= len - used) break;
         used += (size_t)w;
     }
 }
@@ -681,8 +647,7 @@ static int set_int(const struct cfg_opt *o, void *field, const struct cfg_val *v
     double d;
     if (val_int(v, &d) < 0 || d < (double)o->min)
         return fail(e, where, "must be an integer >= %lld", o->min);
-    if (d > (double)o->max)
-        return fail(e, where, "must be an integer <= %lld", o->max);
+    if (d > (double)o->max) return fail(e, where, "must be an integer <= %lld", o->max);
     if (o->kind == OPT_U64)
         *(uint64_t *)field = (uint64_t)d;
     else
@@ -693,8 +658,7 @@ static int set_int(const struct cfg_opt *o, void *field, const struct cfg_val *v
 static int set_bool(void *field, const struct cfg_val *v, const char *where, struct cfg_err *e)
 {
     if (v->json) {
-        if (!cJSON_IsBool(v->json))
-            return fail(e, where, "must be true or false");
+        if (!cJSON_IsBool(v->json)) return fail(e, where, "must be true or false");
         *(bool *)field = cJSON_IsTrue(v->json);
         return 0;
     }
@@ -732,31 +696,24 @@ static int set_string(const struct cfg_opt *o, void *field, const struct cfg_val
     const char *s = val_str(v);
     switch (o->kind) {
     case OPT_TOKEN:
-        if (!s || !is_token(s))
-            return fail(e, where, "must be a valid HTTP header name");
+        if (!s || !is_token(s)) return fail(e, where, "must be a valid HTTP header name");
         break;
     case OPT_KEYPREFIX:
-        if (!s || strpbrk(s, "{}"))
-            return fail(e, where, "must be a string without { or }");
+        if (!s || strpbrk(s, "{}")) return fail(e, where, "must be a string without { or }");
         break;
-    case OPT_STATUS:
-        if (!v->json && s && (strcmp(s, "409") == 0 || strcmp(s, "422") == 0))
-            break;
-        if (v->json && cJSON_IsNumber(v->json) &&
-            (v->json->valuedouble == 409 || v->json->valuedouble == 422)) {
-            *(int *)field = (int)v->json->valuedouble;
-            return 0;
-        }
-        return fail(e, where, "must be 409 or 422");
     default:
-        if (!s)
-            return fail(e, where, "must be a string");
+        if (!s) return fail(e, where, "must be a string");
         break;
     }
-    if (o->kind == OPT_STATUS)
-        *(int *)field = atoi(s);
-    else
-        replace_str(field, s, o->kind == OPT_OPTSTR);
+    replace_str(field, s, o->kind == OPT_OPTSTR);
+    return 0;
+}
+
+static int set_status(void *field, const struct cfg_val *v, const char *where, struct cfg_err *e)
+{
+    double d;
+    if (val_int(v, &d) < 0 || (d != 409 && d != 422)) return fail(e, where, "must be 409 or 422");
+    *(int *)field = (int)d;
     return 0;
 }
 
@@ -769,8 +726,7 @@ static int set_list(const struct cfg_opt *o, void *field, const struct cfg_val *
         [OPT_NODES] = "must be an array of host:port strings",
     };
     struct cfg_strlist l;
-    if (val_list(v, &l) < 0)
-        return fail(e, where, "%s", msgs[o->kind]);
+    if (val_list(v, &l) < 0) return fail(e, where, "%s", msgs[o->kind]);
     for (size_t i = 0; i < l.n; i++) {
         bool ok = true;
         if (o->kind == OPT_TOKENS) {
@@ -810,8 +766,7 @@ static int set_addr(const struct cfg_opt *o, char *base, void *field, const stru
             c->admin_enabled = false;
             return 0;
         }
-        if (!s || parse_addr(s, &a) < 0)
-            return fail(e, where, "must be host:port or off");
+        if (!s || parse_addr(s, &a) < 0) return fail(e, where, "must be host:port or off");
         c->admin_enabled = true;
     } else if (!s || parse_addr(s, &a) < 0) {
         return fail(e, where, "must be host:port");
@@ -832,15 +787,15 @@ static int set_url(void *field, const struct cfg_val *v, const char *where, stru
     return 0;
 }
 
-static int set_redis_url(char *base, const struct cfg_val *v, const char *where,
-                         struct cfg_err *e)
+static int set_redis_url(char *base, const struct cfg_val *v, const char *where, struct cfg_err *e)
 {
     struct cfg_redis *r = (struct cfg_redis *)base;
     const char *s = val_str(v);
     struct redis_target t;
     if (!s || parse_redis_url(s, &t) < 0)
-        return fail(e, where, "must be redis://[:password@]host[:port][/db] (db 0..15) or "
-                              "unix:///path");
+        return fail(e, where,
+                    "must be redis://[:password@]host[:port][/db] (db 0..15) or "
+                    "unix:///path");
     free(r->url);
     free(r->host);
     free(r->password);
@@ -870,8 +825,9 @@ static int opt_set(const struct cfg_opt *o, char *base, const struct cfg_val *v,
     case OPT_OPTSTR:
     case OPT_TOKEN:
     case OPT_KEYPREFIX:
-    case OPT_STATUS:
         return set_string(o, field, v, where, e);
+    case OPT_STATUS:
+        return set_status(field, v, where, e);
     case OPT_TOKENS:
     case OPT_METHODS:
     case OPT_NODES:
@@ -907,8 +863,7 @@ static int check_duplicate(const cJSON *obj, const cJSON *item, const char *wher
                            struct cfg_err *e)
 {
     for (const cJSON *p = obj->child; p && p != item; p = p->next)
-        if (strcmp(p->string, item->string) == 0)
-            return fail(e, where, "duplicate key");
+        if (strcmp(p->string, item->string) == 0) return fail(e, where, "duplicate key");
     return 0;
 }
 
@@ -926,16 +881,12 @@ static int apply_object(const cJSON *obj, const char *path, char *base, const st
     cJSON_ArrayForEach(it, obj)
     {
         where_key(where, path, it->string);
-        if (check_duplicate(obj, it, where, e) < 0)
-            return -1;
+        if (check_duplicate(obj, it, where, e) < 0) return -1;
         const struct cfg_opt *o = find_opt(opts, n, it->string);
-        if (!o && extra)
-            o = find_opt(extra, n_extra, it->string);
-        if (!o)
-            return fail(e, where, "unknown key");
+        if (!o && extra) o = find_opt(extra, n_extra, it->string);
+        if (!o) return fail(e, where, "unknown key");
         struct cfg_val v = {it, NULL};
-        if (opt_set(o, base, &v, where, e) < 0)
-            return -1;
+        if (opt_set(o, base, &v, where, e) < 0) return -1;
     }
     return 0;
 }
@@ -943,8 +894,7 @@ static int apply_object(const cJSON *obj, const char *path, char *base, const st
 static const struct cfg_section *find_section(const char *name)
 {
     for (size_t s = 1; s < NOPTS(sections); s++)
-        if (strcmp(sections[s].name, name) == 0)
-            return &sections[s];
+        if (strcmp(sections[s].name, name) == 0) return &sections[s];
     return NULL;
 }
 
@@ -957,25 +907,22 @@ static int apply_file(struct cfg *c, const cJSON *root, const cJSON **routes, st
     cJSON_ArrayForEach(it, root)
     {
         where_key(where, "", it->string);
-        if (check_duplicate(root, it, where, e) < 0)
-            return -1;
+        if (check_duplicate(root, it, where, e) < 0) return -1;
         if (strcmp(it->string, "routes") == 0) {
             *routes = it;
             continue;
         }
         const struct cfg_section *sec = find_section(it->string);
         if (sec) {
-            if (apply_object(it, it->string, (char *)c + sec->base, sec->opts, sec->n, NULL, 0,
-                             e) < 0)
+            if (apply_object(it, it->string, (char *)c + sec->base, sec->opts, sec->n, NULL, 0, e) <
+                0)
                 return -1;
             continue;
         }
         const struct cfg_opt *o = find_opt(top_opts, NOPTS(top_opts), it->string);
-        if (!o)
-            return fail(e, where, "unknown key");
+        if (!o) return fail(e, where, "unknown key");
         struct cfg_val v = {it, NULL};
-        if (opt_set(o, (char *)c, &v, where, e) < 0)
-            return -1;
+        if (opt_set(o, (char *)c, &v, where, e) < 0) return -1;
     }
     return 0;
 }
@@ -988,8 +935,7 @@ static int apply_override(struct cfg *c, const struct cfg_override *ov, const ch
     const struct cfg_section *sec = ov->section[0] ? find_section(ov->section) : &sections[0];
     const struct cfg_opt *o = find_opt(sec->opts, sec->n, ov->key);
     struct cfg_val v = {NULL, text};
-    if (!o)
-        abort();
+    if (!o) abort();
     return opt_set(o, (char *)c + sec->base, &v, where, e);
 }
 
@@ -999,11 +945,9 @@ static int apply_env(struct cfg *c, struct cfg_err *e)
     char where[CFG_WHERE_LEN];
     for (size_t i = 0; i < NOPTS(env_vars); i++) {
         const char *text = getenv(env_vars[i].name);
-        if (!text || !*text)
-            continue;
+        if (!text || !*text) continue;
         snprintf(where, sizeof where, "env %s", env_vars[i].name);
-        if (apply_override(c, &env_vars[i], text, where, e) < 0)
-            return -1;
+        if (apply_override(c, &env_vars[i], text, where, e) < 0) return -1;
     }
     return 0;
 }
@@ -1011,15 +955,12 @@ static int apply_env(struct cfg *c, struct cfg_err *e)
 static int apply_flags(struct cfg *c, const struct cfg_flags *flags, struct cfg_err *e)
 {
     char where[CFG_WHERE_LEN];
-    if (!flags)
-        return 0;
+    if (!flags) return 0;
     for (size_t i = 0; i < NOPTS(flag_vars); i++) {
         const char *text = *(const char *const *)((const char *)flags + flag_vars[i].flag_off);
-        if (!text)
-            continue;
+        if (!text) continue;
         snprintf(where, sizeof where, "flag %s", flag_vars[i].name);
-        if (apply_override(c, &flag_vars[i], text, where, e) < 0)
-            return -1;
+        if (apply_override(c, &flag_vars[i], text, where, e) < 0) return -1;
     }
     return 0;
 }
@@ -1028,16 +969,13 @@ static int apply_flags(struct cfg *c, const struct cfg_flags *flags, struct cfg_
 
 static bool is_route_prefix(const char *s)
 {
-    if (s[0] != '/')
-        return false;
+    if (s[0] != '/') return false;
     for (; *s; s++)
-        if ((unsigned char)*s <= 0x20 || *s == 0x7f || *s == '?' || *s == '#')
-            return false;
+        if ((unsigned char)*s <= 0x20 || *s == 0x7f || *s == '?' || *s == '#') return false;
     return true;
 }
 
-static int route_member(struct cfg_route *r, const cJSON *it, const char *path,
-                        struct cfg_err *e)
+static int route_member(struct cfg_route *r, const cJSON *it, const char *path, struct cfg_err *e)
 {
     char where[CFG_WHERE_LEN];
     where_key(where, path, it->string);
@@ -1054,8 +992,8 @@ static int route_member(struct cfg_route *r, const cJSON *it, const char *path,
     if (strcmp(it->string, "idempotency") == 0) {
         char sub[CFG_PATH_LEN];
         snprintf(sub, sizeof sub, "%.200s.idempotency", path);
-        return apply_object(it, sub, (char *)&r->idem, idem_opts, NOPTS(idem_opts),
-                            idem_route_opts, NOPTS(idem_route_opts), e);
+        return apply_object(it, sub, (char *)&r->idem, idem_opts, NOPTS(idem_opts), idem_route_opts,
+                            NOPTS(idem_route_opts), e);
     }
     return fail(e, where, "unknown key");
 }
@@ -1068,8 +1006,7 @@ static int build_route(const struct cfg *c, struct cfg_route *r, const cJSON *ob
     char path[32], where[CFG_WHERE_LEN];
     snprintf(path, sizeof path, "routes[%zu]", i);
     snprintf(where, sizeof where, "config: %s", path);
-    if (!cJSON_IsObject(obj))
-        return fail(e, where, "must be an object");
+    if (!cJSON_IsObject(obj)) return fail(e, where, "must be an object");
     idem_copy(&r->idem, &c->idem);
     r->idem.enabled = true;
     const cJSON *it;
@@ -1077,15 +1014,13 @@ static int build_route(const struct cfg *c, struct cfg_route *r, const cJSON *ob
     {
         char kw[CFG_WHERE_LEN];
         where_key(kw, path, it->string);
-        if (check_duplicate(obj, it, kw, e) < 0 || route_member(r, it, path, e) < 0)
-            return -1;
+        if (check_duplicate(obj, it, kw, e) < 0 || route_member(r, it, path, e) < 0) return -1;
     }
     if (!r->prefix) {
         where_key(where, path, "prefix");
         return fail(e, where, "is required");
     }
-    if (!r->upstream.host)
-        url_copy(&r->upstream, &c->upstream);
+    if (!r->upstream.host) url_copy(&r->upstream, &c->upstream);
     return 0;
 }
 
@@ -1105,21 +1040,17 @@ static void sort_routes(struct cfg_route *v, size_t n)
 
 static int build_routes(struct cfg *c, const cJSON *arr, struct cfg_err *e)
 {
-    if (!arr)
-        return 0;
-    if (!cJSON_IsArray(arr))
-        return fail(e, "config: routes", "must be an array of objects");
+    if (!arr) return 0;
+    if (!cJSON_IsArray(arr)) return fail(e, "config: routes", "must be an array of objects");
     size_t n = (size_t)cJSON_GetArraySize(arr);
-    if (n == 0)
-        return 0;
+    if (n == 0) return 0;
     c->routes = xcalloc(n, sizeof *c->routes);
     c->n_routes = n;
     size_t i = 0;
     const cJSON *it;
     cJSON_ArrayForEach(it, arr)
     {
-        if (build_route(c, &c->routes[i], it, i, e) < 0)
-            return -1;
+        if (build_route(c, &c->routes[i], it, i, e) < 0) return -1;
         i++;
     }
     for (i = 1; i < n; i++) {
@@ -1156,8 +1087,7 @@ static int check_cross(const struct cfg *c, struct cfg_err *e)
 
 static void resolve_workers(struct cfg *c)
 {
-    if (c->workers != 0)
-        return;
+    if (c->workers != 0) return;
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     c->workers = n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
 }
@@ -1166,8 +1096,7 @@ static int line_of(const char *s, size_t len, size_t off)
 {
     int line = 1;
     for (size_t i = 0; i < off && i < len; i++)
-        if (s[i] == '\n')
-            line++;
+        if (s[i] == '\n') line++;
     return line;
 }
 
@@ -1186,8 +1115,7 @@ static cJSON *parse_json(const char *name, const char *buf, size_t len, struct c
     if (root) {
         while (end < buf + len && strchr(" \t\r\n", *end) && *end)
             end++;
-        if (end == buf + len)
-            return root;
+        if (end == buf + len) return root;
         cJSON_Delete(root);
     }
     size_t off = (end && end >= buf && end <= buf + len) ? (size_t)(end - buf) : len;
@@ -1207,16 +1135,14 @@ static int load(struct cfg *c, const char *name, const char *json, size_t len, b
         memcpy(buf, json, len);
         root = parse_json(name, buf, len, e);
         free(buf);
-        if (!root)
-            goto fail;
+        if (!root) goto fail;
         if (!cJSON_IsObject(root)) {
             char where[CFG_WHERE_LEN];
             snprintf(where, sizeof where, "config: %s", name);
             fail(e, where, "must be a JSON object");
             goto fail;
         }
-        if (apply_file(c, root, &routes, e) < 0)
-            goto fail;
+        if (apply_file(c, root, &routes, e) < 0) goto fail;
     }
     if ((use_env && apply_env(c, e) < 0) || apply_flags(c, flags, e) < 0 ||
         build_routes(c, routes, e) < 0 || check_cross(c, e) < 0)
@@ -1235,8 +1161,7 @@ static int read_file(const char *path, char **out, size_t *len, struct cfg_err *
     char where[CFG_WHERE_LEN];
     snprintf(where, sizeof where, "config: cannot read %s", path);
     FILE *f = fopen(path, "rb");
-    if (!f)
-        return fail(e, where, "%s", strerror(errno));
+    if (!f) return fail(e, where, "%s", strerror(errno));
     size_t cap = 4096, n = 0;
     char *buf = xcalloc(cap, 1);
     for (;;) {
@@ -1248,20 +1173,18 @@ static int read_file(const char *path, char **out, size_t *len, struct cfg_err *
             }
             cap *= 2;
             char *nb = realloc(buf, cap);
-            if (!nb)
-                abort();
+            if (!nb) abort();
             buf = nb;
         }
         size_t got = fread(buf + n, 1, cap - n, f);
         n += got;
-        if (got == 0)
-            break;
+        if (got == 0) break;
     }
-    int err = ferror(f) ? errno : 0;
+    int err = ferror(f) ? (errno ? errno : EIO) : 0;
     fclose(f);
     if (err) {
         free(buf);
-        return fail(e, where, "%s", strerror(err ? err : EIO));
+        return fail(e, where, "%s", strerror(err));
     }
     *out = buf;
     *len = n;
@@ -1272,10 +1195,8 @@ int cfg_load(struct cfg *c, const struct cfg_flags *flags, char *err, size_t err
 {
     struct cfg_err e = {err, errlen};
     const char *path = flags ? flags->config_file : NULL;
-    if (err && errlen)
-        err[0] = '\0';
-    if (!path)
-        return load(c, NULL, NULL, 0, true, flags, &e);
+    if (err && errlen) err[0] = '\0';
+    if (!path) return load(c, NULL, NULL, 0, true, flags, &e);
     char *text = NULL;
     size_t len = 0;
     if (read_file(path, &text, &len, &e) < 0) {
@@ -1291,8 +1212,7 @@ int cfg_load_json(struct cfg *c, const char *json, size_t len, bool use_env,
                   const struct cfg_flags *flags, char *err, size_t errlen)
 {
     struct cfg_err e = {err, errlen};
-    if (err && errlen)
-        err[0] = '\0';
+    if (err && errlen) err[0] = '\0';
     const char *name = flags && flags->config_file ? flags->config_file : "(json)";
     return load(c, name, json ? json : "", json ? len : 0, use_env, flags, &e);
 }
@@ -1302,13 +1222,11 @@ int cfg_load_json(struct cfg *c, const char *json, size_t len, bool use_env,
 const struct cfg_route *cfg_route_for(const struct cfg *c, const char *path, size_t len)
 {
     const char *q = memchr(path, '?', len);
-    if (q)
-        len = (size_t)(q - path);
+    if (q) len = (size_t)(q - path);
     for (size_t i = 0; i < c->n_routes; i++) {
         const char *p = c->routes[i].prefix;
         size_t plen = strlen(p);
-        if (plen <= len && memcmp(path, p, plen) == 0)
-            return &c->routes[i];
+        if (plen <= len && memcmp(path, p, plen) == 0) return &c->routes[i];
     }
     return NULL;
 }
@@ -1317,8 +1235,7 @@ bool cfg_idem_covers_method(const struct cfg_idem *idem, const char *method, siz
 {
     for (size_t i = 0; i < idem->methods.n; i++) {
         const char *m = idem->methods.v[i];
-        if (strlen(m) == len && memcmp(m, method, len) == 0)
-            return true;
+        if (strlen(m) == len && memcmp(m, method, len) == 0) return true;
     }
     return false;
 }

@@ -19,6 +19,7 @@
 #include "idemgate/config.h"
 #include "idemgate/idem.h"
 #include "idemgate/log.h"
+#include "idemgate/metrics.h"
 #include "idemgate/server.h"
 #include "idemgate/upstream.h"
 
@@ -36,7 +37,7 @@ static void ex_upstream_failed(struct exchange *ex, enum err_code e);
 
 /* ---------------------------------------------------------------- state */
 
-static const char *const ex_state_names[] = {"new",       "acquiring", "waiting", "forwarding",
+static const char *const ex_state_names[] = {"new",       "acquiring",  "waiting", "forwarding",
                                              "streaming", "completing", "done"};
 
 /* Legal transitions: from -> bitmask of to. */
@@ -82,21 +83,36 @@ static void out_header(struct buf *o, const char *name, size_t nl, const char *v
 static const char *reason_phrase(int status)
 {
     switch (status) {
-    case 200: return "OK";
-    case 201: return "Created";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 413: return "Content Too Large";
-    case 422: return "Unprocessable Content";
-    case 431: return "Request Header Fields Too Large";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Unknown";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 408:
+        return "Request Timeout";
+    case 409:
+        return "Conflict";
+    case 413:
+        return "Content Too Large";
+    case 422:
+        return "Unprocessable Content";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 501:
+        return "Not Implemented";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
+    default:
+        return "Unknown";
     }
 }
 
@@ -125,13 +141,13 @@ void exchange_unref(struct exchange *ex)
     if (--ex->refs == 0) ex_free(ex);
 }
 
-static const char *const outcome_names[] = {"passthrough", "executed", "replayed", "in_progress",
-                                            "mismatch",    "rejected", "not_cached",
-                                            "store_error"};
+static const char *const outcome_names[] = {"passthrough", "executed", "replayed",   "in_progress",
+                                            "mismatch",    "rejected", "not_cached", "store_error"};
 
 static void ex_access_log(struct exchange *ex)
 {
     const struct cfg *cfg = ex->w->cfg;
+    metrics_outcome((int)ex->outcome);
     if (!cfg->log_access || !log_enabled(LOG_INFO)) return;
     struct buf b;
     buf_init(&b);
@@ -212,10 +228,14 @@ void exchange_answer_error(struct exchange *ex, enum err_code e)
     const struct cfg *cfg = ex->w->cfg;
     int status = err_status(e, ex->idem ? ex->idem->mismatch_status : 409);
     if (ex->outcome == OUT_PASSTHROUGH || ex->outcome == OUT_EXECUTED) {
-        if (e == ERR_IN_PROGRESS) ex->outcome = OUT_IN_PROGRESS;
-        else if (e == ERR_KEY_REUSE) ex->outcome = OUT_MISMATCH;
-        else if (e == ERR_STORE_UNAVAILABLE) ex->outcome = OUT_STORE_ERROR;
-        else if (status < 500) ex->outcome = OUT_REJECTED;
+        if (e == ERR_IN_PROGRESS)
+            ex->outcome = OUT_IN_PROGRESS;
+        else if (e == ERR_KEY_REUSE)
+            ex->outcome = OUT_MISMATCH;
+        else if (e == ERR_STORE_UNAVAILABLE)
+            ex->outcome = OUT_STORE_ERROR;
+        else if (status < 500)
+            ex->outcome = OUT_REJECTED;
     }
     if (!ex->client) return;
     struct buf body;
@@ -341,8 +361,10 @@ static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct exchange *ex = arg;
-    if (!ex->up->connected) ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
-    else ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT);
+    if (!ex->up->connected)
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+    else
+        ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT);
 }
 
 static void ex_arm_up_timer(struct exchange *ex, int ms)
@@ -383,6 +405,7 @@ static void ex_release_upstream(struct exchange *ex, bool reusable)
     if (!u) return;
     ex->up = NULL;
     ex->upstream_ms = worker_now_ms(ex->w) - ex->upstream_start_ms;
+    metrics_observe_upstream(ex->upstream_ms);
     upstream_put(u, reusable);
     exchange_unref(ex);
 }
@@ -437,8 +460,10 @@ static void ex_send_response_head(struct exchange *ex)
     }
     if (!has_rid) out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
     if (rh->body == HTTP1_BODY_CHUNKED || rh->body == HTTP1_BODY_CLOSE) {
-        if (ex->client_minor >= 1) ex->client_chunked = true;
-        else ex->client_close = true;
+        if (ex->client_minor >= 1)
+            ex->client_chunked = true;
+        else
+            ex->client_close = true;
     }
     if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
         ex->client_close = true;
@@ -572,8 +597,7 @@ static void ex_up_read(struct exchange *ex)
             int r = ex_parse_response_head(ex);
             if (r <= 0) return;
         }
-        if (got > 0 && ex->head_done)
-            ex_arm_up_timer(ex, ex->w->cfg->limits.upstream_timeout_ms);
+        if (got > 0 && ex->head_done) ex_arm_up_timer(ex, ex->w->cfg->limits.upstream_timeout_ms);
         int r = ex_pump_body(ex);
         if (r < 0) return;
         if (r == 1) {
@@ -668,6 +692,7 @@ void client_accept(struct worker *w, int fd, const char *peer)
     }
     cl->c.rd_ready = false; /* wait for the first edge */
     cl->timer = evtimer_new(w->base, client_timeout, cl);
+    metrics_connections(1);
     cl->next = w->clients;
     if (w->clients) w->clients->prev = cl;
     w->clients = cl;
@@ -687,14 +712,17 @@ void client_close(struct client *cl)
         cl->ex = NULL;
         exchange_unref(ex);
     }
-    if (cl->prev) cl->prev->next = cl->next;
-    else w->clients = cl->next;
+    if (cl->prev)
+        cl->prev->next = cl->next;
+    else
+        w->clients = cl->next;
     if (cl->next) cl->next->prev = cl->prev;
     conn_close(&cl->c);
     event_free(cl->timer);
     buf_free(&cl->chunked_body);
     free(cl);
     atomic_fetch_sub(&w->srv->connections, 1);
+    metrics_connections(-1);
     worker_maybe_done(w);
 }
 
@@ -732,10 +760,14 @@ static enum err_code parse_error_code(long r)
 {
     switch (r) {
     case HTTP1_ETOOLARGE:
-    case HTTP1_ETOOMANY: return ERR_HEADERS_TOO_LARGE;
-    case HTTP1_ENOTIMPL: return ERR_NOT_IMPLEMENTED;
-    case HTTP1_EVERSION: return ERR_VERSION;
-    default: return ERR_BAD_REQUEST;
+    case HTTP1_ETOOMANY:
+        return ERR_HEADERS_TOO_LARGE;
+    case HTTP1_ENOTIMPL:
+        return ERR_NOT_IMPLEMENTED;
+    case HTTP1_EVERSION:
+        return ERR_VERSION;
+    default:
+        return ERR_BAD_REQUEST;
     }
 }
 
@@ -770,10 +802,9 @@ static void client_start_exchange(struct client *cl)
         ex->request_id_len = rid->value.n;
         ex->request_id_from_client = true;
     } else {
-        ex->request_id_len = (size_t)snprintf(ex->request_id, sizeof(ex->request_id),
-                                              "%08x-%04x-%012llx", (unsigned)w->srv->boot_id,
-                                              (unsigned)w->id,
-                                              (unsigned long long)++w->rid_counter);
+        ex->request_id_len = (size_t)snprintf(
+            ex->request_id, sizeof(ex->request_id), "%08x-%04x-%012llx", (unsigned)w->srv->boot_id,
+            (unsigned)w->id, (unsigned long long)++w->rid_counter);
     }
     const struct cfg *cfg = w->cfg;
     const struct cfg_route *route = cfg_route_for(cfg, ex->head.target.p, ex->head.target.n);
@@ -799,8 +830,8 @@ static int client_read_body(struct client *cl)
     while (cl->chunk_pos < have) {
         size_t used = 0;
         struct http1_slice d;
-        int r = http1_chunked_next(&cl->chunked, p + cl->chunk_pos, have - cl->chunk_pos, &used,
-                                   &d);
+        int r =
+            http1_chunked_next(&cl->chunked, p + cl->chunk_pos, have - cl->chunk_pos, &used, &d);
         cl->chunk_pos += used;
         if (r == HTTP1_CHUNK_DATA) {
             if (buf_size(&cl->chunked_body) + d.n > lim->max_request_body_bytes) {
@@ -874,8 +905,10 @@ static void client_process(struct client *cl)
             int r = client_read_head(cl);
             if (r < 0) return;
             if (r == 0) {
-                if (cl->c.eof) client_close(cl);
-                else if (cl->c.rd_ready) continue;
+                if (cl->c.eof)
+                    client_close(cl);
+                else if (cl->c.rd_ready)
+                    continue;
                 return;
             }
             base = buf_data(&cl->c.in);

@@ -19,6 +19,7 @@
 #define C_TCHAR 0x01 /* RFC 9110 token character */
 #define C_VALUE 0x02 /* field-value byte: HTAB, SP, VCHAR, obs-text */
 
+/* clang-format off */
 static const unsigned char cls[256] = {
     ['\t'] = C_VALUE, [' '] = C_VALUE,
     ['!'] = C_TCHAR | C_VALUE, ['"'] = C_VALUE, ['#'] = C_TCHAR | C_VALUE,
@@ -36,6 +37,7 @@ static const unsigned char cls[256] = {
     ['{'] = C_VALUE, ['|'] = C_TCHAR | C_VALUE, ['}'] = C_VALUE, ['~'] = C_TCHAR | C_VALUE,
     [0x80 ... 0xFF] = C_VALUE,
 };
+/* clang-format on */
 
 static inline unsigned char to_lower(unsigned char c)
 {
@@ -102,17 +104,16 @@ static int skip_leading_crlf(const char *buf, size_t lim, size_t *start)
  * a negative error (a bare LF, an empty start line, too many lines). */
 static long scan_head(const char *buf, size_t start, size_t lim, struct line_index *li)
 {
-    const char *p = buf + start, *end = buf + lim, *prev = NULL, *q;
+    const char *p = buf + start, *end = buf + lim, *q;
     li->n = 0;
     while ((q = memchr(p, '\n', (size_t)(end - p))) != NULL) {
         if (q == buf + start || q[-1] != '\r') return HTTP1_EBAD;
-        if (q - p == 1) { /* empty line */
-            if (prev == NULL) return HTTP1_EBAD;
+        if (q - p == 1) {                      /* empty line */
+            if (li->n == 0) return HTTP1_EBAD; /* no start line */
             return q + 1 - buf;
         }
         if (li->n == MAX_LINES) return HTTP1_ETOOMANY;
         li->lf[li->n++] = q;
-        prev = q;
         p = q + 1;
     }
     return 0;
@@ -222,6 +223,7 @@ struct framing {
     bool te_final_chunk; /* the last coding seen is chunked */
     bool te_chunk_seen;  /* chunked seen anywhere */
     bool te_bad;         /* empty element, or chunked applied twice */
+    bool te_unknown;     /* a coding not registered in RFC 9110 */
     int host_count;
     bool conn_close, conn_keep_alive, expect_continue;
 };
@@ -266,6 +268,10 @@ static void te_element(const char *p, size_t n, void *arg)
         return;
     }
     bool chunked = SLICE_IS(p, n, "chunked");
+    if (!all_tchar(p, n)) f->te_bad = true;
+    if (!chunked && !SLICE_IS(p, n, "gzip") && !SLICE_IS(p, n, "deflate") &&
+        !SLICE_IS(p, n, "compress") && !SLICE_IS(p, n, "x-gzip") && !SLICE_IS(p, n, "x-compress"))
+        f->te_unknown = true;
     if (chunked && f->te_chunk_seen) f->te_bad = true; /* RFC 9112 6.1: at most once */
     f->te_chunk_seen |= chunked;
     f->te_final_chunk = chunked;
@@ -275,7 +281,8 @@ static void te_element(const char *p, size_t n, void *arg)
 static void conn_element(const char *p, size_t n, void *arg)
 {
     struct framing *f = arg;
-    if (SLICE_IS(p, n, "close")) f->conn_close = true;
+    if (SLICE_IS(p, n, "close"))
+        f->conn_close = true;
     else if (SLICE_IS(p, n, "keep-alive"))
         f->conn_keep_alive = true;
 }
@@ -289,8 +296,7 @@ static int note_header(const struct http1_header *hd, struct framing *f)
         if (SLICE_IS(p, n, "host")) f->host_count++;
         break;
     case 6:
-        if (SLICE_IS(p, n, "expect") && SLICE_IS(v, vn, "100-continue"))
-            f->expect_continue = true;
+        if (SLICE_IS(p, n, "expect") && SLICE_IS(v, vn, "100-continue")) f->expect_continue = true;
         break;
     case 10:
         if (SLICE_IS(p, n, "connection")) for_each_element(v, vn, conn_element, f);
@@ -365,8 +371,19 @@ static bool keep_alive(int minor, const struct framing *f)
 }
 
 /* Locates a complete head: returns its length, HTTP1_INCOMPLETE or an error. */
-static long locate_head(const char *buf, size_t len, size_t max_head, bool request,
-                        size_t *start, struct line_index *li)
+
+/* An incomplete request whose method already holds a non-token byte will
+ * never become valid: say so now rather than wait for a head end that a
+ * TLS ClientHello or other binary junk never sends. */
+static bool method_prefix_bad(const char *p, size_t n)
+{
+    const char *sp = memchr(p, ' ', n);
+    size_t m = sp ? (size_t)(sp - p) : n;
+    return (m > 0 && !all_tchar(p, m)) || (sp && m == 0);
+}
+
+static long locate_head(const char *buf, size_t len, size_t max_head, bool request, size_t *start,
+                        struct line_index *li)
 {
     size_t lim = len < max_head ? len : max_head;
     long end = 0;
@@ -375,6 +392,7 @@ static long locate_head(const char *buf, size_t len, size_t max_head, bool reque
         int rc = skip_leading_crlf(buf, lim, start);
         if (rc < 0) return rc;
         if (rc == 0) end = scan_head(buf, *start, lim, li);
+        if (end == 0 && rc == 0 && method_prefix_bad(buf + *start, lim - *start)) return HTTP1_EBAD;
     } else if (lim > 0) {
         end = scan_head(buf, 0, lim, li);
     }
@@ -400,7 +418,9 @@ long http1_parse_request(const char *buf, size_t len, size_t max_head, struct ht
     if (f.te_count) {
         /* RFC 9112 6.1: TE in HTTP/1.0 means faulty framing; 6.3 rule 4:
          * a final coding other than chunked cannot be delimited. */
-        if (h->minor_version == 0 || !f.te_final_chunk) return HTTP1_EBAD;
+        if (h->minor_version == 0) return HTTP1_EBAD;
+        /* RFC 9110 6.1: a coding we do not know is 501, not 400. */
+        if (!f.te_final_chunk) return f.te_unknown ? HTTP1_ENOTIMPL : HTTP1_EBAD;
         if (f.te_codings > 1) return HTTP1_ENOTIMPL;
         h->body = HTTP1_BODY_CHUNKED;
     } else if (f.cl_count) {
@@ -527,10 +547,9 @@ enum chunk_state {
 
 /* A hex digit's value plus one; zero for anything else. */
 static const unsigned char hex1[256] = {
-    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,
-    ['6'] = 7,  ['7'] = 8,  ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12,
-    ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16, ['A'] = 11, ['B'] = 12,
-    ['C'] = 13, ['D'] = 14, ['E'] = 15, ['F'] = 16,
+    ['0'] = 1,  ['1'] = 2,  ['2'] = 3,  ['3'] = 4,  ['4'] = 5,  ['5'] = 6,  ['6'] = 7,  ['7'] = 8,
+    ['8'] = 9,  ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+    ['A'] = 11, ['B'] = 12, ['C'] = 13, ['D'] = 14, ['E'] = 15, ['F'] = 16,
 };
 
 void http1_chunked_init(struct http1_chunked *c)
@@ -551,7 +570,8 @@ static int chunk_size_byte(struct http1_chunked *c, unsigned char b)
             return 0;
         }
         if (c->line_bytes == 1) return HTTP1_EBAD; /* no digits */
-        if (b == '\r') c->state = CS_SIZE_LF;
+        if (b == '\r')
+            c->state = CS_SIZE_LF;
         else if (b == ';')
             c->state = CS_EXT;
         else if (b == ' ' || b == '\t')
@@ -560,12 +580,14 @@ static int chunk_size_byte(struct http1_chunked *c, unsigned char b)
             return HTTP1_EBAD;
         return 0;
     case CS_SIZE_WS:
-        if (b == ';') c->state = CS_EXT;
+        if (b == ';')
+            c->state = CS_EXT;
         else if (b != ' ' && b != '\t')
             return HTTP1_EBAD;
         return 0;
     case CS_EXT:
-        if (b == '\r') c->state = CS_SIZE_LF;
+        if (b == '\r')
+            c->state = CS_SIZE_LF;
         else if (!(cls[b] & C_VALUE))
             return HTTP1_EBAD;
         return 0;
@@ -583,14 +605,16 @@ static int chunk_trailer_byte(struct http1_chunked *c, unsigned char b)
     if (++c->trailer_bytes > CHUNK_TRAILER_MAX) return HTTP1_EBAD;
     switch (c->state) {
     case CS_TRAILER:
-        if (b == '\r') c->state = CS_END_LF;
+        if (b == '\r')
+            c->state = CS_END_LF;
         else if (cls[b] & C_TCHAR) /* a field name; obs-fold is refused */
             c->state = CS_TRAILER_TXT;
         else
             return HTTP1_EBAD;
         return 0;
     case CS_TRAILER_TXT:
-        if (b == '\r') c->state = CS_TRAILER_LF;
+        if (b == '\r')
+            c->state = CS_TRAILER_LF;
         else if (!(cls[b] & C_VALUE))
             return HTTP1_EBAD;
         return 0;

@@ -77,9 +77,13 @@ static int idem_scope(struct exchange *ex, char out[SCOPE_HEX_LEN + 1])
         return 0;
     }
     switch (idem->anonymous) {
-    case CFG_ANON_REJECT: idem_answer(ex, ERR_CREDENTIALS_REQUIRED); return -1;
-    case CFG_ANON_BYPASS: return 1;
-    case CFG_ANON_SHARED: break;
+    case CFG_ANON_REJECT:
+        idem_answer(ex, ERR_CREDENTIALS_REQUIRED);
+        return -1;
+    case CFG_ANON_BYPASS:
+        return 1;
+    case CFG_ANON_SHARED:
+        break;
     }
     snprintf(out, SCOPE_HEX_LEN + 1, "%s", ANON_SCOPE);
     return 0;
@@ -112,8 +116,10 @@ void idem_start(struct exchange *ex)
     size_t count = 0;
     const struct http1_header *kh = http1_find_header(h, idem->header, &count);
     if (!kh) {
-        if (idem->required) idem_answer(ex, ERR_KEY_REQUIRED);
-        else idem_passthrough(ex);
+        if (idem->required)
+            idem_answer(ex, ERR_KEY_REQUIRED);
+        else
+            idem_passthrough(ex);
         return;
     }
     char *key = malloc(kh->value.n + 1);
@@ -156,8 +162,8 @@ static void idem_renew_done(void *arg, int status)
         metrics_inc(M_LOCK_RENEWALS);
     } else {
         metrics_inc(M_STORE_ERRORS);
-        log_msg(LOG_WARN, "request %.*s: lock renewal %s", (int)ex->request_id_len,
-                ex->request_id, status == 0 ? "refused: lock lost" : "failed: store error");
+        log_msg(LOG_WARN, "request %.*s: lock renewal %s", (int)ex->request_id_len, ex->request_id,
+                status == 0 ? "refused: lock lost" : "failed: store error");
     }
     exchange_unref(ex);
 }
@@ -208,6 +214,7 @@ static void idem_store_failed(struct exchange *ex)
     metrics_inc(M_STORE_ERRORS);
     ex->outcome = OUT_STORE_ERROR;
     if (ex->idem_failure_open) {
+        metrics_inc(M_OPEN_FORWARDS);
         exchange_forward(ex);
         return;
     }
@@ -233,15 +240,22 @@ static void idem_acquired(void *arg, const struct store_acquire_reply *r)
             exchange_set_state(ex, EX_WAITING);
             if (!ex->idem_timer) idem_timer_set(ex, idem_wait_tick);
             uint64_t left = ex->wait_deadline_ms - now;
-            timer_arm_ms(ex->idem_timer, (long)(left < IDEM_WAIT_POLL_MS ? left : IDEM_WAIT_POLL_MS));
+            timer_arm_ms(ex->idem_timer,
+                         (long)(left < IDEM_WAIT_POLL_MS ? left : IDEM_WAIT_POLL_MS));
         } else {
             idem_answer(ex, ERR_IN_PROGRESS);
         }
         break;
     }
-    case STORE_ACQ_MISMATCH: idem_answer(ex, ERR_KEY_REUSE); break;
-    case STORE_ACQ_COMPLETED: idem_replay(ex, r); break;
-    case STORE_ACQ_ERROR: idem_store_failed(ex); break;
+    case STORE_ACQ_MISMATCH:
+        idem_answer(ex, ERR_KEY_REUSE);
+        break;
+    case STORE_ACQ_COMPLETED:
+        idem_replay(ex, r);
+        break;
+    case STORE_ACQ_ERROR:
+        idem_store_failed(ex);
+        break;
     }
     exchange_unref(ex);
 }
@@ -285,9 +299,9 @@ void idem_response_head(struct exchange *ex, const struct http1_head *rh)
     const struct cfg_idem *idem = ex->idem;
     const struct http1_header *ct = http1_find_header(rh, "content-type", NULL);
     bool sse = ct && ct->value.n >= 17 && strncasecmp(ct->value.p, "text/event-stream", 17) == 0;
-    ex->keep = idem_status_keepable(idem, rh->status) && !sse &&
-               !(rh->body == HTTP1_BODY_LENGTH &&
-                 rh->content_length > idem->max_cached_response_bytes);
+    ex->keep =
+        idem_status_keepable(idem, rh->status) && !sse &&
+        !(rh->body == HTTP1_BODY_LENGTH && rh->content_length > idem->max_cached_response_bytes);
     if (!ex->keep) {
         ex->outcome = OUT_NOT_CACHED;
         return;

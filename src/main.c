@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "idemgate/admin.h"
 #include "idemgate/config.h"
 #include "idemgate/log.h"
 #include "idemgate/server.h"
@@ -54,16 +55,36 @@ static int parse_args(int argc, char **argv, struct cfg_flags *f, int *test_only
     opterr = 0;
     while ((opt = getopt_long(argc, argv, ":c:th", long_opts, NULL)) != -1) {
         switch (opt) {
-        case 'c': f->config_file = optarg; break;
-        case OPT_LISTEN: f->listen = optarg; break;
-        case OPT_UPSTREAM: f->upstream = optarg; break;
-        case OPT_STORE: f->store = optarg; break;
-        case OPT_REDIS: f->redis = optarg; break;
-        case OPT_WORKERS: f->workers = optarg; break;
-        case OPT_ADMIN: f->admin = optarg; break;
-        case 't': *test_only = 1; break;
-        case OPT_VERSION: printf("idemgate %s\n", IDEMGATE_VERSION); return 0;
-        case 'h': fputs(usage_text, stdout); return 0;
+        case 'c':
+            f->config_file = optarg;
+            break;
+        case OPT_LISTEN:
+            f->listen = optarg;
+            break;
+        case OPT_UPSTREAM:
+            f->upstream = optarg;
+            break;
+        case OPT_STORE:
+            f->store = optarg;
+            break;
+        case OPT_REDIS:
+            f->redis = optarg;
+            break;
+        case OPT_WORKERS:
+            f->workers = optarg;
+            break;
+        case OPT_ADMIN:
+            f->admin = optarg;
+            break;
+        case 't':
+            *test_only = 1;
+            break;
+        case OPT_VERSION:
+            printf("idemgate %s\n", IDEMGATE_VERSION);
+            return 0;
+        case 'h':
+            fputs(usage_text, stdout);
+            return 0;
         case ':':
             fprintf(stderr, "flag %s: needs a value\n", argv[optind - 1]);
             return 2;
@@ -115,6 +136,13 @@ int main(int argc, char **argv)
         cfg_free(&cfg);
         return 1;
     }
+    struct admin *admin = NULL;
+    if (cfg.admin_enabled && !(admin = admin_start(&cfg, srv.mem))) {
+        server_stop(&srv);
+        server_free(&srv);
+        cfg_free(&cfg);
+        return 1;
+    }
     log_msg(LOG_INFO, "idemgate %s listening on %s, upstream %s, store %s, %d worker(s)",
             IDEMGATE_VERSION, cfg.listen.text, cfg.upstream.text,
             cfg.store == CFG_STORE_MEMORY ? "memory" : "redis", srv.n_workers);
@@ -123,6 +151,7 @@ int main(int argc, char **argv)
     sigwait(&set, &sig);
     log_msg(LOG_INFO, "signal %d: draining (up to %d ms)", sig, cfg.limits.shutdown_grace_ms);
     server_stop(&srv);
+    admin_stop(admin);
     if (!server_free(&srv)) {
         log_msg(LOG_WARN, "exiting with requests still in flight");
         _exit(0);

@@ -4,9 +4,8 @@
 
 #include <stdatomic.h>
 
-static const char *const outcome_names[] = {"passthrough", "executed", "replayed", "in_progress",
-                                            "mismatch",    "rejected", "not_cached",
-                                            "store_error"};
+static const char *const outcome_names[] = {"passthrough", "executed", "replayed",   "in_progress",
+                                            "mismatch",    "rejected", "not_cached", "store_error"};
 #define N_OUTCOMES (sizeof(outcome_names) / sizeof(outcome_names[0]))
 
 static const double bucket_s[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -49,7 +48,8 @@ void metrics_outcome(int outcome)
 static void observe(struct histogram *h, uint64_t ms)
 {
     size_t i = 0;
-    while (i < N_BUCKETS && (double)ms / 1000.0 > bucket_s[i]) i++;
+    while (i < N_BUCKETS && (double)ms / 1000.0 > bucket_s[i])
+        i++;
     atomic_fetch_add_explicit(&h->buckets[i], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->sum_ms, ms, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
@@ -77,8 +77,10 @@ static void render_histogram(struct buf *out, const char *name, const char *help
     unsigned long long cum = 0;
     for (size_t i = 0; i <= N_BUCKETS; i++) {
         cum += atomic_load_explicit(&h->buckets[i], memory_order_relaxed);
-        if (i < N_BUCKETS) buf_printf(out, "%s_bucket{le=\"%g\"} %llu\n", name, bucket_s[i], cum);
-        else buf_printf(out, "%s_bucket{le=\"+Inf\"} %llu\n", name, cum);
+        if (i < N_BUCKETS)
+            buf_printf(out, "%s_bucket{le=\"%g\"} %llu\n", name, bucket_s[i], cum);
+        else
+            buf_printf(out, "%s_bucket{le=\"+Inf\"} %llu\n", name, cum);
     }
     buf_printf(out, "%s_sum %.3f\n%s_count %llu\n", name,
                (double)atomic_load_explicit(&h->sum_ms, memory_order_relaxed) / 1000.0, name,
@@ -102,6 +104,5 @@ void metrics_render(struct buf *out)
                (long long)atomic_load_explicit(&connections_active, memory_order_relaxed));
     render_histogram(out, "idemgate_upstream_duration_seconds", "Upstream request duration.",
                      &h_upstream);
-    render_histogram(out, "idemgate_store_duration_seconds", "Store operation duration.",
-                     &h_store);
+    render_histogram(out, "idemgate_store_duration_seconds", "Store operation duration.", &h_store);
 }

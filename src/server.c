@@ -57,7 +57,8 @@ static int listen_socket(const struct cfg_addr *a, char *err, size_t errlen)
     if (fd >= 0) {
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-        if (res->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+        if (res->ai_family == AF_INET6)
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
     }
     if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
         snprintf(err, errlen, "cannot listen on %s: %s", a->text, strerror(errno));
@@ -242,9 +243,11 @@ void server_stop(struct server *srv)
 /* Returns false when exchanges were still in flight (grace ran out). */
 static bool worker_free(struct worker *w)
 {
-    while (w->clients) client_close(w->clients);
+    while (w->clients)
+        client_close(w->clients);
     if (w->n_exchanges > 0) return false;
-    for (size_t i = 0; i < w->n_pools; i++) upstream_pool_free(&w->pools[i]);
+    for (size_t i = 0; i < w->n_pools; i++)
+        upstream_pool_free(&w->pools[i]);
     free(w->pools);
     if (w->store) store_free(w->store);
     if (w->listen_ev) event_free(w->listen_ev);

@@ -359,15 +359,15 @@ static int mem_owned_locked(struct store_memory_shared *sh, enum mem_owned_actio
 }
 
 static void mem_owned(struct store_memory *s, enum mem_owned_action action, const char *skey,
-                      size_t skey_len, const char *token, const uint8_t *record,
-                      size_t record_len, uint64_t expire_after_ms, store_done_cb cb, void *arg)
+                      size_t skey_len, const char *token, const uint8_t *record, size_t record_len,
+                      uint64_t expire_after_ms, store_done_cb cb, void *arg)
 {
     struct mem_op *op = mem_op_new(s);
     op->done_cb = cb;
     op->arg = arg;
     pthread_mutex_lock(&s->sh->mu);
-    op->status = mem_owned_locked(s->sh, action, skey, skey_len, token, record, record_len,
-                                  expire_after_ms);
+    op->status =
+        mem_owned_locked(s->sh, action, skey, skey_len, token, record, record_len, expire_after_ms);
     pthread_mutex_unlock(&s->sh->mu);
     mem_op_defer(op);
 }
@@ -376,15 +376,14 @@ static void mem_complete(struct store *base, const char *skey, size_t skey_len,
                          const char token[STORE_TOKEN_LEN], const uint8_t *record,
                          size_t record_len, uint32_t ttl_seconds, store_done_cb cb, void *arg)
 {
-    mem_owned((struct store_memory *)base, MEM_COMPLETE, skey, skey_len, token, record,
-              record_len, (uint64_t)ttl_seconds * 1000u, cb, arg);
+    mem_owned((struct store_memory *)base, MEM_COMPLETE, skey, skey_len, token, record, record_len,
+              (uint64_t)ttl_seconds * 1000u, cb, arg);
 }
 
 static void mem_release(struct store *base, const char *skey, size_t skey_len,
                         const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg)
 {
-    mem_owned((struct store_memory *)base, MEM_RELEASE, skey, skey_len, token, NULL, 0, 0, cb,
-              arg);
+    mem_owned((struct store_memory *)base, MEM_RELEASE, skey, skey_len, token, NULL, 0, 0, cb, arg);
 }
 
 static void mem_renew(struct store *base, const char *skey, size_t skey_len,

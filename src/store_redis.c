@@ -93,10 +93,10 @@ struct rop {
     struct event *timer;     /* deadline, or zero-delay for a fast failure */
     enum rop_kind kind;
     enum rop_stage stage;
-    int refs;      /* replies hiredis still owes this op */
-    bool done;     /* the user callback has fired (or was dropped) */
-    bool retried;  /* the NOSCRIPT retry is used up */
-    bool in_cb;    /* inside the user callback */
+    int refs;     /* replies hiredis still owes this op */
+    bool done;    /* the user callback has fired (or was dropped) */
+    bool retried; /* the NOSCRIPT retry is used up */
+    bool in_cb;   /* inside the user callback */
     enum rs_script script;
     store_acquire_cb acq_cb;
     store_done_cb done_cb;
@@ -113,8 +113,8 @@ struct store_redis {
     struct event_base *evb;
     const struct cfg *cfg; /* borrowed */
     redisAsyncContext *ac; /* NULL while disconnected */
-    bool ready;            /* handshake answered */
     bool down_logged;      /* one log line per outage */
+    bool handshake_failed; /* one log line per failed handshake */
     int handshake_left;
     unsigned backoff_step;
     struct event *reconnect_ev;
@@ -180,11 +180,10 @@ static void rs_schedule_reconnect(struct store_redis *s)
 
 static void rs_went_down(struct store_redis *s, const char *why)
 {
-    s->ready = false;
     evtimer_del(s->handshake_ev);
     if (!s->down_logged) {
-        log_msg(LOG_WARN, "store redis: connection to %s lost: %s", s->cfg->redis.host ? s->cfg->redis.host : "?",
-                why);
+        log_msg(LOG_WARN, "store redis: connection to %s lost: %s",
+                s->cfg->redis.host ? s->cfg->redis.host : "?", why);
         s->down_logged = true;
     }
 }
@@ -259,13 +258,16 @@ static void rs_on_disconnect(const redisAsyncContext *ac, int status)
 #define RS_TAG_AUTH ((void *)(intptr_t)-1)
 #define RS_TAG_SELECT ((void *)(intptr_t)-2)
 
-static bool rs_check_load_reply(struct store_redis *s, const redisReply *r, intptr_t i)
+static bool rs_check_load_reply(const struct store_redis *s, const redisReply *r, intptr_t i)
 {
-    if (r->type == REDIS_REPLY_STRING && r->len == 40 && memcmp(r->str, s->sha[i], 40) == 0)
-        return true;
-    log_msg(LOG_ERROR, "store redis: SCRIPT LOAD answered %.*s", r->str ? (int)r->len : 0,
-            r->str ? r->str : "");
-    return false;
+    return r->type == REDIS_REPLY_STRING && r->len == 40 && memcmp(r->str, s->sha[i], 40) == 0;
+}
+
+static const char *rs_tag_name(void *priv)
+{
+    if (priv == RS_TAG_AUTH) return "AUTH";
+    if (priv == RS_TAG_SELECT) return "SELECT";
+    return "SCRIPT LOAD";
 }
 
 static void rs_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
@@ -273,22 +275,21 @@ static void rs_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
     struct store_redis *s = rs_of(ac);
     redisReply *r = reply;
     if (!s || !r) return;
-    bool ok;
-    if (priv == RS_TAG_AUTH || priv == RS_TAG_SELECT) {
-        ok = r->type != REDIS_REPLY_ERROR;
-        if (!ok)
-            log_msg(LOG_ERROR, "store redis: %s failed: %s",
-                    priv == RS_TAG_AUTH ? "AUTH" : "SELECT", r->str ? r->str : "");
-    } else {
-        ok = rs_check_load_reply(s, r, (intptr_t)priv);
-    }
+    bool ok = priv == RS_TAG_AUTH || priv == RS_TAG_SELECT
+                  ? r->type != REDIS_REPLY_ERROR
+                  : rs_check_load_reply(s, r, (intptr_t)priv);
     if (!ok) {
+        /* The commands behind the first failure fail too, and so does
+         * every retry until it is fixed: say it once per outage. */
+        if (!s->handshake_failed && !s->down_logged)
+            log_msg(LOG_ERROR, "store redis: %s failed: %s", rs_tag_name(priv),
+                    r->type == REDIS_REPLY_ERROR && r->str ? r->str : "unexpected reply");
+        s->handshake_failed = true;
         rs_kill_soon(s);
         return;
     }
     if (--s->handshake_left > 0) return;
     evtimer_del(s->handshake_ev);
-    s->ready = true;
     s->backoff_step = 0;
     if (s->down_logged) log_msg(LOG_INFO, "store redis: connected again");
     s->down_logged = false;
@@ -297,7 +298,8 @@ static void rs_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
 static void rs_reload_cb(redisAsyncContext *ac, void *reply, void *priv)
 {
     struct store_redis *s = rs_of(ac);
-    if (s && reply) rs_check_load_reply(s, reply, (intptr_t)priv);
+    if (s && reply && !rs_check_load_reply(s, reply, (intptr_t)priv))
+        log_msg(LOG_ERROR, "store redis: SCRIPT LOAD failed on NOSCRIPT reload");
 }
 
 /* Queues SCRIPT LOAD for every script; commands sent after these on the
@@ -349,7 +351,7 @@ static void rs_connect(struct store_redis *s)
     }
     ac->data = s;
     s->ac = ac;
-    s->ready = false;
+    s->handshake_failed = false;
     redisLibeventAttach(ac, s->evb);
     redisAsyncSetConnectCallback(ac, rs_on_connect);
     redisAsyncSetDisconnectCallback(ac, rs_on_disconnect);
@@ -484,6 +486,16 @@ static int rop_send_wait(struct rop *op)
     return rop_send(op, 3, argv, lens);
 }
 
+/* Errors behind a failed handshake are its echo, logged already. */
+static void rs_log_bad_reply(const struct store_redis *s, const redisReply *r)
+{
+    if (s->handshake_failed) return;
+    if (r->type == REDIS_REPLY_ERROR)
+        log_msg(LOG_ERROR, "store redis: error reply: %s", r->str ? r->str : "");
+    else
+        log_msg(LOG_ERROR, "store redis: unexpected reply type %d", r->type);
+}
+
 static bool reply_is_noscript(const redisReply *r)
 {
     return r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, "NOSCRIPT", 8) == 0;
@@ -520,7 +532,7 @@ static void rop_on_acquire_main(struct rop *op, const redisReply *r)
 {
     struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
     if (!rop_parse_acquire(r, &out)) {
-        log_msg(LOG_ERROR, "store redis: unexpected acquire reply (type %d)", r->type);
+        rs_log_bad_reply(op->s, r);
         rop_fail(op);
         return;
     }
@@ -540,8 +552,7 @@ static void rop_on_wait(struct rop *op, const redisReply *r)
         return;
     }
     log_msg(LOG_WARN, "store redis: WAIT got %lld of %d replicas; lock given back",
-            r->type == REDIS_REPLY_INTEGER ? r->integer : -1LL,
-            op->s->cfg->redis.wait_replicas);
+            r->type == REDIS_REPLY_INTEGER ? r->integer : -1LL, op->s->cfg->redis.wait_replicas);
     op->stage = ROP_UNDO;
     if (rop_send_undo(op) != 0) rop_fail(op);
 }
@@ -559,9 +570,8 @@ static void rop_on_late_reply(struct rop *op, const redisReply *r)
 {
     if (op->kind != ROP_ACQUIRE || !op->s || !rs_usable(op->s)) return;
     struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
-    bool locked = op->stage == ROP_WAIT ||
-                  (op->stage == ROP_MAIN && rop_parse_acquire(r, &out) &&
-                   out.state == STORE_ACQ_LOCKED);
+    bool locked = op->stage == ROP_WAIT || (op->stage == ROP_MAIN && rop_parse_acquire(r, &out) &&
+                                            out.state == STORE_ACQ_LOCKED);
     if (!locked) return;
     const char *argv[5] = {"EVALSHA", op->s->sha[RS_RELEASE], "1", op->argv[0], op->argv[2]};
     size_t lens[5] = {7, 40, 1, op->argvlen[0], op->argvlen[2]};
@@ -595,9 +605,9 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
     } else if (op->kind == ROP_ACQUIRE) {
         rop_on_acquire_main(op, r);
     } else {
-        if (r->type == REDIS_REPLY_ERROR)
-            log_msg(LOG_ERROR, "store redis: %s", r->str ? r->str : "error reply");
-        rop_finish(op, NULL, rop_status_of(r, op->kind));
+        int status = rop_status_of(r, op->kind);
+        if (status < 0) rs_log_bad_reply(op->s, r);
+        rop_finish(op, NULL, status);
     }
 }
 
@@ -691,15 +701,15 @@ static void rs_owned(struct store_redis *s, enum rop_kind kind, enum rs_script s
 }
 
 static void rs_complete(struct store *base, const char *skey, size_t skey_len,
-                        const char token[STORE_TOKEN_LEN], const uint8_t *record,
-                        size_t record_len, uint32_t ttl_seconds, store_done_cb cb, void *arg)
+                        const char token[STORE_TOKEN_LEN], const uint8_t *record, size_t record_len,
+                        uint32_t ttl_seconds, store_done_cb cb, void *arg)
 {
     char ttl[16];
     snprintf(ttl, sizeof(ttl), "%u", ttl_seconds);
     const char *extra[2] = {(const char *)record, ttl};
     size_t lens[2] = {record_len, strlen(ttl)};
-    rs_owned((struct store_redis *)base, ROP_COMPLETE, RS_COMPLETE, skey, skey_len, token, 2,
-             extra, lens, cb, arg);
+    rs_owned((struct store_redis *)base, ROP_COMPLETE, RS_COMPLETE, skey, skey_len, token, 2, extra,
+             lens, cb, arg);
 }
 
 static void rs_release(struct store *base, const char *skey, size_t skey_len,
@@ -717,8 +727,8 @@ static void rs_renew(struct store *base, const char *skey, size_t skey_len,
     snprintf(ms, sizeof(ms), "%u", lock_ms);
     const char *extra[1] = {ms};
     size_t lens[1] = {strlen(ms)};
-    rs_owned((struct store_redis *)base, ROP_RENEW, RS_RENEW, skey, skey_len, token, 1, extra,
-             lens, cb, arg);
+    rs_owned((struct store_redis *)base, ROP_RENEW, RS_RENEW, skey, skey_len, token, 1, extra, lens,
+             cb, arg);
 }
 
 static void rs_ping(struct store *base, store_done_cb cb, void *arg)
@@ -790,8 +800,9 @@ struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
     s->handshake_ev = evtimer_new(base, rs_handshake_timeout_cb, s);
     if (!s->reconnect_ev || !s->kill_ev || !s->handshake_ev) abort();
     if (cfg->redis.mode != CFG_REDIS_STANDALONE)
-        log_msg(LOG_WARN, "store redis: cluster and sentinel modes are not supported yet; "
-                          "using %s as a standalone server",
+        log_msg(LOG_WARN,
+                "store redis: cluster and sentinel modes are not supported yet; "
+                "using %s as a standalone server",
                 cfg->redis.host ? cfg->redis.host : "?");
     rs_connect(s);
     return &s->base;

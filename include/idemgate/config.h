@@ -41,12 +41,12 @@ enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
 
 struct cfg_redis {
     enum cfg_redis_mode mode;
-    char *url;         /* as given */
-    bool unix_socket;  /* url was unix:///path */
-    char *host;        /* tcp host, or the socket path when unix_socket */
-    int port;          /* default 6379 */
-    char *password;    /* NULL when none */
-    int db;            /* default 0 */
+    char *url;        /* as given */
+    bool unix_socket; /* url was unix:///path */
+    char *host;       /* tcp host, or the socket path when unix_socket */
+    int port;         /* default 6379 */
+    char *password;   /* NULL when none */
+    int db;           /* default 0 */
     struct cfg_strlist nodes;
     char *master_name;
     char *key_prefix;

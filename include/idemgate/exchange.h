@@ -36,9 +36,9 @@ struct cfg_url;
 struct upstream_pool;
 
 enum client_state {
-    CLIENT_IDLE,    /* waiting for (the rest of) a request */
-    CLIENT_BUSY,    /* an exchange is attached */
-    CLIENT_CLOSING  /* flushing the last response, then close */
+    CLIENT_IDLE,   /* waiting for (the rest of) a request */
+    CLIENT_BUSY,   /* an exchange is attached */
+    CLIENT_CLOSING /* flushing the last response, then close */
 };
 
 struct client {
@@ -107,9 +107,9 @@ struct exchange {
     int status; /* status sent to the client */
 
     /* idempotency */
-    bool covered;    /* acquire was attempted */
-    bool owner;      /* we hold the lock */
-    char *skey;      /* "<scope>:<key>", owned */
+    bool covered; /* acquire was attempted */
+    bool owner;   /* we hold the lock */
+    char *skey;   /* "<scope>:<key>", owned */
     size_t skey_len;
     char token[STORE_TOKEN_LEN + 1];
     uint8_t fp[FP_LEN];

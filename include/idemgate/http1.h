@@ -54,8 +54,8 @@ struct http1_head {
     int status;
     struct http1_slice reason;
     /* both */
-    int minor_version; /* 0 or 1 */
-    bool keep_alive;   /* from version and Connection: close/keep-alive */
+    int minor_version;    /* 0 or 1 */
+    bool keep_alive;      /* from version and Connection: close/keep-alive */
     bool expect_continue; /* request carried Expect: 100-continue */
     enum http1_body body;
     uint64_t content_length; /* when body == HTTP1_BODY_LENGTH */

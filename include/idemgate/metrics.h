@@ -9,11 +9,11 @@
 #include "idemgate/buf.h"
 
 /* name, help */
-#define METRICS_COUNTERS(X)                                                                      \
-    X(M_LOCK_RENEWALS, "idemgate_lock_renewals_total", "Lock renewals that succeeded.")          \
-    X(M_STORE_ERRORS, "idemgate_store_errors_total",                                             \
-      "Store operations that failed, timed out or were refused.")                               \
-    X(M_OPEN_FORWARDS, "idemgate_store_failopen_total",                                          \
+#define METRICS_COUNTERS(X)                                                                        \
+    X(M_LOCK_RENEWALS, "idemgate_lock_renewals_total", "Lock renewals that succeeded.")            \
+    X(M_STORE_ERRORS, "idemgate_store_errors_total",                                               \
+      "Store operations that failed, timed out or were refused.")                                  \
+    X(M_OPEN_FORWARDS, "idemgate_store_failopen_total",                                            \
       "Requests forwarded without idempotency because the store failed (failure_mode open).")
 
 enum metrics_counter {

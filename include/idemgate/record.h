@@ -45,9 +45,9 @@ struct record {
 /* Incremental writer state; the bytes go to *out (borrowed). */
 struct record_writer {
     struct buf *out;
-    size_t start;      /* offset in out where the record begins */
-    size_t count_off;  /* offset of n_headers */
-    size_t body_off;   /* offset of body_len, set by record_begin_body */
+    size_t start;     /* offset in out where the record begins */
+    size_t count_off; /* offset of n_headers */
+    size_t body_off;  /* offset of body_len, set by record_begin_body */
     uint16_t n_headers;
 };
 
@@ -55,8 +55,8 @@ void record_begin(struct record_writer *w, struct buf *out, int status, uint64_t
                   const uint8_t fp[16]);
 /* Returns -1 (and writes nothing) beyond RECORD_MAX_HEADERS or when a name
  * is over 65535 bytes. */
-int record_add_header(struct record_writer *w, const char *name, size_t name_len,
-                      const char *value, size_t value_len);
+int record_add_header(struct record_writer *w, const char *name, size_t name_len, const char *value,
+                      size_t value_len);
 void record_begin_body(struct record_writer *w);
 /* Patches the header count and body length. */
 void record_end(struct record_writer *w);

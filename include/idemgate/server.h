@@ -28,7 +28,7 @@ struct worker {
     pthread_t thread;
     int listen_fd;
     struct event *listen_ev;
-    int stop_fd;            /* eventfd the main thread writes on SIGTERM */
+    int stop_fd; /* eventfd the main thread writes on SIGTERM */
     struct event *stop_ev;
     bool started;
     struct event *grace_ev; /* fires when shutdown_grace_ms ran out */

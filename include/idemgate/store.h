@@ -63,8 +63,7 @@ struct store_ops {
     void (*release)(struct store *s, const char *skey, size_t skey_len,
                     const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg);
     void (*renew)(struct store *s, const char *skey, size_t skey_len,
-                  const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb,
-                  void *arg);
+                  const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb, void *arg);
     /* status 1 when the backend answered, -1 otherwise. */
     void (*ping)(struct store *s, store_done_cb cb, void *arg);
     /* Frees the store. Operations still in flight are dropped without

@@ -15,12 +15,12 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define CHECK(cond)                                                                            \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);       \
-            abort();                                                                           \
-        }                                                                                      \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);           \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 static struct http1_head head, head2;
@@ -80,8 +80,7 @@ static long parse(bool request, const char *buf, size_t len, size_t max_head, bo
 
 /* Parses at a prefix copied into an exact-size buffer, so reading past len
  * is caught by ASan. */
-static long parse_copy(bool request, const char *buf, size_t len, size_t max_head,
-                       bool head_req)
+static long parse_copy(bool request, const char *buf, size_t len, size_t max_head, bool head_req)
 {
     char *copy = malloc(len ? len : 1);
     memcpy(copy, buf, len);

@@ -204,6 +204,21 @@ def wait_until(pred, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def after_release(fn, timeout=5.0):
+    """Calls fn() again while it answers 409 request_in_progress: the client
+    may see the end of a response a moment before the store write that
+    follows it (complete or release). The final answer is what the test
+    checks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = fn()
+        if not (r.status == 409 and b"request_in_progress" in r.body):
+            return r
+        if time.monotonic() >= deadline:
+            return r
+        time.sleep(0.05)
+
+
 def wait_upstream_saw(upstream_port, key, n=1, timeout=10.0):
     """Waits until the upstream counted n executions of key (it counts when
     the request arrives, before any ?ms sleep)."""

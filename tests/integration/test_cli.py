@@ -65,7 +65,7 @@ def check_bad(tmp_path, patch, key_path, test_only=True):
             cfg[k] = v
     path = write_config(tmp_path, cfg)
     args = ["-c", path] + (["-t"] if test_only else [])
-    res = run_idemgate(args)
+    res = run_idemgate(args, timeout=10)
     return assert_config_error(res, key_path)
 
 

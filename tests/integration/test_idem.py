@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from idemhelp import (BODY, Bg, Upstream, assert_error, assert_in_progress,
+from idemhelp import (BODY, Bg, Upstream, after_release, assert_error, assert_in_progress,
                       assert_replay_of, gate_config, hdrs, post, send, stats,
                       ucount, unused_port, wait_upstream_saw)
 
@@ -28,20 +28,6 @@ def gate(idemgate, upstream, store_cfg):
     def start(idem=None, **top):
         return idemgate(gate_config(store_cfg, upstream.url, idem, **top))
     return start
-
-
-def after_release(fn, timeout=5.0):
-    """Calls fn() again while it answers 409 request_in_progress: the client
-    may see the end of a response a moment before the store write that
-    follows it. The final answer is what the test checks."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = fn()
-        if not (r.status == 409 and b"request_in_progress" in r.body):
-            return r
-        if time.monotonic() >= deadline:
-            return r
-        time.sleep(0.05)
 
 
 def total(upstream):

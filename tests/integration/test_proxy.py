@@ -440,7 +440,13 @@ def test_client_timeout_idle_keepalive(idemgate, upstream):
         deadline = time.monotonic() + 10
         closed = False
         while time.monotonic() < deadline:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except OSError:
+                closed = True
+                break
             if not chunk:
                 closed = True
                 break
@@ -731,3 +737,74 @@ def test_two_workers(idemgate, upstream):
     assert not errors, errors
     assert upstream.stats()["total"] == 40
     assert g.stop() == 0
+
+
+# -- Expect: 100-continue ---------------------------------------------------------
+
+
+def test_expect_100_continue(idemgate, upstream):
+    """A client that sends Expect: 100-continue and waits gets a 100 (from
+    idemgate or relayed from the upstream), then its body is forwarded."""
+    g = start(idemgate, upstream)
+    s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    try:
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        got = b""
+        deadline = time.monotonic() + 5
+        while b"\r\n\r\n" not in got and time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(4096)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 100"), got
+        s.sendall(b"hello")
+        rest = got[got.find(b"\r\n\r\n") + 4:]
+        s.settimeout(10)
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    finally:
+        s.close()
+    rs = igtest.parse_responses(rest)
+    assert rs and rs[0].status == 200, rest
+    assert rs[0].json() == {"len": 5,
+                            "sha256": hashlib.sha256(b"hello").hexdigest()}
+
+
+# -- IPv6 ---------------------------------------------------------------------------
+
+
+def _have_ipv6_loopback():
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no ::1")
+def test_listen_ipv6(idemgate, upstream):
+    port = free_port()
+    g = idemgate({"upstream": upstream.url, "store": "memory",
+                  "listen": "[::1]:%d" % port}, wait=False)
+    deadline = time.monotonic() + 10
+    ok = False
+    while time.monotonic() < deadline and g.alive():
+        if igtest.port_open(port, host="::1"):
+            ok = True
+            break
+        time.sleep(0.05)
+    assert ok, g.stderr()
+    r = request(port, "GET", "/echo", host="::1")
+    assert r.status == 200
+    hs = echo_headers(r)
+    assert hvals(hs, "X-Forwarded-For") == ["::1"], hs

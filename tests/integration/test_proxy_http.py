@@ -173,6 +173,8 @@ def test_garbage_bytes(gate):
 
 
 def test_tls_client_hello_on_plain_port(gate):
+    """0x16 can never start a method token: rejected at once, not after the
+    client timeout (60 s by default, far beyond this test's 5 s)."""
     hello = bytes.fromhex("160301002e0100002a0303") + b"\x00" * 32 + \
         b"\x00\x00\x02\x00\x2f\x01\x00"
     out, closed = raw_closed(gate.port, hello, timeout=5)
@@ -205,8 +207,17 @@ def test_chunked_missing_crlf_after_data(gate):
 
 
 def test_unknown_transfer_coding(gate):
+    """An unknown coding under a final chunked: 501 (RFC 9112 section 6.1)."""
     check_rejected(gate, b"POST /echo HTTP/1.1\r\nHost: x\r\n"
-                         b"Transfer-Encoding: gzip2\r\n\r\n", (501,))
+                         b"Transfer-Encoding: gzip2, chunked\r\n\r\n"
+                         b"0\r\n\r\n", (501,))
+
+
+def test_transfer_coding_without_chunked(gate):
+    """A request whose final coding is not chunked has no knowable length:
+    400 (RFC 9112 section 6.3); 501 is tolerated for an unknown coding."""
+    check_rejected(gate, b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: gzip2\r\n\r\n", (400, 501))
 
 
 def test_transfer_coding_chunked_not_last(gate):

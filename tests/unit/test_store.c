@@ -271,8 +271,8 @@ static void unique_skey(char *out, size_t n, const char *what)
 }
 
 static enum store_acquire_state acquire_full(struct ctx *c, struct store *st, const char *skey,
-                                             const uint8_t *fp, const char *token,
-                                             uint32_t lock_ms, struct acq_res *res)
+                                             const uint8_t *fp, const char *token, uint32_t lock_ms,
+                                             struct acq_res *res)
 {
     memset(res, 0, sizeof(*res));
     in_call = true;
@@ -758,6 +758,21 @@ static void test_redis_killed_and_restarted(void **state)
     assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
 }
 
+/* INFO stats total_connections_received, read over a fresh connection. */
+static long long redis_total_connections(void)
+{
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    redisReply *r = sync_cmd(rc, "INFO stats");
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    const char *p = strstr(r->str, "total_connections_received:");
+    assert_non_null(p);
+    long long n = atoll(p + strlen("total_connections_received:"));
+    freeReplyObject(r);
+    redisFree(rc);
+    return n;
+}
+
 static void test_redis_deadline_on_stuck_server(void **state)
 {
     struct ctx *c = *state;
@@ -767,6 +782,7 @@ static void test_redis_deadline_on_stuck_server(void **state)
     assert_true(wait_store_up(c, 5000));
     char k[64];
     unique_skey(k, sizeof(k), "stuck");
+    long long conns_before = redis_total_connections();
 
     assert_int_equal(kill(redis_pid, SIGSTOP), 0);
     struct acq_res a;
@@ -781,6 +797,9 @@ static void test_redis_deadline_on_stuck_server(void **state)
     assert_int_equal(a.calls, 1);
     assert_int_equal(d.calls, 1);
     assert_true(wait_store_up(c, 10000));
+    /* the stuck connection was given up for a new one (the +1 is the
+     * connection that reads the counter) */
+    assert_true(redis_total_connections() >= conns_before + 2);
     /* the timed-out acquire did not leave a lock behind once answered:
      * either it never ran, or its late LOCKED answer was given back; in
      * both cases the key is free or becomes free at lock expiry */
