@@ -10,6 +10,9 @@ Subcommands:
                                   Idempotent-Replayed: true
   warm URL PREFIX N               execute replay keys PREFIX-replay-1..N once
                                   each, then check that each one replays
+  snapshot OUT.json REDIS_PORT METRICS_URL|-
+                                  redis DBSIZE and idemgate_requests_total
+  delta BEFORE.json AFTER.json    what one run changed, as a JSON fragment
   meta OUT.json K=V...            write run metadata (K_list=V splits on spaces)
   report RUNS.jsonl OUT.json META.json
                                   medians over rounds, print table, write JSON
@@ -139,8 +142,95 @@ def cmd_meta(out_path, *pairs):
     return 0
 
 
+def _redis_dbsize(port):
+    with socket.create_connection(("127.0.0.1", int(port)), 2) as s:
+        s.sendall(b"DBSIZE\r\n")
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(64)
+            if not chunk:
+                break
+            data += chunk
+    if not data.startswith(b":"):
+        raise OSError(f"unexpected DBSIZE reply {data!r}")
+    return int(data[1:].strip())
+
+
+def _outcomes(metrics_url):
+    """idemgate_requests_total by outcome, or {} while /metrics is absent."""
+    if metrics_url in ("", "-"):
+        return {}
+    hostport = metrics_url[len("http://"):].partition("/")[0]
+    host, _, port = hostport.rpartition(":")
+    out = {}
+    try:
+        conn = http.client.HTTPConnection(host, int(port), timeout=2)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace")
+        conn.close()
+    except OSError:
+        return {}
+    if resp.status != 200:
+        return {}
+    for ln in text.splitlines():
+        if not ln.startswith("idemgate_requests_total{"):
+            continue
+        labels, _, value = ln.rpartition(" ")
+        marker = 'outcome="'
+        i = labels.find(marker)
+        if i < 0:
+            continue
+        name = labels[i + len(marker):].partition('"')[0]
+        try:
+            out[name] = out.get(name, 0) + float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def cmd_snapshot(out_path, redis_port, metrics_url):
+    """Store size and outcome counters, before or after one idemgate run."""
+    snap = {"dbsize": None, "outcomes": _outcomes(metrics_url)}
+    try:
+        snap["dbsize"] = _redis_dbsize(redis_port)
+    except OSError as e:
+        print(f"snapshot: redis DBSIZE failed: {e}", file=sys.stderr)
+    with open(out_path, "w") as f:
+        json.dump(snap, f)
+    return 0
+
+
+def cmd_delta(before_path, after_path):
+    """Prints a JSON fragment ("key":value,...) with what one run changed."""
+    with open(before_path) as f:
+        a = json.load(f)
+    with open(after_path) as f:
+        b = json.load(f)
+    keys = None
+    if a["dbsize"] is not None and b["dbsize"] is not None:
+        keys = b["dbsize"] - a["dbsize"]
+    outcomes = {k: int(v - a["outcomes"].get(k, 0)) for k, v in b["outcomes"].items()
+                if v - a["outcomes"].get(k, 0)}
+    print(f'"store_keys_added":{json.dumps(keys)},"outcomes":{json.dumps(outcomes)}')
+    return 0
+
+
 def _median(xs):
     return statistics.median(xs) if xs else None
+
+
+def _sum_known(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) if xs else None
+
+
+def _sum_dicts(ds):
+    out = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _summarize(runs):
@@ -162,6 +252,8 @@ def _summarize(runs):
             "socket_errors": sum(r["connect_errors"] + r["read_errors"] + r["write_errors"]
                                  + r["timeouts"] for r in rs),
             "requests": sum(r["requests"] for r in rs),
+            "store_keys_added": _sum_known([r.get("store_keys_added") for r in rs]),
+            "outcomes": _sum_dicts([r.get("outcomes") or {} for r in rs]),
             "raw": rs,
         }
     return out
@@ -191,6 +283,10 @@ def _rows(summary, scenarios, targets):
             for b in BASELINES:
                 base = summary.get(("passthrough", b))
                 row[f"vs_{b}"] = (row["rps"] / base["rps"]) if base and base["rps"] else None
+            for k, nd in (("rps", 1), ("p50_ms", 3), ("p99_ms", 3), ("vs_haproxy", 3),
+                          ("vs_nginx", 3), ("vs_direct", 3)):
+                if row[k] is not None:
+                    row[k] = round(row[k], nd)
             rows.append(row)
     return rows
 
@@ -228,6 +324,14 @@ def _print_table(rows, meta):
     print()
     print("Ratios are req/s divided by the baseline's passthrough req/s. Baselines have no")
     print("idempotency: under other scenarios their passthrough numbers are repeated as reference.")
+    checks = [r for r in rows if r["target"] == "idemgate" and r["store_keys_added"] is not None]
+    if checks:
+        print("What idemgate did (totals over rounds; wrk counts only completed responses):")
+        for r in checks:
+            oc = ", ".join(f"{k} {v:,}" for k, v in sorted(r["outcomes"].items())) or \
+                "n/a (no /metrics)"
+            print(f"  {r['scenario']:<16} {r['requests']:>9,} requests, "
+                  f"{r['store_keys_added']:>9,} new store keys; outcomes: {oc}")
     rss = meta.get("idemgate_peak_rss_kb")
     if rss is not None:
         print(f"idemgate peak RSS (VmHWM): {rss / 1024:.1f} MiB ({rss} kB)")
@@ -263,6 +367,7 @@ def main(argv):
         return 2
     cmds = {"ports": cmd_ports, "wait-redis": cmd_wait_redis, "probe": cmd_probe,
             "expect-replay": cmd_expect_replay, "warm": cmd_warm, "meta": cmd_meta,
+            "snapshot": cmd_snapshot, "delta": cmd_delta,
             "report": cmd_report}
     fn = cmds.get(argv[1])
     if fn is None:

@@ -76,7 +76,7 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-trap 'FAILED=1; exit 130' INT TERM
+trap 'exit 130' INT TERM
 
 # "4s" / "1m" / "2h" / "10" -> seconds, for the wrk watchdog.
 to_seconds() {
@@ -206,7 +206,7 @@ start_haproxy() {
   cat >"$TMP/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 
 defaults
   mode http
@@ -242,7 +242,7 @@ start_idemgate() {
   "upstream": "http://127.0.0.1:$P_UP",
   "store": "redis",
   "redis": { "url": "redis://127.0.0.1:$P_REDIS/0" },
-  "admin": { "listen": "off" },
+  "admin": { "listen": "127.0.0.1:$P_ADMIN" },
   "log": { "level": "warn", "access": false }
 }
 EOF
@@ -293,6 +293,7 @@ run_wrk() {
   [ "$sc" = replay ] && prefix=$RUNID
   out="$TMP/wrk-$sc-$t-$round.txt"
   secs=$(to_seconds "$dur")
+  [ "$t" = idemgate ] && [ "$record" = record ] && snapshot "$TMP/before.json"
   if ! timeout -k 5 $((secs + 30)) wrk -t1 -c"$CONNS" -d"$dur" --latency \
     -s "$HERE/$script.lua" "$(url_of "$t")" -- "$prefix" "$REPLAY_KEYS" >"$out" 2>&1; then
     cat "$out" >&2
@@ -306,10 +307,20 @@ run_wrk() {
   }
   [ "$record" = record ] || return 0
   line=${line#BENCHJSON \{}
+  if [ "$t" = idemgate ]; then
+    snapshot "$TMP/after.json"
+    line="$($PY "$HELPER" delta "$TMP/before.json" "$TMP/after.json"),$line"
+  fi
   printf '{"scenario":"%s","target":"%s","script":"%s","round":%d,%s\n' \
     "$sc" "$t" "$script" "$round" "$line" >>"$TMP/runs.jsonl"
   log "round $round  $(printf '%-16s %-9s' "$sc" "$t") $(echo "$line" |
     sed -E 's/.*"rps":([0-9]+)\.[0-9]+.*"p50_us":([0-9]+).*"p99_us":([0-9]+).*"status_errors":([0-9]+).*/\1 req\/s  p50 \2us  p99 \3us  non-2xx \4/')"
+}
+
+# Store size and outcome counters around each idemgate run: shows that
+# first-execution really executes and replay really replays.
+snapshot() {
+  $PY "$HELPER" snapshot "$1" "$P_REDIS" "http://127.0.0.1:$P_ADMIN/metrics"
 }
 
 # The (scenario, target) pairs of one round. Baselines only run passthrough,
@@ -330,10 +341,10 @@ build_jobs() {
 
 peak_rss_kb() {
   local pid=${PID[idemgate]:-}
-  [ -n "$pid" ] && [ -r "/proc/$pid/status" ] || {
+  if [ -z "$pid" ] || [ ! -r "/proc/$pid/status" ]; then
     echo ""
     return
-  }
+  fi
   awk '/^VmHWM:/ {print $2}' "/proc/$pid/status"
 }
 
@@ -341,8 +352,8 @@ main() {
   check_inputs
   TMP=$(mktemp -d "${TMPDIR:-/tmp}/idemgate-bench.XXXXXX")
   RUNID="b$(date +%s)$$"
-  read -r P_UP P_REDIS P_IDEM P_HAP P_NGX < <($PY "$HELPER" ports 5)
-  log "temp dir $TMP; ports upstream=$P_UP redis=$P_REDIS idemgate=$P_IDEM haproxy=$P_HAP nginx=$P_NGX"
+  read -r P_UP P_REDIS P_IDEM P_HAP P_NGX P_ADMIN < <($PY "$HELPER" ports 6)
+  log "temp dir $TMP; ports upstream=$P_UP redis=$P_REDIS idemgate=$P_IDEM (admin $P_ADMIN) haproxy=$P_HAP nginx=$P_NGX"
 
   start_upstream
   has_target haproxy && start_haproxy
@@ -368,7 +379,7 @@ main() {
 
   : >"$TMP/runs.jsonl"
   for round in $(seq 1 "$ROUNDS"); do
-    # Odd rounds run the list backwards, so no target always goes first.
+    # Even rounds run the list backwards, so no target always goes first.
     for ((i = 0; i < n; i++)); do
       if ((round % 2 == 1)); then job=${JOBS[$i]}; else job=${JOBS[$((n - 1 - i))]}; fi
       run_wrk "${job%%:*}" "${job#*:}" "$round" "$DURATION" record

@@ -280,10 +280,14 @@ void exchange_replay(struct exchange *ex, const struct record *r)
     } else if (ex->client_minor == 0) {
         buf_append_str(o, "Connection: keep-alive\r\n");
     }
-    buf_append_str(o, "Content-Length: ");
-    buf_append_u64(o, r->body_len);
-    buf_append_str(o, "\r\n\r\n");
-    buf_append(o, r->body, (size_t)r->body_len);
+    /* RFC 9110 8.6: no Content-Length on a 204; a 304 has no body. */
+    if (r->status != 204 && r->status != 304) {
+        buf_append_str(o, "Content-Length: ");
+        buf_append_u64(o, r->body_len);
+        buf_append(o, "\r\n", 2);
+    }
+    buf_append(o, "\r\n", 2);
+    if (r->status != 204 && r->status != 304) buf_append(o, r->body, (size_t)r->body_len);
     ex_detach_client(ex);
 }
 
@@ -291,6 +295,7 @@ void exchange_idem_finished(struct exchange *ex)
 {
     if (ex->state != EX_COMPLETING) exchange_set_state(ex, EX_COMPLETING);
     exchange_set_state(ex, EX_DONE);
+    ex_detach_client(ex); /* a response held for its record */
     exchange_unref(ex);
 }
 
@@ -434,10 +439,14 @@ static void ex_response_done(struct exchange *ex)
 {
     exchange_ref(ex);
     ex_release_upstream(ex, ex->up_reusable);
-    if (ex->client) {
-        if (ex->client_chunked) buf_append(&ex->client->c.out, "0\r\n\r\n", 5);
+    if (ex->client && ex->client_chunked) buf_append(&ex->client->c.out, "0\r\n\r\n", 5);
+    /* A response being kept keeps its last bytes until the record is
+     * stored (exchange_idem_finished): a client that retries the moment it
+     * has the whole answer then finds the replay, not a 409. */
+    if (ex->owner && ex->keep && ex->recording)
+        ex->holding = true;
+    else
         ex_detach_client(ex);
-    }
     exchange_set_state(ex, EX_COMPLETING);
     idem_response_end(ex, true);
     exchange_unref(ex);
@@ -944,7 +953,7 @@ static void client_event(struct conn *c, short what, void *arg)
 {
     struct client *cl = arg;
     (void)c;
-    if (what & EV_WRITE) {
+    if ((what & EV_WRITE) && !(cl->ex && cl->ex->holding)) {
         int r = conn_flush(&cl->c);
         if (r < 0 || (r == 1 && cl->state == CLIENT_CLOSING)) {
             client_close(cl);

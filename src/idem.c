@@ -72,7 +72,10 @@ static int idem_scope(struct exchange *ex, char out[SCOPE_HEX_LEN + 1])
     const struct cfg_idem *idem = ex->idem;
     for (size_t i = 0; i < idem->scope_headers.n; i++) {
         const struct http1_header *h = http1_find_header(&ex->head, idem->scope_headers.v[i], NULL);
-        if (!h) continue;
+        /* An empty credential is no credential: otherwise every client
+         * sending "Authorization:" would share one scope and slip past
+         * anonymous "reject". */
+        if (!h || h->value.n == 0) continue;
         scope_hash(idem->scope_secret, strlen(idem->scope_secret), h->value.p, h->value.n, out);
         return 0;
     }

@@ -133,6 +133,7 @@ struct exchange {
     uint64_t r_remaining;
     bool client_chunked; /* we re-encode the body as chunked for the client */
     bool client_close;   /* close the client connection after this response */
+    bool holding;        /* last response bytes wait for the record to be stored */
     bool up_reusable;
 };
 
