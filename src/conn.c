@@ -121,7 +121,7 @@ int conn_set_nonblock(int fd)
     return fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
-int conn_connect_tcp(const char *host, int port)
+int conn_resolve(const char *host, int port, void *addr, size_t addr_cap, unsigned *addr_len)
 {
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof(hints));
@@ -130,25 +130,28 @@ int conn_connect_tcp(const char *host, int port)
     hints.ai_flags = AI_NUMERICSERV;
     char portstr[8];
     snprintf(portstr, sizeof(portstr), "%d", port);
-    int rc = getaddrinfo(host, portstr, &hints, &res);
-    if (rc != 0 || !res) {
-        errno = EHOSTUNREACH;
-        return -1;
+    if (getaddrinfo(host, portstr, &hints, &res) != 0 || !res) return -1;
+    int rc = -1;
+    if (res->ai_addrlen <= addr_cap) {
+        memcpy(addr, res->ai_addr, res->ai_addrlen);
+        *addr_len = (unsigned)res->ai_addrlen;
+        rc = 0;
     }
-    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        freeaddrinfo(res);
-        return -1;
-    }
+    freeaddrinfo(res);
+    return rc;
+}
+
+int conn_connect_addr(const struct sockaddr *addr, unsigned addr_len)
+{
+    int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(fd, res->ai_addr, res->ai_addrlen) < 0 && errno != EINPROGRESS) {
+    if (connect(fd, addr, addr_len) < 0 && errno != EINPROGRESS) {
         int e = errno;
         close(fd);
-        freeaddrinfo(res);
         errno = e;
         return -1;
     }
-    freeaddrinfo(res);
     return fd;
 }

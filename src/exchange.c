@@ -181,6 +181,7 @@ static void ex_detach_client(struct exchange *ex)
     buf_consume(&cl->c.in, used);
     buf_reset(&cl->chunked_body);
     cl->have_head = false;
+    cl->scanned = 0;
     cl->head_len = 0;
     cl->chunk_pos = 0;
     cl->sent_continue = false;
@@ -210,17 +211,25 @@ static void ex_client_flush(struct exchange *ex)
     if (conn_flush(&cl->c) < 0) client_close(cl);
 }
 
-static void ex_begin_local_answer(struct exchange *ex, int status, struct buf *o)
+/* The Connection header of a response to the client: close when the
+ * client or the response asks for it or when draining; keep-alive spelled
+ * out for HTTP/1.0 clients. */
+static void ex_out_connection(struct exchange *ex, struct buf *o)
 {
-    ex->status = status;
-    out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
-    out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
     if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
         ex->client_close = true;
         buf_append_str(o, "Connection: close\r\n");
     } else if (ex->client_minor == 0) {
         buf_append_str(o, "Connection: keep-alive\r\n");
     }
+}
+
+static void ex_begin_local_answer(struct exchange *ex, int status, struct buf *o)
+{
+    ex->status = status;
+    out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
+    out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
+    ex_out_connection(ex, o);
 }
 
 void exchange_answer_error(struct exchange *ex, enum err_code e)
@@ -274,12 +283,7 @@ void exchange_replay(struct exchange *ex, const struct record *r)
                    r->headers[i].value_len);
     out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
     buf_append_str(o, "Idempotent-Replayed: true\r\n");
-    if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
-        ex->client_close = true;
-        buf_append_str(o, "Connection: close\r\n");
-    } else if (ex->client_minor == 0) {
-        buf_append_str(o, "Connection: keep-alive\r\n");
-    }
+    ex_out_connection(ex, o);
     /* RFC 9110 8.6: no Content-Length on a 204; a 304 has no body. */
     if (r->status != 204 && r->status != 304) {
         buf_append_str(o, "Content-Length: ");
@@ -474,12 +478,7 @@ static void ex_send_response_head(struct exchange *ex)
         else
             ex->client_close = true;
     }
-    if (ex->client_close || !ex->client_keep_alive || ex->w->draining) {
-        ex->client_close = true;
-        buf_append_str(o, "Connection: close\r\n");
-    } else if (ex->client_minor == 0) {
-        buf_append_str(o, "Connection: keep-alive\r\n");
-    }
+    ex_out_connection(ex, o);
     if (rh->body == HTTP1_BODY_LENGTH) {
         buf_append_str(o, "Content-Length: ");
         buf_append_u64(o, rh->content_length);
@@ -865,8 +864,16 @@ static int client_read_body(struct client *cl)
 static int client_read_head(struct client *cl)
 {
     const struct cfg_limits *lim = &cl->w->cfg->limits;
-    long r = http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in), lim->max_header_bytes,
-                                 &cl->head);
+    size_t size = buf_size(&cl->c.in);
+    /* A head only completes with a new LF: without one, skip the rescan so
+     * a client dripping its head byte by byte costs O(n), not O(n^2). */
+    if (cl->scanned > 0 && cl->scanned < size && size < lim->max_header_bytes &&
+        !memchr(buf_data(&cl->c.in) + cl->scanned, '\n', size - cl->scanned)) {
+        cl->scanned = size;
+        return 0;
+    }
+    cl->scanned = size;
+    long r = http1_parse_request(buf_data(&cl->c.in), size, lim->max_header_bytes, &cl->head);
     if (r == HTTP1_INCOMPLETE) return 0;
     if (r < 0) {
         client_reject(cl, parse_error_code(r));

@@ -27,6 +27,7 @@ void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct 
     p->idle = NULL;
     p->n_idle = 0;
     p->max_idle = UPSTREAM_MAX_IDLE_CONNS;
+    p->addr_len = 0;
 }
 
 static void upconn_free(struct upconn *u)
@@ -86,8 +87,16 @@ struct upconn *upstream_get(struct upstream_pool *p)
         }
         upconn_free(u);
     }
-    int fd = conn_connect_tcp(p->url->host, p->url->port);
-    if (fd < 0) return NULL;
+    if (p->addr_len == 0 &&
+        conn_resolve(p->url->host, p->url->port, &p->addr, sizeof(p->addr), &p->addr_len) < 0) {
+        errno = EHOSTUNREACH;
+        return NULL;
+    }
+    int fd = conn_connect_addr((const struct sockaddr *)&p->addr, p->addr_len);
+    if (fd < 0) {
+        p->addr_len = 0; /* resolve again next time */
+        return NULL;
+    }
     struct upconn *u = calloc(1, sizeof(*u));
     if (!u) abort();
     u->pool = p;
@@ -123,6 +132,9 @@ int upstream_connect_result(struct upconn *u)
     int err = 0;
     socklen_t len = sizeof(err);
     if (getsockopt(u->c.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
-    if (err == 0) u->connected = true;
+    if (err == 0)
+        u->connected = true;
+    else
+        u->pool->addr_len = 0; /* the name may point elsewhere now */
     return err;
 }

@@ -56,9 +56,12 @@ static inline bool conn_is_open(const struct conn *c)
 
 /* Socket helpers. */
 int conn_set_nonblock(int fd);
-/* Starts a non-blocking TCP connect to host:port (numeric or name,
- * resolved synchronously: upstream names are few and cached by the OS).
- * Returns the fd or -1 with errno. */
-int conn_connect_tcp(const char *host, int port);
+struct sockaddr;
+/* Resolves host:port (synchronously, like nginx resolves upstream names at
+ * start) into addr. Returns 0 or -1. */
+int conn_resolve(const char *host, int port, void *addr, size_t addr_cap, unsigned *addr_len);
+/* Starts a non-blocking TCP connect (TCP_NODELAY). Returns the fd or -1
+ * with errno. */
+int conn_connect_addr(const struct sockaddr *addr, unsigned addr_len);
 
 #endif

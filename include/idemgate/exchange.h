@@ -56,6 +56,7 @@ struct client {
     struct buf chunked_body;
     size_t chunk_pos; /* bytes of input after the head already decoded */
     bool have_head;
+    size_t scanned; /* bytes of the head already searched for its end */
     bool sent_continue;
     bool keep_alive; /* the last request allows keeping the connection */
 };

@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #include "idemgate/conn.h"
 
@@ -32,6 +33,8 @@ struct upstream_pool {
     struct upconn *idle;
     unsigned n_idle;
     unsigned max_idle;
+    struct sockaddr_storage addr; /* resolved once; again after a failure */
+    unsigned addr_len;            /* 0: not resolved */
 };
 
 void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct cfg_url *url);
