@@ -3,6 +3,7 @@
  * validation (see fingerprint.h). Does not decide what to do with them. */
 #include "idemgate/fingerprint.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,12 +15,35 @@ struct fp_state {
     XXH3_state_t *xxh;
 };
 
+/* One hash state per thread, kept between requests: fp_begin/fp_end run
+ * for every covered request and the state is ~600 bytes, 64-aligned. */
+static pthread_key_t fp_key;
+static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
+
+static void fp_state_free(void *p)
+{
+    struct fp_state *st = p;
+    XXH3_freeState(st->xxh);
+    free(st);
+}
+
+static void fp_key_init(void)
+{
+    if (pthread_key_create(&fp_key, fp_state_free) != 0) abort();
+}
+
 struct fp_state *fp_begin(void)
 {
-    struct fp_state *st = malloc(sizeof(*st));
-    if (!st) abort();
-    st->xxh = XXH3_createState();
-    if (!st->xxh) abort();
+    pthread_once(&fp_once, fp_key_init);
+    struct fp_state *st = pthread_getspecific(fp_key);
+    if (st) {
+        pthread_setspecific(fp_key, NULL);
+    } else {
+        st = malloc(sizeof(*st));
+        if (!st) abort();
+        st->xxh = XXH3_createState();
+        if (!st->xxh) abort();
+    }
     XXH3_128bits_reset(st->xxh);
     return st;
 }
@@ -46,8 +70,10 @@ void fp_end(struct fp_state *st, uint8_t out[FP_LEN])
         out[i] = (uint8_t)(h.high64 >> (8 * (7 - i)));
         out[8 + i] = (uint8_t)(h.low64 >> (8 * (7 - i)));
     }
-    XXH3_freeState(st->xxh);
-    free(st);
+    if (!pthread_getspecific(fp_key))
+        pthread_setspecific(fp_key, st);
+    else
+        fp_state_free(st);
 }
 
 void fp_compute(const struct fp_input *in, uint8_t out[FP_LEN])

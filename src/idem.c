@@ -52,15 +52,30 @@ static void timer_arm_ms(struct event *ev, long ms)
     evtimer_add(ev, &tv);
 }
 
-/* hex of 16 random bytes: the owner token of this exchange's lock. */
+/* Owner tokens need to be unique, not secret: a per-thread random 128-bit
+ * seed (from OpenSSL, once) plus a counter, mixed with splitmix64. Calling
+ * RAND_bytes per request cost a getpid() syscall each time. */
+static __thread uint64_t tok_seed[2];
+static __thread uint64_t tok_counter;
+
+static uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
 static void idem_new_token(char out[STORE_TOKEN_LEN + 1])
 {
     static const char hex[] = "0123456789abcdef";
-    unsigned char r[STORE_TOKEN_LEN / 2];
-    if (RAND_bytes(r, sizeof(r)) != 1) abort();
-    for (size_t i = 0; i < sizeof(r); i++) {
-        out[2 * i] = hex[r[i] >> 4];
-        out[2 * i + 1] = hex[r[i] & 15];
+    if (tok_counter == 0 && RAND_bytes((unsigned char *)tok_seed, sizeof(tok_seed)) != 1) abort();
+    tok_counter++;
+    uint64_t v[2] = {splitmix64(tok_seed[0] + tok_counter), tok_seed[1] ^ tok_counter};
+    for (int i = 0; i < 16; i++) {
+        unsigned b = (unsigned)(v[i / 8] >> (8 * (i % 8))) & 0xff;
+        out[2 * i] = hex[b >> 4];
+        out[2 * i + 1] = hex[b & 15];
     }
     out[STORE_TOKEN_LEN] = '\0';
 }
