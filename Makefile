@@ -13,17 +13,18 @@ build: deps
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS) >/dev/null
 	@cmake --build $(BUILD) -j $(JOBS)
 
-# Starts idemgate on its defaults with the in-process store, in front of
-# http://127.0.0.1:9000 (override with ARGS="--upstream http://host:port").
+# The demo (scripts/run-demo.sh): a demo upstream, idemgate in front of it
+# with the memory store, three curl commands to paste. UPSTREAM=http://host:port
+# puts idemgate in front of a real API instead; STORE=redis uses (or starts) a
+# local redis-server; ARGS adds idemgate flags.
 run: build
-	$(BUILD)/idemgate --store memory $(ARGS)
+	@UPSTREAM="$(UPSTREAM)" STORE="$(STORE)" bash scripts/run-demo.sh $(BUILD)/idemgate $(ARGS)
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 bench: build
-	@bash scripts/deps.sh --bench
-	bash bench/run.sh $(BUILD)/idemgate
+	bash scripts/deps.sh --bench && bench/run $(BUILD)/idemgate
 
 fmt:
 	clang-format -i $$(git ls-files '*.c' '*.h')

@@ -1,6 +1,10 @@
--- Shared by every bench scenario: the request body, the key prefix taken
--- from the script arguments, and a done() that prints one JSON line that
--- bench/run.sh parses (marker "BENCHJSON ").
+-- Shared by every bench scenario: the request (POST, 80-byte JSON body, to the
+-- path of the URL wrk was given), the script arguments and a done() that
+-- prints one JSON line that bench/run parses (marker "BENCHJSON ").
+--
+-- Script arguments (after wrk's "--"): [1] key prefix, unique per cell and
+-- round so that no two runs share a key; [2] a number whose meaning depends
+-- on the scenario (replay: key count; contention: requests per key).
 
 local M = {}
 
@@ -10,24 +14,21 @@ local tail = '"}'
 M.body = head .. string.rep("x", 80 - #head - #tail) .. tail
 assert(#M.body == 80, "body must be 80 bytes")
 
-function M.setup_post()
-   wrk.method = "POST"
-   wrk.path = "/v1/orders"
-   wrk.body = M.body
-   wrk.headers["Content-Type"] = "application/json"
+wrk.method = "POST"
+wrk.body = M.body
+wrk.headers["Content-Type"] = "application/json"
+
+function M.args(args)
+   M.prefix = (args and args[1]) or "run"
+   M.param = tonumber((args and args[2]) or "0") or 0
 end
 
--- Called from setup(): numbers threads so keys from two threads never meet.
-local next_tid = 0
-function M.number_thread(thread)
-   thread:set("bench_tid", next_tid)
-   next_tid = next_tid + 1
-end
-
--- args[1] is a per-round prefix chosen by run.sh so that keys of one round
--- are never the keys of another.
-function M.prefix(args)
-   return (args and args[1]) or "run"
+-- One keyed request. The header table is reused: wrk.format only adds Host
+-- and Content-Length to it.
+local keyed_headers = { ["Content-Type"] = "application/json" }
+function M.keyed(key)
+   keyed_headers["Idempotency-Key"] = key
+   return wrk.format(nil, nil, keyed_headers, M.body)
 end
 
 function done(summary, latency, requests)

@@ -117,3 +117,45 @@ void buf_append_json_str(struct buf *b, const char *s, size_t n)
         }
     }
 }
+
+void buf_pool_init(struct buf_pool *bp, size_t size, unsigned max)
+{
+    bp->free = calloc(max, sizeof(*bp->free));
+    if (!bp->free) abort();
+    bp->n = 0;
+    bp->max = max;
+    bp->size = size;
+}
+
+void buf_pool_free(struct buf_pool *bp)
+{
+    while (bp->n > 0)
+        free(bp->free[--bp->n]);
+    free(bp->free);
+    bp->free = NULL;
+    bp->max = 0;
+}
+
+void buf_take(struct buf *b, struct buf_pool *bp)
+{
+    if (b->p || !bp) return;
+    if (bp->n > 0) {
+        b->p = bp->free[--bp->n];
+    } else {
+        b->p = malloc(bp->size);
+        if (!b->p) abort();
+    }
+    b->cap = bp->size;
+    b->off = b->len = 0;
+}
+
+void buf_release(struct buf *b, struct buf_pool *bp)
+{
+    if (!b->p || b->len > b->off) return;
+    if (bp && b->cap == bp->size && bp->n < bp->max) {
+        bp->free[bp->n++] = b->p;
+        memset(b, 0, sizeof(*b));
+        return;
+    }
+    buf_free(b);
+}

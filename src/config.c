@@ -461,6 +461,11 @@ static const struct cfg_opt redis_opts[] = {
     O_INT(struct cfg_redis, wait_replicas, 0, 64, "0"),
 };
 
+static const struct cfg_opt memory_opts[] = {
+    OPT("max_bytes", OPT_U64, struct cfg, memory_max_bytes, 1048576, 68719476736LL, NULL,
+        "268435456"),
+};
+
 static const struct cfg_opt idem_opts[] = {
     O_KIND("header", OPT_TOKEN, struct cfg_idem, header, "Idempotency-Key"),
     O_KIND("methods", OPT_METHODS, struct cfg_idem, methods, "POST,PATCH"),
@@ -528,6 +533,7 @@ struct cfg_section {
 static const struct cfg_section sections[] = {
     {"", 0, top_opts, NOPTS(top_opts)},
     {"redis", offsetof(struct cfg, redis), redis_opts, NOPTS(redis_opts)},
+    {"memory", 0, memory_opts, NOPTS(memory_opts)},
     {"idempotency", offsetof(struct cfg, idem), idem_opts, NOPTS(idem_opts)},
     {"idempotency", offsetof(struct cfg, idem), idem_route_opts, NOPTS(idem_route_opts)},
     {"limits", offsetof(struct cfg, limits), limits_opts, NOPTS(limits_opts)},

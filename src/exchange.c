@@ -9,10 +9,14 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 #include <event2/event.h>
 
@@ -21,12 +25,15 @@
 #include "idemgate/log.h"
 #include "idemgate/metrics.h"
 #include "idemgate/server.h"
+#include "idemgate/tls.h"
 #include "idemgate/upstream.h"
 
 /* Stop reading the upstream while this much waits for a slow client. */
 #define CLIENT_OUT_HIGH (1024 * 1024)
 /* Bytes read from the upstream per fill. */
 #define UPSTREAM_FILL (256 * 1024)
+/* Freed exchanges a worker keeps for reuse. */
+#define EX_CACHE_MAX 64
 
 static void client_event(struct conn *c, short what, void *arg);
 static void client_process(struct client *cl);
@@ -80,6 +87,21 @@ static void out_header(struct buf *o, const char *name, size_t nl, const char *v
     buf_append(o, "\r\n", 2);
 }
 
+/* RFC 9110 IMF-fixdate of now, formatted once per second per thread. */
+static const char *http_date_now(void)
+{
+    static __thread time_t cached_sec = -1;
+    static __thread char cached[32];
+    time_t now = time(NULL);
+    if (now != cached_sec) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(cached, sizeof(cached), "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        cached_sec = now;
+    }
+    return cached;
+}
+
 static const char *reason_phrase(int status)
 {
     switch (status) {
@@ -130,8 +152,15 @@ static void ex_free(struct exchange *ex)
     if (ex->up_timer) event_free(ex->up_timer);
     buf_free(&ex->req);
     buf_free(&ex->body_buf);
-    free(ex);
     w->n_exchanges--;
+    /* Keep a few for the next requests: no per-request malloc of ~7 KiB. */
+    if (w->n_ex_cache < EX_CACHE_MAX) {
+        *(struct exchange **)ex = w->ex_cache;
+        w->ex_cache = ex;
+        w->n_ex_cache++;
+    } else {
+        free(ex);
+    }
     worker_maybe_done(w);
 }
 
@@ -149,8 +178,7 @@ static void ex_access_log(struct exchange *ex)
     const struct cfg *cfg = ex->w->cfg;
     metrics_outcome((int)ex->outcome);
     if (!cfg->log_access || !log_enabled(LOG_INFO)) return;
-    struct buf b;
-    buf_init(&b);
+    struct buf *bp = log_scratch(), b = *bp;
     log_line_begin(&b, LOG_INFO);
     log_kv_str(&b, "msg", "access", 6);
     log_kv_str(&b, "request_id", ex->request_id, ex->request_id_len);
@@ -163,7 +191,7 @@ static void ex_access_log(struct exchange *ex)
     log_kv_int(&b, "duration_ms", (long long)(worker_now_ms(ex->w) - ex->start_ms));
     log_kv_int(&b, "upstream_ms", (long long)ex->upstream_ms);
     log_line_end(&b);
-    buf_free(&b);
+    *bp = b;
 }
 
 /* The client got its whole response (or is gone): the client may read its
@@ -250,7 +278,7 @@ void exchange_answer_error(struct exchange *ex, enum err_code e)
     struct buf body;
     buf_init(&body);
     const char *ctype = err_render(e, status, cfg->error_format == CFG_ERR_PROBLEM, &body);
-    struct buf *o = &ex->client->c.out;
+    struct buf *o = conn_outbuf(&ex->client->c);
     ex_begin_local_answer(ex, status, o);
     out_header(o, "Content-Type", 12, ctype, strlen(ctype));
     if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE) buf_append_str(o, "Retry-After: 1\r\n");
@@ -266,7 +294,7 @@ void exchange_replay(struct exchange *ex, const struct record *r)
 {
     ex->outcome = OUT_REPLAYED;
     if (!ex->client) return;
-    struct buf *o = &ex->client->c.out;
+    struct buf *o = conn_outbuf(&ex->client->c);
     ex->status = r->status;
     const char *reason = reason_phrase(r->status);
     size_t reason_len = strlen(reason);
@@ -278,20 +306,35 @@ void exchange_replay(struct exchange *ex, const struct record *r)
         first = 1;
     }
     out_status_line(o, r->status, reason, reason_len);
-    for (size_t i = first; i < r->n_headers; i++)
-        out_header(o, r->headers[i].name, r->headers[i].name_len, r->headers[i].value,
-                   r->headers[i].value_len);
+    bool has_date = false;
+    for (size_t i = first; i < r->n_headers; i++) {
+        const struct record_header *h = &r->headers[i];
+        if (h->name_len == 4 && strncasecmp(h->name, "date", 4) == 0) has_date = true;
+        out_header(o, h->name, h->name_len, h->value, h->value_len);
+    }
+    if (!has_date) { /* a stored Date would be stale: replays carry today's */
+        buf_append_str(o, "Date: ");
+        buf_append_str(o, http_date_now());
+        buf_append(o, "\r\n", 2);
+    }
     out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
     buf_append_str(o, "Idempotent-Replayed: true\r\n");
     ex_out_connection(ex, o);
     /* RFC 9110 8.6: no Content-Length on a 204; a 304 has no body. */
-    if (r->status != 204 && r->status != 304) {
+    bool body = r->status != 204 && r->status != 304;
+    if (body) {
         buf_append_str(o, "Content-Length: ");
         buf_append_u64(o, r->body_len);
         buf_append(o, "\r\n", 2);
     }
     buf_append(o, "\r\n", 2);
-    if (r->status != 204 && r->status != 304) buf_append(o, r->body, (size_t)r->body_len);
+    /* Head and body in one writev, the body straight from the store's
+     * reply (borrowed until we return: what is not sent is copied). */
+    struct iovec iov = {(void *)r->body, (size_t)r->body_len};
+    if (conn_sendv(&ex->client->c, &iov, body && r->body_len ? 1 : 0) < 0) {
+        client_close(ex->client);
+        return;
+    }
     ex_detach_client(ex);
 }
 
@@ -352,7 +395,9 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
         buf_append(o, xfp.p, xfp.n);
         buf_append(o, ", ", 2);
     }
-    buf_append_str(o, "http\r\n");
+    /* A client gone before forwarding was HTTPS when the listener is. */
+    bool tls = cl ? cl->tls : tls_server_enabled();
+    buf_append_str(o, tls ? "https\r\n" : "http\r\n");
     buf_free(&xffv);
     if (!ex->request_id_from_client)
         out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
@@ -362,7 +407,6 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
         buf_append(o, "\r\n", 2);
     }
     buf_append(o, "\r\n", 2);
-    buf_append(o, ex->body, ex->body_len);
 }
 
 static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
@@ -396,14 +440,20 @@ void exchange_forward(struct exchange *ex)
     ex->up = u;
     exchange_ref(ex);
     conn_set_cb(&u->c, ex_up_event, ex);
-    ex_build_upstream_request(ex, &u->c.out);
+    ex_build_upstream_request(ex, conn_outbuf(&u->c));
     const struct cfg_limits *lim = &ex->w->cfg->limits;
     if (!u->connected) {
+        /* Still connecting: the body waits in out (one copy). */
+        buf_append(&u->c.out, ex->body, ex->body_len);
         ex_arm_up_timer(ex, lim->upstream_connect_timeout_ms);
         return;
     }
     ex_arm_up_timer(ex, lim->upstream_timeout_ms);
-    if (conn_flush(&u->c) < 0) ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+    /* Head and body in one writev, the body straight from the client's
+     * buffer; only what the socket does not take is copied. */
+    struct iovec iov = {(void *)ex->body, ex->body_len};
+    if (conn_sendv(&u->c, &iov, ex->body_len ? 1 : 0) < 0)
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
 }
 
 /* Gives the upstream connection back and drops its reference. */
@@ -443,7 +493,7 @@ static void ex_response_done(struct exchange *ex)
 {
     exchange_ref(ex);
     ex_release_upstream(ex, ex->up_reusable);
-    if (ex->client && ex->client_chunked) buf_append(&ex->client->c.out, "0\r\n\r\n", 5);
+    if (ex->client && ex->client_chunked) buf_append(conn_outbuf(&ex->client->c), "0\r\n\r\n", 5);
     /* A response being kept keeps its last bytes until the record is
      * stored (exchange_idem_finished): a client that retries the moment it
      * has the whole answer then finds the replay, not a 409. */
@@ -461,7 +511,7 @@ static void ex_send_response_head(struct exchange *ex)
     const struct http1_head *rh = &ex->rhead;
     ex->status = rh->status;
     if (!ex->client) return;
-    struct buf *o = &ex->client->c.out;
+    struct buf *o = conn_outbuf(&ex->client->c);
     out_status_line(o, rh->status, rh->reason.p, rh->reason.n);
     bool has_rid = false;
     for (size_t i = 0; i < rh->n_headers; i++) {
@@ -489,19 +539,27 @@ static void ex_send_response_head(struct exchange *ex)
     buf_append(o, "\r\n", 2);
 }
 
-/* One slice of response body: to the client (framed) and to the engine. */
-static void ex_body_data(struct exchange *ex, const char *p, size_t n)
+/* One slice of response body: to the client (framed) and to the engine.
+ * A Content-Length or close-delimited slice goes out with one writev
+ * behind whatever is queued (no copy), except the last slice of a response
+ * being kept, which waits for its record (see ex_response_done). Chunked
+ * slices are framed into out and flushed once per read. */
+static void ex_body_data(struct exchange *ex, const char *p, size_t n, bool last)
 {
     if (n == 0) return;
     idem_response_body(ex, p, n);
-    if (!ex->client) return;
-    struct buf *o = &ex->client->c.out;
+    struct client *cl = ex->client;
+    if (!cl) return;
+    struct buf *o = conn_outbuf(&cl->c);
     if (ex->client_chunked) {
         buf_printf(o, "%zx\r\n", n);
         buf_append(o, p, n);
         buf_append(o, "\r\n", 2);
-    } else {
+    } else if (last && ex->recording) {
         buf_append(o, p, n);
+    } else {
+        struct iovec iov = {(void *)p, n};
+        if (conn_sendv(&cl->c, &iov, 1) < 0) client_close(cl);
     }
 }
 
@@ -555,7 +613,7 @@ static int ex_pump_body(struct exchange *ex)
     case HTTP1_BODY_LENGTH: {
         size_t n = buf_size(in);
         if (n > ex->r_remaining) n = (size_t)ex->r_remaining;
-        ex_body_data(ex, buf_data(in), n);
+        ex_body_data(ex, buf_data(in), n, n == ex->r_remaining);
         buf_consume(in, n);
         ex->r_remaining -= n;
         if (ex->r_remaining == 0) return 1;
@@ -566,7 +624,7 @@ static int ex_pump_body(struct exchange *ex)
             size_t used = 0;
             struct http1_slice d;
             int r = http1_chunked_next(&ex->rchunked, buf_data(in), buf_size(in), &used, &d);
-            if (r == HTTP1_CHUNK_DATA) ex_body_data(ex, d.p, d.n);
+            if (r == HTTP1_CHUNK_DATA) ex_body_data(ex, d.p, d.n, false);
             buf_consume(in, used);
             if (r == HTTP1_CHUNK_DONE) return 1;
             if (r < 0) {
@@ -577,7 +635,7 @@ static int ex_pump_body(struct exchange *ex)
         }
         break;
     case HTTP1_BODY_CLOSE:
-        ex_body_data(ex, buf_data(in), buf_size(in));
+        ex_body_data(ex, buf_data(in), buf_size(in), false);
         buf_consume(in, buf_size(in));
         if (u->c.eof) return 1;
         break;
@@ -666,7 +724,7 @@ static void client_timeout(evutil_socket_t fd, short what, void *arg)
         struct buf body;
         buf_init(&body);
         const char *ct = err_render(ERR_REQUEST_TIMEOUT, 408, false, &body);
-        buf_printf(&cl->c.out,
+        buf_printf(conn_outbuf(&cl->c),
                    "HTTP/1.1 408 Request Timeout\r\nContent-Type: %s\r\nContent-Length: "
                    "%zu\r\nConnection: close\r\n\r\n",
                    ct, buf_size(&body));
@@ -699,6 +757,13 @@ void client_accept(struct worker *w, int fd, const char *peer)
         return;
     }
     cl->c.rd_ready = false; /* wait for the first edge */
+    cl->c.pool = &w->bufs;
+    if (tls_server_enabled()) {
+        struct ssl_st *ssl = tls_server_new();
+        if (!ssl) abort(); /* out of memory */
+        conn_set_tls(&cl->c, ssl);
+        cl->tls = true;
+    }
     cl->timer = evtimer_new(w->base, client_timeout, cl);
     metrics_connections(1);
     cl->next = w->clients;
@@ -748,7 +813,7 @@ static void client_reject(struct client *cl, enum err_code e)
     buf_init(&body);
     int status = err_status(e, 409);
     const char *ct = err_render(e, status, cl->w->cfg->error_format == CFG_ERR_PROBLEM, &body);
-    struct buf *o = &cl->c.out;
+    struct buf *o = conn_outbuf(&cl->c);
     out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
     buf_printf(o, "Content-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", ct,
                buf_size(&body));
@@ -783,8 +848,16 @@ static void client_start_exchange(struct client *cl)
 {
     struct worker *w = cl->w;
     evtimer_del(cl->timer);
-    struct exchange *ex = calloc(1, sizeof(*ex));
-    if (!ex) abort();
+    struct exchange *ex = w->ex_cache;
+    if (ex) {
+        w->ex_cache = *(struct exchange **)ex;
+        w->n_ex_cache--;
+        memset(ex, 0, offsetof(struct exchange, head));
+        memset(&ex->head + 1, 0, sizeof(*ex) - offsetof(struct exchange, head) - sizeof(ex->head));
+    } else {
+        ex = calloc(1, sizeof(*ex));
+        if (!ex) abort();
+    }
     w->n_exchanges++;
     ex->refs = 2; /* the client's and the engine's */
     ex->w = w;
@@ -925,6 +998,8 @@ static void client_process(struct client *cl)
                     client_close(cl);
                 else if (cl->c.rd_ready)
                     continue;
+                else
+                    conn_trim(&cl->c); /* idle: hold no buffer memory */
                 return;
             }
             base = buf_data(&cl->c.in);
@@ -938,7 +1013,7 @@ static void client_process(struct client *cl)
             }
             if (cl->head.expect_continue && !cl->sent_continue) {
                 cl->sent_continue = true;
-                buf_append_str(&cl->c.out, "HTTP/1.1 100 Continue\r\n\r\n");
+                buf_append_str(conn_outbuf(&cl->c), "HTTP/1.1 100 Continue\r\n\r\n");
                 if (conn_flush(&cl->c) < 0) {
                     client_close(cl);
                     return;
@@ -960,6 +1035,17 @@ static void client_event(struct conn *c, short what, void *arg)
 {
     struct client *cl = arg;
     (void)c;
+    if (cl->tls && !cl->c.tls_done) {
+        /* The client timer (armed at accept) bounds the handshake. */
+        char why[256];
+        int r = conn_handshake(&cl->c, why, sizeof(why));
+        if (r < 0) {
+            log_msg(cl->c.eof ? LOG_DEBUG : LOG_INFO, "client %s: TLS handshake failed: %s",
+                    cl->peer, why);
+            client_close(cl);
+        }
+        if (r <= 0) return;
+    }
     if ((what & EV_WRITE) && !(cl->ex && cl->ex->holding)) {
         int r = conn_flush(&cl->c);
         if (r < 0 || (r == 1 && cl->state == CLIENT_CLOSING)) {
@@ -972,6 +1058,7 @@ static void client_event(struct conn *c, short what, void *arg)
             ex_client_drained(cl->ex);
             return;
         }
+        if (r == 1 && cl->state == CLIENT_IDLE) conn_trim(&cl->c);
     }
     if (cl->state == CLIENT_IDLE && (cl->c.rd_ready || (what & EV_READ))) client_process(cl);
 }

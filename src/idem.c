@@ -24,6 +24,7 @@
  * Polling through the store works across instances with no pub/sub. */
 #define IDEM_WAIT_POLL_MS 50
 #define ANON_SCOPE "anonymous"
+#define IDEM_KEY_MAX 8192 /* the largest idempotency.key_max_length config.c accepts */
 
 static void idem_acquire(struct exchange *ex);
 
@@ -140,31 +141,29 @@ void idem_start(struct exchange *ex)
             idem_passthrough(ex);
         return;
     }
-    char *key = malloc(kh->value.n + 1);
+    /* Room for the longest valid key quoted with every byte escaped; any
+     * longer value cannot be valid. */
+    char key[2 * IDEM_KEY_MAX + 3];
     size_t key_len = 0;
-    if (!key) abort();
-    if (count > 1 ||
+    if (count > 1 || kh->value.n >= sizeof(key) ||
         idem_key_parse(kh->value.p, kh->value.n, (size_t)idem->key_max_length, key, &key_len)) {
-        free(key);
         idem_answer(ex, ERR_INVALID_KEY);
         return;
     }
     char scope[SCOPE_HEX_LEN + 1];
     int sr = idem_scope(ex, scope);
     if (sr != 0) {
-        free(key);
         if (sr > 0) idem_passthrough(ex);
         return;
     }
     size_t scope_len = strlen(scope);
     ex->skey_len = scope_len + 1 + key_len;
-    ex->skey = malloc(ex->skey_len + 1);
+    ex->skey = ex->skey_len < sizeof(ex->skey_buf) ? ex->skey_buf : malloc(ex->skey_len + 1);
     if (!ex->skey) abort();
     memcpy(ex->skey, scope, scope_len);
     ex->skey[scope_len] = ':';
     memcpy(ex->skey + scope_len + 1, key, key_len);
     ex->skey[ex->skey_len] = '\0';
-    free(key);
     idem_fingerprint(ex);
     idem_new_token(ex->token);
     ex->covered = true;
@@ -210,20 +209,17 @@ static void idem_wait_tick(evutil_socket_t fd, short what, void *arg)
 
 static void idem_replay(struct exchange *ex, const struct store_acquire_reply *r)
 {
-    struct record *rec = malloc(sizeof(*rec));
-    if (!rec) abort();
+    struct record rec; /* slices into the store's reply: no copy */
     size_t max = (size_t)ex->idem->max_cached_response_bytes + (16u << 20);
-    if (record_decode(r->record, r->record_len, max, rec) != 0 ||
-        memcmp(rec->fp, ex->fp, FP_LEN) != 0) {
-        free(rec);
+    if (record_decode(r->record, r->record_len, max, &rec) != 0 ||
+        memcmp(rec.fp, ex->fp, FP_LEN) != 0) {
         metrics_inc(M_STORE_ERRORS);
         log_msg(LOG_ERROR, "request %.*s: stored record is corrupt; treating as store error",
                 (int)ex->request_id_len, ex->request_id);
         idem_answer(ex, ERR_STORE_UNAVAILABLE);
         return;
     }
-    exchange_replay(ex, rec);
-    free(rec);
+    exchange_replay(ex, &rec);
     exchange_idem_finished(ex);
 }
 
@@ -394,6 +390,6 @@ void idem_free(struct exchange *ex)
     if (ex->idem_timer) event_free(ex->idem_timer);
     ex->idem_timer = NULL;
     buf_free(&ex->rec);
-    free(ex->skey);
+    if (ex->skey != ex->skey_buf) free(ex->skey);
     ex->skey = NULL;
 }

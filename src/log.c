@@ -73,3 +73,16 @@ void log_msg(enum log_level lvl, const char *fmt, ...)
     log_line_end(&b);
     buf_free(&b);
 }
+
+static __thread struct buf log_tls_buf;
+
+struct buf *log_scratch(void)
+{
+    buf_reset(&log_tls_buf);
+    return &log_tls_buf;
+}
+
+void log_scratch_free(void)
+{
+    buf_free(&log_tls_buf);
+}

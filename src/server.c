@@ -26,6 +26,7 @@
 #include "idemgate/log.h"
 #include "idemgate/metrics.h"
 #include "idemgate/store.h"
+#include "idemgate/tls.h"
 #include "idemgate/upstream.h"
 
 #define ACCEPT_BATCH 64
@@ -179,6 +180,7 @@ static int worker_init(struct server *srv, struct worker *w, int id, char *err, 
     w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, worker_stop, w);
     event_add(w->stop_ev, NULL);
+    buf_pool_init(&w->bufs, 16384, 256);
     w->n_pools = cfg->n_routes + 1;
     w->pools = calloc(w->n_pools, sizeof(*w->pools));
     if (!w->pools) abort();
@@ -197,12 +199,17 @@ int server_init(struct server *srv, const struct cfg *cfg)
     memset(srv, 0, sizeof(*srv));
     srv->cfg = cfg;
     atomic_init(&srv->connections, 0);
+    char err[512];
+    if (tls_init(cfg, err, sizeof(err)) < 0) {
+        log_msg(LOG_ERROR, "%s", err);
+        return -1;
+    }
     if (RAND_bytes((unsigned char *)&srv->boot_id, sizeof(srv->boot_id)) != 1) abort();
-    if (cfg->store == CFG_STORE_MEMORY) srv->mem = store_memory_shared_new(cfg->redis.key_prefix);
+    if (cfg->store == CFG_STORE_MEMORY)
+        srv->mem = store_memory_shared_new(cfg->redis.key_prefix, cfg->memory_max_bytes);
     srv->n_workers = cfg->workers > 0 ? cfg->workers : 1;
     srv->workers = calloc((size_t)srv->n_workers, sizeof(*srv->workers));
     if (!srv->workers) abort();
-    char err[256];
     for (int i = 0; i < srv->n_workers; i++) {
         if (worker_init(srv, &srv->workers[i], i, err, sizeof(err)) < 0) {
             log_msg(LOG_ERROR, "%s", err);
@@ -217,6 +224,7 @@ static void *worker_main(void *arg)
 {
     struct worker *w = arg;
     event_base_dispatch(w->base);
+    log_scratch_free();
     return NULL;
 }
 
@@ -249,6 +257,12 @@ static bool worker_free(struct worker *w)
     for (size_t i = 0; i < w->n_pools; i++)
         upstream_pool_free(&w->pools[i]);
     free(w->pools);
+    while (w->ex_cache) {
+        struct exchange *ex = w->ex_cache;
+        w->ex_cache = *(struct exchange **)ex;
+        free(ex);
+    }
+    buf_pool_free(&w->bufs);
     if (w->store) store_free(w->store);
     if (w->listen_ev) event_free(w->listen_ev);
     if (w->listen_fd >= 0) close(w->listen_fd);
@@ -266,6 +280,8 @@ bool server_free(struct server *srv)
         if (srv->workers[i].started) pthread_join(srv->workers[i].thread, NULL);
     for (int i = 0; i < srv->n_workers; i++)
         if (!worker_free(&srv->workers[i])) clean = false;
+    /* Connections left over hold their own references to the contexts. */
+    tls_free();
     if (!clean) return false; /* exiting anyway: leave the rest to the OS */
     free(srv->workers);
     if (srv->mem) store_memory_shared_free(srv->mem);

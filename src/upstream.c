@@ -1,7 +1,8 @@
 /* upstream.c — keep-alive upstream connection pools, one per upstream URL
  * per worker (no locks: a pool belongs to one event loop). Owns parked
  * connections; a connection handed out belongs to its exchange until it is
- * put back. */
+ * put back. For https, the SSL of each connection (through its conn) and
+ * the pool's last session; the client context is tls.c's. */
 #include "idemgate/upstream.h"
 
 #include <errno.h>
@@ -9,10 +10,12 @@
 #include <sys/socket.h>
 
 #include <event2/event.h>
+#include <openssl/ssl.h>
 
 #include "idemgate/config.h"
 #include "idemgate/log.h"
 #include "idemgate/server.h"
+#include "idemgate/tls.h"
 
 /* Many servers close idle keep-alive connections after ~5 s (Node.js,
  * gunicorn). Reusing one just as the server closes it would fail a request
@@ -28,6 +31,7 @@ void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct 
     p->n_idle = 0;
     p->max_idle = UPSTREAM_MAX_IDLE_CONNS;
     p->addr_len = 0;
+    p->tls_session = NULL;
 }
 
 static void upconn_free(struct upconn *u)
@@ -71,6 +75,8 @@ void upstream_pool_free(struct upstream_pool *p)
         upconn_free(u);
     }
     p->n_idle = 0;
+    if (p->tls_session) SSL_SESSION_free(p->tls_session);
+    p->tls_session = NULL;
 }
 
 struct upconn *upstream_get(struct upstream_pool *p)
@@ -105,6 +111,7 @@ struct upconn *upstream_get(struct upstream_pool *p)
         errno = ENOMEM;
         return NULL;
     }
+    u->c.pool = &p->w->bufs;
     /* Not connected yet: the first EV_WRITE edge tells. */
     u->c.wr_ready = false;
     u->c.rd_ready = false;
@@ -115,11 +122,12 @@ void upstream_put(struct upconn *u, bool reusable)
 {
     struct upstream_pool *p = u->pool;
     if (!reusable || u->c.eof || u->c.err || buf_size(&u->c.in) > 0 || buf_size(&u->c.out) > 0 ||
-        p->n_idle >= p->max_idle || p->w->draining) {
+        !u->connected || conn_tls_pending(&u->c) || p->n_idle >= p->max_idle || p->w->draining) {
         upconn_free(u);
         return;
     }
     buf_reset(&u->c.in);
+    conn_trim(&u->c); /* parked connections hold no buffer memory */
     u->idle_since_ms = worker_now_ms(p->w);
     conn_set_cb(&u->c, pool_idle_event, u);
     u->next = p->idle;
@@ -127,14 +135,42 @@ void upstream_put(struct upconn *u, bool reusable)
     p->n_idle++;
 }
 
+static int upstream_tls_start(struct upconn *u)
+{
+    struct upstream_pool *p = u->pool;
+    SSL *ssl = tls_client_new(p->w->cfg, p->url, &p->tls_session);
+    if (!ssl) {
+        log_msg(LOG_ERROR, "upstream %s: cannot start TLS", p->url->text);
+        return ENOMEM;
+    }
+    conn_set_tls(&u->c, ssl);
+    return 0;
+}
+
 int upstream_connect_result(struct upconn *u)
 {
-    int err = 0;
-    socklen_t len = sizeof(err);
-    if (getsockopt(u->c.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
-    if (err == 0)
-        u->connected = true;
-    else
-        u->pool->addr_len = 0; /* the name may point elsewhere now */
-    return err;
+    if (!u->tcp_connected) {
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (getsockopt(u->c.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
+        if (err != 0) {
+            u->pool->addr_len = 0; /* the name may point elsewhere now */
+            return err;
+        }
+        u->tcp_connected = true;
+        if (!u->pool->url->tls) {
+            u->connected = true;
+            return 0;
+        }
+        err = upstream_tls_start(u);
+        if (err) return err;
+    }
+    char why[256];
+    int r = conn_handshake(&u->c, why, sizeof(why));
+    if (r < 0) {
+        log_msg(LOG_WARN, "upstream %s: TLS handshake failed: %s", u->pool->url->text, why);
+        return EPROTO;
+    }
+    if (r == 1) u->connected = true;
+    return 0;
 }

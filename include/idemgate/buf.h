@@ -40,6 +40,23 @@ static inline const char *buf_data(const struct buf *b)
 void buf_reset(struct buf *b);
 /* Swaps the contents of two buffers. */
 void buf_swap(struct buf *a, struct buf *b);
+/* A per-thread cache of equally sized free buffers: a connection gives its
+ * buffers back while idle (so 10,000 idle keep-alive connections hold no
+ * buffer memory) and the next busy one takes them without malloc. */
+struct buf_pool {
+    char **free;
+    unsigned n, max;
+    size_t size;
+};
+
+void buf_pool_init(struct buf_pool *bp, size_t size, unsigned max);
+void buf_pool_free(struct buf_pool *bp);
+/* Gives b memory from the pool when b has none. bp may be NULL. */
+void buf_take(struct buf *b, struct buf_pool *bp);
+/* When b is empty, gives its memory back to the pool (or frees it when it
+ * grew past the pool's size or the pool is full). bp may be NULL. */
+void buf_release(struct buf *b, struct buf_pool *bp);
+
 /* Appends the bytes escaped as the inside of a JSON string. */
 void buf_append_json_str(struct buf *b, const char *s, size_t n);
 

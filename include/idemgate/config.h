@@ -99,6 +99,7 @@ struct cfg {
     struct cfg_url upstream;
     enum cfg_store store;
     struct cfg_redis redis;
+    uint64_t memory_max_bytes; /* memory.max_bytes: the memory store's bound */
     struct cfg_idem idem;
     enum cfg_error_format error_format;
     struct cfg_limits limits;

@@ -49,6 +49,7 @@ struct client {
     struct exchange *ex;
     struct event *timer; /* client_timeout_ms: request receive / keep-alive idle */
     char peer[64];       /* client IP as text, for X-Forwarded-For */
+    bool tls;            /* HTTPS: requests are read once the handshake is done */
     /* request being read */
     long head_len;
     struct http1_head head;
@@ -110,7 +111,8 @@ struct exchange {
     /* idempotency */
     bool covered; /* acquire was attempted */
     bool owner;   /* we hold the lock */
-    char *skey;   /* "<scope>:<key>", owned */
+    char *skey;   /* "<scope>:<key>": skey_buf, or owned when longer */
+    char skey_buf[SCOPE_HEX_LEN + 2 + 256];
     size_t skey_len;
     char token[STORE_TOKEN_LEN + 1];
     uint8_t fp[FP_LEN];

@@ -23,5 +23,9 @@ void log_line_end(struct buf *b);
 /* Appends ,"key":"escaped value". */
 void log_kv_str(struct buf *b, const char *key, const char *v, size_t n);
 void log_kv_int(struct buf *b, const char *key, long long v);
+/* An empty buffer of this thread's, reused line after line (no allocation
+ * per access line); log_scratch_free at the thread's end. */
+struct buf *log_scratch(void);
+void log_scratch_free(void);
 
 #endif

@@ -12,6 +12,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "idemgate/buf.h"
+
 struct cfg;
 struct event_base;
 struct event;
@@ -19,6 +21,7 @@ struct store;
 struct store_memory_shared;
 struct upstream_pool;
 struct client;
+struct exchange;
 
 struct worker {
     int id;
@@ -38,7 +41,10 @@ struct worker {
     struct client *clients; /* all open client connections (list) */
     unsigned n_exchanges;   /* exchanges alive, attached or not */
     bool draining;
-    uint64_t rid_counter; /* request-id sequence */
+    uint64_t rid_counter;      /* request-id sequence */
+    struct buf_pool bufs;      /* connection buffers while idle */
+    struct exchange *ex_cache; /* freed exchanges kept for reuse (list) */
+    unsigned n_ex_cache;
 };
 
 struct server {

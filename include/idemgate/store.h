@@ -92,10 +92,33 @@ void store_ping(struct store *s, store_done_cb cb, void *arg);
 void store_free(struct store *s);
 
 /* Memory backend: one shared table (mutex-protected) for the whole process,
- * one struct store per worker that defers callbacks onto its own base. */
+ * one struct store per worker that defers callbacks onto its own base.
+ *
+ * max_bytes (memory.max_bytes; 0 = no limit) bounds everything the table
+ * holds: each entry is charged its struct, key, record and allocator
+ * overhead, and the bucket arrays are charged too. When an acquire or a
+ * complete would go over it, completed records are evicted, oldest
+ * completion first; in-progress locks are never evicted, and when only
+ * locks are left the operation answers STORE_ACQ_ERROR / -1 (a complete
+ * that fails so leaves its lock to expire). */
 struct store_memory_shared;
-struct store_memory_shared *store_memory_shared_new(const char *key_prefix);
+struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint64_t max_bytes);
 void store_memory_shared_free(struct store_memory_shared *sh);
+
+/* A snapshot of the shared table, taken under its mutex. */
+struct store_memory_stats {
+    uint64_t max_bytes;   /* the limit, 0 = none */
+    uint64_t bytes;       /* everything charged: entry_bytes + the bucket arrays */
+    uint64_t entry_bytes; /* entries only */
+    size_t entries;       /* locks + completed */
+    size_t locks;
+    size_t completed;
+    size_t buckets;     /* slots in the table (both tables while it rehashes) */
+    uint64_t evictions; /* completed records evicted to make room */
+    uint64_t expired;   /* entries reclaimed after their expiry */
+    uint64_t refused;   /* acquires/completes refused: only locks left */
+};
+void store_memory_shared_stats(struct store_memory_shared *sh, struct store_memory_stats *out);
 /* The shared table is borrowed and must outlive the store. */
 struct store *store_memory_new(struct event_base *base, struct store_memory_shared *sh,
                                int timeout_ms);

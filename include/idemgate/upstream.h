@@ -4,7 +4,12 @@
  * connection (not idle too long, not closed by the peer) or a new one that
  * is still connecting; the caller owns it until upstream_put, which either
  * parks it (bounded) or closes it. While parked, the pool watches it and
- * drops it when the peer closes it or sends anything. */
+ * drops it when the peer closes it or sends anything.
+ *
+ * https:// upstreams: after the TCP connect, upstream_connect_result drives
+ * the TLS handshake (verified against upstream_tls, see tls.h) before the
+ * connection counts as connected; parked connections keep their session,
+ * and the pool keeps the last session ticket for resumption. */
 #ifndef IDEMGATE_UPSTREAM_H
 #define IDEMGATE_UPSTREAM_H
 
@@ -17,12 +22,14 @@
 struct worker;
 struct cfg_url;
 struct upstream_pool;
+struct ssl_session_st;
 
 struct upconn {
     struct conn c;
     struct upstream_pool *pool;
     struct upconn *next; /* idle list */
-    bool connected;      /* connect() finished */
+    bool tcp_connected;  /* connect() finished */
+    bool connected;      /* connect() and, for https, the TLS handshake finished */
     bool reused;         /* served a request before */
     uint64_t idle_since_ms;
 };
@@ -33,8 +40,9 @@ struct upstream_pool {
     struct upconn *idle;
     unsigned n_idle;
     unsigned max_idle;
-    struct sockaddr_storage addr; /* resolved once; again after a failure */
-    unsigned addr_len;            /* 0: not resolved */
+    struct sockaddr_storage addr;       /* resolved once; again after a failure */
+    unsigned addr_len;                  /* 0: not resolved */
+    struct ssl_session_st *tls_session; /* last issued, for resumption (owned) */
 };
 
 void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct cfg_url *url);
@@ -44,7 +52,10 @@ void upstream_pool_free(struct upstream_pool *p);
 struct upconn *upstream_get(struct upstream_pool *p);
 /* Gives the connection back: parked when reusable, else closed and freed. */
 void upstream_put(struct upconn *u, bool reusable);
-/* Checks a finished non-blocking connect: 0 ok, else the errno. */
+/* Call on each event until u->connected: checks the finished non-blocking
+ * connect, then (https) runs a TLS handshake step. Returns 0 (connected,
+ * or the handshake goes on: connected stays false) or an errno (EPROTO for
+ * a failed handshake, logged with its reason). */
 int upstream_connect_result(struct upconn *u);
 
 #endif

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Upstream server for the idemgate integration tests.
 
-Run as its own process: `/usr/bin/python3 upstream.py --port N`.
+Run as its own process: `/usr/bin/python3 upstream.py --port N`
+(add `--tls-cert FILE --tls-key FILE` to serve HTTPS instead).
 HTTP/1.1 with keep-alive, one daemon thread per connection. Every request
 except GET /__stats and POST /__reset is counted (total, by Idempotency-Key,
 by path without query), including requests the server could not parse.
@@ -32,6 +33,7 @@ import argparse
 import hashlib
 import json
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -61,10 +63,15 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
+    tls_context = None  # set for HTTPS: the handshake runs in the handler
+
     def get_request(self):
         conn, addr = super().get_request()
         with LOCK:
             STATS["connections"] += 1
+        if self.tls_context is not None:
+            conn = self.tls_context.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False)
         return conn, addr
 
 
@@ -75,6 +82,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - base signature
         pass
+
+    def setup(self):
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def parse_request(self):
         ok = super().parse_request()
@@ -247,8 +259,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--tls-cert", default=None)
+    ap.add_argument("--tls-key", default=None)
     args = ap.parse_args()
     srv = Server((args.host, args.port), Handler)
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        srv.tls_context = ctx
     sys.stdout.write("listening %d\n" % args.port)
     sys.stdout.flush()
     try:

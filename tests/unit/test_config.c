@@ -149,6 +149,7 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_int_equal(a->redis.timeout_ms, b->redis.timeout_ms);
     assert_int_equal(a->redis.failure_mode, b->redis.failure_mode);
     assert_int_equal(a->redis.wait_replicas, b->redis.wait_replicas);
+    assert_true(a->memory_max_bytes == b->memory_max_bytes);
     assert_idem_eq(&a->idem, &b->idem);
     assert_int_equal(a->error_format, b->error_format);
     assert_int_equal(a->limits.max_request_body_bytes, b->limits.max_request_body_bytes);
@@ -213,6 +214,7 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.redis.timeout_ms, 1000);
     assert_int_equal(c.redis.failure_mode, CFG_FAIL_CLOSED);
     assert_int_equal(c.redis.wait_replicas, 0);
+    assert_true(c.memory_max_bytes == 268435456ULL);
     assert_true(c.idem.enabled);
     assert_string_equal(c.idem.header, "Idempotency-Key");
     assert_int_equal(c.idem.methods.n, 2);
@@ -420,6 +422,7 @@ static void test_unknown_keys(void **state)
     expect_error("{\"tls\": {\"ca_file\": \"\"}}", "config: tls.ca_file: unknown key");
     expect_error("{\"upstream_tls\": {\"cert\": \"\"}}", "config: upstream_tls.cert: unknown key");
     expect_error("{\"log\": {\"format\": \"json\"}}", "config: log.format: unknown key");
+    expect_error("{\"memory\": {\"max\": 1048576}}", "config: memory.max: unknown key");
 }
 
 static void test_enabled_not_global(void **state)
@@ -453,6 +456,7 @@ static void test_section_not_object(void **state)
     expect_error("{\"redis\": 1}", "config: redis: must be an object");
     expect_error("{\"idempotency\": []}", "config: idempotency: must be an object");
     expect_error("{\"log\": \"info\"}", "config: log: must be an object");
+    expect_error("{\"memory\": 1048576}", "config: memory: must be an object");
 }
 
 static void test_control_chars_in_key(void **state)
@@ -578,6 +582,31 @@ static void test_u64_ranges(void **state)
                  "config: idempotency.max_cached_response_bytes: must be an integer <= 1073741824");
     expect_error("{\"idempotency\": {\"max_cached_response_bytes\": -1}}",
                  "config: idempotency.max_cached_response_bytes: must be an integer >= 0");
+}
+
+static void test_memory_max_bytes(void **state)
+{
+    (void)state;
+    struct cfg c;
+    load_ok(&c, "{\"memory\": {\"max_bytes\": 1048576}}");
+    assert_true(c.memory_max_bytes == 1048576ULL);
+    cfg_free(&c);
+    load_ok(&c, "{\"memory\": {\"max_bytes\": 68719476736}}");
+    assert_true(c.memory_max_bytes == 68719476736ULL);
+    cfg_free(&c);
+    load_ok(&c, "{\"memory\": {}}");
+    assert_true(c.memory_max_bytes == 268435456ULL);
+    cfg_free(&c);
+    expect_error("{\"memory\": {\"max_bytes\": 1048575}}",
+                 "config: memory.max_bytes: must be an integer >= 1048576");
+    expect_error("{\"memory\": {\"max_bytes\": 68719476737}}",
+                 "config: memory.max_bytes: must be an integer <= 68719476736");
+    expect_error("{\"memory\": {\"max_bytes\": 0}}",
+                 "config: memory.max_bytes: must be an integer >= 1048576");
+    expect_error("{\"memory\": {\"max_bytes\": 2097152.5}}",
+                 "config: memory.max_bytes: must be an integer >= 1048576");
+    expect_error("{\"memory\": {\"max_bytes\": \"256MB\"}}",
+                 "config: memory.max_bytes: must be an integer >= 1048576");
 }
 
 static void test_max_header_bytes_range(void **state)
@@ -1484,6 +1513,7 @@ int main(void)
         cmocka_unit_test(test_wait_max_ms_range),
         cmocka_unit_test(test_redis_int_ranges),
         cmocka_unit_test(test_u64_ranges),
+        cmocka_unit_test(test_memory_max_bytes),
         cmocka_unit_test(test_max_header_bytes_range),
         cmocka_unit_test(test_limits_ranges),
         cmocka_unit_test(test_mismatch_status),

@@ -1165,7 +1165,7 @@ static void test_scope_header_order(void **state)
 static void test_memory_store_round_trip(void **state)
 {
     struct fixture *fx = *state;
-    struct store_memory_shared *sh = store_memory_shared_new("idem:");
+    struct store_memory_shared *sh = store_memory_shared_new("idem:", 0);
     assert_non_null(sh);
     fx->w.store = store_memory_new(fx->w.base, sh, 1000);
     fx->base_events = event_base_get_num_events(fx->w.base, EVENT_BASE_COUNT_ADDED);

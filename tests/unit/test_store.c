@@ -185,7 +185,7 @@ static int ctx_setup(void **state)
     struct timeval tv = {0, 20000};
     event_add(c->tick, &tv);
     fill_cfg(&c->cfg);
-    c->sh = store_memory_shared_new(PREFIX);
+    c->sh = store_memory_shared_new(PREFIX, 0);
     c->st = ctx_new_store(c);
     *state = c;
     return 0;
@@ -644,6 +644,339 @@ static void test_memory_many_keys(void **state)
     }
 }
 
+/* ---- memory only: the bound, eviction, reclaim ---- */
+
+/* Replaces the fixture's unlimited table with one bounded by max_bytes. */
+static void use_bounded(struct ctx *c, uint64_t max_bytes)
+{
+    store_free(c->st);
+    store_memory_shared_free(c->sh);
+    c->sh = store_memory_shared_new(PREFIX, max_bytes);
+    c->st = ctx_new_store(c);
+}
+
+static struct store_memory_stats mstats(struct ctx *c)
+{
+    struct store_memory_stats st;
+    store_memory_shared_stats(c->sh, &st);
+    return st;
+}
+
+/* Fixed-width keys, so that every entry costs the same. */
+static void mem_skey(char *out, size_t n, const char *what, int i)
+{
+    snprintf(out, n, "memscope:%s-%06d", what, i);
+}
+
+static void fill_record(uint8_t *rec, size_t n, int seed)
+{
+    for (size_t i = 0; i < n; i++)
+        rec[i] = (uint8_t)(seed + (int)i * 13);
+}
+
+/* Locks then completes key i with a 1000-byte record. */
+static void put_record(struct ctx *c, const char *what, int i, uint32_t ttl)
+{
+    char k[64];
+    uint8_t rec[1000];
+    mem_skey(k, sizeof(k), what, i);
+    fill_record(rec, sizeof(rec), i);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(complete(c, k, TOKEN_A, rec, sizeof(rec), ttl), 1);
+}
+
+static void test_memory_evicts_oldest_first(void **state)
+{
+    struct ctx *c = *state;
+    use_bounded(c, 32 * 1024);
+    const int n = 80;
+    for (int i = 0; i < n; i++) {
+        put_record(c, "fifo", i, 600);
+        assert_true(mstats(c).bytes <= 32 * 1024);
+    }
+    struct store_memory_stats st = mstats(c);
+    assert_true(st.completed > 10 && st.completed < (size_t)n);
+    assert_int_equal(st.locks, 0);
+    assert_true(st.evictions == (uint64_t)n - st.completed);
+    int first_kept = n - (int)st.completed;
+    char k[64];
+    /* the newest ones are all there, intact */
+    for (int i = first_kept; i < n; i++) {
+        struct acq_res res;
+        uint8_t rec[1000];
+        mem_skey(k, sizeof(k), "fifo", i);
+        fill_record(rec, sizeof(rec), i);
+        assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &res),
+                         STORE_ACQ_COMPLETED);
+        assert_int_equal(res.rec_len, sizeof(rec));
+        assert_memory_equal(res.rec, rec, sizeof(rec));
+    }
+    /* and exactly the oldest ones are gone */
+    for (int i = 0; i < first_kept; i++) {
+        mem_skey(k, sizeof(k), "fifo", i);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_LOCKED);
+        assert_int_equal(release(c, k, TOKEN_B), 1);
+    }
+}
+
+/* A replay does not refresh a record: the order is the completion order. */
+static void test_memory_replay_does_not_reorder(void **state)
+{
+    struct ctx *c = *state;
+    use_bounded(c, 32 * 1024);
+    int i = 0;
+    while (mstats(c).evictions == 0 && i < 1000)
+        put_record(c, "order", i++, 600);
+    /* key 1 is now the oldest: replaying it does not save it */
+    char k[64];
+    mem_skey(k, sizeof(k), "order", 1);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_COMPLETED);
+    put_record(c, "order", i++, 600);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_LOCKED);
+}
+
+static void test_memory_locks_never_evicted(void **state)
+{
+    struct ctx *c = *state;
+    use_bounded(c, 32 * 1024);
+    char lock1[64], lock2[64];
+    mem_skey(lock1, sizeof(lock1), "lock", 1);
+    mem_skey(lock2, sizeof(lock2), "lock", 2);
+    assert_int_equal(acquire(c, lock1, FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+    for (int i = 0; i < 40; i++)
+        put_record(c, "around-locks", i, 600);
+    assert_int_equal(acquire(c, lock2, FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+    for (int i = 40; i < 120; i++)
+        put_record(c, "around-locks", i, 600);
+    struct store_memory_stats st = mstats(c);
+    assert_true(st.evictions > 80);
+    assert_int_equal(st.locks, 2);
+    assert_true(st.bytes <= 32 * 1024);
+    assert_int_equal(acquire(c, lock1, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(acquire(c, lock2, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+    /* the owner still completes it (evicting others to make room) */
+    uint8_t rec[1000];
+    fill_record(rec, sizeof(rec), 7);
+    assert_int_equal(complete(c, lock1, TOKEN_A, rec, sizeof(rec), 600), 1);
+    assert_int_equal(acquire(c, lock1, FP_1, TOKEN_B, 10000), STORE_ACQ_COMPLETED);
+    assert_int_equal(renew(c, lock2, TOKEN_A, 60000), 1);
+    assert_int_equal(release(c, lock2, TOKEN_A), 1);
+}
+
+static void test_memory_full_of_locks(void **state)
+{
+    struct ctx *c = *state;
+    use_bounded(c, 16 * 1024);
+    put_record(c, "before-locks", 0, 600);
+    char k[64];
+    int locked = 0;
+    enum store_acquire_state s = STORE_ACQ_LOCKED;
+    while (s == STORE_ACQ_LOCKED && locked < 2000) {
+        mem_skey(k, sizeof(k), "only-locks", locked);
+        s = acquire(c, k, FP_1, TOKEN_A, 60000);
+        if (s == STORE_ACQ_LOCKED) locked++;
+    }
+    assert_int_equal(s, STORE_ACQ_ERROR);
+    assert_true(locked > 10 && locked < 2000);
+    struct store_memory_stats st = mstats(c);
+    assert_int_equal(st.locks, (size_t)locked);
+    assert_int_equal(st.completed, 0); /* the record made room for locks */
+    assert_true(st.refused >= 1);
+    assert_true(st.bytes <= 16 * 1024);
+    /* refused again, and nothing was taken from the locks */
+    mem_skey(k, sizeof(k), "one-more", 0);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 60000), STORE_ACQ_ERROR);
+    for (int i = 0; i < locked; i++) {
+        mem_skey(k, sizeof(k), "only-locks", i);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    }
+    /* a record that does not fit: -1, and the key stays locked */
+    uint8_t rec[1000];
+    fill_record(rec, sizeof(rec), 1);
+    mem_skey(k, sizeof(k), "only-locks", 0);
+    assert_int_equal(complete(c, k, TOKEN_A, rec, sizeof(rec), 600), -1);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    /* giving locks back makes room again */
+    for (int i = 0; i < 3; i++) {
+        mem_skey(k, sizeof(k), "only-locks", i);
+        assert_int_equal(release(c, k, TOKEN_A), 1);
+    }
+    mem_skey(k, sizeof(k), "one-more", 0);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+}
+
+/* Waits (bounded) until the table holds nothing and has shrunk back. */
+static bool wait_empty(struct ctx *c, int max_ms)
+{
+    uint64_t end = now_ms() + (uint64_t)max_ms;
+    while (now_ms() < end) {
+        struct store_memory_stats st = mstats(c);
+        if (st.entries == 0 && st.buckets == 64) return true;
+        run_for(c, 50);
+    }
+    return false;
+}
+
+/* Everything released or expired: the accounting returns to the empty
+ * table, the table shrinks back, without any further request (the
+ * store's own timer does it, a bounded slice at a time). */
+static void test_memory_accounting_returns_to_zero(void **state)
+{
+    struct ctx *c = *state;
+    use_bounded(c, 64ull * 1024 * 1024);
+    struct store_memory_stats empty = mstats(c);
+    assert_int_equal(empty.entries, 0);
+    assert_int_equal(empty.entry_bytes, 0);
+    char k[64];
+    uint8_t rec[1000];
+    fill_record(rec, sizeof(rec), 3);
+    for (int i = 0; i < 3000; i++) {
+        mem_skey(k, sizeof(k), "zero", i);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_A, i % 3 == 0 ? 200 : 60000), STORE_ACQ_LOCKED);
+        if (i % 3 == 1) assert_int_equal(complete(c, k, TOKEN_A, rec, (size_t)i % 1000, 1), 1);
+    }
+    struct store_memory_stats full = mstats(c);
+    assert_true(full.entries > 2000);
+    assert_true(full.buckets >= 4096);
+    assert_true(full.entry_bytes > 2000 * (uint64_t)sizeof(void *) * 8);
+    for (int i = 2; i < 3000; i += 3) {
+        mem_skey(k, sizeof(k), "zero", i);
+        assert_int_equal(release(c, k, TOKEN_A), 1);
+    }
+    assert_true(wait_empty(c, 15000));
+    struct store_memory_stats st = mstats(c);
+    assert_int_equal(st.entry_bytes, 0);
+    assert_int_equal(st.bytes, empty.bytes);
+    assert_true(st.expired >= 2000);
+    assert_int_equal(st.evictions, 0);
+}
+
+/* Thousands of inserts of mixed sizes, locks that die, records that
+ * expire: the bound holds after every operation, and the newest record
+ * is always there. */
+static void test_memory_bound_respected(void **state)
+{
+    struct ctx *c = *state;
+    const uint64_t max = 64 * 1024;
+    use_bounded(c, max);
+    char k[64];
+    uint8_t rec[1000];
+    srand(42);
+    for (int i = 0; i < 6000; i++) {
+        mem_skey(k, sizeof(k), "bound", i);
+        uint32_t lock_ms = i % 5 == 0 ? 1 : 60000;
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_A, lock_ms), STORE_ACQ_LOCKED);
+        assert_true(mstats(c).bytes <= max);
+        if (i % 5 == 0) continue; /* a lock left to die */
+        size_t n = (size_t)rand() % sizeof(rec);
+        fill_record(rec, n, i);
+        assert_int_equal(complete(c, k, TOKEN_A, rec, n, i % 2 ? 1 : 600), 1);
+        assert_true(mstats(c).bytes <= max);
+        struct acq_res res;
+        assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &res),
+                         STORE_ACQ_COMPLETED);
+        assert_int_equal(res.rec_len, n);
+        if (n) assert_memory_equal(res.rec, rec, n);
+    }
+    struct store_memory_stats st = mstats(c);
+    assert_true(st.evictions > 1000);
+    assert_true(st.bytes <= max);
+    assert_true(st.completed > 0);
+}
+
+/* Keys stay findable while the table grows and shrinks (lookups span
+ * both tables during an incremental rehash). */
+static void test_memory_rehash_keeps_keys(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    for (int i = 0; i < 5000; i++) {
+        mem_skey(k, sizeof(k), "rehash", i);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+        if (i % 97 == 0) {
+            for (int j = 0; j <= i; j += 13) {
+                mem_skey(k, sizeof(k), "rehash", j);
+                assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 60000), STORE_ACQ_IN_PROGRESS);
+            }
+        }
+    }
+    assert_true(mstats(c).buckets >= 8192);
+    /* release all but every 50th key: the table shrinks under them */
+    for (int i = 0; i < 5000; i++) {
+        if (i % 50 == 0) continue;
+        mem_skey(k, sizeof(k), "rehash", i);
+        assert_int_equal(release(c, k, TOKEN_A), 1);
+    }
+    uint64_t end = now_ms() + 10000;
+    while (mstats(c).buckets > 1024 && now_ms() < end)
+        run_for(c, 50);
+    assert_true(mstats(c).buckets <= 1024); /* at most 8 slots per entry */
+    assert_int_equal(mstats(c).entries, 100);
+    for (int i = 0; i < 5000; i += 50) {
+        mem_skey(k, sizeof(k), "rehash", i);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 60000), STORE_ACQ_IN_PROGRESS);
+    }
+}
+
+struct bounded_worker {
+    struct store_memory_shared *sh;
+    int id;
+    int locked, completed, refused;
+};
+
+static void *bounded_thread(void *arg)
+{
+    struct bounded_worker *w = arg;
+    struct event_base *base = event_base_new();
+    struct store *st = store_memory_new(base, w->sh, 1000);
+    uint8_t rec[700];
+    memset(rec, w->id, sizeof(rec));
+    for (int i = 0; i < 3000; i++) {
+        char k[64];
+        snprintf(k, sizeof(k), "memscope:thread%d-%06d", w->id, i);
+        struct acq_res a = {0};
+        store_acquire(st, k, strlen(k), FP_1, TOKEN_A, 60000, acq_cb, &a);
+        while (!a.done)
+            event_base_loop(base, EVLOOP_ONCE);
+        if (a.state != STORE_ACQ_LOCKED) continue;
+        w->locked++;
+        struct done_res d = {0};
+        store_complete(st, k, strlen(k), TOKEN_A, rec, sizeof(rec), 600, done_cb, &d);
+        while (!d.done)
+            event_base_loop(base, EVLOOP_ONCE);
+        w->completed += d.status == 1;
+        w->refused += d.status == -1;
+    }
+    store_free(st);
+    event_base_free(base);
+    return NULL;
+}
+
+/* Four workers filling one bounded table: every key locks and completes
+ * (there are records to evict), and the bound holds. */
+static void test_memory_bounded_threads(void **state)
+{
+    struct ctx *c = *state;
+    const uint64_t max = 128 * 1024;
+    use_bounded(c, max);
+    struct bounded_worker w[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = (struct bounded_worker){.sh = c->sh, .id = i};
+        assert_int_equal(pthread_create(&th[i], NULL, bounded_thread, &w[i]), 0);
+    }
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(w[i].locked, 3000);
+        assert_int_equal(w[i].completed, 3000);
+    }
+    struct store_memory_stats st = mstats(c);
+    assert_true(st.bytes <= max);
+    assert_int_equal(st.locks, 0);
+    assert_true(st.evictions == 12000 - st.completed);
+}
+
 /* ---- redis only ---- */
 
 static redisReply *sync_cmd(redisContext *rc, const char *fmt, ...)
@@ -916,6 +1249,14 @@ int main(void)
         BOTH(test_free_inside_callback),
         MEMORY(test_memory_shared_across_threads),
         MEMORY(test_memory_many_keys),
+        MEMORY(test_memory_evicts_oldest_first),
+        MEMORY(test_memory_replay_does_not_reorder),
+        MEMORY(test_memory_locks_never_evicted),
+        MEMORY(test_memory_full_of_locks),
+        MEMORY(test_memory_accounting_returns_to_zero),
+        MEMORY(test_memory_bound_respected),
+        MEMORY(test_memory_rehash_keeps_keys),
+        MEMORY(test_memory_bounded_threads),
         REDIS(test_redis_key_layout),
         REDIS(test_redis_noscript_reload),
         REDIS(test_redis_unix_socket),

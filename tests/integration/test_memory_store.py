@@ -1,0 +1,179 @@
+"""The memory store end to end: memory.max_bytes bounds it (oldest completed
+records evicted first, the process stays up and its RSS bounded; when only
+in-progress locks are left, 503 store_unavailable), plus SPEC section 4
+cases that were covered on Redis only, run here on both stores from the
+same code (lock renewal under a slow upstream; one key, two bodies, many
+concurrent clients).
+"""
+
+import http.client
+import threading
+import time
+
+import pytest
+
+from idemhelp import (BODY, Bg, after_release, assert_error,
+                      assert_in_progress, assert_replay_of, gate_config, hdrs,
+                      post, send, stats, ucount, wait_upstream_saw)
+
+MIB = 1024 * 1024
+SMALL = {"store": "memory", "memory": {"max_bytes": MIB}}
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_cfg(request):
+    if request.param == "redis":
+        r = request.getfixturevalue("redis")
+        return {"store": "redis", "redis": {"url": r.url}}
+    return {"store": "memory"}
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+def big(port, key, n=65536, conn=None):
+    return send(port, "POST", "/big?bytes=%d" % n, hdrs(key), BODY, conn=conn)
+
+
+# ---------------------------------------------------------------------------
+# memory.max_bytes
+# ---------------------------------------------------------------------------
+
+def test_small_store_evicts_oldest_and_stays_bounded(idemgate, upstream):
+    g = idemgate(gate_config(SMALL, upstream.url, workers=2))
+    n = 1000  # 1000 x 64 KiB records: 64 MiB through a 1 MiB store
+    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=15)
+    try:
+        for i in range(n):
+            r = big(g.port, "ev-%04d" % i, conn=conn)
+            assert r.status == 200 and len(r.body) == 65536, r
+            assert r.header("Idempotent-Replayed") is None, r
+    finally:
+        conn.close()
+    assert g.alive()
+    assert rss_kib(g.proc.pid) < 64 * 1024, rss_kib(g.proc.pid)
+    # the newest records are kept: a retry replays them
+    for i in range(n - 4, n):
+        key = "ev-%04d" % i
+        r = after_release(lambda: big(g.port, key))
+        assert r.status == 200 and r.replayed, r
+        assert len(r.body) == 65536
+        assert ucount(upstream.port, key) == 1
+    # the oldest were evicted: they execute again
+    for i in range(4):
+        key = "ev-%04d" % i
+        r = big(g.port, key)
+        assert r.status == 200 and not r.replayed, r
+        assert ucount(upstream.port, key) == 2
+    assert stats(upstream.port)["total"] == n + 4
+    assert g.alive()
+    assert any("evicting the oldest completed records" in line.get("msg", "")
+               for line in g.log_lines())
+
+
+def test_full_of_locks_is_503(idemgate, upstream):
+    """Locks are never evicted: once in-progress locks fill the store, new
+    covered requests get 503 store_unavailable and reach nothing."""
+    g = idemgate(gate_config(SMALL, upstream.url, {"key_max_length": 8192},
+                             workers=2))
+    n = 160  # each lock charged > 8 KiB: at most ~128 fit in 1 MiB
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def client(i):
+        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
+        try:
+            conn.connect()
+            barrier.wait(30)
+            key = ("%04d" % i) + "k" * 8000
+            results[i] = send(g.port, "POST", "/count?ms=1500", hdrs(key),
+                              BODY, conn=conn)
+        except BaseException as e:  # noqa: BLE001
+            results[i] = e
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    ok = [r for r in results if r.status == 201]
+    full = [r for r in results if r.status == 503]
+    assert len(ok) + len(full) == n, [r for r in results
+                                      if r.status not in (201, 503)][:3]
+    assert ok and full, (len(ok), len(full))
+    for r in full:
+        assert_error(r, 503, "store_unavailable")
+        assert r.header("Retry-After") == "1", r
+    assert stats(upstream.port)["total"] == len(ok)
+    assert g.alive()
+    # the store still answers (short keys fit again once records can go)
+    r = post(g.port, "/count", "after-full")
+    assert r.status in (201, 503), r
+
+
+# ---------------------------------------------------------------------------
+# SPEC section 4 on both stores
+# ---------------------------------------------------------------------------
+
+def test_lock_renewed_while_upstream_works(idemgate, upstream, store_cfg):
+    g = idemgate(gate_config(store_cfg, upstream.url, {"lock_seconds": 1}))
+    first = Bg(post, g.port, "/count?ms=3000", "renew1")
+    wait_upstream_saw(upstream.port, "renew1")
+    time.sleep(2.0)  # twice lock_seconds: only renewal keeps the lock
+    assert_in_progress(post(g.port, "/count?ms=3000", "renew1"))
+    r1 = first.result()
+    assert r1.status == 201 and not r1.replayed, r1
+    r2 = after_release(lambda: post(g.port, "/count?ms=3000", "renew1"))
+    assert_replay_of(r2, r1)
+    assert ucount(upstream.port, "renew1") == 1
+
+
+def test_storm_one_key_two_bodies(idemgate, upstream, store_cfg):
+    g = idemgate(gate_config(store_cfg, upstream.url, workers=2))
+    n = 40
+    barrier = threading.Barrier(n)
+    bodies = [BODY if i % 2 == 0 else b'{"amount": 7}' for i in range(n)]
+    results = [None] * n
+
+    def client(i):
+        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
+        try:
+            conn.connect()
+            barrier.wait(30)
+            results[i] = send(g.port, "POST", "/count?ms=300", hdrs("bodies"),
+                              bodies[i], conn=conn)
+        except BaseException as e:  # noqa: BLE001
+            results[i] = e
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True)
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    originals = [i for i, r in enumerate(results)
+                 if r.status == 201 and not r.replayed]
+    assert len(originals) == 1, results
+    win = bodies[originals[0]]
+    for i, r in enumerate(results):
+        if i == originals[0]:
+            continue
+        if bodies[i] != win:
+            assert_error(r, 409, "idempotency_key_reuse")
+        elif r.status == 409:
+            assert_in_progress(r)
+        else:
+            assert_replay_of(r, results[originals[0]])
+    assert ucount(upstream.port, "bodies") == 1

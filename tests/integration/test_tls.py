@@ -1,0 +1,424 @@
+"""TLS end to end (SPEC section 6): HTTPS clients terminated by idemgate
+(`tls`), https:// upstreams verified against `upstream_tls`.
+
+A throwaway CA and server certificate (IP 127.0.0.1 and DNS localhost) are
+made with the `openssl` command in a temp dir for the session; a second CA
+that signed nothing plays the wrong trust anchor."""
+
+import hashlib
+import http.client
+import os
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+import igtest
+from igtest import free_port, idem_headers, raw_closed
+
+BIG = 2 * 1024 * 1024
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl"] + list(args), cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=60)
+
+
+def _make_ca(d, name):
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+             name + ".key", "-out", name + ".crt", "-days", "2", "-subj",
+             "/CN=idemgate test " + name, "-addext",
+             "basicConstraints=critical,CA:TRUE", "-addext",
+             "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tls"))
+    _make_ca(d, "ca")
+    _make_ca(d, "otherca")
+    with open(os.path.join(d, "srv.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "basicConstraints=CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\n"
+                "extendedKeyUsage=serverAuth\n"
+                "subjectKeyIdentifier=hash\n"
+                "authorityKeyIdentifier=keyid\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "srv.key",
+             "-out", "srv.csr", "-subj", "/CN=localhost", cwd=d)
+    _openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey",
+             "ca.key", "-CAcreateserial", "-out", "srv.crt", "-days", "2",
+             "-extfile", "srv.ext", cwd=d)
+    return {k: os.path.join(d, v) for k, v in {
+        "ca": "ca.crt", "other_ca": "otherca.crt", "cert": "srv.crt",
+        "key": "srv.key", "dir": "."}.items()}
+
+
+class TlsUpstream:
+    """upstream.py serving HTTPS with the test certificate."""
+
+    def __init__(self, certs):
+        self.port = free_port()
+        self.url = "https://127.0.0.1:%d" % self.port
+        self.ca = certs["ca"]
+        self.proc = subprocess.Popen(
+            [igtest.PYTHON, os.path.join(igtest.HERE, "upstream.py"), "--port",
+             str(self.port), "--tls-cert", certs["cert"], "--tls-key",
+             certs["key"]],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not igtest.wait_port(self.port, 10, self.proc):
+            self.stop()
+            raise RuntimeError("TLS upstream.py did not start")
+
+    def stats(self):
+        return https_request(self.port, "GET", "/__stats", ca=self.ca).json()
+
+    def stop(self):
+        igtest._stop_proc(self.proc, timeout=5)
+
+
+@pytest.fixture
+def tls_upstream(certs):
+    up = TlsUpstream(certs)
+    yield up
+    up.stop()
+
+
+def client_ctx(ca):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+def https_request(port, method, path, headers=None, body=b"", ca=None,
+                  timeout=20):
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                       context=client_ctx(ca))
+    try:
+        igtest._send(conn, method, path, headers, body)
+        resp, _ = igtest._read(conn, method)
+        return resp
+    finally:
+        conn.close()
+
+
+class HttpsClient(igtest.Client):
+    """igtest.Client over HTTPS (one keep-alive TLS connection)."""
+
+    def __init__(self, port, ca, timeout=20):
+        super().__init__(port, timeout)
+        self.conn = http.client.HTTPSConnection("127.0.0.1", port,
+                                                timeout=timeout,
+                                                context=client_ctx(ca))
+
+
+def gate(idemgate, certs, upstream_url, tls_server=True, upstream_tls=None,
+         limits=None):
+    cfg = {"upstream": upstream_url, "store": "memory"}
+    if tls_server:
+        cfg["tls"] = {"cert_file": certs["cert"], "key_file": certs["key"]}
+    if upstream_tls is not None:
+        cfg["upstream_tls"] = upstream_tls
+    if limits:
+        cfg["limits"] = limits
+    return idemgate(cfg)
+
+
+def header_values(resp, name):
+    return [v for k, v in resp.json()["headers"] if k.lower() == name.lower()]
+
+
+def assert_upstream_unavailable(resp):
+    assert resp.status == 502, resp
+    assert resp.json()["error"]["code"] == "upstream_unavailable", resp
+
+
+def wait_log(g, text, timeout=5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in g.stderr():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# -- HTTPS from clients -------------------------------------------------------
+
+
+def test_https_client_keepalive_and_forwarded_proto(idemgate, upstream, certs):
+    g = gate(idemgate, certs, upstream.url)
+    c = HttpsClient(g.port, certs["ca"])
+    socks = set()
+    for i in range(20):
+        r = c.request("GET", "/echo?i=%d" % i)
+        assert r.status == 200, (i, r)
+        assert r.json()["path"] == "/echo?i=%d" % i
+        assert header_values(r, "X-Forwarded-Proto") == ["https"], r
+        assert not c.last_will_close, (i, r.headers)
+        socks.add(id(c.conn.sock))
+    assert c.reconnects == 0 and len(socks) == 1
+    assert c.conn.sock.version() in ("TLSv1.2", "TLSv1.3")
+    assert c.conn.sock.selected_alpn_protocol() == "http/1.1"
+    c.close()
+
+
+def test_https_idempotent_post_replayed(idemgate, upstream, certs):
+    g = gate(idemgate, certs, upstream.url)
+    h = idem_headers("tls-key-1")
+    r1 = https_request(g.port, "POST", "/count", h, b'{"a":1}', ca=certs["ca"])
+    assert r1.status == 201, r1
+    assert r1.header("Idempotent-Replayed") is None
+    r2 = https_request(g.port, "POST", "/count", h, b'{"a":1}', ca=certs["ca"])
+    assert r2.status == 201, r2
+    assert r2.header("Idempotent-Replayed") == "true"
+    assert r2.body == r1.body
+    assert upstream.count("tls-key-1") == 1
+
+
+def test_https_pipelined_requests(idemgate, upstream, certs):
+    """Five requests in one TLS write: what OpenSSL decrypted but the
+    request reader did not take yet must be served without a new edge."""
+    g = gate(idemgate, certs, upstream.url)
+    raw_sock = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+    s = client_ctx(certs["ca"]).wrap_socket(raw_sock,
+                                            server_hostname="127.0.0.1")
+    try:
+        reqs = b"".join(b"POST /echo?i=%d HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 3000\r\n\r\n" % i + b"b" * 3000
+                        for i in range(4))
+        reqs += b"GET /echo?i=4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        s.sendall(reqs)
+        data = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    resps = igtest.parse_responses(data)
+    assert [r.status for r in resps] == [200] * 5, resps
+    assert [r.json()["path"] for r in resps] == ["/echo?i=%d" % i
+                                                 for i in range(5)]
+
+
+def test_plain_http_on_tls_port_is_closed(idemgate, upstream, certs):
+    g = gate(idemgate, certs, upstream.url)
+    out, closed = raw_closed(g.port, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n",
+                             timeout=5)
+    assert closed
+    assert b"HTTP/1.1 200" not in out
+    assert g.alive()
+    r = https_request(g.port, "GET", "/echo", ca=certs["ca"])
+    assert r.status == 200, r
+    assert wait_log(g, "TLS handshake failed")
+
+
+def test_silent_client_handshake_bounded_by_client_timeout(idemgate, upstream,
+                                                           certs):
+    g = gate(idemgate, certs, upstream.url,
+             limits={"client_timeout_ms": 300})
+    t0 = time.monotonic()
+    _, closed = raw_closed(g.port, b"", timeout=5)
+    assert closed
+    assert time.monotonic() - t0 < 4
+    assert g.alive()
+
+
+def test_untrusted_client_gets_no_answer_and_gate_survives(idemgate, upstream,
+                                                           certs):
+    g = gate(idemgate, certs, upstream.url)
+    with pytest.raises(ssl.SSLError):
+        https_request(g.port, "GET", "/echo", ca=certs["other_ca"])
+    assert https_request(g.port, "GET", "/echo", ca=certs["ca"]).status == 200
+
+
+def test_bad_key_file_exits_1(tmp_path, certs):
+    bad = tmp_path / "bad.key"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n"
+                   "-----END PRIVATE KEY-----\n")
+    for key in (str(bad), str(tmp_path / "missing.key")):
+        g = igtest.Idemgate(str(tmp_path), {
+            "store": "memory",
+            "tls": {"cert_file": certs["cert"], "key_file": key}}, wait=False)
+        try:
+            code = g.proc.wait(timeout=10)
+        finally:
+            g.kill()
+        assert code == 1, g.stderr()
+        assert "cannot read the TLS key" in g.stderr(), g.stderr()
+        assert key in g.stderr()
+
+
+def test_key_not_matching_cert_exits_1(tmp_path, certs):
+    g = igtest.Idemgate(str(tmp_path), {
+        "store": "memory",
+        "tls": {"cert_file": certs["ca"], "key_file": certs["key"]}},
+        wait=False)
+    try:
+        code = g.proc.wait(timeout=10)
+    finally:
+        g.kill()
+    assert code == 1, g.stderr()
+    assert "does not match" in g.stderr(), g.stderr()
+
+
+def test_unreadable_upstream_ca_exits_1(tmp_path, certs):
+    g = igtest.Idemgate(str(tmp_path), {
+        "store": "memory", "upstream": "https://127.0.0.1:1",
+        "upstream_tls": {"ca_file": str(tmp_path / "nope.crt")}}, wait=False)
+    try:
+        code = g.proc.wait(timeout=10)
+    finally:
+        g.kill()
+    assert code == 1, g.stderr()
+    assert "upstream CA" in g.stderr(), g.stderr()
+
+
+# -- https upstreams ------------------------------------------------------------
+
+
+def test_https_upstream_verified_and_pooled(idemgate, tls_upstream, certs):
+    g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
+             upstream_tls={"ca_file": certs["ca"]})
+    before = tls_upstream.stats()["connections"]
+    c = igtest.Client(g.port)
+    for i in range(20):
+        r = c.request("POST" if i % 2 else "GET", "/echo?i=%d" % i,
+                      body=b"x" * i)
+        assert r.status == 200, (i, r)
+        assert r.json()["body_len"] == i
+        assert header_values(r, "X-Forwarded-Proto") == ["http"]
+    c.close()
+    after = tls_upstream.stats()["connections"]
+    # one for the stats request itself, a spare at most
+    assert after - before <= 3, (before, after)
+
+
+def test_https_upstream_idempotent_post(idemgate, tls_upstream, certs):
+    g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
+             upstream_tls={"ca_file": certs["ca"]})
+    h = idem_headers("tls-up-1")
+    r1 = igtest.request(g.port, "POST", "/count", h, b"{}")
+    r2 = igtest.request(g.port, "POST", "/count", h, b"{}")
+    assert r1.status == 201 and r2.status == 201, (r1, r2)
+    assert r2.header("Idempotent-Replayed") == "true"
+    assert tls_upstream.stats()["by_key"].get("tls-up-1") == 1
+
+
+def test_https_upstream_server_name_localhost(idemgate, tls_upstream, certs):
+    g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
+             upstream_tls={"ca_file": certs["ca"],
+                           "server_name": "localhost"})
+    assert igtest.request(g.port, "GET", "/echo").status == 200
+
+
+def test_https_upstream_wrong_ca_502(idemgate, tls_upstream, certs):
+    g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
+             upstream_tls={"ca_file": certs["other_ca"]})
+    r = igtest.request(g.port, "GET", "/echo")
+    assert_upstream_unavailable(r)
+    assert wait_log(g, "certificate verify failed"), g.stderr()
+    # and nothing reached the application
+    assert tls_upstream.stats()["by_path"].get("/echo") is None
+
+
+def test_https_upstream_verify_false_accepts_wrong_ca(idemgate, tls_upstream,
+                                                      certs):
+    g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
+             upstream_tls={"ca_file": certs["other_ca"], "verify": False})
+    r = igtest.request(g.port, "GET", "/echo")
+    assert r.status == 200, r
+
+
+def test_https_upstream_server_name_mismatch_502(idemgate, tls_upstream,
+                                                 certs):
+    g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
+             upstream_tls={"ca_file": certs["ca"],
+                           "server_name": "wrong.example"})
+    r = igtest.request(g.port, "GET", "/echo")
+    assert_upstream_unavailable(r)
+    assert wait_log(g, "hostname mismatch"), g.stderr()
+
+
+def test_https_upstream_plain_server_502(idemgate, upstream, certs):
+    url = "https://127.0.0.1:%d" % upstream.port
+    g = gate(idemgate, certs, url, tls_server=False,
+             upstream_tls={"ca_file": certs["ca"]})
+    assert_upstream_unavailable(igtest.request(g.port, "GET", "/echo"))
+    assert wait_log(g, "TLS handshake failed"), g.stderr()
+
+
+def test_https_upstream_silent_server_bounded_by_connect_timeout(idemgate,
+                                                                  certs):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)  # accepts TCP, never speaks TLS
+    try:
+        url = "https://127.0.0.1:%d" % lsock.getsockname()[1]
+        g = gate(idemgate, certs, url, tls_server=False,
+                 upstream_tls={"ca_file": certs["ca"]},
+                 limits={"upstream_connect_timeout_ms": 300})
+        t0 = time.monotonic()
+        r = igtest.request(g.port, "GET", "/echo")
+        assert_upstream_unavailable(r)
+        assert time.monotonic() - t0 < 5
+    finally:
+        lsock.close()
+
+
+# -- both sides ---------------------------------------------------------------
+
+
+def test_2mb_both_ways_tls_on_both_sides(idemgate, tls_upstream, certs):
+    g = gate(idemgate, certs, tls_upstream.url,
+             upstream_tls={"ca_file": certs["ca"]})
+    body = os.urandom(BIG)
+    c = HttpsClient(g.port, certs["ca"], timeout=60)
+    r = c.request("POST", "/upload", {"Content-Type": "application/x-bin"},
+                  body)
+    assert r.status == 200, r
+    assert r.json() == {"len": BIG,
+                        "sha256": hashlib.sha256(body).hexdigest()}
+    want = (bytes(range(256)) * (BIG // 256 + 1))[:BIG]
+    r = c.request("GET", "/big?bytes=%d" % BIG)
+    assert r.status == 200 and r.body == want
+    r = c.request("GET", "/bigchunked?bytes=%d" % BIG)
+    assert r.status == 200 and r.body == want
+    r = c.request("POST", "/echo", body=body)
+    assert r.status == 200 and r.json()["body_len"] == BIG
+    assert header_values(r, "X-Forwarded-Proto") == ["https"]
+    assert c.reconnects == 0
+    c.close()
+
+
+def test_many_parallel_https_clients(idemgate, tls_upstream, certs):
+    import threading
+    g = gate(idemgate, certs, tls_upstream.url,
+             upstream_tls={"ca_file": certs["ca"]})
+    errors = []
+
+    def worker(n):
+        try:
+            c = HttpsClient(g.port, certs["ca"])
+            for i in range(10):
+                r = c.request("POST", "/upload", body=b"%d-%d" % (n, i) * 999)
+                if r.status != 200 or r.json()["len"] != len(
+                        b"%d-%d" % (n, i) * 999):
+                    errors.append((n, i, r))
+            c.close()
+        except Exception as e:  # noqa: BLE001 - collected and asserted
+            errors.append((n, e))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
