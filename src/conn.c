@@ -249,9 +249,15 @@ int conn_sendv(struct conn *c, const struct iovec *iov, int n)
         v[k++] = iov[i];
         total += iov[i].iov_len;
     }
+    /* sendmsg, not writev: MSG_NOSIGNAL, a closed peer is an error, not
+     * a SIGPIPE. */
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = v;
+    msg.msg_iovlen = (size_t)k;
     ssize_t w;
     do {
-        w = writev(c->fd, v, k);
+        w = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
     } while (w < 0 && errno == EINTR);
     if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
         c->err = errno;

@@ -164,6 +164,16 @@ static void ex_free(struct exchange *ex)
     worker_maybe_done(w);
 }
 
+void exchange_cache_free(struct worker *w)
+{
+    while (w->ex_cache) {
+        struct exchange *ex = w->ex_cache;
+        w->ex_cache = *(struct exchange **)ex;
+        free(ex);
+    }
+    w->n_ex_cache = 0;
+}
+
 void exchange_unref(struct exchange *ex)
 {
     assert(ex->refs > 0);
@@ -204,8 +214,8 @@ static void ex_detach_client(struct exchange *ex)
     ex->client = NULL;
     cl->ex = NULL;
     size_t used = (size_t)cl->head_len;
-    if (cl->head.body == HTTP1_BODY_LENGTH) used += cl->head.content_length;
-    if (cl->head.body == HTTP1_BODY_CHUNKED) used += cl->chunk_pos;
+    if (cl->body == HTTP1_BODY_LENGTH) used += cl->content_length;
+    if (cl->body == HTTP1_BODY_CHUNKED) used += cl->chunk_pos;
     buf_consume(&cl->c.in, used);
     buf_reset(&cl->chunked_body);
     cl->have_head = false;
@@ -864,18 +874,27 @@ static void client_start_exchange(struct client *cl)
     ex->client = cl;
     ex->state = EX_NEW;
     ex->start_ms = worker_now_ms(w);
-    ex->head = cl->head;
+    if (cl->body == HTTP1_BODY_NONE) {
+        /* Parsed into the scratch in this very call: copy the used part. */
+        const struct http1_head *sh = w->scratch;
+        memcpy(&ex->head, sh,
+               offsetof(struct http1_head, headers) + sh->n_headers * sizeof(sh->headers[0]));
+    } else {
+        /* Reads since the head may have moved the buffer: parse again. */
+        http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in),
+                            w->cfg->limits.max_header_bytes, &ex->head);
+    }
     buf_init(&ex->req);
     buf_init(&ex->body_buf);
-    ex->client_keep_alive = cl->head.keep_alive;
-    ex->client_minor = cl->head.minor_version;
-    cl->keep_alive = cl->head.keep_alive;
-    if (cl->head.body == HTTP1_BODY_CHUNKED) {
+    ex->client_keep_alive = ex->head.keep_alive;
+    ex->client_minor = ex->head.minor_version;
+    cl->keep_alive = ex->head.keep_alive;
+    if (cl->body == HTTP1_BODY_CHUNKED) {
         ex->body = buf_data(&cl->chunked_body);
         ex->body_len = buf_size(&cl->chunked_body);
     } else {
         ex->body = buf_data(&cl->c.in) + cl->head_len;
-        ex->body_len = cl->head.body == HTTP1_BODY_LENGTH ? (size_t)cl->head.content_length : 0;
+        ex->body_len = cl->body == HTTP1_BODY_LENGTH ? (size_t)cl->content_length : 0;
     }
     const struct http1_header *rid = http1_find_header(&ex->head, "x-request-id", NULL);
     if (rid && rid->value.n > 0 && rid->value.n < sizeof(ex->request_id)) {
@@ -903,10 +922,9 @@ static void client_start_exchange(struct client *cl)
 static int client_read_body(struct client *cl)
 {
     const struct cfg_limits *lim = &cl->w->cfg->limits;
-    struct http1_head *h = &cl->head;
     size_t have = buf_size(&cl->c.in) - (size_t)cl->head_len;
-    if (h->body == HTTP1_BODY_NONE) return 1;
-    if (h->body == HTTP1_BODY_LENGTH) return have >= h->content_length;
+    if (cl->body == HTTP1_BODY_NONE) return 1;
+    if (cl->body == HTTP1_BODY_LENGTH) return have >= cl->content_length;
     const char *p = buf_data(&cl->c.in) + cl->head_len;
     while (cl->chunk_pos < have) {
         size_t used = 0;
@@ -946,7 +964,8 @@ static int client_read_head(struct client *cl)
         return 0;
     }
     cl->scanned = size;
-    long r = http1_parse_request(buf_data(&cl->c.in), size, lim->max_header_bytes, &cl->head);
+    struct http1_head *h = cl->w->scratch;
+    long r = http1_parse_request(buf_data(&cl->c.in), size, lim->max_header_bytes, h);
     if (r == HTTP1_INCOMPLETE) return 0;
     if (r < 0) {
         client_reject(cl, parse_error_code(r));
@@ -954,13 +973,15 @@ static int client_read_head(struct client *cl)
     }
     cl->head_len = r;
     cl->have_head = true;
-    cl->keep_alive = cl->head.keep_alive;
-    if (cl->head.body == HTTP1_BODY_LENGTH &&
-        cl->head.content_length > lim->max_request_body_bytes) {
+    cl->keep_alive = h->keep_alive;
+    cl->body = h->body;
+    cl->content_length = h->content_length;
+    cl->expect_continue = h->expect_continue;
+    if (cl->body == HTTP1_BODY_LENGTH && cl->content_length > lim->max_request_body_bytes) {
         client_reject(cl, ERR_PAYLOAD_TOO_LARGE);
         return -1;
     }
-    if (cl->head.body == HTTP1_BODY_CHUNKED) {
+    if (cl->body == HTTP1_BODY_CHUNKED) {
         http1_chunked_init(&cl->chunked);
         cl->chunk_pos = 0;
         buf_reset(&cl->chunked_body);
@@ -974,9 +995,8 @@ static size_t client_fill_limit(const struct client *cl)
 {
     const struct cfg_limits *lim = &cl->w->cfg->limits;
     if (!cl->have_head) return lim->max_header_bytes + 1;
-    if (cl->head.body == HTTP1_BODY_LENGTH) return (size_t)cl->head_len + cl->head.content_length;
-    if (cl->head.body == HTTP1_BODY_CHUNKED)
-        return (size_t)cl->head_len + cl->chunk_pos + UPSTREAM_FILL;
+    if (cl->body == HTTP1_BODY_LENGTH) return (size_t)cl->head_len + cl->content_length;
+    if (cl->body == HTTP1_BODY_CHUNKED) return (size_t)cl->head_len + cl->chunk_pos + UPSTREAM_FILL;
     return (size_t)cl->head_len;
 }
 
@@ -1011,7 +1031,7 @@ static void client_process(struct client *cl)
                 client_close(cl);
                 return;
             }
-            if (cl->head.expect_continue && !cl->sent_continue) {
+            if (cl->expect_continue && !cl->sent_continue) {
                 cl->sent_continue = true;
                 buf_append_str(conn_outbuf(&cl->c), "HTTP/1.1 100 Continue\r\n\r\n");
                 if (conn_flush(&cl->c) < 0) {
@@ -1022,10 +1042,11 @@ static void client_process(struct client *cl)
             if (!cl->c.rd_ready) return;
             continue;
         }
-        /* Reads may have moved the buffer: re-point the head's slices. */
-        if (buf_data(&cl->c.in) != base || cl->head.body != HTTP1_BODY_NONE)
+        /* A bodiless head was parsed into the scratch in this call and is
+         * copied from there; with a body the exchange parses it again. */
+        if (cl->body == HTTP1_BODY_NONE && buf_data(&cl->c.in) != base)
             http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in), lim->max_header_bytes,
-                                &cl->head);
+                                cl->w->scratch);
         client_start_exchange(cl);
         return;
     }

@@ -23,6 +23,7 @@
 
 #include "idemgate/config.h"
 #include "idemgate/exchange.h"
+#include "idemgate/http1.h"
 #include "idemgate/log.h"
 #include "idemgate/metrics.h"
 #include "idemgate/store.h"
@@ -181,6 +182,8 @@ static int worker_init(struct server *srv, struct worker *w, int id, char *err, 
     w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, worker_stop, w);
     event_add(w->stop_ev, NULL);
     buf_pool_init(&w->bufs, 16384, 256);
+    w->scratch = malloc(sizeof(*w->scratch));
+    if (!w->scratch) abort();
     w->n_pools = cfg->n_routes + 1;
     w->pools = calloc(w->n_pools, sizeof(*w->pools));
     if (!w->pools) abort();
@@ -257,12 +260,9 @@ static bool worker_free(struct worker *w)
     for (size_t i = 0; i < w->n_pools; i++)
         upstream_pool_free(&w->pools[i]);
     free(w->pools);
-    while (w->ex_cache) {
-        struct exchange *ex = w->ex_cache;
-        w->ex_cache = *(struct exchange **)ex;
-        free(ex);
-    }
+    exchange_cache_free(w);
     buf_pool_free(&w->bufs);
+    free(w->scratch);
     if (w->store) store_free(w->store);
     if (w->listen_ev) event_free(w->listen_ev);
     if (w->listen_fd >= 0) close(w->listen_fd);

@@ -270,14 +270,53 @@ static void mem_rehash_start(struct store_memory_shared *sh, size_t size)
     sh->rehash_idx = 0;
 }
 
+static void mem_sweep(struct store_memory_shared *sh, size_t n, uint64_t now);
+
+static void mem_warn(uint64_t *last_ms, uint64_t now, const char *msg, uint64_t max_bytes)
+{
+    if (*last_ms && now - *last_ms < MEM_WARN_EVERY_MS) return;
+    *last_ms = now;
+    log_msg(LOG_WARN, "memory store: %s (memory.max_bytes %llu)", msg,
+            (unsigned long long)max_bytes);
+}
+
+/* True when need more bytes fit under max_bytes, after evicting completed
+ * records (oldest completion first; never a lock) and, if that was not
+ * enough, sweeping a few more buckets for dead locks. */
+static bool mem_evict_for(struct store_memory_shared *sh, uint64_t need, uint64_t now)
+{
+    if (!sh->max_bytes) return true;
+    bool evicted = false;
+    while (mem_total_bytes(sh) + need > sh->max_bytes && sh->oldest) {
+        struct mem_entry *e = sh->oldest;
+        if (e->expires_ms <= now) {
+            mem_expire(sh, e);
+        } else {
+            mem_drop(sh, e);
+            sh->evictions++;
+            evicted = true;
+        }
+    }
+    if (evicted)
+        mem_warn(&sh->evict_logged_ms, now, "full, evicting the oldest completed records",
+                 sh->max_bytes);
+    if (mem_total_bytes(sh) + need <= sh->max_bytes) return true;
+    mem_sweep(sh, MEM_FULL_SWEEP, now);
+    return mem_total_bytes(sh) + need <= sh->max_bytes;
+}
+
 /* Grows past 3/4 full; shrinks below 1/8 full (to at most 1/2 full), so
- * that churn never leaves a huge, mostly empty table behind. */
-static void mem_maybe_resize(struct store_memory_shared *sh)
+ * that churn never leaves a huge, mostly empty table behind. The new
+ * bucket array is charged like everything else: when only locks are left
+ * and it does not fit, the table stays as it is (longer chains, still
+ * correct) rather than going over max_bytes. */
+static void mem_maybe_resize(struct store_memory_shared *sh, uint64_t now)
 {
     if (sh->rehashing) return;
     size_t size = sh->ht[0].size;
     if (sh->count > size - size / 4) {
-        mem_rehash_start(sh, size * 2);
+        if (mem_evict_for(sh, (uint64_t)size * 2 * sizeof(struct mem_entry *), now))
+            mem_rehash_start(sh, size * 2);
     } else if (size > MEM_INITIAL_BUCKETS && sh->count < size / 8) {
         size_t target = MEM_INITIAL_BUCKETS;
         while (target < sh->count * 2)
@@ -310,7 +349,7 @@ static void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t re
     mem_rehash_step(sh, rehash, now);
     mem_sweep(sh, sweep, now);
     mem_pop_expired(sh, pop, now);
-    mem_maybe_resize(sh);
+    mem_maybe_resize(sh, now);
 }
 
 /* ---- lookups and room (callers hold sh->mu) ---- */
@@ -345,36 +384,11 @@ static struct mem_entry *mem_find(struct store_memory_shared *sh, const char *ke
     return NULL;
 }
 
-static void mem_warn(uint64_t *last_ms, uint64_t now, const char *msg, uint64_t max_bytes)
-{
-    if (*last_ms && now - *last_ms < MEM_WARN_EVERY_MS) return;
-    *last_ms = now;
-    log_msg(LOG_WARN, "memory store: %s (memory.max_bytes %llu)", msg,
-            (unsigned long long)max_bytes);
-}
-
 /* Makes room for need more bytes: evicts completed records, oldest
  * completion first; never a lock. -1 when only locks are left. */
 static int mem_make_room(struct store_memory_shared *sh, uint64_t need, uint64_t now)
 {
-    if (!sh->max_bytes) return 0;
-    bool evicted = false;
-    while (mem_total_bytes(sh) + need > sh->max_bytes && sh->oldest) {
-        struct mem_entry *e = sh->oldest;
-        if (e->expires_ms <= now) {
-            mem_expire(sh, e);
-        } else {
-            mem_drop(sh, e);
-            sh->evictions++;
-            evicted = true;
-        }
-    }
-    if (evicted)
-        mem_warn(&sh->evict_logged_ms, now, "full, evicting the oldest completed records",
-                 sh->max_bytes);
-    if (mem_total_bytes(sh) + need <= sh->max_bytes) return 0;
-    mem_sweep(sh, MEM_FULL_SWEEP, now);
-    if (mem_total_bytes(sh) + need <= sh->max_bytes) return 0;
+    if (mem_evict_for(sh, need, now)) return 0;
     sh->refused++;
     mem_warn(&sh->refuse_logged_ms, now, "full of in-progress locks, refusing new keys",
              sh->max_bytes);

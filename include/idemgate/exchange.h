@@ -52,7 +52,12 @@ struct client {
     bool tls;            /* HTTPS: requests are read once the handshake is done */
     /* request being read */
     long head_len;
-    struct http1_head head;
+    /* what the request body needs, from the parsed head (the head itself is
+     * parsed into the worker's scratch, then into the exchange: an idle
+     * client holds no 3 KiB header table) */
+    enum http1_body body;
+    uint64_t content_length;
+    bool expect_continue;
     struct http1_chunked chunked;
     struct buf chunked_body;
     size_t chunk_pos; /* bytes of input after the head already decoded */
@@ -146,6 +151,9 @@ void client_accept(struct worker *w, int fd, const char *peer);
 void client_close(struct client *cl);
 /* Draining: closes the client if it is between requests. */
 void client_drain(struct client *cl);
+
+/* Frees the worker's cache of reusable exchanges (at the worker's end). */
+void exchange_cache_free(struct worker *w);
 
 /* Reference counting (see header comment). */
 void exchange_ref(struct exchange *ex);

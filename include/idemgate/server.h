@@ -22,6 +22,7 @@ struct store_memory_shared;
 struct upstream_pool;
 struct client;
 struct exchange;
+struct http1_head;
 
 struct worker {
     int id;
@@ -41,9 +42,10 @@ struct worker {
     struct client *clients; /* all open client connections (list) */
     unsigned n_exchanges;   /* exchanges alive, attached or not */
     bool draining;
-    uint64_t rid_counter;      /* request-id sequence */
-    struct buf_pool bufs;      /* connection buffers while idle */
-    struct exchange *ex_cache; /* freed exchanges kept for reuse (list) */
+    uint64_t rid_counter;       /* request-id sequence */
+    struct buf_pool bufs;       /* connection buffers while idle */
+    struct http1_head *scratch; /* request heads are parsed here first */
+    struct exchange *ex_cache;  /* freed exchanges kept for reuse (list) */
     unsigned n_ex_cache;
 };
 

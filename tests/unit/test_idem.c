@@ -325,6 +325,7 @@ static int fx_teardown(void **state)
     buf_free(&fx->fs.record);
     buf_free(&calls.replay);
     if (fx->w.store != &fx->fs.base) store_free(fx->w.store);
+    exchange_cache_free(&fx->w);
     event_base_free(fx->w.base);
     cfg_free(&fx->cfg);
     free(fx);

@@ -775,6 +775,7 @@ static void test_memory_full_of_locks(void **state)
         mem_skey(k, sizeof(k), "only-locks", locked);
         s = acquire(c, k, FP_1, TOKEN_A, 60000);
         if (s == STORE_ACQ_LOCKED) locked++;
+        assert_true(mstats(c).bytes <= 16 * 1024);
     }
     assert_int_equal(s, STORE_ACQ_ERROR);
     assert_true(locked > 10 && locked < 2000);
