@@ -59,13 +59,6 @@ wait_port() {
 
 [ -x "$BIN" ] || die "$BIN not found: run 'make build' first"
 case "$STORE" in memory | redis) ;; *) die "STORE must be memory or redis, not '$STORE'" ;; esac
-if ! command -v curl >/dev/null; then
-  say "installing curl (for the commands below)"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends curl \
-    >/dev/null || say "could not install curl; the commands below need it"
-fi
 port_open "$PORT" && die "something already listens on port $PORT (set LISTEN=127.0.0.1:PORT)"
 
 DEMO=0
