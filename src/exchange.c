@@ -145,20 +145,29 @@ void exchange_ref(struct exchange *ex)
     ex->refs++;
 }
 
+static void ex_free_timers(struct exchange *ex)
+{
+    if (ex->up_timer) event_free(ex->up_timer);
+    if (ex->idem_timer) event_free(ex->idem_timer);
+    ex->up_timer = ex->idem_timer = NULL;
+}
+
 static void ex_free(struct exchange *ex)
 {
     struct worker *w = ex->w;
     idem_free(ex);
-    if (ex->up_timer) event_free(ex->up_timer);
+    if (ex->up_timer) evtimer_del(ex->up_timer);
     buf_free(&ex->req);
     buf_free(&ex->body_buf);
     w->n_exchanges--;
-    /* Keep a few for the next requests: no per-request malloc of ~7 KiB. */
+    /* Keep a few, timers included, for the next requests: no per-request
+     * malloc of the ~7 KiB exchange or of its two timers. */
     if (w->n_ex_cache < EX_CACHE_MAX) {
         *(struct exchange **)ex = w->ex_cache;
         w->ex_cache = ex;
         w->n_ex_cache++;
     } else {
+        ex_free_timers(ex);
         free(ex);
     }
     worker_maybe_done(w);
@@ -169,6 +178,7 @@ void exchange_cache_free(struct worker *w)
     while (w->ex_cache) {
         struct exchange *ex = w->ex_cache;
         w->ex_cache = *(struct exchange **)ex;
+        ex_free_timers(ex);
         free(ex);
     }
     w->n_ex_cache = 0;
@@ -862,8 +872,11 @@ static void client_start_exchange(struct client *cl)
     if (ex) {
         w->ex_cache = *(struct exchange **)ex;
         w->n_ex_cache--;
+        struct event *up_timer = ex->up_timer, *idem_timer = ex->idem_timer;
         memset(ex, 0, offsetof(struct exchange, head));
         memset(&ex->head + 1, 0, sizeof(*ex) - offsetof(struct exchange, head) - sizeof(ex->head));
+        ex->up_timer = up_timer;     /* idle, bound to this ex and base */
+        ex->idem_timer = idem_timer; /* idle; idem.c sets its callback */
     } else {
         ex = calloc(1, sizeof(*ex));
         if (!ex) abort();

@@ -43,8 +43,12 @@ static void idem_passthrough(struct exchange *ex)
 /* (Re)creates the exchange's one engine timer with callback cb. */
 static void idem_timer_set(struct exchange *ex, event_callback_fn cb)
 {
-    if (ex->idem_timer) event_free(ex->idem_timer);
-    ex->idem_timer = evtimer_new(ex->w->base, cb, ex);
+    if (!ex->idem_timer) {
+        ex->idem_timer = evtimer_new(ex->w->base, cb, ex);
+        return;
+    }
+    evtimer_del(ex->idem_timer);
+    evtimer_assign(ex->idem_timer, ex->w->base, cb, ex);
 }
 
 static void timer_arm_ms(struct event *ev, long ms)
@@ -252,7 +256,7 @@ static void idem_acquired(void *arg, const struct store_acquire_reply *r)
         uint64_t now = worker_now_ms(ex->w);
         if (ex->idem->concurrent == CFG_CONC_WAIT && now < ex->wait_deadline_ms) {
             exchange_set_state(ex, EX_WAITING);
-            if (!ex->idem_timer) idem_timer_set(ex, idem_wait_tick);
+            idem_timer_set(ex, idem_wait_tick);
             uint64_t left = ex->wait_deadline_ms - now;
             timer_arm_ms(ex->idem_timer,
                          (long)(left < IDEM_WAIT_POLL_MS ? left : IDEM_WAIT_POLL_MS));
@@ -387,8 +391,7 @@ void idem_response_end(struct exchange *ex, bool ok)
 
 void idem_free(struct exchange *ex)
 {
-    if (ex->idem_timer) event_free(ex->idem_timer);
-    ex->idem_timer = NULL;
+    if (ex->idem_timer) evtimer_del(ex->idem_timer); /* kept with the exchange for reuse */
     buf_free(&ex->rec);
     if (ex->skey != ex->skey_buf) free(ex->skey);
     ex->skey = NULL;
