@@ -83,6 +83,8 @@ struct store_memory_shared {
     uint64_t entry_bytes;
     uint64_t evictions, expired, refused;
     uint64_t evict_logged_ms, refuse_logged_ms; /* 0: never */
+    char *kbuf; /* the full key of the operation in hand (under mu) */
+    size_t kbuf_cap;
 };
 
 /* One operation waiting for its deferred callback. */
@@ -106,7 +108,15 @@ struct store_memory {
     int timeout_ms;
     struct event *tick; /* the periodic bounded reclaim */
     struct mem_op *ops; /* pending callbacks */
+    /* Finished ops kept with their event for the next operations: no
+     * malloc and no event_new per operation. */
+    struct mem_op *free_ops;
+    unsigned n_free_ops;
+    int firing; /* callbacks running: store_free then waits for them */
+    bool dead;  /* store_free was called from inside a callback */
 };
+
+#define MEM_OP_CACHE 64
 
 static void *mem_alloc(size_t n)
 {
@@ -355,11 +365,17 @@ static void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t re
 /* ---- lookups and room (callers hold sh->mu) ---- */
 
 /* Builds "<prefix>{<skey>}" into a fresh buffer; caller frees. */
-static char *mem_key(const struct store_memory_shared *sh, const char *skey, size_t skey_len,
+static char *mem_key(struct store_memory_shared *sh, const char *skey, size_t skey_len,
                      size_t *out_len)
 {
     size_t n = sh->prefix_len + skey_len + 2;
-    char *k = mem_alloc(n);
+    /* One scratch per table, used only under the mutex: no malloc per op. */
+    if (n > sh->kbuf_cap) {
+        free(sh->kbuf);
+        sh->kbuf_cap = n < 512 ? 512 : n;
+        sh->kbuf = mem_alloc(sh->kbuf_cap);
+    }
+    char *k = sh->kbuf;
     memcpy(k, sh->prefix, sh->prefix_len);
     k[sh->prefix_len] = '{';
     memcpy(k + sh->prefix_len + 1, skey, skey_len);
@@ -456,6 +472,7 @@ struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint
 void store_memory_shared_free(struct store_memory_shared *sh)
 {
     if (!sh) return;
+    free(sh->kbuf);
     for (int t = 0; t < 2; t++) {
         for (size_t i = 0; i < sh->ht[t].size; i++) {
             struct mem_entry *e = sh->ht[t].b[i];
@@ -508,6 +525,35 @@ static void mem_op_free(struct mem_op *op)
     free(op);
 }
 
+/* Back to the cache (its event stays assigned to this op), or freed. */
+static void mem_op_recycle(struct mem_op *op)
+{
+    struct store_memory *s = op->s;
+    if (s->n_free_ops >= MEM_OP_CACHE) {
+        mem_op_free(op);
+        return;
+    }
+    free(op->record);
+    struct event *ev = op->ev;
+    memset(op, 0, sizeof(*op));
+    op->s = s;
+    op->ev = ev;
+    op->next = s->free_ops;
+    s->free_ops = op;
+    s->n_free_ops++;
+}
+
+static void mem_store_destroy(struct store_memory *s)
+{
+    while (s->free_ops) {
+        struct mem_op *op = s->free_ops;
+        s->free_ops = op->next;
+        mem_op_free(op);
+    }
+    event_free(s->tick);
+    free(s);
+}
+
 static void mem_op_fire(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -516,16 +562,31 @@ static void mem_op_fire(evutil_socket_t fd, short what, void *arg)
     /* Unlinked first, so that a store_free from inside the callback does
      * not see (and free) the op that is running. */
     mem_op_unlink(op);
+    struct store_memory *s = op->s;
+    s->firing++;
     if (op->is_acquire)
         op->acq_cb(op->arg, &op->reply);
     else
         op->done_cb(op->arg, op->status);
-    mem_op_free(op);
+    s->firing--;
+    if (s->dead) {
+        mem_op_free(op);
+        if (s->firing == 0) mem_store_destroy(s);
+        return;
+    }
+    mem_op_recycle(op);
 }
 
 static struct mem_op *mem_op_new(struct store_memory *s)
 {
-    struct mem_op *op = mem_alloc(sizeof(*op));
+    struct mem_op *op = s->free_ops;
+    if (op) {
+        s->free_ops = op->next;
+        s->n_free_ops--;
+        op->next = NULL;
+        return op;
+    }
+    op = mem_alloc(sizeof(*op));
     op->s = s;
     op->ev = event_new(s->evb, -1, 0, mem_op_fire, op);
     if (!op->ev) abort();
@@ -584,7 +645,6 @@ static void mem_acquire_locked(struct store_memory_shared *sh, struct mem_op *op
         op->reply.record = op->record;
         op->reply.record_len = e->record_len;
     }
-    free(key);
 }
 
 static void mem_acquire(struct store *base, const char *skey, size_t skey_len,
@@ -616,7 +676,6 @@ static int mem_owned_locked(struct store_memory_shared *sh, enum mem_owned_actio
     char *key;
     size_t key_len;
     struct mem_entry *e = mem_lookup_locked(sh, skey, skey_len, &key, &key_len, &h, now);
-    free(key);
     if (!e || e->completed || memcmp(e->token, token, STORE_TOKEN_LEN) != 0) return 0;
     switch (action) {
     case MEM_COMPLETE:
@@ -689,8 +748,12 @@ static void mem_free(struct store *base)
         mem_op_free(op);
         op = next;
     }
-    event_free(s->tick);
-    free(s);
+    s->ops = NULL;
+    if (s->firing > 0) {
+        s->dead = true; /* freed when the running callback returns */
+        return;
+    }
+    mem_store_destroy(s);
 }
 
 static const struct store_ops mem_ops = {
