@@ -293,6 +293,8 @@ void exchange_answer_error(struct exchange *ex, enum err_code e)
             ex->outcome = OUT_STORE_ERROR;
         else if (status < 500)
             ex->outcome = OUT_REJECTED;
+        else if (ex->owner)
+            ex->outcome = OUT_NOT_CACHED; /* 502/504: nothing kept, key released */
     }
     if (!ex->client) return;
     struct buf body;
