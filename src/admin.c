@@ -21,6 +21,7 @@ struct admin {
     struct event_base *base;
     struct evhttp *http;
     struct store *store;
+    struct store_memory_shared *mem; /* borrowed; NULL with the Redis store */
     struct event *stop_ev;
     int stop_fd;
     pthread_t thread;
@@ -57,12 +58,38 @@ static void on_readyz(struct evhttp_request *req, void *arg)
     store_ping(a->store, on_ping, req);
 }
 
+/* The memory store's own gauges and counters (its table, not requests). */
+static void render_memory_store(struct buf *b, struct store_memory_shared *mem)
+{
+    struct store_memory_stats st;
+    store_memory_shared_stats(mem, &st);
+    buf_printf(b,
+               "# HELP idemgate_memory_store_bytes Bytes charged to the memory store.\n"
+               "# TYPE idemgate_memory_store_bytes gauge\nidemgate_memory_store_bytes %llu\n"
+               "# HELP idemgate_memory_store_max_bytes memory.max_bytes (0: no limit).\n"
+               "# TYPE idemgate_memory_store_max_bytes gauge\n"
+               "idemgate_memory_store_max_bytes %llu\n"
+               "# HELP idemgate_memory_store_entries Keys held, by state.\n"
+               "# TYPE idemgate_memory_store_entries gauge\n"
+               "idemgate_memory_store_entries{state=\"in_progress\"} %zu\n"
+               "idemgate_memory_store_entries{state=\"completed\"} %zu\n"
+               "# HELP idemgate_memory_store_evictions_total Completed records evicted for room.\n"
+               "# TYPE idemgate_memory_store_evictions_total counter\n"
+               "idemgate_memory_store_evictions_total %llu\n"
+               "# HELP idemgate_memory_store_refused_total Operations refused: only locks left.\n"
+               "# TYPE idemgate_memory_store_refused_total counter\n"
+               "idemgate_memory_store_refused_total %llu\n",
+               (unsigned long long)st.bytes, (unsigned long long)st.max_bytes, st.locks,
+               st.completed, (unsigned long long)st.evictions, (unsigned long long)st.refused);
+}
+
 static void on_metrics(struct evhttp_request *req, void *arg)
 {
-    (void)arg;
+    struct admin *a = arg;
     struct buf b;
     buf_init(&b);
     metrics_render(&b);
+    if (a->mem) render_memory_store(&b, a->mem);
     reply_text(req, 200, "OK", "text/plain; version=0.0.4", buf_data(&b), buf_size(&b));
     buf_free(&b);
 }
@@ -97,6 +124,7 @@ struct admin *admin_start(const struct cfg *cfg, struct store_memory_shared *mem
     struct admin *a = calloc(1, sizeof(*a));
     if (!a) abort();
     a->stop_fd = -1;
+    a->mem = mem;
     struct event_config *ec = event_config_new();
     event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
     a->base = event_base_new_with_config(ec);

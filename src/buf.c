@@ -138,7 +138,7 @@ void buf_pool_free(struct buf_pool *bp)
 
 void buf_take(struct buf *b, struct buf_pool *bp)
 {
-    if (b->p || !bp) return;
+    if (b->p || !bp || bp->size == 0) return;
     if (bp->n > 0) {
         b->p = bp->free[--bp->n];
     } else {

@@ -280,6 +280,18 @@ static void ex_begin_local_answer(struct exchange *ex, int status, struct buf *o
     ex_out_connection(ex, o);
 }
 
+/* The owner of a key keeps the last bytes of its answer until the store
+ * has the outcome (record kept, or key released; exchange_idem_finished
+ * then detaches): a client that retries the moment it has the whole
+ * answer finds the replay, or a free key, never a 409 of its own lock. */
+static void ex_hold_or_detach(struct exchange *ex)
+{
+    if (ex->owner && ex->client)
+        ex->holding = true;
+    else
+        ex_detach_client(ex);
+}
+
 void exchange_answer_error(struct exchange *ex, enum err_code e)
 {
     const struct cfg *cfg = ex->w->cfg;
@@ -309,7 +321,7 @@ void exchange_answer_error(struct exchange *ex, enum err_code e)
     buf_append_str(o, "\r\n\r\n");
     buf_append(o, buf_data(&body), buf_size(&body));
     buf_free(&body);
-    ex_detach_client(ex);
+    ex_hold_or_detach(ex);
 }
 
 void exchange_replay(struct exchange *ex, const struct record *r)
@@ -516,13 +528,7 @@ static void ex_response_done(struct exchange *ex)
     exchange_ref(ex);
     ex_release_upstream(ex, ex->up_reusable);
     if (ex->client && ex->client_chunked) buf_append(conn_outbuf(&ex->client->c), "0\r\n\r\n", 5);
-    /* A response being kept keeps its last bytes until the record is
-     * stored (exchange_idem_finished): a client that retries the moment it
-     * has the whole answer then finds the replay, not a 409. */
-    if (ex->owner && ex->keep && ex->recording)
-        ex->holding = true;
-    else
-        ex_detach_client(ex);
+    ex_hold_or_detach(ex);
     exchange_set_state(ex, EX_COMPLETING);
     idem_response_end(ex, true);
     exchange_unref(ex);
@@ -577,7 +583,7 @@ static void ex_body_data(struct exchange *ex, const char *p, size_t n, bool last
         buf_printf(o, "%zx\r\n", n);
         buf_append(o, p, n);
         buf_append(o, "\r\n", 2);
-    } else if (last && ex->recording) {
+    } else if (last && ex->owner) { /* held: see ex_hold_or_detach */
         buf_append(o, p, n);
     } else {
         struct iovec iov = {(void *)p, n};

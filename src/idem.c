@@ -304,11 +304,18 @@ static bool idem_excluded(const struct cfg_idem *idem, struct http1_slice name)
     return false;
 }
 
+/* Gives the record buffer back (to the pool while it kept its size). */
+static void idem_rec_drop(struct exchange *ex)
+{
+    buf_reset(&ex->rec);
+    buf_release(&ex->rec, &ex->w->bufs);
+}
+
 static void idem_stop_recording(struct exchange *ex)
 {
     ex->recording = false;
     ex->keep = false;
-    buf_free(&ex->rec);
+    idem_rec_drop(ex);
 }
 
 void idem_response_head(struct exchange *ex, const struct http1_head *rh)
@@ -326,6 +333,7 @@ void idem_response_head(struct exchange *ex, const struct http1_head *rh)
     }
     ex->recording = true;
     buf_init(&ex->rec);
+    buf_take(&ex->rec, &ex->w->bufs); /* a pooled buffer: no malloc for small answers */
     record_begin(&ex->rw, &ex->rec, rh->status, (uint64_t)time(NULL) * 1000u, ex->fp);
     record_add_header(&ex->rw, ":reason", 7, rh->reason.p, rh->reason.n);
     for (size_t i = 0; i < rh->n_headers; i++) {
@@ -385,14 +393,14 @@ void idem_response_end(struct exchange *ex, bool ok)
         ex->keep = false;
         store_release(ex->w->store, ex->skey, ex->skey_len, ex->token, idem_store_done, ex);
     }
-    buf_free(&ex->rec);
+    idem_rec_drop(ex);
     ex->recording = false;
 }
 
 void idem_free(struct exchange *ex)
 {
     if (ex->idem_timer) evtimer_del(ex->idem_timer); /* kept with the exchange for reuse */
-    buf_free(&ex->rec);
+    idem_rec_drop(ex);
     if (ex->skey != ex->skey_buf) free(ex->skey);
     ex->skey = NULL;
 }

@@ -1,0 +1,104 @@
+"""SPEC section 7: the admin listener — /healthz, /readyz (the store
+answers, else 503) and /metrics in the Prometheus text format, with the
+metric names SPEC lists and counters that move with what the proxy did."""
+
+import re
+
+from igtest import free_port, idem_headers, request
+
+
+def start(idemgate, upstream, extra=None):
+    admin = free_port()
+    cfg = {"upstream": upstream.url, "store": "memory",
+           "admin": {"listen": "127.0.0.1:%d" % admin}}
+    cfg.update(extra or {})
+    return idemgate(cfg), admin
+
+
+def metrics(admin):
+    r = request(admin, "GET", "/metrics")
+    assert r.status == 200
+    assert r.header("Content-Type").startswith("text/plain")
+    values = {}
+    for line in r.body.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    return values
+
+
+def metrics_when(admin, ready, timeout=5.0):
+    """/metrics once ready(m) holds: the counters of an exchange move when
+    it ends, which may be just after its client got the last byte."""
+    import time
+    deadline = time.time() + timeout
+    m = metrics(admin)
+    while not ready(m) and time.time() < deadline:
+        time.sleep(0.05)
+        m = metrics(admin)
+    return m
+
+
+def test_healthz_and_readyz_memory(idemgate, upstream):
+    g, admin = start(idemgate, upstream)
+    assert request(admin, "GET", "/healthz").status == 200
+    assert request(admin, "GET", "/readyz").status == 200
+
+
+def test_readyz_follows_redis(idemgate, upstream, redis):
+    admin = free_port()
+    g = idemgate({"upstream": upstream.url, "store": "redis",
+                  "redis": {"url": redis.url, "timeout_ms": 300},
+                  "admin": {"listen": "127.0.0.1:%d" % admin}})
+    assert request(admin, "GET", "/readyz").status == 200
+    redis.kill()
+    assert request(admin, "GET", "/readyz").status == 503
+    assert request(admin, "GET", "/healthz").status == 200
+    redis.restart()
+    # reconnects by itself (bounded wait, not a timing assertion)
+    import time
+    deadline = time.time() + 15
+    status = 503
+    while time.time() < deadline and status != 200:
+        status = request(admin, "GET", "/readyz").status
+        time.sleep(0.2)
+    assert status == 200
+
+
+def test_metrics_names_and_outcomes(idemgate, upstream):
+    g, admin = start(idemgate, upstream)
+    h = idem_headers("m-1")
+    assert request(g.port, "POST", "/count", h, b"{}").status == 201
+    assert request(g.port, "POST", "/count", h, b"{}").status == 201  # replay
+    assert request(g.port, "POST", "/count", h, b'{"x":1}').status == 409  # mismatch
+    assert request(g.port, "GET", "/echo").status == 200  # passthrough
+    m = metrics_when(admin, lambda m: m.get('idemgate_requests_total{outcome="passthrough"}') == 1)
+    for outcome in ("executed", "replayed", "in_progress", "mismatch", "passthrough",
+                    "rejected", "not_cached", "store_error"):
+        assert 'idemgate_requests_total{outcome="%s"}' % outcome in m
+    assert m['idemgate_requests_total{outcome="executed"}'] == 1
+    assert m['idemgate_requests_total{outcome="replayed"}'] == 1
+    assert m['idemgate_requests_total{outcome="mismatch"}'] == 1
+    assert m['idemgate_requests_total{outcome="passthrough"}'] == 1
+    for name in ("idemgate_lock_renewals_total", "idemgate_store_errors_total",
+                 "idemgate_connections_active",
+                 "idemgate_upstream_duration_seconds_count",
+                 "idemgate_store_duration_seconds_count"):
+        assert name in m, name
+    assert m["idemgate_upstream_duration_seconds_count"] == 2  # executed + passthrough
+    assert m["idemgate_store_duration_seconds_count"] == 3  # three acquires
+    assert any(re.match(r'idemgate_upstream_duration_seconds_bucket\{le="\+Inf"\}', k)
+               for k in m)
+
+
+def test_memory_store_gauges(idemgate, upstream):
+    g, admin = start(idemgate, upstream, {"memory": {"max_bytes": 1048576}})
+    for i in range(40):
+        r = request(g.port, "POST", "/big?bytes=65536", idem_headers("ev-%d" % i), b"{}")
+        assert r.status == 200
+    m = metrics(admin)
+    assert m["idemgate_memory_store_max_bytes"] == 1048576
+    assert 0 < m["idemgate_memory_store_bytes"] <= 1048576
+    assert m["idemgate_memory_store_evictions_total"] > 0
+    assert m['idemgate_memory_store_entries{state="in_progress"}'] == 0
