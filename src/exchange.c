@@ -87,6 +87,29 @@ static void out_header(struct buf *o, const char *name, size_t nl, const char *v
     buf_append(o, "\r\n", 2);
 }
 
+static char *put_hex(char *p, uint64_t v, int digits)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = digits - 1; i >= 0; i--) {
+        p[i] = hex[v & 15];
+        v >>= 4;
+    }
+    return p + digits;
+}
+
+/* "<boot:8>-<worker:4>-<counter:12>" in hex: unique per process start,
+ * worker and request, built without printf on every request. */
+static size_t format_request_id(char out[64], uint32_t boot, unsigned worker, uint64_t n)
+{
+    char *p = put_hex(out, boot, 8);
+    *p++ = '-';
+    p = put_hex(p, worker, 4);
+    *p++ = '-';
+    p = put_hex(p, n, 12);
+    *p = '\0';
+    return (size_t)(p - out);
+}
+
 /* RFC 9110 IMF-fixdate of now, formatted once per second per thread. */
 static const char *http_date_now(void)
 {
@@ -923,9 +946,8 @@ static void client_start_exchange(struct client *cl)
         ex->request_id_len = rid->value.n;
         ex->request_id_from_client = true;
     } else {
-        ex->request_id_len = (size_t)snprintf(
-            ex->request_id, sizeof(ex->request_id), "%08x-%04x-%012llx", (unsigned)w->srv->boot_id,
-            (unsigned)w->id, (unsigned long long)++w->rid_counter);
+        ex->request_id_len =
+            format_request_id(ex->request_id, w->srv->boot_id, (unsigned)w->id, ++w->rid_counter);
     }
     const struct cfg *cfg = w->cfg;
     const struct cfg_route *route = cfg_route_for(cfg, ex->head.target.p, ex->head.target.n);
