@@ -258,6 +258,24 @@ def gate_config(store_cfg, upstream_url, idem=None, **top):
     return merge(cfg, top)
 
 
+def store_config(kind, redis):
+    """The store settings for kind "memory" or "redis" (on that Redis)."""
+    if kind == "redis":
+        return {"store": "redis", "redis": {"url": redis.url}}
+    return {"store": "memory"}
+
+
+STORES = ["memory", "redis"]
+
+
+def store_param_config(request):
+    """store_config() for a fixture parametrized over STORES (the conftest
+    `redis` fixture is started only for "redis")."""
+    redis = (request.getfixturevalue("redis") if request.param == "redis"
+             else None)
+    return store_config(request.param, redis)
+
+
 # -- threads ---------------------------------------------------------------
 
 class Bg:
@@ -288,6 +306,13 @@ def storm(ports, path, key, n, body=BODY, api_key="k1", timeout=30):
     """n clients, each with its own connection (opened before the barrier),
     released together, client i sending to ports[i % len(ports)]. Returns
     the list of Resp (or exceptions) in client order."""
+    return storm_each(ports, n, lambda i: (
+        path, hdrs(key if isinstance(key, str) else key(i), api_key), body),
+        timeout)
+
+
+def storm_each(ports, n, request, timeout=30):
+    """Like storm() but client i POSTs request(i) = (path, headers, body)."""
     barrier = threading.Barrier(n)
     results = [None] * n
 
@@ -297,9 +322,9 @@ def storm(ports, path, key, n, body=BODY, api_key="k1", timeout=30):
         try:
             conn.connect()
             barrier.wait(timeout)
-            results[i] = send(ports[i % len(ports)], "POST", path,
-                              hdrs(key if isinstance(key, str) else key(i),
-                                   api_key), body, conn=conn)
+            path, headers, body = request(i)
+            results[i] = send(ports[i % len(ports)], "POST", path, headers,
+                              body, conn=conn)
         except BaseException as e:  # noqa: BLE001 - reported by the caller
             results[i] = e
         finally:
@@ -313,6 +338,29 @@ def storm(ports, path, key, n, body=BODY, api_key="k1", timeout=30):
         t.join(timeout + 10)
     assert not any(t.is_alive() for t in threads), "storm clients hung"
     return results
+
+
+def storm_two_bodies(port, upstream_port, path, key, n=40):
+    """n clients, one key, half of them with another body: exactly one
+    execution; the other body's clients get 409 idempotency_key_reuse, the
+    winner's body's clients 409 request_in_progress or the replay."""
+    bodies = [BODY if i % 2 == 0 else b'{"amount": 7}' for i in range(n)]
+    results = storm_each([port], n, lambda i: (path, hdrs(key), bodies[i]))
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    originals = [i for i, r in enumerate(results)
+                 if r.status == 201 and not r.replayed]
+    assert len(originals) == 1, results
+    win = bodies[originals[0]]
+    for i, r in enumerate(results):
+        if i == originals[0]:
+            continue
+        if bodies[i] != win:
+            assert_error(r, 409, "idempotency_key_reuse")
+        elif r.status == 409:
+            assert_in_progress(r)
+        else:
+            assert_replay_of(r, results[originals[0]])
+    assert ucount(upstream_port, key) == 1
 
 
 # -- Redis, byte-exact -------------------------------------------------------

@@ -237,6 +237,21 @@ def raw_closed(port, data, timeout=5, host="127.0.0.1"):
     return out, closed
 
 
+def recv_to_close(s, timeout=10):
+    """Reads from socket s until the peer closes or timeout seconds have
+    passed in total; a read that stalls past the deadline raises
+    socket.timeout. Returns the bytes read."""
+    deadline = time.monotonic() + timeout
+    out = b""
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 def parse_responses(data, head_request=False):
     """Parse raw HTTP/1.x responses (as received by raw()) into a list of
     Resp. Handles Content-Length, chunked, and read-until-close bodies."""
@@ -491,6 +506,16 @@ class Idemgate:
 
     def alive(self):
         return self.proc.poll() is None
+
+
+def exit_code(g, timeout=10):
+    """Waits for idemgate g (started to fail) to exit; kills it if it has
+    not by the deadline (and re-raises the TimeoutExpired). Returns the exit
+    code."""
+    try:
+        return g.proc.wait(timeout=timeout)
+    finally:
+        g.kill()
 
 
 def dechunk_partial(data):

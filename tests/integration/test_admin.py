@@ -3,6 +3,7 @@ answers, else 503) and /metrics in the Prometheus text format, with the
 metric names SPEC lists and counters that move with what the proxy did."""
 
 import re
+import time
 
 from igtest import free_port, idem_headers, request
 
@@ -31,7 +32,6 @@ def metrics(admin):
 def metrics_when(admin, ready, timeout=5.0):
     """/metrics once ready(m) holds: the counters of an exchange move when
     it ends, which may be just after its client got the last byte."""
-    import time
     deadline = time.time() + timeout
     m = metrics(admin)
     while not ready(m) and time.time() < deadline:
@@ -41,23 +41,22 @@ def metrics_when(admin, ready, timeout=5.0):
 
 
 def test_healthz_and_readyz_memory(idemgate, upstream):
-    g, admin = start(idemgate, upstream)
+    _, admin = start(idemgate, upstream)
     assert request(admin, "GET", "/healthz").status == 200
     assert request(admin, "GET", "/readyz").status == 200
 
 
 def test_readyz_follows_redis(idemgate, upstream, redis):
     admin = free_port()
-    g = idemgate({"upstream": upstream.url, "store": "redis",
-                  "redis": {"url": redis.url, "timeout_ms": 300},
-                  "admin": {"listen": "127.0.0.1:%d" % admin}})
+    idemgate({"upstream": upstream.url, "store": "redis",
+              "redis": {"url": redis.url, "timeout_ms": 300},
+              "admin": {"listen": "127.0.0.1:%d" % admin}})
     assert request(admin, "GET", "/readyz").status == 200
     redis.kill()
     assert request(admin, "GET", "/readyz").status == 503
     assert request(admin, "GET", "/healthz").status == 200
     redis.restart()
     # reconnects by itself (bounded wait, not a timing assertion)
-    import time
     deadline = time.time() + 15
     status = 503
     while time.time() < deadline and status != 200:

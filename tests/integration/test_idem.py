@@ -8,17 +8,15 @@ import time
 
 import pytest
 
-from idemhelp import (BODY, Bg, Upstream, after_release, assert_error, assert_in_progress,
-                      assert_replay_of, gate_config, hdrs, post, send, stats,
-                      ucount, unused_port, wait_upstream_saw)
+from idemhelp import (BODY, STORES, Bg, Upstream, after_release, assert_error,
+                      assert_in_progress, assert_replay_of, gate_config, hdrs,
+                      post, send, stats, store_param_config, ucount,
+                      unused_port, wait_upstream_saw)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=STORES)
 def store_cfg(request):
-    if request.param == "redis":
-        r = request.getfixturevalue("redis")
-        return {"store": "redis", "redis": {"url": r.url}}
-    return {"store": "memory"}
+    return store_param_config(request)
 
 
 @pytest.fixture

@@ -3,22 +3,13 @@ together by a barrier, each on its own connection -> exactly one upstream
 execution; every other answer is 409 request_in_progress or the replay.
 """
 
-import http.client
-import threading
-
 import pytest
 
-from idemhelp import (BODY, after_release, assert_error, assert_in_progress,
-                      assert_replay_of, gate_config, hdrs, post, send, storm,
+from idemhelp import (after_release, assert_in_progress, assert_replay_of,
+                      gate_config, post, storm, store_config, storm_two_bodies,
                       ucount)
 
 PATH = "/count?ms=300"
-
-
-def store_config(kind, redis):
-    if kind == "redis":
-        return {"store": "redis", "redis": {"url": redis.url}}
-    return {"store": "memory"}
 
 
 def check_storm(results, upstream, key, allow_409=True):
@@ -109,41 +100,4 @@ def test_storm_same_key_different_bodies(idemgate, upstream, redis):
     share the winner's body)."""
     g = idemgate(gate_config({"store": "redis", "redis": {"url": redis.url}},
                              upstream.url))
-    n = 40
-    barrier = threading.Barrier(n)
-    bodies = [BODY if i % 2 == 0 else b'{"amount": 7}' for i in range(n)]
-    results = [None] * n
-
-    def client(i):
-        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
-        try:
-            conn.connect()
-            barrier.wait(30)
-            results[i] = send(g.port, "POST", PATH, hdrs("storm5"), bodies[i],
-                              conn=conn)
-        except BaseException as e:  # noqa: BLE001
-            results[i] = e
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(40)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    originals = [i for i, r in enumerate(results)
-                 if r.status == 201 and not r.replayed]
-    assert len(originals) == 1, results
-    win = bodies[originals[0]]
-    for i, r in enumerate(results):
-        if i == originals[0]:
-            continue
-        if bodies[i] != win:
-            assert_error(r, 409, "idempotency_key_reuse")
-        elif r.status == 409:
-            assert_in_progress(r)
-        else:
-            assert_replay_of(r, results[originals[0]])
-    assert ucount(upstream.port, "storm5") == 1
+    storm_two_bodies(g.port, upstream.port, PATH, "storm5")

@@ -8,25 +8,22 @@ concurrent clients).
 
 import http.client
 import os
-import threading
 import time
 
 import pytest
 
-from idemhelp import (BODY, Bg, after_release, assert_error,
+from idemhelp import (BODY, STORES, Bg, after_release, assert_error,
                       assert_in_progress, assert_replay_of, gate_config, hdrs,
-                      post, send, stats, ucount, wait_upstream_saw)
+                      post, send, stats, store_param_config, storm_each,
+                      storm_two_bodies, ucount, wait_upstream_saw)
 
 MIB = 1024 * 1024
 SMALL = {"store": "memory", "memory": {"max_bytes": MIB}}
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=STORES)
 def store_cfg(request):
-    if request.param == "redis":
-        r = request.getfixturevalue("redis")
-        return {"store": "redis", "redis": {"url": r.url}}
-    return {"store": "memory"}
+    return store_param_config(request)
 
 
 def rss_kib(pid):
@@ -87,28 +84,8 @@ def test_full_of_locks_is_503(idemgate, upstream):
     g = idemgate(gate_config(SMALL, upstream.url, {"key_max_length": 8192},
                              workers=2))
     n = 160  # each lock charged > 8 KiB: at most ~128 fit in 1 MiB
-    barrier = threading.Barrier(n)
-    results = [None] * n
-
-    def client(i):
-        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
-        try:
-            conn.connect()
-            barrier.wait(30)
-            key = ("%04d" % i) + "k" * 8000
-            results[i] = send(g.port, "POST", "/count?ms=1500", hdrs(key),
-                              BODY, conn=conn)
-        except BaseException as e:  # noqa: BLE001
-            results[i] = e
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = storm_each([g.port], n, lambda i: (
+        "/count?ms=1500", hdrs(("%04d" % i) + "k" * 8000), BODY))
     assert not [r for r in results if isinstance(r, BaseException)], results
     ok = [r for r in results if r.status == 201]
     full = [r for r in results if r.status == 503]
@@ -144,41 +121,4 @@ def test_lock_renewed_while_upstream_works(idemgate, upstream, store_cfg):
 
 def test_storm_one_key_two_bodies(idemgate, upstream, store_cfg):
     g = idemgate(gate_config(store_cfg, upstream.url, workers=2))
-    n = 40
-    barrier = threading.Barrier(n)
-    bodies = [BODY if i % 2 == 0 else b'{"amount": 7}' for i in range(n)]
-    results = [None] * n
-
-    def client(i):
-        conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
-        try:
-            conn.connect()
-            barrier.wait(30)
-            results[i] = send(g.port, "POST", "/count?ms=300", hdrs("bodies"),
-                              bodies[i], conn=conn)
-        except BaseException as e:  # noqa: BLE001
-            results[i] = e
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(40)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    originals = [i for i, r in enumerate(results)
-                 if r.status == 201 and not r.replayed]
-    assert len(originals) == 1, results
-    win = bodies[originals[0]]
-    for i, r in enumerate(results):
-        if i == originals[0]:
-            continue
-        if bodies[i] != win:
-            assert_error(r, 409, "idempotency_key_reuse")
-        elif r.status == 409:
-            assert_in_progress(r)
-        else:
-            assert_replay_of(r, results[originals[0]])
-    assert ucount(upstream.port, "bodies") == 1
+    storm_two_bodies(g.port, upstream.port, "/count?ms=300", "bodies")

@@ -764,12 +764,7 @@ def test_expect_100_continue(idemgate, upstream):
         assert got.startswith(b"HTTP/1.1 100"), got
         s.sendall(b"hello")
         rest = got[got.find(b"\r\n\r\n") + 4:]
-        s.settimeout(10)
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
+        rest += igtest.recv_to_close(s, timeout=10)
     finally:
         s.close()
     rs = igtest.parse_responses(rest)

@@ -193,13 +193,7 @@ def test_https_pipelined_requests(idemgate, upstream, certs):
                         for i in range(4))
         reqs += b"GET /echo?i=4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         s.sendall(reqs)
-        data = b""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = igtest.recv_to_close(s, timeout=10)
     finally:
         s.close()
     resps = igtest.parse_responses(data)
@@ -247,10 +241,7 @@ def test_bad_key_file_exits_1(tmp_path, certs):
         g = igtest.Idemgate(str(tmp_path), {
             "store": "memory",
             "tls": {"cert_file": certs["cert"], "key_file": key}}, wait=False)
-        try:
-            code = g.proc.wait(timeout=10)
-        finally:
-            g.kill()
+        code = igtest.exit_code(g, timeout=10)
         assert code == 1, g.stderr()
         assert "cannot read the TLS key" in g.stderr(), g.stderr()
         assert key in g.stderr()
@@ -261,10 +252,7 @@ def test_key_not_matching_cert_exits_1(tmp_path, certs):
         "store": "memory",
         "tls": {"cert_file": certs["ca"], "key_file": certs["key"]}},
         wait=False)
-    try:
-        code = g.proc.wait(timeout=10)
-    finally:
-        g.kill()
+    code = igtest.exit_code(g, timeout=10)
     assert code == 1, g.stderr()
     assert "does not match" in g.stderr(), g.stderr()
 
@@ -273,10 +261,7 @@ def test_unreadable_upstream_ca_exits_1(tmp_path, certs):
     g = igtest.Idemgate(str(tmp_path), {
         "store": "memory", "upstream": "https://127.0.0.1:1",
         "upstream_tls": {"ca_file": str(tmp_path / "nope.crt")}}, wait=False)
-    try:
-        code = g.proc.wait(timeout=10)
-    finally:
-        g.kill()
+    code = igtest.exit_code(g, timeout=10)
     assert code == 1, g.stderr()
     assert "upstream CA" in g.stderr(), g.stderr()
 

@@ -11,26 +11,19 @@
 
 #include "idemgate/config.h"
 #include "idemgate/store.h"
+#include "store_testlib.h"
 
-#include <arpa/inet.h>
 #include <event2/event.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
-
-#define PREFIX "idemtest:"
-#define WAIT_MS 5000 /* upper bound for any single answer */
 
 /* ---- the redis-server under test ---- */
 
@@ -38,25 +31,6 @@ static pid_t redis_pid = -1;
 static int redis_port;
 static char redis_dir[64];
 static char redis_sock[128];
-
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        return -1;
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 static redisContext *redis_sync(void)
 {
@@ -106,11 +80,7 @@ static int redis_start(void)
 
 static void redis_stop(void)
 {
-    if (redis_pid <= 0) return;
-    kill(redis_pid, SIGCONT);
-    kill(redis_pid, SIGKILL);
-    waitpid(redis_pid, NULL, 0);
-    redis_pid = -1;
+    stop_pid(&redis_pid);
 }
 
 static int group_setup(void **state)
@@ -152,13 +122,6 @@ struct ctx {
     struct store *st;
 };
 
-static void tick_cb(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    (void)arg;
-}
-
 static void fill_cfg(struct cfg *c)
 {
     memset(c, 0, sizeof(*c));
@@ -181,9 +144,7 @@ static int ctx_setup(void **state)
     struct ctx *c = calloc(1, sizeof(*c));
     c->be = *state;
     c->base = event_base_new();
-    c->tick = event_new(c->base, -1, EV_PERSIST, tick_cb, NULL);
-    struct timeval tv = {0, 20000};
-    event_add(c->tick, &tv);
+    c->tick = stl_tick_new(c->base);
     fill_cfg(&c->cfg);
     c->sh = store_memory_shared_new(PREFIX, 0);
     c->st = ctx_new_store(c);
@@ -204,138 +165,49 @@ static int ctx_teardown(void **state)
 
 static void run_until(struct ctx *c, const bool *done, int max_ms)
 {
-    uint64_t end = now_ms() + (uint64_t)max_ms;
-    while (!*done && now_ms() < end)
-        event_base_loop(c->base, EVLOOP_ONCE);
+    stl_run_until(c->base, done, max_ms);
 }
 
 static void run_for(struct ctx *c, int ms)
 {
-    bool never = false;
-    run_until(c, &never, ms);
+    stl_run_for(c->base, ms);
 }
 
-/* ---- operations, driven to their answer ---- */
-
-static bool in_call; /* true while a store call is running */
-static int unique_counter;
-
-struct acq_res {
-    bool done;
-    bool sync;
-    int calls;
-    enum store_acquire_state state;
-    uint8_t rec[1024];
-    size_t rec_len;
-};
-
-struct done_res {
-    bool done;
-    bool sync;
-    int calls;
-    int status;
-};
-
-static void acq_cb(void *arg, const struct store_acquire_reply *r)
-{
-    struct acq_res *res = arg;
-    res->done = true;
-    res->sync = in_call;
-    res->calls++;
-    res->state = r->state;
-    res->rec_len = 0;
-    if (r->state == STORE_ACQ_COMPLETED) {
-        assert_true(r->record_len <= sizeof(res->rec));
-        if (r->record_len) memcpy(res->rec, r->record, r->record_len);
-        res->rec_len = r->record_len;
-    }
-}
-
-static void done_cb(void *arg, int status)
-{
-    struct done_res *res = arg;
-    res->done = true;
-    res->sync = in_call;
-    res->calls++;
-    res->status = status;
-}
-
-static const char TOKEN_A[STORE_TOKEN_LEN + 1] = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-static const char TOKEN_B[STORE_TOKEN_LEN + 1] = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-static const uint8_t FP_1[STORE_FP_LEN] = {0, 1, 2, 3, 0, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0};
-static const uint8_t FP_2[STORE_FP_LEN] = {0, 1, 2, 3, 0, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1};
-
-static void unique_skey(char *out, size_t n, const char *what)
-{
-    snprintf(out, n, "scope%d-%d:%s", (int)getpid(), ++unique_counter, what);
-}
+/* ---- operations, driven to their answer (store_testlib) ---- */
 
 static enum store_acquire_state acquire_full(struct ctx *c, struct store *st, const char *skey,
                                              const uint8_t *fp, const char *token, uint32_t lock_ms,
                                              struct acq_res *res)
 {
-    memset(res, 0, sizeof(*res));
-    in_call = true;
-    store_acquire(st, skey, strlen(skey), fp, token, lock_ms, acq_cb, res);
-    in_call = false;
-    assert_false(res->done); /* never synchronous */
-    run_until(c, &res->done, WAIT_MS);
-    assert_true(res->done);
-    assert_false(res->sync);
-    run_for(c, 0);
-    assert_int_equal(res->calls, 1);
-    return res->state;
+    return stl_acquire(c->base, st, skey, fp, token, lock_ms, res);
 }
 
 static enum store_acquire_state acquire(struct ctx *c, const char *skey, const uint8_t *fp,
                                         const char *token, uint32_t lock_ms)
 {
     struct acq_res res;
-    return acquire_full(c, c->st, skey, fp, token, lock_ms, &res);
-}
-
-static int finish_done(struct ctx *c, struct done_res *res)
-{
-    in_call = false;
-    assert_false(res->done);
-    run_until(c, &res->done, WAIT_MS);
-    assert_true(res->done);
-    assert_false(res->sync);
-    assert_int_equal(res->calls, 1);
-    return res->status;
+    return stl_acquire(c->base, c->st, skey, fp, token, lock_ms, &res);
 }
 
 static int complete(struct ctx *c, const char *skey, const char *token, const uint8_t *rec,
                     size_t len, uint32_t ttl)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_complete(c->st, skey, strlen(skey), token, rec, len, ttl, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_complete(c->base, c->st, skey, token, rec, len, ttl);
 }
 
 static int release(struct ctx *c, const char *skey, const char *token)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_release(c->st, skey, strlen(skey), token, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_release(c->base, c->st, skey, token);
 }
 
 static int renew(struct ctx *c, const char *skey, const char *token, uint32_t lock_ms)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_renew(c->st, skey, strlen(skey), token, lock_ms, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_renew(c->base, c->st, skey, token, lock_ms);
 }
 
 static int ping(struct ctx *c)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_ping(c->st, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_ping(c->base, c->st);
 }
 
 /* A binary record with NULs and every byte value. */

@@ -15,48 +15,26 @@
 
 #include "idemgate/config.h"
 #include "idemgate/store.h"
+#include "store_testlib.h"
 
 #include <arpa/inet.h>
 #include <event2/event.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <netinet/in.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-#define PREFIX "idemtest:"
-#define WAIT_MS 5000 /* upper bound for any single answer */
 #define NCLUSTER 3
 
 /* ---- processes ---- */
 
 static char tmp_dir[64];
-
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        return -1;
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 static bool port_bindable(int port)
 {
@@ -92,15 +70,6 @@ static pid_t spawn(char *const argv[])
         _exit(127);
     }
     return pid;
-}
-
-static void stop_pid(pid_t *pid)
-{
-    if (*pid <= 0) return;
-    kill(*pid, SIGCONT);
-    kill(*pid, SIGKILL);
-    waitpid(*pid, NULL, 0);
-    *pid = -1;
 }
 
 /* Runs argv to completion within max_ms; its exit status, or -1. */
@@ -198,20 +167,11 @@ struct ctx {
     struct store *st;
 };
 
-static void tick_cb(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    (void)arg;
-}
-
 static struct ctx *ctx_new(enum cfg_redis_mode mode, const int *ports, size_t n)
 {
     struct ctx *c = calloc(1, sizeof(*c));
     c->base = event_base_new();
-    c->tick = event_new(c->base, -1, EV_PERSIST, tick_cb, NULL);
-    struct timeval tv = {0, 20000};
-    event_add(c->tick, &tv);
+    c->tick = stl_tick_new(c->base);
     c->cfg.store = CFG_STORE_REDIS;
     c->cfg.redis.mode = mode;
     c->cfg.redis.host = "127.0.0.1";
@@ -237,73 +197,12 @@ static void ctx_free(struct ctx *c)
     free(c);
 }
 
-static void run_until(struct ctx *c, const bool *done, int max_ms)
-{
-    uint64_t end = now_ms() + (uint64_t)max_ms;
-    while (!*done && now_ms() < end)
-        event_base_loop(c->base, EVLOOP_ONCE);
-}
-
 static void run_for(struct ctx *c, int ms)
 {
-    bool never = false;
-    run_until(c, &never, ms);
+    stl_run_for(c->base, ms);
 }
 
-/* ---- operations, driven to their answer ---- */
-
-static bool in_call;
-static int unique_counter;
-
-struct acq_res {
-    bool done;
-    bool sync;
-    int calls;
-    enum store_acquire_state state;
-    uint8_t rec[1024];
-    size_t rec_len;
-};
-
-struct done_res {
-    bool done;
-    bool sync;
-    int calls;
-    int status;
-};
-
-static void acq_cb(void *arg, const struct store_acquire_reply *r)
-{
-    struct acq_res *res = arg;
-    res->done = true;
-    res->sync = in_call;
-    res->calls++;
-    res->state = r->state;
-    res->rec_len = 0;
-    if (r->state == STORE_ACQ_COMPLETED) {
-        assert_true(r->record_len <= sizeof(res->rec));
-        if (r->record_len) memcpy(res->rec, r->record, r->record_len);
-        res->rec_len = r->record_len;
-    }
-}
-
-static void done_cb(void *arg, int status)
-{
-    struct done_res *res = arg;
-    res->done = true;
-    res->sync = in_call;
-    res->calls++;
-    res->status = status;
-}
-
-static const char TOKEN_A[STORE_TOKEN_LEN + 1] = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-static const char TOKEN_B[STORE_TOKEN_LEN + 1] = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-static const uint8_t FP_1[STORE_FP_LEN] = {0, 1, 2, 3, 0, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0};
-static const uint8_t FP_2[STORE_FP_LEN] = {0, 1, 2, 3, 0, 0, 6, 7, 8, 9, 10, 11, 12, 13, 14, 1};
-
-static void unique_skey(char *out, size_t n, const char *what)
-{
-    snprintf(out, n, "scope%d-%d:%s", (int)getpid(), ++unique_counter, what);
-}
+/* ---- operations, driven to their answer (store_testlib) ---- */
 
 static void full_key(char *out, size_t n, const char *skey)
 {
@@ -314,17 +213,7 @@ static void full_key(char *out, size_t n, const char *skey)
 static enum store_acquire_state acquire_full(struct ctx *c, const char *skey, const uint8_t *fp,
                                              const char *token, struct acq_res *res)
 {
-    memset(res, 0, sizeof(*res));
-    in_call = true;
-    store_acquire(c->st, skey, strlen(skey), fp, token, 10000, acq_cb, res);
-    in_call = false;
-    assert_false(res->done); /* never synchronous */
-    run_until(c, &res->done, WAIT_MS);
-    assert_true(res->done);
-    assert_false(res->sync);
-    run_for(c, 0);
-    assert_int_equal(res->calls, 1);
-    return res->state;
+    return stl_acquire(c->base, c->st, skey, fp, token, 10000, res);
 }
 
 static enum store_acquire_state acquire(struct ctx *c, const char *skey, const uint8_t *fp,
@@ -334,49 +223,25 @@ static enum store_acquire_state acquire(struct ctx *c, const char *skey, const u
     return acquire_full(c, skey, fp, token, &res);
 }
 
-static int finish_done(struct ctx *c, struct done_res *res)
-{
-    in_call = false;
-    assert_false(res->done);
-    run_until(c, &res->done, WAIT_MS);
-    assert_true(res->done);
-    assert_false(res->sync);
-    run_for(c, 0);
-    assert_int_equal(res->calls, 1);
-    return res->status;
-}
-
 static int complete(struct ctx *c, const char *skey, const char *token, const uint8_t *rec,
                     size_t len)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_complete(c->st, skey, strlen(skey), token, rec, len, 60, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_complete(c->base, c->st, skey, token, rec, len, 60);
 }
 
 static int release(struct ctx *c, const char *skey, const char *token)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_release(c->st, skey, strlen(skey), token, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_release(c->base, c->st, skey, token);
 }
 
 static int renew(struct ctx *c, const char *skey, const char *token)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_renew(c->st, skey, strlen(skey), token, 20000, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_renew(c->base, c->st, skey, token, 20000);
 }
 
 static int ping(struct ctx *c)
 {
-    struct done_res res = {0};
-    in_call = true;
-    store_ping(c->st, done_cb, &res);
-    return finish_done(c, &res);
+    return stl_ping(c->base, c->st);
 }
 
 /* Pings until the store answers, bounded. */
