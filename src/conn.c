@@ -30,6 +30,12 @@ static void conn_event(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     struct conn *c = arg;
+    if (what & EV_CLOSED) {
+        /* FIN seen (EPOLLRDHUP), maybe in the same edge as the last data:
+         * the short-read shortcut must not skip the read that says EOF. */
+        c->rdhup = true;
+        what |= EV_READ;
+    }
     if (what & EV_READ) c->rd_ready = true;
     if (what & EV_WRITE) c->wr_ready = true;
     if (c->ssl) {
@@ -59,7 +65,7 @@ int conn_open(struct conn *c, struct event_base *base, int fd, conn_cb cb, void 
     c->wr_ready = true;
     buf_init(&c->in);
     buf_init(&c->out);
-    c->ev = event_new(base, fd, EV_READ | EV_WRITE | EV_PERSIST | EV_ET, conn_event, c);
+    c->ev = event_new(base, fd, EV_READ | EV_WRITE | EV_CLOSED | EV_PERSIST | EV_ET, conn_event, c);
     if (!c->ev || event_add(c->ev, NULL) < 0) {
         if (c->ev) event_free(c->ev);
         c->ev = NULL;
@@ -154,7 +160,7 @@ size_t conn_fill(struct conn *c, size_t limit)
             total += (size_t)n;
             /* A short read drained the socket: the next byte brings a new
              * edge, so skip the read that would only say EAGAIN. */
-            if ((size_t)n < want) c->rd_ready = false;
+            if ((size_t)n < want && !c->rdhup) c->rd_ready = false;
         } else if (n == 0) {
             c->eof = true;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK) {

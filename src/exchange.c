@@ -36,6 +36,7 @@
 #define EX_CACHE_MAX 64
 
 static void client_event(struct conn *c, short what, void *arg);
+static void ex_access_log(struct exchange *ex);
 static void client_process(struct client *cl);
 static void client_arm_timer(struct client *cl);
 static void ex_up_event(struct conn *c, short what, void *arg);
@@ -178,6 +179,9 @@ static void ex_free_timers(struct exchange *ex)
 static void ex_free(struct exchange *ex)
 {
     struct worker *w = ex->w;
+    /* A client that left before its answer: the exchange went on, and is
+     * logged and counted now (its request bytes were moved into ex->req). */
+    if (!ex->logged) ex_access_log(ex);
     idem_free(ex);
     if (ex->up_timer) evtimer_del(ex->up_timer);
     buf_free(&ex->req);
@@ -219,6 +223,7 @@ static const char *const outcome_names[] = {"passthrough", "executed", "replayed
 static void ex_access_log(struct exchange *ex)
 {
     const struct cfg *cfg = ex->w->cfg;
+    ex->logged = true;
     metrics_outcome((int)ex->outcome);
     if (!cfg->log_access || !log_enabled(LOG_INFO)) return;
     struct buf *bp = log_scratch(), b = *bp;
@@ -268,10 +273,11 @@ static void ex_detach_client(struct exchange *ex)
         client_close(cl);
         return;
     }
-    if (cl->state == CLIENT_IDLE) {
-        client_arm_timer(cl);
-        client_process(cl);
-    }
+    client_arm_timer(cl); /* idle keep-alive, or a CLOSING client that never reads */
+    /* The next pipelined request starts from the event loop, not from
+     * here: answering at once (400, 409, replay...) would otherwise recurse
+     * once per pipelined request. */
+    if (cl->state == CLIENT_IDLE) event_active(cl->c.ev, EV_READ, 0);
 }
 
 /* Queues bytes for the client (dropped when it is gone) and tries to send. */
@@ -413,7 +419,7 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
     buf_append(o, " ", 1);
     buf_append(o, h->target.p, h->target.n);
     buf_append(o, " HTTP/1.1\r\n", 11);
-    struct http1_slice xff = {NULL, 0}, xfp = {NULL, 0};
+    struct http1_slice xfp = {NULL, 0};
     bool have_host = false;
     struct buf xffv;
     buf_init(&xffv);
@@ -425,7 +431,6 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
         if (http1_slice_ieq(hd->name, "x-forwarded-for")) {
             if (buf_size(&xffv)) buf_append(&xffv, ", ", 2);
             buf_append(&xffv, hd->value.p, hd->value.n);
-            xff = hd->value;
             continue;
         }
         if (http1_slice_ieq(hd->name, "x-forwarded-proto")) {
@@ -440,9 +445,9 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
         buf_append_str(o, ex->upstream_url->host);
         buf_printf(o, ":%d\r\n", ex->upstream_url->port);
     }
-    const char *peer = cl ? cl->peer : "unknown";
+    const char *peer = ex->peer;
     buf_append_str(o, "X-Forwarded-For: ");
-    if (xff.p) {
+    if (buf_size(&xffv) > 0) {
         buf_append(o, buf_data(&xffv), buf_size(&xffv));
         buf_append(o, ", ", 2);
     }
@@ -707,8 +712,13 @@ static void ex_up_read(struct exchange *ex)
 {
     struct upconn *u = ex->up;
     while (ex->up == u) {
-        if (ex_client_backlogged(ex)) return; /* resumed from the client's write edge */
-        size_t got = conn_fill(&u->c, UPSTREAM_FILL);
+        /* resumed from the client's write edge (ex_client_drained) */
+        if (ex->head_done && ex_client_backlogged(ex)) return;
+        /* Before the head is parsed, room for the largest head allowed. */
+        size_t limit = UPSTREAM_FILL;
+        if (!ex->head_done && ex->w->cfg->limits.max_header_bytes + 1 > limit)
+            limit = (size_t)ex->w->cfg->limits.max_header_bytes + 1;
+        size_t got = conn_fill(&u->c, limit);
         if (got == 0 && buf_size(&u->c.in) == 0 && !u->c.eof && !u->c.err) return;
         if (!ex->head_done) {
             int r = ex_parse_response_head(ex);
@@ -770,8 +780,10 @@ static void client_timeout(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct client *cl = arg;
-    if (cl->state != CLIENT_IDLE) return;
-    if (buf_size(&cl->c.in) > 0) {
+    if (cl->state == CLIENT_BUSY) return;
+    /* A request started but not finished in time: 408. A client that is
+     * idle, or does not read what we owe it, is just closed. */
+    if (cl->state == CLIENT_IDLE && buf_size(&cl->c.in) > 0 && buf_size(&cl->c.out) == 0) {
         struct buf body;
         buf_init(&body);
         const char *ct = err_render(ERR_REQUEST_TIMEOUT, 408, false, &body);
@@ -834,6 +846,9 @@ void client_close(struct client *cl)
         buf_swap(&ex->body_buf, &cl->chunked_body);
         ex->client = NULL;
         cl->ex = NULL;
+        /* An upstream paused on this client's backlog must go on alone
+         * (its edge was used up): the answer is still read and kept. */
+        if (ex->up && ex->head_done) event_active(ex->up->c.ev, EV_READ, 0);
         exchange_unref(ex);
     }
     if (cl->prev)
@@ -930,6 +945,7 @@ static void client_start_exchange(struct client *cl)
     }
     buf_init(&ex->req);
     buf_init(&ex->body_buf);
+    memcpy(ex->peer, cl->peer, sizeof(ex->peer));
     ex->client_keep_alive = ex->head.keep_alive;
     ex->client_minor = ex->head.minor_version;
     cl->keep_alive = ex->head.keep_alive;
@@ -968,6 +984,12 @@ static int client_read_body(struct client *cl)
     size_t have = buf_size(&cl->c.in) - (size_t)cl->head_len;
     if (cl->body == HTTP1_BODY_NONE) return 1;
     if (cl->body == HTTP1_BODY_LENGTH) return have >= cl->content_length;
+    /* Chunk framing (sizes, extensions) is bounded too: decoded bytes
+     * alone would let 1-byte chunks with 1 KiB extensions buffer ~1000x. */
+    if (cl->chunk_pos > 2 * lim->max_request_body_bytes + 65536) {
+        client_reject(cl, ERR_PAYLOAD_TOO_LARGE);
+        return -1;
+    }
     const char *p = buf_data(&cl->c.in) + cl->head_len;
     while (cl->chunk_pos < have) {
         size_t used = 0;
@@ -1047,6 +1069,9 @@ static void client_process(struct client *cl)
 {
     const struct cfg_limits *lim = &cl->w->cfg->limits;
     while (cl->state == CLIENT_IDLE) {
+        /* A client that pipelines but does not read gets no more answers
+         * queued: the next one waits for its write edge. */
+        if (buf_size(&cl->c.out) > CLIENT_OUT_HIGH) return;
         conn_fill(&cl->c, client_fill_limit(cl));
         if (cl->c.err) {
             client_close(cl);
@@ -1111,6 +1136,7 @@ static void client_event(struct conn *c, short what, void *arg)
         if (r <= 0) return;
     }
     if ((what & EV_WRITE) && !(cl->ex && cl->ex->holding)) {
+        size_t before = buf_size(&cl->c.out);
         int r = conn_flush(&cl->c);
         if (r < 0 || (r == 1 && cl->state == CLIENT_CLOSING)) {
             client_close(cl);
@@ -1122,7 +1148,15 @@ static void client_event(struct conn *c, short what, void *arg)
             ex_client_drained(cl->ex);
             return;
         }
-        if (r == 1 && cl->state == CLIENT_IDLE) conn_trim(&cl->c);
+        /* Between requests the timer bounds a client that stops reading;
+         * one that reads, however slowly, gets its time again. */
+        if (cl->state != CLIENT_BUSY && buf_size(&cl->c.out) < before) client_arm_timer(cl);
     }
-    if (cl->state == CLIENT_IDLE && (cl->c.rd_ready || (what & EV_READ))) client_process(cl);
+    if (cl->state != CLIENT_IDLE) return;
+    /* Pipelined bytes already buffered count as much as a read edge: they
+     * wait here while the output is backlogged (client_process). */
+    if (cl->c.rd_ready || (what & EV_READ) || buf_size(&cl->c.in) > 0)
+        client_process(cl);
+    else if (buf_size(&cl->c.out) == 0)
+        conn_trim(&cl->c);
 }

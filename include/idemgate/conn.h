@@ -39,6 +39,7 @@ struct conn {
     bool rd_ready; /* may have unread bytes (no EAGAIN seen since the last edge) */
     bool wr_ready; /* may accept more bytes */
     bool eof;      /* peer closed its side (read returned 0) */
+    bool rdhup;    /* the peer's FIN was reported (EV_CLOSED): read to EOF */
     int err;       /* errno of a fatal read/write error, 0 otherwise */
     conn_cb cb;
     void *arg;

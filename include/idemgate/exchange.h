@@ -102,6 +102,7 @@ struct exchange {
     struct buf body_buf; /* a de-chunked request body */
     bool client_keep_alive;
     int client_minor;
+    char peer[64]; /* the client's address, kept if the client leaves */
     char request_id[64];
     size_t request_id_len;
     bool request_id_from_client;
@@ -142,6 +143,7 @@ struct exchange {
     bool client_chunked; /* we re-encode the body as chunked for the client */
     bool client_close;   /* close the client connection after this response */
     bool holding;        /* last response bytes wait for the record to be stored */
+    bool logged;         /* the access line was written (and the outcome counted) */
     bool up_reusable;
 };
 
