@@ -104,18 +104,24 @@ void buf_swap(struct buf *a, struct buf *b)
 void buf_append_json_str(struct buf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
+    size_t run = 0; /* plain bytes not yet appended, ending before i */
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
+        if (c != '"' && c != '\\' && c >= 0x20 && c < 0x7f) {
+            run++;
+            continue;
+        }
+        buf_append(b, s + i - run, run);
+        run = 0;
         if (c == '"' || c == '\\') {
             char e[2] = {'\\', (char)c};
             buf_append(b, e, 2);
-        } else if (c < 0x20 || c >= 0x7f) {
+        } else {
             char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
             buf_append(b, e, 6);
-        } else {
-            buf_append(b, &s[i], 1);
         }
     }
+    buf_append(b, s + n - run, run);
 }
 
 void buf_pool_init(struct buf_pool *bp, size_t size, unsigned max)

@@ -23,14 +23,34 @@ bool log_enabled(enum log_level lvl)
 
 void log_line_begin(struct buf *b, enum log_level lvl)
 {
+    /* The date part changes once a second: format it then, per thread
+     * (an access line per request must not cost a strftime + printf). */
+    static __thread time_t cached_sec = -1;
+    static __thread char cached[24];
     struct timeval tv;
-    struct tm tm;
     gettimeofday(&tv, NULL);
-    gmtime_r(&tv.tv_sec, &tm);
-    char ts[40];
-    strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-    buf_printf(b, "{\"ts\":\"%s.%03dZ\",\"level\":\"%s\"", ts, (int)(tv.tv_usec / 1000),
-               log_names[lvl]);
+    if (tv.tv_sec != cached_sec) {
+        struct tm tm;
+        gmtime_r(&tv.tv_sec, &tm);
+        strftime(cached, sizeof(cached), "%Y-%m-%dT%H:%M:%S", &tm);
+        cached_sec = tv.tv_sec;
+    }
+    unsigned ms = (unsigned)(tv.tv_usec / 1000);
+    char frac[6] = {
+        '.', (char)('0' + ms / 100), (char)('0' + ms / 10 % 10), (char)('0' + ms % 10), 'Z', '"'};
+    buf_append(b, "{\"ts\":\"", 7);
+    buf_append_str(b, cached);
+    buf_append(b, frac, sizeof(frac));
+    buf_append(b, ",\"level\":\"", 10);
+    buf_append_str(b, log_names[lvl]);
+    buf_append(b, "\"", 1);
+}
+
+static void log_key(struct buf *b, const char *key)
+{
+    buf_append(b, ",\"", 2);
+    buf_append_str(b, key);
+    buf_append(b, "\":", 2);
 }
 
 void log_line_end(struct buf *b)
@@ -48,14 +68,21 @@ void log_line_end(struct buf *b)
 
 void log_kv_str(struct buf *b, const char *key, const char *v, size_t n)
 {
-    buf_printf(b, ",\"%s\":\"", key);
+    log_key(b, key);
+    buf_append(b, "\"", 1);
     buf_append_json_str(b, v, n);
     buf_append(b, "\"", 1);
 }
 
 void log_kv_int(struct buf *b, const char *key, long long v)
 {
-    buf_printf(b, ",\"%s\":%lld", key, v);
+    log_key(b, key);
+    if (v < 0) {
+        buf_append(b, "-", 1);
+        buf_append_u64(b, (uint64_t)0 - (uint64_t)v);
+    } else {
+        buf_append_u64(b, (uint64_t)v);
+    }
 }
 
 void log_msg(enum log_level lvl, const char *fmt, ...)
