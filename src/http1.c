@@ -225,7 +225,7 @@ struct framing {
     bool te_bad;         /* empty element, or chunked applied twice */
     bool te_unknown;     /* a coding not registered in RFC 9110 */
     int host_count;
-    bool conn_close, conn_keep_alive, expect_continue;
+    bool conn_close, conn_keep_alive, expect_continue, conn_seen;
 };
 
 static int parse_content_length(const char *p, size_t n, uint64_t *out)
@@ -299,7 +299,10 @@ static int note_header(const struct http1_header *hd, struct framing *f)
         if (SLICE_IS(p, n, "expect") && SLICE_IS(v, vn, "100-continue")) f->expect_continue = true;
         break;
     case 10:
-        if (SLICE_IS(p, n, "connection")) for_each_element(v, vn, conn_element, f);
+        if (SLICE_IS(p, n, "connection")) {
+            f->conn_seen = true;
+            for_each_element(v, vn, conn_element, f);
+        }
         break;
     case 14:
         if (SLICE_IS(p, n, "content-length")) {
@@ -359,6 +362,7 @@ static void head_reset(struct http1_head *h)
     h->minor_version = 0;
     h->keep_alive = false;
     h->expect_continue = false;
+    h->has_connection = false;
     h->body = HTTP1_BODY_NONE;
     h->content_length = 0;
     h->n_headers = 0;
@@ -428,6 +432,7 @@ long http1_parse_request(const char *buf, size_t len, size_t max_head, struct ht
         h->content_length = f.cl;
     }
     h->keep_alive = keep_alive(h->minor_version, &f);
+    h->has_connection = f.conn_seen;
     h->expect_continue = h->minor_version == 1 && f.expect_continue;
     return end;
 }
@@ -449,6 +454,7 @@ long http1_parse_response(const char *buf, size_t len, size_t max_head, bool hea
     if (f.te_count && h->minor_version == 0) return HTTP1_EBAD;
 
     h->keep_alive = keep_alive(h->minor_version, &f);
+    h->has_connection = f.conn_seen;
     h->content_length = f.cl;
     if (head_request || h->status < 200 || h->status == 204 || h->status == 304) {
         h->body = HTTP1_BODY_NONE;
@@ -518,6 +524,9 @@ bool http1_is_hop_by_hop(const struct http1_head *h, size_t i)
     struct http1_slice name = h->headers[i].name;
     if (fixed_hop_by_hop(name.p, name.n)) return true;
     if (name.n >= 6 && ieq_lower(name.p, "proxy-", 6)) return true;
+    /* Known at parse time: most heads have no Connection header at all,
+     * and then this per-header scan of all headers is skipped. */
+    if (!h->has_connection) return false;
     struct token_search ts = {name, false};
     for (size_t k = 0; k < h->n_headers && !ts.found; k++) {
         const struct http1_header *hd = &h->headers[k];
