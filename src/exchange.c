@@ -41,7 +41,7 @@ static void client_process(struct client *cl);
 static void client_arm_timer(struct client *cl);
 static void ex_up_event(struct conn *c, short what, void *arg);
 static void ex_up_read(struct exchange *ex);
-static void ex_upstream_failed(struct exchange *ex, enum err_code e);
+static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why);
 
 /* ---------------------------------------------------------------- state */
 
@@ -217,9 +217,6 @@ void exchange_unref(struct exchange *ex)
     if (--ex->refs == 0) ex_free(ex);
 }
 
-static const char *const outcome_names[] = {"passthrough", "executed", "replayed",   "in_progress",
-                                            "mismatch",    "rejected", "not_cached", "store_error"};
-
 static void ex_access_log(struct exchange *ex)
 {
     const struct cfg *cfg = ex->w->cfg;
@@ -235,7 +232,8 @@ static void ex_access_log(struct exchange *ex)
     size_t plen = q ? (size_t)(q - ex->head.target.p) : ex->head.target.n;
     log_kv_str(&b, "path", ex->head.target.p, plen);
     log_kv_int(&b, "status", ex->status);
-    log_kv_str(&b, "outcome", outcome_names[ex->outcome], strlen(outcome_names[ex->outcome]));
+    const char *outcome = metrics_outcome_name((int)ex->outcome);
+    log_kv_str(&b, "outcome", outcome, strlen(outcome));
     log_kv_int(&b, "duration_ms", (long long)(worker_now_ms(ex->w) - ex->start_ms));
     log_kv_int(&b, "upstream_ms", (long long)ex->upstream_ms);
     log_line_end(&b);
@@ -321,6 +319,36 @@ static void ex_hold_or_detach(struct exchange *ex)
         ex_detach_client(ex);
 }
 
+/* The rest of an error response of ours after its status line and
+ * Connection header: type, Retry-After where SPEC wants it, length, the
+ * SPEC section 5 body in the configured format. Every error we write ends
+ * here. */
+static void out_error_rest(struct buf *o, const struct cfg *cfg, enum err_code e, int status)
+{
+    struct buf body;
+    buf_init(&body);
+    const char *ctype = err_render(e, status, cfg->error_format == CFG_ERR_PROBLEM, &body);
+    out_header(o, "Content-Type", 12, ctype, strlen(ctype));
+    if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE) buf_append_str(o, "Retry-After: 1\r\n");
+    buf_append_str(o, "Content-Length: ");
+    buf_append_u64(o, buf_size(&body));
+    buf_append_str(o, "\r\n\r\n");
+    buf_append(o, buf_data(&body), buf_size(&body));
+    buf_free(&body);
+}
+
+/* An error answer to a client without an exchange (malformed request,
+ * timeout), after which the connection closes. */
+static void client_queue_error(struct client *cl, enum err_code e)
+{
+    int status = err_status(e, 409);
+    const char *reason = reason_phrase(status);
+    struct buf *o = conn_outbuf(&cl->c);
+    out_status_line(o, status, reason, strlen(reason));
+    buf_append_str(o, "Connection: close\r\n");
+    out_error_rest(o, cl->w->cfg, e, status);
+}
+
 void exchange_answer_error(struct exchange *ex, enum err_code e)
 {
     const struct cfg *cfg = ex->w->cfg;
@@ -338,18 +366,9 @@ void exchange_answer_error(struct exchange *ex, enum err_code e)
             ex->outcome = OUT_NOT_CACHED; /* 502/504: nothing kept, key released */
     }
     if (!ex->client) return;
-    struct buf body;
-    buf_init(&body);
-    const char *ctype = err_render(e, status, cfg->error_format == CFG_ERR_PROBLEM, &body);
     struct buf *o = conn_outbuf(&ex->client->c);
     ex_begin_local_answer(ex, status, o);
-    out_header(o, "Content-Type", 12, ctype, strlen(ctype));
-    if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE) buf_append_str(o, "Retry-After: 1\r\n");
-    buf_append_str(o, "Content-Length: ");
-    buf_append_u64(o, buf_size(&body));
-    buf_append_str(o, "\r\n\r\n");
-    buf_append(o, buf_data(&body), buf_size(&body));
-    buf_free(&body);
+    out_error_rest(o, cfg, e, status);
     ex_hold_or_detach(ex);
 }
 
@@ -477,9 +496,9 @@ static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct exchange *ex = arg;
     if (!ex->up->connected)
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "connect timed out");
     else
-        ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT);
+        ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT, "no answer within upstream_timeout_ms");
 }
 
 static void ex_arm_up_timer(struct exchange *ex, int ms)
@@ -495,8 +514,7 @@ void exchange_forward(struct exchange *ex)
     ex->upstream_start_ms = worker_now_ms(ex->w);
     struct upconn *u = upstream_get(ex->pool);
     if (!u) {
-        log_msg(LOG_WARN, "upstream %s: %s", ex->upstream_url->text, strerror(errno));
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(errno));
         return;
     }
     ex->up = u;
@@ -515,7 +533,7 @@ void exchange_forward(struct exchange *ex)
      * buffer; only what the socket does not take is copied. */
     struct iovec iov = {(void *)ex->body, ex->body_len};
     if (conn_sendv(&u->c, &iov, ex->body_len ? 1 : 0) < 0)
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err));
 }
 
 /* Gives the upstream connection back and drops its reference. */
@@ -531,14 +549,15 @@ static void ex_release_upstream(struct exchange *ex, bool reusable)
     exchange_unref(ex);
 }
 
-static void ex_upstream_failed(struct exchange *ex, enum err_code e)
+/* The one place an upstream failure is logged: why says what happened. */
+static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why)
 {
     /* Hold a reference: releasing the upstream may drop the last but ours. */
     exchange_ref(ex);
     bool streaming = ex->state == EX_STREAMING;
     ex_release_upstream(ex, false);
-    log_msg(LOG_WARN, "request %.*s: upstream %s: %s", (int)ex->request_id_len, ex->request_id,
-            ex->upstream_url->text, err_code_name(e));
+    log_msg(LOG_WARN, "request %.*s: upstream %s: %s (%s)", (int)ex->request_id_len, ex->request_id,
+            ex->upstream_url->text, err_code_name(e), why);
     if (streaming) {
         /* Head already sent: the only honest signal left is closing. */
         ex->client_close = true;
@@ -630,14 +649,13 @@ static int ex_parse_response_head(struct exchange *ex)
                                       ex->w->cfg->limits.max_header_bytes, head_req, &ex->rhead);
         if (n == HTTP1_INCOMPLETE) {
             if (u->c.eof || u->c.err) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "closed before a complete head");
                 return -1;
             }
             return 0;
         }
         if (n < 0 || ex->rhead.status == 101) {
-            log_msg(LOG_WARN, "upstream %s sent a malformed response", ex->upstream_url->text);
-            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed response head");
             return -1;
         }
         if (ex->rhead.status >= 100 && ex->rhead.status < 200) {
@@ -684,7 +702,7 @@ static int ex_pump_body(struct exchange *ex)
             buf_consume(in, used);
             if (r == HTTP1_CHUNK_DONE) return 1;
             if (r < 0) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed chunked body");
                 return -1;
             }
             if (r == HTTP1_CHUNK_MORE) break;
@@ -697,7 +715,7 @@ static int ex_pump_body(struct exchange *ex)
         break;
     }
     if (u->c.eof || u->c.err) {
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "closed in the middle of the body");
         return -1;
     }
     return 0;
@@ -745,8 +763,7 @@ static void ex_up_event(struct conn *c, short what, void *arg)
     if (!u->connected) {
         int err = upstream_connect_result(u);
         if (err) {
-            log_msg(LOG_WARN, "upstream %s: connect: %s", ex->upstream_url->text, strerror(err));
-            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(err));
             return;
         }
         if (!u->connected) return;
@@ -755,7 +772,7 @@ static void ex_up_event(struct conn *c, short what, void *arg)
     if ((what & EV_WRITE) || buf_size(&u->c.out) > 0) {
         if (conn_flush(&u->c) < 0) {
             if (!ex->head_done && buf_size(&u->c.in) == 0) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE);
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err));
                 return;
             }
         }
@@ -784,15 +801,7 @@ static void client_timeout(evutil_socket_t fd, short what, void *arg)
     /* A request started but not finished in time: 408. A client that is
      * idle, or does not read what we owe it, is just closed. */
     if (cl->state == CLIENT_IDLE && buf_size(&cl->c.in) > 0 && buf_size(&cl->c.out) == 0) {
-        struct buf body;
-        buf_init(&body);
-        const char *ct = err_render(ERR_REQUEST_TIMEOUT, 408, false, &body);
-        buf_printf(conn_outbuf(&cl->c),
-                   "HTTP/1.1 408 Request Timeout\r\nContent-Type: %s\r\nContent-Length: "
-                   "%zu\r\nConnection: close\r\n\r\n",
-                   ct, buf_size(&body));
-        buf_append(&cl->c.out, buf_data(&body), buf_size(&body));
-        buf_free(&body);
+        client_queue_error(cl, ERR_REQUEST_TIMEOUT);
         conn_flush(&cl->c);
     }
     client_close(cl);
@@ -875,24 +884,17 @@ void client_drain(struct client *cl)
 /* Answers a request we could not parse or accept, then closes. */
 static void client_reject(struct client *cl, enum err_code e)
 {
-    struct buf body;
-    buf_init(&body);
-    int status = err_status(e, 409);
-    const char *ct = err_render(e, status, cl->w->cfg->error_format == CFG_ERR_PROBLEM, &body);
-    struct buf *o = conn_outbuf(&cl->c);
-    out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
-    buf_printf(o, "Content-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", ct,
-               buf_size(&body));
-    buf_append(o, buf_data(&body), buf_size(&body));
-    buf_free(&body);
+    client_queue_error(cl, e);
     cl->state = CLIENT_CLOSING;
     int r = conn_flush(&cl->c);
     if (r != 0) {
         client_close(cl);
         return;
     }
-    /* Stop reading; close after the answer is flushed. */
+    /* Stop reading; close after the answer is flushed, or when the timer
+     * says the client will not read it. */
     shutdown(cl->c.fd, SHUT_RD);
+    client_arm_timer(cl);
 }
 
 static enum err_code parse_error_code(long r)

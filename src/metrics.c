@@ -39,6 +39,12 @@ void metrics_inc(enum metrics_counter c)
     atomic_fetch_add_explicit(&counters[c], 1, memory_order_relaxed);
 }
 
+const char *metrics_outcome_name(int outcome)
+{
+    if (outcome < 0 || (unsigned)outcome >= N_OUTCOMES) return "unknown";
+    return outcome_names[outcome];
+}
+
 void metrics_outcome(int outcome)
 {
     if (outcome >= 0 && (unsigned)outcome < N_OUTCOMES)

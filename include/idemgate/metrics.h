@@ -26,6 +26,8 @@ enum metrics_counter {
 void metrics_inc(enum metrics_counter c);
 /* outcome: index into the outcome names of exchange.h (enum ex_outcome). */
 void metrics_outcome(int outcome);
+/* The SPEC name of an outcome ("executed", ...), the one table of them. */
+const char *metrics_outcome_name(int outcome);
 void metrics_observe_store(uint64_t ms);
 void metrics_observe_upstream(uint64_t ms);
 void metrics_connections(int delta);

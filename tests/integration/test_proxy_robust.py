@@ -170,3 +170,18 @@ def test_access_line_for_a_client_that_left(idemgate, upstream):
         time.sleep(0.1)
     assert found, "no access line for the exchange whose client left"
     assert found["status"] == 200 and found["outcome"] == "not_cached"
+
+
+def test_request_timeout_answer_follows_error_format(idemgate, upstream):
+    """The 408 for a request not received in time is one of our errors like
+    the others: with error_format "problem" it is RFC 9457."""
+    g = idemgate({"upstream": upstream.url, "store": "memory", "error_format": "problem",
+                  "limits": {"client_timeout_ms": 500}})
+    out = raw(g.port, b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+              timeout=10)
+    rs = parse_responses(out)
+    assert rs and rs[0].status == 408, out[:300]
+    assert rs[0].header("Content-Type") == "application/problem+json"
+    body = json.loads(rs[0].body)
+    assert body["status"] == 408 and "code" in body
+    assert upstream.stats()["total"] == 0
