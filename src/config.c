@@ -436,6 +436,7 @@ static const char *const mode_names[] = {"standalone", "cluster", "sentinel", NU
 static const char *const failure_names[] = {"closed", "open", NULL};
 static const char *const anon_names[] = {"shared", "reject", "bypass", NULL};
 static const char *const conc_names[] = {"reject", "wait", NULL};
+static const char *const unknown_names[] = {"release", "keep", NULL};
 static const char *const errfmt_names[] = {"json", "problem", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 
@@ -481,6 +482,7 @@ static const struct cfg_opt idem_opts[] = {
     O_ENUM("concurrent", struct cfg_idem, concurrent, conc_names, "reject"),
     O_INT(struct cfg_idem, wait_max_ms, 0, 600000, "5000"),
     O_KIND("cache_5xx", OPT_BOOL, struct cfg_idem, cache_5xx, "false"),
+    O_ENUM("unknown_outcome", struct cfg_idem, unknown_outcome, unknown_names, "release"),
     O_U64(struct cfg_idem, max_cached_response_bytes, 0, 1073741824, "1048576"),
     O_KIND("replay_exclude_headers", OPT_TOKENS, struct cfg_idem, replay_exclude_headers,
            "Set-Cookie,Date,Server,RateLimit-Limit,RateLimit-Remaining,RateLimit-Reset"),

@@ -47,6 +47,9 @@ static const struct err_def err_defs[ERR__COUNT] = {
                                "The idempotency store is unavailable; retry shortly."},
     [ERR_UPSTREAM_TIMEOUT] = {504, "api_error", "upstream_timeout", "Upstream timeout",
                               "The upstream did not answer in time."},
+    [ERR_UPSTREAM_ANSWER_LOST] = {502, "api_error", "upstream_answer_lost", "Upstream answer lost",
+                                  "The upstream ran this request but its answer was lost; it will "
+                                  "not be executed again with this Idempotency-Key."},
     [ERR_SHUTTING_DOWN] = {503, "api_error", "upstream_unavailable", "Shutting down",
                            "The gateway is shutting down."},
 };

@@ -41,7 +41,13 @@ static void client_process(struct client *cl);
 static void client_arm_timer(struct client *cl);
 static void ex_up_event(struct conn *c, short what, void *arg);
 static void ex_up_read(struct exchange *ex);
-static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why);
+/* How an upstream exchange failed, which decides what the key becomes
+ * (SPEC section 4): never sent (released), sent but no head (released, or
+ * lost with unknown_outcome "keep"), a malformed head (lost), a body cut
+ * after its head (lost when the answer would have been kept). */
+enum up_fail { UP_NOT_SENT, UP_UNANSWERED, UP_BAD_HEAD, UP_CUT };
+static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why,
+                               enum up_fail kind);
 
 /* ---------------------------------------------------------------- state */
 
@@ -304,6 +310,7 @@ static void ex_begin_local_answer(struct exchange *ex, int status, struct buf *o
     ex->status = status;
     out_status_line(o, status, reason_phrase(status), strlen(reason_phrase(status)));
     out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
+    if (ex->replayed) buf_append_str(o, "Idempotent-Replayed: true\r\n");
     ex_out_connection(ex, o);
 }
 
@@ -378,19 +385,18 @@ void exchange_replay(struct exchange *ex, const struct record *r)
     if (!ex->client) return;
     struct buf *o = conn_outbuf(&ex->client->c);
     ex->status = r->status;
-    const char *reason = reason_phrase(r->status);
-    size_t reason_len = strlen(reason);
-    size_t first = 0;
-    if (r->n_headers > 0 && r->headers[0].name_len == 7 &&
-        memcmp(r->headers[0].name, ":reason", 7) == 0) {
-        reason = r->headers[0].value;
-        reason_len = r->headers[0].value_len;
-        first = 1;
+    size_t reason_len = 0, length_len = 0;
+    const char *reason = record_pseudo(r, RECORD_HDR_REASON, &reason_len);
+    const char *length = record_pseudo(r, RECORD_HDR_LENGTH, &length_len);
+    if (!reason) {
+        reason = reason_phrase(r->status);
+        reason_len = strlen(reason);
     }
     out_status_line(o, r->status, reason, reason_len);
     bool has_date = false;
-    for (size_t i = first; i < r->n_headers; i++) {
+    for (size_t i = 0; i < r->n_headers; i++) {
         const struct record_header *h = &r->headers[i];
+        if (h->name_len > 0 && h->name[0] == ':') continue; /* pseudo-headers */
         if (h->name_len == 4 && strncasecmp(h->name, "date", 4) == 0) has_date = true;
         out_header(o, h->name, h->name_len, h->value, h->value_len);
     }
@@ -404,7 +410,10 @@ void exchange_replay(struct exchange *ex, const struct record *r)
     ex_out_connection(ex, o);
     /* RFC 9110 8.6: no Content-Length on a 204; a 304 has no body. */
     bool body = r->status != 204 && r->status != 304;
-    if (body) {
+    if (length) { /* a HEAD answer: the length it declared, no body */
+        out_header(o, "Content-Length", 14, length, length_len);
+        body = false;
+    } else if (body) {
         buf_append_str(o, "Content-Length: ");
         buf_append_u64(o, r->body_len);
         buf_append(o, "\r\n", 2);
@@ -496,9 +505,13 @@ static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct exchange *ex = arg;
     if (!ex->up->connected)
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "connect timed out");
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "connect timed out", UP_NOT_SENT);
+    else if (ex->head_done)
+        ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT, "body stalled past upstream_timeout_ms",
+                           UP_CUT);
     else
-        ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT, "no answer within upstream_timeout_ms");
+        ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT, "no answer within upstream_timeout_ms",
+                           ex->up_sent ? UP_UNANSWERED : UP_NOT_SENT);
 }
 
 static void ex_arm_up_timer(struct exchange *ex, int ms)
@@ -514,7 +527,7 @@ void exchange_forward(struct exchange *ex)
     ex->upstream_start_ms = worker_now_ms(ex->w);
     struct upconn *u = upstream_get(ex->pool);
     if (!u) {
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(errno));
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(errno), UP_NOT_SENT);
         return;
     }
     ex->up = u;
@@ -532,8 +545,13 @@ void exchange_forward(struct exchange *ex)
     /* Head and body in one writev, the body straight from the client's
      * buffer; only what the socket does not take is copied. */
     struct iovec iov = {(void *)ex->body, ex->body_len};
-    if (conn_sendv(&u->c, &iov, ex->body_len ? 1 : 0) < 0)
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err));
+    if (conn_sendv(&u->c, &iov, ex->body_len ? 1 : 0) < 0) {
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err), UP_NOT_SENT);
+        return;
+    }
+    /* From here the upstream may have the request: what becomes of the key
+     * if no answer comes is unknown_outcome's to say. */
+    ex->up_sent = true;
 }
 
 /* Gives the upstream connection back and drops its reference. */
@@ -549,24 +567,46 @@ static void ex_release_upstream(struct exchange *ex, bool reusable)
     exchange_unref(ex);
 }
 
+/* What a failure of this kind makes of the key (SPEC section 4). */
+static enum idem_end ex_failure_end(const struct exchange *ex, enum up_fail kind)
+{
+    switch (kind) {
+    case UP_BAD_HEAD:
+        return ex->owner ? IDEM_END_LOST_HEAD : IDEM_END_FAILED;
+    case UP_CUT:
+        return idem_would_keep(ex) ? IDEM_END_LOST_BODY : IDEM_END_FAILED;
+    case UP_UNANSWERED:
+        return idem_keeps_unanswered(ex) ? IDEM_END_UNANSWERED : IDEM_END_FAILED;
+    case UP_NOT_SENT:
+        break;
+    }
+    return IDEM_END_FAILED;
+}
+
 /* The one place an upstream failure is logged: why says what happened. */
-static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why)
+static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why,
+                               enum up_fail kind)
 {
     /* Hold a reference: releasing the upstream may drop the last but ours. */
     exchange_ref(ex);
     bool streaming = ex->state == EX_STREAMING;
     ex_release_upstream(ex, false);
-    log_msg(LOG_WARN, "request %.*s: upstream %s: %s (%s)", (int)ex->request_id_len, ex->request_id,
-            ex->upstream_url->text, err_code_name(e), why);
+    enum idem_end how = ex_failure_end(ex, kind);
+    if (how == IDEM_END_LOST_HEAD) e = ERR_UPSTREAM_ANSWER_LOST;
+    if (how != IDEM_END_FAILED) ex->outcome = OUT_LOST;
+    log_msg(LOG_WARN, "request %.*s: upstream %s: %s (%s)%s", (int)ex->request_id_len,
+            ex->request_id, ex->upstream_url->text, err_code_name(e), why,
+            how != IDEM_END_FAILED ? "; the key is kept as lost" : "");
     if (streaming) {
-        /* Head already sent: the only honest signal left is closing. */
+        /* Head already sent: the only honest signal left is closing, once
+         * what arrived is out (and, for an owner, the key's fate stored). */
         ex->client_close = true;
-        if (ex->client) client_close(ex->client);
+        ex_hold_or_detach(ex);
     } else {
         exchange_answer_error(ex, e);
     }
     exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, false);
+    idem_response_end(ex, how);
     exchange_unref(ex);
 }
 
@@ -577,7 +617,7 @@ static void ex_response_done(struct exchange *ex)
     if (ex->client && ex->client_chunked) buf_append(conn_outbuf(&ex->client->c), "0\r\n\r\n", 5);
     ex_hold_or_detach(ex);
     exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, true);
+    idem_response_end(ex, IDEM_END_OK);
     exchange_unref(ex);
 }
 
@@ -594,6 +634,8 @@ static void ex_send_response_head(struct exchange *ex)
         if (http1_is_hop_by_hop(rh, i)) continue;
         if (rh->body != HTTP1_BODY_NONE && http1_slice_ieq(hd->name, "content-length")) continue;
         if (http1_slice_ieq(hd->name, "x-request-id")) has_rid = true;
+        /* only idemgate says whether an answer is a replay (SPEC 4) */
+        if (http1_slice_ieq(hd->name, "idempotent-replayed")) continue;
         out_header(o, hd->name.p, hd->name.n, hd->value.p, hd->value.n);
     }
     if (!has_rid) out_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
@@ -649,13 +691,20 @@ static int ex_parse_response_head(struct exchange *ex)
                                       ex->w->cfg->limits.max_header_bytes, head_req, &ex->rhead);
         if (n == HTTP1_INCOMPLETE) {
             if (u->c.eof || u->c.err) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "closed before a complete head");
+                /* Some bytes of a head: the upstream ran and its answer
+                 * broke off. None: it may never have seen the request. */
+                bool partial = buf_size(&u->c.in) > 0;
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE,
+                                   partial ? "closed in the middle of the head"
+                                           : "closed before a response head",
+                                   partial ? UP_BAD_HEAD : UP_UNANSWERED);
                 return -1;
             }
             return 0;
         }
         if (n < 0 || ex->rhead.status == 101) {
-            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed response head");
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed response head",
+                               UP_BAD_HEAD);
             return -1;
         }
         if (ex->rhead.status >= 100 && ex->rhead.status < 200) {
@@ -702,7 +751,7 @@ static int ex_pump_body(struct exchange *ex)
             buf_consume(in, used);
             if (r == HTTP1_CHUNK_DONE) return 1;
             if (r < 0) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed chunked body");
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed chunked body", UP_CUT);
                 return -1;
             }
             if (r == HTTP1_CHUNK_MORE) break;
@@ -715,7 +764,8 @@ static int ex_pump_body(struct exchange *ex)
         break;
     }
     if (u->c.eof || u->c.err) {
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "closed in the middle of the body");
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "closed in the middle of the body",
+                           UP_CUT);
         return -1;
     }
     return 0;
@@ -763,18 +813,20 @@ static void ex_up_event(struct conn *c, short what, void *arg)
     if (!u->connected) {
         int err = upstream_connect_result(u);
         if (err) {
-            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(err));
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(err), UP_NOT_SENT);
             return;
         }
         if (!u->connected) return;
         ex_arm_up_timer(ex, ex->w->cfg->limits.upstream_timeout_ms);
     }
     if ((what & EV_WRITE) || buf_size(&u->c.out) > 0) {
-        if (conn_flush(&u->c) < 0) {
-            if (!ex->head_done && buf_size(&u->c.in) == 0) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err));
-                return;
-            }
+        size_t pending = buf_size(&u->c.out);
+        int r = conn_flush(&u->c);
+        if (buf_size(&u->c.out) < pending) ex->up_sent = true;
+        if (r < 0 && !ex->head_done && buf_size(&u->c.in) == 0) {
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err),
+                               ex->up_sent ? UP_UNANSWERED : UP_NOT_SENT);
+            return;
         }
     }
     if (what & EV_READ) ex_up_read(ex);

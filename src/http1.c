@@ -183,6 +183,10 @@ static int parse_request_line(const char *s, const char *e, struct http1_head *h
     h->method = (struct http1_slice){s, (size_t)(sp1 - s)};
     h->target = (struct http1_slice){t, (size_t)(sp2 - t)};
     if (!all_tchar(h->method.p, h->method.n)) return HTTP1_EBAD;
+    /* Methods are case-sensitive (RFC 9110 9.1): "post" is not POST, and
+     * would slip past a policy for POST. nginx refuses them too. */
+    for (size_t i = 0; i < h->method.n; i++)
+        if ((unsigned char)(h->method.p[i] - 'a') < 26) return HTTP1_EBAD;
     if (!all_visible(h->target.p, h->target.n)) return HTTP1_EBAD;
     return parse_version(sp2 + 1, (size_t)(e - sp2 - 1), &h->minor_version);
 }
@@ -462,7 +466,11 @@ long http1_parse_response(const char *buf, size_t len, size_t max_head, bool hea
         /* a coding under chunked would reach the client undeclared once the
          * hop-by-hop Transfer-Encoding is dropped: refuse it */
         if (f.te_final_chunk && f.te_codings > 1) return HTTP1_ENOTIMPL;
-        h->body = f.te_final_chunk ? HTTP1_BODY_CHUNKED : HTTP1_BODY_CLOSE;
+        /* RFC 9112 6.3 would read a non-chunked coding to the close; we
+         * would then forward (and keep) a body in a coding the client is
+         * never told of, so such an answer is malformed to us (SPEC 4). */
+        if (!f.te_final_chunk) return HTTP1_ENOTIMPL;
+        h->body = HTTP1_BODY_CHUNKED;
     } else if (f.cl_count) {
         h->body = HTTP1_BODY_LENGTH;
     } else {

@@ -223,6 +223,14 @@ static void idem_replay(struct exchange *ex, const struct store_acquire_reply *r
         idem_answer(ex, ERR_STORE_UNAVAILABLE);
         return;
     }
+    if (record_is_lost(&rec)) {
+        /* The first execution's answer was lost: every retry is told so,
+         * and the key never executes again while the record lives. */
+        ex->outcome = OUT_LOST;
+        ex->replayed = true;
+        idem_answer(ex, ERR_UPSTREAM_ANSWER_LOST);
+        return;
+    }
     exchange_replay(ex, &rec);
     exchange_idem_finished(ex);
 }
@@ -290,6 +298,9 @@ static void idem_acquire(struct exchange *ex)
 
 static bool idem_status_keepable(const struct cfg_idem *idem, int status)
 {
+    /* 401/403 say nothing about the request's effect, and keeping them would
+     * let an unauthenticated flood with invented credentials fill the store. */
+    if (status == 401 || status == 403) return false;
     if (status == 408 || status == 409 || status == 425 || status == 429) return false;
     if (status >= 500) return idem->cache_5xx;
     return true;
@@ -297,7 +308,8 @@ static bool idem_status_keepable(const struct cfg_idem *idem, int status)
 
 static bool idem_excluded(const struct cfg_idem *idem, struct http1_slice name)
 {
-    if (http1_slice_ieq(name, "content-length") || http1_slice_ieq(name, "x-request-id"))
+    if (http1_slice_ieq(name, "content-length") || http1_slice_ieq(name, "x-request-id") ||
+        http1_slice_ieq(name, "idempotent-replayed"))
         return true;
     for (size_t i = 0; i < idem->replay_exclude_headers.n; i++)
         if (http1_slice_ieq(name, idem->replay_exclude_headers.v[i])) return true;
@@ -336,6 +348,12 @@ void idem_response_head(struct exchange *ex, const struct http1_head *rh)
     buf_take(&ex->rec, &ex->w->bufs); /* a pooled buffer: no malloc for small answers */
     record_begin(&ex->rw, &ex->rec, rh->status, (uint64_t)time(NULL) * 1000u, ex->fp);
     record_add_header(&ex->rw, ":reason", 7, rh->reason.p, rh->reason.n);
+    /* A HEAD answer declares the length of a body it does not carry: keep
+     * that, so the replay says what the first answer said. */
+    const struct http1_header *cl = http1_find_header(rh, "content-length", NULL);
+    if (cl && rh->body == HTTP1_BODY_NONE && http1_slice_ieq(ex->head.method, "HEAD"))
+        record_add_header(&ex->rw, RECORD_HDR_LENGTH, strlen(RECORD_HDR_LENGTH), cl->value.p,
+                          cl->value.n);
     for (size_t i = 0; i < rh->n_headers; i++) {
         const struct http1_header *h = &rh->headers[i];
         if (http1_is_hop_by_hop(rh, i) || idem_excluded(idem, h->name)) continue;
@@ -376,7 +394,33 @@ static void idem_store_done(void *arg, int status)
     exchange_unref(ex);
 }
 
-void idem_response_end(struct exchange *ex, bool ok)
+/* Replaces whatever was recorded by a lost record: status 502 and the
+ * pseudo-header RECORD_HDR_LOST naming why, no body. */
+static void idem_record_lost(struct exchange *ex, const char *why)
+{
+    if (ex->recording)
+        buf_reset(&ex->rec);
+    else {
+        buf_init(&ex->rec);
+        buf_take(&ex->rec, &ex->w->bufs);
+    }
+    ex->recording = true;
+    record_begin(&ex->rw, &ex->rec, 502, (uint64_t)time(NULL) * 1000u, ex->fp);
+    record_add_header(&ex->rw, RECORD_HDR_LOST, strlen(RECORD_HDR_LOST), why, strlen(why));
+    record_begin_body(&ex->rw);
+}
+
+bool idem_keeps_unanswered(const struct exchange *ex)
+{
+    return ex->owner && ex->idem->unknown_outcome == CFG_UNKNOWN_KEEP;
+}
+
+bool idem_would_keep(const struct exchange *ex)
+{
+    return ex->owner && ex->keep;
+}
+
+void idem_response_end(struct exchange *ex, enum idem_end how)
 {
     if (ex->idem_timer) evtimer_del(ex->idem_timer);
     if (!ex->owner) {
@@ -384,7 +428,15 @@ void idem_response_end(struct exchange *ex, bool ok)
         return;
     }
     exchange_ref(ex);
-    if (ok && ex->keep && ex->recording) {
+    if (how == IDEM_END_LOST_HEAD || how == IDEM_END_LOST_BODY || how == IDEM_END_UNANSWERED) {
+        static const char *const why[] = {[IDEM_END_LOST_HEAD] = "malformed head",
+                                          [IDEM_END_LOST_BODY] = "body cut",
+                                          [IDEM_END_UNANSWERED] = "no answer"};
+        ex->keep = true;
+        ex->outcome = OUT_LOST;
+        idem_record_lost(ex, why[how]);
+    }
+    if ((how == IDEM_END_OK && ex->keep && ex->recording) || ex->outcome == OUT_LOST) {
         record_end(&ex->rw);
         store_complete(ex->w->store, ex->skey, ex->skey_len, ex->token,
                        (const uint8_t *)buf_data(&ex->rec), buf_size(&ex->rec),

@@ -4,8 +4,9 @@
 
 #include <stdatomic.h>
 
-static const char *const outcome_names[] = {"passthrough", "executed", "replayed",   "in_progress",
-                                            "mismatch",    "rejected", "not_cached", "store_error"};
+static const char *const outcome_names[] = {"passthrough", "executed",    "replayed",
+                                            "in_progress", "mismatch",    "rejected",
+                                            "not_cached",  "store_error", "lost"};
 #define N_OUTCOMES (sizeof(outcome_names) / sizeof(outcome_names[0]))
 
 static const double bucket_s[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

@@ -179,3 +179,24 @@ int record_decode(const uint8_t *buf, size_t len, size_t max_len, struct record 
     if (!r->body) return -1;
     return c.left == 0 ? 0 : -1;
 }
+
+const char *record_pseudo(const struct record *r, const char *name, size_t *len)
+{
+    size_t n = strlen(name);
+    /* pseudo-headers come first */
+    for (size_t i = 0;
+         i < r->n_headers && r->headers[i].name_len > 0 && r->headers[i].name[0] == ':'; i++) {
+        const struct record_header *h = &r->headers[i];
+        if (h->name_len == n && memcmp(h->name, name, n) == 0) {
+            *len = h->value_len;
+            return h->value;
+        }
+    }
+    return NULL;
+}
+
+bool record_is_lost(const struct record *r)
+{
+    size_t n;
+    return record_pseudo(r, RECORD_HDR_LOST, &n) != NULL;
+}

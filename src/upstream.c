@@ -52,6 +52,12 @@ static void pool_unlink(struct upstream_pool *p, struct upconn *u)
     }
 }
 
+static void upconn_log_stray(const struct upconn *u)
+{
+    log_msg(LOG_WARN, "upstream %s: bytes arrived on an idle connection after its answer; closed",
+            u->pool->url->text);
+}
+
 /* A parked connection became readable: the peer closed it or sent bytes
  * nobody asked for. Either way it cannot be reused. */
 static void pool_idle_event(struct conn *c, short what, void *arg)
@@ -63,8 +69,22 @@ static void pool_idle_event(struct conn *c, short what, void *arg)
     /* An edge may report bytes an exchange already read: only a real EOF,
      * error or unexpected byte retires the connection. */
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n > 0) upconn_log_stray(u);
     pool_unlink(u->pool, u);
     upconn_free(u);
+}
+
+/* Nothing arrived on a parked connection since its last answer (SPEC 6).
+ * pool_idle_event retires one that gets bytes or a FIN, but only once its
+ * event is dispatched: bytes that arrived in the same batch of events as
+ * the request now taking the connection would be read as that request's
+ * answer. One non-blocking peek per reuse closes that window. */
+static bool upconn_quiet(struct upconn *u)
+{
+    char b;
+    ssize_t n = recv(u->c.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) upconn_log_stray(u);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
 void upstream_pool_free(struct upstream_pool *p)
@@ -87,7 +107,8 @@ struct upconn *upstream_get(struct upstream_pool *p)
         p->idle = u->next;
         p->n_idle--;
         u->next = NULL;
-        if (now - u->idle_since_ms < UPSTREAM_MAX_IDLE_MS && !u->c.eof && !u->c.err) {
+        if (now - u->idle_since_ms < UPSTREAM_MAX_IDLE_MS && !u->c.eof && !u->c.err &&
+            upconn_quiet(u)) {
             u->reused = true;
             return u;
         }

@@ -36,6 +36,7 @@ enum cfg_redis_mode { CFG_REDIS_STANDALONE, CFG_REDIS_CLUSTER, CFG_REDIS_SENTINE
 enum cfg_failure_mode { CFG_FAIL_CLOSED, CFG_FAIL_OPEN };
 enum cfg_anonymous { CFG_ANON_SHARED, CFG_ANON_REJECT, CFG_ANON_BYPASS };
 enum cfg_concurrent { CFG_CONC_REJECT, CFG_CONC_WAIT };
+enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
 enum cfg_error_format { CFG_ERR_JSON, CFG_ERR_PROBLEM };
 enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
 
@@ -73,6 +74,7 @@ struct cfg_idem {
     enum cfg_concurrent concurrent;
     int wait_max_ms;
     bool cache_5xx;
+    enum cfg_unknown unknown_outcome;
     uint64_t max_cached_response_bytes;
     struct cfg_strlist replay_exclude_headers;
 };

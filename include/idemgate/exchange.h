@@ -86,7 +86,8 @@ enum ex_outcome {
     OUT_MISMATCH,
     OUT_REJECTED,
     OUT_NOT_CACHED,
-    OUT_STORE_ERROR
+    OUT_STORE_ERROR,
+    OUT_LOST /* the upstream ran, its answer was lost: kept as lost */
 };
 
 struct exchange {
@@ -131,11 +132,12 @@ struct exchange {
     uint64_t rec_body_len;
     uint64_t store_start_ms;
     bool idem_failure_open;
+    bool replayed; /* our answer replays a stored one (Idempotent-Replayed) */
 
     /* upstream */
     struct upconn *up;
     struct event *up_timer;
-    bool up_sent;
+    bool up_sent;   /* request bytes reached the upstream's socket */
     bool head_done; /* response head parsed and forwarded */
     struct http1_head rhead;
     struct http1_chunked rchunked;

@@ -11,14 +11,14 @@
  * Transfer-Encoding; Content-Length repeated or listed ("5, 5"); a non-digit
  * or overflowing Content-Length; a Transfer-Encoding other than exactly
  * "chunked" as the final coding (HTTP1_ENOTIMPL for unknown codings in a
- * request); obs-fold (a header line starting with SP/HTAB); a bare CR or a
- * bare LF anywhere in the head; whitespace between a header name and ':';
- * an empty or non-token header name or method; control characters
- * (other than HTAB) in values; a request target with a space or control;
- * a version other than HTTP/1.0 or HTTP/1.1 (HTTP1_EVERSION); a head longer
- * than max_head (HTTP1_ETOOLARGE); more than HTTP1_MAX_HEADERS headers
- * (HTTP1_ETOOMANY). Leading empty lines before a request line (RFC 9112
- * 2.2) are tolerated only as CRLF, at most a few. */
+ * request, and for any response whose final coding is not chunked);
+ * a method with a lower-case letter (methods are case-sensitive); obs-fold (a header line starting
+ * with SP/HTAB); a bare CR or a bare LF anywhere in the head; whitespace between a header name and
+ * ':'; an empty or non-token header name or method; control characters (other than HTAB) in values;
+ * a request target with a space or control; a version other than HTTP/1.0 or HTTP/1.1
+ * (HTTP1_EVERSION); a head longer than max_head (HTTP1_ETOOLARGE); more than HTTP1_MAX_HEADERS
+ * headers (HTTP1_ETOOMANY). Leading empty lines before a request line (RFC 9112 2.2) are tolerated
+ * only as CRLF, at most a few. */
 #ifndef IDEMGATE_HTTP1_H
 #define IDEMGATE_HTTP1_H
 

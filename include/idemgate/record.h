@@ -15,12 +15,21 @@
 #ifndef IDEMGATE_RECORD_H
 #define IDEMGATE_RECORD_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "idemgate/buf.h"
 
 #define RECORD_VERSION 1
+
+/* Pseudo-headers (names starting with ':', which no HTTP header can have)
+ * carry what is not a header: the reason phrase, a HEAD answer's declared
+ * length, and the mark of a lost answer (SPEC section 4: the upstream ran
+ * but its answer never arrived whole; its value says why). */
+#define RECORD_HDR_REASON ":reason"
+#define RECORD_HDR_LENGTH ":content-length"
+#define RECORD_HDR_LOST ":lost"
 #define RECORD_MAX_HEADERS 200
 
 struct record_header {
@@ -63,6 +72,11 @@ void record_end(struct record_writer *w);
 
 /* Convenience: encodes a whole struct record into out (appended). */
 int record_encode(const struct record *r, struct buf *out);
+
+/* The value of pseudo-header name, or NULL (with *len untouched). */
+const char *record_pseudo(const struct record *r, const char *name, size_t *len);
+/* True for a lost record (RECORD_HDR_LOST present). */
+bool record_is_lost(const struct record *r);
 
 /* Decodes buf[0..len). Returns 0 or -1 (truncated, trailing bytes, bad
  * magic/version/status, too many headers, len > max_len). */

@@ -30,6 +30,7 @@ ERROR_TYPES = {
     "upstream_unavailable": "api_error",
     "store_unavailable": "api_error",
     "upstream_timeout": "api_error",
+    "upstream_answer_lost": "api_error",
 }
 
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding",

@@ -428,7 +428,22 @@ static void upstream_answer(struct exchange *ex, const char *head, const char *b
     if (half > 0) idem_response_body(ex, body, half);
     if (len > half) idem_response_body(ex, body + half, len - half);
     exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, ok);
+    idem_response_end(ex, ok ? IDEM_END_OK : IDEM_END_FAILED);
+    exchange_unref(ex);
+}
+
+/* The upstream answered head and body, then ended as how says. */
+static void upstream_answer_end(struct exchange *ex, const char *head, const char *body,
+                                enum idem_end how)
+{
+    static struct http1_head rh;
+    long n = http1_parse_response(head, strlen(head), MAX_HEAD, false, &rh);
+    assert_int_equal(n, (long)strlen(head));
+    exchange_set_state(ex, EX_STREAMING);
+    idem_response_head(ex, &rh);
+    idem_response_body(ex, body, strlen(body));
+    exchange_set_state(ex, EX_COMPLETING);
+    idem_response_end(ex, how);
     exchange_unref(ex);
 }
 
@@ -437,7 +452,7 @@ static void upstream_fail(struct exchange *ex)
 {
     assert_int_equal(ex->state, EX_FORWARDING);
     exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, false);
+    idem_response_end(ex, IDEM_END_FAILED);
     exchange_unref(ex);
 }
 
@@ -798,6 +813,137 @@ static void test_5xx_released(void **state)
     expect_release(fx, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 3\r\n\r\n", "bad",
                    true);
     expect_release(fx, "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", "", true);
+}
+
+static void test_401_403_released(void **state)
+{
+    struct fixture *fx = *state;
+    fake_script(&fx->fs, 1, LOCKED);
+    expect_release(fx, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 1\r\n\r\n", "x", true);
+    expect_release(fx, "HTTP/1.1 403 Forbidden\r\nContent-Length: 1\r\n\r\n", "x", true);
+}
+
+/* Decodes the record the fake store was given. */
+static struct record *stored_record(struct fixture *fx)
+{
+    struct record *r = malloc(sizeof(*r));
+    assert_non_null(r);
+    assert_int_equal(record_decode((const uint8_t *)buf_data(&fx->fs.record),
+                                   buf_size(&fx->fs.record), SIZE_MAX, r),
+                     0);
+    return r;
+}
+
+/* A keepable head then a cut body: kept as lost (status 502, the :lost
+ * mark, no body), never released; the upstream's body is not kept. */
+static void test_cut_body_kept_as_lost(void **state)
+{
+    struct fixture *fx = *state;
+    fake_script(&fx->fs, 1, LOCKED);
+    struct exchange *ex = fx_exchange(fx, POST_K1);
+    idem_start(ex);
+    expect_owner_forward(fx, ex);
+    assert_true(idem_would_keep(ex) == false); /* no head yet */
+    static struct http1_head rh;
+    const char *head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+    http1_parse_response(head, strlen(head), MAX_HEAD, false, &rh);
+    exchange_set_state(ex, EX_STREAMING);
+    idem_response_head(ex, &rh);
+    assert_true(idem_would_keep(ex));
+    idem_response_body(ex, "abc", 3);
+    exchange_set_state(ex, EX_COMPLETING);
+    idem_response_end(ex, IDEM_END_LOST_BODY);
+    assert_int_equal(ex->outcome, OUT_LOST);
+    exchange_unref(ex);
+    fx_end(fx, ex);
+    assert_int_equal(fx->fs.completes, 1);
+    assert_int_equal(fx->fs.releases, 0);
+    struct record *r = stored_record(fx);
+    assert_int_equal(r->status, 502);
+    assert_true(record_is_lost(r));
+    assert_int_equal(r->body_len, 0);
+    free(r);
+}
+
+/* unknown_outcome decides about a request that was sent and never
+ * answered: released by default, kept as lost with "keep". */
+static void test_unanswered_follows_unknown_outcome(void **state)
+{
+    struct fixture *fx = *state;
+    fake_script(&fx->fs, 1, LOCKED);
+    struct exchange *ex = fx_exchange(fx, POST_K1);
+    idem_start(ex);
+    expect_owner_forward(fx, ex);
+    assert_false(idem_keeps_unanswered(ex));
+    upstream_fail(ex);
+    fx_end(fx, ex);
+    assert_int_equal(fx->fs.releases, 1);
+
+    fx_config(fx, "{\"idempotency\":{\"unknown_outcome\":\"keep\"}}");
+    fake_script(&fx->fs, 1, LOCKED);
+    fx->fs.acquires = fx->fs.completes = fx->fs.releases = 0;
+    calls_reset();
+    ex = fx_exchange(fx, POST_K1);
+    idem_start(ex);
+    expect_owner_forward(fx, ex);
+    assert_true(idem_keeps_unanswered(ex));
+    exchange_set_state(ex, EX_COMPLETING);
+    idem_response_end(ex, IDEM_END_UNANSWERED);
+    exchange_unref(ex);
+    fx_end(fx, ex);
+    assert_int_equal(fx->fs.completes, 1);
+    struct record *r = stored_record(fx);
+    assert_true(record_is_lost(r));
+    free(r);
+}
+
+/* A lost record found by a retry: 502 upstream_answer_lost, marked as a
+ * replay, outcome lost, nothing forwarded. */
+static void test_lost_record_answers_502(void **state)
+{
+    struct fixture *fx = *state;
+    static const enum store_acquire_state s[] = {STORE_ACQ_COMPLETED};
+    fake_script(&fx->fs, 1, s);
+    struct record *r = calloc(1, sizeof(*r));
+    assert_non_null(r);
+    r->status = 502;
+    r->created_ms = 1;
+    post_k1_fp(r->fp);
+    r->headers[0] = (struct record_header){RECORD_HDR_LOST, 5, "body cut", 8};
+    r->n_headers = 1;
+    buf_reset(&fx->fs.reply_record);
+    assert_int_equal(record_encode(r, &fx->fs.reply_record), 0);
+    free(r);
+    struct exchange *ex = fx_exchange(fx, POST_K1);
+    idem_start(ex);
+    fx_drain(fx);
+    assert_int_equal(calls.replays + calls.forwards, 0);
+    assert_int_equal(ex->outcome, OUT_LOST);
+    assert_true(ex->replayed);
+    expect_error(fx, ex, ERR_UPSTREAM_ANSWER_LOST, 1);
+}
+
+/* The upstream's own Idempotent-Replayed is never kept; a HEAD answer's
+ * declared Content-Length is. */
+static void test_recorded_headers(void **state)
+{
+    struct fixture *fx = *state;
+    fx_config(fx, "{\"idempotency\":{\"methods\":[\"POST\",\"HEAD\"]}}");
+    fake_script(&fx->fs, 1, LOCKED);
+    struct exchange *ex = fx_exchange(fx, POST_K1);
+    idem_start(ex);
+    expect_owner_forward(fx, ex);
+    upstream_answer_end(ex,
+                        "HTTP/1.1 200 OK\r\nIdempotent-Replayed: false\r\nX-A: 1\r\n"
+                        "Content-Length: 2\r\n\r\n",
+                        "ok", IDEM_END_OK);
+    fx_end(fx, ex);
+    struct record *r = stored_record(fx);
+    assert_false(record_has_header(r, "Idempotent-Replayed"));
+    assert_true(record_has_header(r, "X-A"));
+    size_t n;
+    assert_null(record_pseudo(r, RECORD_HDR_LENGTH, &n));
+    free(r);
 }
 
 static void test_retryable_4xx_released(void **state)
@@ -1236,6 +1382,12 @@ int main(void)
     log_set_level(LOG_ERROR); /* the corrupt-record cases log errors on purpose */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_method_not_covered, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_401_403_released, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_cut_body_kept_as_lost, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_unanswered_follows_unknown_outcome, fx_setup,
+                                        fx_teardown),
+        cmocka_unit_test_setup_teardown(test_lost_record_answers_502, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_recorded_headers, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_route_disabled, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_no_key_optional, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_no_key_required, fx_setup, fx_teardown),

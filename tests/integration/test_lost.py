@@ -1,0 +1,306 @@
+"""An upstream that breaks in the middle of its answer (SPEC section 4):
+a keepable head then a cut body, or a malformed head, means the upstream
+ran the request and its answer is lost. The key is kept as *lost*: every
+retry gets 502 upstream_answer_lost with Idempotent-Replayed: true and the
+upstream never executes it again. Requests that were sent but never
+answered follow idempotency.unknown_outcome. Also: stray bytes on a pooled
+upstream connection (SPEC section 6), the upstream's own
+Idempotent-Replayed, 401/403 released, a replayed HEAD's Content-Length.
+
+The upstream here is a raw socket server that logs every execution (path,
+Idempotency-Key) and answers each path with scripted bytes."""
+
+import http.client
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from igtest import free_port, raw_closed
+from idemhelp import STORES, assert_error, post, send, store_param_config, wait_until
+
+SCRIPTS = {
+    "/cut": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nabc",
+    "/cut500": b"HTTP/1.1 500 Oops\r\nContent-Length: 10\r\n\r\nabc",
+    "/cutchunked": (b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nhello\r\n3\r\nab"),
+    "/badchunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX",
+    "/dupcl": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+    "/gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00zz",
+    "/status600": b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
+    "/halfhead": b"HTTP/1.1 200 OK\r\nContent-Le",
+    "/nohead": b"",
+    "/replayed": b"HTTP/1.1 200 OK\r\nIdempotent-Replayed: false\r\nContent-Length: 2\r\n\r\nok",
+    "/401": b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nnope",
+    "/403": b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope",
+    "/head": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n",
+    "/stray": b"HTTP/1.1 204 No Content\r\n\r\n",
+}
+# after these the connection is closed (the rest stay keep-alive)
+CLOSE = {"/cut", "/cut500", "/cutchunked", "/badchunk", "/dupcl", "/gzip", "/status600",
+         "/halfhead", "/nohead"}
+STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+
+
+class ScriptedUpstream:
+    def __init__(self):
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.log = []  # (method, path, key) per execution
+        self.lock = threading.Lock()
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", self.port))
+        self.ls.listen(64)
+        self.conns = []
+        self.stray_go = threading.Event()
+        self.stray_sent = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def executions(self, path, key=None):
+        with self.lock:
+            return sum(1 for _, p, k in self.log if p == path and (key is None or k == key))
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(c, buf):
+        while b"\r\n\r\n" not in buf:
+            chunk = c.recv(65536)
+            if not chunk:
+                return None, buf
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        hdrs = {}
+        for ln in lines[1:]:
+            k, _, v = ln.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        n = int(hdrs.get("content-length", "0"))
+        while len(rest) < n:
+            chunk = c.recv(65536)
+            if not chunk:
+                return None, b""
+            rest += chunk
+        return (method, path, hdrs), rest[n:]
+
+    def _serve(self, c):
+        buf = b""
+        try:
+            while True:
+                req, buf = self._read_request(c, buf)
+                if req is None:
+                    return
+                method, path, hdrs = req
+                with self.lock:
+                    self.log.append((method, path, hdrs.get("idempotency-key")))
+                if path == "/silent":
+                    time.sleep(30)  # never answers; idemgate times out first
+                    return
+                c.sendall(SCRIPTS.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfine"))
+                if path in CLOSE:
+                    c.close()
+                    return
+                if path == "/stray":
+                    # a second, unasked-for answer on the same connection,
+                    # when the test says so
+                    if self.stray_go.wait(10):
+                        c.sendall(STRAY)
+                        self.stray_sent.set()
+        except OSError:
+            return
+
+    def close(self):
+        self.ls.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def scripted():
+    up = ScriptedUpstream()
+    yield up
+    up.close()
+
+
+@pytest.fixture(params=STORES)
+def store_cfg(request):
+    return store_param_config(request)
+
+
+@pytest.fixture
+def gate(idemgate, scripted, store_cfg):
+    def start(idem=None, **top):
+        cfg = dict(store_cfg)
+        cfg["upstream"] = scripted.url
+        if idem:
+            cfg["idempotency"] = idem
+        cfg.update(top)
+        return idemgate(cfg)
+    return start
+
+
+def raw_post(port, path, key, body=b'{"a":1}'):
+    req = ("POST %s HTTP/1.1\r\nHost: t\r\nIdempotency-Key: %s\r\nAuthorization: Bearer k1\r\n"
+           "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+           % (path, key, len(body))).encode() + body
+    return raw_closed(port, req, timeout=10)
+
+
+def assert_lost_replay(r):
+    assert r.status == 502, r
+    assert r.header("Idempotent-Replayed") == "true", r
+    assert r.json()["error"]["code"] == "upstream_answer_lost", r
+    assert r.json()["error"]["type"] == "api_error", r
+
+
+def outcomes(g, path):
+    return [ln.get("outcome") for ln in g.log_lines()
+            if ln.get("msg") == "access" and ln.get("path") == path]
+
+
+@pytest.mark.parametrize("path,cut", [("/cut", b"abc"), ("/cutchunked", b"hello"),
+                                      ("/badchunk", b"hello")])
+def test_cut_body_is_kept_as_lost(gate, scripted, path, cut):
+    g = gate()
+    data, closed = raw_post(g.port, path, "cut-1")
+    # the client gets what arrived, and the connection ends
+    assert data.startswith(b"HTTP/1.1 20"), data
+    assert cut in data
+    assert closed
+    for _ in range(3):
+        assert_lost_replay(post(g.port, path, "cut-1", body=b'{"a":1}'))
+    assert scripted.executions(path, "cut-1") == 1
+    assert wait_until(lambda: outcomes(g, path) == ["lost"] * 4), outcomes(g, path)
+
+
+@pytest.mark.parametrize("path", ["/dupcl", "/gzip", "/status600", "/halfhead"])
+def test_malformed_head_after_execution_is_lost(gate, scripted, path):
+    g = gate()
+    r = post(g.port, path, "bad-1")
+    assert_error(r, 502, "upstream_answer_lost")
+    for _ in range(2):
+        assert_lost_replay(post(g.port, path, "bad-1"))
+    assert scripted.executions(path, "bad-1") == 1
+    # a request with another body under that key is still a mismatch
+    assert_error(post(g.port, path, "bad-1", body=b'{"other":2}'), 409, "idempotency_key_reuse")
+
+
+def test_malformed_head_without_key_is_502_and_never_delivered(gate, scripted):
+    g = gate()
+    r = send(g.port, "POST", "/gzip", {"Content-Type": "application/json"}, b"{}")
+    assert_error(r, 502, "upstream_unavailable")
+    assert b"\x1f\x8b" not in r.body
+
+
+def test_cut_body_of_an_answer_not_kept_releases(gate, scripted):
+    g = gate()
+    data, closed = raw_post(g.port, "/cut500", "c500")
+    assert data.startswith(b"HTTP/1.1 500"), data
+    assert closed
+    data, closed = raw_post(g.port, "/cut500", "c500")
+    assert data.startswith(b"HTTP/1.1 500"), data
+    assert scripted.executions("/cut500", "c500") == 2
+
+
+def test_unanswered_is_released_by_default(gate, scripted):
+    g = gate()
+    assert_error(post(g.port, "/nohead", "nh"), 502, "upstream_unavailable")
+    assert_error(post(g.port, "/nohead", "nh"), 502, "upstream_unavailable")
+    assert scripted.executions("/nohead", "nh") == 2
+
+
+def test_unanswered_is_kept_as_lost_with_unknown_outcome_keep(gate, scripted):
+    g = gate({"unknown_outcome": "keep"})
+    assert_error(post(g.port, "/nohead", "nh"), 502, "upstream_unavailable")
+    assert_lost_replay(post(g.port, "/nohead", "nh"))
+    assert scripted.executions("/nohead", "nh") == 1
+
+
+def test_timed_out_is_kept_as_lost_with_unknown_outcome_keep(gate, scripted):
+    g = gate({"unknown_outcome": "keep"}, limits={"upstream_timeout_ms": 300})
+    assert_error(post(g.port, "/silent", "to"), 504, "upstream_timeout")
+    assert_lost_replay(post(g.port, "/silent", "to"))
+    assert scripted.executions("/silent", "to") == 1
+
+
+def test_never_sent_is_released_even_with_keep(idemgate, store_cfg):
+    cfg = dict(store_cfg)
+    cfg.update({"upstream": "http://127.0.0.1:%d" % free_port(),
+                "idempotency": {"unknown_outcome": "keep"}})
+    g = idemgate(cfg)
+    assert_error(post(g.port, "/x", "ns"), 502, "upstream_unavailable")
+    assert_error(post(g.port, "/x", "ns"), 502, "upstream_unavailable")  # not a lost replay
+
+
+def test_stray_answer_on_pooled_connection_is_never_handed_out(gate, scripted):
+    """The stray answer and the next request reach idemgate in one batch of
+    events, the request first (idemgate is stopped meanwhile): the request
+    must not be given the connection that holds the stray bytes."""
+    g = gate()
+    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    try:
+        c.request("GET", "/warm")  # keep-alive client connection, already accepted
+        assert c.getresponse().read() == b"fine"
+        r = post(g.port, "/stray", "s-1")  # takes the parked upstream connection
+        assert r.status == 204
+        os.kill(g.proc.pid, signal.SIGSTOP)
+        try:
+            # no key: forwarded at once, in the same batch (a covered
+            # request would wait for its acquire first)
+            c.request("POST", "/next", body=b"{}", headers={"Content-Type": "application/json"})
+            scripted.stray_go.set()
+            assert scripted.stray_sent.wait(10)
+            time.sleep(0.2)  # let loopback deliver it
+        finally:
+            os.kill(g.proc.pid, signal.SIGCONT)
+        resp = c.getresponse()
+        body = resp.read()
+        assert (resp.status, body) == (200, b"fine"), (resp.status, body)
+    finally:
+        c.close()
+    assert scripted.executions("/next") == 1
+
+
+@pytest.mark.parametrize("key", [None, "rp-1"])
+def test_upstream_idempotent_replayed_header_is_dropped(gate, scripted, key):
+    g = gate()
+    r = post(g.port, "/replayed", key)
+    assert r.status == 200
+    assert [v for k, v in r.headers if k.lower() == "idempotent-replayed"] == []
+    if key:
+        r = post(g.port, "/replayed", key)
+        assert [v for k, v in r.headers if k.lower() == "idempotent-replayed"] == ["true"]
+
+
+@pytest.mark.parametrize("path", ["/401", "/403"])
+def test_401_403_are_released(gate, scripted, path):
+    g = gate()
+    assert post(g.port, path, "auth-1").status == int(path[1:])
+    assert post(g.port, path, "auth-1").status == int(path[1:])
+    assert scripted.executions(path, "auth-1") == 2
+
+
+def test_replayed_head_keeps_content_length(gate, scripted):
+    g = gate({"methods": ["POST", "HEAD"]})
+    h = {"Idempotency-Key": "hd-1", "Authorization": "Bearer k1"}
+    first = send(g.port, "HEAD", "/head", h)
+    again = send(g.port, "HEAD", "/head", h)
+    assert first.header("Content-Length") == "5"
+    assert again.header("Idempotent-Replayed") == "true"
+    assert again.header("Content-Length") == "5"
+    assert scripted.executions("/head", "hd-1") == 1
