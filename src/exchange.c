@@ -25,6 +25,7 @@
 #include "idemgate/log.h"
 #include "idemgate/metrics.h"
 #include "idemgate/server.h"
+#include "idemgate/target.h"
 #include "idemgate/tls.h"
 #include "idemgate/upstream.h"
 
@@ -192,6 +193,7 @@ static void ex_free(struct exchange *ex)
     if (ex->up_timer) evtimer_del(ex->up_timer);
     buf_free(&ex->req);
     buf_free(&ex->body_buf);
+    buf_free(&ex->target);
     w->n_exchanges--;
     /* Keep a few, timers included, for the next requests: no per-request
      * malloc of the ~7 KiB exchange or of its two timers. */
@@ -265,6 +267,7 @@ static void ex_detach_client(struct exchange *ex)
     cl->head_len = 0;
     cl->chunk_pos = 0;
     cl->sent_continue = false;
+    cl->target_changed = false;
     if (ex->client_close || !cl->keep_alive || cl->w->draining) {
         cl->state = CLIENT_CLOSING;
     } else {
@@ -465,10 +468,15 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
             xfp = hd->value;
             continue;
         }
-        if (http1_slice_ieq(hd->name, "host")) have_host = true;
+        if (http1_slice_ieq(hd->name, "host")) {
+            if (ex->authority.p) continue; /* an absolute form's authority replaces it */
+            have_host = true;
+        }
         out_header(o, hd->name.p, hd->name.n, hd->value.p, hd->value.n);
     }
-    if (!have_host) {
+    if (ex->authority.p) {
+        out_header(o, "Host", 4, ex->authority.p, ex->authority.n);
+    } else if (!have_host) {
         buf_append_str(o, "Host: ");
         buf_append_str(o, ex->upstream_url->host);
         buf_printf(o, ":%d\r\n", ex->upstream_url->port);
@@ -875,6 +883,7 @@ void client_accept(struct worker *w, int fd, const char *peer)
     cl->keep_alive = true;
     snprintf(cl->peer, sizeof(cl->peer), "%s", peer);
     buf_init(&cl->chunked_body);
+    buf_init(&cl->target);
     if (conn_open(&cl->c, w->base, fd, client_event, cl) < 0) {
         free(cl);
         atomic_fetch_sub(&w->srv->connections, 1);
@@ -920,6 +929,7 @@ void client_close(struct client *cl)
     conn_close(&cl->c);
     event_free(cl->timer);
     buf_free(&cl->chunked_body);
+    buf_free(&cl->target);
     free(cl);
     atomic_fetch_sub(&w->srv->connections, 1);
     metrics_connections(-1);
@@ -964,6 +974,60 @@ static enum err_code parse_error_code(long r)
     }
 }
 
+/* The normalized target (and authority), when normalization changed the
+ * target, moves from the client into the exchange: route, fingerprint,
+ * access line and upstream all see it (SPEC 3). */
+static void ex_take_target(struct exchange *ex, struct client *cl)
+{
+    if (!cl->target_changed) return;
+    buf_swap(&ex->target, &cl->target);
+    cl->target_changed = false;
+    const char *p = buf_data(&ex->target);
+    ex->head.target = (struct http1_slice){p, cl->target_len};
+    if (cl->auth_len) ex->authority = (struct http1_slice){p + cl->target_len, cl->auth_len};
+}
+
+/* Header names with an underscore are dropped, as nginx does by default:
+ * a proxy behind us may map X_Api_Key and X-Api-Key to one name. */
+static void ex_drop_underscore_headers(struct http1_head *h)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < h->n_headers; i++) {
+        if (memchr(h->headers[i].name.p, '_', h->headers[i].name.n)) continue;
+        if (o != i) h->headers[o] = h->headers[i];
+        o++;
+    }
+    h->n_headers = o;
+}
+
+/* Checks the target and Host of a parsed head (SPEC 3 and 6); keeps a
+ * normalized target in the client when it differs. Returns 0 or -1. */
+static int client_check_target(struct client *cl, const struct http1_head *h)
+{
+    cl->target_changed = false;
+    const struct http1_header *host = http1_find_header(h, "host", NULL);
+    if (host && !target_host_valid(host->value.p, host->value.n)) return -1;
+    if (h->target.n == 1 && h->target.p[0] == '*') /* asterisk form */
+        return http1_slice_ieq(h->method, "OPTIONS") ? 0 : -1;
+    if (target_is_normal(h->target.p, h->target.n)) return 0;
+    buf_reset(&cl->target);
+    char *out = buf_reserve(&cl->target, 2 * h->target.n + 1);
+    const char *auth;
+    size_t auth_len;
+    long n = target_normalize(h->target.p, h->target.n, out, &auth, &auth_len);
+    if (n < 0) return -1;
+    if (!auth && (size_t)n == h->target.n && memcmp(out, h->target.p, h->target.n) == 0)
+        return 0; /* already normal ("/.well-known") */
+    /* the authority goes right after (room reserved: it is part of the
+     * original target, so both fit in twice its length) */
+    if (auth) memcpy(out + n, auth, auth_len);
+    buf_commit(&cl->target, (size_t)n + (auth ? auth_len : 0));
+    cl->target_len = (size_t)n;
+    cl->auth_len = auth ? auth_len : 0;
+    cl->target_changed = true;
+    return 0;
+}
+
 static void client_start_exchange(struct client *cl)
 {
     struct worker *w = cl->w;
@@ -999,6 +1063,9 @@ static void client_start_exchange(struct client *cl)
     }
     buf_init(&ex->req);
     buf_init(&ex->body_buf);
+    buf_init(&ex->target);
+    ex_take_target(ex, cl);
+    ex_drop_underscore_headers(&ex->head);
     memcpy(ex->peer, cl->peer, sizeof(ex->peer));
     ex->client_keep_alive = ex->head.keep_alive;
     ex->client_minor = ex->head.minor_version;
@@ -1088,6 +1155,10 @@ static int client_read_head(struct client *cl)
     if (r == HTTP1_INCOMPLETE) return 0;
     if (r < 0) {
         client_reject(cl, parse_error_code(r));
+        return -1;
+    }
+    if (client_check_target(cl, h) < 0) {
+        client_reject(cl, ERR_BAD_REQUEST);
         return -1;
     }
     cl->head_len = r;

@@ -21,6 +21,11 @@ void buf_init(struct buf *b);
 void buf_free(struct buf *b);
 /* Makes room for at least n more bytes after len; returns p + len. */
 char *buf_reserve(struct buf *b, size_t n);
+/* Counts n bytes written at buf_reserve's pointer as data. */
+static inline void buf_commit(struct buf *b, size_t n)
+{
+    b->len += n;
+}
 void buf_append(struct buf *b, const void *data, size_t n);
 void buf_append_str(struct buf *b, const char *s);
 void buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -65,6 +65,11 @@ struct client {
     size_t scanned; /* bytes of the head already searched for its end */
     bool sent_continue;
     bool keep_alive; /* the last request allows keeping the connection */
+    /* the request's target when normalization changed it (SPEC 3), then
+     * an absolute form's authority; moved into the exchange */
+    struct buf target;
+    size_t target_len, auth_len;
+    bool target_changed;
 };
 
 enum ex_state {
@@ -100,7 +105,9 @@ struct exchange {
     struct http1_head head;
     const char *body;
     size_t body_len;
-    struct buf body_buf; /* a de-chunked request body */
+    struct buf body_buf;          /* a de-chunked request body */
+    struct buf target;            /* a normalized target (head.target points here), or empty */
+    struct http1_slice authority; /* an absolute-form target's: replaces Host */
     bool client_keep_alive;
     int client_minor;
     char peer[64]; /* the client's address, kept if the client leaves */

@@ -98,6 +98,10 @@ class Resp:
     def json(self):
         return json.loads(self.body.decode("utf-8"))
 
+    @property
+    def replayed(self):
+        return self.header("Idempotent-Replayed") == "true"
+
     def __repr__(self):
         return "Resp(%d %s, %r, %r)" % (self.status, self.reason,
                                         self.headers, self.body[:200])

@@ -5,7 +5,7 @@ metric names SPEC lists and counters that move with what the proxy did."""
 import re
 import time
 
-from igtest import free_port, idem_headers, request
+from igtest import free_port, idem_headers, request, wait_port
 
 
 def start(idemgate, upstream, extra=None):
@@ -13,7 +13,9 @@ def start(idemgate, upstream, extra=None):
     cfg = {"upstream": upstream.url, "store": "memory",
            "admin": {"listen": "127.0.0.1:%d" % admin}}
     cfg.update(extra or {})
-    return idemgate(cfg), admin
+    g = idemgate(cfg)
+    assert wait_port(admin)
+    return g, admin
 
 
 def metrics(admin):
@@ -51,6 +53,7 @@ def test_readyz_follows_redis(idemgate, upstream, redis):
     idemgate({"upstream": upstream.url, "store": "redis",
               "redis": {"url": redis.url, "timeout_ms": 300},
               "admin": {"listen": "127.0.0.1:%d" % admin}})
+    assert wait_port(admin)  # the admin thread may listen after the proxy
     assert request(admin, "GET", "/readyz").status == 200
     redis.kill()
     assert request(admin, "GET", "/readyz").status == 503
