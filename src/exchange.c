@@ -225,6 +225,31 @@ void exchange_unref(struct exchange *ex)
     if (--ex->refs == 0) ex_free(ex);
 }
 
+static bool all_lower_hex(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f'))) return false;
+    return true;
+}
+
+/* The trace id of a valid W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>";
+ * a later version may append fields after another '-'); all zeros, an
+ * upper-case digit or version ff is invalid, and nothing is logged. */
+static bool ex_trace_id(const struct http1_head *h, struct http1_slice *out)
+{
+    const struct http1_header *tp = http1_find_header(h, "traceparent", NULL);
+    if (!tp || tp->value.n < 55) return false;
+    const char *p = tp->value.p;
+    if (p[2] != '-' || p[35] != '-' || p[52] != '-' || !all_lower_hex(p, 2) ||
+        !all_lower_hex(p + 3, 32) || !all_lower_hex(p + 36, 16) || !all_lower_hex(p + 53, 2))
+        return false;
+    if (memcmp(p, "ff", 2) == 0 || (memcmp(p, "00", 2) == 0 && tp->value.n != 55)) return false;
+    if (tp->value.n > 55 && p[55] != '-') return false;
+    if (strspn(p + 3, "0") >= 32) return false;
+    *out = (struct http1_slice){p + 3, 32};
+    return true;
+}
+
 static void ex_access_log(struct exchange *ex)
 {
     const struct cfg *cfg = ex->w->cfg;
@@ -244,6 +269,14 @@ static void ex_access_log(struct exchange *ex)
     log_kv_str(&b, "outcome", outcome, strlen(outcome));
     log_kv_int(&b, "duration_ms", (long long)(worker_now_ms(ex->w) - ex->start_ms));
     log_kv_int(&b, "upstream_ms", (long long)ex->upstream_ms);
+    if (ex->skey) { /* "<scope>:<key>": an operator's way to find the record */
+        const char *colon = memchr(ex->skey, ':', ex->skey_len);
+        size_t sl = (size_t)(colon - ex->skey);
+        log_kv_str(&b, "scope", ex->skey, sl < 16 ? sl : 16);
+        log_kv_str(&b, "key", colon + 1, ex->skey_len - sl - 1);
+    }
+    struct http1_slice trace;
+    if (ex_trace_id(&ex->head, &trace)) log_kv_str(&b, "trace_id", trace.p, trace.n);
     log_line_end(&b);
     *bp = b;
 }
