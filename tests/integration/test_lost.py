@@ -122,6 +122,12 @@ class ScriptedUpstream:
             return
 
     def close(self):
+        # shutdown wakes the accept thread (close alone does not: it would
+        # go on accepting on whatever socket reuses the descriptor number)
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.ls.close()
         for c in self.conns:
             try:
@@ -152,6 +158,16 @@ def gate(idemgate, scripted, store_cfg):
         cfg.update(top)
         return idemgate(cfg)
     return start
+
+
+def stopped(pid):
+    """Every thread of pid is stopped (SIGSTOP is not synchronous)."""
+    tids = os.listdir("/proc/%d/task" % pid)
+    for t in tids:
+        with open("/proc/%d/task/%s/stat" % (pid, t)) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] != "T":
+                return False
+    return True
 
 
 def raw_post(port, path, key, body=b'{"a":1}'):
@@ -259,6 +275,7 @@ def test_stray_answer_on_pooled_connection_is_never_handed_out(gate, scripted):
         r = post(g.port, "/stray", "s-1")  # takes the parked upstream connection
         assert r.status == 204
         os.kill(g.proc.pid, signal.SIGSTOP)
+        assert wait_until(lambda: stopped(g.proc.pid))
         try:
             # no key: forwarded at once, in the same batch (a covered
             # request would wait for its acquire first)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from igtest import raw, parse_responses, request
-from idemhelp import assert_error, post, send
+from idemhelp import assert_error, post, send, wait_until
 
 
 @pytest.fixture
@@ -103,9 +103,10 @@ def test_fingerprint_uses_the_normalized_target(gate, upstream):
 
 def test_access_line_has_the_normalized_path(gate):
     assert request(gate.port, "GET", "/p/./q").status == 200
-    paths = [json.loads(ln).get("path") for ln in gate.stderr().splitlines()
-             if '"access"' in ln]
-    assert "/p/q" in paths, paths
+
+    def paths():
+        return [ln.get("path") for ln in gate.log_lines() if ln.get("msg") == "access"]
+    assert wait_until(lambda: "/p/q" in paths()), paths()
 
 
 def test_asterisk_form_only_for_options(gate):

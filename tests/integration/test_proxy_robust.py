@@ -92,6 +92,10 @@ class CloseDelimitedUpstream:
             c.close()
 
     def close(self):
+        try:
+            self.ls.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+        except OSError:
+            pass
         self.ls.close()
 
 
