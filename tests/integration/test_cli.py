@@ -246,6 +246,79 @@ def test_top_level_not_object(tmp_path):
     assert_config_error(res, None)
 
 
+def test_bad_unknown_outcome(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"unknown_outcome": "forget"}},
+              "idempotency.unknown_outcome")
+
+
+def test_unknown_outcome_keep_is_ok(tmp_path):
+    cfg = good_config()
+    cfg["idempotency"] = {"unknown_outcome": "keep"}
+    cfg["routes"] = [{"prefix": "/a",
+                      "idempotency": {"unknown_outcome": "release"}}]
+    res = run_idemgate(["-c", write_config(tmp_path, cfg), "-t"])
+    assert res.returncode == 0, res.stderr
+
+
+# -- cross-checks (SPEC section 2) ----------------------------------------
+
+
+def test_cross_redis_timeout_vs_lock_seconds(tmp_path):
+    line = check_bad(tmp_path, {"store": "redis",
+                                "redis": {"timeout_ms": 1000},
+                                "idempotency": {"lock_seconds": 1}},
+                     "redis.timeout_ms")
+    assert "lock_seconds" in line, line
+
+
+def test_cross_redis_timeout_vs_route_lock_seconds(tmp_path):
+    check_bad(tmp_path, {"store": "redis",
+                         "redis": {"timeout_ms": 4000},
+                         "routes": [{"prefix": "/a"},
+                                    {"prefix": "/b",
+                                     "idempotency": {"lock_seconds": 6}}]},
+              "routes[1].idempotency.lock_seconds")
+
+
+def test_cross_timeout_fits_or_memory_store(tmp_path):
+    for patch in ({"store": "redis", "redis": {"timeout_ms": 666},
+                   "idempotency": {"lock_seconds": 1}},
+                  {"store": "memory", "idempotency": {"lock_seconds": 1}}):
+        cfg = dict(good_config(), **patch)
+        res = run_idemgate(["-c", write_config(tmp_path, cfg), "-t"])
+        assert res.returncode == 0, (patch, res.stderr)
+
+
+def test_cross_required_with_empty_methods(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"required": True, "methods": []}},
+              "idempotency.required")
+    check_bad(tmp_path, {"routes": [{"prefix": "/a", "idempotency":
+                                     {"required": True, "methods": []}}]},
+              "routes[0].idempotency.required")
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "connection", "TE",
+                                  "Transfer-Encoding", "Proxy-Authorization",
+                                  "Upgrade", "Keep-Alive", "Trailer"])
+def test_cross_key_header_not_hop_by_hop(tmp_path, name):
+    check_bad(tmp_path, {"idempotency": {"header": name}},
+              "idempotency.header")
+
+
+def test_cross_scope_headers_not_hop_by_hop(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"scope_headers": ["Connection"]}},
+              "idempotency.scope_headers[0]")
+    check_bad(tmp_path, {"routes": [{"prefix": "/a", "idempotency":
+                                     {"scope_headers": ["X-Key", "proxy-x"]}}]},
+              "routes[0].idempotency.scope_headers[1]")
+
+
+def test_shipped_configs_pass_test_config():
+    for name in ("idemgate.json", "sidecar.json", "gateway.json"):
+        res = run_idemgate(["-c", os.path.join(REPO, "config", name), "-t"])
+        assert res.returncode == 0, (name, res.stderr)
+
+
 def test_bad_env_value_exits_2(tmp_path):
     path = write_config(tmp_path, good_config())
     res = run_idemgate(["-c", path, "-t"], env={"IDEMGATE_WORKERS": "many"})
