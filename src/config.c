@@ -16,11 +16,13 @@
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #define CFG_MAX_FILE_BYTES (16u * 1024 * 1024)
@@ -120,6 +122,7 @@ static void redis_free(struct cfg_redis *r)
 {
     free(r->url);
     free(r->host);
+    free(r->username);
     free(r->password);
     free(r->master_name);
     free(r->key_prefix);
@@ -343,6 +346,7 @@ struct redis_target {
     bool unix_socket;
     char *host;
     int port;
+    char *username;
     char *password;
     int db;
 };
@@ -350,10 +354,26 @@ struct redis_target {
 static void redis_target_free(struct redis_target *t)
 {
     free(t->host);
+    free(t->username);
     free(t->password);
 }
 
-/* "redis://[[user]:password@]host[:port][/db]" or "unix:///path". */
+/* The userinfo of a Redis URL, "[user]:password" (s[0..n)): an ACL user
+ * with its password, or the password of the default user; both
+ * percent-decoded. ":" alone means neither. */
+static int parse_redis_userinfo(const char *s, size_t n, struct redis_target *t)
+{
+    const char *colon = memchr(s, ':', n);
+    if (!colon) return -1; /* "user@" without a password is not in the grammar */
+    size_t ulen = (size_t)(colon - s), plen = n - ulen - 1;
+    if (ulen > 0 && !(t->username = percent_decode(s, ulen))) return -1;
+    if (plen > 0 && !(t->password = percent_decode(colon + 1, plen))) return -1;
+    if (t->username && !t->password) t->password = xstrdup("");
+    return 0;
+}
+
+/* "redis://[[user]:password@]host[:port][/db]" or "unix:///path". The
+ * database is any number Redis may have (--databases can be large). */
 static int parse_redis_url(const char *s, struct redis_target *t)
 {
     memset(t, 0, sizeof *t);
@@ -367,17 +387,13 @@ static int parse_redis_url(const char *s, struct redis_target *t)
     const char *rest = s + 8;
     const char *at = strrchr(rest, '@');
     if (at) {
-        const char *colon = memchr(rest, ':', (size_t)(at - rest));
-        if (colon && at > colon + 1) {
-            t->password = percent_decode(colon + 1, (size_t)(at - colon - 1));
-            if (!t->password) return -1;
-        }
+        if (parse_redis_userinfo(rest, (size_t)(at - rest), t) < 0) goto bad;
         rest = at + 1;
     }
     const char *slash = strchr(rest, '/');
     size_t hlen = slash ? (size_t)(slash - rest) : strlen(rest);
     long long db = 0;
-    if (slash && slash[1] && parse_uint(slash + 1, strlen(slash + 1), 15, &db) < 0) goto bad;
+    if (slash && slash[1] && parse_uint(slash + 1, strlen(slash + 1), INT_MAX, &db) < 0) goto bad;
     if (parse_hostport(rest, hlen, 6379, &t->host, &t->port) < 0) goto bad;
     t->db = (int)db;
     return 0;
@@ -442,6 +458,7 @@ static const char *const level_names[] = {"debug", "info", "warn", "error", NULL
 
 _Static_assert(sizeof(enum cfg_store) == sizeof(int), "enums are stored through int *");
 _Static_assert(sizeof(enum cfg_log_level) == sizeof(int), "enums are stored through int *");
+_Static_assert(sizeof(enum cfg_unknown) == sizeof(int), "enums are stored through int *");
 
 static const struct cfg_opt top_opts[] = {
     O_KIND("listen", OPT_ADDR, struct cfg, listen, "0.0.0.0:8080"),
@@ -801,16 +818,16 @@ static int set_redis_url(char *base, const struct cfg_val *v, const char *where,
     const char *s = val_str(v);
     struct redis_target t;
     if (!s || parse_redis_url(s, &t) < 0)
-        return fail(e, where,
-                    "must be redis://[:password@]host[:port][/db] (db 0..15) or "
-                    "unix:///path");
+        return fail(e, where, "must be redis://[[user]:password@]host[:port][/db] or unix:///path");
     free(r->url);
     free(r->host);
+    free(r->username);
     free(r->password);
     r->url = xstrdup(s);
     r->unix_socket = t.unix_socket;
     r->host = t.host;
     r->port = t.port;
+    r->username = t.username;
     r->password = t.password;
     r->db = t.db;
     return 0;
@@ -973,6 +990,70 @@ static int apply_flags(struct cfg *c, const struct cfg_flags *flags, struct cfg_
     return 0;
 }
 
+/* ---------------------------------------------------------------- policy checks */
+
+/* Hop-by-hop and framing headers: a proxy consumes or rewrites them, so a
+ * key or a scope read from one is not what the client meant to send. */
+static bool is_hop_or_framing(const char *name)
+{
+    static const char *const names[] = {"Connection",        "Keep-Alive", "TE",
+                                        "Trailer",           "Upgrade",    "Content-Length",
+                                        "Transfer-Encoding", NULL};
+    if (prefix_ci(name, "Proxy-")) return true;
+    for (size_t i = 0; names[i]; i++)
+        if (strcasecmp(name, names[i]) == 0) return true;
+    return false;
+}
+
+/* A renewal is sent a third of the way into a lock and may take up to
+ * redis.timeout_ms: it must be able to finish (or fail) before the lock
+ * expires, so timeout_ms < 2/3 lock_seconds. */
+static int check_lock_vs_timeout(const struct cfg *c, const struct cfg_idem *m, const char *path,
+                                 bool is_route, struct cfg_err *e)
+{
+    long long timeout = c->redis.timeout_ms, lock_ms = (long long)m->lock_seconds * 1000;
+    if (c->store != CFG_STORE_REDIS || timeout * 3 < lock_ms * 2) return 0;
+    char where[CFG_WHERE_LEN];
+    if (!is_route) {
+        return fail(e, "config: redis.timeout_ms",
+                    "must be below two thirds of %s.lock_seconds (at most %lld with "
+                    "lock_seconds %d)",
+                    path, (lock_ms * 2 - 1) / 3, m->lock_seconds);
+    }
+    where_key(where, path, "lock_seconds");
+    return fail(e, where,
+                "must be more than 1.5 times redis.timeout_ms (at least %lld with %lld ms)",
+                timeout * 3 / 2000 + 1, timeout);
+}
+
+/* The rules of SPEC section 2 that tie one idempotency policy's keys
+ * together; path is "idempotency" or "routes[i].idempotency". A route with
+ * the engine off is not checked: none of its keys is used. */
+static int check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const char *path,
+                             bool is_route, struct cfg_err *e)
+{
+    char where[CFG_WHERE_LEN];
+    if (!m->enabled) return 0;
+    if (check_lock_vs_timeout(c, m, path, is_route, e) < 0) return -1;
+    if (m->required && m->methods.n == 0) {
+        where_key(where, path, "required");
+        return fail(e, where, "cannot be true when methods is empty");
+    }
+    if (is_hop_or_framing(m->header)) {
+        where_key(where, path, "header");
+        return fail(e, where, "must not be a hop-by-hop or framing header (%s)", m->header);
+    }
+    for (size_t i = 0; i < m->scope_headers.n; i++) {
+        if (!is_hop_or_framing(m->scope_headers.v[i])) continue;
+        char key[48];
+        snprintf(key, sizeof key, "scope_headers[%zu]", i);
+        where_key(where, path, key);
+        return fail(e, where, "must not name a hop-by-hop or framing header (%s)",
+                    m->scope_headers.v[i]);
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- routes */
 
 static bool is_route_prefix(const char *s)
@@ -1058,7 +1139,11 @@ static int build_routes(struct cfg *c, const cJSON *arr, struct cfg_err *e)
     const cJSON *it;
     cJSON_ArrayForEach(it, arr)
     {
-        if (build_route(c, &c->routes[i], it, i, e) < 0) return -1;
+        char path[CFG_PATH_LEN];
+        snprintf(path, sizeof path, "routes[%zu].idempotency", i);
+        if (build_route(c, &c->routes[i], it, i, e) < 0 ||
+            check_idem_policy(c, &c->routes[i].idem, path, true, e) < 0)
+            return -1;
         i++;
     }
     for (i = 1; i < n; i++) {
@@ -1153,6 +1238,7 @@ static int load(struct cfg *c, const char *name, const char *json, size_t len, b
         if (apply_file(c, root, &routes, e) < 0) goto fail;
     }
     if ((use_env && apply_env(c, e) < 0) || apply_flags(c, flags, e) < 0 ||
+        check_idem_policy(c, &c->idem, "idempotency", false, e) < 0 ||
         build_routes(c, routes, e) < 0 || check_cross(c, e) < 0)
         goto fail;
     resolve_workers(c);

@@ -38,17 +38,29 @@
  * (refs == 0), because hiredis calls back every pending command, with a NULL
  * reply when the connection goes away. A deadline means the connection may
  * be stuck, so it is torn down (from a deferred event, never from inside a
- * hiredis callback) and the reconnect logic takes over. */
+ * hiredis callback) and the reconnect logic takes over.
+ *
+ * An acquire whose caller was told STORE_ACQ_ERROR while its script was
+ * sent and unanswered (deadline, lost connection) may still take the lock
+ * when a busy server gets to it. Its (key, token) is remembered in a
+ * bounded list (struct rs_giveback) and given back with the release
+ * script, fenced by the token (harmless when nothing was taken): at once
+ * when the late reply shows the lock was taken, else when a connection to
+ * where the key lives is ready again. A server reads a closed connection's
+ * last commands before it accepts and reads a new one, so the give-back
+ * on the new connection runs after the stray acquire. */
 #include "idemgate/store.h"
 
 #include "idemgate/config.h"
 #include "idemgate/log.h"
+#include "idemgate/metrics.h"
 
 #include <event2/event.h>
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <openssl/evp.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -59,6 +71,8 @@
 #define RS_BACKOFF_MIN_MS 100
 #define RS_BACKOFF_MAX_MS 2000
 #define RS_MAX_ARGS 7
+#define RS_GIVEBACK_MAX 1024 /* remembered locks per store */
+#define RS_GIVEBACK_TRIES 3  /* give-backs that fail before one is dropped */
 
 enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_NSCRIPTS };
 
@@ -123,6 +137,7 @@ struct rconn {
     char *host;            /* or the unix socket path */
     int port;
     bool unix_socket;
+    bool connected;        /* the socket connected: commands may have reached the server */
     bool ready;            /* the handshake has been answered */
     bool down_logged;      /* one log line per outage */
     bool handshake_failed; /* one log line per failed handshake */
@@ -141,14 +156,15 @@ struct rop {
     struct event *timer;     /* deadline, or zero-delay for a fast failure */
     enum rop_kind kind;
     enum rop_stage stage;
-    int refs;      /* replies hiredis still owes this op */
-    bool done;     /* the user callback has fired (or was dropped) */
-    bool retried;  /* the NOSCRIPT retry is used up */
-    bool in_cb;    /* inside the user callback */
-    bool parked;   /* waiting for a sentinel master */
-    bool asking;   /* ASK redirect: send ASKING before each keyed command */
-    int redirects; /* MOVED / ASK followed so far */
-    unsigned slot; /* cluster slot of the key */
+    int refs;          /* replies hiredis still owes this op */
+    bool done;         /* the user callback has fired (or was dropped) */
+    bool retried;      /* the NOSCRIPT retry is used up */
+    bool in_cb;        /* inside the user callback */
+    bool parked;       /* waiting for a sentinel master */
+    bool asking;       /* ASK redirect: send ASKING before each keyed command */
+    bool maybe_locked; /* acquire: the lock may be ours (sent, unanswered, or taken) */
+    int redirects;     /* MOVED / ASK followed so far */
+    unsigned slot;     /* cluster slot of the key */
     enum rs_script script;
     store_acquire_cb acq_cb;
     store_done_cb done_cb;
@@ -160,6 +176,21 @@ struct rop {
     char *buf; /* owns the bytes argv points into */
 };
 
+/* A lock an acquire may have taken after its caller was told it failed;
+ * owned by the store's list until given back, found not taken, or dropped.
+ * While its release is in flight (inflight) the entry stays listed and is
+ * the release's callback argument. */
+struct rs_giveback {
+    struct rs_giveback *prev, *next;
+    struct store_redis *s;
+    unsigned slot; /* cluster slot of key */
+    int tries;     /* releases that failed */
+    bool inflight;
+    char token[STORE_TOKEN_LEN];
+    size_t key_len;
+    char key[]; /* the Redis key, "<prefix>{<skey>}" */
+};
+
 struct store_redis {
     struct store base; /* first: a struct store * is a struct store_redis * */
     struct event_base *evb;
@@ -168,6 +199,9 @@ struct store_redis {
     struct rconn *conns; /* every connection */
     struct rconn *main;  /* standalone server or sentinel master */
     struct rop *ops;
+    struct rs_giveback *gb_head, *gb_tail; /* oldest first */
+    size_t gb_count;
+    bool gb_drop_logged; /* one log line per run of dropped give-backs */
     char *prefix;
     char sha[RS_NSCRIPTS][41];
     /* cluster */
@@ -303,6 +337,9 @@ static bool reply_is_error(const redisReply *r, const char *prefix)
 /* ---- connections ---- */
 
 static void rc_connect(struct rconn *c);
+static bool rc_ensure(struct rconn *c);
+static void gb_flush(struct rconn *c);
+static bool gb_wants(const struct rconn *c);
 static void cluster_refresh_soon(struct store_redis *s);
 static void sentinel_ask(struct store_redis *s);
 static void rs_flush_parked(struct store_redis *s);
@@ -378,6 +415,8 @@ static void rc_reconnect_cb(evutil_socket_t fd, short what, void *arg)
     } else if (c->role == RC_MASTER) {
         c->s->sent_idx = 0;
         sentinel_ask(c->s);
+    } else if (gb_wants(c)) {
+        rc_ensure(c); /* a lock waits there to be given back */
     }
     /* RC_NODE: the backoff is over; the next op that needs it connects. */
 }
@@ -391,7 +430,11 @@ static struct rconn *rc_of(const redisAsyncContext *ac)
 static void rc_on_connect(const redisAsyncContext *ac, int status)
 {
     struct rconn *c = rc_of(ac);
-    if (!c || status == REDIS_OK) return;
+    if (!c) return;
+    if (status == REDIS_OK) {
+        c->connected = true;
+        return;
+    }
     /* hiredis frees ac right after this callback. */
     c->ac = NULL;
     rc_went_down(c, ac->errstr[0] ? ac->errstr : "connect failed");
@@ -469,6 +512,7 @@ static void rc_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
         log_msg(LOG_INFO, "store redis: connected again");
     }
     c->down_logged = false;
+    gb_flush(c);
     if (c->role == RC_MASTER) rs_flush_parked(c->s);
 }
 
@@ -491,23 +535,82 @@ static int rc_load_scripts(struct rconn *c, redisCallbackFn *fn)
     return 0;
 }
 
-/* AUTH, SELECT (not in a cluster), ROLE (sentinel master), SCRIPT LOAD. */
+/* AUTH [user] password, when the URL names either; 1 when sent, 0 when
+ * there is nothing to send, -1 when it cannot be queued. */
+static int rs_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn,
+                        void *priv)
+{
+    if (!rc->username && !(rc->password && rc->password[0])) return 0;
+    const char *argv[3] = {"AUTH", rc->username, rc->password};
+    size_t lens[3] = {4, rc->username ? strlen(rc->username) : 0, strlen(rc->password)};
+    if (!rc->username) {
+        argv[1] = rc->password;
+        lens[1] = lens[2];
+    }
+    int argc = rc->username ? 3 : 2;
+    return redisAsyncCommandArgv(ac, fn, priv, argc, argv, lens) == REDIS_OK ? 1 : -1;
+}
+
+/* An evicted lock or record breaks at-most-once: say so once per process
+ * (every worker and every reconnect reads the policy again). */
+static atomic_bool rs_policy_warned;
+
+static void rs_check_policy(const struct rconn *c, const char *v, size_t n)
+{
+    bool evicts =
+        (n > 8 && memcmp(v, "allkeys-", 8) == 0) || (n > 9 && memcmp(v, "volatile-", 9) == 0);
+    if (!evicts || atomic_exchange(&rs_policy_warned, true)) return;
+    log_msg(LOG_WARN,
+            "store redis: %s:%d has maxmemory-policy %.*s, which may evict keys: an evicted lock "
+            "or record lets a request execute twice (use noeviction)",
+            c->host, c->port, (int)n, v);
+}
+
+static void rc_info_policy_cb(redisAsyncContext *ac, void *reply, void *priv)
+{
+    (void)priv;
+    struct rconn *c = rc_of(ac);
+    const redisReply *r = reply;
+    if (!c || !r || r->type != REDIS_REPLY_STRING || !r->str) return;
+    const char *p = strstr(r->str, "maxmemory_policy:");
+    if (!p) return;
+    p += strlen("maxmemory_policy:");
+    rs_check_policy(c, p, strcspn(p, "\r\n"));
+}
+
+/* CONFIG GET maxmemory-policy: {name, value}; when CONFIG is refused (an
+ * ACL, a renamed command) INFO memory says it too. */
+static void rc_policy_cb(redisAsyncContext *ac, void *reply, void *priv)
+{
+    (void)priv;
+    struct rconn *c = rc_of(ac);
+    const redisReply *r = reply;
+    if (!c || !r) return;
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+        r->element[1]->type == REDIS_REPLY_STRING) {
+        rs_check_policy(c, r->element[1]->str, r->element[1]->len);
+        return;
+    }
+    redisAsyncCommand(ac, rc_info_policy_cb, NULL, "INFO memory");
+}
+
+/* AUTH, SELECT (not in a cluster), the eviction policy (not part of the
+ * handshake: nobody waits for it), ROLE (sentinel master), SCRIPT LOAD. */
 static int rc_send_handshake(struct rconn *c)
 {
     const struct cfg_redis *rc = &c->s->cfg->redis;
     c->handshake_left = RS_NSCRIPTS;
-    if (rc->password && rc->password[0]) {
-        if (redisAsyncCommand(c->ac, rc_handshake_cb, RS_TAG_AUTH, "AUTH %s", rc->password) !=
-            REDIS_OK)
-            return -1;
-        c->handshake_left++;
-    }
+    int auth = rs_send_auth(c->ac, rc, rc_handshake_cb, RS_TAG_AUTH);
+    if (auth < 0) return -1;
+    c->handshake_left += auth;
     if (rc->db != 0 && c->role != RC_NODE) {
         if (redisAsyncCommand(c->ac, rc_handshake_cb, RS_TAG_SELECT, "SELECT %d", rc->db) !=
             REDIS_OK)
             return -1;
         c->handshake_left++;
     }
+    if (redisAsyncCommand(c->ac, rc_policy_cb, NULL, "CONFIG GET maxmemory-policy") != REDIS_OK)
+        return -1;
     if (c->role == RC_MASTER) {
         if (redisAsyncCommand(c->ac, rc_handshake_cb, RS_TAG_ROLE, "ROLE") != REDIS_OK) return -1;
         c->handshake_left++;
@@ -532,6 +635,7 @@ static void rc_connect(struct rconn *c)
     }
     ac->data = c;
     c->ac = ac;
+    c->connected = false;
     c->ready = false;
     c->handshake_failed = false;
     redisLibeventAttach(ac, c->s->evb);
@@ -852,7 +956,12 @@ static void sentinel_ask(struct store_redis *s)
     redisAsyncSetDisconnectCallback(ac, sentinel_on_disconnect);
     struct timeval tv = rs_tv((uint64_t)rs_timeout_ms(s));
     evtimer_add(s->sent_timer, &tv);
-    if (redisAsyncCommand(ac, sentinel_reply_cb, NULL, "SENTINEL get-master-addr-by-name %s",
+    /* The same user and password as the master (SPEC section 2). Its
+     * answer is not awaited: a sentinel that needs it refuses the
+     * question with NOAUTH, which is what gets logged; one without a
+     * password answers the question anyway. */
+    if (rs_send_auth(ac, &s->cfg->redis, NULL, NULL) < 0 ||
+        redisAsyncCommand(ac, sentinel_reply_cb, NULL, "SENTINEL get-master-addr-by-name %s",
                           s->cfg->redis.master_name) != REDIS_OK) {
         s->sent_ac = NULL;
         evtimer_del(s->sent_timer);
@@ -896,8 +1005,13 @@ static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, in
     rop_maybe_free(op);
 }
 
+static void gb_remember(struct rop *op);
+
+/* The caller is told STORE_ACQ_ERROR / -1; an acquire that may hold the
+ * lock remembers it first, to give it back. */
 static void rop_fail(struct rop *op)
 {
+    if (!op->done && op->kind == ROP_ACQUIRE && op->maybe_locked) gb_remember(op);
     struct store_acquire_reply r = {.state = STORE_ACQ_ERROR};
     rop_finish(op, &r, -1);
 }
@@ -961,7 +1075,11 @@ static int rop_send_main(struct rop *op)
         size_t len[1] = {4};
         return rop_send(op, false, 1, argv, len);
     }
-    return rop_send_script(op, op->script, op->argc, op->argv, op->argvlen);
+    int rc = rop_send_script(op, op->script, op->argc, op->argv, op->argvlen);
+    /* From here until a reply says otherwise, the server may take the
+     * lock for us whatever our caller is told. */
+    if (rc == 0 && op->kind == ROP_ACQUIRE) op->maybe_locked = true;
+    return rc;
 }
 
 /* Gives back a lock taken by this acquire (argv: key, fp, token, ms). */
@@ -1105,20 +1223,36 @@ static int rop_status_of(const redisReply *r, enum rop_kind kind)
     return (int)r->integer;
 }
 
-/* A reply for an op whose caller already got an error: if it shows that
- * we hold a lock nobody will use, give it back. */
+/* True when an acquire script's reply says the lock is now ours. */
+static bool rop_reply_locked(const redisReply *r)
+{
+    struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
+    return rop_parse_acquire(r, &out) && out.state == STORE_ACQ_LOCKED;
+}
+
+static void gb_send(struct rs_giveback *e);
+static struct rs_giveback *gb_find(struct store_redis *s, const char *token);
+static void gb_free(struct rs_giveback *e);
+
+/* A reply for an acquire whose caller already got an error (and which
+ * remembered its lock then): give the lock back now when the reply shows
+ * it is ours, forget it when it shows nothing was taken. */
 static void rop_on_late_reply(struct rop *op, const redisReply *r)
 {
-    if (op->kind != ROP_ACQUIRE || !op->s || !op->conn || !rs_usable(op->conn)) return;
-    struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
-    bool locked = op->stage == ROP_WAIT || (op->stage == ROP_MAIN && rop_parse_acquire(r, &out) &&
-                                            out.state == STORE_ACQ_LOCKED);
-    if (!locked) return;
-    redisAsyncContext *ac = op->conn->ac;
-    if (op->asking) redisAsyncCommand(ac, NULL, NULL, "ASKING");
-    const char *argv[5] = {"EVALSHA", op->s->sha[RS_RELEASE], "1", op->argv[0], op->argv[2]};
-    size_t lens[5] = {7, 40, 1, op->argvlen[0], op->argvlen[2]};
-    redisAsyncCommandArgv(ac, NULL, NULL, 5, argv, lens);
+    if (op->kind != ROP_ACQUIRE || !op->s) return;
+    struct rs_giveback *e = gb_find(op->s, op->argv[2]);
+    if (!e || e->inflight) return;
+    bool locked;
+    if (op->stage == ROP_WAIT)
+        locked = true; /* WAIT changes nothing: the lock was taken */
+    else if (op->stage == ROP_UNDO)
+        locked = r->type != REDIS_REPLY_INTEGER; /* 1 or 0: it is gone */
+    else
+        locked = rop_reply_locked(r);
+    if (locked)
+        gb_send(e);
+    else
+        gb_free(e);
 }
 
 /* "MOVED <slot> <host>:<port>" / "ASK ..." -> 1 / 2 with the target, or 0. */
@@ -1229,9 +1363,12 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
         return;
     }
     if (!r) {
+        /* Lost before the socket connected: nothing reached the server. */
+        if (op->conn && !op->conn->connected) op->maybe_locked = false;
         rop_fail(op);
         return;
     }
+    if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN) op->maybe_locked = rop_reply_locked(r);
     if (r->type == REDIS_REPLY_ERROR && rop_on_topology_error(op, r)) return;
     if (op->stage == ROP_MAIN && op->kind != ROP_PING && reply_is_error(r, "NOSCRIPT") &&
         !op->retried) {
@@ -1240,6 +1377,7 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
         return;
     }
     if (op->stage == ROP_UNDO) {
+        if (r->type == REDIS_REPLY_INTEGER) op->maybe_locked = false; /* given back */
         rop_fail(op);
     } else if (op->stage == ROP_WAIT) {
         rop_on_wait(op, r);
@@ -1290,6 +1428,134 @@ static void rop_start(struct rop *op)
     evtimer_add(op->timer, &tv);
     if (rop_dispatch(op) != 0) rop_fail_soon(op);
 }
+
+/* ---- give-backs: locks that failed acquires may have taken ---- */
+
+static struct rs_giveback *gb_find(struct store_redis *s, const char *token)
+{
+    for (struct rs_giveback *e = s->gb_head; e; e = e->next)
+        if (memcmp(e->token, token, STORE_TOKEN_LEN) == 0) return e;
+    return NULL;
+}
+
+static void gb_free(struct rs_giveback *e)
+{
+    struct store_redis *s = e->s;
+    if (e->prev)
+        e->prev->next = e->next;
+    else
+        s->gb_head = e->next;
+    if (e->next)
+        e->next->prev = e->prev;
+    else
+        s->gb_tail = e->prev;
+    s->gb_count--;
+    free(e);
+}
+
+/* A lock that will not be given back stays until lock_seconds: counted
+ * each time, logged once per run of them. */
+static void gb_dropped(struct store_redis *s, const char *key, size_t key_len, const char *why)
+{
+    metrics_inc(M_STORE_ERRORS);
+    if (s->gb_drop_logged) return;
+    s->gb_drop_logged = true;
+    log_msg(LOG_ERROR,
+            "store redis: cannot give back the lock of a failed acquire (%s); %.*s may stay "
+            "locked until it expires",
+            why, (int)key_len, key);
+}
+
+static void gb_remember(struct rop *op)
+{
+    struct store_redis *s = op->s;
+    if (!s || gb_find(s, op->argv[2])) return;
+    if (s->gb_count >= RS_GIVEBACK_MAX) {
+        struct rs_giveback *old = s->gb_head;
+        while (old && old->inflight)
+            old = old->next;
+        if (!old) {
+            gb_dropped(s, op->argv[0], op->argvlen[0], "too many remembered");
+            return;
+        }
+        gb_dropped(s, old->key, old->key_len, "too many remembered");
+        gb_free(old);
+    }
+    struct rs_giveback *e = rs_alloc(sizeof(*e) + op->argvlen[0]);
+    e->s = s;
+    e->slot = op->slot;
+    memcpy(e->token, op->argv[2], STORE_TOKEN_LEN);
+    e->key_len = op->argvlen[0];
+    memcpy(e->key, op->argv[0], e->key_len);
+    e->prev = s->gb_tail;
+    if (s->gb_tail)
+        s->gb_tail->next = e;
+    else
+        s->gb_head = e;
+    s->gb_tail = e;
+    s->gb_count++;
+}
+
+static void gb_done(void *arg, int status)
+{
+    struct rs_giveback *e = arg;
+    struct store_redis *s = e->s;
+    e->inflight = false;
+    if (status == 1) {
+        log_msg(LOG_WARN,
+                "store redis: gave back a lock that an acquire took after it had failed (timed "
+                "out or lost its connection): %.*s",
+                (int)e->key_len, e->key);
+        s->gb_drop_logged = false;
+        gb_free(e);
+    } else if (status == 0) {
+        gb_free(e); /* nothing was taken, or the lock expired since */
+    } else if (++e->tries >= RS_GIVEBACK_TRIES) {
+        gb_dropped(s, e->key, e->key_len, "the release failed");
+        gb_free(e);
+    }
+    /* else kept: tried again when a connection is ready again */
+}
+
+/* The release script, fenced by the token, as an op of our own. Its
+ * callback never fires synchronously, so callers may go on walking the
+ * list. */
+static void gb_send(struct rs_giveback *e)
+{
+    const char *args[2] = {e->key, e->token};
+    size_t lens[2] = {e->key_len, STORE_TOKEN_LEN};
+    struct rop *op = rop_new(e->s, ROP_RELEASE, RS_RELEASE, 2, args, lens);
+    op->done_cb = gb_done;
+    op->arg = e;
+    e->inflight = true;
+    rop_start(op);
+}
+
+/* Whether e's key lives behind c: the one server or master, or in a
+ * cluster the node owning its slot (any node while the slot is unknown:
+ * it answers MOVED). */
+static bool gb_routes_to(const struct store_redis *s, const struct rs_giveback *e,
+                         const struct rconn *c)
+{
+    if (s->mode != CFG_REDIS_CLUSTER) return true;
+    return !s->slots[e->slot] || s->slots[e->slot] == c;
+}
+
+static bool gb_wants(const struct rconn *c)
+{
+    for (const struct rs_giveback *e = c->s->gb_head; e; e = e->next)
+        if (!e->inflight && gb_routes_to(c->s, e, c)) return true;
+    return false;
+}
+
+/* c is ready again: give back what waits for it. */
+static void gb_flush(struct rconn *c)
+{
+    struct store_redis *s = c->s;
+    for (struct rs_giveback *e = s->gb_head; e; e = e->next)
+        if (!e->inflight && gb_routes_to(s, e, c)) gb_send(e);
+}
+
 /* "<prefix>{<skey>}" into a fresh buffer; caller frees. */
 static char *rs_key(const struct store_redis *s, const char *skey, size_t skey_len, size_t *len)
 {
@@ -1403,6 +1669,8 @@ static void rs_free(struct store *base)
         op = next;
     }
     s->ops = NULL;
+    while (s->gb_head) /* their releases in flight were just dropped */
+        gb_free(s->gb_head);
     if (s->sent_ac) {
         redisAsyncContext *ac = s->sent_ac;
         s->sent_ac = NULL;

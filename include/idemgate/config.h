@@ -36,9 +36,11 @@ enum cfg_redis_mode { CFG_REDIS_STANDALONE, CFG_REDIS_CLUSTER, CFG_REDIS_SENTINE
 enum cfg_failure_mode { CFG_FAIL_CLOSED, CFG_FAIL_OPEN };
 enum cfg_anonymous { CFG_ANON_SHARED, CFG_ANON_REJECT, CFG_ANON_BYPASS };
 enum cfg_concurrent { CFG_CONC_REJECT, CFG_CONC_WAIT };
-enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
 enum cfg_error_format { CFG_ERR_JSON, CFG_ERR_PROBLEM };
 enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
+/* idempotency.unknown_outcome: what a request that was sent upstream but
+ * never answered leaves behind (SPEC section 4). */
+enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
 
 struct cfg_redis {
     enum cfg_redis_mode mode;
@@ -46,8 +48,9 @@ struct cfg_redis {
     bool unix_socket; /* url was unix:///path */
     char *host;       /* tcp host, or the socket path when unix_socket */
     int port;         /* default 6379 */
+    char *username;   /* ACL user (redis://user:password@), NULL when none */
     char *password;   /* NULL when none */
-    int db;           /* default 0 */
+    int db;           /* default 0; any 0..INT_MAX (the server decides) */
     struct cfg_strlist nodes;
     char *master_name;
     char *key_prefix;

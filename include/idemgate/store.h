@@ -128,7 +128,10 @@ struct store *store_memory_new(struct event_base *base, struct store_memory_shar
  * (reloaded on NOSCRIPT), every command under its own timeout timer,
  * reconnect with capped exponential backoff. cfg is borrowed for the
  * store's lifetime (redis.* settings). Never fails: an unreachable Redis
- * only makes operations answer STORE_ACQ_ERROR / -1 until it is back. */
+ * only makes operations answer STORE_ACQ_ERROR / -1 until it is back.
+ * An acquire that answered STORE_ACQ_ERROR after its script was sent may
+ * still have taken the lock: the store gives such a lock back by itself
+ * (release fenced by the token) as soon as Redis answers again. */
 struct store *store_redis_new(struct event_base *base, const struct cfg *cfg);
 
 #endif

@@ -2,10 +2,12 @@
 flags, -t, exit codes, one-line config errors naming the key, precedence
 defaults < file < env < flags, bind failure."""
 
+import http.server
 import json
 import os
 import re
 import socket
+import threading
 
 import pytest
 
@@ -16,7 +18,7 @@ REPO = os.path.normpath(os.path.join(igtest.HERE, "..", ".."))
 
 ALL_FLAGS = ["-c", "--config", "--listen", "--upstream", "--store", "--redis",
              "--workers", "--admin", "-t", "--test-config", "--version",
-             "-h", "--help"]
+             "-h", "--help", "--healthcheck"]
 
 
 @pytest.fixture(autouse=True)
@@ -246,6 +248,79 @@ def test_top_level_not_object(tmp_path):
     assert_config_error(res, None)
 
 
+def test_bad_unknown_outcome(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"unknown_outcome": "forget"}},
+              "idempotency.unknown_outcome")
+
+
+def test_unknown_outcome_keep_is_ok(tmp_path):
+    cfg = good_config()
+    cfg["idempotency"] = {"unknown_outcome": "keep"}
+    cfg["routes"] = [{"prefix": "/a",
+                      "idempotency": {"unknown_outcome": "release"}}]
+    res = run_idemgate(["-c", write_config(tmp_path, cfg), "-t"])
+    assert res.returncode == 0, res.stderr
+
+
+# -- cross-checks (SPEC section 2) ----------------------------------------
+
+
+def test_cross_redis_timeout_vs_lock_seconds(tmp_path):
+    line = check_bad(tmp_path, {"store": "redis",
+                                "redis": {"timeout_ms": 1000},
+                                "idempotency": {"lock_seconds": 1}},
+                     "redis.timeout_ms")
+    assert "lock_seconds" in line, line
+
+
+def test_cross_redis_timeout_vs_route_lock_seconds(tmp_path):
+    check_bad(tmp_path, {"store": "redis",
+                         "redis": {"timeout_ms": 4000},
+                         "routes": [{"prefix": "/a"},
+                                    {"prefix": "/b",
+                                     "idempotency": {"lock_seconds": 6}}]},
+              "routes[1].idempotency.lock_seconds")
+
+
+def test_cross_timeout_fits_or_memory_store(tmp_path):
+    for patch in ({"store": "redis", "redis": {"timeout_ms": 666},
+                   "idempotency": {"lock_seconds": 1}},
+                  {"store": "memory", "idempotency": {"lock_seconds": 1}}):
+        cfg = dict(good_config(), **patch)
+        res = run_idemgate(["-c", write_config(tmp_path, cfg), "-t"])
+        assert res.returncode == 0, (patch, res.stderr)
+
+
+def test_cross_required_with_empty_methods(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"required": True, "methods": []}},
+              "idempotency.required")
+    check_bad(tmp_path, {"routes": [{"prefix": "/a", "idempotency":
+                                     {"required": True, "methods": []}}]},
+              "routes[0].idempotency.required")
+
+
+@pytest.mark.parametrize("name", ["Content-Length", "connection", "TE",
+                                  "Transfer-Encoding", "Proxy-Authorization",
+                                  "Upgrade", "Keep-Alive", "Trailer"])
+def test_cross_key_header_not_hop_by_hop(tmp_path, name):
+    check_bad(tmp_path, {"idempotency": {"header": name}},
+              "idempotency.header")
+
+
+def test_cross_scope_headers_not_hop_by_hop(tmp_path):
+    check_bad(tmp_path, {"idempotency": {"scope_headers": ["Connection"]}},
+              "idempotency.scope_headers[0]")
+    check_bad(tmp_path, {"routes": [{"prefix": "/a", "idempotency":
+                                     {"scope_headers": ["X-Key", "proxy-x"]}}]},
+              "routes[0].idempotency.scope_headers[1]")
+
+
+def test_shipped_configs_pass_test_config():
+    for name in ("idemgate.json", "sidecar.json", "gateway.json"):
+        res = run_idemgate(["-c", os.path.join(REPO, "config", name), "-t"])
+        assert res.returncode == 0, (name, res.stderr)
+
+
 def test_bad_env_value_exits_2(tmp_path):
     path = write_config(tmp_path, good_config())
     res = run_idemgate(["-c", path, "-t"], env={"IDEMGATE_WORKERS": "many"})
@@ -350,3 +425,112 @@ def test_sigint_idle_exits_0(idemgate, upstream):
     import signal
     g = idemgate(_cfg_for(upstream, free_port()))
     assert g.stop(sig=signal.SIGINT) == 0
+
+
+# -- --healthcheck [ADDR] (SPEC section 1) ---------------------------------
+
+
+def admin_gate(idemgate, upstream, host="127.0.0.1"):
+    port = free_port()
+    listen = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+    g = idemgate({"store": "memory", "upstream": upstream.url,
+                  "admin": {"listen": listen}})
+    assert igtest.wait_port(port, 10, host=host), "admin listener not up"
+    return g, listen
+
+
+def assert_unhealthy(res, *words):
+    lines = stderr_lines(res)
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("healthcheck:"), res.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_healthcheck_addr_of_a_running_idemgate(idemgate, upstream):
+    g, listen = admin_gate(idemgate, upstream)
+    for args in (["--healthcheck", listen], ["--healthcheck=" + listen]):
+        res = run_idemgate(args)
+        assert res.returncode == 0, (args, res.stderr)
+        assert res.stderr == "", res.stderr
+
+
+def test_healthcheck_configured_admin_listener(idemgate, upstream):
+    g, listen = admin_gate(idemgate, upstream)
+    res = run_idemgate(["-c", g.config_path, "--healthcheck"])
+    assert res.returncode == 0, res.stderr
+    # the environment and flags choose admin.listen as usual
+    res = run_idemgate(["--healthcheck"], env={"IDEMGATE_ADMIN_LISTEN": listen})
+    assert res.returncode == 0, res.stderr
+    res = run_idemgate(["--admin", listen, "--healthcheck"])
+    assert res.returncode == 0, res.stderr
+
+
+def test_healthcheck_ipv6(idemgate, upstream):
+    probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    finally:
+        probe.close()
+    g, listen = admin_gate(idemgate, upstream, host="::1")
+    res = run_idemgate(["--healthcheck", listen])
+    assert res.returncode == 0, res.stderr
+
+
+def test_healthcheck_closed_port():
+    res = run_idemgate(["--healthcheck", "127.0.0.1:%d" % free_port()])
+    assert_unhealthy(res, "cannot connect")
+
+
+def test_healthcheck_admin_off(tmp_path):
+    res = run_idemgate(["-c", write_config(tmp_path, good_config()),
+                        "--healthcheck"])
+    assert_unhealthy(res, "off")
+
+
+def test_healthcheck_bad_config_or_addr(tmp_path):
+    res = run_idemgate(["-c", write_config(tmp_path, {"listen": 1}),
+                        "--healthcheck"])
+    assert_unhealthy(res, "config: listen")
+    assert_unhealthy(run_idemgate(["--healthcheck", "no-port"]), "no-port")
+
+
+class _Answer503(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the http.server API
+        body = b"not ready\n"
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_healthcheck_other_status_is_unhealthy():
+    srv = http.server.HTTPServer(("127.0.0.1", 0), _Answer503)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        res = run_idemgate(["--healthcheck", "127.0.0.1:%d" % srv.server_port])
+        assert_unhealthy(res, "503")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_healthcheck_silent_server_times_out():
+    """A listener that accepts but never answers: exit 1 after the
+    healthcheck's own timeout (a couple of seconds), not a hang."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(8)
+    try:
+        res = run_idemgate(["--healthcheck",
+                            "127.0.0.1:%d" % holder.getsockname()[1]],
+                           timeout=30)
+        assert_unhealthy(res, "no answer")
+    finally:
+        holder.close()

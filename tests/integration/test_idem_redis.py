@@ -210,7 +210,8 @@ def test_scope_secret_change_is_a_new_scope(idemgate, upstream, redis):
 
 
 def test_lock_is_renewed(gate, upstream, redis):
-    g = gate(idem={"lock_seconds": 1})
+    # timeout_ms must stay below 2/3 of the lock (SPEC section 2)
+    g = gate(idem={"lock_seconds": 1}, redis_cfg={"timeout_ms": 500})
     first = Bg(post, g.port, "/count?ms=3000", "lr1")
     wait_upstream_saw(upstream.port, "lr1")
     key = rc_keys(redis)[0]

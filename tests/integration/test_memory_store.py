@@ -107,7 +107,10 @@ def test_full_of_locks_is_503(idemgate, upstream):
 # ---------------------------------------------------------------------------
 
 def test_lock_renewed_while_upstream_works(idemgate, upstream, store_cfg):
-    g = idemgate(gate_config(store_cfg, upstream.url, {"lock_seconds": 1}))
+    cfg = gate_config(store_cfg, upstream.url, {"lock_seconds": 1})
+    if cfg["store"] == "redis":  # timeout_ms below 2/3 of the lock (SPEC 2)
+        cfg["redis"]["timeout_ms"] = 500
+    g = idemgate(cfg)
     first = Bg(post, g.port, "/count?ms=3000", "renew1")
     wait_upstream_saw(upstream.port, "renew1")
     time.sleep(2.0)  # twice lock_seconds: only renewal keeps the lock

@@ -126,6 +126,7 @@ static void assert_idem_eq(const struct cfg_idem *a, const struct cfg_idem *b)
     assert_int_equal(a->concurrent, b->concurrent);
     assert_int_equal(a->wait_max_ms, b->wait_max_ms);
     assert_int_equal(a->cache_5xx, b->cache_5xx);
+    assert_int_equal(a->unknown_outcome, b->unknown_outcome);
     assert_int_equal(a->max_cached_response_bytes, b->max_cached_response_bytes);
     assert_list_eq(&a->replay_exclude_headers, &b->replay_exclude_headers);
 }
@@ -141,6 +142,7 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_int_equal(a->redis.unix_socket, b->redis.unix_socket);
     assert_str_eq(a->redis.host, b->redis.host);
     assert_int_equal(a->redis.port, b->redis.port);
+    assert_str_eq(a->redis.username, b->redis.username);
     assert_str_eq(a->redis.password, b->redis.password);
     assert_int_equal(a->redis.db, b->redis.db);
     assert_list_eq(&a->redis.nodes, &b->redis.nodes);
@@ -206,6 +208,7 @@ static void test_defaults_match_spec(void **state)
     assert_false(c.redis.unix_socket);
     assert_string_equal(c.redis.host, "127.0.0.1");
     assert_int_equal(c.redis.port, 6379);
+    assert_null(c.redis.username);
     assert_null(c.redis.password);
     assert_int_equal(c.redis.db, 0);
     assert_int_equal(c.redis.nodes.n, 0);
@@ -235,6 +238,7 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.idem.concurrent, CFG_CONC_REJECT);
     assert_int_equal(c.idem.wait_max_ms, 5000);
     assert_false(c.idem.cache_5xx);
+    assert_int_equal(c.idem.unknown_outcome, CFG_UNKNOWN_RELEASE);
     assert_int_equal(c.idem.max_cached_response_bytes, 1048576);
     assert_int_equal(c.idem.replay_exclude_headers.n, 6);
     assert_string_equal(c.idem.replay_exclude_headers.v[0], "Set-Cookie");
@@ -887,17 +891,43 @@ static void test_redis_url_tcp(void **state)
     struct cfg c;
     load_ok(&c, "{\"redis\": {\"url\": \"redis://:s3cret@r.example:6380/3\"}}");
     assert_false(c.redis.unix_socket);
+    assert_null(c.redis.username);
     assert_string_equal(c.redis.host, "r.example");
     assert_int_equal(c.redis.port, 6380);
     assert_string_equal(c.redis.password, "s3cret");
     assert_int_equal(c.redis.db, 3);
     assert_string_equal(c.redis.url, "redis://:s3cret@r.example:6380/3");
     cfg_free(&c);
+    assert_null(c.redis.username);
+    cfg_free(&c);
     load_ok(&c, "{\"redis\": {\"url\": \"redis://user:pw@h\"}}");
     assert_string_equal(c.redis.host, "h");
     assert_int_equal(c.redis.port, 6379);
+    assert_string_equal(c.redis.username, "user");
     assert_string_equal(c.redis.password, "pw");
     assert_int_equal(c.redis.db, 0);
+    cfg_free(&c);
+    /* an ACL user with a percent-encoded name and password, a database
+     * above 15 (Redis decides how many it has) */
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://app%3Aone:p%40ss:w@h:7001/20\"}}");
+    assert_string_equal(c.redis.username, "app:one");
+    assert_string_equal(c.redis.password, "p@ss:w");
+    assert_int_equal(c.redis.port, 7001);
+    assert_int_equal(c.redis.db, 20);
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://h/2147483647\"}}");
+    assert_int_equal(c.redis.db, 2147483647);
+    assert_null(c.redis.username);
+    assert_null(c.redis.password);
+    cfg_free(&c);
+    /* a user without a password (a nopass ACL user) */
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://bot:@h\"}}");
+    assert_string_equal(c.redis.username, "bot");
+    assert_string_equal(c.redis.password, "");
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://:@h\"}}");
+    assert_null(c.redis.username);
+    assert_null(c.redis.password);
     cfg_free(&c);
     load_ok(&c, "{\"redis\": {\"url\": \"redis://[::1]:7000/15\"}}");
     assert_string_equal(c.redis.host, "::1");
@@ -926,25 +956,16 @@ static void test_redis_url_bad(void **state)
 {
     (void)state;
     static const char *const bad[] = {
-        "http://h",
-        "redis://",
-        "redis://h/16",
-        "redis://h/x",
-        "unix://relative",
-        "unix:///",
-        "redis://h:0",
-        "redis://:%zz@h",
-        "rediss://h",
-        "redis://h:6379/0?x",
-        "redis://a b",
-        "redis://:%00@h",
-        "",
+        "http://h",           "redis://",         "redis://h/2147483648", "redis://h/-1",
+        "redis://user@h",     "redis://u%zz:p@h", "redis://h/x",          "unix://relative",
+        "unix:///",           "redis://h:0",      "redis://:%zz@h",       "rediss://h",
+        "redis://h:6379/0?x", "redis://a b",      "redis://:%00@h",       "",
     };
     char json[128];
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         snprintf(json, sizeof json, "{\"redis\": {\"url\": \"%s\"}}", bad[i]);
-        expect_error(json, "config: redis.url: must be redis://[:password@]host[:port][/db] "
-                           "(db 0..15) or unix:///path");
+        expect_error(json, "config: redis.url: must be redis://[[user]:password@]host[:port][/db] "
+                           "or unix:///path");
     }
 }
 
@@ -1000,6 +1021,154 @@ static void test_key_prefix(void **state)
     load_ok(&c, "{\"redis\": {\"key_prefix\": \"\"}}");
     assert_string_equal(c.redis.key_prefix, "");
     cfg_free(&c);
+}
+
+/* ---------------------------------------------------------------- unknown_outcome */
+
+static void test_unknown_outcome(void **state)
+{
+    (void)state;
+    expect_error("{\"idempotency\": {\"unknown_outcome\": \"forget\"}}",
+                 "config: idempotency.unknown_outcome: must be release or keep");
+    expect_error("{\"idempotency\": {\"unknown_outcome\": true}}",
+                 "config: idempotency.unknown_outcome: must be release or keep");
+    expect_error("{\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"unknown_outcome\": "
+                 "\"Keep\"}}]}",
+                 "config: routes[0].idempotency.unknown_outcome: must be release or keep");
+    struct cfg c;
+    load_ok(&c, "{\"idempotency\": {\"unknown_outcome\": \"keep\"}, \"routes\": [{\"prefix\": "
+                "\"/a\"}, {\"prefix\": \"/b\", \"idempotency\": {\"unknown_outcome\": "
+                "\"release\"}}]}");
+    assert_int_equal(c.idem.unknown_outcome, CFG_UNKNOWN_KEEP);
+    assert_int_equal(cfg_route_for(&c, "/a", 2)->idem.unknown_outcome, CFG_UNKNOWN_KEEP);
+    assert_int_equal(cfg_route_for(&c, "/b", 2)->idem.unknown_outcome, CFG_UNKNOWN_RELEASE);
+    cfg_free(&c);
+    load_ok(&c, "{\"routes\": [{\"prefix\": \"/k\", \"idempotency\": {\"unknown_outcome\": "
+                "\"keep\"}}]}");
+    assert_int_equal(c.idem.unknown_outcome, CFG_UNKNOWN_RELEASE);
+    assert_int_equal(c.routes[0].idem.unknown_outcome, CFG_UNKNOWN_KEEP);
+    cfg_free(&c);
+}
+
+/* ---------------------------------------------------------------- cross-checks */
+
+static void test_cross_timeout_vs_lock(void **state)
+{
+    (void)state;
+    /* 2/3 of 1 s is 666 ms: the default timeout_ms (1000) does not fit */
+    expect_error("{\"idempotency\": {\"lock_seconds\": 1}}",
+                 "config: redis.timeout_ms: must be below two thirds of "
+                 "idempotency.lock_seconds (at most 666 with lock_seconds 1)");
+    expect_error("{\"redis\": {\"timeout_ms\": 20000}}",
+                 "config: redis.timeout_ms: must be below two thirds of "
+                 "idempotency.lock_seconds (at most 19999 with lock_seconds 30)");
+    expect_error("{\"redis\": {\"timeout_ms\": 1000}, \"routes\": [{\"prefix\": \"/a\"}, "
+                 "{\"prefix\": \"/b\", \"idempotency\": {\"lock_seconds\": 1}}]}",
+                 "config: routes[1].idempotency.lock_seconds: must be more than 1.5 times "
+                 "redis.timeout_ms (at least 2 with 1000 ms)");
+    struct cfg c;
+    load_ok(&c, "{\"redis\": {\"timeout_ms\": 19999}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"timeout_ms\": 666}, \"idempotency\": {\"lock_seconds\": 1}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"idempotency\": {\"lock_seconds\": 2}}");
+    cfg_free(&c);
+    /* routes override key by key: a route may need a longer lock */
+    expect_error("{\"redis\": {\"timeout_ms\": 5000}, \"idempotency\": {\"lock_seconds\": 60}, "
+                 "\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"lock_seconds\": 7}}]}",
+                 "config: routes[0].idempotency.lock_seconds: must be more than 1.5 times "
+                 "redis.timeout_ms (at least 8 with 5000 ms)");
+    /* the memory store has no timeout to fit; a route without the engine
+     * uses none of its keys */
+    load_ok(&c, "{\"store\": \"memory\", \"idempotency\": {\"lock_seconds\": 1}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"routes\": [{\"prefix\": \"/off\", \"idempotency\": {\"enabled\": false, "
+                "\"lock_seconds\": 1}}]}");
+    cfg_free(&c);
+    /* env and flags count too */
+    struct cfg_flags fl = {.store = "redis"};
+    expect_error_with("{\"store\": \"memory\", \"idempotency\": {\"lock_seconds\": 1}}", false, &fl,
+                      "config: redis.timeout_ms: must be below two thirds of "
+                      "idempotency.lock_seconds (at most 666 with lock_seconds 1)");
+}
+
+static void test_cross_required_needs_methods(void **state)
+{
+    (void)state;
+    expect_error("{\"idempotency\": {\"required\": true, \"methods\": []}}",
+                 "config: idempotency.required: cannot be true when methods is empty");
+    expect_error("{\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"required\": true, "
+                 "\"methods\": []}}]}",
+                 "config: routes[0].idempotency.required: cannot be true when methods is empty");
+    /* inherited: the global list is empty, the route asks for a key */
+    expect_error("{\"idempotency\": {\"methods\": []}, \"routes\": [{\"prefix\": \"/a\"}, "
+                 "{\"prefix\": \"/b\", \"idempotency\": {\"required\": true}}]}",
+                 "config: routes[1].idempotency.required: cannot be true when methods is empty");
+    struct cfg c;
+    load_ok(&c, "{\"idempotency\": {\"methods\": []}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"enabled\": false, "
+                "\"required\": true, \"methods\": []}}]}");
+    cfg_free(&c);
+}
+
+static void test_cross_hop_by_hop_headers(void **state)
+{
+    (void)state;
+    static const char *const bad[] = {
+        "Connection",
+        "keep-alive",
+        "TE",
+        "Trailer",
+        "Upgrade",
+        "content-length",
+        "Proxy-Authorization",
+        "proxy-connection",
+        "Transfer-Encoding",
+    };
+    char json[256], want[256];
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(json, sizeof json, "{\"idempotency\": {\"header\": \"%s\"}}", bad[i]);
+        snprintf(want, sizeof want,
+                 "config: idempotency.header: must not be a hop-by-hop or framing header (%s)",
+                 bad[i]);
+        expect_error(json, want);
+        snprintf(json, sizeof json,
+                 "{\"idempotency\": {\"scope_headers\": [\"Authorization\", \"%s\"]}}", bad[i]);
+        snprintf(want, sizeof want,
+                 "config: idempotency.scope_headers[1]: must not name a hop-by-hop or framing "
+                 "header (%s)",
+                 bad[i]);
+        expect_error(json, want);
+    }
+    expect_error("{\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"header\": "
+                 "\"Content-Length\"}}]}",
+                 "config: routes[0].idempotency.header: must not be a hop-by-hop or framing "
+                 "header (Content-Length)");
+    expect_error("{\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"scope_headers\": "
+                 "[\"Connection\"]}}]}",
+                 "config: routes[0].idempotency.scope_headers[0]: must not name a hop-by-hop "
+                 "or framing header (Connection)");
+    struct cfg c;
+    /* near misses are fine */
+    load_ok(&c, "{\"idempotency\": {\"header\": \"X-Connection-Key\", \"scope_headers\": "
+                "[\"Proxy\", \"TEA\", \"Authorization\"]}}");
+    cfg_free(&c);
+}
+
+static void test_shipped_configs_pass_cross_checks(void **state)
+{
+    (void)state;
+    static const char *const files[] = {"config/idemgate.json", "config/sidecar.json",
+                                        "config/gateway.json"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char path[1024];
+        source_path(path, sizeof path, files[i]);
+        struct cfg_flags fl = {.config_file = path};
+        struct cfg c;
+        if (cfg_load(&c, &fl, err, sizeof err) != 0) fail_msg("%s: %s", files[i], err);
+        cfg_free(&c);
+    }
 }
 
 /* ---------------------------------------------------------------- TLS */
@@ -1243,8 +1412,8 @@ static void test_env_errors(void **state)
         {"IDEMGATE_UPSTREAM", "tcp://x",
          "env IDEMGATE_UPSTREAM: must be an http:// or https:// URL with a host"},
         {"IDEMGATE_STORE", "disk", "env IDEMGATE_STORE: must be redis or memory"},
-        {"IDEMGATE_REDIS_URL", "redis://h/99",
-         "env IDEMGATE_REDIS_URL: must be redis://[:password@]host[:port][/db] (db 0..15) or "
+        {"IDEMGATE_REDIS_URL", "redis://h/x99",
+         "env IDEMGATE_REDIS_URL: must be redis://[[user]:password@]host[:port][/db] or "
          "unix:///path"},
         {"IDEMGATE_ADMIN_LISTEN", "on", "env IDEMGATE_ADMIN_LISTEN: must be host:port or off"},
         {"IDEMGATE_LOG_LEVEL", "INFO",
@@ -1388,7 +1557,7 @@ static void test_flags_errors(void **state)
     expect_error_with("{}", false, &fl, "flag --store: must be redis or memory");
     fl = (struct cfg_flags){.redis = "127.0.0.1:6379"};
     expect_error_with("{}", false, &fl,
-                      "flag --redis: must be redis://[:password@]host[:port][/db] (db 0..15) or "
+                      "flag --redis: must be redis://[[user]:password@]host[:port][/db] or "
                       "unix:///path");
     fl = (struct cfg_flags){.admin = ""};
     expect_error_with("{}", false, &fl, "flag --admin: must be host:port or off");
@@ -1520,6 +1689,11 @@ int main(void)
         cmocka_unit_test(test_bool_type),
         cmocka_unit_test(test_string_type),
         cmocka_unit_test(test_enums),
+        cmocka_unit_test(test_unknown_outcome),
+        cmocka_unit_test(test_cross_timeout_vs_lock),
+        cmocka_unit_test(test_cross_required_needs_methods),
+        cmocka_unit_test(test_cross_hop_by_hop_headers),
+        cmocka_unit_test(test_shipped_configs_pass_cross_checks),
         cmocka_unit_test(test_enum_values),
         cmocka_unit_test(test_header_token),
         cmocka_unit_test(test_methods),

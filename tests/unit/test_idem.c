@@ -1199,7 +1199,7 @@ static void test_wait_times_out(void **state)
 static void test_lock_renewal(void **state)
 {
     struct fixture *fx = *state;
-    fx_config(fx, "{\"idempotency\":{\"lock_seconds\":1}}");
+    fx_config(fx, "{\"store\":\"memory\",\"idempotency\":{\"lock_seconds\":1}}");
     fake_script(&fx->fs, 1, LOCKED);
     uint64_t before = counter_value("idemgate_lock_renewals_total");
     struct exchange *ex = fx_exchange(fx, POST_K1);
@@ -1227,7 +1227,7 @@ static void test_lock_renewal(void **state)
 static void test_renewal_in_flight_at_end(void **state)
 {
     struct fixture *fx = *state;
-    fx_config(fx, "{\"idempotency\":{\"lock_seconds\":1}}");
+    fx_config(fx, "{\"store\":\"memory\",\"idempotency\":{\"lock_seconds\":1}}");
     fake_script(&fx->fs, 1, LOCKED);
     fx->fs.renew_status = 0; /* lock lost: logged only */
     struct exchange *ex = fx_exchange(fx, POST_K1);
