@@ -2,7 +2,10 @@
  * through the store API, callbacks and event loop included: the bytes one
  * stored record costs (from the store's own accounting and from the RSS
  * delta), and acquire / complete / replay operations per second with 1 and
- * 2 worker threads sharing one table. Prints numbers; asserts nothing.
+ * 2 worker threads sharing one table; then a full store evicting, with one
+ * scope and with keys spread over many scopes (credentials), where every
+ * eviction goes through the heap of scopes. Prints numbers; asserts
+ * nothing.
  *
  * Usage: store_bench [records (default 100000)] [record bytes (default 200)] */
 #include "idemgate/store.h"
@@ -39,13 +42,14 @@ static long rss_kib(void)
     return kib;
 }
 
-/* A realistic skey: 64 hex chars of scope, ':', a 36-char UUID-like key. */
-static size_t make_skey(char *out, size_t n, int thread, long i)
+/* A realistic skey: 64 hex chars of scope, ':', a 36-char UUID-like key;
+ * with scopes > 1, key i is in scope i % scopes. */
+static size_t make_skey(char *out, size_t n, int thread, long i, long scopes)
 {
     return (size_t)snprintf(out, n,
-                            "5f0c9a1be2d34c7f8a6b0e91d2c3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1:"
+                            "5f0c9a1be2d34c7f8a6b0e91d2c3f4a5b6c7d8e9f0a1b2c3d4e5f6a7%08lx:"
                             "%08x-0000-4000-8000-%012lx",
-                            (unsigned)thread, i);
+                            scopes > 1 ? i % scopes : 0xb8c9d0e1L, (unsigned)thread, i);
 }
 
 struct pending {
@@ -76,6 +80,7 @@ struct worker {
     long n;
     size_t rec_len;
     enum phase phase;
+    long scopes;
     int bad;
 };
 
@@ -86,7 +91,7 @@ static void batch(struct worker *w, struct store *st, struct event_base *base, c
     char k[160];
     struct pending p = {0, 0};
     for (long j = i; j < i + BATCH && j < w->n; j++) {
-        size_t kl = make_skey(k, sizeof(k), w->id, j);
+        size_t kl = make_skey(k, sizeof(k), w->id, j, w->scopes);
         p.left++;
         if (complete)
             store_complete(st, k, kl, TOKEN, rec, w->rec_len, 86400, done_cb, &p);
@@ -117,14 +122,14 @@ static void *worker_run(void *arg)
 }
 
 /* One phase on nthreads workers; returns operations per second. */
-static double run_phase(struct store_memory_shared *sh, int nthreads, long n, size_t rec_len,
-                        enum phase ph, int id_base)
+static double run_phase_scoped(struct store_memory_shared *sh, int nthreads, long n, size_t rec_len,
+                               enum phase ph, int id_base, long scopes)
 {
     struct worker w[8];
     pthread_t th[8];
     double t0 = now_s();
     for (int i = 0; i < nthreads; i++) {
-        w[i] = (struct worker){sh, id_base + i, n / nthreads, rec_len, ph, 0};
+        w[i] = (struct worker){sh, id_base + i, n / nthreads, rec_len, ph, scopes, 0};
         if (pthread_create(&th[i], NULL, worker_run, &w[i]) != 0) abort();
     }
     int bad = 0;
@@ -135,6 +140,12 @@ static double run_phase(struct store_memory_shared *sh, int nthreads, long n, si
     double dt = now_s() - t0;
     if (bad) fprintf(stderr, "store_bench: %d operations did not succeed\n", bad);
     return (double)(n / nthreads * nthreads) * (ph == PH_CYCLE ? 2 : 1) / dt;
+}
+
+static double run_phase(struct store_memory_shared *sh, int nthreads, long n, size_t rec_len,
+                        enum phase ph, int id_base)
+{
+    return run_phase_scoped(sh, nthreads, n, rec_len, ph, id_base, 1);
 }
 
 static void bench_threads(int nthreads, long n, size_t rec_len)
@@ -149,17 +160,18 @@ static void bench_threads(int nthreads, long n, size_t rec_len)
     store_memory_shared_free(sh);
 }
 
-/* Steady state of a full store: every new record evicts the oldest. */
-static void bench_evicting(long n, size_t rec_len)
+/* Steady state of a full store: every new record evicts the oldest of
+ * the largest scope. */
+static void bench_evicting(long n, size_t rec_len, long scopes)
 {
     struct store_memory_shared *sh = store_memory_shared_new("idem:", 8u << 20);
-    run_phase(sh, 1, n, rec_len, PH_CYCLE, 200);
-    double ops = run_phase(sh, 1, n, rec_len, PH_CYCLE, 300);
+    run_phase_scoped(sh, 1, n, rec_len, PH_CYCLE, 200, scopes);
+    double ops = run_phase_scoped(sh, 1, n, rec_len, PH_CYCLE, 300, scopes);
     struct store_memory_stats st;
     store_memory_shared_stats(sh, &st);
-    printf("1 thread, full 8 MiB store: acquire+complete %9.0f ops/s   "
-           "(%llu evictions, %llu bytes used)\n",
-           ops, (unsigned long long)st.evictions, (unsigned long long)st.bytes);
+    printf("1 thread, full 8 MiB store, %6ld scope(s): acquire+complete %9.0f ops/s   "
+           "(%llu evictions, %zu scopes, %llu bytes used)\n",
+           scopes, ops, (unsigned long long)st.evictions, st.scopes, (unsigned long long)st.bytes);
     store_memory_shared_free(sh);
 }
 
@@ -179,7 +191,7 @@ int main(int argc, char **argv)
     long rss1 = rss_kib();
     store_memory_shared_stats(sh, &after);
     char k[160];
-    size_t key_len = make_skey(k, sizeof(k), 0, 0) + strlen("idem:{}");
+    size_t key_len = make_skey(k, sizeof(k), 0, 0, 1) + strlen("idem:{}");
     printf("%ld records, %zu-byte record, %zu-byte key:\n", n, rec_len, key_len);
     printf("  accounted: %.1f bytes/record (entries %.1f + table %.1f); %zu buckets\n",
            (double)(after.bytes - before.bytes) / (double)n,
@@ -193,6 +205,7 @@ int main(int argc, char **argv)
 
     bench_threads(1, n, rec_len);
     bench_threads(2, n, rec_len);
-    bench_evicting(n, rec_len);
+    bench_evicting(n, rec_len, 1);
+    bench_evicting(n, rec_len, 10000);
     return 0;
 }

@@ -81,6 +81,13 @@ static void render_memory_store(struct buf *b, struct store_memory_shared *mem)
                "idemgate_memory_store_refused_total %llu\n",
                (unsigned long long)st.bytes, (unsigned long long)st.max_bytes, st.locks,
                st.completed, (unsigned long long)st.evictions, (unsigned long long)st.refused);
+    buf_printf(b,
+               "# HELP idemgate_memory_store_max_scope_bytes memory.max_scope_bytes (0: none).\n"
+               "# TYPE idemgate_memory_store_max_scope_bytes gauge\n"
+               "idemgate_memory_store_max_scope_bytes %llu\n"
+               "# HELP idemgate_memory_store_scopes Scopes (credentials) holding an entry.\n"
+               "# TYPE idemgate_memory_store_scopes gauge\nidemgate_memory_store_scopes %zu\n",
+               (unsigned long long)st.max_scope_bytes, st.scopes);
 }
 
 static void on_metrics(struct evhttp_request *req, void *arg)

@@ -482,6 +482,10 @@ static const struct cfg_opt redis_opts[] = {
 static const struct cfg_opt memory_opts[] = {
     OPT("max_bytes", OPT_U64, struct cfg, memory_max_bytes, 1048576, 68719476736LL, NULL,
         "268435456"),
+    /* 0: no limit of its own (a scope may fill max_bytes); above max_bytes
+     * it binds no tighter than max_bytes */
+    OPT("max_scope_bytes", OPT_U64, struct cfg, memory_max_scope_bytes, 0, 68719476736LL, NULL,
+        "33554432"),
 };
 
 static const struct cfg_opt idem_opts[] = {

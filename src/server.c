@@ -209,7 +209,8 @@ int server_init(struct server *srv, const struct cfg *cfg)
     }
     if (RAND_bytes((unsigned char *)&srv->boot_id, sizeof(srv->boot_id)) != 1) abort();
     if (cfg->store == CFG_STORE_MEMORY)
-        srv->mem = store_memory_shared_new(cfg->redis.key_prefix, cfg->memory_max_bytes);
+        srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,
+                                                   cfg->memory_max_scope_bytes);
     srv->n_workers = cfg->workers > 0 ? cfg->workers : 1;
     srv->workers = calloc((size_t)srv->n_workers, sizeof(*srv->workers));
     if (!srv->workers) abort();

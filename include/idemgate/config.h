@@ -104,7 +104,8 @@ struct cfg {
     struct cfg_url upstream;
     enum cfg_store store;
     struct cfg_redis redis;
-    uint64_t memory_max_bytes; /* memory.max_bytes: the memory store's bound */
+    uint64_t memory_max_bytes;       /* memory.max_bytes: the memory store's bound */
+    uint64_t memory_max_scope_bytes; /* memory.max_scope_bytes: one scope's bound, 0 = none */
     struct cfg_idem idem;
     enum cfg_error_format error_format;
     struct cfg_limits limits;

@@ -14,7 +14,9 @@
     X(M_STORE_ERRORS, "idemgate_store_errors_total",                                               \
       "Store operations that failed, timed out or were refused.")                                  \
     X(M_OPEN_FORWARDS, "idemgate_store_failopen_total",                                            \
-      "Requests forwarded without idempotency because the store failed (failure_mode open).")
+      "Requests forwarded without idempotency because the store failed (failure_mode open).")      \
+    X(M_STORE_EVICTIONS, "idemgate_store_evictions_total",                                         \
+      "Completed records evicted from the memory store to make room.")
 
 enum metrics_counter {
 #define METRICS_ENUM(id, name, help) id,

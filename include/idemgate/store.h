@@ -96,29 +96,51 @@ void store_free(struct store *s);
  *
  * max_bytes (memory.max_bytes; 0 = no limit) bounds everything the table
  * holds: each entry is charged its struct, key, record and allocator
- * overhead, and the bucket arrays are charged too. When an acquire or a
- * complete would go over it, completed records are evicted, oldest
- * completion first; in-progress locks are never evicted, and when only
- * locks are left the operation answers STORE_ACQ_ERROR / -1 (a complete
- * that fails so leaves its lock to expire). */
+ * overhead, and the bucket arrays and scope bookkeeping are charged too.
+ * Every entry is also charged to its scope (the part of the skey before
+ * its first ':', all of it without one), and max_scope_bytes
+ * (memory.max_scope_bytes; 0 = no limit of its own, so a scope may take
+ * up to max_bytes) bounds what one scope holds, locks included.
+ *
+ * Room for a new lock or a record is made by evicting completed records,
+ * never locks: past max_scope_bytes that scope's own oldest completions
+ * go first; past max_bytes the scope holding the most bytes (of those
+ * holding a completed record) loses its oldest completion, again and
+ * again. When locks alone leave no room (in the scope or in the store) the
+ * operation answers STORE_ACQ_ERROR / -1 and nothing is evicted for it (a
+ * complete that fails so leaves its lock to expire). Every eviction is
+ * counted (idemgate_store_evictions_total). A scope's bookkeeping is
+ * freed as soon as it holds nothing. Keys and scopes are hashed with
+ * SipHash-1-3 under a random key drawn here (RAND_bytes). */
 struct store_memory_shared;
+struct store_memory_shared *store_memory_shared_new_bounded(const char *key_prefix,
+                                                            uint64_t max_bytes,
+                                                            uint64_t max_scope_bytes);
+/* The same with no per-scope limit (max_scope_bytes 0). */
 struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint64_t max_bytes);
 void store_memory_shared_free(struct store_memory_shared *sh);
 
 /* A snapshot of the shared table, taken under its mutex. */
 struct store_memory_stats {
-    uint64_t max_bytes;   /* the limit, 0 = none */
-    uint64_t bytes;       /* everything charged: entry_bytes + the bucket arrays */
-    uint64_t entry_bytes; /* entries only */
-    size_t entries;       /* locks + completed */
+    uint64_t max_bytes;       /* the limit, 0 = none */
+    uint64_t max_scope_bytes; /* the limit of one scope, 0 = none */
+    uint64_t bytes;           /* everything charged: entries, scopes, bucket arrays, heap */
+    uint64_t entry_bytes;     /* entries only */
+    size_t entries;           /* locks + completed */
     size_t locks;
     size_t completed;
-    size_t buckets;     /* slots in the table (both tables while it rehashes) */
-    uint64_t evictions; /* completed records evicted to make room */
-    uint64_t expired;   /* entries reclaimed after their expiry */
-    uint64_t refused;   /* acquires/completes refused: only locks left */
+    size_t buckets;       /* slots in the key table (both tables while it rehashes) */
+    size_t scopes;        /* scopes holding at least one entry */
+    uint64_t scope_bytes; /* their bookkeeping */
+    uint64_t evictions;   /* completed records evicted to make room */
+    uint64_t expired;     /* entries reclaimed after their expiry */
+    uint64_t refused;     /* acquires/completes refused: only locks left */
 };
 void store_memory_shared_stats(struct store_memory_shared *sh, struct store_memory_stats *out);
+/* The bytes charged to one scope (its name: the skey part before ':'),
+ * 0 when it holds nothing. */
+uint64_t store_memory_shared_scope_bytes(struct store_memory_shared *sh, const char *scope,
+                                         size_t len);
 /* The shared table is borrowed and must outlive the store. */
 struct store *store_memory_new(struct event_base *base, struct store_memory_shared *sh,
                                int timeout_ms);

@@ -1,6 +1,8 @@
 """The memory store end to end: memory.max_bytes bounds it (oldest completed
 records evicted first, the process stays up and its RSS bounded; when only
-in-progress locks are left, 503 store_unavailable), plus SPEC section 4
+in-progress locks are left, 503 store_unavailable), one credential cannot
+push another's records out (memory.max_scope_bytes, the largest scope loses
+its records first, idemgate_store_evictions_total), plus SPEC section 4
 cases that were covered on Redis only, run here on both stores from the
 same code (lock renewal under a slow upstream; one key, two bodies, many
 concurrent clients).
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+from igtest import free_port, request
 from idemhelp import (BODY, STORES, Bg, after_release, assert_error,
                       assert_in_progress, assert_replay_of, gate_config, hdrs,
                       post, send, stats, store_param_config, storm_each,
@@ -100,6 +103,84 @@ def test_full_of_locks_is_503(idemgate, upstream):
     # the store still answers (short keys fit again once records can go)
     r = post(g.port, "/count", "after-full")
     assert r.status in (201, 503), r
+
+
+# ---------------------------------------------------------------------------
+# SPEC section 3: one scope never pushes another out
+# ---------------------------------------------------------------------------
+
+def scoped_big(port, key, credential, n):
+    return send(port, "POST", "/big?bytes=%d" % n, hdrs(key, credential), BODY)
+
+
+def admin_metrics(admin):
+    r = request(admin, "GET", "/metrics")
+    assert r.status == 200, r
+    values = {}
+    for line in r.body.decode().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_one_credential_cannot_evict_another(idemgate, upstream):
+    """The issue's reproduction: a 1 MiB store, the victim's record, then
+    four 300 KB answers under another credential. The attacker's own oldest
+    record goes, never the victim's: its retry replays."""
+    admin = free_port()
+    g = idemgate(gate_config(SMALL, upstream.url,
+                             admin={"listen": "127.0.0.1:%d" % admin}))
+    first = scoped_big(g.port, "victim-1", "VICTIM", 1000)
+    assert first.status == 200 and not first.replayed, first
+    for i in range(4):
+        r = after_release(lambda: scoped_big(g.port, "attacker-%d" % i,
+                                             "ATTACKER", 300 * 1000))
+        assert r.status == 200 and not r.replayed, r
+    r = after_release(lambda: scoped_big(g.port, "victim-1", "VICTIM", 1000))
+    assert r.status == 200 and r.replayed, r
+    assert_replay_of(r, first)
+    assert ucount(upstream.port, "victim-1") == 1
+    # the attacker paid with its own oldest record
+    r = scoped_big(g.port, "attacker-0", "ATTACKER", 300 * 1000)
+    assert r.status == 200 and not r.replayed, r
+    assert ucount(upstream.port, "attacker-0") == 2
+    m = admin_metrics(admin)
+    assert m["idemgate_store_evictions_total"] >= 1, m
+    assert m["idemgate_memory_store_bytes"] <= MIB
+    assert m["idemgate_memory_store_scopes"] == 2
+    assert g.alive()
+
+
+def test_scope_cap_evicts_own_oldest(idemgate, upstream):
+    """memory.max_scope_bytes: past it a scope loses its own oldest records,
+    although the store as a whole has room."""
+    admin = free_port()
+    g = idemgate(gate_config({"store": "memory",
+                              "memory": {"max_bytes": 8 * MIB,
+                                         "max_scope_bytes": 256 * 1024}},
+                             upstream.url,
+                             admin={"listen": "127.0.0.1:%d" % admin}))
+    other = scoped_big(g.port, "other-1", "OTHER", 1000)
+    assert other.status == 200, other
+    for i in range(6):  # 6 x 64 KiB: more than the 256 KiB of one scope
+        r = after_release(lambda: scoped_big(g.port, "cap-%d" % i, "CAPPED",
+                                             65536))
+        assert r.status == 200 and not r.replayed, r
+    m = admin_metrics(admin)
+    assert m["idemgate_store_evictions_total"] >= 2, m
+    assert m["idemgate_memory_store_max_scope_bytes"] == 256 * 1024
+    assert m["idemgate_memory_store_bytes"] < MIB  # far from max_bytes
+    # the newest of the capped scope are kept, its oldest executes again
+    r = after_release(lambda: scoped_big(g.port, "cap-5", "CAPPED", 65536))
+    assert r.status == 200 and r.replayed, r
+    r = scoped_big(g.port, "cap-0", "CAPPED", 65536)
+    assert r.status == 200 and not r.replayed, r
+    assert ucount(upstream.port, "cap-0") == 2
+    # and the other scope was never touched
+    r = after_release(lambda: scoped_big(g.port, "other-1", "OTHER", 1000))
+    assert r.status == 200 and r.replayed, r
+    assert ucount(upstream.port, "other-1") == 1
 
 
 # ---------------------------------------------------------------------------

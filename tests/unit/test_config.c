@@ -152,6 +152,7 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_int_equal(a->redis.failure_mode, b->redis.failure_mode);
     assert_int_equal(a->redis.wait_replicas, b->redis.wait_replicas);
     assert_true(a->memory_max_bytes == b->memory_max_bytes);
+    assert_true(a->memory_max_scope_bytes == b->memory_max_scope_bytes);
     assert_idem_eq(&a->idem, &b->idem);
     assert_int_equal(a->error_format, b->error_format);
     assert_int_equal(a->limits.max_request_body_bytes, b->limits.max_request_body_bytes);
@@ -218,6 +219,7 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.redis.failure_mode, CFG_FAIL_CLOSED);
     assert_int_equal(c.redis.wait_replicas, 0);
     assert_true(c.memory_max_bytes == 268435456ULL);
+    assert_true(c.memory_max_scope_bytes == 33554432ULL);
     assert_true(c.idem.enabled);
     assert_string_equal(c.idem.header, "Idempotency-Key");
     assert_int_equal(c.idem.methods.n, 2);
@@ -586,6 +588,30 @@ static void test_u64_ranges(void **state)
                  "config: idempotency.max_cached_response_bytes: must be an integer <= 1073741824");
     expect_error("{\"idempotency\": {\"max_cached_response_bytes\": -1}}",
                  "config: idempotency.max_cached_response_bytes: must be an integer >= 0");
+}
+
+/* memory.max_scope_bytes: 0 (no limit of its own) up to 64 GiB; a value
+ * above max_bytes is accepted (max_bytes binds first). */
+static void test_memory_max_scope_bytes(void **state)
+{
+    (void)state;
+    struct cfg c;
+    load_ok(&c, "{\"memory\": {\"max_scope_bytes\": 0}}");
+    assert_true(c.memory_max_scope_bytes == 0);
+    cfg_free(&c);
+    load_ok(&c, "{\"memory\": {\"max_bytes\": 1048576, \"max_scope_bytes\": 4194304}}");
+    assert_true(c.memory_max_scope_bytes == 4194304ULL);
+    assert_true(c.memory_max_bytes == 1048576ULL);
+    cfg_free(&c);
+    load_ok(&c, "{\"memory\": {\"max_scope_bytes\": 68719476736}}");
+    assert_true(c.memory_max_scope_bytes == 68719476736ULL);
+    cfg_free(&c);
+    expect_error("{\"memory\": {\"max_scope_bytes\": 68719476737}}",
+                 "config: memory.max_scope_bytes: must be an integer <= 68719476736");
+    expect_error("{\"memory\": {\"max_scope_bytes\": -1}}",
+                 "config: memory.max_scope_bytes: must be an integer >= 0");
+    expect_error("{\"memory\": {\"max_scope_bytes\": \"32MB\"}}",
+                 "config: memory.max_scope_bytes: must be an integer >= 0");
 }
 
 static void test_memory_max_bytes(void **state)
@@ -1683,6 +1709,7 @@ int main(void)
         cmocka_unit_test(test_redis_int_ranges),
         cmocka_unit_test(test_u64_ranges),
         cmocka_unit_test(test_memory_max_bytes),
+        cmocka_unit_test(test_memory_max_scope_bytes),
         cmocka_unit_test(test_max_header_bytes_range),
         cmocka_unit_test(test_limits_ranges),
         cmocka_unit_test(test_mismatch_status),

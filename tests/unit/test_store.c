@@ -2,14 +2,18 @@
  * a real redis-server started on a free 127.0.0.1 port), plus the Redis
  * backend's own cases: key layout, NOSCRIPT reload, Redis killed and
  * restarted, a stuck server (SIGSTOP) hitting the deadline, WAIT with too
- * few replicas, unix socket, AUTH and SELECT. Every wait drives a real
+ * few replicas, unix socket, AUTH and SELECT; and the memory backend's
+ * own: its bound, eviction order, per-scope limits (max_scope_bytes, the
+ * largest scope first, locks never), and its bookkeeping freed. Every wait drives a real
  * event_base and is bounded in time. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "idemgate/buf.h"
 #include "idemgate/config.h"
+#include "idemgate/metrics.h"
 #include "idemgate/store.h"
 #include "store_testlib.h"
 
@@ -850,6 +854,282 @@ static void test_memory_bounded_threads(void **state)
     assert_true(st.evictions == 12000 - st.completed);
 }
 
+/* ---- memory only: scopes (one credential never pushes another out) ---- */
+
+/* Replaces the fixture's table with one bounded by max_bytes in all and
+ * max_scope_bytes per scope. */
+static void use_scoped(struct ctx *c, uint64_t max_bytes, uint64_t max_scope_bytes)
+{
+    store_free(c->st);
+    store_memory_shared_free(c->sh);
+    c->sh = store_memory_shared_new_bounded(PREFIX, max_bytes, max_scope_bytes);
+    c->st = ctx_new_store(c);
+}
+
+static uint64_t scope_bytes(struct ctx *c, const char *scope)
+{
+    return store_memory_shared_scope_bytes(c->sh, scope, strlen(scope));
+}
+
+/* Fixed-width keys: every record of one size costs the same. */
+static void scoped_skey(char *out, size_t n, const char *scope, int i)
+{
+    snprintf(out, n, "%s:key-%06d", scope, i);
+}
+
+/* Locks then completes key i of scope with a len-byte record. */
+static void put_scoped(struct ctx *c, const char *scope, int i, size_t len)
+{
+    char k[128];
+    uint8_t rec[1000];
+    assert_true(len <= sizeof(rec));
+    scoped_skey(k, sizeof(k), scope, i);
+    fill_record(rec, len, i);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+    assert_int_equal(complete(c, k, TOKEN_A, rec, len, 600), 1);
+}
+
+/* True when key i of scope still holds its record. An evicted key is then
+ * locked for a moment and released (which may evict again: check the kept
+ * ones first). */
+static bool scoped_kept(struct ctx *c, const char *scope, int i)
+{
+    char k[128];
+    scoped_skey(k, sizeof(k), scope, i);
+    enum store_acquire_state s = acquire(c, k, FP_1, TOKEN_B, 10000);
+    if (s == STORE_ACQ_COMPLETED) return true;
+    assert_int_equal(s, STORE_ACQ_LOCKED);
+    assert_int_equal(release(c, k, TOKEN_B), 1);
+    return false;
+}
+
+/* idemgate_store_evictions_total as /metrics renders it. */
+static unsigned long long metric_evictions(void)
+{
+    struct buf b;
+    buf_init(&b);
+    metrics_render(&b);
+    const char *name = "\nidemgate_store_evictions_total ";
+    const char *p = memmem(buf_data(&b), buf_size(&b), name, strlen(name));
+    assert_non_null(p);
+    unsigned long long n = strtoull(p + strlen(name), NULL, 10);
+    buf_free(&b);
+    return n;
+}
+
+/* Past max_scope_bytes a scope loses its own oldest records, although the
+ * store has room; another scope is never touched; every eviction is
+ * counted, in the stats and on /metrics. */
+static void test_memory_scope_cap(void **state)
+{
+    struct ctx *c = *state;
+    const uint64_t cap = 16 * 1024;
+    use_scoped(c, 1024 * 1024, cap);
+    put_scoped(c, "victim", 0, 1000);
+    uint64_t victim = scope_bytes(c, "victim");
+    assert_true(victim > 1000);
+    unsigned long long m0 = metric_evictions();
+    const int n = 60;
+    for (int i = 0; i < n; i++) {
+        put_scoped(c, "capped", i, 1000);
+        assert_true(scope_bytes(c, "capped") <= cap);
+    }
+    struct store_memory_stats st = mstats(c);
+    int kept = (int)st.completed - 1;
+    assert_true(kept > 5 && kept < n);
+    assert_true(st.evictions == (uint64_t)(n - kept));
+    assert_true(metric_evictions() - m0 == st.evictions);
+    assert_true(st.bytes < 64 * 1024); /* far from max_bytes */
+    assert_int_equal(st.scopes, 2);
+    assert_true(scope_bytes(c, "victim") == victim);
+    for (int i = n - kept; i < n; i++)
+        assert_true(scoped_kept(c, "capped", i));
+    assert_true(scoped_kept(c, "victim", 0));
+    for (int i = 0; i < n - kept; i++)
+        assert_false(scoped_kept(c, "capped", i));
+    assert_true(scoped_kept(c, "victim", 0));
+}
+
+/* Locks count against their scope and are never evicted: a scope full of
+ * its own locks is refused (its record went first), and nothing of
+ * another scope is taken for it. */
+static void test_memory_scope_full_of_locks(void **state)
+{
+    struct ctx *c = *state;
+    const uint64_t cap = 8 * 1024;
+    use_scoped(c, 1024 * 1024, cap);
+    put_scoped(c, "other", 0, 1000);
+    put_scoped(c, "locker", 0, 1000);
+    char k[128];
+    int locked = 0;
+    enum store_acquire_state s = STORE_ACQ_LOCKED;
+    while (s == STORE_ACQ_LOCKED && locked < 1000) {
+        scoped_skey(k, sizeof(k), "locker", locked + 1);
+        s = acquire(c, k, FP_1, TOKEN_A, 60000);
+        if (s == STORE_ACQ_LOCKED) locked++;
+        assert_true(scope_bytes(c, "locker") <= cap);
+    }
+    assert_int_equal(s, STORE_ACQ_ERROR);
+    assert_true(locked > 5 && locked < 1000);
+    struct store_memory_stats st = mstats(c);
+    assert_int_equal(st.evictions, 1); /* locker's own record, and only it */
+    assert_int_equal(st.locks, (size_t)locked);
+    assert_true(st.refused >= 1);
+    for (int i = 1; i <= locked; i++) {
+        scoped_skey(k, sizeof(k), "locker", i);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    }
+    /* a record that does not fit its scope: -1, the key stays locked */
+    uint8_t rec[1000];
+    fill_record(rec, sizeof(rec), 1);
+    scoped_skey(k, sizeof(k), "locker", 1);
+    assert_int_equal(complete(c, k, TOKEN_A, rec, sizeof(rec), 600), -1);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(mstats(c).evictions, 1);
+    /* another scope still works, and kept its record */
+    assert_true(scoped_kept(c, "other", 0));
+    put_scoped(c, "other", 1, 1000);
+    /* locks given back make room in that scope again */
+    for (int i = 1; i <= 3; i++) {
+        scoped_skey(k, sizeof(k), "locker", i);
+        assert_int_equal(release(c, k, TOKEN_A), 1);
+    }
+    scoped_skey(k, sizeof(k), "locker", 5000);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+}
+
+/* A full store takes records from the scope holding the most bytes: the
+ * small scope's records, although the oldest of all, stay while the big
+ * one fills the store (the issue's attack); then the small scope filling
+ * up takes only from the big one, the big one's oldest first. */
+static void test_memory_largest_scope_first(void **state)
+{
+    struct ctx *c = *state;
+    use_scoped(c, 64 * 1024, 0);
+    const int old = 4;
+    for (int j = 0; j < old; j++)
+        put_scoped(c, "small", j, 1000);
+    uint64_t small = scope_bytes(c, "small");
+    int nb = 0;
+    while (mstats(c).evictions < 30 && nb < 1000) {
+        put_scoped(c, "big", nb++, 1000);
+        assert_true(scope_bytes(c, "small") == small);
+        assert_true(mstats(c).bytes <= 64 * 1024);
+    }
+    int big_kept = (int)mstats(c).completed - old;
+    assert_true(big_kept > 20);
+    uint64_t big = scope_bytes(c, "big");
+    const int ns = old + big_kept / 4;
+    for (int j = old; j < ns; j++) {
+        put_scoped(c, "small", j, 1000);
+        assert_true(scope_bytes(c, "small") > small); /* never lost one */
+        assert_true(scope_bytes(c, "big") < big);     /* paid for it */
+        small = scope_bytes(c, "small");
+        big = scope_bytes(c, "big");
+        assert_true(mstats(c).bytes <= 64 * 1024);
+    }
+    struct store_memory_stats st = mstats(c);
+    int kept = (int)st.completed - ns;
+    for (int j = 0; j < ns; j++)
+        assert_true(scoped_kept(c, "small", j));
+    for (int i = nb - kept; i < nb; i++)
+        assert_true(scoped_kept(c, "big", i));
+    assert_false(scoped_kept(c, "big", 0));
+}
+
+/* Many scopes of different appetites, one size of record: whenever a
+ * scope loses a record to make room for another's, it held the most bytes
+ * at that moment, so it ends within one record of every scope left
+ * untouched. */
+static void test_memory_evicts_from_largest_randomized(void **state)
+{
+    struct ctx *c = *state;
+    const uint64_t max = 48 * 1024;
+    use_scoped(c, max, 0);
+    enum { NS = 8 };
+    char names[NS][8];
+    for (int s = 0; s < NS; s++)
+        snprintf(names[s], sizeof(names[s]), "s%d", s);
+    /* what one record costs its scope */
+    put_scoped(c, names[0], 0, 500);
+    uint64_t one = scope_bytes(c, names[0]);
+    put_scoped(c, names[0], 1, 500);
+    uint64_t cost = scope_bytes(c, names[0]) - one;
+    assert_true(cost > 500);
+    srand(7);
+    int losses = 0;
+    for (int step = 2; step < 3000; step++) {
+        int r = rand() % (NS * (NS + 1) / 2), s = 0;
+        while (r >= s + 1) {
+            r -= s + 1;
+            s++;
+        }
+        uint64_t before[NS], after[NS];
+        for (int x = 0; x < NS; x++)
+            before[x] = scope_bytes(c, names[x]);
+        put_scoped(c, names[s], step, 500);
+        for (int x = 0; x < NS; x++)
+            after[x] = scope_bytes(c, names[x]);
+        assert_true(mstats(c).bytes <= max);
+        for (int x = 0; x < NS; x++) {
+            if (x == s || after[x] >= before[x]) continue;
+            losses++;
+            for (int y = 0; y < NS; y++)
+                if (y != s && y != x && after[y] == before[y])
+                    assert_true(after[x] + cost >= after[y]);
+        }
+    }
+    assert_true(losses > 100);
+    assert_true(mstats(c).scopes <= NS);
+}
+
+/* Thousands of invented scopes, each holding a lock or a record for a
+ * while: once all are released or expired, no bookkeeping is left and
+ * the accounting is back to the empty table's. */
+static void test_memory_scope_bookkeeping_freed(void **state)
+{
+    struct ctx *c = *state;
+    use_scoped(c, 64ull * 1024 * 1024, 1024 * 1024);
+    struct store_memory_stats empty = mstats(c);
+    assert_int_equal(empty.scopes, 0);
+    char k[128], scope[32];
+    uint8_t rec[300];
+    fill_record(rec, sizeof(rec), 5);
+    const int n = 3000;
+    for (int i = 0; i < n; i++) {
+        snprintf(scope, sizeof(scope), "invented-%05d", i);
+        scoped_skey(k, sizeof(k), scope, 0);
+        assert_int_equal(acquire(c, k, FP_1, TOKEN_A, i % 3 == 0 ? 200 : 60000), STORE_ACQ_LOCKED);
+        if (i % 3 == 1) assert_int_equal(complete(c, k, TOKEN_A, rec, sizeof(rec), 1), 1);
+    }
+    /* an skey without ':' is a scope of its own */
+    assert_int_equal(acquire(c, "no-colon", FP_1, TOKEN_A, 60000), STORE_ACQ_LOCKED);
+    assert_true(scope_bytes(c, "no-colon") > 0);
+    struct store_memory_stats full = mstats(c);
+    assert_int_equal(full.scopes, (size_t)n + 1);
+    assert_true(full.scope_bytes >= (uint64_t)n * 13);
+    assert_true(scope_bytes(c, "invented-00002") > 0);
+    assert_int_equal(release(c, "no-colon", TOKEN_A), 1);
+    assert_true(scope_bytes(c, "no-colon") == 0);
+    for (int i = 2; i < n; i += 3) {
+        snprintf(scope, sizeof(scope), "invented-%05d", i);
+        scoped_skey(k, sizeof(k), scope, 0);
+        assert_int_equal(release(c, k, TOKEN_A), 1);
+    }
+    assert_true(scope_bytes(c, "invented-00002") == 0);
+    uint64_t end = now_ms() + 15000;
+    struct store_memory_stats st = mstats(c);
+    while ((st.entries || st.scopes || st.bytes != empty.bytes) && now_ms() < end) {
+        run_for(c, 50);
+        st = mstats(c);
+    }
+    assert_int_equal(st.entries, 0);
+    assert_int_equal(st.scopes, 0);
+    assert_true(st.scope_bytes == 0);
+    assert_true(st.bytes == empty.bytes);
+    assert_int_equal(st.evictions, 0);
+}
+
 /* ---- redis only ---- */
 
 static redisReply *sync_cmd(redisContext *rc, const char *fmt, ...)
@@ -1130,6 +1410,11 @@ int main(void)
         MEMORY(test_memory_bound_respected),
         MEMORY(test_memory_rehash_keeps_keys),
         MEMORY(test_memory_bounded_threads),
+        MEMORY(test_memory_scope_cap),
+        MEMORY(test_memory_scope_full_of_locks),
+        MEMORY(test_memory_largest_scope_first),
+        MEMORY(test_memory_evicts_from_largest_randomized),
+        MEMORY(test_memory_scope_bookkeeping_freed),
         REDIS(test_redis_key_layout),
         REDIS(test_redis_noscript_reload),
         REDIS(test_redis_unix_socket),
