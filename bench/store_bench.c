@@ -8,7 +8,7 @@
  * nothing.
  *
  * Usage: store_bench [records (default 100000)] [record bytes (default 200)] */
-#include "idemgate/store.h"
+#include "idemgate/store/store.h"
 
 #include <event2/event.h>
 #include <pthread.h>

@@ -16,10 +16,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "idemgate/admin.h"
-#include "idemgate/config.h"
-#include "idemgate/log.h"
-#include "idemgate/server.h"
+#include "idemgate/admin/admin.h"
+#include "idemgate/config/config.h"
+#include "idemgate/core/log.h"
+#include "idemgate/proxy/server.h"
 
 static const char usage_text[] =
     "usage: idemgate [-c FILE] [--listen ADDR] [--upstream URL] [--store redis|memory]\n"

@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "idemgate/http1.h"
+#include "idemgate/http/http1.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

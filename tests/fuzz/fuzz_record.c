@@ -5,8 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "idemgate/buf.h"
-#include "idemgate/record.h"
+#include "idemgate/core/buf.h"
+#include "idemgate/idem/record.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

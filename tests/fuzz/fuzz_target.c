@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "idemgate/target.h"
+#include "idemgate/http/target.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -1,0 +1,37 @@
+/* errors.h — the bodies of the errors idemgate itself generates (SPEC
+ * section 5): JSON by default, RFC 9457 problem+json on request. */
+#ifndef IDEMGATE_ERRORS_H
+#define IDEMGATE_ERRORS_H
+
+#include <stdbool.h>
+
+#include "idemgate/core/buf.h"
+
+enum err_code {
+    ERR_KEY_REQUIRED,
+    ERR_INVALID_KEY,
+    ERR_BAD_REQUEST,
+    ERR_CREDENTIALS_REQUIRED,
+    ERR_IN_PROGRESS,
+    ERR_KEY_REUSE,
+    ERR_PAYLOAD_TOO_LARGE,
+    ERR_HEADERS_TOO_LARGE,
+    ERR_NOT_IMPLEMENTED,
+    ERR_VERSION,
+    ERR_REQUEST_TIMEOUT,
+    ERR_UPSTREAM_UNAVAILABLE,
+    ERR_STORE_UNAVAILABLE,
+    ERR_UPSTREAM_TIMEOUT,
+    ERR_UPSTREAM_ANSWER_LOST,
+    ERR_SHUTTING_DOWN,
+    ERR__COUNT
+};
+
+/* The HTTP status for an error; ERR_KEY_REUSE uses mismatch_status. */
+int err_status(enum err_code e, int mismatch_status);
+const char *err_code_name(enum err_code e);
+const char *err_type(enum err_code e);
+/* Appends the body to out and returns its Content-Type. */
+const char *err_render(enum err_code e, int status, bool problem, struct buf *out);
+
+#endif

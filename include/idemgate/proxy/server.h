@@ -1,0 +1,77 @@
+/* server.h — the process: worker threads, each with its own event_base,
+ * SO_REUSEPORT listener, store connection and upstream pools (DESIGN
+ * section 1). Workers share only the frozen config and atomic counters.
+ *
+ * Ownership: struct server owns the workers; each worker owns its clients,
+ * its exchanges (through their reference counts), its pools and its store. */
+#ifndef IDEMGATE_SERVER_H
+#define IDEMGATE_SERVER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "idemgate/core/buf.h"
+
+struct cfg;
+struct event_base;
+struct event;
+struct store;
+struct store_memory_shared;
+struct upstream_pool;
+struct client;
+struct exchange;
+struct http1_head;
+
+struct worker {
+    int id;
+    struct server *srv;
+    const struct cfg *cfg;
+    struct event_base *base;
+    pthread_t thread;
+    int listen_fd;
+    struct event *listen_ev;
+    int stop_fd; /* eventfd the main thread writes on SIGTERM */
+    struct event *stop_ev;
+    bool started;
+    struct event *grace_ev; /* fires when shutdown_grace_ms ran out */
+    struct store *store;
+    struct upstream_pool *pools; /* [0] default upstream, [i+1] route i */
+    size_t n_pools;
+    struct client *clients; /* all open client connections (list) */
+    unsigned n_exchanges;   /* exchanges alive, attached or not */
+    bool draining;
+    uint64_t rid_counter;       /* request-id sequence */
+    struct buf_pool bufs;       /* connection buffers while idle */
+    struct http1_head *scratch; /* request heads are parsed here first */
+    struct exchange *ex_cache;  /* freed exchanges kept for reuse (list) */
+    unsigned n_ex_cache;
+};
+
+struct server {
+    const struct cfg *cfg;
+    struct worker *workers;
+    int n_workers;
+    atomic_int connections; /* open client connections, all workers */
+    struct store_memory_shared *mem;
+    uint32_t boot_id; /* random per process: prefix of generated request ids */
+};
+
+/* Creates listeners and workers (no threads yet). Returns 0, or -1 after
+ * logging why (cannot bind...). */
+int server_init(struct server *srv, const struct cfg *cfg);
+/* Starts the worker threads. */
+int server_start(struct server *srv);
+/* Asks every worker to stop accepting and drain; returns at once. */
+void server_stop(struct server *srv);
+/* Joins the workers and frees everything; false when the grace period
+ * ran out with exchanges in flight (then some memory is left to exit). */
+bool server_free(struct server *srv);
+
+/* Called by the worker's code when a client or exchange went away: ends
+ * the loop once draining and nothing is left. */
+void worker_maybe_done(struct worker *w);
+uint64_t worker_now_ms(const struct worker *w);
+
+#endif

@@ -1,0 +1,86 @@
+/* errors.c — SPEC section 5 error bodies. Owns only static tables. */
+#include "idemgate/core/errors.h"
+
+#include <string.h>
+
+struct err_def {
+    int status;
+    const char *type;
+    const char *code;
+    const char *title;
+    const char *message;
+};
+
+static const struct err_def err_defs[ERR__COUNT] = {
+    [ERR_KEY_REQUIRED] = {400, "invalid_request_error", "idempotency_key_required",
+                          "Idempotency-Key required",
+                          "This endpoint requires an Idempotency-Key header."},
+    [ERR_INVALID_KEY] = {400, "invalid_request_error", "invalid_idempotency_key",
+                         "Invalid Idempotency-Key",
+                         "The Idempotency-Key header must appear once and hold 1 to the maximum "
+                         "length of visible ASCII characters."},
+    [ERR_BAD_REQUEST] = {400, "invalid_request_error", "bad_request", "Bad request",
+                         "The request is not valid HTTP/1.1."},
+    [ERR_CREDENTIALS_REQUIRED] = {401, "invalid_request_error", "credentials_required",
+                                  "Credentials required",
+                                  "Requests with an Idempotency-Key must carry credentials."},
+    [ERR_IN_PROGRESS] = {409, "idempotency_error", "request_in_progress", "Request in progress",
+                         "A request with this Idempotency-Key is still being processed; retry "
+                         "shortly."},
+    [ERR_KEY_REUSE] = {409, "idempotency_error", "idempotency_key_reuse", "Idempotency-Key reused",
+                       "This Idempotency-Key was already used with a different request."},
+    [ERR_PAYLOAD_TOO_LARGE] = {413, "invalid_request_error", "payload_too_large",
+                               "Payload too large",
+                               "The request body exceeds the configured maximum size."},
+    [ERR_HEADERS_TOO_LARGE] = {431, "invalid_request_error", "bad_request",
+                               "Request header fields too large",
+                               "The request head exceeds the configured maximum size."},
+    [ERR_NOT_IMPLEMENTED] = {501, "invalid_request_error", "bad_request", "Not implemented",
+                             "The request's transfer coding is not supported."},
+    [ERR_VERSION] = {505, "invalid_request_error", "bad_request", "HTTP version not supported",
+                     "Only HTTP/1.0 and HTTP/1.1 are supported."},
+    [ERR_REQUEST_TIMEOUT] = {408, "invalid_request_error", "bad_request", "Request timeout",
+                             "The request was not received in time."},
+    [ERR_UPSTREAM_UNAVAILABLE] = {502, "api_error", "upstream_unavailable", "Upstream unavailable",
+                                  "The upstream could not be reached."},
+    [ERR_STORE_UNAVAILABLE] = {503, "api_error", "store_unavailable", "Store unavailable",
+                               "The idempotency store is unavailable; retry shortly."},
+    [ERR_UPSTREAM_TIMEOUT] = {504, "api_error", "upstream_timeout", "Upstream timeout",
+                              "The upstream did not answer in time."},
+    [ERR_UPSTREAM_ANSWER_LOST] = {502, "api_error", "upstream_answer_lost", "Upstream answer lost",
+                                  "The upstream ran this request but its answer was lost; it will "
+                                  "not be executed again with this Idempotency-Key."},
+    [ERR_SHUTTING_DOWN] = {503, "api_error", "upstream_unavailable", "Shutting down",
+                           "The gateway is shutting down."},
+};
+
+int err_status(enum err_code e, int mismatch_status)
+{
+    if (e == ERR_KEY_REUSE && mismatch_status) return mismatch_status;
+    return err_defs[e].status;
+}
+
+const char *err_code_name(enum err_code e)
+{
+    return err_defs[e].code;
+}
+
+const char *err_type(enum err_code e)
+{
+    return err_defs[e].type;
+}
+
+const char *err_render(enum err_code e, int status, bool problem, struct buf *out)
+{
+    const struct err_def *d = &err_defs[e];
+    if (problem) {
+        buf_printf(out,
+                   "{\"type\": \"https://idemgate.dev/errors/%s\", \"title\": \"%s\", "
+                   "\"status\": %d, \"detail\": \"%s\", \"code\": \"%s\"}",
+                   d->code, d->title, status, d->message, d->code);
+        return "application/problem+json";
+    }
+    buf_printf(out, "{\"error\": {\"type\": \"%s\", \"code\": \"%s\", \"message\": \"%s\"}}",
+               d->type, d->code, d->message);
+    return "application/json";
+}

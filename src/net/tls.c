@@ -1,0 +1,243 @@
+/* tls.c — the process's two OpenSSL contexts: the server one (HTTPS from
+ * clients, tls.cert_file/key_file) and the client one (https:// upstreams,
+ * upstream_tls.*), and the per-connection SSL objects made from them.
+ * Owns the contexts; does not own the SSL objects it hands out (a conn
+ * does) nor the sockets (conn.c drives reads, writes and handshakes). */
+#include "idemgate/net/tls.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "idemgate/config/config.h"
+
+/* Built before the workers start, then only read (SSL_new is thread-safe
+ * on a context nobody changes). */
+static SSL_CTX *tls_server_ctx;
+static SSL_CTX *tls_client_ctx;
+
+/* ALPN wire format: length-prefixed names. */
+static const unsigned char tls_alpn_http11[] = "\x08http/1.1";
+
+/* Joins the reasons queued in OpenSSL's error queue (and empties it). */
+static void tls_err_text(char *out, size_t n)
+{
+    size_t used = 0;
+    out[0] = '\0';
+    unsigned long e;
+    while ((e = ERR_get_error()) != 0) {
+        char one[256];
+        const char *r = ERR_reason_error_string(e);
+        if (!r) {
+            ERR_error_string_n(e, one, sizeof(one));
+            r = one;
+        }
+        int w = snprintf(out + used, n - used, "%s%s", used ? ": " : "", r);
+        if (w < 0 || (size_t)w >= n - used) break;
+        used += (size_t)w;
+    }
+    if (used == 0) snprintf(out, n, "unknown error");
+    ERR_clear_error();
+}
+
+/* An encrypted key must fail to load, not prompt on the terminal. */
+static int tls_no_password(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf;
+    (void)size;
+    (void)rwflag;
+    (void)u;
+    return 0;
+}
+
+static int tls_alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                           const unsigned char *in, unsigned int inlen, void *arg)
+{
+    (void)ssl;
+    (void)arg;
+    unsigned char *sel = NULL;
+    if (SSL_select_next_proto(&sel, outlen, tls_alpn_http11, sizeof(tls_alpn_http11) - 1, in,
+                              inlen) != OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK; /* the client may still speak HTTP/1.1 */
+    *out = sel;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+/* Settings both sides share: TLS 1.2+, no renegotiation (a write never
+ * has to read), writes of a buffer that may move and be longer on retry,
+ * and an EOF without close_notify read as an EOF (common with HTTP
+ * servers; bodies are framed by HTTP anyway). */
+static SSL_CTX *tls_ctx_new(const SSL_METHOD *method)
+{
+    SSL_CTX *ctx = SSL_CTX_new(method);
+    if (!ctx) return NULL;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF |
+                                 SSL_OP_NO_COMPRESSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                              SSL_MODE_RELEASE_BUFFERS);
+    return ctx;
+}
+
+static int tls_server_init(const struct cfg *cfg, char *err, size_t errlen)
+{
+    char why[512];
+    SSL_CTX *ctx = tls_ctx_new(TLS_server_method());
+    if (!ctx) {
+        tls_err_text(why, sizeof(why));
+        snprintf(err, errlen, "cannot create a TLS context: %s", why);
+        return -1;
+    }
+    SSL_CTX_set_default_passwd_cb(ctx, tls_no_password);
+    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1) {
+        tls_err_text(why, sizeof(why));
+        snprintf(err, errlen, "cannot read the TLS certificate %s: %s", cfg->tls_cert_file, why);
+        SSL_CTX_free(ctx);
+        return -1;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1) {
+        unsigned long e = ERR_peek_last_error();
+        bool mismatch =
+            ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH;
+        tls_err_text(why, sizeof(why));
+        if (mismatch)
+            snprintf(err, errlen, "the TLS key %s does not match the certificate %s",
+                     cfg->tls_key_file, cfg->tls_cert_file);
+        else
+            snprintf(err, errlen, "cannot read the TLS key %s: %s", cfg->tls_key_file, why);
+        SSL_CTX_free(ctx);
+        return -1;
+    }
+    if (SSL_CTX_check_private_key(ctx) != 1) {
+        tls_err_text(why, sizeof(why));
+        snprintf(err, errlen, "the TLS key %s does not match the certificate %s: %s",
+                 cfg->tls_key_file, cfg->tls_cert_file, why);
+        SSL_CTX_free(ctx);
+        return -1;
+    }
+    static const unsigned char sid_ctx[] = "idemgate";
+    SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
+    SSL_CTX_set_num_tickets(ctx, 1);
+    SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, NULL);
+    tls_server_ctx = ctx;
+    return 0;
+}
+
+/* A server issued a session (TLS 1.3: after the handshake, read with the
+ * response): it replaces the pool's slot, which keeps our reference. */
+static int tls_client_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    SSL_SESSION **slot = SSL_get_app_data(ssl);
+    if (!slot) return 0;
+    if (*slot) SSL_SESSION_free(*slot);
+    *slot = sess;
+    return 1;
+}
+
+static bool tls_any_https(const struct cfg *cfg)
+{
+    if (cfg->upstream.tls) return true;
+    for (size_t i = 0; i < cfg->n_routes; i++)
+        if (cfg->routes[i].upstream.tls) return true;
+    return false;
+}
+
+static int tls_client_init(const struct cfg *cfg, char *err, size_t errlen)
+{
+    char why[512];
+    SSL_CTX *ctx = tls_ctx_new(TLS_client_method());
+    if (!ctx) {
+        tls_err_text(why, sizeof(why));
+        snprintf(err, errlen, "cannot create a TLS context: %s", why);
+        return -1;
+    }
+    if (cfg->upstream_tls_verify) {
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+        int ok = cfg->upstream_tls_ca_file
+                     ? SSL_CTX_load_verify_locations(ctx, cfg->upstream_tls_ca_file, NULL)
+                     : SSL_CTX_set_default_verify_paths(ctx);
+        if (ok != 1) {
+            tls_err_text(why, sizeof(why));
+            snprintf(err, errlen, "cannot read the upstream CA %s: %s",
+                     cfg->upstream_tls_ca_file ? cfg->upstream_tls_ca_file : "(system default)",
+                     why);
+            SSL_CTX_free(ctx);
+            return -1;
+        }
+    } else {
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    }
+    SSL_CTX_set_alpn_protos(ctx, tls_alpn_http11, sizeof(tls_alpn_http11) - 1);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, tls_client_new_session);
+    tls_client_ctx = ctx;
+    return 0;
+}
+
+int tls_init(const struct cfg *cfg, char *err, size_t errlen)
+{
+    tls_free();
+    if (cfg->tls_cert_file && cfg->tls_key_file && tls_server_init(cfg, err, errlen) < 0) return -1;
+    if (tls_any_https(cfg) && tls_client_init(cfg, err, errlen) < 0) {
+        tls_free();
+        return -1;
+    }
+    return 0;
+}
+
+void tls_free(void)
+{
+    SSL_CTX_free(tls_server_ctx);
+    SSL_CTX_free(tls_client_ctx);
+    tls_server_ctx = NULL;
+    tls_client_ctx = NULL;
+}
+
+bool tls_server_enabled(void)
+{
+    return tls_server_ctx != NULL;
+}
+
+SSL *tls_server_new(void)
+{
+    if (!tls_server_ctx) return NULL;
+    SSL *ssl = SSL_new(tls_server_ctx);
+    if (ssl) SSL_set_accept_state(ssl);
+    return ssl;
+}
+
+static bool tls_is_ip(const char *s)
+{
+    unsigned char a[16];
+    return inet_pton(AF_INET, s, a) == 1 || inet_pton(AF_INET6, s, a) == 1;
+}
+
+SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSION **session_slot)
+{
+    if (!tls_client_ctx) return NULL;
+    SSL *ssl = SSL_new(tls_client_ctx);
+    if (!ssl) return NULL;
+    SSL_set_connect_state(ssl);
+    const char *name = cfg->upstream_tls_server_name ? cfg->upstream_tls_server_name : url->host;
+    bool ip = tls_is_ip(name);
+    int ok = 1;
+    if (!ip) ok = (int)SSL_set_tlsext_host_name(ssl, name); /* SNI never carries an address */
+    if (ok == 1 && cfg->upstream_tls_verify) {
+        SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+        ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
+                : SSL_set1_host(ssl, name);
+    }
+    if (ok != 1) {
+        ERR_clear_error();
+        SSL_free(ssl);
+        return NULL;
+    }
+    SSL_set_app_data(ssl, session_slot);
+    if (session_slot && *session_slot && SSL_SESSION_is_resumable(*session_slot))
+        SSL_set_session(ssl, *session_slot);
+    return ssl;
+}

@@ -1,0 +1,290 @@
+/* server.c — listeners and worker threads. Each worker has its own
+ * event_base, its own SO_REUSEPORT listening socket (the kernel spreads
+ * connections), its own store connection and upstream pools: workers share
+ * nothing mutable but atomic counters. Owns the workers and, through them,
+ * every client. */
+#include "idemgate/proxy/server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <openssl/rand.h>
+
+#include "idemgate/config/config.h"
+#include "idemgate/proxy/exchange.h"
+#include "idemgate/http/http1.h"
+#include "idemgate/core/log.h"
+#include "idemgate/core/metrics.h"
+#include "idemgate/store/store.h"
+#include "idemgate/net/tls.h"
+#include "idemgate/proxy/upstream.h"
+
+#define ACCEPT_BATCH 64
+
+uint64_t worker_now_ms(const struct worker *w)
+{
+    (void)w;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static int listen_socket(const struct cfg_addr *a, char *err, size_t errlen)
+{
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    char port[8];
+    snprintf(port, sizeof(port), "%d", a->port);
+    int rc = getaddrinfo(a->host, port, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot resolve %s: %s", a->text, gai_strerror(rc));
+        return -1;
+    }
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+        if (res->ai_family == AF_INET6)
+            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    }
+    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
+        snprintf(err, errlen, "cannot listen on %s: %s", a->text, strerror(errno));
+        if (fd >= 0) close(fd);
+        freeaddrinfo(res);
+        return -1;
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+static void peer_text(const struct sockaddr_storage *ss, char *out, size_t n)
+{
+    if (ss->ss_family == AF_INET) {
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, out, (socklen_t)n);
+    } else if (ss->ss_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, (socklen_t)n);
+    } else {
+        snprintf(out, n, "unknown");
+    }
+}
+
+static void worker_accept(evutil_socket_t lfd, short what, void *arg)
+{
+    (void)what;
+    struct worker *w = arg;
+    for (int i = 0; i < ACCEPT_BATCH && !w->draining; i++) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        int fd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE)
+                log_msg(LOG_ERROR, "accept: %s", strerror(errno));
+            return;
+        }
+        if (atomic_fetch_add(&w->srv->connections, 1) >= w->cfg->limits.max_connections) {
+            /* Over the limit: refuse at once rather than hold the socket. */
+            atomic_fetch_sub(&w->srv->connections, 1);
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        char peer[64];
+        peer_text(&ss, peer, sizeof(peer));
+        client_accept(w, fd, peer);
+    }
+}
+
+void worker_maybe_done(struct worker *w)
+{
+    if (w->draining && !w->clients && w->n_exchanges == 0) event_base_loopbreak(w->base);
+}
+
+static void worker_grace_expired(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct worker *w = arg;
+    log_msg(LOG_WARN, "worker %d: shutdown grace ran out with %u exchange(s) in flight", w->id,
+            w->n_exchanges);
+    event_base_loopbreak(w->base);
+}
+
+/* SIGTERM reached us through the worker's eventfd: stop accepting, close
+ * idle clients, let the rest finish (each closes after its response). */
+static void worker_stop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)what;
+    struct worker *w = arg;
+    uint64_t v;
+    if (read(fd, &v, sizeof(v)) < 0) { /* nothing to do: the wakeup is what counts */
+    }
+    if (w->draining) return;
+    w->draining = true;
+    if (w->listen_ev) {
+        event_free(w->listen_ev);
+        w->listen_ev = NULL;
+    }
+    if (w->listen_fd >= 0) {
+        close(w->listen_fd);
+        w->listen_fd = -1;
+    }
+    struct client *cl = w->clients;
+    while (cl) {
+        struct client *next = cl->next;
+        client_drain(cl);
+        cl = next;
+    }
+    int ms = w->cfg->limits.shutdown_grace_ms;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    w->grace_ev = evtimer_new(w->base, worker_grace_expired, w);
+    evtimer_add(w->grace_ev, &tv);
+    worker_maybe_done(w);
+}
+
+static int worker_init(struct server *srv, struct worker *w, int id, char *err, size_t errlen)
+{
+    const struct cfg *cfg = srv->cfg;
+    w->id = id;
+    w->srv = srv;
+    w->cfg = cfg;
+    w->listen_fd = -1;
+    w->stop_fd = -1;
+    struct event_config *ec = event_config_new();
+    event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
+    event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    w->base = event_base_new_with_config(ec);
+    event_config_free(ec);
+    if (!w->base) {
+        snprintf(err, errlen, "cannot create an event base");
+        return -1;
+    }
+    w->listen_fd = listen_socket(&cfg->listen, err, errlen);
+    if (w->listen_fd < 0) return -1;
+    w->listen_ev = event_new(w->base, w->listen_fd, EV_READ | EV_PERSIST, worker_accept, w);
+    event_add(w->listen_ev, NULL);
+    w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, worker_stop, w);
+    event_add(w->stop_ev, NULL);
+    buf_pool_init(&w->bufs, 16384, 256);
+    w->scratch = malloc(sizeof(*w->scratch));
+    if (!w->scratch) abort();
+    w->n_pools = cfg->n_routes + 1;
+    w->pools = calloc(w->n_pools, sizeof(*w->pools));
+    if (!w->pools) abort();
+    upstream_pool_init(&w->pools[0], w, &cfg->upstream);
+    for (size_t i = 0; i < cfg->n_routes; i++)
+        upstream_pool_init(&w->pools[i + 1], w, &cfg->routes[i].upstream);
+    if (cfg->store == CFG_STORE_MEMORY)
+        w->store = store_memory_new(w->base, srv->mem, cfg->redis.timeout_ms);
+    else
+        w->store = store_redis_new(w->base, cfg);
+    return 0;
+}
+
+int server_init(struct server *srv, const struct cfg *cfg)
+{
+    memset(srv, 0, sizeof(*srv));
+    srv->cfg = cfg;
+    atomic_init(&srv->connections, 0);
+    char err[512];
+    if (tls_init(cfg, err, sizeof(err)) < 0) {
+        log_msg(LOG_ERROR, "%s", err);
+        return -1;
+    }
+    if (RAND_bytes((unsigned char *)&srv->boot_id, sizeof(srv->boot_id)) != 1) abort();
+    if (cfg->store == CFG_STORE_MEMORY)
+        srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,
+                                                   cfg->memory_max_scope_bytes);
+    srv->n_workers = cfg->workers > 0 ? cfg->workers : 1;
+    srv->workers = calloc((size_t)srv->n_workers, sizeof(*srv->workers));
+    if (!srv->workers) abort();
+    for (int i = 0; i < srv->n_workers; i++) {
+        if (worker_init(srv, &srv->workers[i], i, err, sizeof(err)) < 0) {
+            log_msg(LOG_ERROR, "%s", err);
+            srv->n_workers = i + 1;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    event_base_dispatch(w->base);
+    log_scratch_free();
+    return NULL;
+}
+
+int server_start(struct server *srv)
+{
+    for (int i = 0; i < srv->n_workers; i++) {
+        if (pthread_create(&srv->workers[i].thread, NULL, worker_main, &srv->workers[i]) != 0) {
+            log_msg(LOG_ERROR, "cannot start worker thread %d", i);
+            return -1;
+        }
+        srv->workers[i].started = true;
+    }
+    return 0;
+}
+
+void server_stop(struct server *srv)
+{
+    uint64_t one = 1;
+    for (int i = 0; i < srv->n_workers; i++)
+        if (srv->workers[i].stop_fd >= 0 && write(srv->workers[i].stop_fd, &one, sizeof(one)) < 0)
+            log_msg(LOG_ERROR, "cannot signal worker %d", i);
+}
+
+/* Returns false when exchanges were still in flight (grace ran out). */
+static bool worker_free(struct worker *w)
+{
+    while (w->clients)
+        client_close(w->clients);
+    if (w->n_exchanges > 0) return false;
+    for (size_t i = 0; i < w->n_pools; i++)
+        upstream_pool_free(&w->pools[i]);
+    free(w->pools);
+    exchange_cache_free(w);
+    buf_pool_free(&w->bufs);
+    free(w->scratch);
+    if (w->store) store_free(w->store);
+    if (w->listen_ev) event_free(w->listen_ev);
+    if (w->listen_fd >= 0) close(w->listen_fd);
+    if (w->stop_ev) event_free(w->stop_ev);
+    if (w->stop_fd >= 0) close(w->stop_fd);
+    if (w->grace_ev) event_free(w->grace_ev);
+    if (w->base) event_base_free(w->base);
+    return true;
+}
+
+bool server_free(struct server *srv)
+{
+    bool clean = true;
+    for (int i = 0; i < srv->n_workers; i++)
+        if (srv->workers[i].started) pthread_join(srv->workers[i].thread, NULL);
+    for (int i = 0; i < srv->n_workers; i++)
+        if (!worker_free(&srv->workers[i])) clean = false;
+    /* Connections left over hold their own references to the contexts. */
+    tls_free();
+    if (!clean) return false; /* exiting anyway: leave the rest to the OS */
+    free(srv->workers);
+    if (srv->mem) store_memory_shared_free(srv->mem);
+    return true;
+}
