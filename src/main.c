@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "idemgate/core/clock.h"
 #include "idemgate/admin/admin.h"
 #include "idemgate/config/config.h"
 #include "idemgate/core/log.h"
@@ -142,9 +143,7 @@ static int parse_args(int argc, char **argv, struct cfg_flags *f, struct cli_mod
 
 static uint64_t hc_now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return clock_now_ms();
 }
 
 /* "host:port" or "[v6]:port" into host (no brackets) and port; -1 when

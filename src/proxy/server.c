@@ -27,6 +27,7 @@
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/store/store.h"
+#include "idemgate/core/clock.h"
 #include "idemgate/net/tls.h"
 #include "idemgate/proxy/upstream.h"
 
@@ -35,9 +36,7 @@
 uint64_t worker_now_ms(const struct worker *w)
 {
     (void)w;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return clock_now_ms();
 }
 
 static int listen_socket(const struct cfg_addr *a, char *err, size_t errlen)

@@ -39,6 +39,8 @@
  * heap grows by fixed chunks and each eviction costs O(log scopes). */
 #include "idemgate/store/store.h"
 
+#include "idemgate/core/clock.h"
+
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/core/siphash.h"
@@ -199,9 +201,7 @@ static void *mem_alloc(size_t n)
 
 static uint64_t mem_now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return clock_now_ms();
 }
 
 /* ---- accounting (callers hold sh->mu) ---- */

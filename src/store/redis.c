@@ -51,6 +51,8 @@
  * on the new connection runs after the stray acquire. */
 #include "idemgate/store/store.h"
 
+#include "idemgate/core/clock.h"
+
 #include "idemgate/config/config.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
@@ -236,9 +238,7 @@ static char *rs_strndup(const char *p, size_t n)
 
 static uint64_t rs_now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return clock_now_ms();
 }
 
 static struct timeval rs_tv(uint64_t ms)

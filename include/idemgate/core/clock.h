@@ -1,0 +1,21 @@
+/* clock.h — the one monotonic clock of the process, in milliseconds.
+ *
+ * Every timestamp and deadline that is compared (store deadlines, lock
+ * renewals, pool idle times, request durations) comes from clock_now_ms.
+ * Tests replace it with a fake they advance themselves, so nothing that
+ * depends on time needs to sleep. Wall-clock time (log lines, record
+ * creation dates, HTTP Date) is not this clock's business. */
+#ifndef IDEMGATE_CORE_CLOCK_H
+#define IDEMGATE_CORE_CLOCK_H
+
+#include <stdint.h>
+
+/* CLOCK_MONOTONIC in ms, or the fake's value while one is set. */
+uint64_t clock_now_ms(void);
+
+/* Tests: while now is non-NULL, clock_now_ms returns *now (borrowed: it
+ * must stay valid until clock_set_fake(NULL)). Not thread-safe: set it
+ * before any thread reads the clock. */
+void clock_set_fake(const uint64_t *now);
+
+#endif

@@ -1,0 +1,21 @@
+/* clock.c — the process's monotonic millisecond clock and its test fake
+ * (see clock.h). Owns nothing but the fake's pointer. */
+#include "idemgate/core/clock.h"
+
+#include <stddef.h>
+#include <time.h>
+
+static const uint64_t *fake_now;
+
+uint64_t clock_now_ms(void)
+{
+    if (fake_now) return *fake_now;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+void clock_set_fake(const uint64_t *now)
+{
+    fake_now = now;
+}
