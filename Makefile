@@ -1,9 +1,9 @@
-# Thin wrapper over CMake: make run | make test | make bench | make fmt
+# Thin wrapper over CMake: make run | make test | make bench | make soak | make fmt
 BUILD ?= build
 JOBS ?= $(shell nproc)
 ARGS ?=
 
-.PHONY: all deps build run test bench fmt fmt-check clean
+.PHONY: all deps build run test bench soak fmt fmt-check clean
 all: build
 
 deps:
@@ -25,6 +25,16 @@ test: build
 
 bench: build
 	bash scripts/deps.sh --bench && bench/run $(BUILD)/idemgate
+
+# Soak (not in CI, not in ctest): the exactly-once checker
+# (tests/faults/exactly_once.py) for SOAK_SECONDS of mixed load with every
+# fault, both instances' RSS sampled every 10 s; prints the RSS series and
+# the checker's summary line, fails when the checker does.
+SOAK_SECONDS ?= 600
+SOAK_CLIENTS ?= 24
+soak: build
+	/usr/bin/python3 tests/faults/exactly_once.py --bin $(BUILD)/idemgate \
+	  --duration $(SOAK_SECONDS) --clients $(SOAK_CLIENTS) --faults all --rss-interval 10
 
 fmt:
 	clang-format -i $$(git ls-files '*.c' '*.h')

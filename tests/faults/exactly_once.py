@@ -1,0 +1,445 @@
+#!/usr/bin/python3
+"""exactly_once.py — idemgate's exactly-once checker.
+
+Starts a private redis-server, the execution-logging upstream (execup.py,
+one port per instance) and --instances idemgate instances on that one
+Redis. --clients client threads work through fresh keys for --duration
+seconds the way real clients do: each key is POSTed until a 2xx, retried
+with full-jitter exponential backoff (50 ms to 1 s) after a timeout (4 s),
+a disconnect, a cut body, 409 request_in_progress, 503, 502
+upstream_unavailable or 504, for at most 40 attempts within 20 s; a 502
+upstream_answer_lost is retried once to see it replayed, then accepted. Each
+attempt goes to a random instance; 3% of attempts leave mid-body and 4%
+leave right after sending (the exchange goes on without them); 15% of keys
+are sent by two clients at once. Meanwhile faults are injected, in cycles
+of about 40 s (--faults all, none, or a comma list of):
+  redis_pause     Redis SIGSTOPped for 2.5 s (redis.timeout_ms 1000), SIGCONT
+  upstream_slow   every answer 6 s late for 6 s (clients time out at 4 s)
+  idemgate_kill   one instance SIGKILLed, started again on its port 1 s later
+  upstream_cut    30% of answers cut short of their Content-Length for 3 s
+  redis_restart   Redis killed and started again empty
+Afterwards every answer the clients got is held against the upstream's
+execution log, and ONE summary line is printed (last, on stdout):
+  exactly-once: keys=.. requests=.. executions=.. duplicates=.. ...
+
+Definitions (faultlib.analyze computes them):
+  keys        keys some client sent (plus the one fresh key per instance of
+              the final health check).
+  requests    attempts (every HTTP request sent, including abandoned ones).
+  executions  execution lines in the upstream's log for those keys (the
+              upstream logs one before it answers, with a unique id that
+              its answer carries in the body and in X-Exec).
+  duplicates  keys, not excluded (below), with more than one execution.
+  mismatched_replays
+              2xx answers (complete, or the part of a cut one that arrived)
+              that are not, byte for byte, their key's one execution's
+              answer: an id the log does not have or that belongs to
+              another key, a body that differs from the logged one, an id
+              other than the key's first 2xx's, or a second fresh (not
+              Idempotent-Replayed) 2xx of one execution.
+  lost        keys, not excluded, whose clients never got a 2xx (gave up,
+              or were answered 502 upstream_answer_lost: answer_lost counts
+              those). Not a failure: SPEC allows it under faults.
+  unexpected  answers that are neither a 2xx nor one of SPEC section 5's
+              409 request_in_progress, 503 store_unavailable, 502
+              upstream_unavailable / upstream_answer_lost, 504
+              upstream_timeout; a replayed error other than answer_lost; a
+              lost answer for a key that never executed; executions of keys
+              no client sent.
+  excluded    keys that a fault lets execute again, checked apart:
+              - redis_restart: Redis comes back EMPTY, so locks and records
+                of keys in flight are forgotten and a retry may execute
+                again. A key is excluded when its activity window (first
+                attempt sent to last attempt ended, over all its clients)
+                overlaps the restart ([kill, new server answering]). Keys
+                completed before the kill are never retried (their clients
+                got the 2xx), keys started after it are fully checked.
+              - idemgate_kill: a SIGKILLed owner leaves its lock to expire
+                after lock_seconds, then the key is free (SPEC section 4).
+                A key is excluded when it sent an attempt to the killed
+                instance before the kill and was still active at the kill.
+              With lock_seconds 30 above the clients' 20 s budget such keys
+              rarely execute again; excluded_dups counts those that did.
+              Their 2xx answers are still checked against their own
+              executions.
+              Not excluded: a record whose write failed while Redis was
+              paused stays a lock until lock_seconds (SPEC section 4), then
+              its key is free again; lock_seconds (30) above the 20 s budget
+              keeps every client of that key from seeing it free, so such a
+              key counts as a duplicate only if it executes again early,
+              which would be a bug.
+  errors      the non-2xx endings by SPEC code or transport kind.
+
+Exit status: 1 when duplicates, mismatched_replays or unexpected are above
+0, or an instance does not serve a fresh request at the end; else 0.
+--rss-interval N samples each instance's RSS every N s and prints the series
+before the summary line (make soak).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import faultlib  # noqa: E402  (puts tests/integration on sys.path)
+import igtest  # noqa: E402
+
+FAULTS = ["redis_pause", "upstream_slow", "idemgate_kill", "upstream_cut", "redis_restart"]
+# Where in a cycle each fault starts (fraction of the cycle).
+OFFSETS = {"redis_pause": 0.05, "upstream_slow": 0.20, "idemgate_kill": 0.42,
+           "upstream_cut": 0.60, "redis_restart": 0.78}
+CYCLE_S = 40.0
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=float, default=45, help="seconds of load (default 45)")
+    ap.add_argument("--clients", type=int, default=16, help="client threads (default 16)")
+    ap.add_argument("--keys", type=int, default=0,
+                    help="at most this many keys (default 0: as many as the duration allows)")
+    ap.add_argument("--faults", default="all", help="all, none, or a comma list of " +
+                    ",".join(FAULTS))
+    ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--lock-seconds", type=int, default=30,
+                    help="idempotency.lock_seconds (default 30; keep it above the clients' "
+                    "20 s budget, or a lock left by a failed write expires while its key is "
+                    "still retried and executes again, which SPEC allows)")
+    ap.add_argument("--think-ms", type=float, default=20, help="mean pause between keys")
+    ap.add_argument("--rss-interval", type=float, default=0)
+    ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    ap.add_argument("--bin", default=None, help="idemgate binary (default $IDEMGATE_BIN "
+                    "or build/idemgate)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.faults == "all":
+        args.fault_list = list(FAULTS)
+    elif args.faults == "none":
+        args.fault_list = []
+    else:
+        args.fault_list = [f.strip() for f in args.faults.split(",") if f.strip()]
+        bad = [f for f in args.fault_list if f not in FAULTS]
+        if bad:
+            ap.error("unknown fault(s): %s" % ",".join(bad))
+    return args
+
+
+def log(msg):
+    sys.stderr.write("[%s] %s\n" % (time.strftime("%H:%M:%S"), msg))
+    sys.stderr.flush()
+
+
+class Rig:
+    """The processes: Redis, the upstream, the idemgate instances."""
+
+    def __init__(self, args, workdir):
+        self.workdir = workdir
+        self.redis_stopped = False
+        self.redis = self.up = None
+        self.gates = []
+        try:
+            self.start(args)
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, args):
+        self.redis = igtest.Redis()
+        self.up = faultlib.ExecUpstream(os.path.join(self.workdir, "exec.log"), args.instances)
+        self.cfgs = [{
+            "listen": "127.0.0.1:%d" % igtest.free_port(), "workers": 1,
+            "admin": {"listen": "off"}, "upstream": url, "store": "redis",
+            "redis": {"url": self.redis.url, "timeout_ms": 1000},
+            "idempotency": {"lock_seconds": args.lock_seconds},
+            "limits": {"upstream_timeout_ms": 15000},
+        } for url in self.up.urls]
+        for i in range(args.instances):
+            self.gates.append(self.start_gate(i))
+        self.ports = [g.port for g in self.gates]
+
+    def start_gate(self, i):
+        return igtest.Idemgate(self.workdir, self.cfgs[i], base=False)
+
+    def stop(self):
+        if self.redis_stopped:
+            os.kill(self.redis.proc.pid, signal.SIGCONT)
+        for g in self.gates:
+            try:
+                g.stop(timeout=10)
+            except Exception:  # noqa: BLE001 - teardown goes on
+                g.kill()
+        if self.up:
+            self.up.stop()
+        if self.redis:
+            self.redis.stop()
+
+
+class Injector:
+    """Runs the fault schedule in its own thread; events are recorded as
+    dicts {fault, t0, t1, port}."""
+
+    def __init__(self, rig, args, t_start):
+        self.rig, self.args, self.t_start = rig, args, t_start
+        self.events = []
+        self.stop = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def schedule(self):
+        d = self.args.duration
+        n = max(1, int(d // CYCLE_S))
+        length = d / n
+        plan = []
+        for c in range(n):
+            for f in self.args.fault_list:
+                plan.append((c * length + OFFSETS[f] * length, f, c))
+        return sorted(plan)
+
+    def run(self):
+        try:
+            for at, fault, cycle in self.schedule():
+                if self.stop.wait(max(0, self.t_start + at - time.time())):
+                    return
+                getattr(self, fault)(cycle)
+        except Exception as e:  # noqa: BLE001 - reported by main
+            self.error = e
+            log("fault injector failed: %r" % e)
+
+    def record(self, fault, t0, port=None):
+        ev = {"fault": fault, "t0": t0, "t1": time.time(), "port": port}
+        self.events.append(ev)
+        log("fault %s at %.1fs for %.1fs%s" % (fault, t0 - self.t_start, ev["t1"] - t0,
+                                               " (port %d)" % port if port else ""))
+
+    def redis_pause(self, cycle):
+        t0 = time.time()
+        os.kill(self.rig.redis.proc.pid, signal.SIGSTOP)
+        self.rig.redis_stopped = True
+        self.stop.wait(2.5)
+        os.kill(self.rig.redis.proc.pid, signal.SIGCONT)
+        self.rig.redis_stopped = False
+        self.record("redis_pause", t0)
+
+    def upstream_slow(self, cycle):
+        t0 = time.time()
+        self.rig.up.set_mode(slow_ms=6000)
+        self.stop.wait(6)
+        self.rig.up.set_mode(slow_ms=0)
+        self.record("upstream_slow", t0)
+
+    def upstream_cut(self, cycle):
+        t0 = time.time()
+        self.rig.up.set_mode(cut_ratio=0.3)
+        self.stop.wait(3)
+        self.rig.up.set_mode(cut_ratio=0)
+        self.record("upstream_cut", t0)
+
+    def idemgate_kill(self, cycle):
+        i = cycle % len(self.rig.gates)
+        t0 = time.time()
+        self.rig.gates[i].kill()
+        time.sleep(1)
+        self.rig.gates[i] = self.rig.start_gate(i)
+        self.record("idemgate_kill", t0, self.rig.ports[i])
+
+    def redis_restart(self, cycle):
+        t0 = time.time()
+        self.rig.redis.kill()
+        time.sleep(0.5)
+        self.rig.redis.start()
+        self.record("redis_restart", t0)
+
+
+class RssSampler:
+    def __init__(self, rig, interval, t_start):
+        self.rig, self.interval, self.t_start = rig, interval, t_start
+        self.series = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.wait(self.interval):
+            self.series.append((time.time() - self.t_start,
+                                [(g.proc.pid, faultlib.rss_kib(g.proc.pid))
+                                 for g in self.rig.gates]))
+
+    def lines(self):
+        out = []
+        for t, per in self.series:
+            out.append("rss t=%4.0fs " % t + " ".join(
+                "ig%d=%.1fMiB(pid %d)" % (i, kib / 1024.0, pid)
+                for i, (pid, kib) in enumerate(per)))
+        return out
+
+
+class Keys:
+    """Fresh keys for the clients; a share of them is handed to a second
+    client at once (a double submit)."""
+
+    def __init__(self, args):
+        self.lock = threading.Lock()
+        self.n = 0
+        self.max = args.keys
+        self.prefix = "eo%d" % args.seed
+        self.again = []
+
+    def take(self, rng):
+        with self.lock:
+            if self.again:
+                return self.again.pop()
+            if self.max and self.n >= self.max:
+                return None
+            self.n += 1
+            key = "%s-%d" % (self.prefix, self.n)
+            if rng.random() < 0.15:
+                self.again.append(key)
+            return key
+
+
+def path_for(key):
+    """The target of a key (the same on every retry: it is fingerprinted)."""
+    return "/pay?ms=%d" % (zlib.crc32(key.encode()) % 60)
+
+
+def client_loop(i, rig, keys, policy, args, rec, t_end, stop):
+    rng = random.Random(args.seed * 1000 + i)
+    client = faultlib.HttpClient(policy.attempt_timeout)
+    try:
+        while time.time() < t_end and not stop.is_set():
+            key = keys.take(rng)
+            if key is None:
+                return
+            faultlib.session(client, rig.ports, path_for(key), key, policy, rng, rec, sid=i)
+            time.sleep(rng.uniform(0, 2 * args.think_ms / 1000.0))
+    finally:
+        client.close()
+
+
+def exclusions(attempts, events):
+    """{key: reason} for keys a fault lets execute again (module docstring)."""
+    win = {}
+    ports = {}
+    for a in attempts:
+        lo, hi = win.get(a.key, (a.t0, a.t1))
+        win[a.key] = (min(lo, a.t0), max(hi, a.t1))
+        ports.setdefault(a.key, []).append((a.port, a.t0))
+    out = {}
+    for ev in events:
+        for key, (lo, hi) in win.items():
+            if key in out:
+                continue
+            if ev["fault"] == "redis_restart" and lo <= ev["t1"] and hi >= ev["t0"]:
+                out[key] = "redis_restart"
+            elif ev["fault"] == "idemgate_kill" and lo <= ev["t0"] <= hi and any(
+                    p == ev["port"] and t0 <= ev["t0"] for p, t0 in ports[key]):
+                out[key] = "idemgate_kill"
+    return out
+
+
+def final_health(rig, rec):
+    bad = []
+    for i, g in enumerate(rig.gates):
+        if not g.alive():
+            bad.append("ig%d exited %r" % (i, g.proc.returncode))
+            continue
+        a = faultlib.fresh_request_ok(g.port)
+        rec(a)
+        if not a.ok():
+            bad.append("ig%d: %r" % (i, a))
+    return bad
+
+
+def dump(workdir, attempts, events):
+    with open(os.path.join(workdir, "attempts.jsonl"), "w") as f:
+        for ev in events:
+            f.write(json.dumps({"fault": ev}) + "\n")
+        for a in sorted(attempts, key=lambda a: a.t0):
+            f.write(json.dumps({"key": a.key, "port": a.port, "t0": a.t0, "t1": a.t1,
+                                "kind": a.kind, "status": a.status, "code": a.code,
+                                "replayed": a.replayed, "abandon": a.abandon,
+                                "session": a.session, "exec": a.header("X-Exec"),
+                                "body": a.body.decode("latin-1")}) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bin:
+        os.environ["IDEMGATE_BIN"] = os.path.abspath(args.bin)
+    if not os.path.exists(igtest.idemgate_bin()):
+        sys.exit("idemgate binary not found at %s (--bin)" % igtest.idemgate_bin())
+    workdir = tempfile.mkdtemp(prefix="exactly-once-")
+    rig = Rig(args, workdir)
+    policy = faultlib.Policy(attempt_timeout=4, max_attempts=40, budget=20,
+                             abandon_midbody=0.03, abandon_noread=0.04)
+    rec = faultlib.Recorder()
+    keys = Keys(args)
+    t_start = time.time()
+    t_end = t_start + args.duration
+    stop = threading.Event()
+    inj = Injector(rig, args, t_start)
+    rss = RssSampler(rig, args.rss_interval, t_start) if args.rss_interval > 0 else None
+    log("exactly-once: %d clients, %d instances, faults=%s, %.0fs, seed %d, work dir %s"
+        % (args.clients, args.instances, ",".join(args.fault_list) or "none",
+           args.duration, args.seed, workdir))
+    threads = [threading.Thread(target=client_loop,
+                                args=(i, rig, keys, policy, args, rec, t_end, stop),
+                                daemon=True) for i in range(args.clients)]
+    try:
+        inj.thread.start()
+        if rss:
+            rss.thread.start()
+        for t in threads:
+            t.start()
+        # a session started before t_end ends within its budget
+        join_by = t_end + policy.budget + policy.attempt_timeout + 30
+        for t in threads:
+            t.join(max(0.1, join_by - time.time()))
+        hung = sum(1 for t in threads if t.is_alive())
+        inj.stop.set()
+        inj.thread.join(30)
+        if rss:
+            rss.stop.set()
+            rss.thread.join(5)
+        health = final_health(rig, rec)
+        if hung:
+            health.append("%d client thread(s) did not finish" % hung)
+        if inj.error:
+            health.append("fault injector: %r" % inj.error)
+        attempts = rec.snapshot()
+        rep = faultlib.analyze(attempts, rig.up.execs(), exclusions(attempts, inj.events))
+    finally:
+        stop.set()
+        rig.stop()
+    if rep.failed() or args.verbose:
+        for d in rep.details:
+            log(d)
+    for h in health:
+        log("health: " + h)
+    if rss:
+        for line in rss.lines():
+            print(line)
+    print("exactly-once: %s faults=%s duration=%.0fs clients=%d instances=%d health=%s"
+          % (rep.line(), ",".join("%s:%d" % (f, sum(1 for e in inj.events if e["fault"] == f))
+                                  for f in args.fault_list) or "none",
+             args.duration, args.clients, args.instances, "ok" if not health else "FAILED"))
+    sys.stdout.flush()
+    if args.keep:
+        dump(workdir, attempts, inj.events)
+        log("work dir kept: %s (exec.log, attempts.jsonl, idemgate-*.log)" % workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if rep.failed() or health else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
