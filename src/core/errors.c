@@ -50,8 +50,6 @@ static const struct err_def err_defs[ERR__COUNT] = {
     [ERR_UPSTREAM_ANSWER_LOST] = {502, "api_error", "upstream_answer_lost", "Upstream answer lost",
                                   "The upstream ran this request but its answer was lost; it will "
                                   "not be executed again with this Idempotency-Key."},
-    [ERR_SHUTTING_DOWN] = {503, "api_error", "upstream_unavailable", "Shutting down",
-                           "The gateway is shutting down."},
 };
 
 int err_status(enum err_code e, int mismatch_status)

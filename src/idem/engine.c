@@ -1,60 +1,110 @@
-/* idem.c — the idempotency state machine (SPEC sections 3 and 4).
+/* engine.c — the idempotency state machine (SPEC sections 3 and 4).
  *
  * Decides whether a request is covered, validates its key, computes its
- * scope and fingerprint, asks the store, and drives the exchange: forward,
- * replay, or answer. While the upstream works it renews the lock; when the
- * response ends it completes (keeps the record) or releases the key. Owns
- * the exchange's idempotency fields; knows no sockets. */
+ * scope and fingerprint, asks the store, and tells its host (engine.h's ops
+ * table) to forward, replay or answer. While the upstream works it renews
+ * the lock; when the response ends it completes (keeps the record, or a
+ * lost record) or releases the key. Owns struct idem's fields; knows no
+ * sockets and no host struct. */
 #include "idemgate/idem/engine.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 
-#include <event2/event.h>
 #include <openssl/rand.h>
 
 #include "idemgate/config/config.h"
-#include "idemgate/proxy/exchange.h"
+#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
-#include "idemgate/core/metrics.h"
-#include "idemgate/proxy/server.h"
+#include "idemgate/http/http1.h"
 
 /* Poll interval of a duplicate waiting for the owner (concurrent "wait").
  * Polling through the store works across instances with no pub/sub. */
 #define IDEM_WAIT_POLL_MS 50
 #define ANON_SCOPE "anonymous"
-#define IDEM_KEY_MAX 8192 /* the largest idempotency.key_max_length config.c accepts */
+#define IDEM_KEY_MAX 8192 /* the largest idempotency.key_max_length config accepts */
 
-static void idem_acquire(struct exchange *ex);
+static const char *const idem_state_names[] = {"new",       "acquiring",  "waiting",
+                                               "forwarded", "completing", "done"};
 
-static void idem_answer(struct exchange *ex, enum err_code e)
+/* Legal transitions: from -> bitmask of to. */
+static const unsigned idem_transitions[] = {
+    [IDEM_NEW] = 1u << IDEM_ACQUIRING | 1u << IDEM_FORWARDED | 1u << IDEM_DONE,
+    [IDEM_ACQUIRING] = 1u << IDEM_WAITING | 1u << IDEM_FORWARDED | 1u << IDEM_DONE,
+    [IDEM_WAITING] = 1u << IDEM_ACQUIRING | 1u << IDEM_DONE,
+    [IDEM_FORWARDED] = 1u << IDEM_COMPLETING | 1u << IDEM_DONE,
+    [IDEM_COMPLETING] = 1u << IDEM_DONE,
+    [IDEM_DONE] = 0,
+};
+
+/* The one place the engine's state changes; an illegal move aborts (also
+ * in release builds: it would be a double execution waiting to happen). */
+static void idem_set_state(struct idem *e, enum idem_state to)
 {
-    exchange_answer_error(ex, e);
-    exchange_idem_finished(ex);
-}
-
-static void idem_passthrough(struct exchange *ex)
-{
-    ex->outcome = OUT_PASSTHROUGH;
-    exchange_forward(ex);
-}
-
-/* (Re)creates the exchange's one engine timer with callback cb. */
-static void idem_timer_set(struct exchange *ex, event_callback_fn cb)
-{
-    if (!ex->idem_timer) {
-        ex->idem_timer = evtimer_new(ex->w->base, cb, ex);
-        return;
+    if (!(idem_transitions[e->state] & (1u << to))) {
+        log_msg(LOG_ERROR, "illegal engine transition %s -> %s", idem_state_names[e->state],
+                idem_state_names[to]);
+        abort();
     }
-    evtimer_del(ex->idem_timer);
-    evtimer_assign(ex->idem_timer, ex->w->base, cb, ex);
+    e->state = to;
 }
 
-static void timer_arm_ms(struct event *ev, long ms)
+static void idem_acquire(struct idem *e);
+
+static uint32_t lock_ms(const struct idem *e)
 {
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    evtimer_add(ev, &tv);
+    return (uint32_t)e->cfg->lock_seconds * 1000u;
+}
+
+/* The engine is finished: the host may end the exchange. */
+static void idem_done(struct idem *e)
+{
+    idem_set_state(e, IDEM_DONE);
+    e->ops->done(e->host);
+}
+
+/* Our own answer; the outcome follows from the error unless already set
+ * (a lost replay, a store error). */
+static void idem_answer(struct idem *e, enum err_code e_code)
+{
+    if (e->outcome == OUT_PASSTHROUGH || e->outcome == OUT_EXECUTED) {
+        switch (e_code) {
+        case ERR_IN_PROGRESS:
+            e->outcome = OUT_IN_PROGRESS;
+            break;
+        case ERR_KEY_REUSE:
+            e->outcome = OUT_MISMATCH;
+            break;
+        case ERR_STORE_UNAVAILABLE:
+            e->outcome = OUT_STORE_ERROR;
+            break;
+        default:
+            e->outcome = OUT_REJECTED;
+            break;
+        }
+    }
+    e->ops->answer(e->host, e_code, e->replayed);
+    idem_done(e);
+}
+
+static void idem_forward(struct idem *e)
+{
+    idem_set_state(e, IDEM_FORWARDED);
+    e->ops->forward(e->host);
+}
+
+void idem_init(struct idem *e, const struct idem_env *env, const struct idem_host_ops *ops,
+               void *host)
+{
+    memset(e, 0, offsetof(struct idem, skey_buf));
+    e->env = env;
+    e->ops = ops;
+    e->host = host;
+    e->state = IDEM_NEW;
+    buf_init(&e->rec);
 }
 
 /* Owner tokens need to be unique, not secret: a per-thread random 128-bit
@@ -87,11 +137,12 @@ static void idem_new_token(char out[STORE_TOKEN_LEN + 1])
 
 /* Scope of the request: 0 with out set, 1 for "bypass", or -1 after
  * answering 401. */
-static int idem_scope(struct exchange *ex, char out[SCOPE_HEX_LEN + 1])
+static int idem_scope(struct idem *e, char out[SCOPE_HEX_LEN + 1])
 {
-    const struct cfg_idem *idem = ex->idem;
+    const struct cfg_idem *idem = e->cfg;
     for (size_t i = 0; i < idem->scope_headers.n; i++) {
-        const struct http1_header *h = http1_find_header(&ex->head, idem->scope_headers.v[i], NULL);
+        const struct http1_header *h =
+            http1_find_header(e->req.head, idem->scope_headers.v[i], NULL);
         /* An empty credential is no credential: otherwise every client
          * sending "Authorization:" would share one scope and slip past
          * anonymous "reject". */
@@ -101,7 +152,7 @@ static int idem_scope(struct exchange *ex, char out[SCOPE_HEX_LEN + 1])
     }
     switch (idem->anonymous) {
     case CFG_ANON_REJECT:
-        idem_answer(ex, ERR_CREDENTIALS_REQUIRED);
+        idem_answer(e, ERR_CREDENTIALS_REQUIRED);
         return -1;
     case CFG_ANON_BYPASS:
         return 1;
@@ -112,188 +163,198 @@ static int idem_scope(struct exchange *ex, char out[SCOPE_HEX_LEN + 1])
     return 0;
 }
 
-static void idem_fingerprint(struct exchange *ex)
+static void idem_fingerprint(struct idem *e)
 {
-    const struct cfg_idem *idem = ex->idem;
+    const struct cfg_idem *idem = e->cfg;
+    const struct http1_head *h = e->req.head;
     struct fp_state *st = fp_begin();
-    fp_part(st, ex->head.method.p, ex->head.method.n);
-    fp_part(st, ex->head.target.p, ex->head.target.n);
+    fp_part(st, h->method.p, h->method.n);
+    fp_part(st, h->target.p, h->target.n);
     for (size_t i = 0; i < idem->fingerprint_headers.n; i++) {
-        const struct http1_header *h =
-            http1_find_header(&ex->head, idem->fingerprint_headers.v[i], NULL);
-        fp_flag(st, h != NULL);
-        fp_part(st, h ? h->value.p : "", h ? h->value.n : 0);
+        const struct http1_header *fh = http1_find_header(h, idem->fingerprint_headers.v[i], NULL);
+        fp_flag(st, fh != NULL);
+        fp_part(st, fh ? fh->value.p : "", fh ? fh->value.n : 0);
     }
-    fp_part(st, ex->body, ex->body_len);
-    fp_end(st, ex->fp);
+    fp_part(st, e->req.body, e->req.body_len);
+    fp_end(st, e->fp);
 }
 
-void idem_start(struct exchange *ex)
+/* "<scope>:<key>" into the engine (inline, or malloc'd when long). */
+static void idem_set_skey(struct idem *e, const char *scope, const char *key, size_t key_len)
 {
-    const struct cfg_idem *idem = ex->idem;
-    const struct http1_head *h = &ex->head;
-    if (!idem->enabled || !cfg_idem_covers_method(idem, h->method.p, h->method.n)) {
-        idem_passthrough(ex);
-        return;
-    }
+    size_t scope_len = strlen(scope);
+    e->skey_len = scope_len + 1 + key_len;
+    e->skey = e->skey_len < sizeof(e->skey_buf) ? e->skey_buf : malloc(e->skey_len + 1);
+    if (!e->skey) abort();
+    memcpy(e->skey, scope, scope_len);
+    e->skey[scope_len] = ':';
+    memcpy(e->skey + scope_len + 1, key, key_len);
+    e->skey[e->skey_len] = '\0';
+}
+
+/* The key header, validated: 0 with key set, 1 when absent (answered or
+ * passed through), -1 after answering 400. */
+static int idem_key(struct idem *e, char *key, size_t cap, size_t *key_len)
+{
     size_t count = 0;
-    const struct http1_header *kh = http1_find_header(h, idem->header, &count);
+    const struct http1_header *kh = http1_find_header(e->req.head, e->cfg->header, &count);
     if (!kh) {
-        if (idem->required)
-            idem_answer(ex, ERR_KEY_REQUIRED);
+        if (e->cfg->required)
+            idem_answer(e, ERR_KEY_REQUIRED);
         else
-            idem_passthrough(ex);
+            idem_forward(e);
+        return 1;
+    }
+    if (count > 1 || kh->value.n >= cap ||
+        idem_key_parse(kh->value.p, kh->value.n, (size_t)e->cfg->key_max_length, key, key_len)) {
+        idem_answer(e, ERR_INVALID_KEY);
+        return -1;
+    }
+    return 0;
+}
+
+void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mode,
+                const struct idem_request *req)
+{
+    e->cfg = cfg;
+    e->req = *req;
+    e->outcome = OUT_PASSTHROUGH;
+    const struct http1_head *h = req->head;
+    if (!cfg->enabled || !cfg_idem_covers_method(cfg, h->method.p, h->method.n)) {
+        idem_forward(e);
         return;
     }
     /* Room for the longest valid key quoted with every byte escaped; any
      * longer value cannot be valid. */
     char key[2 * IDEM_KEY_MAX + 3];
     size_t key_len = 0;
-    if (count > 1 || kh->value.n >= sizeof(key) ||
-        idem_key_parse(kh->value.p, kh->value.n, (size_t)idem->key_max_length, key, &key_len)) {
-        idem_answer(ex, ERR_INVALID_KEY);
-        return;
-    }
+    if (idem_key(e, key, sizeof(key), &key_len) != 0) return;
     char scope[SCOPE_HEX_LEN + 1];
-    int sr = idem_scope(ex, scope);
+    int sr = idem_scope(e, scope);
     if (sr != 0) {
-        if (sr > 0) idem_passthrough(ex);
+        if (sr > 0) idem_forward(e);
         return;
     }
-    size_t scope_len = strlen(scope);
-    ex->skey_len = scope_len + 1 + key_len;
-    ex->skey = ex->skey_len < sizeof(ex->skey_buf) ? ex->skey_buf : malloc(ex->skey_len + 1);
-    if (!ex->skey) abort();
-    memcpy(ex->skey, scope, scope_len);
-    ex->skey[scope_len] = ':';
-    memcpy(ex->skey + scope_len + 1, key, key_len);
-    ex->skey[ex->skey_len] = '\0';
-    idem_fingerprint(ex);
-    idem_new_token(ex->token);
-    ex->covered = true;
-    ex->outcome = OUT_EXECUTED;
-    ex->wait_deadline_ms = worker_now_ms(ex->w) + (uint64_t)idem->wait_max_ms;
-    idem_acquire(ex);
+    idem_set_skey(e, scope, key, key_len);
+    idem_fingerprint(e);
+    idem_new_token(e->token);
+    e->outcome = OUT_EXECUTED;
+    e->failure_open = failure_open_mode;
+    e->wait_deadline_ms = clock_now_ms() + (uint64_t)cfg->wait_max_ms;
+    idem_acquire(e);
 }
 
 static void idem_renew_done(void *arg, int status)
 {
-    struct exchange *ex = arg;
+    struct idem *e = arg;
     if (status == 1) {
         metrics_inc(M_LOCK_RENEWALS);
     } else {
         metrics_inc(M_STORE_ERRORS);
-        log_msg(LOG_WARN, "request %.*s: lock renewal %s", (int)ex->request_id_len, ex->request_id,
+        log_msg(LOG_WARN, "request %.*s: lock renewal %s", (int)e->req.id_len, e->req.id,
                 status == 0 ? "refused: lock lost" : "failed: store error");
     }
-    exchange_unref(ex);
+    e->ops->release(e->host);
 }
 
-/* Renew every lock_seconds/3: two renewals can fail in a row before the
- * lock would lapse while the upstream still works. */
-static void idem_renew_tick(evutil_socket_t fd, short what, void *arg)
+void idem_timer_fired(struct idem *e)
 {
-    (void)fd;
-    (void)what;
-    struct exchange *ex = arg;
-    uint32_t lock_ms = (uint32_t)ex->idem->lock_seconds * 1000u;
-    exchange_ref(ex);
-    store_renew(ex->w->store, ex->skey, ex->skey_len, ex->token, lock_ms, idem_renew_done, ex);
-    timer_arm_ms(ex->idem_timer, lock_ms / 3);
+    if (e->state == IDEM_WAITING) {
+        idem_set_state(e, IDEM_ACQUIRING);
+        idem_acquire(e);
+        return;
+    }
+    if (e->state != IDEM_FORWARDED || !e->owner) return;
+    /* Renew every lock_seconds/3: two renewals can fail in a row before the
+     * lock would lapse while the upstream still works. */
+    e->ops->hold(e->host);
+    store_renew(e->env->store, e->skey, e->skey_len, e->token, lock_ms(e), idem_renew_done, e);
+    e->ops->timer_arm(e->host, lock_ms(e) / 3);
 }
 
-static void idem_wait_tick(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    (void)what;
-    struct exchange *ex = arg;
-    exchange_set_state(ex, EX_ACQUIRING);
-    idem_acquire(ex);
-}
-
-static void idem_replay(struct exchange *ex, const struct store_acquire_reply *r)
+static void idem_replay(struct idem *e, const struct store_acquire_reply *r)
 {
     struct record rec; /* slices into the store's reply: no copy */
-    size_t max = (size_t)ex->idem->max_cached_response_bytes + (16u << 20);
+    size_t max = (size_t)e->cfg->max_cached_response_bytes + (16u << 20);
     if (record_decode(r->record, r->record_len, max, &rec) != 0 ||
-        memcmp(rec.fp, ex->fp, FP_LEN) != 0) {
+        memcmp(rec.fp, e->fp, FP_LEN) != 0) {
         metrics_inc(M_STORE_ERRORS);
         log_msg(LOG_ERROR, "request %.*s: stored record is corrupt; treating as store error",
-                (int)ex->request_id_len, ex->request_id);
-        idem_answer(ex, ERR_STORE_UNAVAILABLE);
+                (int)e->req.id_len, e->req.id);
+        idem_answer(e, ERR_STORE_UNAVAILABLE);
         return;
     }
     if (record_is_lost(&rec)) {
         /* The first execution's answer was lost: every retry is told so,
          * and the key never executes again while the record lives. */
-        ex->outcome = OUT_LOST;
-        ex->replayed = true;
-        idem_answer(ex, ERR_UPSTREAM_ANSWER_LOST);
+        e->outcome = OUT_LOST;
+        e->replayed = true;
+        idem_answer(e, ERR_UPSTREAM_ANSWER_LOST);
         return;
     }
-    exchange_replay(ex, &rec);
-    exchange_idem_finished(ex);
+    e->outcome = OUT_REPLAYED;
+    e->replayed = true;
+    e->ops->replay(e->host, &rec);
+    idem_done(e);
 }
 
-static void idem_store_failed(struct exchange *ex)
+static void idem_store_failed(struct idem *e)
 {
     metrics_inc(M_STORE_ERRORS);
-    ex->outcome = OUT_STORE_ERROR;
-    if (ex->idem_failure_open) {
+    e->outcome = OUT_STORE_ERROR;
+    if (e->failure_open) {
         metrics_inc(M_OPEN_FORWARDS);
-        exchange_forward(ex);
+        idem_forward(e);
         return;
     }
-    idem_answer(ex, ERR_STORE_UNAVAILABLE);
+    idem_answer(e, ERR_STORE_UNAVAILABLE);
+}
+
+static void idem_in_progress(struct idem *e)
+{
+    uint64_t now = clock_now_ms();
+    if (e->cfg->concurrent != CFG_CONC_WAIT || now >= e->wait_deadline_ms) {
+        idem_answer(e, ERR_IN_PROGRESS);
+        return;
+    }
+    idem_set_state(e, IDEM_WAITING);
+    uint64_t left = e->wait_deadline_ms - now;
+    e->ops->timer_arm(e->host, (uint32_t)(left < IDEM_WAIT_POLL_MS ? left : IDEM_WAIT_POLL_MS));
 }
 
 static void idem_acquired(void *arg, const struct store_acquire_reply *r)
 {
-    struct exchange *ex = arg;
-    metrics_observe_store(worker_now_ms(ex->w) - ex->store_start_ms);
+    struct idem *e = arg;
+    metrics_observe_store(clock_now_ms() - e->store_start_ms);
     switch (r->state) {
-    case STORE_ACQ_LOCKED: {
-        ex->owner = true;
-        uint32_t lock_ms = (uint32_t)ex->idem->lock_seconds * 1000u;
-        idem_timer_set(ex, idem_renew_tick);
-        timer_arm_ms(ex->idem_timer, lock_ms / 3);
-        exchange_forward(ex);
+    case STORE_ACQ_LOCKED:
+        e->owner = true;
+        e->ops->timer_arm(e->host, lock_ms(e) / 3);
+        idem_forward(e);
         break;
-    }
-    case STORE_ACQ_IN_PROGRESS: {
-        uint64_t now = worker_now_ms(ex->w);
-        if (ex->idem->concurrent == CFG_CONC_WAIT && now < ex->wait_deadline_ms) {
-            exchange_set_state(ex, EX_WAITING);
-            idem_timer_set(ex, idem_wait_tick);
-            uint64_t left = ex->wait_deadline_ms - now;
-            timer_arm_ms(ex->idem_timer,
-                         (long)(left < IDEM_WAIT_POLL_MS ? left : IDEM_WAIT_POLL_MS));
-        } else {
-            idem_answer(ex, ERR_IN_PROGRESS);
-        }
+    case STORE_ACQ_IN_PROGRESS:
+        idem_in_progress(e);
         break;
-    }
     case STORE_ACQ_MISMATCH:
-        idem_answer(ex, ERR_KEY_REUSE);
+        idem_answer(e, ERR_KEY_REUSE);
         break;
     case STORE_ACQ_COMPLETED:
-        idem_replay(ex, r);
+        idem_replay(e, r);
         break;
     case STORE_ACQ_ERROR:
-        idem_store_failed(ex);
+        idem_store_failed(e);
         break;
     }
-    exchange_unref(ex);
+    e->ops->release(e->host);
 }
 
-static void idem_acquire(struct exchange *ex)
+static void idem_acquire(struct idem *e)
 {
-    if (ex->state == EX_NEW) exchange_set_state(ex, EX_ACQUIRING);
-    ex->idem_failure_open = ex->w->cfg->redis.failure_mode == CFG_FAIL_OPEN;
-    ex->store_start_ms = worker_now_ms(ex->w);
-    exchange_ref(ex);
-    store_acquire(ex->w->store, ex->skey, ex->skey_len, ex->fp, ex->token,
-                  (uint32_t)ex->idem->lock_seconds * 1000u, idem_acquired, ex);
+    if (e->state == IDEM_NEW) idem_set_state(e, IDEM_ACQUIRING);
+    e->store_start_ms = clock_now_ms();
+    e->ops->hold(e->host);
+    store_acquire(e->env->store, e->skey, e->skey_len, e->fp, e->token, lock_ms(e), idem_acquired,
+                  e);
 }
 
 static bool idem_status_keepable(const struct cfg_idem *idem, int status)
@@ -317,142 +378,163 @@ static bool idem_excluded(const struct cfg_idem *idem, struct http1_slice name)
 }
 
 /* Gives the record buffer back (to the pool while it kept its size). */
-static void idem_rec_drop(struct exchange *ex)
+static void idem_rec_drop(struct idem *e)
 {
-    buf_reset(&ex->rec);
-    buf_release(&ex->rec, &ex->w->bufs);
+    buf_reset(&e->rec);
+    buf_release(&e->rec, e->env->bufs);
 }
 
-static void idem_stop_recording(struct exchange *ex)
+static void idem_stop_recording(struct idem *e)
 {
-    ex->recording = false;
-    ex->keep = false;
-    idem_rec_drop(ex);
+    e->keep = IDEM_KEEP_NO;
+    e->outcome = OUT_NOT_CACHED;
+    idem_rec_drop(e);
 }
 
-void idem_response_head(struct exchange *ex, const struct http1_head *rh)
+static void idem_rec_begin(struct idem *e, int status)
 {
-    if (!ex->owner) return;
-    const struct cfg_idem *idem = ex->idem;
+    buf_init(&e->rec);
+    buf_take(&e->rec, e->env->bufs); /* a pooled buffer: no malloc for small answers */
+    record_begin(&e->rw, &e->rec, status, (uint64_t)time(NULL) * 1000u, e->fp);
+}
+
+/* The headers a replay must reproduce: end-to-end, not excluded. */
+static int idem_record_headers(struct idem *e, const struct http1_head *rh)
+{
+    for (size_t i = 0; i < rh->n_headers; i++) {
+        const struct http1_header *h = &rh->headers[i];
+        if (http1_is_hop_by_hop(rh, i) || idem_excluded(e->cfg, h->name)) continue;
+        if (record_add_header(&e->rw, h->name.p, h->name.n, h->value.p, h->value.n) < 0) return -1;
+    }
+    return 0;
+}
+
+void idem_response_head(struct idem *e, const struct http1_head *rh)
+{
+    if (!e->owner) return;
+    const struct cfg_idem *idem = e->cfg;
     const struct http1_header *ct = http1_find_header(rh, "content-type", NULL);
     bool sse = ct && ct->value.n >= 17 && strncasecmp(ct->value.p, "text/event-stream", 17) == 0;
-    ex->keep =
+    bool keep =
         idem_status_keepable(idem, rh->status) && !sse &&
         !(rh->body == HTTP1_BODY_LENGTH && rh->content_length > idem->max_cached_response_bytes);
-    if (!ex->keep) {
-        ex->outcome = OUT_NOT_CACHED;
+    if (!keep) {
+        e->keep = IDEM_KEEP_NO;
+        e->outcome = OUT_NOT_CACHED;
         return;
     }
-    ex->recording = true;
-    buf_init(&ex->rec);
-    buf_take(&ex->rec, &ex->w->bufs); /* a pooled buffer: no malloc for small answers */
-    record_begin(&ex->rw, &ex->rec, rh->status, (uint64_t)time(NULL) * 1000u, ex->fp);
-    record_add_header(&ex->rw, ":reason", 7, rh->reason.p, rh->reason.n);
+    e->keep = IDEM_KEEP_RECORDING;
+    idem_rec_begin(e, rh->status);
+    record_add_header(&e->rw, RECORD_HDR_REASON, strlen(RECORD_HDR_REASON), rh->reason.p,
+                      rh->reason.n);
     /* A HEAD answer declares the length of a body it does not carry: keep
      * that, so the replay says what the first answer said. */
     const struct http1_header *cl = http1_find_header(rh, "content-length", NULL);
-    if (cl && rh->body == HTTP1_BODY_NONE && http1_slice_ieq(ex->head.method, "HEAD"))
-        record_add_header(&ex->rw, RECORD_HDR_LENGTH, strlen(RECORD_HDR_LENGTH), cl->value.p,
+    if (cl && rh->body == HTTP1_BODY_NONE && http1_slice_ieq(e->req.head->method, "HEAD"))
+        record_add_header(&e->rw, RECORD_HDR_LENGTH, strlen(RECORD_HDR_LENGTH), cl->value.p,
                           cl->value.n);
-    for (size_t i = 0; i < rh->n_headers; i++) {
-        const struct http1_header *h = &rh->headers[i];
-        if (http1_is_hop_by_hop(rh, i) || idem_excluded(idem, h->name)) continue;
-        if (record_add_header(&ex->rw, h->name.p, h->name.n, h->value.p, h->value.n) < 0) {
-            idem_stop_recording(ex);
-            ex->outcome = OUT_NOT_CACHED;
-            return;
-        }
-    }
-    record_begin_body(&ex->rw);
-}
-
-void idem_response_body(struct exchange *ex, const char *p, size_t n)
-{
-    if (!ex->recording) return;
-    if (buf_size(&ex->rec) + n > ex->idem->max_cached_response_bytes + (1u << 20) ||
-        ex->rec_body_len + n > ex->idem->max_cached_response_bytes) {
-        idem_stop_recording(ex);
-        ex->outcome = OUT_NOT_CACHED;
+    if (idem_record_headers(e, rh) < 0) {
+        idem_stop_recording(e);
         return;
     }
-    ex->rec_body_len += n;
-    buf_append(&ex->rec, p, n);
+    record_begin_body(&e->rw);
+}
+
+void idem_response_body(struct idem *e, const char *p, size_t n)
+{
+    if (e->keep != IDEM_KEEP_RECORDING) return;
+    uint64_t max = e->cfg->max_cached_response_bytes;
+    if (buf_size(&e->rec) + n > max + (1u << 20) || e->rec_body_len + n > max) {
+        idem_stop_recording(e);
+        return;
+    }
+    e->rec_body_len += n;
+    buf_append(&e->rec, p, n);
 }
 
 static void idem_store_done(void *arg, int status)
 {
-    struct exchange *ex = arg;
+    struct idem *e = arg;
     if (status != 1) {
         metrics_inc(M_STORE_ERRORS);
         log_msg(LOG_ERROR,
                 "request %.*s: could not %s the idempotency record (%s); the key stays locked "
                 "until its lock expires",
-                (int)ex->request_id_len, ex->request_id, ex->keep ? "store" : "release",
+                (int)e->req.id_len, e->req.id, e->keep == IDEM_KEEP_RECORDING ? "store" : "release",
                 status == 0 ? "lock no longer ours" : "store error");
     }
-    exchange_idem_finished(ex);
-    exchange_unref(ex);
+    idem_done(e);
+    e->ops->release(e->host);
 }
 
 /* Replaces whatever was recorded by a lost record: status 502 and the
  * pseudo-header RECORD_HDR_LOST naming why, no body. */
-static void idem_record_lost(struct exchange *ex, const char *why)
+static void idem_record_lost(struct idem *e, const char *why)
 {
-    if (ex->recording)
-        buf_reset(&ex->rec);
-    else {
-        buf_init(&ex->rec);
-        buf_take(&ex->rec, &ex->w->bufs);
-    }
-    ex->recording = true;
-    record_begin(&ex->rw, &ex->rec, 502, (uint64_t)time(NULL) * 1000u, ex->fp);
-    record_add_header(&ex->rw, RECORD_HDR_LOST, strlen(RECORD_HDR_LOST), why, strlen(why));
-    record_begin_body(&ex->rw);
+    if (e->keep == IDEM_KEEP_RECORDING) idem_rec_drop(e);
+    idem_rec_begin(e, 502);
+    record_add_header(&e->rw, RECORD_HDR_LOST, strlen(RECORD_HDR_LOST), why, strlen(why));
+    record_begin_body(&e->rw);
+    e->keep = IDEM_KEEP_RECORDING;
+    e->outcome = OUT_LOST;
 }
 
-bool idem_keeps_unanswered(const struct exchange *ex)
+bool idem_keeps_unanswered(const struct idem *e)
 {
-    return ex->owner && ex->idem->unknown_outcome == CFG_UNKNOWN_KEEP;
+    return e->owner && e->cfg->unknown_outcome == CFG_UNKNOWN_KEEP;
 }
 
-bool idem_would_keep(const struct exchange *ex)
+bool idem_would_keep(const struct idem *e)
 {
-    return ex->owner && ex->keep;
+    return e->owner && e->keep == IDEM_KEEP_RECORDING;
 }
 
-void idem_response_end(struct exchange *ex, enum idem_end how)
+void idem_response_end(struct idem *e, enum idem_end how)
 {
-    if (ex->idem_timer) evtimer_del(ex->idem_timer);
-    if (!ex->owner) {
-        exchange_idem_finished(ex);
+    e->ops->timer_cancel(e->host);
+    if (!e->owner) {
+        idem_done(e);
         return;
     }
-    exchange_ref(ex);
+    idem_set_state(e, IDEM_COMPLETING);
     if (how == IDEM_END_LOST_HEAD || how == IDEM_END_LOST_BODY || how == IDEM_END_UNANSWERED) {
         static const char *const why[] = {[IDEM_END_LOST_HEAD] = "malformed head",
                                           [IDEM_END_LOST_BODY] = "body cut",
                                           [IDEM_END_UNANSWERED] = "no answer"};
-        ex->keep = true;
-        ex->outcome = OUT_LOST;
-        idem_record_lost(ex, why[how]);
+        idem_record_lost(e, why[how]);
+    } else if (how == IDEM_END_FAILED) {
+        if (e->keep == IDEM_KEEP_RECORDING) idem_rec_drop(e);
+        e->keep = IDEM_KEEP_NO;
+        e->outcome = OUT_NOT_CACHED; /* 502/504 of ours, or a broken answer: released */
     }
-    if ((how == IDEM_END_OK && ex->keep && ex->recording) || ex->outcome == OUT_LOST) {
-        record_end(&ex->rw);
-        store_complete(ex->w->store, ex->skey, ex->skey_len, ex->token,
-                       (const uint8_t *)buf_data(&ex->rec), buf_size(&ex->rec),
-                       (uint32_t)ex->idem->ttl_seconds, idem_store_done, ex);
+    e->ops->hold(e->host);
+    if (e->keep == IDEM_KEEP_RECORDING) {
+        record_end(&e->rw);
+        store_complete(e->env->store, e->skey, e->skey_len, e->token,
+                       (const uint8_t *)buf_data(&e->rec), buf_size(&e->rec),
+                       (uint32_t)e->cfg->ttl_seconds, idem_store_done, e);
     } else {
-        ex->keep = false;
-        store_release(ex->w->store, ex->skey, ex->skey_len, ex->token, idem_store_done, ex);
+        store_release(e->env->store, e->skey, e->skey_len, e->token, idem_store_done, e);
     }
-    idem_rec_drop(ex);
-    ex->recording = false;
+    idem_rec_drop(e);
 }
 
-void idem_free(struct exchange *ex)
+bool idem_scope_key(const struct idem *e, const char **scope, size_t *scope_len, const char **key,
+                    size_t *key_len)
 {
-    if (ex->idem_timer) evtimer_del(ex->idem_timer); /* kept with the exchange for reuse */
-    idem_rec_drop(ex);
-    if (ex->skey != ex->skey_buf) free(ex->skey);
-    ex->skey = NULL;
+    if (!e->skey) return false;
+    const char *colon = memchr(e->skey, ':', e->skey_len);
+    size_t sl = (size_t)(colon - e->skey);
+    *scope = e->skey;
+    *scope_len = sl < 16 ? sl : 16;
+    *key = colon + 1;
+    *key_len = e->skey_len - sl - 1;
+    return true;
+}
+
+void idem_free(struct idem *e)
+{
+    if (e->env) idem_rec_drop(e);
+    if (e->skey != e->skey_buf) free(e->skey);
+    e->skey = NULL;
 }

@@ -22,7 +22,7 @@
 #include <openssl/rand.h>
 
 #include "idemgate/config/config.h"
-#include "idemgate/proxy/exchange.h"
+#include "idemgate/proxy/client.h"
 #include "idemgate/http/http1.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
@@ -32,12 +32,6 @@
 #include "idemgate/proxy/upstream.h"
 
 #define ACCEPT_BATCH 64
-
-uint64_t worker_now_ms(const struct worker *w)
-{
-    (void)w;
-    return clock_now_ms();
-}
 
 static int listen_socket(const struct cfg_addr *a, char *err, size_t errlen)
 {
@@ -86,7 +80,7 @@ static void worker_accept(evutil_socket_t lfd, short what, void *arg)
 {
     (void)what;
     struct worker *w = arg;
-    for (int i = 0; i < ACCEPT_BATCH && !w->draining; i++) {
+    for (int i = 0; i < ACCEPT_BATCH && !w->loop.draining; i++) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
         int fd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -95,7 +89,7 @@ static void worker_accept(evutil_socket_t lfd, short what, void *arg)
                 log_msg(LOG_ERROR, "accept: %s", strerror(errno));
             return;
         }
-        if (atomic_fetch_add(&w->srv->connections, 1) >= w->cfg->limits.max_connections) {
+        if (atomic_fetch_add(&w->srv->connections, 1) >= w->loop.cfg->limits.max_connections) {
             /* Over the limit: refuse at once rather than hold the socket. */
             atomic_fetch_sub(&w->srv->connections, 1);
             close(fd);
@@ -105,13 +99,15 @@ static void worker_accept(evutil_socket_t lfd, short what, void *arg)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         char peer[64];
         peer_text(&ss, peer, sizeof(peer));
-        client_accept(w, fd, peer);
+        client_accept(&w->loop, fd, peer);
     }
 }
 
-void worker_maybe_done(struct worker *w)
+/* The loop is draining and empty: the worker's thread may end. */
+static void worker_idle(void *arg)
 {
-    if (w->draining && !w->clients && w->n_exchanges == 0) event_base_loopbreak(w->base);
+    struct worker *w = arg;
+    event_base_loopbreak(w->loop.base);
 }
 
 static void worker_grace_expired(evutil_socket_t fd, short what, void *arg)
@@ -120,8 +116,8 @@ static void worker_grace_expired(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct worker *w = arg;
     log_msg(LOG_WARN, "worker %d: shutdown grace ran out with %u exchange(s) in flight", w->id,
-            w->n_exchanges);
-    event_base_loopbreak(w->base);
+            w->loop.n_exchanges);
+    event_base_loopbreak(w->loop.base);
 }
 
 /* SIGTERM reached us through the worker's eventfd: stop accepting, close
@@ -133,8 +129,8 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
     uint64_t v;
     if (read(fd, &v, sizeof(v)) < 0) { /* nothing to do: the wakeup is what counts */
     }
-    if (w->draining) return;
-    w->draining = true;
+    if (w->loop.draining) return;
+    w->loop.draining = true;
     if (w->listen_ev) {
         event_free(w->listen_ev);
         w->listen_ev = NULL;
@@ -143,17 +139,17 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
         close(w->listen_fd);
         w->listen_fd = -1;
     }
-    struct client *cl = w->clients;
+    struct client *cl = w->loop.clients;
     while (cl) {
         struct client *next = cl->next;
         client_drain(cl);
         cl = next;
     }
-    int ms = w->cfg->limits.shutdown_grace_ms;
+    int ms = w->loop.cfg->limits.shutdown_grace_ms;
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    w->grace_ev = evtimer_new(w->base, worker_grace_expired, w);
+    w->grace_ev = evtimer_new(w->loop.base, worker_grace_expired, w);
     evtimer_add(w->grace_ev, &tv);
-    worker_maybe_done(w);
+    loop_maybe_idle(&w->loop);
 }
 
 static int worker_init(struct server *srv, struct worker *w, int id, char *err, size_t errlen)
@@ -161,38 +157,31 @@ static int worker_init(struct server *srv, struct worker *w, int id, char *err, 
     const struct cfg *cfg = srv->cfg;
     w->id = id;
     w->srv = srv;
-    w->cfg = cfg;
     w->listen_fd = -1;
     w->stop_fd = -1;
     struct event_config *ec = event_config_new();
     event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
     event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
-    w->base = event_base_new_with_config(ec);
+    struct event_base *base = event_base_new_with_config(ec);
     event_config_free(ec);
-    if (!w->base) {
+    if (!base) {
         snprintf(err, errlen, "cannot create an event base");
         return -1;
     }
+    w->loop.base = base; /* for worker_free, should the listener fail */
     w->listen_fd = listen_socket(&cfg->listen, err, errlen);
     if (w->listen_fd < 0) return -1;
-    w->listen_ev = event_new(w->base, w->listen_fd, EV_READ | EV_PERSIST, worker_accept, w);
+    w->listen_ev = event_new(base, w->listen_fd, EV_READ | EV_PERSIST, worker_accept, w);
     event_add(w->listen_ev, NULL);
     w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, worker_stop, w);
+    w->stop_ev = event_new(base, w->stop_fd, EV_READ | EV_PERSIST, worker_stop, w);
     event_add(w->stop_ev, NULL);
-    buf_pool_init(&w->bufs, 16384, 256);
-    w->scratch = malloc(sizeof(*w->scratch));
-    if (!w->scratch) abort();
-    w->n_pools = cfg->n_routes + 1;
-    w->pools = calloc(w->n_pools, sizeof(*w->pools));
-    if (!w->pools) abort();
-    upstream_pool_init(&w->pools[0], w, &cfg->upstream);
-    for (size_t i = 0; i < cfg->n_routes; i++)
-        upstream_pool_init(&w->pools[i + 1], w, &cfg->routes[i].upstream);
-    if (cfg->store == CFG_STORE_MEMORY)
-        w->store = store_memory_new(w->base, srv->mem, cfg->redis.timeout_ms);
-    else
-        w->store = store_redis_new(w->base, cfg);
+    struct store *store = cfg->store == CFG_STORE_MEMORY
+                              ? store_memory_new(base, srv->mem, cfg->redis.timeout_ms)
+                              : store_redis_new(base, cfg);
+    loop_init(&w->loop, id, srv->boot_id, cfg, base, store, &srv->connections);
+    w->loop.on_idle = worker_idle;
+    w->loop.idle_arg = w;
     return 0;
 }
 
@@ -226,7 +215,7 @@ int server_init(struct server *srv, const struct cfg *cfg)
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
-    event_base_dispatch(w->base);
+    event_base_dispatch(w->loop.base);
     log_scratch_free();
     return NULL;
 }
@@ -254,22 +243,16 @@ void server_stop(struct server *srv)
 /* Returns false when exchanges were still in flight (grace ran out). */
 static bool worker_free(struct worker *w)
 {
-    while (w->clients)
-        client_close(w->clients);
-    if (w->n_exchanges > 0) return false;
-    for (size_t i = 0; i < w->n_pools; i++)
-        upstream_pool_free(&w->pools[i]);
-    free(w->pools);
-    exchange_cache_free(w);
-    buf_pool_free(&w->bufs);
-    free(w->scratch);
-    if (w->store) store_free(w->store);
+    while (w->loop.clients)
+        client_close(w->loop.clients);
+    if (w->loop.n_exchanges > 0) return false;
+    if (w->loop.pools) loop_free(&w->loop);
     if (w->listen_ev) event_free(w->listen_ev);
     if (w->listen_fd >= 0) close(w->listen_fd);
     if (w->stop_ev) event_free(w->stop_ev);
     if (w->stop_fd >= 0) close(w->stop_fd);
     if (w->grace_ev) event_free(w->grace_ev);
-    if (w->base) event_base_free(w->base);
+    if (w->loop.base) event_base_free(w->loop.base);
     return true;
 }
 

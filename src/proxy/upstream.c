@@ -1,5 +1,5 @@
 /* upstream.c — keep-alive upstream connection pools, one per upstream URL
- * per worker (no locks: a pool belongs to one event loop). Owns parked
+ * per event loop (no locks: a pool belongs to one loop). Owns parked
  * connections; a connection handed out belongs to its exchange until it is
  * put back. For https, the SSL of each connection (through its conn) and
  * the pool's last session; the client context is tls.c's. */
@@ -14,7 +14,8 @@
 
 #include "idemgate/config/config.h"
 #include "idemgate/core/log.h"
-#include "idemgate/proxy/server.h"
+#include "idemgate/core/clock.h"
+#include "idemgate/proxy/loop.h"
 #include "idemgate/net/tls.h"
 
 /* Many servers close idle keep-alive connections after ~5 s (Node.js,
@@ -23,9 +24,9 @@
 #define UPSTREAM_MAX_IDLE_MS 4000
 #define UPSTREAM_MAX_IDLE_CONNS 256
 
-void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct cfg_url *url)
+void upstream_pool_init(struct upstream_pool *p, struct loop *l, const struct cfg_url *url)
 {
-    p->w = w;
+    p->loop = l;
     p->url = url;
     p->idle = NULL;
     p->n_idle = 0;
@@ -101,7 +102,7 @@ void upstream_pool_free(struct upstream_pool *p)
 
 struct upconn *upstream_get(struct upstream_pool *p)
 {
-    uint64_t now = worker_now_ms(p->w);
+    uint64_t now = clock_now_ms();
     while (p->idle) {
         struct upconn *u = p->idle;
         p->idle = u->next;
@@ -109,7 +110,6 @@ struct upconn *upstream_get(struct upstream_pool *p)
         u->next = NULL;
         if (now - u->idle_since_ms < UPSTREAM_MAX_IDLE_MS && !u->c.eof && !u->c.err &&
             upconn_quiet(u)) {
-            u->reused = true;
             return u;
         }
         upconn_free(u);
@@ -127,12 +127,12 @@ struct upconn *upstream_get(struct upstream_pool *p)
     struct upconn *u = calloc(1, sizeof(*u));
     if (!u) abort();
     u->pool = p;
-    if (conn_open(&u->c, p->w->base, fd, pool_idle_event, u) < 0) {
+    if (conn_open(&u->c, p->loop->base, fd, pool_idle_event, u) < 0) {
         free(u);
         errno = ENOMEM;
         return NULL;
     }
-    u->c.pool = &p->w->bufs;
+    u->c.pool = &p->loop->bufs;
     /* Not connected yet: the first EV_WRITE edge tells. */
     u->c.wr_ready = false;
     u->c.rd_ready = false;
@@ -143,13 +143,13 @@ void upstream_put(struct upconn *u, bool reusable)
 {
     struct upstream_pool *p = u->pool;
     if (!reusable || u->c.eof || u->c.err || buf_size(&u->c.in) > 0 || buf_size(&u->c.out) > 0 ||
-        !u->connected || conn_tls_pending(&u->c) || p->n_idle >= p->max_idle || p->w->draining) {
+        !u->connected || conn_tls_pending(&u->c) || p->n_idle >= p->max_idle || p->loop->draining) {
         upconn_free(u);
         return;
     }
     buf_reset(&u->c.in);
     conn_trim(&u->c); /* parked connections hold no buffer memory */
-    u->idle_since_ms = worker_now_ms(p->w);
+    u->idle_since_ms = clock_now_ms();
     conn_set_cb(&u->c, pool_idle_event, u);
     u->next = p->idle;
     p->idle = u;
@@ -159,7 +159,7 @@ void upstream_put(struct upconn *u, bool reusable)
 static int upstream_tls_start(struct upconn *u)
 {
     struct upstream_pool *p = u->pool;
-    SSL *ssl = tls_client_new(p->w->cfg, p->url, &p->tls_session);
+    SSL *ssl = tls_client_new(p->loop->cfg, p->url, &p->tls_session);
     if (!ssl) {
         log_msg(LOG_ERROR, "upstream %s: cannot start TLS", p->url->text);
         return ENOMEM;

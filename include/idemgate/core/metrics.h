@@ -25,6 +25,20 @@ enum metrics_counter {
         M__COUNT
 };
 
+/* Which kind of answer a request got (SPEC section 7 outcomes), in the
+ * order of their names in metrics.c. */
+enum ex_outcome {
+    OUT_PASSTHROUGH,
+    OUT_EXECUTED,
+    OUT_REPLAYED,
+    OUT_IN_PROGRESS,
+    OUT_MISMATCH,
+    OUT_REJECTED,
+    OUT_NOT_CACHED,
+    OUT_STORE_ERROR,
+    OUT_LOST /* the upstream ran, its answer was lost: kept as lost */
+};
+
 void metrics_inc(enum metrics_counter c);
 /* outcome: index into the outcome names of exchange.h (enum ex_outcome). */
 void metrics_outcome(int outcome);

@@ -28,10 +28,7 @@
 
 #define HTTP1_MAX_HEADERS 100
 
-struct http1_slice {
-    const char *p;
-    size_t n;
-};
+#include "idemgate/http/chunked.h"
 
 struct http1_header {
     struct http1_slice name;  /* as sent (case preserved) */
@@ -85,28 +82,10 @@ long http1_parse_request(const char *buf, size_t len, size_t max_head, struct ht
 long http1_parse_response(const char *buf, size_t len, size_t max_head, bool head_request,
                           struct http1_head *h);
 
-/* Incremental chunked-body decoder. */
-struct http1_chunked {
-    int state;
-    uint64_t remaining;   /* bytes left in the current chunk */
-    size_t line_bytes;    /* bytes of the current size/trailer line seen */
-    size_t trailer_bytes; /* total trailer bytes seen */
-};
-
-#define HTTP1_CHUNK_MORE 0 /* consumed all input, need more */
-#define HTTP1_CHUNK_DATA 1 /* *data is a slice of body bytes (inside in) */
-#define HTTP1_CHUNK_DONE 2 /* last chunk and trailers consumed: body complete */
-
-void http1_chunked_init(struct http1_chunked *c);
-/* Consumes bytes from in[0..n) and sets *used to how many. Returns
- * HTTP1_CHUNK_DATA with *data set (a slice within the consumed bytes),
- * HTTP1_CHUNK_MORE when all n were consumed without data, HTTP1_CHUNK_DONE
- * when the terminating chunk and trailers are consumed (bytes after it are
- * not consumed), or HTTP1_EBAD. Chunk extensions are ignored; trailers are
- * skipped (bounded at 8 KiB); a size line is bounded at 1 KiB. Call in a
- * loop until MORE or DONE. */
-int http1_chunked_next(struct http1_chunked *c, const char *in, size_t n, size_t *used,
-                       struct http1_slice *data);
+/* RFC 9110 character classes: a token character; a field-value byte
+ * (HTAB, SP, VCHAR, obs-text). */
+bool http1_is_tchar(unsigned char c);
+bool http1_is_value_byte(unsigned char c);
 
 /* Case-insensitive comparison of a slice with a NUL-terminated name. */
 bool http1_slice_ieq(struct http1_slice s, const char *name);

@@ -1,26 +1,62 @@
-/* idem.h — the idempotency state machine (SPEC sections 3 and 4).
+/* engine.h — the idempotency engine (SPEC sections 3 and 4), behind a
+ * small interface.
  *
- * Knows no sockets: it decides from the parsed request, asks the store,
- * and drives the exchange through exchange_forward / exchange_replay /
- * exchange_answer_error. It owns the exchange's idempotency fields (key,
- * token, fingerprint, renewal timer, record writer). */
-#ifndef IDEMGATE_IDEM_H
-#define IDEMGATE_IDEM_H
+ * The engine decides from a parsed request whether it is covered, validates
+ * its key, computes scope and fingerprint, asks the store, and tells its
+ * host what to do: forward the request, answer with an error, replay a
+ * record. While the upstream works it renews the lock; when the host reports
+ * how the response ended it completes (the record, or a lost record) or
+ * releases the key, then says it is done. It knows no sockets and no host
+ * struct: the host is a void pointer behind an ops table, as h2o's proxy
+ * hands its HTTP client callbacks and the client never sees the proxy.
+ *
+ *   host (exchange) ──embeds──▶ struct idem ──ops──▶ host
+ *                                   │
+ *                                   └──env──▶ store, buffer pool (borrowed)
+ *
+ * Ownership: the engine owns its key copy, token, fingerprint and record
+ * buffer (given back to env->bufs); the request (head, body, id) is
+ * borrowed from the host for the engine's whole life; records handed to
+ * ops->replay are borrowed until it returns. Every store operation in
+ * flight holds the host (ops->hold / ops->release), so the host outlives
+ * every callback. ops are never called from inside idem_start's caller
+ * stack for a store decision (store callbacks are never synchronous), but
+ * idem_start itself may call ops->forward / ops->answer at once (a request
+ * that is not covered, a bad key). */
+#ifndef IDEMGATE_IDEM_ENGINE_H
+#define IDEMGATE_IDEM_ENGINE_H
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
-struct exchange;
+#include "idemgate/core/buf.h"
+#include "idemgate/core/errors.h"
+#include "idemgate/core/metrics.h"
+#include "idemgate/idem/fingerprint.h"
+#include "idemgate/idem/record.h"
+#include "idemgate/store/store.h"
+
+struct cfg_idem;
 struct http1_head;
 
-/* Starts the engine on a complete request: answers, forwards, or starts an
- * acquire whose callback does one of those later. */
-void idem_start(struct exchange *ex);
-/* The upstream answered with this head (status, headers): decides whether
- * the response may be kept and starts recording it. */
-void idem_response_head(struct exchange *ex, const struct http1_head *rh);
-/* Body bytes of the response, as delivered. */
-void idem_response_body(struct exchange *ex, const char *p, size_t n);
+/* The engine's states; idem_set_state is the one place they change. */
+enum idem_state {
+    IDEM_NEW,
+    IDEM_ACQUIRING,  /* store acquire in flight */
+    IDEM_WAITING,    /* concurrent "wait": polling for the owner to finish */
+    IDEM_FORWARDED,  /* the host forwards (as owner, passthrough or fail-open) */
+    IDEM_COMPLETING, /* complete/release in flight */
+    IDEM_DONE
+};
+
+/* What becomes of the response being forwarded, decided by its head. */
+enum idem_keep {
+    IDEM_KEEP_UNDECIDED, /* no head yet (or not the owner) */
+    IDEM_KEEP_RECORDING, /* keepable: recorded as it streams */
+    IDEM_KEEP_NO         /* not kept: status, SSE or size */
+};
+
 /* How the exchange ended on the upstream's side (SPEC section 4). */
 enum idem_end {
     IDEM_END_OK,         /* a complete response: kept when keepable */
@@ -29,15 +65,104 @@ enum idem_end {
     IDEM_END_LOST_HEAD,  /* the head was malformed: the upstream ran, kept as lost */
     IDEM_END_LOST_BODY   /* a keepable head, then the body was cut: kept as lost */
 };
-/* Whether a failure of that kind keeps the key as lost for this exchange:
- * an unanswered request (unknown_outcome "keep"), a cut keepable answer. */
-bool idem_keeps_unanswered(const struct exchange *ex);
-bool idem_would_keep(const struct exchange *ex);
-/* The exchange is over from the upstream's side. Completes (the record, or a
- * lost record) or releases the key; calls exchange_idem_finished when the
- * store is done (or at once). */
-void idem_response_end(struct exchange *ex, enum idem_end how);
-/* Frees the engine's resources of the exchange. */
-void idem_free(struct exchange *ex);
+
+/* What the engine asks of its host. Every op gets the host pointer given
+ * to idem_init. */
+struct idem_host_ops {
+    /* Send the request upstream; the host later reports the response with
+     * idem_response_head/_body/_end. */
+    void (*forward)(void *host);
+    /* Answer with one of our errors (replayed: a stored lost answer, marked
+     * Idempotent-Replayed). */
+    void (*answer)(void *host, enum err_code e, bool replayed);
+    /* Replay a stored response (r borrowed until the call returns). */
+    void (*replay)(void *host, const struct record *r);
+    /* The engine is finished (its store work is over): called exactly once,
+     * last; the host may then end the exchange. */
+    void (*done)(void *host);
+    /* A store operation goes in flight / called back: keep the host alive
+     * in between (reference counting). */
+    void (*hold)(void *host);
+    void (*release)(void *host);
+    /* The engine's one timer (lock renewal, or the wait poll): fire once in
+     * ms by calling idem_timer_fired; arming again replaces it. */
+    void (*timer_arm)(void *host, uint32_t ms);
+    void (*timer_cancel)(void *host);
+};
+
+/* What the engine runs on: one per event loop, borrowed. */
+struct idem_env {
+    struct store *store;
+    struct buf_pool *bufs; /* the record buffer comes from here */
+};
+
+/* The request, borrowed from the host for the engine's life: the parsed
+ * head (its target already normalized), the body, and the request id for
+ * log lines. */
+struct idem_request {
+    const struct http1_head *head;
+    const char *body;
+    size_t body_len;
+    const char *id;
+    size_t id_len;
+};
+
+#define IDEM_SKEY_INLINE (SCOPE_HEX_LEN + 2 + 256)
+
+struct idem {
+    enum idem_state state;
+    enum ex_outcome outcome; /* what the client got (SPEC section 7) */
+    enum idem_keep keep;
+    bool owner;        /* we hold the lock */
+    bool failure_open; /* the store failed and failure_mode is "open" */
+    bool replayed;     /* the answer replays a stored one */
+    const struct idem_host_ops *ops;
+    void *host;
+    const struct idem_env *env;
+    const struct cfg_idem *cfg;
+    struct idem_request req;
+    char *skey; /* "<scope>:<key>": skey_buf, or owned when longer; NULL when no key */
+    size_t skey_len;
+    char token[STORE_TOKEN_LEN + 1];
+    uint8_t fp[FP_LEN];
+    uint64_t wait_deadline_ms;
+    uint64_t store_start_ms;
+    struct buf rec; /* the record being written (pooled) */
+    struct record_writer rw;
+    uint64_t rec_body_len;
+    char skey_buf[IDEM_SKEY_INLINE]; /* last: idem_init does not clear it */
+};
+
+/* Prepares e (state NEW) for one request of host. env, ops and host are
+ * borrowed for the engine's life. */
+void idem_init(struct idem *e, const struct idem_env *env, const struct idem_host_ops *ops,
+               void *host);
+/* Starts on a complete request under policy cfg (both borrowed): answers,
+ * forwards, or starts an acquire whose callback does one of those. */
+void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mode,
+                const struct idem_request *req);
+/* The host's timer armed by ops->timer_arm fired. */
+void idem_timer_fired(struct idem *e);
+/* The upstream answered with this head: decides whether the response may
+ * be kept and starts recording it. head_request: the request was HEAD. */
+void idem_response_head(struct idem *e, const struct http1_head *rh);
+/* Body bytes of the response, as delivered. */
+void idem_response_body(struct idem *e, const char *p, size_t n);
+/* Whether a failure of that kind keeps the key as lost: an unanswered
+ * request with unknown_outcome "keep", a cut keepable answer. */
+bool idem_keeps_unanswered(const struct idem *e);
+bool idem_would_keep(const struct idem *e);
+/* The exchange is over from the upstream's side: completes (the record or
+ * a lost record) or releases the key, then ops->done once the store is
+ * done (or at once). A failed, forwarded request of an owner counts as
+ * not_cached. */
+void idem_response_end(struct idem *e, enum idem_end how);
+/* The scope (at most 16 characters of it) and key of a keyed request, for
+ * the access line; false when the request had no key. */
+bool idem_scope_key(const struct idem *e, const char **scope, size_t *scope_len, const char **key,
+                    size_t *key_len);
+/* Frees what the engine holds (the timer is the host's). Tolerates an
+ * engine that never started. */
+void idem_free(struct idem *e);
 
 #endif

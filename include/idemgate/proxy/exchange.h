@@ -1,107 +1,57 @@
-/* exchange.h — client connections and exchanges.
- *
- * A client is one accepted connection: it reads and parses requests, one at
- * a time (pipelined bytes wait in its buffer), and writes responses.
- * An exchange is one request's life: its route, its idempotency state, its
- * upstream request and its response.
+/* exchange.h — one request's life: from a complete request on a client to
+ * the end of its answer and of the engine's store work, whether the client
+ * stayed or not. The exchange is the engine's host (idem/engine.h): it
+ * embeds a struct idem and implements its ops (forward through relay.c,
+ * answers and replays through answer.c).
  *
  *   client ──(attached, 1 ref)──▶ exchange ──(1 ref while in use)──▶ upconn
- *                                    │
- *                                    └──(1 ref per store op in flight)──▶ store
+ *                                   │  └─embeds─▶ struct idem
+ *                                   └──(1 ref per store op in flight, via ops->hold)
  *
- * The exchange owns the request bytes (it takes the client's read buffer),
- * its upstream connection while in use and its record buffer. The last
- * reference frees it (exchange_unref), so a client that disconnects only
- * detaches: the upstream answer is still read and kept. */
-#ifndef IDEMGATE_EXCHANGE_H
-#define IDEMGATE_EXCHANGE_H
+ * Ownership: the exchange owns the request bytes once its client leaves
+ * (it takes the client's read buffer), its normalized target, its upstream
+ * connection while in use, its timers and its engine. The last reference
+ * frees it (exchange_unref), so a client that disconnects only detaches:
+ * the upstream answer is still read and kept. Freed exchanges are cached
+ * by the loop, timers included. */
+#ifndef IDEMGATE_PROXY_EXCHANGE_H
+#define IDEMGATE_PROXY_EXCHANGE_H
 
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "idemgate/core/buf.h"
-#include "idemgate/net/conn.h"
-#include "idemgate/core/errors.h"
-#include "idemgate/idem/fingerprint.h"
 #include "idemgate/http/http1.h"
-#include "idemgate/idem/record.h"
-#include "idemgate/store/store.h"
+#include "idemgate/idem/engine.h"
 
-struct worker;
+struct loop;
+struct client;
 struct event;
 struct upconn;
-struct cfg_route;
 struct cfg_idem;
 struct cfg_url;
 struct upstream_pool;
 
-enum client_state {
-    CLIENT_IDLE,   /* waiting for (the rest of) a request */
-    CLIENT_BUSY,   /* an exchange is attached */
-    CLIENT_CLOSING /* flushing the last response, then close */
-};
-
-struct client {
-    struct conn c;
-    struct worker *w;
-    struct client *prev, *next; /* worker's list */
-    enum client_state state;
-    struct exchange *ex;
-    struct event *timer; /* client_timeout_ms: request receive / keep-alive idle */
-    char peer[64];       /* client IP as text, for X-Forwarded-For */
-    bool tls;            /* HTTPS: requests are read once the handshake is done */
-    /* request being read */
-    long head_len;
-    /* what the request body needs, from the parsed head (the head itself is
-     * parsed into the worker's scratch, then into the exchange: an idle
-     * client holds no 3 KiB header table) */
-    enum http1_body body;
-    uint64_t content_length;
-    bool expect_continue;
-    struct http1_chunked chunked;
-    struct buf chunked_body;
-    size_t chunk_pos; /* bytes of input after the head already decoded */
-    bool have_head;
-    size_t scanned; /* bytes of the head already searched for its end */
-    bool sent_continue;
-    bool keep_alive; /* the last request allows keeping the connection */
-    /* the request's target when normalization changed it (SPEC 3), then
-     * an absolute form's authority; moved into the exchange */
-    struct buf target;
-    size_t target_len, auth_len;
-    bool target_changed;
-};
-
+/* The exchange's transport state (the engine has its own, in struct idem);
+ * exchange_set_state is the one place it changes. */
 enum ex_state {
-    EX_NEW,
-    EX_ACQUIRING,  /* store acquire in flight */
-    EX_WAITING,    /* concurrent "wait": polling for the owner to finish */
-    EX_FORWARDING, /* upstream request in flight */
+    EX_NEW,        /* the engine decides (acquire, wait) */
+    EX_FORWARDING, /* upstream request in flight, no response head yet */
     EX_STREAMING,  /* response head sent to the client, body flowing */
-    EX_COMPLETING, /* response done; store complete/release in flight */
-    EX_DONE
-};
-
-/* Which kind of answer the client got (SPEC section 7 outcomes). */
-enum ex_outcome {
-    OUT_PASSTHROUGH,
-    OUT_EXECUTED,
-    OUT_REPLAYED,
-    OUT_IN_PROGRESS,
-    OUT_MISMATCH,
-    OUT_REJECTED,
-    OUT_NOT_CACHED,
-    OUT_STORE_ERROR,
-    OUT_LOST /* the upstream ran, its answer was lost: kept as lost */
+    EX_ENDED,      /* the upstream side is over; the engine finishes */
+    EX_DONE        /* the engine is done too: only references are left */
 };
 
 struct exchange {
     int refs;
     enum ex_state state;
-    enum ex_outcome outcome;
-    struct worker *w;
+    struct loop *loop;
     struct client *client; /* NULL once detached */
-    struct buf req;        /* owns the request head (and a Content-Length body) */
+    struct idem idem;      /* the engine, host = this exchange */
+
+    /* the request (slices into req, or into the client's buffer while it is
+     * attached) */
+    struct buf req; /* owns the request head (and a Content-Length body) once detached */
     struct http1_head head;
     const char *body;
     size_t body_len;
@@ -114,70 +64,47 @@ struct exchange {
     char request_id[64];
     size_t request_id_len;
     bool request_id_from_client;
-    const struct cfg_idem *idem;
+    const struct cfg_idem *idem_cfg;
     const struct cfg_url *upstream_url;
     struct upstream_pool *pool;
     uint64_t start_ms;
-    uint64_t upstream_start_ms;
-    uint64_t upstream_ms;
-    int status; /* status sent to the client */
+    int status;               /* status sent to the client */
+    bool logged;              /* the access line was written (and the outcome counted) */
+    struct event *idem_timer; /* the engine's timer (kept with the cached exchange) */
 
-    /* idempotency */
-    bool covered; /* acquire was attempted */
-    bool owner;   /* we hold the lock */
-    char *skey;   /* "<scope>:<key>": skey_buf, or owned when longer */
-    char skey_buf[SCOPE_HEX_LEN + 2 + 256];
-    size_t skey_len;
-    char token[STORE_TOKEN_LEN + 1];
-    uint8_t fp[FP_LEN];
-    struct event *idem_timer; /* lock renewal, or the wait poll */
-    uint64_t wait_deadline_ms;
-    bool recording;
-    bool keep; /* the response may be kept (status, not SSE, size) */
-    struct buf rec;
-    struct record_writer rw;
-    uint64_t rec_body_len;
-    uint64_t store_start_ms;
-    bool idem_failure_open;
-    bool replayed; /* our answer replays a stored one (Idempotent-Replayed) */
-
-    /* upstream */
+    /* the upstream side (relay.c) */
     struct upconn *up;
     struct event *up_timer;
-    bool up_sent;   /* request bytes reached the upstream's socket */
-    bool head_done; /* response head parsed and forwarded */
+    uint64_t upstream_start_ms;
+    uint64_t upstream_ms;
+    bool up_sent; /* request bytes reached the upstream's socket */
+    bool up_reusable;
     struct http1_head rhead;
     struct http1_chunked rchunked;
     uint64_t r_remaining;
     bool client_chunked; /* we re-encode the body as chunked for the client */
     bool client_close;   /* close the client connection after this response */
-    bool holding;        /* last response bytes wait for the record to be stored */
-    bool logged;         /* the access line was written (and the outcome counted) */
-    bool up_reusable;
 };
 
-/* Accepted socket -> new client (takes ownership of fd). */
-void client_accept(struct worker *w, int fd, const char *peer);
-/* Closes and frees a client; a busy exchange is detached, not stopped. */
-void client_close(struct client *cl);
-/* Draining: closes the client if it is between requests. */
-void client_drain(struct client *cl);
+/* A complete request is parsed on cl (its head in the loop's scratch, or to
+ * be parsed again from cl's buffer): attaches a new exchange and starts
+ * the engine on it. */
+void exchange_start(struct client *cl);
+/* cl is closing while ex is attached: ex takes the request bytes its slices
+ * point into and goes on alone. */
+void exchange_client_gone(struct exchange *ex, struct client *cl);
+/* The client's output drained (a paused upstream may go on). */
+void exchange_client_drained(struct exchange *ex);
+/* The answer is queued whole: the owner of a key holds the client until
+ * the engine is done; anyone else lets it go at once. */
+void exchange_answered(struct exchange *ex);
 
-/* Frees the worker's cache of reusable exchanges (at the worker's end). */
-void exchange_cache_free(struct worker *w);
-
-/* Reference counting (see header comment). */
 void exchange_ref(struct exchange *ex);
 void exchange_unref(struct exchange *ex);
-/* The one place where an exchange's state changes; aborts on an illegal
+/* The one place the transport state changes; aborts on an illegal
  * transition (also in release builds). */
 void exchange_set_state(struct exchange *ex, enum ex_state to);
-
-/* Called by the idem engine (idem.c): */
-void exchange_forward(struct exchange *ex);
-void exchange_answer_error(struct exchange *ex, enum err_code e);
-void exchange_replay(struct exchange *ex, const struct record *r);
-/* Store work after the response finished is done: the exchange may end. */
-void exchange_idem_finished(struct exchange *ex);
+/* Frees the loop's cache of reusable exchanges (at the loop's end). */
+void exchange_cache_free(struct loop *l);
 
 #endif

@@ -2,8 +2,9 @@
  * SO_REUSEPORT listener, store connection and upstream pools (DESIGN
  * section 1). Workers share only the frozen config and atomic counters.
  *
- * Ownership: struct server owns the workers; each worker owns its clients,
- * its exchanges (through their reference counts), its pools and its store. */
+ * Ownership: struct server owns the workers; each worker owns its loop,
+ * which owns its clients, its exchanges (through their reference counts),
+ * its pools and its store. */
 #ifndef IDEMGATE_SERVER_H
 #define IDEMGATE_SERVER_H
 
@@ -13,6 +14,7 @@
 #include <stdint.h>
 
 #include "idemgate/core/buf.h"
+#include "idemgate/proxy/loop.h"
 
 struct cfg;
 struct event_base;
@@ -24,11 +26,12 @@ struct client;
 struct exchange;
 struct http1_head;
 
+/* One worker thread: its listener, its stop and grace events, and the
+ * loop its clients and exchanges run on. */
 struct worker {
     int id;
     struct server *srv;
-    const struct cfg *cfg;
-    struct event_base *base;
+    struct loop loop; /* base, cfg, store, pools, clients, exchanges */
     pthread_t thread;
     int listen_fd;
     struct event *listen_ev;
@@ -36,17 +39,6 @@ struct worker {
     struct event *stop_ev;
     bool started;
     struct event *grace_ev; /* fires when shutdown_grace_ms ran out */
-    struct store *store;
-    struct upstream_pool *pools; /* [0] default upstream, [i+1] route i */
-    size_t n_pools;
-    struct client *clients; /* all open client connections (list) */
-    unsigned n_exchanges;   /* exchanges alive, attached or not */
-    bool draining;
-    uint64_t rid_counter;       /* request-id sequence */
-    struct buf_pool bufs;       /* connection buffers while idle */
-    struct http1_head *scratch; /* request heads are parsed here first */
-    struct exchange *ex_cache;  /* freed exchanges kept for reuse (list) */
-    unsigned n_ex_cache;
 };
 
 struct server {
@@ -68,10 +60,5 @@ void server_stop(struct server *srv);
 /* Joins the workers and frees everything; false when the grace period
  * ran out with exchanges in flight (then some memory is left to exit). */
 bool server_free(struct server *srv);
-
-/* Called by the worker's code when a client or exchange went away: ends
- * the loop once draining and nothing is left. */
-void worker_maybe_done(struct worker *w);
-uint64_t worker_now_ms(const struct worker *w);
 
 #endif

@@ -1,6 +1,6 @@
-/* upstream.h — per-worker pools of keep-alive upstream connections.
+/* upstream.h — per-loop pools of keep-alive upstream connections.
  *
- * One pool per upstream URL per worker. upstream_get hands out an idle
+ * One pool per upstream URL per event loop. upstream_get hands out an idle
  * connection (not idle too long, not closed by the peer) or a new one that
  * is still connecting; the caller owns it until upstream_put, which either
  * parks it (bounded) or closes it. While parked, the pool watches it and
@@ -19,7 +19,7 @@
 
 #include "idemgate/net/conn.h"
 
-struct worker;
+struct loop;
 struct cfg_url;
 struct upstream_pool;
 struct ssl_session_st;
@@ -30,12 +30,11 @@ struct upconn {
     struct upconn *next; /* idle list */
     bool tcp_connected;  /* connect() finished */
     bool connected;      /* connect() and, for https, the TLS handshake finished */
-    bool reused;         /* served a request before */
     uint64_t idle_since_ms;
 };
 
 struct upstream_pool {
-    struct worker *w;
+    struct loop *loop; /* borrowed */
     const struct cfg_url *url;
     struct upconn *idle;
     unsigned n_idle;
@@ -45,7 +44,7 @@ struct upstream_pool {
     struct ssl_session_st *tls_session; /* last issued, for resumption (owned) */
 };
 
-void upstream_pool_init(struct upstream_pool *p, struct worker *w, const struct cfg_url *url);
+void upstream_pool_init(struct upstream_pool *p, struct loop *l, const struct cfg_url *url);
 void upstream_pool_free(struct upstream_pool *p);
 /* Returns a connection (caller owns it; set its callback with
  * conn_set_cb), or NULL with errno when a socket cannot even be started. */

@@ -1,13 +1,16 @@
-/* test_idem.c — the idempotency engine (idem.c) without sockets.
+/* test_idem.c — the idempotency engine (idem/engine.c) without sockets.
  *
- * A real worker event loop drives the engine against a scripted fake store
- * (replies delivered from zero-delay events, like the real backends) and,
- * for one round trip, the memory store. The exchange's upstream and client
- * side is replaced at link time (-Wl,--wrap, see tests/CMakeLists.txt):
- * forward / answer_error / replay only record what the engine decided, and
- * the tests play the upstream by calling idem_response_head/body/end. Every
- * exchange must end EX_DONE with only the test's reference left, and leave
- * no timer armed (leaks are caught under ASan). */
+ * The engine runs behind its interface (engine.h) with a fake host of this
+ * file's own: the host's ops only record what the engine decided (forward,
+ * answer, replay), count references, and keep the engine's one timer as a
+ * due time on a fake clock (core/clock.h) that the tests advance, so no
+ * test sleeps. The store is a scripted fake (replies delivered from
+ * zero-delay events, like the real backends) or, for one round trip, the
+ * memory store. Tests play the upstream by calling idem_response_head /
+ * _body / _end. Every host must end with the engine DONE, only the test's
+ * reference left and no timer armed (leaks are caught under ASan). This
+ * program links only the engine, the stores, record, fingerprint, http1,
+ * config and core: nothing of the proxy. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -24,29 +27,25 @@
 #include <openssl/hmac.h>
 
 #include "idemgate/config/config.h"
-#include "idemgate/proxy/exchange.h"
-#include "idemgate/idem/engine.h"
+#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
+#include "idemgate/http/http1.h"
+#include "idemgate/idem/engine.h"
 #include "idemgate/idem/record.h"
-#include "idemgate/proxy/server.h"
 #include "idemgate/store/store.h"
 
 #define MAX_HEAD 65536
+#define MAX_HOSTS 8
 
-/* ------------------------------------------- the wrapped exchange side */
+/* ---------------------------------------------------------- what happened */
 
-void __wrap_exchange_forward(struct exchange *ex);
-void __wrap_exchange_answer_error(struct exchange *ex, enum err_code e);
-void __wrap_exchange_replay(struct exchange *ex, const struct record *r);
-void __real_exchange_answer_error(struct exchange *ex, enum err_code e);
-void __real_exchange_replay(struct exchange *ex, const struct record *r);
-
-/* What the engine asked of the exchange in the current test. */
+/* What the engine asked of its hosts in the current test. */
 static struct {
     int forwards;
     int errors;
     enum err_code last_error;
+    bool last_replayed;
     int replays;
     struct buf replay; /* the last replayed record, re-encoded */
 } calls;
@@ -56,30 +55,7 @@ static void calls_reset(void)
     calls.forwards = calls.errors = calls.replays = 0;
 }
 
-/* Like the real one minus the socket: the upstream holds a reference until
- * the test plays its answer. */
-void __wrap_exchange_forward(struct exchange *ex)
-{
-    calls.forwards++;
-    exchange_set_state(ex, EX_FORWARDING);
-    exchange_ref(ex);
-}
-
-/* The real ones only set the outcome when no client is attached. */
-void __wrap_exchange_answer_error(struct exchange *ex, enum err_code e)
-{
-    calls.errors++;
-    calls.last_error = e;
-    __real_exchange_answer_error(ex, e);
-}
-
-void __wrap_exchange_replay(struct exchange *ex, const struct record *r)
-{
-    calls.replays++;
-    buf_reset(&calls.replay);
-    assert_int_equal(record_encode(r, &calls.replay), 0);
-    __real_exchange_replay(ex, r);
-}
+static uint64_t fake_now = 1000000; /* ms, the fake clock */
 
 /* ------------------------------------------------------- the fake store */
 
@@ -274,16 +250,128 @@ static void fake_script(struct fake_store *fs, size_t n, const enum store_acquir
     fs->next = 0;
 }
 
-/* ------------------------------------------------------------- fixture */
+/* ------------------------------------------------------------- the host */
+
+struct fixture;
+
+/* The fake host: a request, an engine, references, the engine's timer. */
+struct host {
+    int refs;
+    struct fixture *fx;
+    struct idem idem;
+    struct buf req;
+    struct http1_head head;
+    const char *body;
+    size_t body_len;
+    char request_id[64];
+    size_t request_id_len;
+    const struct cfg_idem *cfg;
+    bool done;        /* ops->done came */
+    bool timer_armed; /* the engine's timer, due at timer_due on the fake clock */
+    uint64_t timer_due;
+};
 
 struct fixture {
     struct cfg cfg;
     bool have_cfg;
-    struct worker w;
+    struct event_base *base;
     struct fake_store fs;
-    int base_events; /* events on the base before the test: no timer may remain */
+    struct store *store; /* &fs.base, or a memory store */
+    struct buf_pool bufs;
+    struct idem_env env;
+    int base_events; /* events on the base before the test: none may remain */
     unsigned rid;
+    struct host *hosts[MAX_HOSTS]; /* alive */
+    size_t n_hosts;
 };
+
+static void host_ref(struct host *h)
+{
+    h->refs++;
+}
+
+static void host_unref(struct host *h)
+{
+    assert_true(h->refs > 0);
+    if (--h->refs > 0) return;
+    struct fixture *fx = h->fx;
+    idem_free(&h->idem);
+    buf_free(&h->req);
+    for (size_t i = 0; i < fx->n_hosts; i++) {
+        if (fx->hosts[i] != h) continue;
+        fx->hosts[i] = fx->hosts[--fx->n_hosts];
+        break;
+    }
+    free(h);
+}
+
+/* Like the exchange: the upstream holds a reference until the test plays
+ * its answer. */
+static void op_forward(void *host)
+{
+    calls.forwards++;
+    host_ref(host);
+}
+
+static void op_answer(void *host, enum err_code e, bool replayed)
+{
+    (void)host;
+    calls.errors++;
+    calls.last_error = e;
+    calls.last_replayed = replayed;
+}
+
+static void op_replay(void *host, const struct record *r)
+{
+    (void)host;
+    calls.replays++;
+    buf_reset(&calls.replay);
+    assert_int_equal(record_encode(r, &calls.replay), 0);
+}
+
+/* The engine's reference goes with its done. */
+static void op_done(void *host)
+{
+    struct host *h = host;
+    assert_false(h->done);
+    h->done = true;
+    host_unref(h);
+}
+
+static void op_hold(void *host)
+{
+    host_ref(host);
+}
+
+static void op_release(void *host)
+{
+    host_unref(host);
+}
+
+static void op_timer_arm(void *host, uint32_t ms)
+{
+    struct host *h = host;
+    h->timer_armed = true;
+    h->timer_due = fake_now + ms;
+}
+
+static void op_timer_cancel(void *host)
+{
+    ((struct host *)host)->timer_armed = false;
+}
+
+static const struct idem_host_ops host_ops = {
+    .forward = op_forward,
+    .answer = op_answer,
+    .replay = op_replay,
+    .done = op_done,
+    .hold = op_hold,
+    .release = op_release,
+    .timer_arm = op_timer_arm,
+    .timer_cancel = op_timer_cancel,
+};
+
+/* ------------------------------------------------------------- fixture */
 
 static void fx_config(struct fixture *fx, const char *json)
 {
@@ -295,23 +383,29 @@ static void fx_config(struct fixture *fx, const char *json)
     fx->have_cfg = true;
 }
 
+static void fx_use_store(struct fixture *fx, struct store *s)
+{
+    fx->store = s;
+    fx->env.store = s;
+}
+
 static int fx_setup(void **state)
 {
     struct fixture *fx = calloc(1, sizeof(*fx));
     assert_non_null(fx);
     fx_config(fx, "{}");
-    fx->w.cfg = &fx->cfg;
-    fx->w.base = event_base_new();
-    assert_non_null(fx->w.base);
-    fx->w.listen_fd = -1;
-    fx->w.stop_fd = -1;
+    clock_set_fake(&fake_now);
+    fx->base = event_base_new();
+    assert_non_null(fx->base);
     fx->fs.base.ops = &fake_ops;
-    fx->fs.evb = fx->w.base;
+    fx->fs.evb = fx->base;
     fx->fs.complete_status = fx->fs.release_status = fx->fs.renew_status = 1;
     buf_init(&fx->fs.reply_record);
     buf_init(&fx->fs.record);
-    fx->w.store = &fx->fs.base;
-    fx->base_events = event_base_get_num_events(fx->w.base, EVENT_BASE_COUNT_ADDED);
+    buf_pool_init(&fx->bufs, 16384, 16);
+    fx->env.bufs = &fx->bufs;
+    fx_use_store(fx, &fx->fs.base);
+    fx->base_events = event_base_get_num_events(fx->base, EVENT_BASE_COUNT_ADDED);
     memset(&calls, 0, sizeof(calls));
     buf_init(&calls.replay);
     *state = fx;
@@ -321,155 +415,177 @@ static int fx_setup(void **state)
 static int fx_teardown(void **state)
 {
     struct fixture *fx = *state;
+    assert_int_equal(fx->n_hosts, 0);
     buf_free(&fx->fs.reply_record);
     buf_free(&fx->fs.record);
     buf_free(&calls.replay);
-    if (fx->w.store != &fx->fs.base) store_free(fx->w.store);
-    exchange_cache_free(&fx->w);
-    event_base_free(fx->w.base);
+    if (fx->store != &fx->fs.base) store_free(fx->store);
+    buf_pool_free(&fx->bufs);
+    event_base_free(fx->base);
     cfg_free(&fx->cfg);
+    clock_set_fake(NULL);
     free(fx);
     return 0;
 }
 
-/* A new exchange for a complete request text, as client_start_exchange
- * builds it; refs: the test's (standing in for the client's) and the
- * engine's. */
-static struct exchange *fx_exchange_idem(struct fixture *fx, const char *request,
-                                         const struct cfg_idem *idem)
+/* A new host for a complete request text, as the exchange builds one;
+ * refs: the test's (standing in for the client's) and the engine's. */
+static struct host *fx_exchange_idem(struct fixture *fx, const char *request,
+                                     const struct cfg_idem *idem)
 {
-    struct exchange *ex = calloc(1, sizeof(*ex));
-    assert_non_null(ex);
-    ex->refs = 2;
-    ex->w = &fx->w;
-    ex->state = EX_NEW;
-    buf_init(&ex->req);
-    buf_init(&ex->body_buf);
-    buf_append_str(&ex->req, request);
-    long n = http1_parse_request(buf_data(&ex->req), buf_size(&ex->req), MAX_HEAD, &ex->head);
+    struct host *h = calloc(1, sizeof(*h));
+    assert_non_null(h);
+    assert_true(fx->n_hosts < MAX_HOSTS);
+    fx->hosts[fx->n_hosts++] = h;
+    h->refs = 2;
+    h->fx = fx;
+    buf_init(&h->req);
+    buf_append_str(&h->req, request);
+    long n = http1_parse_request(buf_data(&h->req), buf_size(&h->req), MAX_HEAD, &h->head);
     assert_true(n > 0);
-    ex->body = buf_data(&ex->req) + n;
-    ex->body_len = ex->head.body == HTTP1_BODY_LENGTH ? (size_t)ex->head.content_length : 0;
-    assert_int_equal(buf_size(&ex->req) - (size_t)n, ex->body_len);
-    ex->client_keep_alive = true;
-    ex->client_minor = ex->head.minor_version;
-    ex->request_id_len =
-        (size_t)snprintf(ex->request_id, sizeof(ex->request_id), "test-%u", ++fx->rid);
-    ex->idem = idem;
-    ex->upstream_url = &fx->cfg.upstream;
-    ex->start_ms = worker_now_ms(&fx->w);
-    fx->w.n_exchanges++;
-    return ex;
+    h->body = buf_data(&h->req) + n;
+    h->body_len = h->head.body == HTTP1_BODY_LENGTH ? (size_t)h->head.content_length : 0;
+    assert_int_equal(buf_size(&h->req) - (size_t)n, h->body_len);
+    h->request_id_len =
+        (size_t)snprintf(h->request_id, sizeof(h->request_id), "test-%u", ++fx->rid);
+    h->cfg = idem;
+    idem_init(&h->idem, &fx->env, &host_ops, h);
+    return h;
 }
 
-static struct exchange *fx_exchange(struct fixture *fx, const char *request)
+static struct host *fx_exchange(struct fixture *fx, const char *request)
 {
     return fx_exchange_idem(fx, request, &fx->cfg.idem);
 }
 
-/* Runs the loop until nothing the engine waits on is ready (timers that
- * are not due yet stay). */
+/* Starts the engine on the host's request. */
+static void host_start(struct host *h)
+{
+    struct idem_request req = {&h->head, h->body, h->body_len, h->request_id, h->request_id_len};
+    idem_start(&h->idem, h->cfg, h->fx->cfg.redis.failure_mode == CFG_FAIL_OPEN, &req);
+}
+
+/* Runs the loop until nothing the engine waits on is ready (a host timer
+ * not due yet stays). */
 static void fx_drain(struct fixture *fx)
 {
     for (int i = 0; i < 1000; i++) {
-        if (fx->fs.pending == 0 &&
-            event_base_get_num_events(fx->w.base, EVENT_BASE_COUNT_ACTIVE) == 0)
+        /* held replies wait for fake_unhold, not for the loop */
+        if (fx->fs.pending == (int)fx->fs.n_held &&
+            event_base_get_num_events(fx->base, EVENT_BASE_COUNT_ACTIVE) == 0)
             return;
-        event_base_loop(fx->w.base, EVLOOP_NONBLOCK);
+        event_base_loop(fx->base, EVLOOP_NONBLOCK);
     }
     fail_msg("the loop did not settle");
 }
 
-/* Runs the loop for ms milliseconds of wall time. */
-static void fx_run_ms(struct fixture *fx, int ms)
+/* The earliest armed host timer, or NULL. */
+static struct host *fx_next_timer(struct fixture *fx)
 {
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    event_base_loopexit(fx->w.base, &tv);
-    event_base_dispatch(fx->w.base);
+    struct host *next = NULL;
+    for (size_t i = 0; i < fx->n_hosts; i++) {
+        struct host *h = fx->hosts[i];
+        if (h->timer_armed && (!next || h->timer_due < next->timer_due)) next = h;
+    }
+    return next;
 }
 
-/* Runs the loop in 10 ms slices until the engine answered the exchange in
- * some way (forward, error or replay), at most max_ms. */
+/* Advances the fake clock by ms, firing every host timer that falls due on
+ * the way (in order) and running the loop after each. */
+static void fx_advance(struct fixture *fx, uint64_t ms)
+{
+    uint64_t end = fake_now + ms;
+    for (;;) {
+        fx_drain(fx);
+        struct host *h = fx_next_timer(fx);
+        if (!h || h->timer_due > end) break;
+        if (h->timer_due > fake_now) fake_now = h->timer_due;
+        h->timer_armed = false;
+        idem_timer_fired(&h->idem);
+    }
+    fake_now = end;
+    fx_drain(fx);
+}
+
+/* Fires host timers (advancing the fake clock) until the engine answered
+ * the host in some way (forward, error or replay), at most max_ms. */
 static void fx_run_until_decided(struct fixture *fx, int max_ms)
 {
-    uint64_t deadline = worker_now_ms(&fx->w) + (uint64_t)max_ms;
+    uint64_t deadline = fake_now + (uint64_t)max_ms;
+    fx_drain(fx);
     while (calls.forwards + calls.errors + calls.replays == 0) {
-        if (worker_now_ms(&fx->w) > deadline) fail_msg("no decision within %d ms", max_ms);
-        fx_run_ms(fx, 10);
+        struct host *h = fx_next_timer(fx);
+        if (!h || h->timer_due > deadline) fail_msg("no decision within %d ms", max_ms);
+        fx_advance(fx, h->timer_due > fake_now ? h->timer_due - fake_now : 0);
     }
 }
 
-/* The exchange is over: only the test's reference is left, no timer is
- * armed, and dropping the reference frees it. */
-static void fx_end(struct fixture *fx, struct exchange *ex)
+/* The host is over: the engine is done, only the test's reference is left,
+ * no timer is armed, and dropping the reference frees it. */
+static void fx_end(struct fixture *fx, struct host *ex)
 {
     fx_drain(fx);
-    assert_int_equal(ex->state, EX_DONE);
+    assert_int_equal(ex->idem.state, IDEM_DONE);
+    assert_true(ex->done);
+    assert_false(ex->timer_armed);
     assert_int_equal(ex->refs, 1);
     assert_int_equal(fx->fs.pending, 0);
-    assert_int_equal(event_base_get_num_events(fx->w.base, EVENT_BASE_COUNT_ADDED),
-                     fx->base_events);
+    assert_int_equal(event_base_get_num_events(fx->base, EVENT_BASE_COUNT_ADDED), fx->base_events);
     assert_int_equal(fx->fs.foreign_ops, 0);
-    exchange_unref(ex);
-    assert_int_equal(fx->w.n_exchanges, 0);
+    host_unref(ex);
 }
 
-/* Plays the upstream's answer as exchange.c delivers it: the head, the body
+/* Plays the upstream's answer as the relay delivers it: the head, the body
  * in two slices, then the end; drops the upstream's reference. */
-static void upstream_answer(struct exchange *ex, const char *head, const char *body, bool ok)
+static void upstream_answer(struct host *ex, const char *head, const char *body, bool ok)
 {
     static struct http1_head rh;
-    assert_int_equal(ex->state, EX_FORWARDING);
+    assert_int_equal(ex->idem.state, IDEM_FORWARDED);
     long n = http1_parse_response(head, strlen(head), MAX_HEAD, false, &rh);
     assert_int_equal(n, (long)strlen(head));
-    exchange_set_state(ex, EX_STREAMING);
-    idem_response_head(ex, &rh);
+    idem_response_head(&ex->idem, &rh);
     size_t len = strlen(body), half = len / 2;
-    if (half > 0) idem_response_body(ex, body, half);
-    if (len > half) idem_response_body(ex, body + half, len - half);
-    exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, ok ? IDEM_END_OK : IDEM_END_FAILED);
-    exchange_unref(ex);
+    if (half > 0) idem_response_body(&ex->idem, body, half);
+    if (len > half) idem_response_body(&ex->idem, body + half, len - half);
+    idem_response_end(&ex->idem, ok ? IDEM_END_OK : IDEM_END_FAILED);
+    host_unref(ex);
 }
 
 /* The upstream answered head and body, then ended as how says. */
-static void upstream_answer_end(struct exchange *ex, const char *head, const char *body,
+static void upstream_answer_end(struct host *ex, const char *head, const char *body,
                                 enum idem_end how)
 {
     static struct http1_head rh;
     long n = http1_parse_response(head, strlen(head), MAX_HEAD, false, &rh);
     assert_int_equal(n, (long)strlen(head));
-    exchange_set_state(ex, EX_STREAMING);
-    idem_response_head(ex, &rh);
-    idem_response_body(ex, body, strlen(body));
-    exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, how);
-    exchange_unref(ex);
+    idem_response_head(&ex->idem, &rh);
+    idem_response_body(&ex->idem, body, strlen(body));
+    idem_response_end(&ex->idem, how);
+    host_unref(ex);
 }
 
 /* The upstream failed before any head (cannot connect, timeout). */
-static void upstream_fail(struct exchange *ex)
+static void upstream_fail(struct host *ex)
 {
-    assert_int_equal(ex->state, EX_FORWARDING);
-    exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, IDEM_END_FAILED);
-    exchange_unref(ex);
+    assert_int_equal(ex->idem.state, IDEM_FORWARDED);
+    idem_response_end(&ex->idem, IDEM_END_FAILED);
+    host_unref(ex);
 }
 
 /* Forward, answer 200, end: the path of any request forwarded without a
  * lock. */
-static void expect_unlocked_forward(struct fixture *fx, struct exchange *ex)
+static void expect_unlocked_forward(struct fixture *fx, struct host *ex)
 {
     fx_drain(fx);
     assert_int_equal(calls.forwards, 1);
     assert_int_equal(calls.errors + calls.replays, 0);
-    assert_false(ex->owner);
+    assert_false(ex->idem.owner);
     upstream_answer(ex, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "ok", true);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.completes + fx->fs.releases + fx->fs.renews, 0);
 }
 
-static void expect_error(struct fixture *fx, struct exchange *ex, enum err_code e, int acquires)
+static void expect_error(struct fixture *fx, struct host *ex, enum err_code e, int acquires)
 {
     fx_drain(fx);
     assert_int_equal(calls.errors, 1);
@@ -481,12 +597,12 @@ static void expect_error(struct fixture *fx, struct exchange *ex, enum err_code 
 }
 
 /* Forwarded as the lock's owner. */
-static void expect_owner_forward(struct fixture *fx, struct exchange *ex)
+static void expect_owner_forward(struct fixture *fx, struct host *ex)
 {
     fx_drain(fx);
     assert_int_equal(calls.forwards, 1);
     assert_int_equal(calls.errors + calls.replays, 0);
-    assert_true(ex->owner);
+    assert_true(ex->idem.owner);
     assert_int_equal(fx->fs.acquires, 1);
 }
 
@@ -530,10 +646,9 @@ static void test_method_not_covered(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
-        fx_exchange(fx, "GET /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
-    idem_start(ex);
-    assert_int_equal(ex->outcome, OUT_PASSTHROUGH);
+    struct host *ex = fx_exchange(fx, "GET /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_PASSTHROUGH);
     expect_unlocked_forward(fx, ex);
     assert_int_equal(fx->fs.acquires, 0);
 }
@@ -544,10 +659,10 @@ static void test_route_disabled(void **state)
     fx_config(fx, "{\"routes\":[{\"prefix\":\"/raw\",\"idempotency\":{\"enabled\":false}}]}");
     fake_script(&fx->fs, 1, LOCKED);
     assert_int_equal(fx->cfg.n_routes, 1);
-    struct exchange *ex = fx_exchange_idem(
+    struct host *ex = fx_exchange_idem(
         fx, "POST /raw HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\nContent-Length: 0\r\n\r\n",
         &fx->cfg.routes[0].idem);
-    idem_start(ex);
+    host_start(ex);
     expect_unlocked_forward(fx, ex);
     assert_int_equal(fx->fs.acquires, 0);
 }
@@ -556,10 +671,9 @@ static void test_no_key_optional(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
-        fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\na");
-    idem_start(ex);
-    assert_int_equal(ex->outcome, OUT_PASSTHROUGH);
+    struct host *ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\na");
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_PASSTHROUGH);
     expect_unlocked_forward(fx, ex);
     assert_int_equal(fx->fs.acquires, 0);
 }
@@ -569,10 +683,9 @@ static void test_no_key_required(void **state)
     struct fixture *fx = *state;
     fx_config(fx, "{\"idempotency\":{\"required\":true}}");
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
-        fx_exchange(fx, "PATCH /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\na");
-    idem_start(ex);
-    assert_int_equal(ex->outcome, OUT_REJECTED);
+    struct host *ex = fx_exchange(fx, "PATCH /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\na");
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_REJECTED);
     expect_error(fx, ex, ERR_KEY_REQUIRED, 0);
 }
 
@@ -592,8 +705,8 @@ static void test_invalid_keys(void **state)
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         calls_reset();
-        struct exchange *ex = fx_exchange(fx, bad[i]);
-        idem_start(ex);
+        struct host *ex = fx_exchange(fx, bad[i]);
+        host_start(ex);
         expect_error(fx, ex, ERR_INVALID_KEY, 0);
     }
 }
@@ -603,9 +716,9 @@ static void test_quoted_key(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
+    struct host *ex =
         fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: \"abc\"\r\n\r\n");
-    idem_start(ex);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     assert_string_equal(fx->fs.skey, "anonymous:abc");
     upstream_fail(ex);
@@ -617,10 +730,9 @@ static void test_anonymous_reject(void **state)
     struct fixture *fx = *state;
     fx_config(fx, "{\"idempotency\":{\"anonymous\":\"reject\"}}");
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
-        fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
-    idem_start(ex);
-    assert_int_equal(ex->outcome, OUT_REJECTED);
+    struct host *ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_REJECTED);
     expect_error(fx, ex, ERR_CREDENTIALS_REQUIRED, 0);
 }
 
@@ -629,10 +741,9 @@ static void test_anonymous_bypass(void **state)
     struct fixture *fx = *state;
     fx_config(fx, "{\"idempotency\":{\"anonymous\":\"bypass\"}}");
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
-        fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
-    idem_start(ex);
-    assert_int_equal(ex->outcome, OUT_PASSTHROUGH);
+    struct host *ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_PASSTHROUGH);
     expect_unlocked_forward(fx, ex);
     assert_int_equal(fx->fs.acquires, 0);
 }
@@ -641,9 +752,8 @@ static void test_anonymous_shared(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex =
-        fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
+    host_start(ex);
     expect_owner_forward(fx, ex);
     assert_string_equal(fx->fs.skey, "anonymous:k1");
     upstream_fail(ex);
@@ -675,12 +785,12 @@ static void test_locked_201_completes(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
-    assert_int_equal(ex->state, EX_ACQUIRING);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
+    assert_int_equal(ex->idem.state, IDEM_ACQUIRING);
     assert_int_equal(calls.forwards, 0); /* never synchronously */
     expect_owner_forward(fx, ex);
-    assert_int_equal(ex->outcome, OUT_EXECUTED);
+    assert_int_equal(ex->idem.outcome, OUT_EXECUTED);
     assert_int_equal(fx->fs.lock_ms, 30000);
     uint8_t fp[FP_LEN];
     post_k1_fp(fp);
@@ -742,8 +852,8 @@ static void test_body_at_limit_completes(void **state)
     struct fixture *fx = *state;
     fx_config(fx, "{\"idempotency\":{\"max_cached_response_bytes\":16}}");
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     upstream_answer(ex, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "0123456789abcdef",
                     true);
@@ -764,8 +874,8 @@ static void test_cache_5xx_completes(void **state)
     struct fixture *fx = *state;
     fx_config(fx, "{\"idempotency\":{\"cache_5xx\":true}}");
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     upstream_answer(ex, "HTTP/1.1 500 Oops\r\nContent-Length: 3\r\n\r\n", "bad", true);
     fx_end(fx, ex);
@@ -780,8 +890,8 @@ static void test_complete_fails(void **state)
     fake_script(&fx->fs, 1, LOCKED);
     fx->fs.complete_status = -1;
     uint64_t before = counter_value("idemgate_store_errors_total");
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     upstream_answer(ex, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "ok", true);
     fx_end(fx, ex);
@@ -796,11 +906,11 @@ static void expect_release(struct fixture *fx, const char *head, const char *bod
 {
     calls_reset();
     fx->fs.acquires = fx->fs.completes = fx->fs.releases = 0;
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     upstream_answer(ex, head, body, ok);
-    if (ok) assert_int_equal(ex->outcome, OUT_NOT_CACHED);
+    if (ok) assert_int_equal(ex->idem.outcome, OUT_NOT_CACHED);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.completes, 0);
     assert_int_equal(fx->fs.releases, 1);
@@ -840,21 +950,19 @@ static void test_cut_body_kept_as_lost(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
-    assert_true(idem_would_keep(ex) == false); /* no head yet */
+    assert_true(idem_would_keep(&ex->idem) == false); /* no head yet */
     static struct http1_head rh;
     const char *head = "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
     http1_parse_response(head, strlen(head), MAX_HEAD, false, &rh);
-    exchange_set_state(ex, EX_STREAMING);
-    idem_response_head(ex, &rh);
-    assert_true(idem_would_keep(ex));
-    idem_response_body(ex, "abc", 3);
-    exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, IDEM_END_LOST_BODY);
-    assert_int_equal(ex->outcome, OUT_LOST);
-    exchange_unref(ex);
+    idem_response_head(&ex->idem, &rh);
+    assert_true(idem_would_keep(&ex->idem));
+    idem_response_body(&ex->idem, "abc", 3);
+    idem_response_end(&ex->idem, IDEM_END_LOST_BODY);
+    assert_int_equal(ex->idem.outcome, OUT_LOST);
+    host_unref(ex);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.completes, 1);
     assert_int_equal(fx->fs.releases, 0);
@@ -871,10 +979,10 @@ static void test_unanswered_follows_unknown_outcome(void **state)
 {
     struct fixture *fx = *state;
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
-    assert_false(idem_keeps_unanswered(ex));
+    assert_false(idem_keeps_unanswered(&ex->idem));
     upstream_fail(ex);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.releases, 1);
@@ -884,12 +992,11 @@ static void test_unanswered_follows_unknown_outcome(void **state)
     fx->fs.acquires = fx->fs.completes = fx->fs.releases = 0;
     calls_reset();
     ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    host_start(ex);
     expect_owner_forward(fx, ex);
-    assert_true(idem_keeps_unanswered(ex));
-    exchange_set_state(ex, EX_COMPLETING);
-    idem_response_end(ex, IDEM_END_UNANSWERED);
-    exchange_unref(ex);
+    assert_true(idem_keeps_unanswered(&ex->idem));
+    idem_response_end(&ex->idem, IDEM_END_UNANSWERED);
+    host_unref(ex);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.completes, 1);
     struct record *r = stored_record(fx);
@@ -914,12 +1021,12 @@ static void test_lost_record_answers_502(void **state)
     buf_reset(&fx->fs.reply_record);
     assert_int_equal(record_encode(r, &fx->fs.reply_record), 0);
     free(r);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_drain(fx);
     assert_int_equal(calls.replays + calls.forwards, 0);
-    assert_int_equal(ex->outcome, OUT_LOST);
-    assert_true(ex->replayed);
+    assert_int_equal(ex->idem.outcome, OUT_LOST);
+    assert_true(ex->idem.replayed);
     expect_error(fx, ex, ERR_UPSTREAM_ANSWER_LOST, 1);
 }
 
@@ -930,8 +1037,8 @@ static void test_recorded_headers(void **state)
     struct fixture *fx = *state;
     fx_config(fx, "{\"idempotency\":{\"methods\":[\"POST\",\"HEAD\"]}}");
     fake_script(&fx->fs, 1, LOCKED);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     upstream_answer_end(ex,
                         "HTTP/1.1 200 OK\r\nIdempotent-Replayed: false\r\nX-A: 1\r\n"
@@ -990,11 +1097,11 @@ static void test_broken_response_released(void **state)
     /* head and part of the body, then the upstream broke */
     expect_release(fx, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", "partial", false);
     /* no head at all: 502 / 504 */
-    struct exchange *ex = fx_exchange(fx, POST_K1);
+    struct host *ex = fx_exchange(fx, POST_K1);
     fx->fs.releases = 0;
-    idem_start(ex);
+    host_start(ex);
     fx_drain(fx);
-    assert_true(ex->owner);
+    assert_true(ex->idem.owner);
     upstream_fail(ex);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.releases, 1);
@@ -1008,8 +1115,8 @@ static void test_in_progress_rejected(void **state)
     struct fixture *fx = *state;
     static const enum store_acquire_state s[] = {STORE_ACQ_IN_PROGRESS};
     fake_script(&fx->fs, 1, s);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_error(fx, ex, ERR_IN_PROGRESS, 1);
 }
 
@@ -1018,10 +1125,10 @@ static void test_mismatch(void **state)
     struct fixture *fx = *state;
     static const enum store_acquire_state s[] = {STORE_ACQ_MISMATCH};
     fake_script(&fx->fs, 1, s);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_drain(fx);
-    assert_int_equal(ex->outcome, OUT_MISMATCH);
+    assert_int_equal(ex->idem.outcome, OUT_MISMATCH);
     expect_error(fx, ex, ERR_KEY_REUSE, 1);
 }
 
@@ -1053,12 +1160,12 @@ static void test_completed_replays(void **state)
     static const enum store_acquire_state s[] = {STORE_ACQ_COMPLETED};
     fake_script(&fx->fs, 1, s);
     encode_stored(&fx->fs.reply_record, NULL);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_drain(fx);
     assert_int_equal(calls.replays, 1);
     assert_int_equal(calls.forwards + calls.errors, 0);
-    assert_int_equal(ex->outcome, OUT_REPLAYED);
+    assert_int_equal(ex->idem.outcome, OUT_REPLAYED);
     assert_int_equal(buf_size(&calls.replay), buf_size(&fx->fs.reply_record));
     assert_memory_equal(buf_data(&calls.replay), buf_data(&fx->fs.reply_record),
                         buf_size(&calls.replay));
@@ -1097,11 +1204,11 @@ static void test_completed_corrupt(void **state)
         }
         calls_reset();
         fx->fs.acquires = 0;
-        struct exchange *ex = fx_exchange(fx, POST_K1);
-        idem_start(ex);
+        struct host *ex = fx_exchange(fx, POST_K1);
+        host_start(ex);
         fx_drain(fx);
         assert_int_equal(calls.replays, 0);
-        assert_int_equal(ex->outcome, OUT_STORE_ERROR);
+        assert_int_equal(ex->idem.outcome, OUT_STORE_ERROR);
         expect_error(fx, ex, ERR_STORE_UNAVAILABLE, 1);
     }
     buf_free(&good);
@@ -1112,10 +1219,10 @@ static void test_store_error_closed(void **state)
     struct fixture *fx = *state;
     static const enum store_acquire_state s[] = {STORE_ACQ_ERROR};
     fake_script(&fx->fs, 1, s);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_drain(fx);
-    assert_int_equal(ex->outcome, OUT_STORE_ERROR);
+    assert_int_equal(ex->idem.outcome, OUT_STORE_ERROR);
     expect_error(fx, ex, ERR_STORE_UNAVAILABLE, 1);
 }
 
@@ -1126,11 +1233,11 @@ static void test_store_error_open(void **state)
     static const enum store_acquire_state s[] = {STORE_ACQ_ERROR};
     fake_script(&fx->fs, 1, s);
     uint64_t before = counter_value("idemgate_store_failopen_total");
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_drain(fx);
     assert_int_equal(fx->fs.acquires, 1);
-    assert_int_equal(ex->outcome, OUT_STORE_ERROR);
+    assert_int_equal(ex->idem.outcome, OUT_STORE_ERROR);
     assert_int_equal(counter_value("idemgate_store_failopen_total"), before + 1);
     /* forwarded without a lock: nothing to complete or release */
     expect_unlocked_forward(fx, ex);
@@ -1146,10 +1253,10 @@ static void test_wait_then_replay(void **state)
                                                  STORE_ACQ_COMPLETED};
     fake_script(&fx->fs, 3, s);
     encode_stored(&fx->fs.reply_record, NULL);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_drain(fx);
-    assert_int_equal(ex->state, EX_WAITING);
+    assert_int_equal(ex->idem.state, IDEM_WAITING);
     assert_int_equal(calls.errors + calls.forwards + calls.replays, 0);
     fx_run_until_decided(fx, 4000);
     assert_int_equal(calls.replays, 1);
@@ -1167,11 +1274,11 @@ static void test_wait_then_lock(void **state)
     fx_config(fx, "{\"idempotency\":{\"concurrent\":\"wait\",\"lock_seconds\":60}}");
     static const enum store_acquire_state s[] = {STORE_ACQ_IN_PROGRESS, STORE_ACQ_LOCKED};
     fake_script(&fx->fs, 2, s);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     fx_run_until_decided(fx, 4000);
     assert_int_equal(calls.forwards, 1);
-    assert_true(ex->owner);
+    assert_true(ex->idem.owner);
     assert_int_equal(fx->fs.acquires, 2);
     upstream_answer(ex, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "ok", true);
     fx_end(fx, ex);
@@ -1184,13 +1291,13 @@ static void test_wait_times_out(void **state)
     fx_config(fx, "{\"idempotency\":{\"concurrent\":\"wait\",\"wait_max_ms\":200}}");
     static const enum store_acquire_state s[] = {STORE_ACQ_IN_PROGRESS};
     fake_script(&fx->fs, 1, s);
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    uint64_t t0 = worker_now_ms(&fx->w);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    uint64_t t0 = fake_now;
+    host_start(ex);
     fx_run_until_decided(fx, 4000);
-    assert_true(worker_now_ms(&fx->w) - t0 >= 200);
+    assert_true(fake_now - t0 >= 200);
     assert_true(fx->fs.acquires >= 2); /* it polled */
-    assert_int_equal(ex->outcome, OUT_IN_PROGRESS);
+    assert_int_equal(ex->idem.outcome, OUT_IN_PROGRESS);
     expect_error(fx, ex, ERR_IN_PROGRESS, fx->fs.acquires);
 }
 
@@ -1202,18 +1309,18 @@ static void test_lock_renewal(void **state)
     fx_config(fx, "{\"store\":\"memory\",\"idempotency\":{\"lock_seconds\":1}}");
     fake_script(&fx->fs, 1, LOCKED);
     uint64_t before = counter_value("idemgate_lock_renewals_total");
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     assert_int_equal(fx->fs.lock_ms, 1000);
-    uint64_t t0 = worker_now_ms(&fx->w);
-    fx_run_ms(fx, 1100); /* renewal every ~333 ms */
+    uint64_t t0 = fake_now;
+    fx_advance(fx, 1100); /* renewal every ~333 ms */
     /* a loaded machine runs timers late, never early: give it time */
-    while (fx->fs.renews < 2 && worker_now_ms(&fx->w) - t0 < 5000)
-        fx_run_ms(fx, 10);
+    while (fx->fs.renews < 2 && fake_now - t0 < 5000)
+        fx_advance(fx, 10);
     int renews = fx->fs.renews;
     assert_true(renews >= 2);
-    assert_true((uint64_t)renews <= (worker_now_ms(&fx->w) - t0) / 333 + 1);
+    assert_true((uint64_t)renews <= (fake_now - t0) / 333 + 1);
     assert_int_equal(fx->fs.renew_lock_ms, 1000);
     assert_int_equal(fx->fs.foreign_ops, 0); /* same skey and owner token */
     upstream_answer(ex, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "ok", true);
@@ -1230,13 +1337,13 @@ static void test_renewal_in_flight_at_end(void **state)
     fx_config(fx, "{\"store\":\"memory\",\"idempotency\":{\"lock_seconds\":1}}");
     fake_script(&fx->fs, 1, LOCKED);
     fx->fs.renew_status = 0; /* lock lost: logged only */
-    struct exchange *ex = fx_exchange(fx, POST_K1);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, POST_K1);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     fx->fs.hold = true;
-    uint64_t deadline = worker_now_ms(&fx->w) + 3000;
-    while (fx->fs.renews == 0 && worker_now_ms(&fx->w) < deadline)
-        fx_run_ms(fx, 10);
+    uint64_t deadline = fake_now + 3000;
+    while (fx->fs.renews == 0 && fake_now < deadline)
+        fx_advance(fx, 10);
     assert_int_equal(fx->fs.renews, 1);
     assert_int_equal(fx->fs.pending, 1); /* its answer not delivered yet */
     upstream_answer(ex, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "ok", true);
@@ -1269,8 +1376,8 @@ static void expect_skey(struct fixture *fx, const char *request, const char *sec
 {
     fx->fs.acquires = 0;
     calls_reset();
-    struct exchange *ex = fx_exchange(fx, request);
-    idem_start(ex);
+    struct host *ex = fx_exchange(fx, request);
+    host_start(ex);
     expect_owner_forward(fx, ex);
     char want[SCOPE_HEX_LEN + 1 + 64];
     hmac_hex(secret, cred, want);
@@ -1314,19 +1421,19 @@ static void test_memory_store_round_trip(void **state)
     struct fixture *fx = *state;
     struct store_memory_shared *sh = store_memory_shared_new("idem:", 0);
     assert_non_null(sh);
-    fx->w.store = store_memory_new(fx->w.base, sh, 1000);
-    fx->base_events = event_base_get_num_events(fx->w.base, EVENT_BASE_COUNT_ADDED);
+    fx_use_store(fx, store_memory_new(fx->base, sh, 1000));
+    fx->base_events = event_base_get_num_events(fx->base, EVENT_BASE_COUNT_ADDED);
 
     /* first: executes */
-    struct exchange *a = fx_exchange(fx, POST_K1);
-    idem_start(a);
+    struct host *a = fx_exchange(fx, POST_K1);
+    host_start(a);
     fx_drain(fx);
     assert_int_equal(calls.forwards, 1);
-    assert_true(a->owner);
+    assert_true(a->idem.owner);
 
     /* a duplicate while the first runs */
-    struct exchange *b = fx_exchange(fx, POST_K1);
-    idem_start(b);
+    struct host *b = fx_exchange(fx, POST_K1);
+    host_start(b);
     fx_drain(fx);
     assert_int_equal(calls.errors, 1);
     assert_int_equal(calls.last_error, ERR_IN_PROGRESS);
@@ -1336,14 +1443,14 @@ static void test_memory_store_round_trip(void **state)
                     "Content-Length: 8\r\n\r\n",
                     "{\"id\":7}", true);
     fx_drain(fx);
-    assert_int_equal(a->state, EX_DONE);
-    exchange_unref(a);
-    assert_int_equal(b->state, EX_DONE);
-    exchange_unref(b);
+    assert_int_equal(a->idem.state, IDEM_DONE);
+    host_unref(a);
+    assert_int_equal(b->idem.state, IDEM_DONE);
+    host_unref(b);
 
     /* the retry: replayed */
-    struct exchange *c = fx_exchange(fx, POST_K1);
-    idem_start(c);
+    struct host *c = fx_exchange(fx, POST_K1);
+    host_start(c);
     fx_drain(fx);
     assert_int_equal(calls.replays, 1);
     assert_int_equal(calls.forwards, 1);
@@ -1362,18 +1469,18 @@ static void test_memory_store_round_trip(void **state)
     fx_end(fx, c);
 
     /* same key, another body: reuse */
-    struct exchange *d = fx_exchange(fx, "POST /v1/orders?x=1 HTTP/1.1\r\nHost: a\r\n"
-                                         "Authorization: Bearer tok\r\nIdempotency-Key: k1\r\n"
-                                         "Content-Type: application/json\r\nContent-Length: "
-                                         "7\r\n\r\n{\"a\":2}");
-    idem_start(d);
+    struct host *d = fx_exchange(fx, "POST /v1/orders?x=1 HTTP/1.1\r\nHost: a\r\n"
+                                     "Authorization: Bearer tok\r\nIdempotency-Key: k1\r\n"
+                                     "Content-Type: application/json\r\nContent-Length: "
+                                     "7\r\n\r\n{\"a\":2}");
+    host_start(d);
     fx_drain(fx);
     assert_int_equal(calls.errors, 2);
     assert_int_equal(calls.last_error, ERR_KEY_REUSE);
     fx_end(fx, d);
 
-    store_free(fx->w.store);
-    fx->w.store = &fx->fs.base;
+    store_free(fx->store);
+    fx_use_store(fx, &fx->fs.base);
     store_memory_shared_free(sh);
 }
 

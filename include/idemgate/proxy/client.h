@@ -1,0 +1,87 @@
+/* client.h — one accepted client connection: reading and parsing its
+ * requests one at a time (pipelined bytes wait in its buffer), handing each
+ * complete request to a new exchange, and writing what the exchange queues.
+ *
+ *   loop ──list──▶ client ──(attached, holds 1 ref)──▶ exchange
+ *
+ * Ownership: the client owns its socket (conn), its timer, its de-chunked
+ * body and normalized-target buffers until an exchange takes them; it
+ * borrows its loop. A client that closes while an exchange is attached
+ * only detaches it: the exchange takes the request bytes and goes on. */
+#ifndef IDEMGATE_PROXY_CLIENT_H
+#define IDEMGATE_PROXY_CLIENT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "idemgate/core/buf.h"
+#include "idemgate/core/errors.h"
+#include "idemgate/http/http1.h"
+#include "idemgate/net/conn.h"
+
+struct loop;
+struct event;
+struct exchange;
+
+/* The client's transport state; client_set_state is the one place it
+ * changes (checked against a transition table, like pgbouncer's
+ * change_client_state) and the per-state gauges follow it. */
+enum client_state {
+    CLIENT_IDLE,    /* waiting for (the rest of) a request */
+    CLIENT_BUSY,    /* an exchange is attached and answering */
+    CLIENT_HOLDING, /* the answer is queued but for its last bytes, which
+                     * wait until the store has the key's outcome */
+    CLIENT_CLOSING  /* flushing the last response, then close */
+};
+
+struct client {
+    struct conn c;
+    struct loop *loop;
+    struct client *prev, *next; /* the loop's list */
+    enum client_state state;
+    struct exchange *ex; /* attached exchange, or NULL */
+    struct event *timer; /* client_timeout_ms: request receive / keep-alive idle */
+    char peer[64];       /* client IP as text, for X-Forwarded-For */
+    bool tls;            /* HTTPS: requests are read once the handshake is done */
+    /* the request being read: its head is parsed into the loop's scratch,
+     * then into the exchange (an idle client holds no header table) */
+    long head_len;
+    bool have_head;
+    size_t scanned; /* bytes of the head already searched for its end */
+    enum http1_body body;
+    uint64_t content_length;
+    bool expect_continue;
+    bool sent_continue;
+    struct http1_chunked chunked;
+    struct buf chunked_body;
+    size_t chunk_pos; /* bytes of input after the head already decoded */
+    bool keep_alive;  /* the last request allows keeping the connection */
+    /* the target when normalization changed it (SPEC 3), then an absolute
+     * form's authority; taken by the exchange */
+    struct buf target;
+    size_t target_len, auth_len;
+    bool target_changed;
+};
+
+/* Accepted socket -> new client on loop (takes ownership of fd). */
+void client_accept(struct loop *l, int fd, const char *peer);
+/* Closes and frees a client; an attached exchange is detached, not stopped. */
+void client_close(struct client *cl);
+/* Draining: closes the client if it is between requests. */
+void client_drain(struct client *cl);
+void client_set_state(struct client *cl, enum client_state to);
+/* The attached exchange is finished with the client (its answer is queued
+ * whole): the request's bytes are dropped, then the client closes (close,
+ * or it asked to, or the loop drains) or reads its next request. */
+void client_request_done(struct client *cl, bool close);
+/* Flushes queued output; on a write error the client is closed. Returns
+ * -1 when it was closed, else what conn_flush returned. */
+int client_flush(struct client *cl);
+/* Over the output high-water mark: the upstream waits. */
+bool client_backlogged(const struct client *cl);
+/* An error answer to a client without an exchange (malformed request,
+ * timeout), after which the connection closes. */
+void client_queue_error(struct client *cl, enum err_code e);
+
+#endif
