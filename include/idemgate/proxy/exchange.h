@@ -22,6 +22,7 @@
 #include "idemgate/core/buf.h"
 #include "idemgate/net/conn.h"
 #include "idemgate/core/errors.h"
+#include "idemgate/core/metrics.h"
 #include "idemgate/idem/fingerprint.h"
 #include "idemgate/http/http1.h"
 #include "idemgate/idem/record.h"
@@ -82,23 +83,10 @@ enum ex_state {
     EX_DONE
 };
 
-/* Which kind of answer the client got (SPEC section 7 outcomes). */
-enum ex_outcome {
-    OUT_PASSTHROUGH,
-    OUT_EXECUTED,
-    OUT_REPLAYED,
-    OUT_IN_PROGRESS,
-    OUT_MISMATCH,
-    OUT_REJECTED,
-    OUT_NOT_CACHED,
-    OUT_STORE_ERROR,
-    OUT_LOST /* the upstream ran, its answer was lost: kept as lost */
-};
-
 struct exchange {
     int refs;
     enum ex_state state;
-    enum ex_outcome outcome;
+    enum metrics_outcome outcome; /* OUT_*: OUTCOMES in core/metrics.h */
     struct worker *w;
     struct client *client; /* NULL once detached */
     struct buf req;        /* owns the request head (and a Content-Length body) */
