@@ -94,6 +94,65 @@ def test_metrics_names_and_outcomes(idemgate, upstream):
                for k in m)
 
 
+EXCHANGE_STATES = ("new", "acquiring", "waiting", "forwarding", "streaming", "completing",
+                   "done")
+CLIENT_STATES = ("idle", "busy", "closing")
+
+
+def families(admin):
+    """{family: kind} from the TYPE lines, after checking that each family
+    has its HELP line just before its TYPE line and that every sample
+    belongs to the family typed last (a histogram's _bucket, _sum, _count)."""
+    text = request(admin, "GET", "/metrics").body.decode()
+    kinds, help_of, current = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            help_of = line.split(" ")[2]
+            assert help_of not in kinds, line
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == help_of, line
+            assert kind in ("counter", "gauge", "histogram"), line
+            kinds[name], current, help_of = kind, name, None
+        else:
+            series, value = line.rsplit(" ", 1)
+            float(value)
+            base = series.split("{", 1)[0]
+            if kinds[current] == "histogram":
+                assert base in (current + "_bucket", current + "_sum", current + "_count"), line
+                assert base != current + "_bucket" or re.search(r'\{le="[^"]+"\}$', series)
+            else:
+                assert base == current, line
+    return kinds
+
+
+def test_metrics_state_gauges(idemgate, upstream):
+    """The per-state gauges: one series per engine state and per transport
+    state, all back to 0 once every exchange and connection is gone."""
+    g, admin = start(idemgate, upstream)
+    h = idem_headers("s-1")
+    assert request(g.port, "POST", "/count", h, b"{}").status == 201
+    assert request(g.port, "POST", "/count", h, b"{}").status == 201
+    assert request(g.port, "GET", "/echo").status == 200
+    kinds = families(admin)
+    assert kinds["idemgate_exchanges"] == "gauge"
+    assert kinds["idemgate_client_connections"] == "gauge"
+    assert kinds["idemgate_connections_active"] == "gauge"
+    assert kinds["idemgate_requests_total"] == "counter"
+    assert kinds["idemgate_upstream_duration_seconds"] == "histogram"
+    assert kinds["idemgate_memory_store_entries"] == "gauge"
+
+    series = (['idemgate_exchanges{state="%s"}' % s for s in EXCHANGE_STATES] +
+              ['idemgate_client_connections{state="%s"}' % s for s in CLIENT_STATES] +
+              ["idemgate_connections_active"])
+    m = metrics_when(admin, lambda m: all(m.get(k) == 0 for k in series))
+    for k in series:
+        assert m.get(k) == 0, (k, m.get(k))
+    assert sorted(k for k in m if k.startswith(("idemgate_exchanges{",
+                                                "idemgate_client_connections{"))) \
+        == sorted(series[:-1])
+
+
 def test_memory_store_gauges(idemgate, upstream):
     g, admin = start(idemgate, upstream, {"memory": {"max_bytes": 1048576}})
     for i in range(40):
