@@ -58,36 +58,21 @@ static void on_readyz(struct evhttp_request *req, void *arg)
     store_ping(a->store, on_ping, req);
 }
 
-/* The memory store's own gauges and counters (its table, not requests). */
-static void render_memory_store(struct buf *b, struct store_memory_shared *mem)
+/* The memory store's own gauges and counters (its table, not requests):
+ * the MEMORY_STORE rows of METRICS(X), read from the table just before
+ * they are rendered. */
+static void publish_memory_store(struct store_memory_shared *mem)
 {
     struct store_memory_stats st;
     store_memory_shared_stats(mem, &st);
-    buf_printf(b,
-               "# HELP idemgate_memory_store_bytes Bytes charged to the memory store.\n"
-               "# TYPE idemgate_memory_store_bytes gauge\nidemgate_memory_store_bytes %llu\n"
-               "# HELP idemgate_memory_store_max_bytes memory.max_bytes (0: no limit).\n"
-               "# TYPE idemgate_memory_store_max_bytes gauge\n"
-               "idemgate_memory_store_max_bytes %llu\n"
-               "# HELP idemgate_memory_store_entries Keys held, by state.\n"
-               "# TYPE idemgate_memory_store_entries gauge\n"
-               "idemgate_memory_store_entries{state=\"in_progress\"} %zu\n"
-               "idemgate_memory_store_entries{state=\"completed\"} %zu\n"
-               "# HELP idemgate_memory_store_evictions_total Completed records evicted for room.\n"
-               "# TYPE idemgate_memory_store_evictions_total counter\n"
-               "idemgate_memory_store_evictions_total %llu\n"
-               "# HELP idemgate_memory_store_refused_total Operations refused: only locks left.\n"
-               "# TYPE idemgate_memory_store_refused_total counter\n"
-               "idemgate_memory_store_refused_total %llu\n",
-               (unsigned long long)st.bytes, (unsigned long long)st.max_bytes, st.locks,
-               st.completed, (unsigned long long)st.evictions, (unsigned long long)st.refused);
-    buf_printf(b,
-               "# HELP idemgate_memory_store_max_scope_bytes memory.max_scope_bytes (0: none).\n"
-               "# TYPE idemgate_memory_store_max_scope_bytes gauge\n"
-               "idemgate_memory_store_max_scope_bytes %llu\n"
-               "# HELP idemgate_memory_store_scopes Scopes (credentials) holding an entry.\n"
-               "# TYPE idemgate_memory_store_scopes gauge\nidemgate_memory_store_scopes %zu\n",
-               (unsigned long long)st.max_scope_bytes, st.scopes);
+    metrics_set(M_MEMORY_STORE_BYTES, 0, (long long)st.bytes);
+    metrics_set(M_MEMORY_STORE_MAX_BYTES, 0, (long long)st.max_bytes);
+    metrics_set(M_MEMORY_STORE_ENTRIES, METRICS_ENTRY_IN_PROGRESS, (long long)st.locks);
+    metrics_set(M_MEMORY_STORE_ENTRIES, METRICS_ENTRY_COMPLETED, (long long)st.completed);
+    metrics_set(M_MEMORY_STORE_EVICTIONS, 0, (long long)st.evictions);
+    metrics_set(M_MEMORY_STORE_REFUSED, 0, (long long)st.refused);
+    metrics_set(M_MEMORY_STORE_MAX_SCOPE_BYTES, 0, (long long)st.max_scope_bytes);
+    metrics_set(M_MEMORY_STORE_SCOPES, 0, (long long)st.scopes);
 }
 
 static void on_metrics(struct evhttp_request *req, void *arg)
@@ -95,8 +80,12 @@ static void on_metrics(struct evhttp_request *req, void *arg)
     struct admin *a = arg;
     struct buf b;
     buf_init(&b);
-    metrics_render(&b);
-    if (a->mem) render_memory_store(&b, a->mem);
+    unsigned groups = METRICS_GROUP_ALWAYS;
+    if (a->mem) {
+        publish_memory_store(a->mem);
+        groups |= METRICS_GROUP_MEMORY_STORE;
+    }
+    metrics_render_groups(&b, groups);
     reply_text(req, 200, "OK", "text/plain; version=0.0.4", buf_data(&b), buf_size(&b));
     buf_free(&b);
 }

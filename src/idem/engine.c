@@ -27,11 +27,8 @@
 #define ANON_SCOPE "anonymous"
 #define IDEM_KEY_MAX 8192 /* the largest idempotency.key_max_length config accepts */
 
-static const char *const idem_state_names[] = {"new",       "acquiring",  "waiting",
-                                               "forwarded", "completing", "done"};
-
 /* Legal transitions: from -> bitmask of to. */
-static const unsigned idem_transitions[] = {
+static const unsigned idem_transitions[IDEM__COUNT] = {
     [IDEM_NEW] = 1u << IDEM_ACQUIRING | 1u << IDEM_FORWARDED | 1u << IDEM_DONE,
     [IDEM_ACQUIRING] = 1u << IDEM_WAITING | 1u << IDEM_FORWARDED | 1u << IDEM_DONE,
     [IDEM_WAITING] = 1u << IDEM_ACQUIRING | 1u << IDEM_DONE,
@@ -45,10 +42,12 @@ static const unsigned idem_transitions[] = {
 static void idem_set_state(struct idem *e, enum idem_state to)
 {
     if (!(idem_transitions[e->state] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal engine transition %s -> %s", idem_state_names[e->state],
-                idem_state_names[to]);
+        log_msg(LOG_ERROR, "illegal engine transition %s -> %s",
+                metrics_state_name(METRICS_SET_ENGINE, (int)e->state),
+                metrics_state_name(METRICS_SET_ENGINE, (int)to));
         abort();
     }
+    metrics_state_move(METRICS_SET_ENGINE, (int)e->state, (int)to);
     e->state = to;
 }
 
@@ -104,6 +103,7 @@ void idem_init(struct idem *e, const struct idem_env *env, const struct idem_hos
     e->ops = ops;
     e->host = host;
     e->state = IDEM_NEW;
+    metrics_state_move(METRICS_SET_ENGINE, -1, IDEM_NEW);
     buf_init(&e->rec);
 }
 
@@ -534,7 +534,10 @@ bool idem_scope_key(const struct idem *e, const char **scope, size_t *scope_len,
 
 void idem_free(struct idem *e)
 {
-    if (e->env) idem_rec_drop(e);
+    if (!e->env) return; /* never initialized */
+    metrics_state_move(METRICS_SET_ENGINE, (int)e->state, -1);
+    idem_rec_drop(e);
     if (e->skey != e->skey_buf) free(e->skey);
     e->skey = NULL;
+    e->env = NULL;
 }

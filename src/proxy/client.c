@@ -30,10 +30,8 @@ static void client_event(struct conn *c, short what, void *arg);
 
 /* --------------------------------------------------------------- state */
 
-static const char *const client_state_names[] = {"idle", "busy", "holding", "closing"};
-
 /* Legal transitions: from -> bitmask of to. */
-static const unsigned client_transitions[] = {
+static const unsigned client_transitions[CLIENT__COUNT] = {
     [CLIENT_IDLE] = 1u << CLIENT_BUSY | 1u << CLIENT_CLOSING,
     [CLIENT_BUSY] = 1u << CLIENT_IDLE | 1u << CLIENT_HOLDING | 1u << CLIENT_CLOSING,
     [CLIENT_HOLDING] = 1u << CLIENT_IDLE | 1u << CLIENT_CLOSING,
@@ -43,10 +41,12 @@ static const unsigned client_transitions[] = {
 void client_set_state(struct client *cl, enum client_state to)
 {
     if (!(client_transitions[cl->state] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal client transition %s -> %s", client_state_names[cl->state],
-                client_state_names[to]);
+        log_msg(LOG_ERROR, "illegal client transition %s -> %s",
+                metrics_state_name(METRICS_SET_CLIENT, (int)cl->state),
+                metrics_state_name(METRICS_SET_CLIENT, (int)to));
         abort();
     }
+    metrics_state_move(METRICS_SET_CLIENT, (int)cl->state, (int)to);
     cl->state = to;
 }
 
@@ -99,6 +99,7 @@ void client_accept(struct loop *l, int fd, const char *peer)
     }
     cl->timer = evtimer_new(l->base, client_timeout, cl);
     metrics_connections(1);
+    metrics_state_move(METRICS_SET_CLIENT, -1, CLIENT_IDLE);
     cl->next = l->clients;
     if (l->clients) l->clients->prev = cl;
     l->clients = cl;
@@ -118,6 +119,7 @@ void client_close(struct client *cl)
     event_free(cl->timer);
     buf_free(&cl->chunked_body);
     buf_free(&cl->target);
+    metrics_state_move(METRICS_SET_CLIENT, (int)cl->state, -1);
     free(cl);
     atomic_fetch_sub(l->connections, 1);
     metrics_connections(-1);

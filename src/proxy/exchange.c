@@ -30,10 +30,8 @@
 
 /* --------------------------------------------------------------- state */
 
-static const char *const ex_state_names[] = {"new", "forwarding", "streaming", "ended", "done"};
-
 /* Legal transitions: from -> bitmask of to. */
-static const unsigned ex_transitions[] = {
+static const unsigned ex_transitions[EX__COUNT] = {
     [EX_NEW] = 1u << EX_FORWARDING | 1u << EX_DONE,
     [EX_FORWARDING] = 1u << EX_STREAMING | 1u << EX_ENDED,
     [EX_STREAMING] = 1u << EX_ENDED,
@@ -44,10 +42,12 @@ static const unsigned ex_transitions[] = {
 void exchange_set_state(struct exchange *ex, enum ex_state to)
 {
     if (!(ex_transitions[ex->state] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal exchange transition %s -> %s", ex_state_names[ex->state],
-                ex_state_names[to]);
+        log_msg(LOG_ERROR, "illegal exchange transition %s -> %s",
+                metrics_state_name(METRICS_SET_EXCHANGE, (int)ex->state),
+                metrics_state_name(METRICS_SET_EXCHANGE, (int)to));
         abort();
     }
+    metrics_state_move(METRICS_SET_EXCHANGE, (int)ex->state, (int)to);
     ex->state = to;
 }
 
@@ -131,6 +131,7 @@ static void ex_free(struct exchange *ex)
      * logged and counted now (its request bytes were moved into ex->req). */
     if (!ex->logged) ex_access_log(ex);
     idem_free(&ex->idem);
+    metrics_state_move(METRICS_SET_EXCHANGE, (int)ex->state, -1);
     if (ex->idem_timer) evtimer_del(ex->idem_timer);
     if (ex->up_timer) evtimer_del(ex->up_timer);
     buf_free(&ex->req);
@@ -399,6 +400,7 @@ void exchange_start(struct client *cl)
     ex->loop = l;
     ex->client = cl;
     ex->state = EX_NEW;
+    metrics_state_move(METRICS_SET_EXCHANGE, -1, EX_NEW);
     ex->start_ms = clock_now_ms();
     buf_init(&ex->req);
     buf_init(&ex->body_buf);

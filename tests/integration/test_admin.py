@@ -3,9 +3,10 @@ answers, else 503) and /metrics in the Prometheus text format, with the
 metric names SPEC lists and counters that move with what the proxy did."""
 
 import re
+import threading
 import time
 
-from igtest import free_port, idem_headers, request, wait_port
+from igtest import Client, free_port, idem_headers, request, wait_port
 
 
 def start(idemgate, upstream, extra=None):
@@ -92,6 +93,93 @@ def test_metrics_names_and_outcomes(idemgate, upstream):
     assert m["idemgate_store_duration_seconds_count"] == 3  # three acquires
     assert any(re.match(r'idemgate_upstream_duration_seconds_bucket\{le="\+Inf"\}', k)
                for k in m)
+
+
+ENGINE_STATES = ("new", "acquiring", "waiting", "forwarded", "completing", "done")
+UPSTREAM_STATES = ("new", "forwarding", "streaming", "ended", "done")
+CLIENT_STATES = ("idle", "busy", "holding", "closing")
+
+
+def families(admin):
+    """{family: kind} from the TYPE lines, after checking that each family
+    has its HELP line just before its TYPE line and that every sample
+    belongs to the family typed last (a histogram's _bucket, _sum, _count)."""
+    text = request(admin, "GET", "/metrics").body.decode()
+    kinds, help_of, current = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            help_of = line.split(" ")[2]
+            assert help_of not in kinds, line
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == help_of, line
+            assert kind in ("counter", "gauge", "histogram"), line
+            kinds[name], current, help_of = kind, name, None
+        else:
+            series, value = line.rsplit(" ", 1)
+            float(value)
+            base = series.split("{", 1)[0]
+            if kinds[current] == "histogram":
+                assert base in (current + "_bucket", current + "_sum", current + "_count"), line
+                assert base != current + "_bucket" or re.search(r'\{le="[^"]+"\}$', series)
+            else:
+                assert base == current, line
+    return kinds
+
+
+def test_metrics_state_gauges(idemgate, upstream):
+    """The per-state gauges: one series per engine state and per transport
+    state, all back to 0 once every exchange and connection is gone."""
+    g, admin = start(idemgate, upstream)
+    h = idem_headers("s-1")
+    assert request(g.port, "POST", "/count", h, b"{}").status == 201
+    assert request(g.port, "POST", "/count", h, b"{}").status == 201
+    assert request(g.port, "GET", "/echo").status == 200
+    kinds = families(admin)
+    assert kinds["idemgate_exchanges"] == "gauge"
+    assert kinds["idemgate_client_connections"] == "gauge"
+    assert kinds["idemgate_connections_active"] == "gauge"
+    assert kinds["idemgate_requests_total"] == "counter"
+    assert kinds["idemgate_upstream_duration_seconds"] == "histogram"
+    assert kinds["idemgate_memory_store_entries"] == "gauge"
+
+    series = (['idemgate_exchanges{state="%s"}' % s for s in ENGINE_STATES] +
+              ['idemgate_exchanges_upstream{state="%s"}' % s for s in UPSTREAM_STATES] +
+              ['idemgate_client_connections{state="%s"}' % s for s in CLIENT_STATES] +
+              ["idemgate_connections_active"])
+    m = metrics_when(admin, lambda m: all(m.get(k) == 0 for k in series))
+    for k in series:
+        assert m.get(k) == 0, (k, m.get(k))
+    assert sorted(k for k in m if k.startswith(("idemgate_exchanges{",
+                                                "idemgate_exchanges_upstream{",
+                                                "idemgate_client_connections{"))) \
+        == sorted(series[:-1])
+
+
+def test_metrics_state_gauges_while_busy(idemgate, upstream):
+    """A slow covered request in flight shows as one exchange forwarded by
+    the engine and forwarding upstream, on one busy client; an idle
+    keep-alive client beside it counts as idle; the client states add up
+    to idemgate_connections_active."""
+    g, admin = start(idemgate, upstream)
+    idle = Client(g.port)
+    assert idle.request("GET", "/echo").status == 200  # kept alive, idle now
+    t = threading.Thread(target=lambda: request(g.port, "POST", "/slow?ms=1500",
+                                                idem_headers("busy-1"), b"{}", timeout=20),
+                         daemon=True)
+    t.start()
+
+    def busy(m):
+        return (m.get('idemgate_exchanges{state="forwarded"}') == 1 and
+                m.get('idemgate_exchanges_upstream{state="forwarding"}') == 1 and
+                m.get('idemgate_client_connections{state="busy"}') == 1)
+    m = metrics_when(admin, busy)
+    assert busy(m), m
+    assert m.get('idemgate_client_connections{state="idle"}') == 1, m
+    assert sum(m.get('idemgate_client_connections{state="%s"}' % s) for s in CLIENT_STATES) \
+        == m["idemgate_connections_active"]
+    t.join(20)
+    idle.close()
 
 
 def test_memory_store_gauges(idemgate, upstream):

@@ -1,6 +1,15 @@
-/* metrics.h — process-wide counters and histograms (SPEC section 7),
- * declared once in an X-macro list with their help text. Updated with
- * relaxed atomics from every worker; rendered as Prometheus text. */
+/* metrics.h — every metric of /metrics (SPEC section 7), declared once.
+ *
+ * METRICS(X) is the one list: a row per metric with its id, kind
+ * (COUNTER, GAUGE, HISTOGRAM), group, Prometheus name, label set and help
+ * text. It generates enum metrics_id, the names and the exposition, the
+ * way twemproxy's STATS_POOL_CODEC does. Label sets are X-lists too
+ * (OUTCOMES, STATES_EXCHANGE, ...), each generating its enum and names, so
+ * an outcome or a state has its name in exactly one place.
+ *
+ * Values are process-wide, updated with relaxed atomics from every thread
+ * (counts, not synchronisation). Nothing here allocates; metrics_render
+ * appends to a buffer its caller owns. */
 #ifndef IDEMGATE_METRICS_H
 #define IDEMGATE_METRICS_H
 
@@ -8,46 +17,176 @@
 
 #include "idemgate/core/buf.h"
 
-/* name, help */
-#define METRICS_COUNTERS(X)                                                                        \
-    X(M_LOCK_RENEWALS, "idemgate_lock_renewals_total", "Lock renewals that succeeded.")            \
-    X(M_STORE_ERRORS, "idemgate_store_errors_total",                                               \
-      "Store operations that failed, timed out or were refused.")                                  \
-    X(M_OPEN_FORWARDS, "idemgate_store_failopen_total",                                            \
-      "Requests forwarded without idempotency because the store failed (failure_mode open).")      \
-    X(M_STORE_EVICTIONS, "idemgate_store_evictions_total",                                         \
-      "Completed records evicted from the memory store to make room.")
+/* ---------------------------------------------------------- label sets */
 
-enum metrics_counter {
-#define METRICS_ENUM(id, name, help) id,
-    METRICS_COUNTERS(METRICS_ENUM)
-#undef METRICS_ENUM
+/* X(id, label value) */
+
+/* Which kind of answer the client got: idemgate_requests_total{outcome=...}. */
+#define OUTCOMES(X)                                                                                \
+    X(OUT_PASSTHROUGH, "passthrough")                                                              \
+    X(OUT_EXECUTED, "executed")                                                                    \
+    X(OUT_REPLAYED, "replayed")                                                                    \
+    X(OUT_IN_PROGRESS, "in_progress")                                                              \
+    X(OUT_MISMATCH, "mismatch")                                                                    \
+    X(OUT_REJECTED, "rejected")                                                                    \
+    X(OUT_NOT_CACHED, "not_cached")                                                                \
+    X(OUT_STORE_ERROR, "store_error")                                                              \
+    X(OUT_LOST, "lost") /* the upstream ran, its answer was lost: kept as lost */
+
+/* The state lists of the engine (idem/engine.h), the exchange's transport
+ * (proxy/exchange.h) and client connections (proxy/client.h): the enums
+ * those modules switch on are generated here with their label names, so a
+ * state and its name cannot drift apart; each module's setter checks its
+ * own transition table and moves the gauges. */
+#define STATES_ENGINE(X)                                                                           \
+    X(IDEM_NEW, "new")                                                                             \
+    X(IDEM_ACQUIRING, "acquiring")   /* store acquire in flight */                                 \
+    X(IDEM_WAITING, "waiting")       /* concurrent "wait": polling for the owner */                \
+    X(IDEM_FORWARDED, "forwarded")   /* the host forwards (owner, passthrough, fail-open) */       \
+    X(IDEM_COMPLETING, "completing") /* complete/release in flight */                              \
+    X(IDEM_DONE, "done")
+
+#define STATES_EXCHANGE(X)                                                                         \
+    X(EX_NEW, "new")               /* the engine decides (acquire, wait) */                        \
+    X(EX_FORWARDING, "forwarding") /* upstream request in flight, no response head yet */          \
+    X(EX_STREAMING, "streaming")   /* response head sent to the client, body flowing */            \
+    X(EX_ENDED, "ended")           /* the upstream side is over; the engine finishes */            \
+    X(EX_DONE, "done")             /* the engine is done too: only references are left */
+
+#define STATES_CLIENT(X)                                                                           \
+    X(CLIENT_IDLE, "idle")       /* waiting for (the rest of) a request */                         \
+    X(CLIENT_BUSY, "busy")       /* an exchange is attached and answering */                       \
+    X(CLIENT_HOLDING, "holding") /* the answer's last bytes wait for the store */                  \
+    X(CLIENT_CLOSING, "closing") /* flushing the last response, then close */
+
+/* A memory store entry: a lock or a completed record. */
+#define STATES_MEMORY_ENTRY(X)                                                                     \
+    X(METRICS_ENTRY_IN_PROGRESS, "in_progress")                                                    \
+    X(METRICS_ENTRY_COMPLETED, "completed")
+
+#define METRICS_LABEL_ID(id, value) id,
+enum metrics_outcome { OUTCOMES(METRICS_LABEL_ID) OUT__COUNT };
+enum idem_state { STATES_ENGINE(METRICS_LABEL_ID) IDEM__COUNT };
+enum ex_state { STATES_EXCHANGE(METRICS_LABEL_ID) EX__COUNT };
+enum client_state { STATES_CLIENT(METRICS_LABEL_ID) CLIENT__COUNT };
+enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__COUNT };
+#undef METRICS_LABEL_ID
+
+/* X(id, label name, values list, number of values); NONE: no label. */
+#define METRICS_LABEL_SETS(X)                                                                      \
+    X(NONE, NULL, METRICS_NO_VALUES, 0)                                                            \
+    X(OUTCOME, "outcome", OUTCOMES, OUT__COUNT)                                                    \
+    X(ENGINE_STATE, "state", STATES_ENGINE, IDEM__COUNT)                                           \
+    X(EXCHANGE_STATE, "state", STATES_EXCHANGE, EX__COUNT)                                         \
+    X(CLIENT_STATE, "state", STATES_CLIENT, CLIENT__COUNT)                                         \
+    X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)
+#define METRICS_NO_VALUES(X)
+
+/* ------------------------------------------------------------ the list */
+
+/* Groups: ALWAYS is rendered by metrics_render; MEMORY_STORE rows are the
+ * memory store's table, set (metrics_set) and rendered by the admin
+ * listener only when that store is in use. */
+enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE = 1u << 1 };
+
+/* X(id, kind, group, name, label set, help), in exposition order. */
+#define METRICS(X)                                                                                 \
+    X(M_REQUESTS, COUNTER, ALWAYS, "idemgate_requests_total", OUTCOME,                             \
+      "Requests by idempotency outcome.")                                                          \
+    X(M_LOCK_RENEWALS, COUNTER, ALWAYS, "idemgate_lock_renewals_total", NONE,                      \
+      "Lock renewals that succeeded.")                                                             \
+    X(M_STORE_ERRORS, COUNTER, ALWAYS, "idemgate_store_errors_total", NONE,                        \
+      "Store operations that failed, timed out or were refused.")                                  \
+    X(M_OPEN_FORWARDS, COUNTER, ALWAYS, "idemgate_store_failopen_total", NONE,                     \
+      "Requests forwarded without idempotency because the store failed (failure_mode open).")      \
+    X(M_STORE_EVICTIONS, COUNTER, ALWAYS, "idemgate_store_evictions_total", NONE,                  \
+      "Completed records evicted from the memory store to make room.")                             \
+    X(M_CONNECTIONS_ACTIVE, GAUGE, ALWAYS, "idemgate_connections_active", NONE,                    \
+      "Open client connections.")                                                                  \
+    X(M_CLIENT_CONNECTIONS, GAUGE, ALWAYS, "idemgate_client_connections", CLIENT_STATE,            \
+      "Client connections by transport state.")                                                    \
+    X(M_EXCHANGES, GAUGE, ALWAYS, "idemgate_exchanges", ENGINE_STATE,                              \
+      "Exchanges alive, by the idempotency engine's state.")                                       \
+    X(M_EXCHANGES_UPSTREAM, GAUGE, ALWAYS, "idemgate_exchanges_upstream", EXCHANGE_STATE,          \
+      "Exchanges alive, by the state of their upstream side.")                                     \
+    X(M_UPSTREAM_DURATION, HISTOGRAM, ALWAYS, "idemgate_upstream_duration_seconds", NONE,          \
+      "Upstream request duration.")                                                                \
+    X(M_STORE_DURATION, HISTOGRAM, ALWAYS, "idemgate_store_duration_seconds", NONE,                \
+      "Store operation duration.")                                                                 \
+    X(M_MEMORY_STORE_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_bytes", NONE,              \
+      "Bytes charged to the memory store.")                                                        \
+    X(M_MEMORY_STORE_MAX_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_max_bytes", NONE,      \
+      "memory.max_bytes (0: no limit).")                                                           \
+    X(M_MEMORY_STORE_ENTRIES, GAUGE, MEMORY_STORE, "idemgate_memory_store_entries", ENTRY_STATE,   \
+      "Keys held, by state.")                                                                      \
+    X(M_MEMORY_STORE_EVICTIONS, COUNTER, MEMORY_STORE, "idemgate_memory_store_evictions_total",    \
+      NONE, "Completed records evicted for room.")                                                 \
+    X(M_MEMORY_STORE_REFUSED, COUNTER, MEMORY_STORE, "idemgate_memory_store_refused_total", NONE,  \
+      "Operations refused: only locks left.")                                                      \
+    X(M_MEMORY_STORE_MAX_SCOPE_BYTES, GAUGE, MEMORY_STORE,                                         \
+      "idemgate_memory_store_max_scope_bytes", NONE, "memory.max_scope_bytes (0: none).")          \
+    X(M_MEMORY_STORE_SCOPES, GAUGE, MEMORY_STORE, "idemgate_memory_store_scopes", NONE,            \
+      "Scopes (credentials) holding an entry.")
+
+enum metrics_id {
+#define METRICS_ID(id, kind, group, name, labels, help) id,
+    METRICS(METRICS_ID)
+#undef METRICS_ID
         M__COUNT
 };
 
-/* Which kind of answer a request got (SPEC section 7 outcomes), in the
- * order of their names in metrics.c. */
-enum ex_outcome {
-    OUT_PASSTHROUGH,
-    OUT_EXECUTED,
-    OUT_REPLAYED,
-    OUT_IN_PROGRESS,
-    OUT_MISMATCH,
-    OUT_REJECTED,
-    OUT_NOT_CACHED,
-    OUT_STORE_ERROR,
-    OUT_LOST /* the upstream ran, its answer was lost: kept as lost */
+/* The per-state gauges that metrics_state_move keeps: X(set, metric); the
+ * metric's label set lists the states. */
+#define METRICS_GAUGE_SETS(X)                                                                      \
+    X(METRICS_SET_ENGINE, M_EXCHANGES)                                                             \
+    X(METRICS_SET_EXCHANGE, M_EXCHANGES_UPSTREAM)                                                  \
+    X(METRICS_SET_CLIENT, M_CLIENT_CONNECTIONS)
+
+enum metrics_gauge_set {
+#define METRICS_SET_ID(set, metric) set,
+    METRICS_GAUGE_SETS(METRICS_SET_ID)
+#undef METRICS_SET_ID
+        METRICS_SET__COUNT
 };
 
-void metrics_inc(enum metrics_counter c);
-/* outcome: index into the outcome names of exchange.h (enum ex_outcome). */
-void metrics_outcome(int outcome);
-/* The SPEC name of an outcome ("executed", ...), the one table of them. */
+/* ----------------------------------------------------------- updating */
+
+/* Out-of-range ids, labels and states are ignored (never a crash for a
+ * count); a histogram id is ignored by all but metrics_observe. */
+
+/* +1 on an unlabeled counter: metrics_inc(M_STORE_ERRORS). */
+void metrics_inc(enum metrics_id id);
+/* delta on one label value of a counter or gauge (label: its set's enum;
+ * 0 for an unlabeled metric). */
+void metrics_add(enum metrics_id id, int label, long long delta);
+/* Sets a value read from elsewhere (the memory store's gauges). */
+void metrics_set(enum metrics_id id, int label, long long value);
+/* The current value (tests, and whoever needs to read one back). */
+long long metrics_value(enum metrics_id id, int label);
+/* One observation of a HISTOGRAM metric, in milliseconds. */
+void metrics_observe(enum metrics_id id, uint64_t ms);
+
+/* An object moves from state `from` to state `to` of set: -1 as from for
+ * one just created, -1 as to for one being freed. The two counters move
+ * one after the other, so a scrape may see the object in neither. */
+void metrics_state_move(enum metrics_gauge_set set, int from, int to);
+/* The label value of a state of set ("acquiring"), "unknown" if none. */
+const char *metrics_state_name(enum metrics_gauge_set set, int state);
+
+/* Shorthands kept for their callers. */
+void metrics_outcome(enum metrics_outcome outcome); /* idemgate_requests_total */
+/* The SPEC name of an outcome ("executed", ...), "unknown" if none. */
 const char *metrics_outcome_name(int outcome);
 void metrics_observe_store(uint64_t ms);
 void metrics_observe_upstream(uint64_t ms);
-void metrics_connections(int delta);
-/* Appends the Prometheus text exposition. */
+void metrics_connections(int delta); /* idemgate_connections_active */
+
+/* ---------------------------------------------------------- rendering */
+
+/* Appends the Prometheus text exposition (HELP, TYPE, values) of the rows
+ * whose group is in groups (METRICS_GROUP_* bits), in list order. */
+void metrics_render_groups(struct buf *out, unsigned groups);
+/* metrics_render_groups(out, METRICS_GROUP_ALWAYS). */
 void metrics_render(struct buf *out);
 
 #endif

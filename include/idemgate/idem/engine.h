@@ -40,15 +40,10 @@
 struct cfg_idem;
 struct http1_head;
 
-/* The engine's states; idem_set_state is the one place they change. */
-enum idem_state {
-    IDEM_NEW,
-    IDEM_ACQUIRING,  /* store acquire in flight */
-    IDEM_WAITING,    /* concurrent "wait": polling for the owner to finish */
-    IDEM_FORWARDED,  /* the host forwards (as owner, passthrough or fail-open) */
-    IDEM_COMPLETING, /* complete/release in flight */
-    IDEM_DONE
-};
+/* The engine's states (enum idem_state: IDEM_NEW .. IDEM_DONE) are
+ * generated with their names from STATES_ENGINE in core/metrics.h;
+ * idem_set_state is the one place they change, and it keeps the
+ * idemgate_exchanges{state} gauges. */
 
 /* What becomes of the response being forwarded, decided by its head. */
 enum idem_keep {
@@ -111,7 +106,7 @@ struct idem_request {
 
 struct idem {
     enum idem_state state;
-    enum ex_outcome outcome; /* what the client got (SPEC section 7) */
+    enum metrics_outcome outcome; /* what the client got (SPEC section 7) */
     enum idem_keep keep;
     bool owner;        /* we hold the lock */
     bool failure_open; /* the store failed and failure_mode is "open" */

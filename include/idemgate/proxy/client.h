@@ -17,6 +17,7 @@
 
 #include "idemgate/core/buf.h"
 #include "idemgate/core/errors.h"
+#include "idemgate/core/metrics.h"
 #include "idemgate/http/http1.h"
 #include "idemgate/net/conn.h"
 
@@ -24,16 +25,12 @@ struct loop;
 struct event;
 struct exchange;
 
-/* The client's transport state; client_set_state is the one place it
- * changes (checked against a transition table, like pgbouncer's
- * change_client_state) and the per-state gauges follow it. */
-enum client_state {
-    CLIENT_IDLE,    /* waiting for (the rest of) a request */
-    CLIENT_BUSY,    /* an exchange is attached and answering */
-    CLIENT_HOLDING, /* the answer is queued but for its last bytes, which
-                     * wait until the store has the key's outcome */
-    CLIENT_CLOSING  /* flushing the last response, then close */
-};
+/* The client's transport state (enum client_state: CLIENT_IDLE, CLIENT_BUSY,
+ * CLIENT_HOLDING — the answer is queued but for its last bytes, which wait
+ * until the store has the key's outcome — and CLIENT_CLOSING) is generated
+ * with its names from STATES_CLIENT in core/metrics.h; client_set_state is
+ * the one place it changes (checked against a transition table, like
+ * pgbouncer's change_client_state), and the per-state gauges follow it. */
 
 struct client {
     struct conn c;

@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "idemgate/core/buf.h"
+#include "idemgate/core/metrics.h"
 #include "idemgate/http/http1.h"
 #include "idemgate/idem/engine.h"
 
@@ -32,15 +33,10 @@ struct cfg_idem;
 struct cfg_url;
 struct upstream_pool;
 
-/* The exchange's transport state (the engine has its own, in struct idem);
- * exchange_set_state is the one place it changes. */
-enum ex_state {
-    EX_NEW,        /* the engine decides (acquire, wait) */
-    EX_FORWARDING, /* upstream request in flight, no response head yet */
-    EX_STREAMING,  /* response head sent to the client, body flowing */
-    EX_ENDED,      /* the upstream side is over; the engine finishes */
-    EX_DONE        /* the engine is done too: only references are left */
-};
+/* The exchange's transport state (enum ex_state: EX_NEW, EX_FORWARDING,
+ * EX_STREAMING, EX_ENDED, EX_DONE; the engine has its own) is generated
+ * with its names from STATES_EXCHANGE in core/metrics.h; exchange_set_state
+ * is the one place it changes. */
 
 struct exchange {
     int refs;
