@@ -1,24 +1,28 @@
 /* internal.h — what the files of the memory store (src/store/memory/)
  * share, and nothing else includes: the structs of the shared table, its
- * bounded-work constants, the byte accounting, the chain and dict
- * primitives (static inline: they sit on every operation's path) and the
- * functions one file of the store calls in another.
+ * bounded-work constants, the byte accounting, the skey hashing, the
+ * chain and dict primitives, and the functions one file of the store
+ * calls in another. The small helpers are static inline here because
+ * they sit on every operation's path (inlined, as they were when the
+ * store was one file).
  *
  * It lives next to the sources, not under include/idemgate/, because no
  * other module may see these structs: everything outside this folder goes
- * through the public interface, idemgate/store/store.h.
+ * through the public interface, idemgate/store/store.h. Owns nothing.
  *
- *   table.c   the key table: entries, buckets, incremental rehash, expiry
+ *   table.c   the key table: entries and the operations' decisions on
+ *             them, buckets, incremental rehash, expiry
  *   scopes.c  per-scope accounting, the heap of scopes, eviction
- *   shared.c  struct store_memory_shared: creation, stats, and the four
- *             operations' decisions under its mutex
+ *   shared.c  struct store_memory_shared: creation, stats, freeing, and
+ *             the mutex around every operation
  *   ops.c     struct store_memory (one per worker): the ops table,
  *             callbacks deferred onto the worker's base, recycled ops
  *
- * Locking: the mem_shared_* entry points (shared.c) take sh->mu; every
- * other function declared here expects its caller to hold it, except
- * mem_skey_hash (it reads only the seed, which never changes). The layout
- * of the table is described at the top of shared.c. */
+ * Locking: the store_memory_shared_* and mem_shared_* entry points
+ * (shared.c) take sh->mu; every other function declared here expects its
+ * caller to hold it, except mem_skey_hash (it reads only the seed, which
+ * never changes). The layout of the table is described at the top of
+ * shared.c. */
 #ifndef IDEMGATE_STORE_MEMORY_INTERNAL_H
 #define IDEMGATE_STORE_MEMORY_INTERNAL_H
 
@@ -31,6 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MEM_INITIAL_BUCKETS 64
 /* Bounded work per operation. */
@@ -202,6 +207,33 @@ static inline uint64_t mem_total_bytes(const struct store_memory_shared *sh)
            mem_dict_bytes(&sh->scopes) + mem_heap_bytes(&sh->heap);
 }
 
+/* True when need more bytes fit under max_bytes as things stand. */
+static inline bool mem_fits(const struct store_memory_shared *sh, uint64_t need)
+{
+    return !sh->max_bytes || mem_total_bytes(sh) + need <= sh->max_bytes;
+}
+
+/* The scope of an skey: the part before its first ':' (all of it without). */
+static inline size_t mem_scope_name_len(const char *skey, size_t skey_len)
+{
+    const char *colon = memchr(skey, ':', skey_len);
+    return colon ? (size_t)(colon - skey) : skey_len;
+}
+
+/* Fills k for skey: its scope, the hash of the skey and, with_scope,
+ * the hash of its scope. Reads only the seed: no lock needed. */
+static inline void mem_skey_hash(const struct store_memory_shared *sh, struct mem_skey *k,
+                                 const char *skey, size_t len, bool with_scope)
+{
+    k->skey = skey;
+    k->len = len;
+    k->scope_len = mem_scope_name_len(skey, len);
+    if (with_scope)
+        k->h = siphash13_split(sh->seed, skey, len, k->scope_len, &k->scope_h);
+    else
+        k->h = siphash13(sh->seed, skey, len);
+}
+
 /* ---- chains and dicts (callers hold sh->mu) ---- */
 
 static inline void mem_chain_push(struct mem_node **head, struct mem_node *n)
@@ -252,41 +284,40 @@ static inline void mem_dict_del(struct mem_dict *d, struct mem_node *n)
 
 /* ---- table.c: the key table ---- */
 
+/* What complete, release and renew do to the lock their token owns. */
+enum mem_owned_action { MEM_COMPLETE, MEM_RELEASE, MEM_RENEW };
+
+/* The acquire decision (the same table as the Redis script) for k: fills
+ * reply; for STORE_ACQ_COMPLETED, *record is a malloc'd copy of the
+ * record that reply->record points to (the caller frees it). */
+void mem_acquire_locked(struct store_memory_shared *sh, const struct mem_skey *k, const uint8_t *fp,
+                        const char *token, uint32_t lock_ms, struct store_acquire_reply *reply,
+                        uint8_t **record);
+/* complete / release / renew of the lock token owns: 1 when it acted, 0
+ * when there is no such lock (or it is completed), -1 when a record does
+ * not fit (the lock is then kept until it expires). */
+int mem_owned_locked(struct store_memory_shared *sh, enum mem_owned_action action,
+                     const struct mem_skey *k, const char *token, const uint8_t *record,
+                     size_t record_len, uint64_t expire_after_ms);
+
 void mem_dict_init(struct mem_dict *d);
 /* Frees every node of d (entries and scopes are plain allocations). */
 void mem_dict_free(struct mem_dict *d);
-void mem_skey_hash(const struct store_memory_shared *sh, struct mem_skey *k, const char *skey,
-                   size_t len, bool with_scope);
-/* Builds "<prefix>{<skey>}" into the table's scratch buffer (sh->kbuf,
- * valid until the next operation). */
-char *mem_key(struct store_memory_shared *sh, const char *skey, size_t skey_len, size_t *out_len);
-/* The live entry for key, or NULL (an expired one is dropped first). */
-struct mem_entry *mem_find(struct store_memory_shared *sh, const char *key, size_t len, uint64_t h,
-                           uint64_t now);
-/* A new lock for key (of the skey k), charged to its scope; NULL when
- * there is no room for it. */
-struct mem_entry *mem_insert(struct store_memory_shared *sh, const struct mem_skey *k,
-                             const char *key, size_t len, uint64_t now);
-/* Turns the lock e into a completed record (e may move: do not use it
- * after). 0, or -1 when there is no room (e is then left as it was). */
-int mem_store_record(struct store_memory_shared *sh, struct mem_entry *e, const uint8_t *record,
-                     size_t record_len, uint64_t expires_ms, uint64_t now);
 /* Removes e from the table, the FIFOs and its scope, and frees it (and
  * the scope, when that was its last entry). */
 void mem_drop(struct store_memory_shared *sh, struct mem_entry *e);
 /* mem_drop, counted as expired. */
 void mem_expire(struct store_memory_shared *sh, struct mem_entry *e);
-/* Reclaims the expired entries of the next n buckets of the key table. */
-void mem_sweep(struct store_memory_shared *sh, size_t n, uint64_t now);
-/* A bounded slice of background work: rehash steps, a sweep, expired
- * records off the oldest end, and a resize when one is due. */
-void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t rehash, size_t sweep,
-                  size_t pop);
+/* Reclaims the expired entries of a few more buckets (MEM_FULL_SWEEP):
+ * the last try before room is refused. */
+void mem_sweep_more(struct store_memory_shared *sh, uint64_t now);
+/* A store's periodic slice of background work (MEM_TICK_*: rehash steps,
+ * a sweep, expired records off the oldest end, a resize when due); each
+ * operation does a smaller one in mem_lookup. */
+void mem_maintain_tick(struct store_memory_shared *sh, uint64_t now);
 
 /* ---- scopes.c: scopes, their heap, eviction ---- */
 
-/* The scope of an skey: the part before its first ':' (all of it without). */
-size_t mem_scope_name_len(const char *skey, size_t skey_len);
 struct mem_scope *mem_scope_find(struct store_memory_shared *sh, const char *name, size_t len,
                                  uint64_t h);
 /* A new, empty scope (room for it was made by the caller). */
@@ -316,9 +347,6 @@ int mem_make_room(struct store_memory_shared *sh, struct mem_scope *sc, uint64_t
                   uint64_t need_all, uint64_t now);
 
 /* ---- shared.c: the operations, each under sh->mu ---- */
-
-/* What complete, release and renew do to the lock their token owns. */
-enum mem_owned_action { MEM_COMPLETE, MEM_RELEASE, MEM_RENEW };
 
 /* The acquire decision for skey (all arguments borrowed for the call).
  * Fills reply; for STORE_ACQ_COMPLETED, *record is a malloc'd copy of the

@@ -116,12 +116,6 @@ void mem_heap_free(struct mem_heap *h)
 
 /* ---- scopes ---- */
 
-size_t mem_scope_name_len(const char *skey, size_t skey_len)
-{
-    const char *colon = memchr(skey, ':', skey_len);
-    return colon ? (size_t)(colon - skey) : skey_len;
-}
-
 struct mem_scope *mem_scope_find(struct store_memory_shared *sh, const char *name, size_t len,
                                  uint64_t h)
 {
@@ -223,18 +217,13 @@ static bool mem_warn_due(uint64_t *last_ms, uint64_t now)
     return true;
 }
 
-static bool mem_fits(const struct store_memory_shared *sh, uint64_t need)
-{
-    return !sh->max_bytes || mem_total_bytes(sh) + need <= sh->max_bytes;
-}
-
 /* True when need more bytes would fit once every completed record were
  * gone: what the locks hold is never given back. Sweeps a few buckets for
  * dead locks before saying no. */
 static bool mem_can_fit(struct store_memory_shared *sh, uint64_t need, uint64_t now)
 {
     if (mem_total_bytes(sh) - sh->done_bytes + need <= sh->max_bytes) return true;
-    mem_sweep(sh, MEM_FULL_SWEEP, now);
+    mem_sweep_more(sh, now);
     return mem_total_bytes(sh) - sh->done_bytes + need <= sh->max_bytes;
 }
 
@@ -272,7 +261,7 @@ static int mem_scope_room(struct store_memory_shared *sh, struct mem_scope *sc, 
     if (!cap || (sc ? sc->bytes : 0) + need <= cap) return 0;
     if (!sc) return -1;
     if (sc->bytes - sc->done_bytes + need > cap) {
-        mem_sweep(sh, MEM_FULL_SWEEP, now);
+        mem_sweep_more(sh, now);
         if (sc->bytes - sc->done_bytes + need > cap) return -1;
     }
     bool evicted = false;

@@ -1,13 +1,14 @@
 /* shared.c — the memory store's process-wide table (struct
- * store_memory_shared, store.h): its creation, stats and freeing, and
- * the four operations' decisions, each run to completion under its mutex
- * (the same atomicity the Redis scripts give).
+ * store_memory_shared, store.h): its creation, stats and freeing, and the
+ * entry points that run each operation to completion under its mutex
+ * (the same atomicity the Redis scripts give): the skey is hashed before
+ * the lock is taken, the decision (table.c) under it.
  *
  * Owns the struct and its mutex: every entry point here takes sh->mu, and
  * nothing else in the store does. Does not own how entries are stored,
- * found or expired (table.c), how bytes are charged and room is made
- * (scopes.c), nor the per-worker stores that call in here and defer the
- * answers onto their event_base (ops.c).
+ * found, decided on or expired (table.c), how bytes are charged and room
+ * is made (scopes.c), nor the per-worker stores that call in here and
+ * defer the answers onto their event_base (ops.c).
  *
  *   store_memory_shared
  *     keys:   dict  "<prefix>{<scope>:<key>}" -> mem_entry (lock or record)
@@ -119,46 +120,6 @@ uint64_t store_memory_shared_scope_bytes(struct store_memory_shared *sh, const c
 
 /* ---- the operations (each under sh->mu) ---- */
 
-static struct mem_entry *mem_lookup_locked(struct store_memory_shared *sh, const struct mem_skey *k,
-                                           char **key, size_t *key_len, uint64_t now)
-{
-    *key = mem_key(sh, k->skey, k->len, key_len);
-    mem_maintain(sh, now, MEM_OP_REHASH, MEM_OP_SWEEP, MEM_OP_POP);
-    return mem_find(sh, *key, *key_len, k->h, now);
-}
-
-/* The acquire decision, the same table as the Redis script. */
-static void mem_acquire_locked(struct store_memory_shared *sh, const struct mem_skey *k,
-                               const uint8_t *fp, const char *token, uint32_t lock_ms,
-                               struct store_acquire_reply *reply, uint8_t **record)
-{
-    uint64_t now = mem_now_ms();
-    char *key;
-    size_t key_len;
-    struct mem_entry *e = mem_lookup_locked(sh, k, &key, &key_len, now);
-    if (!e) {
-        e = mem_insert(sh, k, key, key_len, now);
-        if (!e) {
-            reply->state = STORE_ACQ_ERROR;
-        } else {
-            memcpy(e->u.token, token, STORE_TOKEN_LEN);
-            memcpy(e->fp, fp, STORE_FP_LEN);
-            e->expires_ms = now + lock_ms;
-            reply->state = STORE_ACQ_LOCKED;
-        }
-    } else if (memcmp(e->fp, fp, STORE_FP_LEN) != 0) {
-        reply->state = STORE_ACQ_MISMATCH;
-    } else if (!e->completed) {
-        reply->state = STORE_ACQ_IN_PROGRESS;
-    } else {
-        reply->state = STORE_ACQ_COMPLETED;
-        *record = mem_alloc(e->record_len);
-        memcpy(*record, e->data + e->key_len, e->record_len);
-        reply->record = *record;
-        reply->record_len = e->record_len;
-    }
-}
-
 void mem_shared_acquire(struct store_memory_shared *sh, const char *skey, size_t skey_len,
                         const uint8_t *fp, const char *token, uint32_t lock_ms,
                         struct store_acquire_reply *reply, uint8_t **record)
@@ -168,33 +129,6 @@ void mem_shared_acquire(struct store_memory_shared *sh, const char *skey, size_t
     pthread_mutex_lock(&sh->mu);
     mem_acquire_locked(sh, &k, fp, token, lock_ms, reply, record);
     pthread_mutex_unlock(&sh->mu);
-}
-
-/* complete / release / renew: each acts only on an in-progress entry that
- * the token owns; returns 1 when it acted, 0 otherwise, -1 when a record
- * does not fit (the lock is then kept until it expires, as when Redis
- * fails to store one). */
-static int mem_owned_locked(struct store_memory_shared *sh, enum mem_owned_action action,
-                            const struct mem_skey *k, const char *token, const uint8_t *record,
-                            size_t record_len, uint64_t expire_after_ms)
-{
-    uint64_t now = mem_now_ms();
-    char *key;
-    size_t key_len;
-    struct mem_entry *e = mem_lookup_locked(sh, k, &key, &key_len, now);
-    if (!e || e->completed || memcmp(e->u.token, token, STORE_TOKEN_LEN) != 0) return 0;
-    switch (action) {
-    case MEM_COMPLETE:
-        if (mem_store_record(sh, e, record, record_len, now + expire_after_ms, now) < 0) return -1;
-        break;
-    case MEM_RELEASE:
-        mem_drop(sh, e);
-        break;
-    case MEM_RENEW:
-        e->expires_ms = now + expire_after_ms;
-        break;
-    }
-    return 1;
 }
 
 int mem_shared_owned(struct store_memory_shared *sh, enum mem_owned_action action, const char *skey,
@@ -212,6 +146,6 @@ int mem_shared_owned(struct store_memory_shared *sh, enum mem_owned_action actio
 void mem_shared_tick(struct store_memory_shared *sh)
 {
     pthread_mutex_lock(&sh->mu);
-    mem_maintain(sh, mem_now_ms(), MEM_TICK_REHASH, MEM_TICK_SWEEP, MEM_TICK_POP);
+    mem_maintain_tick(sh, mem_now_ms());
     pthread_mutex_unlock(&sh->mu);
 }

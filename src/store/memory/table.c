@@ -1,15 +1,15 @@
 /* table.c — the memory store's key table: its entries (a lock or a
- * completed record under "<prefix>{<skey>}"), its buckets and their
- * incremental rehash, the FIFO of completed records by completion, and
- * expiry (lazy on lookup, a bounded sweep of buckets, the oldest end of
- * the FIFO).
+ * completed record under "<prefix>{<skey>}") and what the operations do
+ * to them (acquire; complete, release, renew of an owned lock: the same
+ * decisions as the Redis scripts), its buckets and their incremental
+ * rehash, the FIFO of completed records by completion, and expiry (lazy
+ * on lookup, a bounded sweep of buckets, the oldest end of the FIFO).
  *
  * Owns the dict mechanism (struct mem_dict: init, rehash, resize, free),
  * used for the scopes too, and every struct mem_entry. Does not own the
  * scopes an entry is charged to, the heap or the eviction order
- * (scopes.c), the mutex or the operations' decisions (shared.c), nor
- * anything of a worker (ops.c). Callers hold sh->mu, except for
- * mem_skey_hash. */
+ * (scopes.c), the struct and its mutex (shared.c), nor anything of a
+ * worker (ops.c). Everything here runs under sh->mu, taken by shared.c. */
 #include "internal.h"
 
 #include <string.h>
@@ -158,7 +158,8 @@ static void mem_rehash_start(struct mem_dict *d, size_t size)
     d->rehash_idx = 0;
 }
 
-void mem_sweep(struct store_memory_shared *sh, size_t n, uint64_t now)
+/* Reclaims the expired entries of the next n buckets of the key table. */
+static void mem_sweep(struct store_memory_shared *sh, size_t n, uint64_t now)
 {
     struct mem_table *t = mem_dict_live(&sh->keys);
     for (size_t k = 0; k < n && k < t->size; k++) {
@@ -196,8 +197,10 @@ static void mem_pop_expired(struct store_memory_shared *sh, size_t n, uint64_t n
         mem_expire(sh, sh->oldest);
 }
 
-void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t rehash, size_t sweep,
-                  size_t pop)
+/* A bounded slice of background work: rehash steps, a sweep, expired
+ * records off the oldest end, and a resize when one is due. */
+static void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t rehash, size_t sweep,
+                         size_t pop)
 {
     mem_rehash_step(sh, &sh->keys, rehash, now);
     mem_rehash_step(sh, &sh->scopes, rehash, now);
@@ -207,21 +210,21 @@ void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t rehash, s
     mem_maybe_resize(sh, &sh->scopes, now);
 }
 
-/* ---- lookups and inserts ---- */
-
-void mem_skey_hash(const struct store_memory_shared *sh, struct mem_skey *k, const char *skey,
-                   size_t len, bool with_scope)
+void mem_maintain_tick(struct store_memory_shared *sh, uint64_t now)
 {
-    k->skey = skey;
-    k->len = len;
-    k->scope_len = mem_scope_name_len(skey, len);
-    if (with_scope)
-        k->h = siphash13_split(sh->seed, skey, len, k->scope_len, &k->scope_h);
-    else
-        k->h = siphash13(sh->seed, skey, len);
+    mem_maintain(sh, now, MEM_TICK_REHASH, MEM_TICK_SWEEP, MEM_TICK_POP);
 }
 
-char *mem_key(struct store_memory_shared *sh, const char *skey, size_t skey_len, size_t *out_len)
+void mem_sweep_more(struct store_memory_shared *sh, uint64_t now)
+{
+    mem_sweep(sh, MEM_FULL_SWEEP, now);
+}
+
+/* ---- lookups and inserts ---- */
+
+/* Builds "<prefix>{<skey>}" into the table's scratch buffer. */
+static char *mem_key(struct store_memory_shared *sh, const char *skey, size_t skey_len,
+                     size_t *out_len)
 {
     size_t n = sh->prefix_len + skey_len + 2;
     /* One scratch per table, used only under the mutex: no malloc per op. */
@@ -239,8 +242,9 @@ char *mem_key(struct store_memory_shared *sh, const char *skey, size_t skey_len,
     return k;
 }
 
-struct mem_entry *mem_find(struct store_memory_shared *sh, const char *key, size_t len, uint64_t h,
-                           uint64_t now)
+/* The live entry for key, or NULL (an expired one is dropped first). */
+static struct mem_entry *mem_find(struct store_memory_shared *sh, const char *key, size_t len,
+                                  uint64_t h, uint64_t now)
 {
     for (int t = 0; t < mem_dict_tables(&sh->keys); t++) {
         for (struct mem_node *n = mem_dict_chain(&sh->keys, t, h); n; n = n->next) {
@@ -254,8 +258,22 @@ struct mem_entry *mem_find(struct store_memory_shared *sh, const char *key, size
     return NULL;
 }
 
-struct mem_entry *mem_insert(struct store_memory_shared *sh, const struct mem_skey *k,
-                             const char *key, size_t len, uint64_t now)
+/* One operation's lookup: builds its key "<prefix>{<skey>}" into the
+ * table's scratch (*key, valid until the next operation), does the
+ * operation's bounded share of maintenance (MEM_OP_*), and returns the
+ * live entry for the key, or NULL (an expired one is dropped first). */
+static struct mem_entry *mem_lookup(struct store_memory_shared *sh, const struct mem_skey *k,
+                                    char **key, size_t *key_len, uint64_t now)
+{
+    *key = mem_key(sh, k->skey, k->len, key_len);
+    mem_maintain(sh, now, MEM_OP_REHASH, MEM_OP_SWEEP, MEM_OP_POP);
+    return mem_find(sh, *key, *key_len, k->h, now);
+}
+
+/* A new lock for key (of the skey k), charged to its scope; NULL when
+ * there is no room for it. */
+static struct mem_entry *mem_insert(struct store_memory_shared *sh, const struct mem_skey *k,
+                                    const char *key, size_t len, uint64_t now)
 {
     struct mem_scope *sc = mem_scope_find(sh, k->skey, k->scope_len, k->scope_h);
     uint64_t cost = mem_entry_cost(len, 0);
@@ -281,10 +299,12 @@ struct mem_entry *mem_insert(struct store_memory_shared *sh, const struct mem_sk
     return e;
 }
 
-/* The entry is reallocated to hold the record after its key, at the same
- * place in its chain. */
-int mem_store_record(struct store_memory_shared *sh, struct mem_entry *e, const uint8_t *record,
-                     size_t record_len, uint64_t expires_ms, uint64_t now)
+/* Turns the lock e into a completed record; the entry is reallocated to
+ * hold the record after its key, at the same place in its chain. Returns
+ * 0, or -1 when there is no room (e is then left as it was: a lock). */
+static int mem_store_record(struct store_memory_shared *sh, struct mem_entry *e,
+                            const uint8_t *record, size_t record_len, uint64_t expires_ms,
+                            uint64_t now)
 {
     /* e is a live lock: neither eviction (completed only) nor the sweep
      * (expired only) can take it, nor its scope, while room is made. */
@@ -309,4 +329,65 @@ int mem_store_record(struct store_memory_shared *sh, struct mem_entry *e, const 
     mem_charge(sh, sc, record_len);
     mem_scope_fifo_push(sh, n);
     return 0;
+}
+
+/* ---- the operations' decisions ---- */
+
+/* The acquire decision, the same table as the Redis script. */
+void mem_acquire_locked(struct store_memory_shared *sh, const struct mem_skey *k, const uint8_t *fp,
+                        const char *token, uint32_t lock_ms, struct store_acquire_reply *reply,
+                        uint8_t **record)
+{
+    uint64_t now = mem_now_ms();
+    char *key;
+    size_t key_len;
+    struct mem_entry *e = mem_lookup(sh, k, &key, &key_len, now);
+    if (!e) {
+        e = mem_insert(sh, k, key, key_len, now);
+        if (!e) {
+            reply->state = STORE_ACQ_ERROR;
+        } else {
+            memcpy(e->u.token, token, STORE_TOKEN_LEN);
+            memcpy(e->fp, fp, STORE_FP_LEN);
+            e->expires_ms = now + lock_ms;
+            reply->state = STORE_ACQ_LOCKED;
+        }
+    } else if (memcmp(e->fp, fp, STORE_FP_LEN) != 0) {
+        reply->state = STORE_ACQ_MISMATCH;
+    } else if (!e->completed) {
+        reply->state = STORE_ACQ_IN_PROGRESS;
+    } else {
+        reply->state = STORE_ACQ_COMPLETED;
+        *record = mem_alloc(e->record_len);
+        memcpy(*record, e->data + e->key_len, e->record_len);
+        reply->record = *record;
+        reply->record_len = e->record_len;
+    }
+}
+
+/* complete / release / renew: each acts only on an in-progress entry that
+ * the token owns; returns 1 when it acted, 0 otherwise, -1 when a record
+ * does not fit (the lock is then kept until it expires, as when Redis
+ * fails to store one). */
+int mem_owned_locked(struct store_memory_shared *sh, enum mem_owned_action action,
+                     const struct mem_skey *k, const char *token, const uint8_t *record,
+                     size_t record_len, uint64_t expire_after_ms)
+{
+    uint64_t now = mem_now_ms();
+    char *key;
+    size_t key_len;
+    struct mem_entry *e = mem_lookup(sh, k, &key, &key_len, now);
+    if (!e || e->completed || memcmp(e->u.token, token, STORE_TOKEN_LEN) != 0) return 0;
+    switch (action) {
+    case MEM_COMPLETE:
+        if (mem_store_record(sh, e, record, record_len, now + expire_after_ms, now) < 0) return -1;
+        break;
+    case MEM_RELEASE:
+        mem_drop(sh, e);
+        break;
+    case MEM_RENEW:
+        e->expires_ms = now + expire_after_ms;
+        break;
+    }
+    return 1;
 }
