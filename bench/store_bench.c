@@ -1,4 +1,4 @@
-/* store_bench.c — a micro-benchmark of the memory store (store_memory.c)
+/* store_bench.c — a micro-benchmark of the memory store (src/store/memory/)
  * through the store API, callbacks and event loop included: the bytes one
  * stored record costs (from the store's own accounting and from the RSS
  * delta), and acquire / complete / replay operations per second with 1 and

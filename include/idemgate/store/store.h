@@ -19,7 +19,12 @@
  *    late reply is dropped;
  *  - pointers handed to a callback are borrowed until it returns;
  *  - all arguments passed to an operation are copied by the call (borrowed
- *    only until it returns). */
+ *    only until it returns); arg is the caller's, handed back untouched
+ *    to its callback and never freed by the store.
+ *
+ * Ownership: whoever creates a store (store_memory_new, store_redis_new)
+ * owns it and frees it with store_free, on the thread of its event_base
+ * and before that base is freed. */
 #ifndef IDEMGATE_STORE_H
 #define IDEMGATE_STORE_H
 
@@ -43,7 +48,9 @@ enum store_acquire_state {
 
 struct store_acquire_reply {
     enum store_acquire_state state;
-    const uint8_t *record; /* COMPLETED only: the encoded record, borrowed */
+    /* COMPLETED only: the encoded record, borrowed until the callback
+     * returns (copy it to keep it). */
+    const uint8_t *record;
     size_t record_len;
 };
 
@@ -89,10 +96,12 @@ void store_release(struct store *s, const char *skey, size_t skey_len,
 void store_renew(struct store *s, const char *skey, size_t skey_len,
                  const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb, void *arg);
 void store_ping(struct store *s, store_done_cb cb, void *arg);
+/* Frees s (NULL: nothing), through its ops table. */
 void store_free(struct store *s);
 
-/* Memory backend: one shared table (mutex-protected) for the whole process,
- * one struct store per worker that defers callbacks onto its own base.
+/* Memory backend (src/store/memory/; its internal.h says which file does
+ * what): one shared table (mutex-protected) for the whole process, one
+ * struct store per worker that defers callbacks onto its own base.
  *
  * max_bytes (memory.max_bytes; 0 = no limit) bounds everything the table
  * holds: each entry is charged its struct, key, record and allocator
@@ -113,14 +122,20 @@ void store_free(struct store *s);
  * freed as soon as it holds nothing. Keys and scopes are hashed with
  * SipHash-1-3 under a random key drawn here (RAND_bytes). */
 struct store_memory_shared;
+/* A new, empty table; key_prefix is copied (NULL: ""). The caller owns
+ * it and frees it with store_memory_shared_free. Never fails (aborts when
+ * out of memory or of random bytes). */
 struct store_memory_shared *store_memory_shared_new_bounded(const char *key_prefix,
                                                             uint64_t max_bytes,
                                                             uint64_t max_scope_bytes);
 /* The same with no per-scope limit (max_scope_bytes 0). */
 struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint64_t max_bytes);
+/* Frees the table and every entry in it (NULL: nothing). Free every
+ * store made on it (store_free) first. */
 void store_memory_shared_free(struct store_memory_shared *sh);
 
-/* A snapshot of the shared table, taken under its mutex. */
+/* A snapshot of the shared table, taken under its mutex (from any
+ * thread) into the caller's out. */
 struct store_memory_stats {
     uint64_t max_bytes;       /* the limit, 0 = none */
     uint64_t max_scope_bytes; /* the limit of one scope, 0 = none */
@@ -137,11 +152,14 @@ struct store_memory_stats {
     uint64_t refused;     /* acquires/completes refused: only locks left */
 };
 void store_memory_shared_stats(struct store_memory_shared *sh, struct store_memory_stats *out);
-/* The bytes charged to one scope (its name: the skey part before ':'),
- * 0 when it holds nothing. */
+/* The bytes charged to one scope (its name: the skey part before ':',
+ * borrowed for the call), 0 when it holds nothing. Any thread. */
 uint64_t store_memory_shared_scope_bytes(struct store_memory_shared *sh, const char *scope,
                                          size_t len);
-/* The shared table is borrowed and must outlive the store. */
+/* One worker's store on the table: base and sh are borrowed, and both
+ * must outlive the store (it answers on base; free it on base's thread).
+ * The caller owns the store and frees it with store_free. timeout_ms is
+ * kept for parity with Redis: every answer here is immediate. */
 struct store *store_memory_new(struct event_base *base, struct store_memory_shared *sh,
                                int timeout_ms);
 
