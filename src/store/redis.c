@@ -288,40 +288,6 @@ static unsigned rs_keyslot(const char *key, size_t n)
     return rs_crc16(key, n) & (RS_NSLOTS - 1);
 }
 
-/* "host:port" or "[v6]:port" into a fresh host and a port (default_port
- * when none is given); -1 when malformed. */
-static int rs_split_addr(const char *text, size_t n, int default_port, char **host, int *port)
-{
-    const char *colon = NULL;
-    for (size_t i = n; i > 0; i--) {
-        if (text[i - 1] == ':') {
-            colon = text + i - 1;
-            break;
-        }
-        if (text[i - 1] == ']') break;
-    }
-    size_t hlen = colon ? (size_t)(colon - text) : n;
-    *port = default_port;
-    if (colon) {
-        char digits[8];
-        size_t dl = n - hlen - 1;
-        if (dl == 0 || dl >= sizeof(digits)) return -1;
-        memcpy(digits, colon + 1, dl);
-        digits[dl] = '\0';
-        char *end;
-        long v = strtol(digits, &end, 10);
-        if (*end || v <= 0 || v > 65535) return -1;
-        *port = (int)v;
-    }
-    if (hlen >= 2 && text[0] == '[' && text[hlen - 1] == ']') {
-        text++;
-        hlen -= 2;
-    }
-    if (hlen == 0) return -1;
-    *host = rs_strndup(text, hlen);
-    return 0;
-}
-
 static bool rs_usable(const struct rconn *c)
 {
     return c->ac && !(c->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
@@ -932,15 +898,8 @@ static void sentinel_timeout_cb(evutil_socket_t fd, short what, void *arg)
 static void sentinel_ask(struct store_redis *s)
 {
     if (s->sent_ac || s->main->ac) return;
-    const char *text = s->cfg->redis.nodes.v[s->sent_idx];
-    char *host;
-    int port;
-    if (rs_split_addr(text, strlen(text), 26379, &host, &port) != 0) {
-        sentinel_next(s, "not a host:port");
-        return;
-    }
-    redisAsyncContext *ac = redisAsyncConnect(host, port);
-    free(host);
+    const struct cfg_hostport *at = &s->cfg->redis.node_addrs[s->sent_idx];
+    redisAsyncContext *ac = redisAsyncConnect(at->host, at->port);
     if (!ac) abort();
     if (ac->err) {
         char why[128];
@@ -1702,26 +1661,15 @@ static const struct store_ops rs_ops = {
 
 static void rs_start_cluster(struct store_redis *s)
 {
-    const struct cfg_strlist *nodes = &s->cfg->redis.nodes;
+    const struct cfg_redis *rc = &s->cfg->redis;
     s->slots = rs_alloc(RS_NSLOTS * sizeof(*s->slots));
     s->refresh_ev = evtimer_new(s->evb, cluster_refresh_cb, s);
     s->refresh_deadline_ev = evtimer_new(s->evb, cluster_refresh_deadline_cb, s);
     if (!s->refresh_ev || !s->refresh_deadline_ev) abort();
     /* Listed last to first so that the list reads in config order. */
-    for (size_t i = nodes->n; i > 0; i--) {
-        char *host;
-        int port;
-        if (rs_split_addr(nodes->v[i - 1], strlen(nodes->v[i - 1]), 6379, &host, &port) != 0) {
-            log_msg(LOG_ERROR, "store redis: cluster node %s is not a host:port", nodes->v[i - 1]);
-            continue;
-        }
-        cluster_node(s, host, strlen(host), port);
-        free(host);
-    }
-    if (!s->conns) {
-        /* Nothing to talk to: every op fails (cluster_any finds nobody). */
-        log_msg(LOG_ERROR, "store redis: no usable cluster node in redis.nodes");
-        return;
+    for (size_t i = rc->nodes.n; i > 0; i--) {
+        const struct cfg_hostport *at = &rc->node_addrs[i - 1];
+        cluster_node(s, at->host, strlen(at->host), at->port);
     }
     cluster_refresh_soon(s);
 }
@@ -1745,11 +1693,12 @@ struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
     s->prefix = rs_strndup(p, strlen(p));
     for (int i = 0; i < RS_NSCRIPTS; i++)
         rs_sha1_hex(rs_scripts[i], s->sha[i]);
-    if (s->mode == CFG_REDIS_SENTINEL && (cfg->redis.nodes.n == 0 || !cfg->redis.master_name)) {
+    bool nodes = cfg->redis.nodes.n > 0 && cfg->redis.node_addrs;
+    if (s->mode == CFG_REDIS_SENTINEL && (!nodes || !cfg->redis.master_name)) {
         log_msg(LOG_ERROR, "store redis: sentinel mode needs redis.nodes and redis.master_name");
         s->mode = CFG_REDIS_STANDALONE;
     }
-    if (s->mode == CFG_REDIS_CLUSTER && cfg->redis.nodes.n == 0) {
+    if (s->mode == CFG_REDIS_CLUSTER && !nodes) {
         log_msg(LOG_ERROR, "store redis: cluster mode needs redis.nodes");
         s->mode = CFG_REDIS_STANDALONE;
     }
