@@ -1,10 +1,12 @@
-/* conn.c — one Redis server connection (part of redis_internal.h).
+/* conn.c — one Redis server connection (see redis_internal.h).
  *
  * Owns struct rconn: its hiredis async context on the worker's event
- * base, the handshake (AUTH, SELECT, the maxmemory-policy check, SCRIPT
- * LOAD), its timeout, tearing a stuck connection down, and the backoff
- * before reconnecting. Does not own the operations sent on it (op.c) nor
- * decide which server it talks to. */
+ * base; the handshake (AUTH, SELECT, the maxmemory-policy check, the
+ * topology's own commands, SCRIPT LOAD) and its timeout; tearing a stuck
+ * connection down (always from a deferred event); the backoff before
+ * reconnecting. Does not own the operations sent on it (op.c), nor decide
+ * which server it talks to or what its going down or coming up means:
+ * that is the topology's (s->topo), told through its table. */
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
@@ -12,8 +14,11 @@
 #include <hiredis/adapters/libevent.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+/* Reconnects (or whatever the topology does then) after a backoff that
+ * doubles from RS_BACKOFF_MIN_MS up to RS_BACKOFF_MAX_MS while c fails. */
 void rc_schedule_reconnect(struct rconn *c)
 {
     unsigned step = c->backoff_step < 5 ? c->backoff_step : 5;
@@ -24,9 +29,9 @@ void rc_schedule_reconnect(struct rconn *c)
     evtimer_add(c->reconnect_ev, &tv);
 }
 
-/* The connection is gone (c->ac already NULL): log once per outage, then
- * reconnect (standalone), look again (sentinel), or let the slot map catch
- * up and reconnect on demand (cluster). */
+/* The connection is gone (c->ac already NULL): log once per outage, start
+ * the backoff (what happens when it is over is the topology's), and tell
+ * the topology. */
 static void rc_went_down(struct rconn *c, const char *why)
 {
     evtimer_del(c->handshake_ev);
@@ -39,7 +44,7 @@ static void rc_went_down(struct rconn *c, const char *why)
         c->down_logged = true;
     }
     rc_schedule_reconnect(c);
-    if (c->role == RC_NODE) cluster_refresh_soon(c->s);
+    if (c->s->topo->on_down) c->s->topo->on_down(c);
 }
 
 /* Tears the connection down now. Pending commands get their callbacks
@@ -62,6 +67,7 @@ static void rc_kill_cb(evutil_socket_t fd, short what, void *arg)
     rc_kill_now(arg, "a command timed out, the handshake failed or the server is not usable");
 }
 
+/* Tears c down from the loop (safe from inside a hiredis callback). */
 void rc_kill_soon(struct rconn *c)
 {
     struct timeval zero = {0, 0};
@@ -80,21 +86,7 @@ static void rc_reconnect_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct rconn *c = arg;
-    if (c->role == RC_STANDALONE) {
-        rc_connect(c);
-    } else if (c->role == RC_MASTER) {
-        c->s->sent_idx = 0;
-        sentinel_ask(c->s);
-    } else if (gb_wants(c)) {
-        rc_ensure(c); /* a lock waits there to be given back */
-    }
-    /* RC_NODE: the backoff is over; the next op that needs it connects. */
-}
-
-struct rconn *rc_of(const redisAsyncContext *ac)
-{
-    struct rconn *c = ac->data;
-    return c && c->ac == ac ? c : NULL;
+    c->s->topo->on_backoff_over(c);
 }
 
 static void rc_on_connect(const redisAsyncContext *ac, int status)
@@ -121,28 +113,44 @@ static void rc_on_disconnect(const redisAsyncContext *ac, int status)
 
 #define RS_TAG_AUTH ((void *)(intptr_t)-1)
 #define RS_TAG_SELECT ((void *)(intptr_t)-2)
-#define RS_TAG_ROLE ((void *)(intptr_t)-3)
-
-static bool rs_is_master_role(const redisReply *r)
-{
-    return r->type == REDIS_REPLY_ARRAY && r->elements >= 1 &&
-           r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len == 6 &&
-           memcmp(r->element[0]->str, "master", 6) == 0;
-}
 
 static const char *rs_tag_name(void *priv)
 {
     if (priv == RS_TAG_AUTH) return "AUTH";
     if (priv == RS_TAG_SELECT) return "SELECT";
-    if (priv == RS_TAG_ROLE) return "ROLE";
     return "SCRIPT LOAD";
 }
 
 static bool rs_handshake_ok(const struct rconn *c, const redisReply *r, void *priv)
 {
     if (priv == RS_TAG_AUTH || priv == RS_TAG_SELECT) return r->type != REDIS_REPLY_ERROR;
-    if (priv == RS_TAG_ROLE) return rs_is_master_role(r);
-    return rs_check_load_reply(c->s, r, (intptr_t)priv);
+    return rs_script_loaded(c->s, r, (intptr_t)priv);
+}
+
+/* A handshake answer was wrong: the commands behind it would fail too, so
+ * the connection starts over (and logs nothing more until it is ready). */
+void rc_handshake_failed(struct rconn *c)
+{
+    c->handshake_failed = true;
+    rc_kill_soon(c);
+}
+
+/* One more handshake answer was right; after the last one, c is ready:
+ * the topology logs it, then what waited for c goes out (give-backs
+ * first, then operations parked on it, oldest first). */
+void rc_handshake_answered(struct rconn *c)
+{
+    if (--c->handshake_left > 0) return;
+    evtimer_del(c->handshake_ev);
+    c->ready = true;
+    c->backoff_step = 0;
+    if (c->s->topo->on_ready)
+        c->s->topo->on_ready(c);
+    else if (c->down_logged)
+        log_msg(LOG_INFO, "store redis: connected again");
+    c->down_logged = false;
+    gb_flush(c);
+    rop_flush_parked(c);
 }
 
 static void rc_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
@@ -150,40 +158,22 @@ static void rc_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
     struct rconn *c = rc_of(ac);
     redisReply *r = reply;
     if (!c || !r) return;
-    if (!rs_handshake_ok(c, r, priv)) {
-        if (priv == RS_TAG_ROLE) {
-            log_msg(LOG_WARN,
-                    "store redis: %s:%d is not a master (yet); asking the sentinels again", c->host,
-                    c->port);
-        } else if (!c->handshake_failed && !c->down_logged) {
-            /* The commands behind the first failure fail too, and so does
-             * every retry until it is fixed: say it once per outage. */
-            log_msg(LOG_ERROR, "store redis: %s failed: %s", rs_tag_name(priv),
-                    r->type == REDIS_REPLY_ERROR && r->str ? r->str : "unexpected reply");
-        }
-        c->handshake_failed = true;
-        rc_kill_soon(c);
+    if (rs_handshake_ok(c, r, priv)) {
+        rc_handshake_answered(c);
         return;
     }
-    if (--c->handshake_left > 0) return;
-    evtimer_del(c->handshake_ev);
-    c->ready = true;
-    c->backoff_step = 0;
-    if (c->role == RC_MASTER) {
-        log_msg(LOG_INFO, "store redis: sentinel master %s is %s:%d", c->s->cfg->redis.master_name,
-                c->host, c->port);
-        c->s->sent_logged = false;
-    } else if (c->down_logged) {
-        log_msg(LOG_INFO, "store redis: connected again");
+    if (!c->handshake_failed && !c->down_logged) {
+        /* The commands behind the first failure fail too, and so does
+         * every retry until it is fixed: say it once per outage. */
+        log_msg(LOG_ERROR, "store redis: %s failed: %s", rs_tag_name(priv),
+                r->type == REDIS_REPLY_ERROR && r->str ? r->str : "unexpected reply");
     }
-    c->down_logged = false;
-    gb_flush(c);
-    if (c->role == RC_MASTER) rs_flush_parked(c->s);
+    rc_handshake_failed(c);
 }
 
 /* AUTH [user] password, when the URL names either; 1 when sent, 0 when
  * there is nothing to send, -1 when it cannot be queued. */
-int rs_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn, void *priv)
+int rc_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn, void *priv)
 {
     if (!rc->username && !(rc->password && rc->password[0])) return 0;
     const char *argv[3] = {"AUTH", rc->username, rc->password};
@@ -239,16 +229,18 @@ static void rc_policy_cb(redisAsyncContext *ac, void *reply, void *priv)
     redisAsyncCommand(ac, rc_info_policy_cb, NULL, "INFO memory");
 }
 
-/* AUTH, SELECT (not in a cluster), the eviction policy (not part of the
- * handshake: nobody waits for it), ROLE (sentinel master), SCRIPT LOAD. */
+/* AUTH, SELECT (unless the topology has one database), the eviction
+ * policy (not part of the handshake: nobody waits for it), the topology's
+ * own commands (ROLE for a sentinel master), SCRIPT LOAD. */
 static int rc_send_handshake(struct rconn *c)
 {
     const struct cfg_redis *rc = &c->s->cfg->redis;
     c->handshake_left = RS_NSCRIPTS;
-    int auth = rs_send_auth(c->ac, rc, rc_handshake_cb, RS_TAG_AUTH);
+    int auth = rc_send_auth(c->ac, rc, rc_handshake_cb, RS_TAG_AUTH);
     if (auth < 0) return -1;
     c->handshake_left += auth;
-    if (rc->db != 0 && c->role != RC_NODE) {
+    const struct rs_topology_ops *t = c->s->topo;
+    if (rc->db != 0 && t->select_db) {
         if (redisAsyncCommand(c->ac, rc_handshake_cb, RS_TAG_SELECT, "SELECT %d", rc->db) !=
             REDIS_OK)
             return -1;
@@ -256,11 +248,12 @@ static int rc_send_handshake(struct rconn *c)
     }
     if (redisAsyncCommand(c->ac, rc_policy_cb, NULL, "CONFIG GET maxmemory-policy") != REDIS_OK)
         return -1;
-    if (c->role == RC_MASTER) {
-        if (redisAsyncCommand(c->ac, rc_handshake_cb, RS_TAG_ROLE, "ROLE") != REDIS_OK) return -1;
-        c->handshake_left++;
+    if (t->handshake) {
+        int n = t->handshake(c);
+        if (n < 0) return -1;
+        c->handshake_left += n;
     }
-    return rc_load_scripts(c, rc_handshake_cb);
+    return rs_scripts_load(c, rc_handshake_cb);
 }
 
 /* Starts a connection; the handshake is queued at once (hiredis writes it
@@ -299,15 +292,29 @@ void rc_connect(struct rconn *c)
 bool rc_ensure(struct rconn *c)
 {
     if (!c->ac && !evtimer_pending(c->reconnect_ev, NULL)) rc_connect(c);
-    return rs_usable(c);
+    return rc_usable(c);
 }
 
-struct rconn *rc_new(struct store_redis *s, enum rconn_role role, char *host, int port,
-                     bool unix_socket)
+/* Whether c can take a command now (connected or connecting). */
+bool rc_usable(const struct rconn *c)
+{
+    return c->ac && !(c->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
+}
+
+/* The connection an async context belongs to; NULL for a context that
+ * was let go (closed or freed with its store). */
+struct rconn *rc_of(const redisAsyncContext *ac)
+{
+    struct rconn *c = ac->data;
+    return c && c->ac == ac ? c : NULL;
+}
+
+/* A connection, disconnected, listed in s->conns; host (or the unix socket
+ * path) is taken over. Nothing connects until rc_connect or rc_ensure. */
+struct rconn *rc_new(struct store_redis *s, char *host, int port, bool unix_socket)
 {
     struct rconn *c = rs_alloc(sizeof(*c));
     c->s = s;
-    c->role = role;
     c->host = host;
     c->port = port;
     c->unix_socket = unix_socket;
@@ -318,6 +325,14 @@ struct rconn *rc_new(struct store_redis *s, enum rconn_role role, char *host, in
     c->next = s->conns;
     s->conns = c;
     return c;
+}
+
+/* Points a disconnected c somewhere else (a new sentinel master). */
+void rc_set_address(struct rconn *c, const char *host, size_t hlen, int port)
+{
+    free(c->host);
+    c->host = rs_strndup(host, hlen);
+    c->port = port;
 }
 
 /* Closes c's context and frees c; the store is being freed. */

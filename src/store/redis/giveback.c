@@ -1,8 +1,12 @@
-/* giveback.c — locks that failed acquires may have taken (part of
+/* giveback.c — locks that failed acquires may have taken (see
  * redis_internal.h).
  *
- * Owns the bounded list of struct rs_giveback and giving each back with
- * the release script, fenced by its token. Operations are op.c's. */
+ * Owns the store's bounded list of struct rs_giveback (RS_GIVEBACK_MAX,
+ * oldest dropped first, each drop counted and logged) and giving each back
+ * with the release script, fenced by its token: at once when a late reply
+ * shows the lock was taken, else when a connection the key lives behind
+ * is ready again. The release is an ordinary op (op.c); which connection
+ * a key lives behind is the topology's (serves). */
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
@@ -11,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The entry of the acquire whose token this is, or NULL. */
 struct rs_giveback *gb_find(struct store_redis *s, const char *token)
 {
     for (struct rs_giveback *e = s->gb_head; e; e = e->next)
@@ -18,6 +23,7 @@ struct rs_giveback *gb_find(struct store_redis *s, const char *token)
     return NULL;
 }
 
+/* Unlists and frees e (given back, found not taken, or dropped). */
 void gb_free(struct rs_giveback *e)
 {
     struct store_redis *s = e->s;
@@ -111,16 +117,15 @@ void gb_send(struct rs_giveback *e)
     rop_start(op);
 }
 
-/* Whether e's key lives behind c: the one server or master, or in a
- * cluster the node owning its slot (any node while the slot is unknown:
- * it answers MOVED). */
+/* Whether e's key lives behind c, as the topology sees it (in a cluster,
+ * the node owning its slot, or any node while the slot is unknown). */
 static bool gb_routes_to(const struct store_redis *s, const struct rs_giveback *e,
                          const struct rconn *c)
 {
-    if (s->mode != CFG_REDIS_CLUSTER) return true;
-    return !s->slots[e->slot] || s->slots[e->slot] == c;
+    return !s->topo->serves || s->topo->serves(c, e->slot);
 }
 
+/* Whether a lock waits to be given back through c. */
 bool gb_wants(const struct rconn *c)
 {
     for (const struct rs_giveback *e = c->s->gb_head; e; e = e->next)

@@ -1,17 +1,23 @@
-/* op.c — one store operation in flight (part of redis_internal.h).
+/* op.c — one store operation in flight (see redis_internal.h).
  *
- * Owns struct rop: its deadline timer, sending its script (EVALSHA, again
- * after NOSCRIPT), WAIT for replicas after a lock, reading the replies and
- * firing the caller's callback exactly once. Does not own connections
- * (conn.c) nor decide where a key lives. */
+ * Owns struct rop: its deadline timer; sending its script with EVALSHA
+ * (once more after NOSCRIPT, when the scripts were loaded again); WAIT for
+ * replicas after a lock and the release when too few acknowledged; reading
+ * the replies; firing the caller's callback exactly once; and handing an
+ * acquire that failed while it may hold the lock to giveback.c. Does not
+ * own connections (conn.c) nor know where a key lives: the topology's
+ * route sets op->conn and its on_error_reply handles MOVED, ASK and the
+ * like. */
 #include "redis_internal.h"
 
+#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* Frees op once its callback has fired and hiredis owes it no reply. */
 void rop_maybe_free(struct rop *op)
 {
     if (!op->done || op->refs > 0 || op->in_cb) return;
@@ -31,7 +37,7 @@ void rop_maybe_free(struct rop *op)
 /* Fires the user callback (once) and frees the op when nothing else
  * references it. Neither op's store nor op is used after the callback
  * unless still alive. */
-void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
+static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
 {
     if (op->done) return;
     op->done = true;
@@ -80,7 +86,7 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv);
 static int rop_send(struct rop *op, bool keyed, int argc, const char **argv, const size_t *lens)
 {
     struct rconn *c = op->conn;
-    if (!op->s || !c || !rs_usable(c)) return -1;
+    if (!op->s || !c || !rc_usable(c)) return -1;
     if (keyed && op->asking && redisAsyncCommand(c->ac, NULL, NULL, "ASKING") != REDIS_OK)
         return -1;
     if (redisAsyncCommandArgv(c->ac, rop_reply_cb, op, argc, argv, lens) != REDIS_OK) return -1;
@@ -106,6 +112,7 @@ static int rop_send_script(struct rop *op, enum rs_script script, int argc, cons
     return rop_send(op, true, 3 + argc, argv, argvlen);
 }
 
+/* The op's own command: its script, or PING. */
 int rop_send_main(struct rop *op)
 {
     if (op->kind == ROP_PING) {
@@ -133,7 +140,7 @@ static int rop_send_wait(struct rop *op)
     /* WAIT blocks on the server for its timeout (0 would mean forever):
      * leave half of what remains of the deadline for the answer and a
      * possible release. */
-    uint64_t now = rs_now_ms();
+    uint64_t now = clock_now_ms();
     uint64_t left = op->deadline_ms > now ? op->deadline_ms - now : 0;
     uint64_t wait_ms = left / 2 ? left / 2 : 1;
     char n[16], ms[24];
@@ -144,46 +151,32 @@ static int rop_send_wait(struct rop *op)
     return rop_send(op, false, 3, argv, lens);
 }
 
-/* The connection for a new op: the one server, the sentinel master (or
- * none yet: the op is parked), or the node owning the key's slot (any
- * node when the slot is unknown: it answers MOVED). Returns 0 when sent
- * or parked. */
+/* Sends a new op where the topology routes it, or parks it on a
+ * connection that is not ready yet. Returns 0 when sent or parked. */
 static int rop_dispatch(struct rop *op)
 {
-    struct store_redis *s = op->s;
-    if (s->mode == CFG_REDIS_SENTINEL) {
-        op->conn = s->main;
-        if (!s->main->ready) {
-            op->parked = true;
-            return 0;
-        }
-    } else if (s->mode == CFG_REDIS_CLUSTER) {
-        struct rconn *c = op->kind == ROP_PING ? NULL : s->slots[op->slot];
-        if (c && !rc_ensure(c)) c = NULL;
-        if (!c && (op->kind == ROP_PING || !s->slots[op->slot])) c = cluster_any(s, op->slot);
-        op->conn = c;
-        if (!c) {
-            cluster_refresh_soon(s);
-            return -1;
-        }
-    } else {
-        op->conn = s->main;
+    switch (op->s->topo->route(op)) {
+    case RS_ROUTE_SEND:
+        return rop_send_main(op);
+    case RS_ROUTE_PARK:
+        op->parked = true;
+        return 0;
+    case RS_ROUTE_NONE:
+        break;
     }
-    return rop_send_main(op);
+    return -1;
 }
 
-/* The sentinel master is ready: send the ops that waited for it, oldest
- * first. A send failure is reported from the loop, so no user callback
- * runs here. */
-void rs_flush_parked(struct store_redis *s)
+/* c is ready: send the ops parked on it, oldest first. A send failure is
+ * reported from the loop, so no user callback runs here. */
+void rop_flush_parked(struct rconn *c)
 {
-    struct rop *tail = s->ops;
+    struct rop *tail = c->s->ops;
     while (tail && tail->next)
         tail = tail->next;
     for (struct rop *op = tail; op; op = op->prev) {
-        if (!op->parked || op->done) continue;
+        if (!op->parked || op->done || op->conn != c) continue;
         op->parked = false;
-        op->conn = s->main;
         if (rop_send_main(op) != 0) rop_fail_soon(op);
     }
 }
@@ -289,37 +282,6 @@ static void rop_on_late_reply(struct rop *op, const redisReply *r)
         gb_free(e);
 }
 
-/* Cluster and sentinel replies that are about where the key lives, not
- * about the op; true when handled (op redirected or failed). */
-static bool rop_on_topology_error(struct rop *op, const redisReply *r)
-{
-    struct store_redis *s = op->s;
-    if (s->mode == CFG_REDIS_CLUSTER && op->kind != ROP_PING && op->stage != ROP_WAIT) {
-        unsigned slot;
-        const char *host;
-        size_t hlen;
-        int port;
-        int kind = rs_parse_redirect(r, &slot, &host, &hlen, &port);
-        if (kind) {
-            rop_redirect(op, kind, slot, host, hlen, port);
-            return true;
-        }
-    }
-    if (s->mode == CFG_REDIS_STANDALONE) return false;
-    bool moved_on = reply_is_error(r, "READONLY") || reply_is_error(r, "LOADING") ||
-                    reply_is_error(r, "MASTERDOWN") ||
-                    (s->mode == CFG_REDIS_CLUSTER &&
-                     (reply_is_error(r, "CLUSTERDOWN") || reply_is_error(r, "TRYAGAIN")));
-    if (!moved_on) return false;
-    log_msg(LOG_WARN, "store redis: %s:%d answered %s", op->conn->host, op->conn->port, r->str);
-    if (s->mode == CFG_REDIS_SENTINEL)
-        rc_kill_soon(op->conn); /* then the sentinels are asked again */
-    else
-        cluster_refresh_soon(s);
-    rop_fail(op);
-    return true;
-}
-
 static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
 {
     (void)ac;
@@ -338,11 +300,12 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
         return;
     }
     if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN) op->maybe_locked = rop_reply_locked(r);
-    if (r->type == REDIS_REPLY_ERROR && rop_on_topology_error(op, r)) return;
-    if (op->stage == ROP_MAIN && op->kind != ROP_PING && reply_is_error(r, "NOSCRIPT") &&
+    const struct rs_topology_ops *t = op->s->topo;
+    if (r->type == REDIS_REPLY_ERROR && t->on_error_reply && t->on_error_reply(op, r)) return;
+    if (op->stage == ROP_MAIN && op->kind != ROP_PING && rs_reply_is_error(r, "NOSCRIPT") &&
         !op->retried) {
         op->retried = true;
-        if (rc_load_scripts(op->conn, rc_reload_cb) != 0 || rop_send_main(op) != 0) rop_fail(op);
+        if (rs_scripts_reload(op->conn) != 0 || rop_send_main(op) != 0) rop_fail(op);
         return;
     }
     if (op->stage == ROP_UNDO) {
@@ -359,7 +322,8 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
     }
 }
 
-/* Builds the op and copies the script arguments into one buffer. */
+/* Builds the op, listed in s->ops, and copies the script arguments
+ * (the key first) into one buffer it owns. */
 struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
                     const char **args, const size_t *lens)
 {
@@ -381,18 +345,20 @@ struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script sc
         p += lens[i];
     }
     op->argc = argc;
-    if (argc > 0) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]);
+    if (argc > 0) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]); /* for cluster.c */
     op->next = s->ops;
     if (s->ops) s->ops->prev = op;
     s->ops = op;
     return op;
 }
 
+/* Arms op's deadline (redis.timeout_ms) and sends it; the caller's
+ * callback never fires from in here. */
 void rop_start(struct rop *op)
 {
     struct store_redis *s = op->s;
     uint64_t ms = (uint64_t)rs_timeout_ms(s);
-    op->deadline_ms = rs_now_ms() + ms;
+    op->deadline_ms = clock_now_ms() + ms;
     struct timeval tv = rs_tv(ms);
     evtimer_add(op->timer, &tv);
     if (rop_dispatch(op) != 0) rop_fail_soon(op);

@@ -1,13 +1,14 @@
-/* redis.c — the Redis store's public face (store.h).
+/* redis.c — the Redis store's public face (store_redis_new in store.h).
  *
- * Owns struct store_redis, the store_ops table (acquire, complete,
- * release, renew, ping, free), building keys, and store_redis_new, which
- * starts the mode's connections. The overview of the backend is in
- * redis_internal.h. Small helpers shared by the backend's files live
- * here too. */
+ * Owns struct store_redis: the store_ops table (acquire, complete,
+ * release, renew, ping, free), turning a store key into the Redis key
+ * "<prefix>{<skey>}" and the script arguments, and store_redis_new, the
+ * one place that reads redis.mode: it picks the topology table once. Also
+ * the small helpers every file of the backend uses. Does not own the
+ * connections (conn.c), the operations (op.c) or the routing (standalone.c,
+ * cluster.c, sentinel.c); the overview is in redis_internal.h. */
 #include "redis_internal.h"
 
-#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
 
 #include <stdio.h>
@@ -28,11 +29,6 @@ char *rs_strndup(const char *p, size_t n)
     return d;
 }
 
-uint64_t rs_now_ms(void)
-{
-    return clock_now_ms();
-}
-
 struct timeval rs_tv(uint64_t ms)
 {
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
@@ -44,12 +40,8 @@ int rs_timeout_ms(const struct store_redis *s)
     return s->cfg->redis.timeout_ms > 0 ? s->cfg->redis.timeout_ms : 1000;
 }
 
-bool rs_usable(const struct rconn *c)
-{
-    return c->ac && !(c->ac->c.flags & (REDIS_DISCONNECTING | REDIS_FREEING));
-}
-
-bool reply_is_error(const redisReply *r, const char *prefix)
+/* Whether r is the error "<prefix>" or "<prefix> ...". */
+bool rs_reply_is_error(const redisReply *r, const char *prefix)
 {
     size_t n = strlen(prefix);
     return r->type == REDIS_REPLY_ERROR && r->str && r->len >= n &&
@@ -171,21 +163,14 @@ static void rs_free(struct store *base)
     s->ops = NULL;
     while (s->gb_head) /* their releases in flight were just dropped */
         gb_free(s->gb_head);
-    if (s->sent_ac) {
-        redisAsyncContext *ac = s->sent_ac;
-        s->sent_ac = NULL;
-        sentinel_free_ac(ac, false);
-    }
     struct rconn *c = s->conns;
     while (c) {
         struct rconn *next = c->next;
         rc_free(c);
         c = next;
     }
-    if (s->refresh_ev) event_free(s->refresh_ev);
-    if (s->refresh_deadline_ev) event_free(s->refresh_deadline_ev);
-    if (s->sent_timer) event_free(s->sent_timer);
-    free(s->slots);
+    s->conns = NULL;
+    s->topo->free(s);
     free(s->prefix);
     free(s);
 }
@@ -200,35 +185,39 @@ static const struct store_ops rs_ops = {
     .free = rs_free,
 };
 
+/* The one place the mode is read: its topology, or standalone when the
+ * mode lacks what it needs (only a struct cfg built by hand can; config
+ * refuses it). */
+static const struct rs_topology_ops *rs_topology_for(const struct cfg_redis *rc)
+{
+    bool nodes = rc->nodes.n > 0 && rc->node_addrs;
+    switch (rc->mode) {
+    case CFG_REDIS_SENTINEL:
+        if (nodes && rc->master_name) return &rs_sentinel_ops;
+        log_msg(LOG_ERROR, "store redis: sentinel mode needs redis.nodes and redis.master_name");
+        break;
+    case CFG_REDIS_CLUSTER:
+        if (nodes) return &rs_cluster_ops;
+        log_msg(LOG_ERROR, "store redis: cluster mode needs redis.nodes");
+        break;
+    case CFG_REDIS_STANDALONE:
+        break;
+    }
+    return &rs_standalone_ops;
+}
+
+/* cfg is borrowed and must outlive the store; connecting starts at once
+ * (on base) and no callback runs from in here. */
 struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
 {
     struct store_redis *s = rs_alloc(sizeof(*s));
     s->base.ops = &rs_ops;
     s->evb = base;
     s->cfg = cfg;
-    s->mode = cfg->redis.mode;
     const char *p = cfg->redis.key_prefix ? cfg->redis.key_prefix : "";
     s->prefix = rs_strndup(p, strlen(p));
-    for (int i = 0; i < RS_NSCRIPTS; i++)
-        rs_sha1_hex(rs_scripts[i], s->sha[i]);
-    bool nodes = cfg->redis.nodes.n > 0 && cfg->redis.node_addrs;
-    if (s->mode == CFG_REDIS_SENTINEL && (!nodes || !cfg->redis.master_name)) {
-        log_msg(LOG_ERROR, "store redis: sentinel mode needs redis.nodes and redis.master_name");
-        s->mode = CFG_REDIS_STANDALONE;
-    }
-    if (s->mode == CFG_REDIS_CLUSTER && !nodes) {
-        log_msg(LOG_ERROR, "store redis: cluster mode needs redis.nodes");
-        s->mode = CFG_REDIS_STANDALONE;
-    }
-    if (s->mode == CFG_REDIS_CLUSTER) {
-        rs_start_cluster(s);
-    } else if (s->mode == CFG_REDIS_SENTINEL) {
-        rs_start_sentinel(s);
-    } else {
-        const char *host = cfg->redis.host ? cfg->redis.host : "127.0.0.1";
-        s->main = rc_new(s, RC_STANDALONE, rs_strndup(host, strlen(host)),
-                         cfg->redis.port ? cfg->redis.port : 6379, cfg->redis.unix_socket);
-        rc_connect(s->main);
-    }
+    rs_scripts_hash(s->sha);
+    s->topo = rs_topology_for(&cfg->redis);
+    s->topo->init(s);
     return &s->base;
 }

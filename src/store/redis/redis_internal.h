@@ -1,5 +1,18 @@
 /* redis_internal.h — what the files of the Redis store share; private to
- * src/store/redis/ (the public face is store_redis_new in store.h).
+ * src/store/redis/ (the public face is store_redis_new in store.h). It
+ * sits next to them rather than in include/ because nothing else may use
+ * it: the structs below change with the backend, not with the store API.
+ *
+ * Who owns what:
+ *   redis.c       struct store_redis, the store_ops table, store_redis_new
+ *                 (the one place redis.mode is read: it picks the topology)
+ *   conn.c        struct rconn: connect, handshake, teardown, backoff
+ *   scripts.c     the Lua scripts, their SHA1s, SCRIPT LOAD
+ *   op.c          struct rop: deadline, EVALSHA / NOSCRIPT, WAIT, replies
+ *   giveback.c    struct rs_giveback: locks a failed acquire may have taken
+ *   standalone.c  one struct rs_topology_ops each (the table below): where
+ *   cluster.c     a key's commands go, and what a connection going down,
+ *   sentinel.c    coming up or an error reply like MOVED means in the mode
  *
  * The backend owns the hiredis 0.14 async connections of one store (per
  * worker), attached to the worker's event_base with the libevent adapter;
@@ -70,32 +83,20 @@
 
 enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_NSCRIPTS };
 
-#define RS_NSLOTS 16384
-#define RS_MAX_REDIRECTS 5
-#define RS_REFRESH_MIN_MS 200 /* at most one CLUSTER SLOTS per this */
-
 enum rop_kind { ROP_ACQUIRE, ROP_COMPLETE, ROP_RELEASE, ROP_RENEW, ROP_PING };
 
 /* An acquire that took the lock may go on: WAIT for replicas, then give
  * the lock back (UNDO) when too few acknowledged. */
 enum rop_stage { ROP_MAIN, ROP_WAIT, ROP_UNDO };
 
-/* What a connection is for; decides its handshake and what happens when
- * it goes down. */
-enum rconn_role {
-    RC_STANDALONE, /* reconnects to redis.url with backoff */
-    RC_NODE,       /* cluster node: reconnects lazily, when an op needs it */
-    RC_MASTER      /* sentinel master: asks the sentinels again, with backoff */
-};
-
 struct store_redis;
 
 /* One server connection (and its reconnect state). Lives as long as the
- * store; only its hiredis context comes and goes. */
+ * store; only its hiredis context comes and goes. What it is for (the one
+ * server, a cluster node, the sentinel master) is the topology's business. */
 struct rconn {
     struct rconn *next; /* the store's list */
     struct store_redis *s;
-    enum rconn_role role;
     redisAsyncContext *ac; /* NULL while disconnected */
     char *host;            /* or the unix socket path */
     int port;
@@ -123,7 +124,7 @@ struct rop {
     bool done;         /* the user callback has fired (or was dropped) */
     bool retried;      /* the NOSCRIPT retry is used up */
     bool in_cb;        /* inside the user callback */
-    bool parked;       /* waiting for a sentinel master */
+    bool parked;       /* waiting for conn to be ready (RS_ROUTE_PARK) */
     bool asking;       /* ASK redirect: send ASKING before each keyed command */
     bool maybe_locked; /* acquire: the lock may be ours (sent, unanswered, or taken) */
     int redirects;     /* MOVED / ASK followed so far */
@@ -132,7 +133,7 @@ struct rop {
     store_acquire_cb acq_cb;
     store_done_cb done_cb;
     void *arg;
-    uint64_t deadline_ms; /* monotonic */
+    uint64_t deadline_ms; /* clock_now_ms() */
     int argc;             /* the script arguments, after EVALSHA sha 1 */
     const char *argv[RS_MAX_ARGS];
     size_t argvlen[RS_MAX_ARGS];
@@ -154,73 +155,102 @@ struct rs_giveback {
     char key[]; /* the Redis key, "<prefix>{<skey>}" */
 };
 
+/* Where a new operation goes (rs_topology_ops.route). */
+enum rs_route {
+    RS_ROUTE_SEND, /* op->conn is set: send now */
+    RS_ROUTE_PARK, /* op->conn is set but not ready: sent when it is */
+    RS_ROUTE_NONE  /* nowhere to send it now: the op fails (from the loop) */
+};
+
+/* One routing module per redis.mode, chosen once by store_redis_new (the
+ * way Redis puts ConnectionType in front of its transports): which server
+ * a key's commands go to, and what a topology event means. Connections,
+ * operations and give-backs call these and never ask for the mode. The
+ * entries marked optional may be NULL. */
+struct rs_topology_ops {
+    /* The handshake SELECTs redis.url's database (a cluster has only 0). */
+    bool select_db;
+    /* Makes the mode's state (s->topo_state) and its first connections. */
+    void (*init)(struct store_redis *s);
+    /* Sets op->conn for a new op: the connection for its key. */
+    enum rs_route (*route)(struct rop *op);
+    /* An error reply about where the key lives (MOVED, ASK, READONLY, ...):
+     * true when handled (op redirected, or failed). Optional. */
+    bool (*on_error_reply)(struct rop *op, const redisReply *r);
+    /* Queues the mode's own handshake commands on c, after AUTH, SELECT
+     * and the policy check, before SCRIPT LOAD; returns how many of their
+     * answers the handshake waits for, or -1. Optional. */
+    int (*handshake)(struct rconn *c);
+    /* c's handshake is complete: log it. Optional ("connected again"
+     * after an outage). Give-backs and parked ops go out after it. */
+    void (*on_ready)(struct rconn *c);
+    /* c went down; its reconnect backoff is already running. Optional. */
+    void (*on_down)(struct rconn *c);
+    /* c's reconnect backoff is over. */
+    void (*on_backoff_over)(struct rconn *c);
+    /* Whether a key of this cluster slot lives behind c (give-backs wait
+     * for that connection). Optional: every key does. */
+    bool (*serves)(const struct rconn *c, unsigned slot);
+    /* Frees the mode's state; every connection has been freed already. */
+    void (*free)(struct store_redis *s);
+};
+
+extern const struct rs_topology_ops rs_standalone_ops;
+extern const struct rs_topology_ops rs_cluster_ops;
+extern const struct rs_topology_ops rs_sentinel_ops;
+
 struct store_redis {
     struct store base; /* first: a struct store * is a struct store_redis * */
     struct event_base *evb;
-    const struct cfg *cfg; /* borrowed */
-    enum cfg_redis_mode mode;
-    struct rconn *conns; /* every connection */
-    struct rconn *main;  /* standalone server or sentinel master */
+    const struct cfg *cfg;              /* borrowed */
+    const struct rs_topology_ops *topo; /* the mode's routing */
+    void *topo_state;                   /* owned by topo (its free) */
+    struct rconn *conns;                /* every connection */
     struct rop *ops;
     struct rs_giveback *gb_head, *gb_tail; /* oldest first */
     size_t gb_count;
     bool gb_drop_logged; /* one log line per run of dropped give-backs */
     char *prefix;
     char sha[RS_NSCRIPTS][41];
-    /* cluster */
-    struct rconn **slots; /* RS_NSLOTS entries, NULL = unknown */
-    struct event *refresh_ev;
-    struct event *refresh_deadline_ev;
-    bool refresh_inflight;
-    uintptr_t refresh_gen; /* tells a late CLUSTER SLOTS answer apart */
-    uint64_t refresh_last_ms;
-    unsigned refresh_rr;    /* which node to ask next */
-    unsigned refresh_fails; /* in a row: the interval grows */
-    /* sentinel */
-    redisAsyncContext *sent_ac; /* the sentinel being asked, or NULL */
-    size_t sent_idx;
-    bool sent_logged;
-    struct event *sent_timer;
 };
 
-/* redis.c */
-void *rs_alloc(size_t n);
+/* redis.c: small helpers */
+void *rs_alloc(size_t n); /* zeroed; aborts when out of memory */
 char *rs_strndup(const char *p, size_t n);
-uint64_t rs_now_ms(void);
 struct timeval rs_tv(uint64_t ms);
-int rs_timeout_ms(const struct store_redis *s);
-bool rs_usable(const struct rconn *c);
-bool reply_is_error(const redisReply *r, const char *prefix);
+int rs_timeout_ms(const struct store_redis *s); /* redis.timeout_ms */
+bool rs_reply_is_error(const redisReply *r, const char *prefix);
 
 /* conn.c */
-void rc_schedule_reconnect(struct rconn *c);
-void rc_kill_soon(struct rconn *c);
-struct rconn *rc_of(const redisAsyncContext *ac);
-int rs_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn,
-                 void *priv);
+struct rconn *rc_new(struct store_redis *s, char *host, int port, bool unix_socket);
+void rc_free(struct rconn *c);
+void rc_set_address(struct rconn *c, const char *host, size_t hlen, int port);
 void rc_connect(struct rconn *c);
 bool rc_ensure(struct rconn *c);
-struct rconn *rc_new(struct store_redis *s, enum rconn_role role, char *host, int port,
-                     bool unix_socket);
-void rc_free(struct rconn *c);
+bool rc_usable(const struct rconn *c);
+struct rconn *rc_of(const redisAsyncContext *ac);
+void rc_kill_soon(struct rconn *c);
+void rc_schedule_reconnect(struct rconn *c);
+void rc_handshake_answered(struct rconn *c);
+void rc_handshake_failed(struct rconn *c);
+int rc_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn,
+                 void *priv);
 
 /* scripts.c */
-extern const char *const rs_scripts[RS_NSCRIPTS];
-void rs_sha1_hex(const char *text, char out[41]);
-bool rs_check_load_reply(const struct store_redis *s, const redisReply *r, intptr_t i);
-void rc_reload_cb(redisAsyncContext *ac, void *reply, void *priv);
-int rc_load_scripts(struct rconn *c, redisCallbackFn *fn);
+void rs_scripts_hash(char sha[RS_NSCRIPTS][41]);
+bool rs_script_loaded(const struct store_redis *s, const redisReply *r, intptr_t i);
+int rs_scripts_load(struct rconn *c, redisCallbackFn *fn);
+int rs_scripts_reload(struct rconn *c);
 
 /* op.c */
-void rop_maybe_free(struct rop *op);
-void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status);
-void rop_fail(struct rop *op);
-int rop_send_main(struct rop *op);
-int rop_send_undo(struct rop *op);
-void rs_flush_parked(struct store_redis *s);
 struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
                     const char **args, const size_t *lens);
 void rop_start(struct rop *op);
+int rop_send_main(struct rop *op);
+int rop_send_undo(struct rop *op);
+void rop_fail(struct rop *op);
+void rop_maybe_free(struct rop *op);
+void rop_flush_parked(struct rconn *c);
 
 /* giveback.c */
 struct rs_giveback *gb_find(struct store_redis *s, const char *token);
@@ -232,16 +262,5 @@ void gb_flush(struct rconn *c);
 
 /* cluster.c */
 unsigned rs_keyslot(const char *key, size_t n);
-struct rconn *cluster_any(struct store_redis *s, unsigned from);
-void cluster_refresh_soon(struct store_redis *s);
-int rs_parse_redirect(const redisReply *r, unsigned *slot, const char **host, size_t *hlen,
-                      int *port);
-void rop_redirect(struct rop *op, int kind, unsigned slot, const char *host, size_t hlen, int port);
-void rs_start_cluster(struct store_redis *s);
-
-/* sentinel.c */
-void sentinel_free_ac(redisAsyncContext *ac, bool disconnect);
-void sentinel_ask(struct store_redis *s);
-void rs_start_sentinel(struct store_redis *s);
 
 #endif

@@ -1,20 +1,23 @@
-/* scripts.c — the Redis store's Lua scripts (part of redis_internal.h).
+/* scripts.c — the Redis store's Lua scripts (see redis_internal.h).
  *
- * Owns the text of the four scripts, their SHA1s, and loading them on a
- * connection (SCRIPT LOAD at handshake, again on NOSCRIPT). Does not own
- * the connection, nor call a script (op.c sends EVALSHA). */
+ * Owns the text of the four scripts (acquire, complete, release, renew),
+ * their SHA1s, and queueing SCRIPT LOAD for them on a connection: as part
+ * of its handshake (the answers are checked there, in conn.c) or again
+ * after a NOSCRIPT reply (checked here). Does not own connections, nor
+ * call a script: op.c sends EVALSHA with the SHA1s in struct store_redis. */
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
 
 #include <openssl/evp.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Acquire replies {code} or {3, record}; codes follow the table in store.h.
  * HMGET returns false for a missing key or field, so an absent key reads
  * as s == false. */
-const char *const rs_scripts[RS_NSCRIPTS] = {
+static const char *const rs_scripts[RS_NSCRIPTS] = {
     [RS_ACQUIRE] = "local v = redis.call('HMGET', KEYS[1], 's', 'f')\n"
                    "if not v[1] then\n"
                    "  redis.call('HSET', KEYS[1], 's', 'p', 't', ARGV[2], 'f', ARGV[1])\n"
@@ -42,7 +45,7 @@ const char *const rs_scripts[RS_NSCRIPTS] = {
                  "return 1\n",
 };
 
-void rs_sha1_hex(const char *text, char out[41])
+static void rs_sha1_hex(const char *text, char out[41])
 {
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int n = 0;
@@ -51,21 +54,23 @@ void rs_sha1_hex(const char *text, char out[41])
         snprintf(out + 2 * i, 3, "%02x", md[i]);
 }
 
-bool rs_check_load_reply(const struct store_redis *s, const redisReply *r, intptr_t i)
+/* The SHA1 of each script, which EVALSHA names it by. */
+void rs_scripts_hash(char sha[RS_NSCRIPTS][41])
+{
+    for (int i = 0; i < RS_NSCRIPTS; i++)
+        rs_sha1_hex(rs_scripts[i], sha[i]);
+}
+
+/* Whether r is SCRIPT LOAD's answer for script i: its SHA1. */
+bool rs_script_loaded(const struct store_redis *s, const redisReply *r, intptr_t i)
 {
     return r->type == REDIS_REPLY_STRING && r->len == 40 && memcmp(r->str, s->sha[i], 40) == 0;
 }
 
-void rc_reload_cb(redisAsyncContext *ac, void *reply, void *priv)
-{
-    struct rconn *c = rc_of(ac);
-    if (c && reply && !rs_check_load_reply(c->s, reply, (intptr_t)priv))
-        log_msg(LOG_ERROR, "store redis: SCRIPT LOAD failed on NOSCRIPT reload");
-}
-
-/* Queues SCRIPT LOAD for every script; commands sent after these on the
- * same connection run after them, so nobody waits for the answers. */
-int rc_load_scripts(struct rconn *c, redisCallbackFn *fn)
+/* Queues SCRIPT LOAD for every script, with the script's index as the
+ * callback's privdata; commands sent after these on the same connection
+ * run after them, so nobody waits for the answers. */
+int rs_scripts_load(struct rconn *c, redisCallbackFn *fn)
 {
     for (intptr_t i = 0; i < RS_NSCRIPTS; i++) {
         const char *argv[3] = {"SCRIPT", "LOAD", rs_scripts[i]};
@@ -73,4 +78,18 @@ int rc_load_scripts(struct rconn *c, redisCallbackFn *fn)
         if (redisAsyncCommandArgv(c->ac, fn, (void *)i, 3, argv, lens) != REDIS_OK) return -1;
     }
     return 0;
+}
+
+static void rs_reload_cb(redisAsyncContext *ac, void *reply, void *priv)
+{
+    struct rconn *c = rc_of(ac);
+    if (c && reply && !rs_script_loaded(c->s, reply, (intptr_t)priv))
+        log_msg(LOG_ERROR, "store redis: SCRIPT LOAD failed on NOSCRIPT reload");
+}
+
+/* The server forgot the scripts (SCRIPT FLUSH, a restart without
+ * persistence): load them again on c; a failure is only logged. */
+int rs_scripts_reload(struct rconn *c)
+{
+    return rs_scripts_load(c, rs_reload_cb);
 }
