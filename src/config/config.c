@@ -127,6 +127,7 @@ static void redis_free(struct cfg_redis *r)
     free(r->master_name);
     free(r->key_prefix);
     strlist_free(&r->nodes);
+    free(r->node_addrs);
     memset(r, 0, sizeof *r);
 }
 
@@ -414,7 +415,7 @@ enum opt_kind {
     OPT_TOKEN,     /* an HTTP token (header name) */
     OPT_TOKENS,    /* a list of HTTP tokens */
     OPT_METHODS,   /* a list of upper-case HTTP tokens */
-    OPT_NODES,     /* a list of host:port */
+    OPT_NODES,     /* a list of host:port, kept parsed too (struct cfg_redis base only) */
     OPT_ADDR,      /* host:port */
     OPT_ADMIN,     /* host:port or "off" (struct cfg base only) */
     OPT_URL,       /* http(s)://host[:port] */
@@ -752,27 +753,11 @@ static int set_list(const struct cfg_opt *o, void *field, const struct cfg_val *
     static const char *const msgs[] = {
         [OPT_TOKENS] = "must be an array of HTTP header names",
         [OPT_METHODS] = "must be upper-case HTTP method tokens",
-        [OPT_NODES] = "must be an array of host:port strings",
     };
     struct cfg_strlist l;
     if (val_list(v, &l) < 0) return fail(e, where, "%s", msgs[o->kind]);
     for (size_t i = 0; i < l.n; i++) {
-        bool ok = true;
-        if (o->kind == OPT_TOKENS) {
-            ok = is_token(l.v[i]);
-        } else if (o->kind == OPT_METHODS) {
-            ok = is_method(l.v[i]);
-        } else {
-            struct cfg_addr a;
-            ok = parse_addr(l.v[i], &a) == 0;
-            addr_free(&a);
-            if (!ok) {
-                char w[CFG_WHERE_LEN + 24];
-                snprintf(w, sizeof w, "%s[%zu]", where, i);
-                strlist_free(&l);
-                return fail(e, w, "must be host:port");
-            }
-        }
+        bool ok = o->kind == OPT_TOKENS ? is_token(l.v[i]) : is_method(l.v[i]);
         if (!ok) {
             strlist_free(&l);
             return fail(e, where, "%s", msgs[o->kind]);
@@ -780,6 +765,33 @@ static int set_list(const struct cfg_opt *o, void *field, const struct cfg_val *
     }
     strlist_free(field);
     *(struct cfg_strlist *)field = l;
+    return 0;
+}
+
+/* redis.nodes: each entry is parsed where it is checked and kept both as
+ * given (for messages) and parsed (the store never parses it again). */
+static int set_nodes(char *base, const struct cfg_val *v, const char *where, struct cfg_err *e)
+{
+    struct cfg_redis *r = (struct cfg_redis *)base;
+    struct cfg_strlist l;
+    if (val_list(v, &l) < 0) return fail(e, where, "must be an array of host:port strings");
+    struct cfg_hostport *hp = xcalloc(l.n ? l.n : 1, sizeof *hp);
+    for (size_t i = 0; i < l.n; i++) {
+        char *host;
+        if (parse_hostport(l.v[i], strlen(l.v[i]), 0, &host, &hp[i].port) < 0) {
+            char w[CFG_WHERE_LEN + 24];
+            snprintf(w, sizeof w, "%s[%zu]", where, i);
+            strlist_free(&l);
+            free(hp);
+            return fail(e, w, "must be host:port");
+        }
+        snprintf(hp[i].host, sizeof hp[i].host, "%s", host);
+        free(host);
+    }
+    strlist_free(&r->nodes);
+    free(r->node_addrs);
+    r->nodes = l;
+    r->node_addrs = hp;
     return 0;
 }
 
@@ -859,8 +871,9 @@ static int opt_set(const struct cfg_opt *o, char *base, const struct cfg_val *v,
         return set_status(field, v, where, e);
     case OPT_TOKENS:
     case OPT_METHODS:
-    case OPT_NODES:
         return set_list(o, field, v, where, e);
+    case OPT_NODES:
+        return set_nodes(base, v, where, e);
     case OPT_ADDR:
     case OPT_ADMIN:
         return set_addr(o, base, field, v, where, e);

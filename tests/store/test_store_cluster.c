@@ -164,6 +164,7 @@ struct ctx {
     struct cfg cfg;
     char *nodes[4];
     char node_text[4][32];
+    struct cfg_hostport node_addrs[4];
     struct store *st;
 };
 
@@ -182,9 +183,12 @@ static struct ctx *ctx_new(enum cfg_redis_mode mode, const int *ports, size_t n)
     for (size_t i = 0; i < n; i++) {
         snprintf(c->node_text[i], sizeof(c->node_text[i]), "127.0.0.1:%d", ports[i]);
         c->nodes[i] = c->node_text[i];
+        snprintf(c->node_addrs[i].host, sizeof(c->node_addrs[i].host), "127.0.0.1");
+        c->node_addrs[i].port = ports[i];
     }
     c->cfg.redis.nodes.v = c->nodes;
     c->cfg.redis.nodes.n = n;
+    c->cfg.redis.node_addrs = c->node_addrs;
     c->st = store_redis_new(c->base, &c->cfg);
     return c;
 }

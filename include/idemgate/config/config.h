@@ -31,6 +31,15 @@ struct cfg_addr {
     char *text;
 };
 
+/* One parsed redis.nodes entry: "host:port" or "[v6]:port" (the port is
+ * required). The host fits: config refuses a name over 253 bytes and an
+ * IPv6 literal over INET6_ADDRSTRLEN. */
+#define CFG_HOST_MAX 254
+struct cfg_hostport {
+    char host[CFG_HOST_MAX]; /* without brackets for IPv6 */
+    int port;
+};
+
 enum cfg_store { CFG_STORE_REDIS, CFG_STORE_MEMORY };
 enum cfg_redis_mode { CFG_REDIS_STANDALONE, CFG_REDIS_CLUSTER, CFG_REDIS_SENTINEL };
 enum cfg_failure_mode { CFG_FAIL_CLOSED, CFG_FAIL_OPEN };
@@ -52,6 +61,9 @@ struct cfg_redis {
     char *password;   /* NULL when none */
     int db;           /* default 0; any 0..INT_MAX (the server decides) */
     struct cfg_strlist nodes;
+    /* nodes.n entries: nodes parsed by config, used by the store (which
+     * quotes nodes, as given, in its messages) */
+    struct cfg_hostport *node_addrs;
     char *master_name;
     char *key_prefix;
     int timeout_ms;

@@ -1007,6 +1007,11 @@ static void test_redis_cluster(void **state)
     assert_int_equal(c.redis.mode, CFG_REDIS_CLUSTER);
     assert_int_equal(c.redis.nodes.n, 2);
     assert_string_equal(c.redis.nodes.v[1], "[::1]:7001");
+    /* Parsed once here; the store uses this form. */
+    assert_string_equal(c.redis.node_addrs[0].host, "a");
+    assert_int_equal(c.redis.node_addrs[0].port, 7000);
+    assert_string_equal(c.redis.node_addrs[1].host, "::1");
+    assert_int_equal(c.redis.node_addrs[1].port, 7001);
     cfg_free(&c);
 }
 
@@ -1015,6 +1020,9 @@ static void test_redis_nodes_bad(void **state)
     (void)state;
     expect_error("{\"redis\": {\"mode\": \"cluster\", \"nodes\": [\"a:7000\", \"b\"]}}",
                  "config: redis.nodes[1]: must be host:port");
+    /* A listen address's "*:port" names no server to connect to. */
+    expect_error("{\"redis\": {\"mode\": \"cluster\", \"nodes\": [\"*:7000\"]}}",
+                 "config: redis.nodes[0]: must be host:port");
     expect_error("{\"redis\": {\"nodes\": \"a:7000\"}}",
                  "config: redis.nodes: must be an array of host:port strings");
     expect_error("{\"redis\": {\"nodes\": [7000]}}",

@@ -1,0 +1,365 @@
+/* op.c — one store operation in flight (see redis_internal.h).
+ *
+ * Owns struct rop: its deadline timer; sending its script with EVALSHA
+ * (once more after NOSCRIPT, when the scripts were loaded again); WAIT for
+ * replicas after a lock and the release when too few acknowledged; reading
+ * the replies; firing the caller's callback exactly once; and handing an
+ * acquire that failed while it may hold the lock to giveback.c. Does not
+ * own connections (conn.c) nor know where a key lives: the topology's
+ * route sets op->conn and its on_error_reply handles MOVED, ASK and the
+ * like. */
+#include "redis_internal.h"
+
+#include "idemgate/core/clock.h"
+#include "idemgate/core/log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Frees op once its callback has fired and hiredis owes it no reply. */
+void rop_maybe_free(struct rop *op)
+{
+    if (!op->done || op->refs > 0 || op->in_cb) return;
+    struct store_redis *s = op->s;
+    if (s) {
+        if (op->prev)
+            op->prev->next = op->next;
+        else
+            s->ops = op->next;
+        if (op->next) op->next->prev = op->prev;
+    }
+    if (op->timer) event_free(op->timer);
+    free(op->buf);
+    free(op);
+}
+
+/* Fires the user callback (once) and frees the op when nothing else
+ * references it. Neither op's store nor op is used after the callback
+ * unless still alive. */
+static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
+{
+    if (op->done) return;
+    op->done = true;
+    if (op->timer) evtimer_del(op->timer);
+    op->in_cb = true;
+    if (op->kind == ROP_ACQUIRE)
+        op->acq_cb(op->arg, acq);
+    else
+        op->done_cb(op->arg, status);
+    op->in_cb = false;
+    rop_maybe_free(op);
+}
+
+/* The caller is told STORE_ACQ_ERROR / -1; an acquire that may hold the
+ * lock remembers it first, to give it back. */
+void rop_fail(struct rop *op)
+{
+    if (!op->done && op->kind == ROP_ACQUIRE && op->maybe_locked) gb_remember(op);
+    struct store_acquire_reply r = {.state = STORE_ACQ_ERROR};
+    rop_finish(op, &r, -1);
+}
+
+static void rop_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct rop *op = arg;
+    /* A command that got no answer in time: the connection may be stuck
+     * (a half-open socket never answers), so start over. Scheduled before
+     * the callback, which may free the store. */
+    if (op->refs > 0 && op->s && op->conn) rc_kill_soon(op->conn);
+    rop_fail(op);
+}
+
+/* Fails op from the loop, never synchronously. */
+static void rop_fail_soon(struct rop *op)
+{
+    struct timeval zero = {0, 0};
+    evtimer_add(op->timer, &zero);
+}
+
+static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv);
+
+/* Sends one command on op->conn (after ASKING when redirected by ASK and
+ * the command names the key). */
+static int rop_send(struct rop *op, bool keyed, int argc, const char **argv, const size_t *lens)
+{
+    struct rconn *c = op->conn;
+    if (!op->s || !c || !rc_usable(c)) return -1;
+    if (keyed && op->asking && redisAsyncCommand(c->ac, NULL, NULL, "ASKING") != REDIS_OK)
+        return -1;
+    if (redisAsyncCommandArgv(c->ac, rop_reply_cb, op, argc, argv, lens) != REDIS_OK) return -1;
+    op->refs++;
+    return 0;
+}
+
+static int rop_send_script(struct rop *op, enum rs_script script, int argc, const char **args,
+                           const size_t *lens)
+{
+    const char *argv[3 + RS_MAX_ARGS];
+    size_t argvlen[3 + RS_MAX_ARGS];
+    argv[0] = "EVALSHA";
+    argvlen[0] = 7;
+    argv[1] = op->s->sha[script];
+    argvlen[1] = 40;
+    argv[2] = "1";
+    argvlen[2] = 1;
+    for (int i = 0; i < argc; i++) {
+        argv[3 + i] = args[i];
+        argvlen[3 + i] = lens[i];
+    }
+    return rop_send(op, true, 3 + argc, argv, argvlen);
+}
+
+/* The op's own command: its script, or PING. */
+int rop_send_main(struct rop *op)
+{
+    if (op->kind == ROP_PING) {
+        const char *argv[1] = {"PING"};
+        size_t len[1] = {4};
+        return rop_send(op, false, 1, argv, len);
+    }
+    int rc = rop_send_script(op, op->script, op->argc, op->argv, op->argvlen);
+    /* From here until a reply says otherwise, the server may take the
+     * lock for us whatever our caller is told. */
+    if (rc == 0 && op->kind == ROP_ACQUIRE) op->maybe_locked = true;
+    return rc;
+}
+
+/* Gives back a lock taken by this acquire (argv: key, fp, token, ms). */
+int rop_send_undo(struct rop *op)
+{
+    const char *args[2] = {op->argv[0], op->argv[2]};
+    size_t lens[2] = {op->argvlen[0], op->argvlen[2]};
+    return rop_send_script(op, RS_RELEASE, 2, args, lens);
+}
+
+static int rop_send_wait(struct rop *op)
+{
+    /* WAIT blocks on the server for its timeout (0 would mean forever):
+     * leave half of what remains of the deadline for the answer and a
+     * possible release. */
+    uint64_t now = clock_now_ms();
+    uint64_t left = op->deadline_ms > now ? op->deadline_ms - now : 0;
+    uint64_t wait_ms = left / 2 ? left / 2 : 1;
+    char n[16], ms[24];
+    snprintf(n, sizeof(n), "%d", op->s->cfg->redis.wait_replicas);
+    snprintf(ms, sizeof(ms), "%llu", (unsigned long long)wait_ms);
+    const char *argv[3] = {"WAIT", n, ms};
+    size_t lens[3] = {4, strlen(n), strlen(ms)};
+    return rop_send(op, false, 3, argv, lens);
+}
+
+/* Sends a new op where the topology routes it, or parks it on a
+ * connection that is not ready yet. Returns 0 when sent or parked. */
+static int rop_dispatch(struct rop *op)
+{
+    switch (op->s->topo->route(op)) {
+    case RS_ROUTE_SEND:
+        return rop_send_main(op);
+    case RS_ROUTE_PARK:
+        op->parked = true;
+        return 0;
+    case RS_ROUTE_NONE:
+        break;
+    }
+    return -1;
+}
+
+/* c is ready: send the ops parked on it, oldest first. A send failure is
+ * reported from the loop, so no user callback runs here. */
+void rop_flush_parked(struct rconn *c)
+{
+    struct rop *tail = c->s->ops;
+    while (tail && tail->next)
+        tail = tail->next;
+    for (struct rop *op = tail; op; op = op->prev) {
+        if (!op->parked || op->done || op->conn != c) continue;
+        op->parked = false;
+        if (rop_send_main(op) != 0) rop_fail_soon(op);
+    }
+}
+
+/* Errors behind a failed handshake are its echo, logged already. */
+static void rs_log_bad_reply(const struct rconn *c, const redisReply *r)
+{
+    if (c && c->handshake_failed) return;
+    if (r->type == REDIS_REPLY_ERROR)
+        log_msg(LOG_ERROR, "store redis: error reply: %s", r->str ? r->str : "");
+    else
+        log_msg(LOG_ERROR, "store redis: unexpected reply type %d", r->type);
+}
+
+/* Parses the acquire script's answer; false when malformed. */
+static bool rop_parse_acquire(const redisReply *r, struct store_acquire_reply *out)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+        r->element[0]->type != REDIS_REPLY_INTEGER)
+        return false;
+    switch (r->element[0]->integer) {
+    case 0:
+        out->state = STORE_ACQ_LOCKED;
+        return true;
+    case 1:
+        out->state = STORE_ACQ_IN_PROGRESS;
+        return true;
+    case 2:
+        out->state = STORE_ACQ_MISMATCH;
+        return true;
+    case 3:
+        if (r->elements < 2 || r->element[1]->type != REDIS_REPLY_STRING) return false;
+        out->state = STORE_ACQ_COMPLETED;
+        out->record = (const uint8_t *)r->element[1]->str;
+        out->record_len = r->element[1]->len;
+        return true;
+    default:
+        return false;
+    }
+}
+
+static void rop_on_acquire_main(struct rop *op, const redisReply *r)
+{
+    struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
+    if (!rop_parse_acquire(r, &out)) {
+        rs_log_bad_reply(op->conn, r);
+        rop_fail(op);
+        return;
+    }
+    if (out.state == STORE_ACQ_LOCKED && op->s->cfg->redis.wait_replicas > 0) {
+        op->stage = ROP_WAIT;
+        if (rop_send_wait(op) != 0) rop_fail(op);
+        return;
+    }
+    rop_finish(op, &out, 0);
+}
+
+static void rop_on_wait(struct rop *op, const redisReply *r)
+{
+    if (r->type == REDIS_REPLY_INTEGER && r->integer >= op->s->cfg->redis.wait_replicas) {
+        struct store_acquire_reply out = {.state = STORE_ACQ_LOCKED};
+        rop_finish(op, &out, 0);
+        return;
+    }
+    log_msg(LOG_WARN, "store redis: WAIT got %lld of %d replicas; lock given back",
+            r->type == REDIS_REPLY_INTEGER ? r->integer : -1LL, op->s->cfg->redis.wait_replicas);
+    op->stage = ROP_UNDO;
+    if (rop_send_undo(op) != 0) rop_fail(op);
+}
+
+static int rop_status_of(const redisReply *r, enum rop_kind kind)
+{
+    if (kind == ROP_PING) return r->type == REDIS_REPLY_STATUS ? 1 : -1;
+    if (r->type != REDIS_REPLY_INTEGER || (r->integer != 0 && r->integer != 1)) return -1;
+    return (int)r->integer;
+}
+
+/* True when an acquire script's reply says the lock is now ours. */
+static bool rop_reply_locked(const redisReply *r)
+{
+    struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
+    return rop_parse_acquire(r, &out) && out.state == STORE_ACQ_LOCKED;
+}
+
+/* A reply for an acquire whose caller already got an error (and which
+ * remembered its lock then): give the lock back now when the reply shows
+ * it is ours, forget it when it shows nothing was taken. */
+static void rop_on_late_reply(struct rop *op, const redisReply *r)
+{
+    if (op->kind != ROP_ACQUIRE || !op->s) return;
+    struct rs_giveback *e = gb_find(op->s, op->argv[2]);
+    if (!e || e->inflight) return;
+    bool locked;
+    if (op->stage == ROP_WAIT)
+        locked = true; /* WAIT changes nothing: the lock was taken */
+    else if (op->stage == ROP_UNDO)
+        locked = r->type != REDIS_REPLY_INTEGER; /* 1 or 0: it is gone */
+    else
+        locked = rop_reply_locked(r);
+    if (locked)
+        gb_send(e);
+    else
+        gb_free(e);
+}
+
+static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
+{
+    (void)ac;
+    struct rop *op = priv;
+    const redisReply *r = reply;
+    op->refs--;
+    if (op->done) {
+        if (r) rop_on_late_reply(op, r);
+        rop_maybe_free(op);
+        return;
+    }
+    if (!r) {
+        /* Lost before the socket connected: nothing reached the server. */
+        if (op->conn && !op->conn->connected) op->maybe_locked = false;
+        rop_fail(op);
+        return;
+    }
+    if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN) op->maybe_locked = rop_reply_locked(r);
+    const struct rs_topology_ops *t = op->s->topo;
+    if (r->type == REDIS_REPLY_ERROR && t->on_error_reply && t->on_error_reply(op, r)) return;
+    if (op->stage == ROP_MAIN && op->kind != ROP_PING && rs_reply_is_error(r, "NOSCRIPT") &&
+        !op->retried) {
+        op->retried = true;
+        if (rs_scripts_reload(op->conn) != 0 || rop_send_main(op) != 0) rop_fail(op);
+        return;
+    }
+    if (op->stage == ROP_UNDO) {
+        if (r->type == REDIS_REPLY_INTEGER) op->maybe_locked = false; /* given back */
+        rop_fail(op);
+    } else if (op->stage == ROP_WAIT) {
+        rop_on_wait(op, r);
+    } else if (op->kind == ROP_ACQUIRE) {
+        rop_on_acquire_main(op, r);
+    } else {
+        int status = rop_status_of(r, op->kind);
+        if (status < 0) rs_log_bad_reply(op->conn, r);
+        rop_finish(op, NULL, status);
+    }
+}
+
+/* Builds the op, listed in s->ops, and copies the script arguments
+ * (the key first) into one buffer it owns. */
+struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
+                    const char **args, const size_t *lens)
+{
+    struct rop *op = rs_alloc(sizeof(*op));
+    op->s = s;
+    op->kind = kind;
+    op->script = script;
+    op->timer = evtimer_new(s->evb, rop_timer_cb, op);
+    if (!op->timer) abort();
+    size_t total = 0;
+    for (int i = 0; i < argc; i++)
+        total += lens[i];
+    op->buf = rs_alloc(total);
+    char *p = op->buf;
+    for (int i = 0; i < argc; i++) {
+        if (lens[i]) memcpy(p, args[i], lens[i]);
+        op->argv[i] = p;
+        op->argvlen[i] = lens[i];
+        p += lens[i];
+    }
+    op->argc = argc;
+    if (argc > 0) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]); /* for cluster.c */
+    op->next = s->ops;
+    if (s->ops) s->ops->prev = op;
+    s->ops = op;
+    return op;
+}
+
+/* Arms op's deadline (redis.timeout_ms) and sends it; the caller's
+ * callback never fires from in here. */
+void rop_start(struct rop *op)
+{
+    struct store_redis *s = op->s;
+    uint64_t ms = (uint64_t)rs_timeout_ms(s);
+    op->deadline_ms = clock_now_ms() + ms;
+    struct timeval tv = rs_tv(ms);
+    evtimer_add(op->timer, &tv);
+    if (rop_dispatch(op) != 0) rop_fail_soon(op);
+}

@@ -1,0 +1,223 @@
+/* redis.c — the Redis store's public face (store_redis_new in store.h).
+ *
+ * Owns struct store_redis: the store_ops table (acquire, complete,
+ * release, renew, ping, free), turning a store key into the Redis key
+ * "<prefix>{<skey>}" and the script arguments, and store_redis_new, the
+ * one place that reads redis.mode: it picks the topology table once. Also
+ * the small helpers every file of the backend uses. Does not own the
+ * connections (conn.c), the operations (op.c) or the routing (standalone.c,
+ * cluster.c, sentinel.c); the overview is in redis_internal.h. */
+#include "redis_internal.h"
+
+#include "idemgate/core/log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void *rs_alloc(size_t n)
+{
+    void *p = calloc(1, n ? n : 1);
+    if (!p) abort();
+    return p;
+}
+
+char *rs_strndup(const char *p, size_t n)
+{
+    char *d = rs_alloc(n + 1);
+    if (n) memcpy(d, p, n);
+    return d;
+}
+
+struct timeval rs_tv(uint64_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    return tv;
+}
+
+int rs_timeout_ms(const struct store_redis *s)
+{
+    return s->cfg->redis.timeout_ms > 0 ? s->cfg->redis.timeout_ms : 1000;
+}
+
+/* Whether r is the error "<prefix>" or "<prefix> ...". */
+bool rs_reply_is_error(const redisReply *r, const char *prefix)
+{
+    size_t n = strlen(prefix);
+    return r->type == REDIS_REPLY_ERROR && r->str && r->len >= n &&
+           strncmp(r->str, prefix, n) == 0 && (r->len == n || r->str[n] == ' ');
+}
+
+/* "<prefix>{<skey>}" into a fresh buffer; caller frees. */
+static char *rs_key(const struct store_redis *s, const char *skey, size_t skey_len, size_t *len)
+{
+    size_t plen = strlen(s->prefix);
+    *len = plen + skey_len + 2;
+    char *k = rs_alloc(*len);
+    memcpy(k, s->prefix, plen);
+    k[plen] = '{';
+    memcpy(k + plen + 1, skey, skey_len);
+    k[*len - 1] = '}';
+    return k;
+}
+
+static void rs_acquire(struct store *base, const char *skey, size_t skey_len,
+                       const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
+                       uint32_t lock_ms, store_acquire_cb cb, void *arg)
+{
+    struct store_redis *s = (struct store_redis *)base;
+    size_t klen;
+    char *key = rs_key(s, skey, skey_len, &klen);
+    char ms[16];
+    snprintf(ms, sizeof(ms), "%u", lock_ms);
+    const char *args[4] = {key, (const char *)fp, token, ms};
+    size_t lens[4] = {klen, STORE_FP_LEN, STORE_TOKEN_LEN, strlen(ms)};
+    struct rop *op = rop_new(s, ROP_ACQUIRE, RS_ACQUIRE, 4, args, lens);
+    free(key);
+    op->acq_cb = cb;
+    op->arg = arg;
+    rop_start(op);
+}
+
+/* complete / release / renew: key, token, then extra arguments. */
+static void rs_owned(struct store_redis *s, enum rop_kind kind, enum rs_script script,
+                     const char *skey, size_t skey_len, const char *token, int nextra,
+                     const char **extra, const size_t *extra_lens, store_done_cb cb, void *arg)
+{
+    size_t klen;
+    char *key = rs_key(s, skey, skey_len, &klen);
+    const char *args[4] = {key, token};
+    size_t lens[4] = {klen, STORE_TOKEN_LEN};
+    for (int i = 0; i < nextra; i++) {
+        args[2 + i] = extra[i];
+        lens[2 + i] = extra_lens[i];
+    }
+    struct rop *op = rop_new(s, kind, script, 2 + nextra, args, lens);
+    free(key);
+    op->done_cb = cb;
+    op->arg = arg;
+    rop_start(op);
+}
+
+static void rs_complete(struct store *base, const char *skey, size_t skey_len,
+                        const char token[STORE_TOKEN_LEN], const uint8_t *record, size_t record_len,
+                        uint32_t ttl_seconds, store_done_cb cb, void *arg)
+{
+    char ttl[16];
+    snprintf(ttl, sizeof(ttl), "%u", ttl_seconds);
+    const char *extra[2] = {(const char *)record, ttl};
+    size_t lens[2] = {record_len, strlen(ttl)};
+    rs_owned((struct store_redis *)base, ROP_COMPLETE, RS_COMPLETE, skey, skey_len, token, 2, extra,
+             lens, cb, arg);
+}
+
+static void rs_release(struct store *base, const char *skey, size_t skey_len,
+                       const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg)
+{
+    rs_owned((struct store_redis *)base, ROP_RELEASE, RS_RELEASE, skey, skey_len, token, 0, NULL,
+             NULL, cb, arg);
+}
+
+static void rs_renew(struct store *base, const char *skey, size_t skey_len,
+                     const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb,
+                     void *arg)
+{
+    char ms[16];
+    snprintf(ms, sizeof(ms), "%u", lock_ms);
+    const char *extra[1] = {ms};
+    size_t lens[1] = {strlen(ms)};
+    rs_owned((struct store_redis *)base, ROP_RENEW, RS_RENEW, skey, skey_len, token, 1, extra, lens,
+             cb, arg);
+}
+
+static void rs_ping(struct store *base, store_done_cb cb, void *arg)
+{
+    struct store_redis *s = (struct store_redis *)base;
+    struct rop *op = rop_new(s, ROP_PING, RS_ACQUIRE, 0, NULL, NULL);
+    op->done_cb = cb;
+    op->arg = arg;
+    rop_start(op);
+}
+
+/* Ops still owed a reply by hiredis become orphans (s = NULL, done) and
+ * are freed by the NULL-reply callbacks that redisAsyncFree runs; an op
+ * whose user callback is running is freed by rop_finish when it returns.
+ * Called from inside a store callback, redisAsyncFree is postponed by
+ * hiredis until that callback returns (REDIS_IN_CALLBACK), which the
+ * orphans tolerate. */
+static void rs_free(struct store *base)
+{
+    struct store_redis *s = (struct store_redis *)base;
+    struct rop *op = s->ops;
+    while (op) {
+        struct rop *next = op->next;
+        op->s = NULL;
+        op->conn = NULL;
+        op->prev = op->next = NULL;
+        op->done = true;
+        if (op->timer) event_free(op->timer);
+        op->timer = NULL;
+        rop_maybe_free(op);
+        op = next;
+    }
+    s->ops = NULL;
+    while (s->gb_head) /* their releases in flight were just dropped */
+        gb_free(s->gb_head);
+    struct rconn *c = s->conns;
+    while (c) {
+        struct rconn *next = c->next;
+        rc_free(c);
+        c = next;
+    }
+    s->conns = NULL;
+    s->topo->free(s);
+    free(s->prefix);
+    free(s);
+}
+
+static const struct store_ops rs_ops = {
+    .name = "redis",
+    .acquire = rs_acquire,
+    .complete = rs_complete,
+    .release = rs_release,
+    .renew = rs_renew,
+    .ping = rs_ping,
+    .free = rs_free,
+};
+
+/* The one place the mode is read: its topology, or standalone when the
+ * mode lacks what it needs (only a struct cfg built by hand can; config
+ * refuses it). */
+static const struct rs_topology_ops *rs_topology_for(const struct cfg_redis *rc)
+{
+    bool nodes = rc->nodes.n > 0 && rc->node_addrs;
+    switch (rc->mode) {
+    case CFG_REDIS_SENTINEL:
+        if (nodes && rc->master_name) return &rs_sentinel_ops;
+        log_msg(LOG_ERROR, "store redis: sentinel mode needs redis.nodes and redis.master_name");
+        break;
+    case CFG_REDIS_CLUSTER:
+        if (nodes) return &rs_cluster_ops;
+        log_msg(LOG_ERROR, "store redis: cluster mode needs redis.nodes");
+        break;
+    case CFG_REDIS_STANDALONE:
+        break;
+    }
+    return &rs_standalone_ops;
+}
+
+/* cfg is borrowed and must outlive the store; connecting starts at once
+ * (on base) and no callback runs from in here. */
+struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
+{
+    struct store_redis *s = rs_alloc(sizeof(*s));
+    s->base.ops = &rs_ops;
+    s->evb = base;
+    s->cfg = cfg;
+    const char *p = cfg->redis.key_prefix ? cfg->redis.key_prefix : "";
+    s->prefix = rs_strndup(p, strlen(p));
+    rs_scripts_hash(s->sha);
+    s->topo = rs_topology_for(&cfg->redis);
+    s->topo->init(s);
+    return &s->base;
+}

@@ -1,0 +1,266 @@
+/* redis_internal.h — what the files of the Redis store share; private to
+ * src/store/redis/ (the public face is store_redis_new in store.h). It
+ * sits next to them rather than in include/ because nothing else may use
+ * it: the structs below change with the backend, not with the store API.
+ *
+ * Who owns what:
+ *   redis.c       struct store_redis, the store_ops table, store_redis_new
+ *                 (the one place redis.mode is read: it picks the topology)
+ *   conn.c        struct rconn: connect, handshake, teardown, backoff
+ *   scripts.c     the Lua scripts, their SHA1s, SCRIPT LOAD
+ *   op.c          struct rop: deadline, EVALSHA / NOSCRIPT, WAIT, replies
+ *   giveback.c    struct rs_giveback: locks a failed acquire may have taken
+ *   standalone.c  one struct rs_topology_ops each (the table below): where
+ *   cluster.c     a key's commands go, and what a connection going down,
+ *   sentinel.c    coming up or an error reply like MOVED means in the mode
+ *
+ * The backend owns the hiredis 0.14 async connections of one store (per
+ * worker), attached to the worker's event_base with the libevent adapter;
+ * their reconnect, teardown and handshake timers; the cluster slot map and
+ * the sentinel master lookup; and every operation in flight. It knows
+ * nothing of HTTP or of what a record contains.
+ *
+ * Three modes (redis.mode):
+ *  - standalone: one connection to redis.url;
+ *  - cluster: one lazily opened connection per node, a slot -> node map
+ *    filled by CLUSTER SLOTS (at start, after MOVED, after a connection
+ *    error; rate-limited), MOVED and ASK redirects followed within the
+ *    operation's deadline;
+ *  - sentinel: the sentinels in redis.nodes are asked in order for the
+ *    master's address, which is checked with ROLE; on a lost connection, a
+ *    timeout or a READONLY / LOADING reply the sentinels are asked again.
+ *    The operation in flight fails (never retried on another master);
+ *    operations started while no master is known wait for one until their
+ *    deadline.
+ *
+ * Each operation is one atomic round trip: a Lua script (loaded with SCRIPT
+ * LOAD at connect time, called with EVALSHA, reloaded once on NOSCRIPT).
+ * All state of one (scope, key) is one hash "<prefix>{<skey>}" (so one
+ * cluster slot):
+ *   s = "p" (in progress) | "c" (completed), t = owner token,
+ *   f = fingerprint (16 raw bytes), r = record bytes.
+ *
+ * hiredis 0.14 has no command timeouts, so every operation runs its own
+ * deadline timer. Ownership of an operation (struct rop):
+ *
+ *      caller ──start──▶ rop ◀──privdata── hiredis (refs: replies owed)
+ *                         │
+ *                         └─ timer (deadline)
+ *
+ * The user callback fires exactly once (reply, error or deadline: `done`);
+ * the rop itself is freed only when it is done AND hiredis owes it no reply
+ * (refs == 0), because hiredis calls back every pending command, with a NULL
+ * reply when the connection goes away. A deadline means the connection may
+ * be stuck, so it is torn down (from a deferred event, never from inside a
+ * hiredis callback) and the reconnect logic takes over.
+ *
+ * An acquire whose caller was told STORE_ACQ_ERROR while its script was
+ * sent and unanswered (deadline, lost connection) may still take the lock
+ * when a busy server gets to it. Its (key, token) is remembered in a
+ * bounded list (struct rs_giveback) and given back with the release
+ * script, fenced by the token (harmless when nothing was taken): at once
+ * when the late reply shows the lock was taken, else when a connection to
+ * where the key lives is ready again. A server reads a closed connection's
+ * last commands before it accepts and reads a new one, so the give-back
+ * on the new connection runs after the stray acquire. */
+#ifndef IDEMGATE_STORE_REDIS_INTERNAL_H
+#define IDEMGATE_STORE_REDIS_INTERNAL_H
+
+#include "idemgate/config/config.h"
+#include "idemgate/store/store.h"
+
+#include <event2/event.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define RS_BACKOFF_MIN_MS 100
+#define RS_BACKOFF_MAX_MS 2000
+#define RS_MAX_ARGS 7
+#define RS_GIVEBACK_MAX 1024 /* remembered locks per store */
+#define RS_GIVEBACK_TRIES 3  /* give-backs that fail before one is dropped */
+
+enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_NSCRIPTS };
+
+enum rop_kind { ROP_ACQUIRE, ROP_COMPLETE, ROP_RELEASE, ROP_RENEW, ROP_PING };
+
+/* An acquire that took the lock may go on: WAIT for replicas, then give
+ * the lock back (UNDO) when too few acknowledged. */
+enum rop_stage { ROP_MAIN, ROP_WAIT, ROP_UNDO };
+
+struct store_redis;
+
+/* One server connection (and its reconnect state). Lives as long as the
+ * store; only its hiredis context comes and goes. What it is for (the one
+ * server, a cluster node, the sentinel master) is the topology's business. */
+struct rconn {
+    struct rconn *next; /* the store's list */
+    struct store_redis *s;
+    redisAsyncContext *ac; /* NULL while disconnected */
+    char *host;            /* or the unix socket path */
+    int port;
+    bool unix_socket;
+    bool connected;        /* the socket connected: commands may have reached the server */
+    bool ready;            /* the handshake has been answered */
+    bool down_logged;      /* one log line per outage */
+    bool handshake_failed; /* one log line per failed handshake */
+    int handshake_left;
+    unsigned backoff_step;
+    struct event *reconnect_ev;
+    struct event *kill_ev;
+    struct event *handshake_ev;
+};
+
+/* One operation in flight. */
+struct rop {
+    struct rop *prev, *next; /* the store's list of live ops */
+    struct store_redis *s;   /* NULL once the store is freed (orphan) */
+    struct rconn *conn;      /* where its commands go; valid while s is */
+    struct event *timer;     /* deadline, or zero-delay for a fast failure */
+    enum rop_kind kind;
+    enum rop_stage stage;
+    int refs;          /* replies hiredis still owes this op */
+    bool done;         /* the user callback has fired (or was dropped) */
+    bool retried;      /* the NOSCRIPT retry is used up */
+    bool in_cb;        /* inside the user callback */
+    bool parked;       /* waiting for conn to be ready (RS_ROUTE_PARK) */
+    bool asking;       /* ASK redirect: send ASKING before each keyed command */
+    bool maybe_locked; /* acquire: the lock may be ours (sent, unanswered, or taken) */
+    int redirects;     /* MOVED / ASK followed so far */
+    unsigned slot;     /* cluster slot of the key */
+    enum rs_script script;
+    store_acquire_cb acq_cb;
+    store_done_cb done_cb;
+    void *arg;
+    uint64_t deadline_ms; /* clock_now_ms() */
+    int argc;             /* the script arguments, after EVALSHA sha 1 */
+    const char *argv[RS_MAX_ARGS];
+    size_t argvlen[RS_MAX_ARGS];
+    char *buf; /* owns the bytes argv points into */
+};
+
+/* A lock an acquire may have taken after its caller was told it failed;
+ * owned by the store's list until given back, found not taken, or dropped.
+ * While its release is in flight (inflight) the entry stays listed and is
+ * the release's callback argument. */
+struct rs_giveback {
+    struct rs_giveback *prev, *next;
+    struct store_redis *s;
+    unsigned slot; /* cluster slot of key */
+    int tries;     /* releases that failed */
+    bool inflight;
+    char token[STORE_TOKEN_LEN];
+    size_t key_len;
+    char key[]; /* the Redis key, "<prefix>{<skey>}" */
+};
+
+/* Where a new operation goes (rs_topology_ops.route). */
+enum rs_route {
+    RS_ROUTE_SEND, /* op->conn is set: send now */
+    RS_ROUTE_PARK, /* op->conn is set but not ready: sent when it is */
+    RS_ROUTE_NONE  /* nowhere to send it now: the op fails (from the loop) */
+};
+
+/* One routing module per redis.mode, chosen once by store_redis_new (the
+ * way Redis puts ConnectionType in front of its transports): which server
+ * a key's commands go to, and what a topology event means. Connections,
+ * operations and give-backs call these and never ask for the mode. The
+ * entries marked optional may be NULL. */
+struct rs_topology_ops {
+    /* The handshake SELECTs redis.url's database (a cluster has only 0). */
+    bool select_db;
+    /* Makes the mode's state (s->topo_state) and its first connections. */
+    void (*init)(struct store_redis *s);
+    /* Sets op->conn for a new op: the connection for its key. */
+    enum rs_route (*route)(struct rop *op);
+    /* An error reply about where the key lives (MOVED, ASK, READONLY, ...):
+     * true when handled (op redirected, or failed). Optional. */
+    bool (*on_error_reply)(struct rop *op, const redisReply *r);
+    /* Queues the mode's own handshake commands on c, after AUTH, SELECT
+     * and the policy check, before SCRIPT LOAD; returns how many of their
+     * answers the handshake waits for, or -1. Optional. */
+    int (*handshake)(struct rconn *c);
+    /* c's handshake is complete: log it. Optional ("connected again"
+     * after an outage). Give-backs and parked ops go out after it. */
+    void (*on_ready)(struct rconn *c);
+    /* c went down; its reconnect backoff is already running. Optional. */
+    void (*on_down)(struct rconn *c);
+    /* c's reconnect backoff is over. */
+    void (*on_backoff_over)(struct rconn *c);
+    /* Whether a key of this cluster slot lives behind c (give-backs wait
+     * for that connection). Optional: every key does. */
+    bool (*serves)(const struct rconn *c, unsigned slot);
+    /* Frees the mode's state; every connection has been freed already. */
+    void (*free)(struct store_redis *s);
+};
+
+extern const struct rs_topology_ops rs_standalone_ops;
+extern const struct rs_topology_ops rs_cluster_ops;
+extern const struct rs_topology_ops rs_sentinel_ops;
+
+struct store_redis {
+    struct store base; /* first: a struct store * is a struct store_redis * */
+    struct event_base *evb;
+    const struct cfg *cfg;              /* borrowed */
+    const struct rs_topology_ops *topo; /* the mode's routing */
+    void *topo_state;                   /* owned by topo (its free) */
+    struct rconn *conns;                /* every connection */
+    struct rop *ops;
+    struct rs_giveback *gb_head, *gb_tail; /* oldest first */
+    size_t gb_count;
+    bool gb_drop_logged; /* one log line per run of dropped give-backs */
+    char *prefix;
+    char sha[RS_NSCRIPTS][41];
+};
+
+/* redis.c: small helpers */
+void *rs_alloc(size_t n); /* zeroed; aborts when out of memory */
+char *rs_strndup(const char *p, size_t n);
+struct timeval rs_tv(uint64_t ms);
+int rs_timeout_ms(const struct store_redis *s); /* redis.timeout_ms */
+bool rs_reply_is_error(const redisReply *r, const char *prefix);
+
+/* conn.c */
+struct rconn *rc_new(struct store_redis *s, char *host, int port, bool unix_socket);
+void rc_free(struct rconn *c);
+void rc_set_address(struct rconn *c, const char *host, size_t hlen, int port);
+void rc_connect(struct rconn *c);
+bool rc_ensure(struct rconn *c);
+bool rc_usable(const struct rconn *c);
+struct rconn *rc_of(const redisAsyncContext *ac);
+void rc_kill_soon(struct rconn *c);
+void rc_schedule_reconnect(struct rconn *c);
+void rc_handshake_answered(struct rconn *c);
+void rc_handshake_failed(struct rconn *c);
+int rc_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn,
+                 void *priv);
+
+/* scripts.c */
+void rs_scripts_hash(char sha[RS_NSCRIPTS][41]);
+bool rs_script_loaded(const struct store_redis *s, const redisReply *r, intptr_t i);
+int rs_scripts_load(struct rconn *c, redisCallbackFn *fn);
+int rs_scripts_reload(struct rconn *c);
+
+/* op.c */
+struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
+                    const char **args, const size_t *lens);
+void rop_start(struct rop *op);
+int rop_send_main(struct rop *op);
+int rop_send_undo(struct rop *op);
+void rop_fail(struct rop *op);
+void rop_maybe_free(struct rop *op);
+void rop_flush_parked(struct rconn *c);
+
+/* giveback.c */
+struct rs_giveback *gb_find(struct store_redis *s, const char *token);
+void gb_free(struct rs_giveback *e);
+void gb_remember(struct rop *op);
+void gb_send(struct rs_giveback *e);
+bool gb_wants(const struct rconn *c);
+void gb_flush(struct rconn *c);
+
+/* cluster.c */
+unsigned rs_keyslot(const char *key, size_t n);
+
+#endif
