@@ -1,5 +1,9 @@
 /* errors.h — the bodies of the errors idemgate itself generates (SPEC
- * section 5): JSON by default, RFC 9457 problem+json on request. */
+ * section 5): JSON by default, RFC 9457 problem+json on request.
+ *
+ * Ownership: the names and types returned are static strings (never
+ * freed); err_render appends to the caller's buffer (borrowed for the
+ * call) and keeps nothing. */
 #ifndef IDEMGATE_ERRORS_H
 #define IDEMGATE_ERRORS_H
 

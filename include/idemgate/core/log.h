@@ -2,7 +2,11 @@
  *
  * Each line is built in a local buffer and written with one write(2), so
  * lines from different worker threads never interleave. Never log a
- * credential or a body. */
+ * credential or a body.
+ *
+ * Ownership: strings passed in are borrowed for the call only; the line
+ * buffer handed to log_line_begin is the caller's (usually log_scratch,
+ * which the thread owns until log_scratch_free). */
 #ifndef IDEMGATE_LOG_H
 #define IDEMGATE_LOG_H
 

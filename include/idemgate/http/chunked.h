@@ -1,6 +1,8 @@
 /* chunked.h — the incremental chunked-body decoder (RFC 9112 7.1), used
  * for request bodies from clients and response bodies from upstreams.
- * Zero-copy: data slices point into the caller's input. */
+ * Zero-copy: data slices point into the caller's input and are borrowed
+ * while that input is unchanged; the decoder state is the caller's (no
+ * allocation, nothing to free). */
 #ifndef IDEMGATE_HTTP_CHUNKED_H
 #define IDEMGATE_HTTP_CHUNKED_H
 

@@ -1,7 +1,7 @@
 /* fingerprint.h — request fingerprint, credential scope, and the
  * Idempotency-Key value (SPEC section 3).
  *
- * Pure functions: no allocation, no I/O. */
+ * No I/O; the only memory is the per-thread hash state below. */
 #ifndef IDEMGATE_FINGERPRINT_H
 #define IDEMGATE_FINGERPRINT_H
 
@@ -9,6 +9,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Ownership: inputs are borrowed for the call, outputs are written into
+ * the caller's arrays. fp_begin lends the caller a hash state (the
+ * thread's cached one, or a new one) until fp_end, which takes it back. */
 #define FP_LEN 16
 #define SCOPE_HEX_LEN 64 /* hex of a SHA-256 / HMAC-SHA256 */
 
@@ -38,7 +41,7 @@ struct fp_state;
 struct fp_state *fp_begin(void);
 void fp_part(struct fp_state *st, const void *p, size_t n); /* one length-prefixed part */
 void fp_flag(struct fp_state *st, bool present);            /* one presence byte */
-void fp_end(struct fp_state *st, uint8_t out[FP_LEN]);      /* frees st */
+void fp_end(struct fp_state *st, uint8_t out[FP_LEN]);      /* takes st back */
 
 /* Scope of a credential: hex(HMAC-SHA256(secret, credential)) when secret
  * is non-empty, hex(SHA-256(credential)) otherwise. out gets 64 hex chars

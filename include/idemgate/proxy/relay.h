@@ -3,8 +3,9 @@
  * X-Request-Id, Host), the response head and body relayed to the client
  * with backpressure, and every upstream failure classified for the engine
  * (SPEC section 4: never sent, unanswered, malformed head, cut body).
- * Borrows the exchange; owns the upstream connection while it is in use
- * (given back to its pool, or closed). */
+ * Borrows the exchange (the relay holds one reference on it while an
+ * upstream connection is in use); owns that connection until it is given
+ * back to its pool (upstream_put) or closed. */
 #ifndef IDEMGATE_PROXY_RELAY_H
 #define IDEMGATE_PROXY_RELAY_H
 
