@@ -8,6 +8,9 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdlib.h>
+
+#include "idemgate/core/log.h"
 
 /* ------------------------------------------------------------ kinds */
 
@@ -163,6 +166,17 @@ const char *metrics_state_name(enum metrics_gauge_set set, int state)
 {
     if ((unsigned)set >= (unsigned)METRICS_SET__COUNT) return "unknown";
     return label_name(set_metric[set], state);
+}
+
+int metrics_state_next(enum metrics_gauge_set set, const unsigned *transitions, int from, int to)
+{
+    if (!(transitions[from] & (1u << to))) {
+        log_msg(LOG_ERROR, "illegal %s transition %s -> %s", defs[set_metric[set]].name,
+                metrics_state_name(set, from), metrics_state_name(set, to));
+        abort();
+    }
+    metrics_state_move(set, from, to);
+    return to;
 }
 
 void metrics_outcome(enum metrics_outcome outcome)

@@ -41,14 +41,7 @@ static const unsigned idem_transitions[IDEM__COUNT] = {
  * in release builds: it would be a double execution waiting to happen). */
 static void idem_set_state(struct idem *e, enum idem_state to)
 {
-    if (!(idem_transitions[e->state] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal engine transition %s -> %s",
-                metrics_state_name(METRICS_SET_ENGINE, (int)e->state),
-                metrics_state_name(METRICS_SET_ENGINE, (int)to));
-        abort();
-    }
-    metrics_state_move(METRICS_SET_ENGINE, (int)e->state, (int)to);
-    e->state = to;
+    e->state = metrics_state_next(METRICS_SET_ENGINE, idem_transitions, (int)e->state, (int)to);
 }
 
 static void idem_acquire(struct idem *e);

@@ -40,14 +40,7 @@ static const unsigned client_transitions[CLIENT__COUNT] = {
 
 void client_set_state(struct client *cl, enum client_state to)
 {
-    if (!(client_transitions[cl->state] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal client transition %s -> %s",
-                metrics_state_name(METRICS_SET_CLIENT, (int)cl->state),
-                metrics_state_name(METRICS_SET_CLIENT, (int)to));
-        abort();
-    }
-    metrics_state_move(METRICS_SET_CLIENT, (int)cl->state, (int)to);
-    cl->state = to;
+    cl->state = metrics_state_next(METRICS_SET_CLIENT, client_transitions, (int)cl->state, (int)to);
 }
 
 /* ----------------------------------------------------------- lifecycle */

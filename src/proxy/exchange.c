@@ -41,14 +41,7 @@ static const unsigned ex_transitions[EX__COUNT] = {
 
 void exchange_set_state(struct exchange *ex, enum ex_state to)
 {
-    if (!(ex_transitions[ex->state] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal exchange transition %s -> %s",
-                metrics_state_name(METRICS_SET_EXCHANGE, (int)ex->state),
-                metrics_state_name(METRICS_SET_EXCHANGE, (int)to));
-        abort();
-    }
-    metrics_state_move(METRICS_SET_EXCHANGE, (int)ex->state, (int)to);
-    ex->state = to;
+    ex->state = metrics_state_next(METRICS_SET_EXCHANGE, ex_transitions, (int)ex->state, (int)to);
 }
 
 /* --------------------------------------------------------- access line */

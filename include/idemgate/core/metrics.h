@@ -170,6 +170,12 @@ void metrics_observe(enum metrics_id id, uint64_t ms);
  * one just created, -1 as to for one being freed. The two counters move
  * one after the other, so a scrape may see the object in neither. */
 void metrics_state_move(enum metrics_gauge_set set, int from, int to);
+/* The one check of every state change (engine, exchange, client):
+ * transitions[from] is the bitmask of the states `to` may be; an illegal
+ * move is logged and aborts (also in release builds: a state machine that
+ * went wrong is a double execution waiting to happen); a legal one moves
+ * the gauges and returns to. */
+int metrics_state_next(enum metrics_gauge_set set, const unsigned *transitions, int from, int to);
 /* The label value of a state of set ("acquiring"), "unknown" if none. */
 const char *metrics_state_name(enum metrics_gauge_set set, int state);
 

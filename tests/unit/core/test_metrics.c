@@ -395,6 +395,24 @@ static void test_state_moves(void **state)
         assert_int_equal(metrics_value(M_CLIENT_CONNECTIONS, i), 0);
 }
 
+/* metrics_state_next checks a move against its table and moves the gauge. */
+static void test_state_next(void **state)
+{
+    (void)state;
+    static const unsigned table[CLIENT__COUNT] = {
+        [CLIENT_IDLE] = 1u << CLIENT_BUSY,
+        [CLIENT_BUSY] = 1u << CLIENT_CLOSING,
+    };
+    long long busy = metrics_value(M_CLIENT_CONNECTIONS, CLIENT_BUSY);
+    metrics_state_move(METRICS_SET_CLIENT, -1, CLIENT_IDLE);
+    int s = metrics_state_next(METRICS_SET_CLIENT, table, CLIENT_IDLE, CLIENT_BUSY);
+    assert_int_equal(s, CLIENT_BUSY);
+    assert_int_equal(metrics_value(M_CLIENT_CONNECTIONS, CLIENT_BUSY), busy + 1);
+    s = metrics_state_next(METRICS_SET_CLIENT, table, s, CLIENT_CLOSING);
+    metrics_state_move(METRICS_SET_CLIENT, s, -1);
+    assert_int_equal(metrics_value(M_CLIENT_CONNECTIONS, CLIENT_BUSY), busy);
+}
+
 /* A state out of its set, or a set that is none, moves nothing. */
 static void test_state_move_out_of_range(void **state)
 {
@@ -456,6 +474,7 @@ int main(void)
         cmocka_unit_test(test_outcomes),
         cmocka_unit_test(test_state_names),
         cmocka_unit_test(test_state_moves),
+        cmocka_unit_test(test_state_next),
         cmocka_unit_test(test_state_move_out_of_range),
         cmocka_unit_test(test_counters_gauges_histograms),
     };
