@@ -1,4 +1,4 @@
-/* test_config.c — unit tests for config.c: defaults, every error path (each
+/* test_config.c — unit tests for the config (src/config/): defaults, every error path (each
  * names its key), precedence defaults < file < env < flags, routes and
  * their override semantics, and the shipped config/ files. */
 #include <setjmp.h>
