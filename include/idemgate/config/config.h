@@ -3,7 +3,13 @@
  * Built once in main.c before any worker starts: built-in defaults, then the
  * JSON file (cJSON), then the environment, then the command-line flags.
  * After cfg_load returns 0 the struct is read-only and shared by all workers.
- * Every string is owned by the struct and freed by cfg_free. */
+ *
+ * Ownership: struct cfg owns every string, list and array it points to
+ * (those of its sub-structs and routes too); cfg_free frees what cfg_load
+ * allocated. The caller owns the struct cfg itself (main.c keeps it on its
+ * stack) and must not free or replace a pointer inside it. Anything read
+ * out of it (a string, a route, a list) is borrowed from it: valid until
+ * cfg_free, never to be freed by the reader. */
 #ifndef IDEMGATE_CONFIG_H
 #define IDEMGATE_CONFIG_H
 
@@ -11,12 +17,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A list of strings: owns the array v and each v[i] (NUL-terminated). */
 struct cfg_strlist {
     char **v;
     size_t n;
 };
 
-/* A parsed "http://host:port" or "https://host:port" URL (no path). */
+/* A parsed "http://host:port" or "https://host:port" URL (no path); owns
+ * host and text. */
 struct cfg_url {
     bool tls;
     char *host; /* without brackets for IPv6 */
@@ -24,7 +32,8 @@ struct cfg_url {
     char *text; /* the original URL text */
 };
 
-/* A parsed "host:port" or "[v6]:port" address. */
+/* A parsed "host:port" or "[v6]:port" address; owns host and text
+ * (admin_listen's are NULL when admin.listen is "off"). */
 struct cfg_addr {
     char *host;
     int port;
@@ -33,7 +42,7 @@ struct cfg_addr {
 
 /* One parsed redis.nodes entry: "host:port" or "[v6]:port" (the port is
  * required). The host fits: config refuses a name over 253 bytes and an
- * IPv6 literal over INET6_ADDRSTRLEN. */
+ * IPv6 literal over INET6_ADDRSTRLEN. Plain data, no pointers. */
 #define CFG_HOST_MAX 254
 struct cfg_hostport {
     char host[CFG_HOST_MAX]; /* without brackets for IPv6 */
@@ -51,6 +60,8 @@ enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
  * never answered leaves behind (SPEC section 4). */
 enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
 
+/* The redis section, with redis.url taken apart; owns its strings, the
+ * nodes list and node_addrs. */
 struct cfg_redis {
     enum cfg_redis_mode mode;
     char *url;        /* as given */
@@ -72,7 +83,8 @@ struct cfg_redis {
 };
 
 /* The idempotency settings; one global copy plus one fully resolved copy
- * per route (global values overridden key by key). */
+ * per route (global values overridden key by key). Each copy owns its own
+ * strings and lists: a route's never point into the global one. */
 struct cfg_idem {
     bool enabled; /* only routes can turn it off */
     char *header;
@@ -94,6 +106,7 @@ struct cfg_idem {
     struct cfg_strlist replay_exclude_headers;
 };
 
+/* The limits section: sizes and timeouts, plain numbers. */
 struct cfg_limits {
     uint64_t max_request_body_bytes;
     uint64_t max_header_bytes;
@@ -104,12 +117,15 @@ struct cfg_limits {
     int shutdown_grace_ms;
 };
 
+/* One entry of routes[]: owns prefix, its upstream and its idem copy. */
 struct cfg_route {
     char *prefix;
     struct cfg_url upstream; /* the route's own, or a copy of the default */
     struct cfg_idem idem;    /* resolved */
 };
 
+/* The whole configuration, every source applied and checked; see the
+ * ownership note at the top. */
 struct cfg {
     struct cfg_addr listen;
     int workers; /* resolved: 0 in the file means one per CPU, stored here as the count */
@@ -134,7 +150,9 @@ struct cfg {
     bool log_access;
 };
 
-/* Values given on the command line; NULL when the flag was not given. */
+/* Values given on the command line; NULL when the flag was not given.
+ * The strings are the caller's (main.c points them at getopt's optarg):
+ * cfg_load borrows them for the call and copies what it keeps. */
 struct cfg_flags {
     const char *config_file;
     const char *listen;
@@ -153,21 +171,35 @@ struct cfg_flags {
  * Env variables: IDEMGATE_LISTEN, IDEMGATE_UPSTREAM, IDEMGATE_STORE,
  * IDEMGATE_REDIS_URL, IDEMGATE_WORKERS, IDEMGATE_ADMIN_LISTEN,
  * IDEMGATE_SCOPE_SECRET, IDEMGATE_LOG_LEVEL, IDEMPOTENCY_TTL_SECONDS (an
- * env error names the variable: "env IDEMGATE_WORKERS: must be ..."). */
+ * env error names the variable: "env IDEMGATE_WORKERS: must be ...").
+ * Ownership: c need not be initialized (it is overwritten); on 0 it owns
+ * everything it points to and the caller frees it with cfg_free; on -1 it
+ * owns nothing (zeroed), and cfg_free on it is a harmless no-op. flags and
+ * its strings are borrowed for the call; err (errlen bytes) is the
+ * caller's buffer, always NUL-terminated when errlen > 0. */
 int cfg_load(struct cfg *c, const struct cfg_flags *flags, char *err, size_t errlen);
 
 /* Same, from a JSON text instead of a file (for tests and fuzzing); env is
- * still applied when use_env is true. */
+ * still applied when use_env is true. json (len bytes, no NUL needed; NULL
+ * counts as empty text) is borrowed for the call and copied where kept;
+ * flags->config_file, when set, only names the text in messages. c, flags
+ * and err are owned as for cfg_load. */
 int cfg_load_json(struct cfg *c, const char *json, size_t len, bool use_env,
                   const struct cfg_flags *flags, char *err, size_t errlen);
 
-/* Frees everything c owns. Tolerates NULL and a zeroed struct. */
+/* Frees everything c owns, which is what cfg_load allocated, and zeroes
+ * c; not c itself (the caller's). Every pointer borrowed from c (a route,
+ * a string) is dangling afterwards. Tolerates NULL and a zeroed struct. */
 void cfg_free(struct cfg *c);
 
-/* Longest-prefix route for a request path, or NULL for the default. */
+/* Longest-prefix route for a request path, or NULL for the default; a
+ * query ("?...") is ignored. path (len bytes, no NUL needed) is borrowed
+ * for the call. The returned route is borrowed from c: valid until
+ * cfg_free(c), never freed by the caller. */
 const struct cfg_route *cfg_route_for(const struct cfg *c, const char *path, size_t len);
 
-/* True when the method is in idem->methods. */
+/* True when the method is in idem->methods (exact, case-sensitive).
+ * method (len bytes, no NUL needed) and idem are borrowed for the call. */
 bool cfg_idem_covers_method(const struct cfg_idem *idem, const char *method, size_t len);
 
 #endif

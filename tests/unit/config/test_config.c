@@ -1,6 +1,7 @@
-/* test_config.c — unit tests for config.c: defaults, every error path (each
- * names its key), precedence defaults < file < env < flags, routes and
- * their override semantics, and the shipped config/ files. */
+/* test_config.c — unit tests for the config (src/config/): defaults,
+ * every error path (each names its key), precedence defaults < file < env
+ * < flags, routes and their override semantics, and the shipped config/
+ * files. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

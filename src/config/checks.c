@@ -1,0 +1,92 @@
+/* checks.c — the rules that tie several keys together (SPEC section 2),
+ * checked after every source has been applied.
+ *
+ * Owns: one idempotency policy's rules (the global one and each route's:
+ * a lock that outlives a Redis round trip, required with no methods, key
+ * and scope headers that a proxy consumes), and the rules across sections
+ * (Redis modes and their nodes, TLS certificate and key). Does not own:
+ * the check of each value on its own (values.c). Reads a struct cfg,
+ * changes nothing. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <strings.h>
+
+/* Hop-by-hop and framing headers: a proxy consumes or rewrites them, so a
+ * key or a scope read from one is not what the client meant to send. */
+static bool is_hop_or_framing(const char *name)
+{
+    static const char *const names[] = {"Connection",        "Keep-Alive", "TE",
+                                        "Trailer",           "Upgrade",    "Content-Length",
+                                        "Transfer-Encoding", NULL};
+    if (cfg_prefix_ci(name, "Proxy-")) return true;
+    for (size_t i = 0; names[i]; i++)
+        if (strcasecmp(name, names[i]) == 0) return true;
+    return false;
+}
+
+/* A renewal is sent a third of the way into a lock and may take up to
+ * redis.timeout_ms: it must be able to finish (or fail) before the lock
+ * expires, so timeout_ms < 2/3 lock_seconds. */
+static int check_lock_vs_timeout(const struct cfg *c, const struct cfg_idem *m, const char *path,
+                                 bool is_route, struct cfg_err *e)
+{
+    long long timeout = c->redis.timeout_ms, lock_ms = (long long)m->lock_seconds * 1000;
+    if (c->store != CFG_STORE_REDIS || timeout * 3 < lock_ms * 2) return 0;
+    char where[CFG_WHERE_LEN];
+    if (!is_route) {
+        return cfg_fail(e, "config: redis.timeout_ms",
+                        "must be below two thirds of %s.lock_seconds (at most %lld with "
+                        "lock_seconds %d)",
+                        path, (lock_ms * 2 - 1) / 3, m->lock_seconds);
+    }
+    cfg_where_key(where, path, "lock_seconds");
+    return cfg_fail(e, where,
+                    "must be more than 1.5 times redis.timeout_ms (at least %lld with %lld ms)",
+                    timeout * 3 / 2000 + 1, timeout);
+}
+
+/* The rules of SPEC section 2 that tie one idempotency policy's keys
+ * together; path is "idempotency" or "routes[i].idempotency". A route with
+ * the engine off is not checked: none of its keys is used. */
+int cfg_check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const char *path,
+                          bool is_route, struct cfg_err *e)
+{
+    char where[CFG_WHERE_LEN];
+    if (!m->enabled) return 0;
+    if (check_lock_vs_timeout(c, m, path, is_route, e) < 0) return -1;
+    if (m->required && m->methods.n == 0) {
+        cfg_where_key(where, path, "required");
+        return cfg_fail(e, where, "cannot be true when methods is empty");
+    }
+    if (is_hop_or_framing(m->header)) {
+        cfg_where_key(where, path, "header");
+        return cfg_fail(e, where, "must not be a hop-by-hop or framing header (%s)", m->header);
+    }
+    for (size_t i = 0; i < m->scope_headers.n; i++) {
+        if (!is_hop_or_framing(m->scope_headers.v[i])) continue;
+        char key[48];
+        snprintf(key, sizeof key, "scope_headers[%zu]", i);
+        cfg_where_key(where, path, key);
+        return cfg_fail(e, where, "must not name a hop-by-hop or framing header (%s)",
+                        m->scope_headers.v[i]);
+    }
+    return 0;
+}
+
+/* Rules across keys, checked once every source has been applied. */
+int cfg_check_cross(const struct cfg *c, struct cfg_err *e)
+{
+    const struct cfg_redis *r = &c->redis;
+    const char *mode = cfg_mode_names[r->mode];
+    if (r->mode != CFG_REDIS_STANDALONE && r->nodes.n == 0)
+        return cfg_fail(e, "config: redis.nodes",
+                        "must list at least one host:port when mode is %s", mode);
+    if (r->mode == CFG_REDIS_SENTINEL && !r->master_name)
+        return cfg_fail(e, "config: redis.master_name", "is required when mode is sentinel");
+    if (c->tls_cert_file && !c->tls_key_file)
+        return cfg_fail(e, "config: tls.key_file", "is required when tls.cert_file is set");
+    if (c->tls_key_file && !c->tls_cert_file)
+        return cfg_fail(e, "config: tls.cert_file", "is required when tls.key_file is set");
+    return 0;
+}
