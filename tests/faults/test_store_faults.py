@@ -2,39 +2,23 @@
 with SIGSTOP then thawed, Redis killed and restarted empty, and a timed-out
 acquire whose lock Redis takes after the timeout. Real redis-server, real
 idemgate, the execution-logging upstream; the invariant of every case is
-faultlib.analyze's: no key executes twice, every 2xx is its key's one
+idemtest.invariant.analyze's: no key executes twice, every 2xx is its key's one
 execution byte for byte, every other answer a SPEC error, and idemgate
 serves a fresh request at the end."""
 
 import os
 import signal
-import threading
 import time
 
-from faultlib import (Policy, analyze, assert_invariant, fresh_request_ok, poll_until,
-                      run_sessions)
+from idemtest.attempts import Policy, fresh_request_ok
+from idemtest.invariant import analyze, assert_invariant
+from idemtest.storm import inject_when, run_sessions
 
 
 def two_gates(idemgate, redis, up, lock_seconds=30):
     cfgs = [{"upstream": url, "store": "redis", "redis": {"url": redis.url},
              "idempotency": {"lock_seconds": lock_seconds}} for url in up.urls]
     return [idemgate(c) for c in cfgs]
-
-
-def inject_when(up, n_execs, fault, timeout=30):
-    """Runs fault() in a thread once the upstream has executed n_execs
-    requests (mid-storm). Returns the thread and a dict of what happened."""
-    info = {}
-
-    def run():
-        info["reached"] = bool(poll_until(lambda: len(up.execs()) >= n_execs, timeout))
-        info["t0"] = time.time()
-        fault()
-        info["t1"] = time.time()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, info
 
 
 def check_alive(gates):

@@ -6,7 +6,8 @@ import re
 import threading
 import time
 
-from igtest import Client, free_port, idem_headers, request, wait_port
+from idemtest.http import Client, hdrs, metrics, request
+from idemtest.procs import free_port, wait_port
 
 
 def start(idemgate, upstream, extra=None):
@@ -17,19 +18,6 @@ def start(idemgate, upstream, extra=None):
     g = idemgate(cfg)
     assert wait_port(admin)
     return g, admin
-
-
-def metrics(admin):
-    r = request(admin, "GET", "/metrics")
-    assert r.status == 200
-    assert r.header("Content-Type").startswith("text/plain")
-    values = {}
-    for line in r.body.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
-    return values
 
 
 def metrics_when(admin, ready, timeout=5.0):
@@ -71,7 +59,7 @@ def test_readyz_follows_redis(idemgate, upstream, redis):
 
 def test_metrics_names_and_outcomes(idemgate, upstream):
     g, admin = start(idemgate, upstream)
-    h = idem_headers("m-1")
+    h = hdrs("m-1")
     assert request(g.port, "POST", "/count", h, b"{}").status == 201
     assert request(g.port, "POST", "/count", h, b"{}").status == 201  # replay
     assert request(g.port, "POST", "/count", h, b'{"x":1}').status == 409  # mismatch
@@ -131,7 +119,7 @@ def test_metrics_state_gauges(idemgate, upstream):
     """The per-state gauges: one series per engine state and per transport
     state, all back to 0 once every exchange and connection is gone."""
     g, admin = start(idemgate, upstream)
-    h = idem_headers("s-1")
+    h = hdrs("s-1")
     assert request(g.port, "POST", "/count", h, b"{}").status == 201
     assert request(g.port, "POST", "/count", h, b"{}").status == 201
     assert request(g.port, "GET", "/echo").status == 200
@@ -165,7 +153,7 @@ def test_metrics_state_gauges_while_busy(idemgate, upstream):
     idle = Client(g.port)
     assert idle.request("GET", "/echo").status == 200  # kept alive, idle now
     t = threading.Thread(target=lambda: request(g.port, "POST", "/slow?ms=1500",
-                                                idem_headers("busy-1"), b"{}", timeout=20),
+                                                hdrs("busy-1"), b"{}", timeout=20),
                          daemon=True)
     t.start()
 
@@ -185,7 +173,7 @@ def test_metrics_state_gauges_while_busy(idemgate, upstream):
 def test_memory_store_gauges(idemgate, upstream):
     g, admin = start(idemgate, upstream, {"memory": {"max_bytes": 1048576}})
     for i in range(40):
-        r = request(g.port, "POST", "/big?bytes=65536", idem_headers("ev-%d" % i), b"{}")
+        r = request(g.port, "POST", "/big?bytes=65536", hdrs("ev-%d" % i), b"{}")
         assert r.status == 200
     m = metrics(admin)
     assert m["idemgate_memory_store_max_bytes"] == 1048576

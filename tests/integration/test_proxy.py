@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-import igtest
-from igtest import free_port, request
-
-HOP_BY_HOP = ("connection", "keep-alive", "te", "trailer",
-              "transfer-encoding", "upgrade")
+from idemtest.assertions import assert_error
+from idemtest.http import (Client, Resp, dechunk, parse_responses, raw, raw_closed,
+                           recv_to_close, recv_until_closed, request, split_head)
+from idemtest.procs import free_port, have_ipv6_loopback, port_open
+from upstream import big_body
 
 
 def start(idemgate, upstream, limits=None, **extra):
@@ -35,16 +35,6 @@ def echo_headers(resp):
 
 def hvals(pairs, name):
     return [v for k, v in pairs if k.lower() == name.lower()]
-
-
-def assert_error(resp, status, code, etype):
-    assert resp.status == status, resp
-    ctype = resp.header("Content-Type") or ""
-    assert ctype.split(";")[0].strip() == "application/json", resp
-    err = resp.json()["error"]
-    assert err["code"] == code, err
-    assert err["type"] == etype, err
-    assert isinstance(err.get("message"), str) and err["message"], err
 
 
 # -- methods, targets, bodies -------------------------------------------------
@@ -88,7 +78,7 @@ def test_other_methods_proxied(idemgate, upstream, method):
 
 def test_head_has_no_body(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     r = c.request("HEAD", "/big?bytes=1000")
     assert r.status == 200
     assert r.body == b""
@@ -189,7 +179,7 @@ def test_hop_by_hop_response_headers_not_forwarded(idemgate, upstream):
     sets = ["Connection:X-Foo", "X-Foo:1", "Keep-Alive:timeout=5",
             "Proxy-Foo:bar", "Upgrade:h2c", "Trailer:X-T", "X-End:ok"]
     q = "&".join("set=" + s for s in sets)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     r = c.request("GET", "/headers?" + q)
     assert r.status == 200, r
     names = {k.lower() for k, _ in r.headers}
@@ -208,7 +198,7 @@ def test_hop_by_hop_response_headers_not_forwarded(idemgate, upstream):
 
 def test_client_keepalive_100_requests(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     for i in range(100):
         r = c.request("GET", "/echo?i=%d" % i)
         assert r.status == 200, (i, r)
@@ -220,7 +210,7 @@ def test_client_keepalive_100_requests(idemgate, upstream):
 
 def test_client_keepalive_mixed_methods(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     for i in range(20):
         if i % 2:
             r = c.request("POST", "/echo", body=b"x" * i)
@@ -263,7 +253,7 @@ def test_5mb_response_body_intact(idemgate, upstream):
     r = request(g.port, "GET", "/big?bytes=%d" % FIVE_MB, timeout=30)
     assert r.status == 200
     assert len(r.body) == FIVE_MB
-    assert r.body == igtest_big(FIVE_MB)
+    assert r.body == big_body(FIVE_MB)
 
 
 def test_5mb_chunked_response_body_intact(idemgate, upstream):
@@ -271,11 +261,7 @@ def test_5mb_chunked_response_body_intact(idemgate, upstream):
     r = request(g.port, "GET", "/bigchunked?bytes=%d" % FIVE_MB, timeout=30)
     assert r.status == 200
     assert len(r.body) == FIVE_MB
-    assert r.body == igtest_big(FIVE_MB)
-
-
-def igtest_big(n):
-    return ((bytes(range(256))) * (n // 256 + 1))[:n]
+    assert r.body == big_body(FIVE_MB)
 
 
 def test_chunked_request_body_forwarded(idemgate, upstream):
@@ -297,8 +283,8 @@ def test_chunked_request_with_extension_and_trailer(idemgate, upstream):
     data = (b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
             b"5;name=val\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
-    out = igtest.raw(g.port, data)
-    rs = igtest.parse_responses(out)
+    out = raw(g.port, data)
+    rs = parse_responses(out)
     assert rs and rs[0].status == 200, out
     assert rs[0].json() == {"len": 11,
                             "sha256": hashlib.sha256(b"hello world").hexdigest()}
@@ -311,10 +297,10 @@ def test_body_over_limit_gets_413(idemgate, upstream):
     g = start(idemgate, upstream, limits={"max_request_body_bytes": 1000})
     data = (b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Content-Length: 2000\r\n\r\n" + b"a" * 2000)
-    out = igtest.raw(g.port, data)
-    rs = igtest.parse_responses(out)
+    out = raw(g.port, data)
+    rs = parse_responses(out)
     assert rs, out
-    assert_error(rs[0], 413, "payload_too_large", "invalid_request_error")
+    assert_error(rs[0], 413, "payload_too_large")
     assert upstream.stats()["total"] == 0
 
 
@@ -331,10 +317,10 @@ def test_chunked_body_over_limit_gets_413(idemgate, upstream):
     data = (b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
             + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
-    out = igtest.raw(g.port, data)
-    rs = igtest.parse_responses(out)
+    out = raw(g.port, data)
+    rs = parse_responses(out)
     assert rs, out
-    assert_error(rs[0], 413, "payload_too_large", "invalid_request_error")
+    assert_error(rs[0], 413, "payload_too_large")
     assert upstream.stats()["total"] == 0
 
 
@@ -342,7 +328,7 @@ def test_max_connections(idemgate, upstream):
     g = start(idemgate, upstream, limits={"max_connections": 2})
     held = []
     for _ in range(2):
-        c = igtest.Client(g.port)
+        c = Client(g.port)
         assert c.request("GET", "/echo").status == 200
         held.append(c)
     served_before = upstream.stats()["total"]
@@ -356,21 +342,9 @@ def test_max_connections(idemgate, upstream):
                       b"Connection: close\r\n\r\n")
     except OSError:
         closed = True
-    deadline = time.monotonic() + 1.5
-    while not closed and time.monotonic() < deadline:
-        third.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = third.recv(65536)
-        except socket.timeout:
-            break
-        except OSError:
-            closed = True
-            break
-        if not chunk:
-            closed = True
-            break
-        got += chunk
-    rs = igtest.parse_responses(got) if got.startswith(b"HTTP/") else []
+    if not closed:
+        got, closed = recv_until_closed(third, 1.5)
+    rs = parse_responses(got) if got.startswith(b"HTTP/") else []
     assert not any(r.status == 200 for r in rs), \
         "third connection served while two were held: %r" % got
     assert upstream.stats()["total"] == served_before
@@ -380,18 +354,9 @@ def test_max_connections(idemgate, upstream):
 
     if not closed:
         # queued (or kept open without answer): it must be served now
-        third.settimeout(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                chunk = third.recv(65536)
-            except (socket.timeout, OSError):
-                break
-            if not chunk:
-                break
-            got += chunk
+        got += recv_until_closed(third, 10)[0]
         third.close()
-        rs = igtest.parse_responses(got[got.find(b"HTTP/1.1 200"):]) \
+        rs = parse_responses(got[got.find(b"HTTP/1.1 200"):]) \
             if b"HTTP/1.1 200" in got else []
         if rs:
             assert rs[0].json()["path"] == "/echo?third=1"
@@ -409,12 +374,12 @@ def test_max_connections(idemgate, upstream):
         except OSError as e:
             last = e
         time.sleep(0.1)
-    assert isinstance(last, igtest.Resp) and last.status == 200, last
+    assert isinstance(last, Resp) and last.status == 200, last
 
 
 def test_client_timeout_partial_head(idemgate, upstream):
     g = start(idemgate, upstream, limits={"client_timeout_ms": 500})
-    out, closed = igtest.raw_closed(g.port, b"GET /echo HTTP/1.1\r\nHo",
+    out, closed = raw_closed(g.port, b"GET /echo HTTP/1.1\r\nHo",
                                     timeout=10)
     assert closed, "connection with a stalled head was not closed"
     assert out == b"" or out.startswith(b"HTTP/1.1 408"), out
@@ -423,7 +388,7 @@ def test_client_timeout_partial_head(idemgate, upstream):
 
 def test_client_timeout_partial_body(idemgate, upstream):
     g = start(idemgate, upstream, limits={"client_timeout_ms": 500})
-    out, closed = igtest.raw_closed(
+    out, closed = raw_closed(
         g.port, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
                 b"\r\nonly-part", timeout=10)
     assert closed, "connection with a stalled body was not closed"
@@ -436,21 +401,7 @@ def test_client_timeout_idle_keepalive(idemgate, upstream):
     s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
     try:
         s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-        got = b""
-        deadline = time.monotonic() + 10
-        closed = False
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except OSError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            got += chunk
+        got, closed = recv_until_closed(s, 10)
         assert got.startswith(b"HTTP/1.1 200"), got
         assert closed, "idle keep-alive connection never closed"
     finally:
@@ -534,13 +485,13 @@ def test_sse_streamed_event_by_event(idemgate, upstream):
             buf += chunk
             now = time.monotonic()
             if resp is None:
-                resp, rest = igtest.split_head(buf)
+                resp, rest = split_head(buf)
                 if resp is None:
                     continue
             else:
                 rest = buf[buf.find(b"\r\n\r\n") + 4:]
             if "chunked" in (resp.header("Transfer-Encoding") or "").lower():
-                body, _ = igtest.dechunk_partial(rest)
+                body = dechunk(rest)[0]
             else:
                 body = rest
             for i in range(n):
@@ -563,15 +514,15 @@ def test_upstream_down_gives_502(idemgate):
     g = idemgate({"upstream": "http://127.0.0.1:%d" % free_port(),
                   "store": "memory"})
     r = request(g.port, "GET", "/echo")
-    assert_error(r, 502, "upstream_unavailable", "api_error")
+    assert_error(r, 502, "upstream_unavailable")
     r = request(g.port, "POST", "/echo", body=b"x")
-    assert_error(r, 502, "upstream_unavailable", "api_error")
+    assert_error(r, 502, "upstream_unavailable")
 
 
 def test_upstream_timeout_gives_504(idemgate, upstream):
     g = start(idemgate, upstream, limits={"upstream_timeout_ms": 500})
     r = request(g.port, "GET", "/slow?ms=3000", timeout=20)
-    assert_error(r, 504, "upstream_timeout", "api_error")
+    assert_error(r, 504, "upstream_timeout")
     # the proxy is fine afterwards
     assert request(g.port, "GET", "/echo").status == 200
 
@@ -652,7 +603,7 @@ def test_sigterm_lets_inflight_finish(idemgate, upstream):
 
 def test_sigterm_closes_idle_keepalive_connections(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     assert c.request("GET", "/echo").status == 200
     t0 = time.monotonic()
     code = g.stop(timeout=15)
@@ -765,10 +716,10 @@ def test_expect_100_continue(idemgate, upstream):
         assert got.startswith(b"HTTP/1.1 100"), got
         s.sendall(b"hello")
         rest = got[got.find(b"\r\n\r\n") + 4:]
-        rest += igtest.recv_to_close(s, timeout=10)
+        rest += recv_to_close(s, timeout=10)
     finally:
         s.close()
-    rs = igtest.parse_responses(rest)
+    rs = parse_responses(rest)
     assert rs and rs[0].status == 200, rest
     assert rs[0].json() == {"len": 5,
                             "sha256": hashlib.sha256(b"hello").hexdigest()}
@@ -777,17 +728,7 @@ def test_expect_100_continue(idemgate, upstream):
 # -- IPv6 ---------------------------------------------------------------------------
 
 
-def _have_ipv6_loopback():
-    try:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.bind(("::1", 0))
-        s.close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no ::1")
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no ::1")
 def test_listen_ipv6(idemgate, upstream):
     port = free_port()
     g = idemgate({"upstream": upstream.url, "store": "memory",
@@ -795,7 +736,7 @@ def test_listen_ipv6(idemgate, upstream):
     deadline = time.monotonic() + 10
     ok = False
     while time.monotonic() < deadline and g.alive():
-        if igtest.port_open(port, host="::1"):
+        if port_open(port, host="::1"):
             ok = True
             break
         time.sleep(0.05)

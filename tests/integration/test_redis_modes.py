@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from igtest import free_port
-from idemhelp import (after_release, assert_replay_of, gate_config, post,
-                      ucount, wait_until)
+from idemtest.assertions import after_release, assert_replay_of, wait_until
+from idemtest.config import gate_config
+from idemtest.http import post
+from idemtest.procs import free_port
 
 SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -135,7 +136,7 @@ def execute_once_and_replay(g, upstream, keys):
         r3 = post(g.port, "/count", k)
         assert_replay_of(r3, r1)
     for k in keys:
-        assert ucount(upstream.port, k) == 1, k
+        assert upstream.count(k) == 1, k
 
 
 def test_cluster_execute_once_and_replay(idemgate, upstream, cluster):

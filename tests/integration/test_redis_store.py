@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from igtest import free_port
-from idemhelp import (after_release, assert_error, gate_config, post, ucount,
-                      wait_until)
+from idemtest.assertions import after_release, assert_error, wait_until
+from idemtest.config import gate_config
+from idemtest.http import post
+from idemtest.procs import free_port
 
 SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -92,7 +93,7 @@ def executes_and_replays(g, upstream, key):
     assert r1.status == 201 and r1.header("X-Exec") == "1", r1
     r2 = after_release(lambda: post(g.port, "/count", key))
     assert r2.status == 201 and r2.replayed, r2
-    assert ucount(upstream.port, key) == 1
+    assert upstream.count(key) == 1
 
 
 # -- a timed-out acquire gives its lock back (SPEC section 4) ----------------
@@ -151,7 +152,7 @@ def test_timed_out_acquire_gives_its_lock_back(idemgate, upstream, servers):
             break
         time.sleep(0.2)
     assert r.status == 201 and not r.replayed, (r, seen)
-    assert ucount(upstream.port, "gb1") == 1
+    assert upstream.count("gb1") == 1
     assert any("gave back" in (ln.get("msg") or "") for ln in g.log_lines()), \
         g.stderr()
 
