@@ -3,11 +3,14 @@
 Owns: the SPEC section 5 error checks (ERROR_TYPES, error_code(),
 assert_error(), assert_in_progress(), assert_lost_replay()); replay
 comparison (e2e_headers(), assert_replay_of()); wait_until() (the one
-bounded poll), after_release() and wait_upstream_saw().
+bounded poll) and retry_while() (the one bounded retry) with
+after_release(), first_answer() and wait_upstream_saw().
 """
 
 import json
 import time
+
+from .http import post
 
 # SPEC section 5: code -> type.
 ERROR_TYPES = {
@@ -126,6 +129,21 @@ def wait_until(pred, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
+def retry_while(fn, again, timeout, interval, must=False):
+    """Calls fn() until again(answer) is false or timeout seconds have
+    passed; returns the last answer (with must, an answer for which again
+    still holds at the deadline fails)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = fn()
+        if not again(r):
+            return r
+        if time.monotonic() >= deadline:
+            assert not must, "still %r" % r
+            return r
+        time.sleep(interval)
+
+
 def _in_progress(r):
     return r.status == 409 and b"request_in_progress" in r.body
 
@@ -135,15 +153,14 @@ def after_release(fn, timeout=5.0, interval=0.05, must=False):
     may see the end of a response a moment before the store write that
     follows it (complete or release). The final answer is what the test
     checks; with must, still in progress at the deadline fails."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = fn()
-        if not _in_progress(r):
-            return r
-        if time.monotonic() >= deadline:
-            assert not must, "still in progress: %r" % r
-            return r
-        time.sleep(interval)
+    return retry_while(fn, _in_progress, timeout, interval, must)
+
+
+def first_answer(port, key, path="/count", timeout=10.0):
+    """The first covered request, retried while the store answers 503 (the
+    gateway may still be connecting, or learning the topology)."""
+    return retry_while(lambda: post(port, path, key), lambda r: r.status == 503,
+                       timeout, 0.1)
 
 
 def wait_upstream_saw(upstream, key, n=1, timeout=10.0):
