@@ -10,7 +10,7 @@ from idemtest.assertions import wait_until
 from idemtest.attempts import Policy, fresh_request_ok
 from idemtest.invariant import analyze, assert_invariant
 from idemtest.procs import free_port
-from idemtest.storm import Bg, inject_when, run_sessions
+from idemtest.storm import Bg, fault_storm, run_sessions
 
 
 def run_bg(jobs, ports, path, policy, threads, timeout):
@@ -94,17 +94,10 @@ def test_idemgate_sigkilled_mid_storm_and_restarted(idemgate, redis, execup):
         time.sleep(0.5)
         return idemgate(cfgs[0])
 
-    t, info = inject_when(up, 30, kill_and_restart)
-    rec = run_sessions(jobs, [g.port for g in gates], "/pay?ms=200",
-                       Policy(attempt_timeout=10, budget=12, abandon_noread=0.03),
-                       threads=24, timeout=75)
-    t.join(15)
-    assert info.get("reached") and "t1" in info, info
-    attempts = rec.snapshot()
-    rep = analyze(attempts, up.execs())
-    print("idemgate SIGKILLed:", rep.line())
-    assert_invariant(rep)
-    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before the restart"
+    attempts, _, info = fault_storm(
+        up, 30, kill_and_restart, jobs, [g.port for g in gates], "/pay?ms=200",
+        Policy(attempt_timeout=10, budget=12, abandon_noread=0.03), threads=24,
+        timeout=75, join=15, what="idemgate SIGKILLed", after="the restart")
     assert any(a.kind == "disconnect" and a.port == gates[0].port for a in attempts), \
         "no request was cut by the kill"
     for g in (info["result"], gates[1]):

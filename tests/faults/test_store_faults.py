@@ -12,7 +12,7 @@ import time
 
 from idemtest.attempts import Policy, fresh_request_ok
 from idemtest.invariant import analyze, assert_invariant
-from idemtest.storm import inject_when, run_sessions
+from idemtest.storm import fault_storm, run_sessions
 
 
 def two_gates(idemgate, redis, up, lock_seconds=30):
@@ -42,17 +42,9 @@ def test_redis_sigstop_mid_storm(idemgate, redis, execup):
         time.sleep(2.5)
         os.kill(redis.proc.pid, signal.SIGCONT)
 
-    t, info = inject_when(up, 20, pause)
-    rec = run_sessions(jobs, [g.port for g in gates], "/pay?ms=150",
-                       Policy(attempt_timeout=10, budget=15, abandon_noread=0.03),
-                       threads=24, timeout=75)
-    t.join(10)
-    assert info.get("reached") and "t1" in info, info
-    attempts = rec.snapshot()
-    rep = analyze(attempts, up.execs())
-    print("redis SIGSTOP:", rep.line())
-    assert_invariant(rep)
-    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before SIGCONT"
+    fault_storm(up, 20, pause, jobs, [g.port for g in gates], "/pay?ms=150",
+                Policy(attempt_timeout=10, budget=15, abandon_noread=0.03), threads=24,
+                timeout=75, join=10, what="redis SIGSTOP", after="SIGCONT")
     check_alive(gates)
 
 
@@ -70,17 +62,10 @@ def test_redis_restarted_empty_mid_storm(idemgate, redis, execup):
         time.sleep(0.5)
         redis.start()
 
-    t, info = inject_when(up, 20, restart)
-    rec = run_sessions(keys, [g.port for g in gates], "/pay?ms=150",
-                       Policy(attempt_timeout=10, budget=20), threads=24, timeout=75)
-    t.join(15)
-    assert info.get("reached") and "t1" in info, info
-    attempts = rec.snapshot()
-    rep = analyze(attempts, up.execs())
-    print("redis restarted empty:", rep.line())
-    assert_invariant(rep)
+    _, rep, _ = fault_storm(up, 20, restart, keys, [g.port for g in gates], "/pay?ms=150",
+                            Policy(attempt_timeout=10, budget=20), threads=24, timeout=75,
+                            join=15, what="redis restarted empty", after="the restart")
     assert rep.lost == 0, rep.explain()
-    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before the restart"
     check_alive(gates)
 
 

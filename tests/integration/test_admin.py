@@ -6,6 +6,7 @@ import re
 import threading
 import time
 
+from idemtest.assertions import wait_until
 from idemtest.http import Client, hdrs, metrics, request
 from idemtest.procs import free_port, wait_port
 
@@ -49,12 +50,7 @@ def test_readyz_follows_redis(idemgate, upstream, redis):
     assert request(admin, "GET", "/healthz").status == 200
     redis.restart()
     # reconnects by itself (bounded wait, not a timing assertion)
-    deadline = time.time() + 15
-    status = 503
-    while time.time() < deadline and status != 200:
-        status = request(admin, "GET", "/readyz").status
-        time.sleep(0.2)
-    assert status == 200
+    assert wait_until(lambda: request(admin, "GET", "/readyz").status == 200, 15, 0.2)
 
 
 def test_metrics_names_and_outcomes(idemgate, upstream):

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from idemtest.assertions import (after_release, assert_error, assert_in_progress,
-                                 assert_replay_of, wait_until, wait_upstream_saw)
+                                 assert_replay_of, retry_while, wait_until,
+                                 wait_upstream_saw)
 from idemtest.config import gate_config
 from idemtest.http import post
 from idemtest.resp import RespClient, call
@@ -200,12 +201,8 @@ def test_lock_is_renewed(gate, upstream, redis):
     assert 0 < pttl(redis, key) <= 1000
     r1 = first.result()
     assert r1.status == 201 and not r1.replayed, r1
-    deadline = time.monotonic() + 5
-    while True:
-        r2 = post(g.port, "/count?ms=3000", "lr1")
-        if r2.status != 409 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    r2 = retry_while(lambda: post(g.port, "/count?ms=3000", "lr1"),
+                     lambda r: r.status == 409, 5, 0.05)
     assert_replay_of(r2, r1)
     assert upstream.count("lr1") == 1
 
@@ -222,7 +219,7 @@ def test_owner_killed_lock_expires(idemgate, upstream, redis):
     b = idemgate(cfg)
     assert_in_progress(post(b.port, "/count?ms=5000", "kill1"))
     r = after_release(lambda: post(b.port, "/count?ms=5000", "kill1"), timeout=10,
-                      interval=0.2, must=True)  # the lock expires
+                      interval=0.2, must="lock never expired")
     assert r.status == 201 and not r.replayed, r
     assert r.json()["n"] == 2
     assert upstream.count("kill1") == 2
@@ -277,13 +274,8 @@ def test_redis_down_then_restarted(gate, upstream, redis):
     redis.kill()
     assert_error(post(g.port, "/count", "rs1"), 503, "store_unavailable")
     redis.restart()
-    deadline = time.monotonic() + 10
-    while True:
-        r = post(g.port, "/count", "rs1")
-        if r.status != 503:
-            break
-        assert time.monotonic() < deadline, "idemgate never reconnected: %r" % r
-        time.sleep(0.2)
+    r = retry_while(lambda: post(g.port, "/count", "rs1"), lambda r: r.status == 503,
+                    10, 0.2, must="idemgate never reconnected")
     assert r.status == 201 and not r.replayed, r
     r2 = after_release(lambda: post(g.port, "/count", "rs1"))
     assert_replay_of(r2, r)
@@ -329,12 +321,7 @@ def _expect_expiry(g, upstream, key):
     assert r1.status == 201
     assert_replay_of(after_release(lambda: post(g.port, "/count", key)), r1)
     time.sleep(2.5)
-    deadline = time.monotonic() + 5
-    while True:
-        r = post(g.port, "/count", key)
-        if not r.replayed or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    r = retry_while(lambda: post(g.port, "/count", key), lambda r: r.replayed, 5, 0.2)
     assert r.status == 201 and not r.replayed, r
     assert r.json()["n"] == 2
     assert upstream.count(key) == 2

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from idemtest.assertions import assert_error, assert_lost_replay, wait_until
-from idemtest.config import STORES, gate_config, store_param_config
+from idemtest.config import gate_config
 from idemtest.http import connection, post, post_bytes, raw_closed, request
 from idemtest.procs import RawServer, free_port
 
@@ -111,11 +111,6 @@ def scripted():
     up = ScriptedUpstream()
     yield up
     up.close()
-
-
-@pytest.fixture(params=STORES)
-def store_cfg(request):
-    return store_param_config(request)
 
 
 @pytest.fixture

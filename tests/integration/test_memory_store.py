@@ -11,22 +11,15 @@ concurrent clients).
 import os
 import time
 
-import pytest
-
 from idemtest.assertions import (after_release, assert_error, assert_in_progress,
                                  assert_replay_of, wait_upstream_saw)
-from idemtest.config import STORES, gate_config, store_param_config
+from idemtest.config import gate_config
 from idemtest.http import BODY, connection, hdrs, metrics, post, request
 from idemtest.procs import free_port, rss_kib
 from idemtest.storm import Bg, storm_each, storm_two_bodies
 
 MIB = 1024 * 1024
 SMALL = {"store": "memory", "memory": {"max_bytes": MIB}}
-
-
-@pytest.fixture(params=STORES)
-def store_cfg(request):
-    return store_param_config(request)
 
 
 def big(port, key, n=65536, conn=None):

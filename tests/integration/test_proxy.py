@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from idemtest.assertions import assert_error
+from idemtest.assertions import assert_error, wait_until
 from idemtest.http import (Client, Resp, dechunk, parse_responses, raw, raw_closed,
                            recv_to_close, recv_until_closed, request, split_head)
-from idemtest.procs import free_port, have_ipv6_loopback, port_open
+from idemtest.procs import free_port, have_ipv6_loopback, wait_port
+from idemtest.storm import in_threads
 from upstream import big_body
 
 
@@ -569,11 +570,7 @@ def test_sigterm_lets_inflight_finish(idemgate, upstream):
 
     t = threading.Thread(target=inflight, daemon=True)
     t.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if upstream.stats()["by_path"].get("/slow"):
-            break
-        time.sleep(0.02)
+    wait_until(lambda: upstream.stats()["by_path"].get("/slow"), 10)
     assert upstream.stats()["by_path"].get("/slow") == 1
 
     g.proc.send_signal(signal.SIGTERM)
@@ -624,14 +621,10 @@ def test_access_log_json_lines(idemgate, upstream):
                  "X-Request-Id": "rid-log-1"},
                 b'{"card": "BODYMARKER4242"}')
     assert r.status == 200
-    line = None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and line is None:
-        for obj in g.log_lines():
-            if obj.get("request_id") == "rid-log-1":
-                line = obj
-        time.sleep(0.05)
-    assert line is not None, g.stderr()
+    lines = wait_until(lambda: [o for o in g.log_lines() if o.get("request_id") == "rid-log-1"],
+                       5, 0.05)
+    assert lines, g.stderr()
+    line = lines[-1]
     for key in ("ts", "request_id", "method", "path", "status", "outcome",
                 "duration_ms", "upstream_ms"):
         assert key in line, (key, line)
@@ -654,15 +647,10 @@ def test_access_log_for_error_response(idemgate):
                   "store": "memory"})
     r = request(g.port, "GET", "/nowhere", {"X-Request-Id": "rid-log-502"})
     assert r.status == 502
-    line = None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and line is None:
-        for obj in g.log_lines():
-            if obj.get("request_id") == "rid-log-502":
-                line = obj
-        time.sleep(0.05)
-    assert line is not None, g.stderr()
-    assert line["status"] == 502
+    lines = wait_until(lambda: [o for o in g.log_lines() if o.get("request_id") == "rid-log-502"],
+                       5, 0.05)
+    assert lines, g.stderr()
+    assert lines[-1]["status"] == 502
 
 
 # -- workers ---------------------------------------------------------------------
@@ -681,11 +669,7 @@ def test_two_workers(idemgate, upstream):
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    in_threads(worker, 4, 120, "clients")
     assert not errors, errors
     assert upstream.stats()["total"] == 40
     assert g.stop() == 0
@@ -733,14 +717,7 @@ def test_listen_ipv6(idemgate, upstream):
     port = free_port()
     g = idemgate({"upstream": upstream.url, "store": "memory",
                   "listen": "[::1]:%d" % port}, wait=False)
-    deadline = time.monotonic() + 10
-    ok = False
-    while time.monotonic() < deadline and g.alive():
-        if port_open(port, host="::1"):
-            ok = True
-            break
-        time.sleep(0.05)
-    assert ok, g.stderr()
+    assert wait_port(port, 10, g.proc, host="::1"), g.stderr()
     r = request(port, "GET", "/echo", host="::1")
     assert r.status == 200
     hs = echo_headers(r)

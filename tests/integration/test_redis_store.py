@@ -92,7 +92,7 @@ def test_acl_user_in_url(idemgate, upstream, redis_servers):
     port = free_port()
     # the default user has another password: only AUTH idem <pass> works
     redis_servers.start(port, ["--requirepass", "defaultpw"] + ACL_USER,
-                  password="defaultpw")
+                        password="defaultpw")
     g = gate_on(idemgate, upstream,
                 {"url": "redis://idem:s3cret%%20w@127.0.0.1:%d/0" % port})
     executes_and_replays(g, upstream, "acl1")
@@ -121,7 +121,7 @@ def test_database_above_15(idemgate, upstream, redis_servers):
 def test_sentinel_with_acl_user(idemgate, upstream, redis_servers):
     mp = free_port()
     redis_servers.start(mp, ["--requirepass", "defaultpw"] + ACL_USER,
-                  password="defaultpw")
+                        password="defaultpw")
     # the sentinel asks nothing without the same user and password
     sp = redis_servers.start_sentinel(mp,
                                       "requirepass sentinelpw\n"
@@ -199,7 +199,7 @@ def test_evicting_policy_read_from_info_when_config_refused(idemgate, upstream,
                                                             redis_servers):
     port = free_port()
     redis_servers.start(port, ["--maxmemory-policy", "volatile-ttl", "--user",
-                         "app", "on", ">pw", "~*", "&*", "+@all", "-config"])
+                               "app", "on", ">pw", "~*", "&*", "+@all", "-config"])
     g = gate_on(idemgate, upstream,
                 {"url": "redis://app:pw@127.0.0.1:%d/0" % port}, workers=2)
     assert wait_until(lambda: policy_warnings(g), timeout=10), g.stderr()

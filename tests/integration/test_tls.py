@@ -17,6 +17,7 @@ import pytest
 from idemtest.assertions import assert_error, wait_until
 from idemtest.http import Client, hdrs, parse_responses, raw_closed, recv_to_close, request
 from idemtest.procs import Idemgate, Upstream, exit_code
+from idemtest.storm import in_threads
 
 BIG = 2 * 1024 * 1024
 
@@ -248,7 +249,7 @@ def test_https_upstream_idempotent_post(idemgate, tls_upstream, certs):
     r2 = request(g.port, "POST", "/count", h, b"{}")
     assert r1.status == 201 and r2.status == 201, (r1, r2)
     assert r2.header("Idempotent-Replayed") == "true"
-    assert tls_upstream.stats()["by_key"].get("tls-up-1") == 1
+    assert tls_upstream.count("tls-up-1") == 1
 
 
 def test_https_upstream_server_name_localhost(idemgate, tls_upstream, certs):
@@ -338,7 +339,6 @@ def test_2mb_both_ways_tls_on_both_sides(idemgate, tls_upstream, certs):
 
 
 def test_many_parallel_https_clients(idemgate, tls_upstream, certs):
-    import threading
     g = gate(idemgate, certs, tls_upstream.url,
              upstream_tls={"ca_file": certs["ca"]})
     errors = []
@@ -355,9 +355,5 @@ def test_many_parallel_https_clients(idemgate, tls_upstream, certs):
         except Exception as e:  # noqa: BLE001 - collected and asserted
             errors.append((n, e))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    in_threads(worker, 8, 480, "HTTPS clients")
     assert not errors, errors[:3]

@@ -129,17 +129,17 @@ def wait_until(pred, timeout=10.0, interval=0.02):
         time.sleep(interval)
 
 
-def retry_while(fn, again, timeout, interval, must=False):
+def retry_while(fn, again, timeout, interval, must=None):
     """Calls fn() until again(answer) is false or timeout seconds have
-    passed; returns the last answer (with must, an answer for which again
-    still holds at the deadline fails)."""
+    passed; returns the last answer. must: a message; then an answer for
+    which again still holds at the deadline fails with it."""
     deadline = time.monotonic() + timeout
     while True:
         r = fn()
         if not again(r):
             return r
         if time.monotonic() >= deadline:
-            assert not must, "still %r" % r
+            assert not must, "%s: %r" % (must, r)
             return r
         time.sleep(interval)
 
@@ -152,8 +152,11 @@ def after_release(fn, timeout=5.0, interval=0.05, must=False):
     """Calls fn() again while it answers 409 request_in_progress: the client
     may see the end of a response a moment before the store write that
     follows it (complete or release). The final answer is what the test
-    checks; with must, still in progress at the deadline fails."""
-    return retry_while(fn, _in_progress, timeout, interval, must)
+    checks; with must (True or a message), still in progress at the
+    deadline fails."""
+    if must is True:
+        must = "still in progress"
+    return retry_while(fn, _in_progress, timeout, interval, must or None)
 
 
 def first_answer(port, key, path="/count", timeout=10.0):

@@ -2,8 +2,8 @@
 file by procs.Idemgate).
 
 Owns: merge() (deep merge), gate_config() (store + upstream + idempotency +
-top-level settings), store_config() and STORES / store_param_config() for
-tests parametrized over both stores.
+top-level settings), store_config() and STORES (the store_cfg fixture runs
+a test on each).
 """
 
 import copy
@@ -35,11 +35,3 @@ def store_config(kind, redis):
 
 
 STORES = ["memory", "redis"]
-
-
-def store_param_config(request):
-    """store_config() for a fixture parametrized over STORES (the `redis`
-    fixture is started only for "redis")."""
-    redis = (request.getfixturevalue("redis") if request.param == "redis"
-             else None)
-    return store_config(request.param, redis)

@@ -1,8 +1,9 @@
 """pytest fixtures shared by the suites (a conftest.py imports the ones it
 offers): upstream / upstream2 (upstream.py), redis (a private
-redis-server), redis_servers (several, for one test), idemgate (a
-factory), execup (the execution-logging upstream, a factory). Every one is
-stopped at teardown.
+redis-server), redis_servers (several, for one test), store_cfg (the
+store settings, once per store: memory, then redis), idemgate (a factory),
+execup (the execution-logging upstream, a factory). Every one is stopped
+at teardown.
 """
 
 import os
@@ -10,6 +11,7 @@ import os
 import pytest
 
 from . import procs
+from .config import STORES, store_config
 
 
 @pytest.fixture
@@ -40,6 +42,14 @@ def redis_servers(tmp_path):
     s = procs.RedisServers(str(tmp_path))
     yield s
     s.stop()
+
+
+@pytest.fixture(params=STORES)
+def store_cfg(request):
+    """config.store_config() for each of STORES (the `redis` fixture is
+    started only for "redis")."""
+    redis = request.getfixturevalue("redis") if request.param == "redis" else None
+    return store_config(request.param, redis)
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """Many clients at once, and faults injected while they run.
 
-Owns: Bg (one call in a daemon thread); storm() / storm_each() (n clients
+Owns: Bg (one call in a daemon thread); in_threads() (n calls in threads,
+joined within a bound); storm() / storm_each() (n clients
 released together by a barrier, one connection each); storm_two_bodies()
 (one key, two bodies: exactly one execution); run_sessions() (retrying
 clients working through keys, attempts.session); inject_when() (a fault
-run once the upstream has executed n requests).
+run once the upstream has executed n requests); fault_storm() (both, then
+the invariant).
 """
 
 import random
@@ -15,6 +17,7 @@ from .assertions import (assert_error, assert_in_progress, assert_replay_of,
                          wait_until)
 from .attempts import AttemptClient, Recorder, session
 from .http import BODY, connection, hdrs, request
+from .invariant import analyze, assert_invariant
 
 
 class Bg:
@@ -39,6 +42,18 @@ class Bg:
         if self._exc is not None:
             raise self._exc
         return self._res
+
+
+def in_threads(fn, n, timeout, what="threads"):
+    """Runs fn(i) for i in range(n), each in a daemon thread of its own,
+    and joins them all within timeout seconds; fails if one still runs."""
+    ts = [threading.Thread(target=fn, args=(i,), daemon=True) for i in range(n)]
+    for t in ts:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in ts:
+        t.join(max(0.1, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in ts), "%s did not end in %ss" % (what, timeout)
 
 
 def storm(ports, path, key, n, body=BODY, api_key="k1", timeout=30):
@@ -69,13 +84,7 @@ def storm_each(ports, n, request_of, timeout=30):
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True)
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 10)
-    assert not any(t.is_alive() for t in threads), "storm clients hung"
+    in_threads(client, n, timeout + 10, "storm clients")
     return results
 
 
@@ -125,13 +134,7 @@ def run_sessions(jobs, ports, path, policy, threads=20, seed=1, stop=None,
         finally:
             client.close()
 
-    ts = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
-    for t in ts:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in ts:
-        t.join(max(0.1, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in ts), "client sessions did not end in %ss" % timeout
+    in_threads(worker, threads, timeout, "client sessions")
     return rec
 
 
@@ -153,3 +156,23 @@ def inject_when(up, n_execs, fault, timeout=30):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, info
+
+
+def fault_storm(up, n_execs, fault, jobs, ports, path, policy, threads, timeout,
+                join, what, after):
+    """run_sessions(jobs, ports, path, policy, threads, timeout) while
+    inject_when(up, n_execs, fault) breaks something mid-storm (its thread
+    joined within join seconds). Checks that the fault ran once the count
+    was reached, that the invariant holds (the report's line is printed
+    after what) and that some attempt started after the fault ended
+    ("the storm ended before " + after). Returns (attempts, report, info)."""
+    t, info = inject_when(up, n_execs, fault)
+    rec = run_sessions(jobs, ports, path, policy, threads=threads, timeout=timeout)
+    t.join(join)
+    assert info.get("reached") and "t1" in info, info
+    attempts = rec.snapshot()
+    rep = analyze(attempts, up.execs())
+    print("%s:" % what, rep.line())
+    assert_invariant(rep)
+    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before " + after
+    return attempts, rep, info
