@@ -1,28 +1,17 @@
-"""pytest fixtures for the fault suite (tests/faults). The integration
-suite's fixtures (idemgate factory, redis, upstream) are imported from
-tests/integration/conftest.py, not copied; this file adds the
-execution-logging upstream (faultlib.ExecUpstream) and a hard per-test
-timeout (SIGALRM: a hung case fails, it does not hang ctest)."""
+"""pytest configuration of the fault suite (tests/faults): puts tests/lib on
+sys.path, offers the shared fixtures of idemtest.fixtures (idemgate, redis,
+execup: the execution-logging upstream) and a hard per-test timeout
+(SIGALRM: a hung case fails, it does not hang ctest)."""
 
-import importlib.util
 import os
 import signal
 import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-import faultlib  # noqa: E402  (puts tests/integration on sys.path)
-
-_spec = importlib.util.spec_from_file_location(
-    "integration_conftest", os.path.join(faultlib.INTEGRATION, "conftest.py"))
-_ig = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ig)
-
-idemgate = _ig.idemgate
-redis = _ig.redis
+from idemtest.fixtures import execup, idemgate, redis  # noqa: E402,F401
 
 # Every case ends within this many seconds or fails (override per test with
 # @pytest.mark.hard_timeout(N)).
@@ -46,19 +35,3 @@ def hard_timeout(request):
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
-
-
-@pytest.fixture
-def execup(tmp_path):
-    """Factory: execup(nports=1) starts execup.py logging to a file in
-    tmp_path; every one started is stopped at teardown."""
-    started = []
-
-    def factory(nports=1):
-        up = faultlib.ExecUpstream(str(tmp_path / ("exec-%d.log" % len(started))), nports)
-        started.append(up)
-        return up
-
-    yield factory
-    for up in started:
-        up.stop()

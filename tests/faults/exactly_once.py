@@ -22,7 +22,7 @@ Afterwards every answer the clients got is held against the upstream's
 execution log, and ONE summary line is printed (last, on stdout):
   exactly-once: keys=.. requests=.. executions=.. duplicates=.. ...
 
-Definitions (faultlib.analyze computes them):
+Definitions (idemtest.invariant.analyze computes them):
   keys        keys some client sent (plus the one fresh key per instance of
               the final health check).
   requests    attempts (every HTTP request sent, including abandoned ones).
@@ -88,11 +88,12 @@ import threading
 import time
 import zlib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 
-import faultlib  # noqa: E402  (puts tests/integration on sys.path)
-import igtest  # noqa: E402
+from idemtest.attempts import AttemptClient, Policy, Recorder, fresh_request_ok, session  # noqa: E402
+from idemtest.invariant import analyze  # noqa: E402
+from idemtest.procs import (ExecUpstream, Idemgate, RedisServer, free_port,  # noqa: E402
+                            idemgate_bin, rss_kib)
 
 FAULTS = ["redis_pause", "upstream_slow", "idemgate_kill", "upstream_cut", "redis_restart"]
 # Where in a cycle each fault starts (fraction of the cycle).
@@ -154,10 +155,10 @@ class Rig:
             raise
 
     def start(self, args):
-        self.redis = igtest.Redis()
-        self.up = faultlib.ExecUpstream(os.path.join(self.workdir, "exec.log"), args.instances)
+        self.redis = RedisServer()
+        self.up = ExecUpstream(os.path.join(self.workdir, "exec.log"), args.instances)
         self.cfgs = [{
-            "listen": "127.0.0.1:%d" % igtest.free_port(), "workers": 1,
+            "listen": "127.0.0.1:%d" % free_port(), "workers": 1,
             "admin": {"listen": "off"}, "upstream": url, "store": "redis",
             "redis": {"url": self.redis.url, "timeout_ms": 1000},
             "idempotency": {"lock_seconds": args.lock_seconds},
@@ -168,7 +169,7 @@ class Rig:
         self.ports = [g.port for g in self.gates]
 
     def start_gate(self, i):
-        return igtest.Idemgate(self.workdir, self.cfgs[i], base=False)
+        return Idemgate(self.workdir, self.cfgs[i], base=False)
 
     def stop(self):
         if self.redis_stopped:
@@ -270,7 +271,7 @@ class RssSampler:
     def run(self):
         while not self.stop.wait(self.interval):
             self.series.append((time.time() - self.t_start,
-                                [(g.proc.pid, faultlib.rss_kib(g.proc.pid))
+                                [(g.proc.pid, rss_kib(g.proc.pid, missing=0))
                                  for g in self.rig.gates]))
 
     def lines(self):
@@ -313,13 +314,13 @@ def path_for(key):
 
 def client_loop(i, rig, keys, policy, args, rec, t_end, stop):
     rng = random.Random(args.seed * 1000 + i)
-    client = faultlib.HttpClient(policy.attempt_timeout)
+    client = AttemptClient(policy.attempt_timeout)
     try:
         while time.time() < t_end and not stop.is_set():
             key = keys.take(rng)
             if key is None:
                 return
-            faultlib.session(client, rig.ports, path_for(key), key, policy, rng, rec, sid=i)
+            session(client, rig.ports, path_for(key), key, policy, rng, rec, sid=i)
             time.sleep(rng.uniform(0, 2 * args.think_ms / 1000.0))
     finally:
         client.close()
@@ -352,7 +353,7 @@ def final_health(rig, rec):
         if not g.alive():
             bad.append("ig%d exited %r" % (i, g.proc.returncode))
             continue
-        a = faultlib.fresh_request_ok(g.port)
+        a = fresh_request_ok(g.port)
         rec(a)
         if not a.ok():
             bad.append("ig%d: %r" % (i, a))
@@ -375,13 +376,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.bin:
         os.environ["IDEMGATE_BIN"] = os.path.abspath(args.bin)
-    if not os.path.exists(igtest.idemgate_bin()):
-        sys.exit("idemgate binary not found at %s (--bin)" % igtest.idemgate_bin())
+    if not os.path.exists(idemgate_bin()):
+        sys.exit("idemgate binary not found at %s (--bin)" % idemgate_bin())
     workdir = tempfile.mkdtemp(prefix="exactly-once-")
     rig = Rig(args, workdir)
-    policy = faultlib.Policy(attempt_timeout=4, max_attempts=40, budget=20,
-                             abandon_midbody=0.03, abandon_noread=0.04)
-    rec = faultlib.Recorder()
+    policy = Policy(attempt_timeout=4, max_attempts=40, budget=20,
+                    abandon_midbody=0.03, abandon_noread=0.04)
+    rec = Recorder()
     keys = Keys(args)
     t_start = time.time()
     t_end = t_start + args.duration
@@ -416,7 +417,7 @@ def main(argv=None):
         if inj.error:
             health.append("fault injector: %r" % inj.error)
         attempts = rec.snapshot()
-        rep = faultlib.analyze(attempts, rig.up.execs(), exclusions(attempts, inj.events))
+        rep = analyze(attempts, rig.up.execs(), exclusions(attempts, inj.events))
     finally:
         stop.set()
         rig.stop()

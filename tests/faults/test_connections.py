@@ -6,9 +6,11 @@ import resource
 import selectors
 import socket
 
-from faultlib import (HttpClient, analyze, assert_invariant, fd_count, fresh_request_ok,
-                      poll_until, rss_kib)
-from igtest import free_port, request
+from idemtest.assertions import wait_until
+from idemtest.attempts import AttemptClient, fresh_request_ok
+from idemtest.http import metrics
+from idemtest.invariant import analyze, assert_invariant
+from idemtest.procs import fd_count, free_port, rss_kib
 
 N = 10000
 MAX_CONNECTIONS = 1000
@@ -24,10 +26,7 @@ def raise_nofile(need):
 
 
 def active(admin):
-    for line in request(admin, "GET", "/metrics").body.decode().splitlines():
-        if line.startswith("idemgate_connections_active "):
-            return int(float(line.split()[1]))
-    return None
+    return metrics(admin).get("idemgate_connections_active")
 
 
 def test_ten_thousand_connections(idemgate, execup):
@@ -69,7 +68,7 @@ def test_ten_thousand_connections(idemgate, execup):
                     sel.unregister(s)
             return len(closed) + (active(admin) or 0) == N
 
-        assert poll_until(settled, 60, 0), (len(closed), active(admin))
+        assert wait_until(settled, 60, 0), (len(closed), active(admin))
         held = [s for s in socks if s not in closed]
         rss1, fds1 = rss_kib(g.proc.pid), fd_count(g.proc.pid)
         print("connections: %d opened, %d closed by idemgate, %d held; RSS %d -> %d KiB, "
@@ -80,14 +79,14 @@ def test_ten_thousand_connections(idemgate, execup):
         # bounded: far below 64 KiB per held connection
         assert rss1 - rss0 < MAX_CONNECTIONS * 64, (rss0, rss1)
         # past the limit, a new connection is closed unanswered
-        late = HttpClient(10).post(g.port, "/pay", "late-1")
+        late = AttemptClient(10).post(g.port, "/pay", "late-1")
         assert late.kind == "disconnect", late
         # the held ones are served
         answers = []
         for i, s in enumerate(held[:20]):
             sel.unregister(s)
             s.setblocking(True)
-            client = HttpClient(10)
+            client = AttemptClient(10)
             client.socks[g.port] = s
             answers.append(client.post(g.port, "/pay", "held-%d" % i))
             client.socks = {}
@@ -97,7 +96,7 @@ def test_ten_thousand_connections(idemgate, execup):
         for s in socks:
             s.close()
         sel.close()
-    assert poll_until(lambda: active(admin) == 0, 30), active(admin)
-    assert poll_until(lambda: fd_count(g.proc.pid) <= fds0, 30), (fds0, fd_count(g.proc.pid))
+    assert wait_until(lambda: active(admin) == 0, 30, 0.05), active(admin)
+    assert wait_until(lambda: fd_count(g.proc.pid) <= fds0, 30, 0.05), (fds0, fd_count(g.proc.pid))
     assert g.alive()
     assert fresh_request_ok(g.port).ok()

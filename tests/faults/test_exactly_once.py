@@ -9,14 +9,13 @@ import subprocess
 
 import pytest
 
-import faultlib
-import igtest
+from idemtest.procs import FAULTS, PYTHON, idemgate_bin
 
 
 @pytest.mark.hard_timeout(200)
 def test_exactly_once_under_faults():
-    cmd = [igtest.PYTHON, os.path.join(faultlib.HERE, "exactly_once.py"),
-           "--bin", igtest.idemgate_bin(), "--duration", "40", "--clients", "12",
+    cmd = [PYTHON, os.path.join(FAULTS, "exactly_once.py"),
+           "--bin", idemgate_bin(), "--duration", "40", "--clients", "12",
            "--faults", "all", "--seed", "8"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     lines = p.stdout.strip().splitlines()

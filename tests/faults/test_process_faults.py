@@ -2,15 +2,15 @@
 answers (after the head: the answer is lost, SPEC section 4), the upstream
 SIGKILLed before its head with unknown_outcome "keep", and one of two
 idemgate instances SIGKILLed mid-storm and started again. Invariant as in
-test_store_faults.py (faultlib.analyze)."""
+test_store_faults.py (idemtest.invariant.analyze)."""
 
-import threading
 import time
 
-from faultlib import (Policy, analyze, assert_invariant, fresh_request_ok, poll_until,
-                      run_sessions)
-from idemhelp import Bg
-from igtest import free_port
+from idemtest.assertions import wait_until
+from idemtest.attempts import Policy, fresh_request_ok
+from idemtest.invariant import analyze, assert_invariant
+from idemtest.procs import free_port
+from idemtest.storm import Bg, fault_storm, run_sessions
 
 
 def run_bg(jobs, ports, path, policy, threads, timeout):
@@ -39,7 +39,7 @@ def test_upstream_killed_mid_response(idemgate, redis, execup):
     keys = ["drip-%d" % i for i in range(8)]
     bg = run_bg([k for k in keys for _ in range(2)], [g.port], "/drip",
                 Policy(attempt_timeout=10, budget=12), threads=16, timeout=45)
-    assert poll_until(lambda: len(up.heads()) >= len(keys), 20), up.events()
+    assert wait_until(lambda: len(up.heads()) >= len(keys), 20, 0.05), up.events()
     up.kill()
     up.start(drip=False)
     attempts = bg.result(60).snapshot()
@@ -64,7 +64,7 @@ def test_upstream_killed_before_head_unknown_outcome_keep(idemgate, redis, execu
     keys = ["nohead-%d" % i for i in range(8)]
     bg = run_bg(keys, [g.port], "/pay?ms=30000", Policy(attempt_timeout=40, budget=12),
                 threads=8, timeout=60)
-    assert poll_until(lambda: len(up.execs()) >= len(keys), 20), up.events()
+    assert wait_until(lambda: len(up.execs()) >= len(keys), 20, 0.05), up.events()
     up.kill()
     up.start()
     attempts = bg.result(70).snapshot()
@@ -88,31 +88,19 @@ def test_idemgate_sigkilled_mid_storm_and_restarted(idemgate, redis, execup):
     gates = [idemgate(c) for c in cfgs]
     keys = ["kill-%03d" % i for i in range(150)]
     jobs = [k for i, k in enumerate(keys) for _ in range(2 if i % 4 == 0 else 1)]
-    info = {}
 
     def kill_and_restart():
-        info["reached"] = bool(poll_until(lambda: len(up.execs()) >= 30, 30))
-        info["t0"] = time.time()
         gates[0].kill()
         time.sleep(0.5)
-        info["restarted"] = idemgate(cfgs[0])
-        info["t1"] = time.time()
+        return idemgate(cfgs[0])
 
-    t = threading.Thread(target=kill_and_restart, daemon=True)
-    t.start()
-    rec = run_sessions(jobs, [g.port for g in gates], "/pay?ms=200",
-                       Policy(attempt_timeout=10, budget=12, abandon_noread=0.03),
-                       threads=24, timeout=75)
-    t.join(15)
-    assert info.get("reached") and "restarted" in info, info
-    attempts = rec.snapshot()
-    rep = analyze(attempts, up.execs())
-    print("idemgate SIGKILLed:", rep.line())
-    assert_invariant(rep)
-    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before the restart"
+    attempts, _, info = fault_storm(
+        up, 30, kill_and_restart, jobs, [g.port for g in gates], "/pay?ms=200",
+        Policy(attempt_timeout=10, budget=12, abandon_noread=0.03), threads=24,
+        timeout=75, join=15, what="idemgate SIGKILLed", after="the restart")
     assert any(a.kind == "disconnect" and a.port == gates[0].port for a in attempts), \
         "no request was cut by the kill"
-    for g in (info["restarted"], gates[1]):
+    for g in (info["result"], gates[1]):
         assert g.alive()
         assert fresh_request_ok(g.port).ok()
 

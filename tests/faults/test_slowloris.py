@@ -10,8 +10,10 @@ import socket
 import threading
 import time
 
-from faultlib import (BODY, analyze, assert_invariant, fresh_request_ok, poll_until,
-                      request_bytes)
+from idemtest.assertions import wait_until
+from idemtest.attempts import fresh_request_ok
+from idemtest.http import BODY, post_bytes
+from idemtest.invariant import analyze, assert_invariant
 
 CLIENT_TIMEOUT_MS = 1500
 TICK = 0.1
@@ -20,7 +22,7 @@ PAD = "x" * 400  # a head of ~550 bytes: ~55 s at one byte per tick
 
 class Dripper:
     def __init__(self, port, key, body_only):
-        head, body = request_bytes(port, "/pay", key, BODY)
+        head, body = post_bytes("/pay", key, BODY, host="127.0.0.1:%d" % port)
         head = head.replace(b"\r\n\r\n", ("\r\nX-Pad: %s\r\n\r\n" % PAD).encode())
         self.key = key
         self.data = head + body
@@ -126,5 +128,5 @@ def test_slowloris_heads_and_bodies(idemgate, redis, execup):
     for d in drippers[:3] + drippers[-3:]:
         a = fresh_request_ok(g.port, d.key)
         assert a.ok() and not a.replayed, a
-    assert poll_until(lambda: len(up.execs()) == len(execs) + 6, 5)
+    assert wait_until(lambda: len(up.execs()) == len(execs) + 6, 5, 0.05)
     assert g.alive()

@@ -2,39 +2,23 @@
 with SIGSTOP then thawed, Redis killed and restarted empty, and a timed-out
 acquire whose lock Redis takes after the timeout. Real redis-server, real
 idemgate, the execution-logging upstream; the invariant of every case is
-faultlib.analyze's: no key executes twice, every 2xx is its key's one
+idemtest.invariant.analyze's: no key executes twice, every 2xx is its key's one
 execution byte for byte, every other answer a SPEC error, and idemgate
 serves a fresh request at the end."""
 
 import os
 import signal
-import threading
 import time
 
-from faultlib import (Policy, analyze, assert_invariant, fresh_request_ok, poll_until,
-                      run_sessions)
+from idemtest.attempts import Policy, fresh_request_ok
+from idemtest.invariant import analyze, assert_invariant
+from idemtest.storm import fault_storm, run_sessions
 
 
 def two_gates(idemgate, redis, up, lock_seconds=30):
     cfgs = [{"upstream": url, "store": "redis", "redis": {"url": redis.url},
              "idempotency": {"lock_seconds": lock_seconds}} for url in up.urls]
     return [idemgate(c) for c in cfgs]
-
-
-def inject_when(up, n_execs, fault, timeout=30):
-    """Runs fault() in a thread once the upstream has executed n_execs
-    requests (mid-storm). Returns the thread and a dict of what happened."""
-    info = {}
-
-    def run():
-        info["reached"] = bool(poll_until(lambda: len(up.execs()) >= n_execs, timeout))
-        info["t0"] = time.time()
-        fault()
-        info["t1"] = time.time()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, info
 
 
 def check_alive(gates):
@@ -58,17 +42,9 @@ def test_redis_sigstop_mid_storm(idemgate, redis, execup):
         time.sleep(2.5)
         os.kill(redis.proc.pid, signal.SIGCONT)
 
-    t, info = inject_when(up, 20, pause)
-    rec = run_sessions(jobs, [g.port for g in gates], "/pay?ms=150",
-                       Policy(attempt_timeout=10, budget=15, abandon_noread=0.03),
-                       threads=24, timeout=75)
-    t.join(10)
-    assert info.get("reached") and "t1" in info, info
-    attempts = rec.snapshot()
-    rep = analyze(attempts, up.execs())
-    print("redis SIGSTOP:", rep.line())
-    assert_invariant(rep)
-    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before SIGCONT"
+    fault_storm(up, 20, pause, jobs, [g.port for g in gates], "/pay?ms=150",
+                Policy(attempt_timeout=10, budget=15, abandon_noread=0.03), threads=24,
+                timeout=75, join=10, what="redis SIGSTOP", after="SIGCONT")
     check_alive(gates)
 
 
@@ -86,17 +62,10 @@ def test_redis_restarted_empty_mid_storm(idemgate, redis, execup):
         time.sleep(0.5)
         redis.start()
 
-    t, info = inject_when(up, 20, restart)
-    rec = run_sessions(keys, [g.port for g in gates], "/pay?ms=150",
-                       Policy(attempt_timeout=10, budget=20), threads=24, timeout=75)
-    t.join(15)
-    assert info.get("reached") and "t1" in info, info
-    attempts = rec.snapshot()
-    rep = analyze(attempts, up.execs())
-    print("redis restarted empty:", rep.line())
-    assert_invariant(rep)
+    _, rep, _ = fault_storm(up, 20, restart, keys, [g.port for g in gates], "/pay?ms=150",
+                            Policy(attempt_timeout=10, budget=20), threads=24, timeout=75,
+                            join=15, what="redis restarted empty", after="the restart")
     assert rep.lost == 0, rep.explain()
-    assert any(a.t0 > info["t1"] for a in attempts), "the storm ended before the restart"
     check_alive(gates)
 
 

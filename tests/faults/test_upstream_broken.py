@@ -8,7 +8,9 @@ executes again. Six keys per case, two clients each, retrying."""
 
 import pytest
 
-from faultlib import Policy, analyze, assert_invariant, fresh_request_ok, run_sessions
+from idemtest.attempts import Policy, fresh_request_ok
+from idemtest.invariant import analyze, assert_invariant
+from idemtest.storm import run_sessions
 
 MODES = ["cut", "badcl", "badte", "s600"]
 

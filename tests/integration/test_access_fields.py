@@ -4,12 +4,8 @@ first 16 hex digits of the scope hash) and `key` on covered requests,
 
 import hashlib
 
-from idemhelp import post, send
-from idemhelp import wait_until
-
-
-def access(g):
-    return [ln for ln in g.log_lines() if ln.get("msg") == "access"]
+from idemtest.assertions import wait_until
+from idemtest.http import post, request
 
 
 def test_scope_key_and_trace_id(idemgate, upstream):
@@ -18,8 +14,8 @@ def test_scope_key_and_trace_id(idemgate, upstream):
     r = post(g.port, "/count", "order-77", api_key="sk_live_secret",
              extra={"traceparent": tp})
     assert r.status == 201
-    assert wait_until(lambda: len(access(g)) == 1)
-    ln = access(g)[0]
+    assert wait_until(lambda: len(g.access_lines()) == 1)
+    ln = g.access_lines()[0]
     scope = hashlib.sha256(b"Bearer sk_live_secret").hexdigest()[:16]
     assert ln["scope"] == scope, ln
     assert ln["key"] == "order-77", ln
@@ -35,15 +31,15 @@ def test_no_scope_without_key_and_bad_traceparents_ignored(idemgate, upstream):
            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
            "zz"]
     for tp in bad:
-        assert send(g.port, "GET", "/echo", {"traceparent": tp}).status == 200
-    assert wait_until(lambda: len(access(g)) == len(bad))
-    for ln in access(g):
+        assert request(g.port, "GET", "/echo", {"traceparent": tp}).status == 200
+    assert wait_until(lambda: len(g.access_lines()) == len(bad))
+    for ln in g.access_lines():
         assert "scope" not in ln and "key" not in ln and "trace_id" not in ln, ln
 
 
 def test_anonymous_scope(idemgate, upstream):
     g = idemgate({"upstream": upstream.url, "store": "memory"})
     assert post(g.port, "/count", "anon-1", api_key=None).status == 201
-    assert wait_until(lambda: len(access(g)) == 1)
-    assert access(g)[0]["scope"] == "anonymous"
-    assert access(g)[0]["key"] == "anon-1"
+    assert wait_until(lambda: len(g.access_lines()) == 1)
+    assert g.access_lines()[0]["scope"] == "anonymous"
+    assert g.access_lines()[0]["key"] == "anon-1"

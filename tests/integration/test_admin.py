@@ -6,7 +6,9 @@ import re
 import threading
 import time
 
-from igtest import Client, free_port, idem_headers, request, wait_port
+from idemtest.assertions import wait_until
+from idemtest.http import Client, hdrs, metrics, request
+from idemtest.procs import free_port, wait_port
 
 
 def start(idemgate, upstream, extra=None):
@@ -17,19 +19,6 @@ def start(idemgate, upstream, extra=None):
     g = idemgate(cfg)
     assert wait_port(admin)
     return g, admin
-
-
-def metrics(admin):
-    r = request(admin, "GET", "/metrics")
-    assert r.status == 200
-    assert r.header("Content-Type").startswith("text/plain")
-    values = {}
-    for line in r.body.decode().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
-    return values
 
 
 def metrics_when(admin, ready, timeout=5.0):
@@ -61,17 +50,12 @@ def test_readyz_follows_redis(idemgate, upstream, redis):
     assert request(admin, "GET", "/healthz").status == 200
     redis.restart()
     # reconnects by itself (bounded wait, not a timing assertion)
-    deadline = time.time() + 15
-    status = 503
-    while time.time() < deadline and status != 200:
-        status = request(admin, "GET", "/readyz").status
-        time.sleep(0.2)
-    assert status == 200
+    assert wait_until(lambda: request(admin, "GET", "/readyz").status == 200, 15, 0.2)
 
 
 def test_metrics_names_and_outcomes(idemgate, upstream):
     g, admin = start(idemgate, upstream)
-    h = idem_headers("m-1")
+    h = hdrs("m-1")
     assert request(g.port, "POST", "/count", h, b"{}").status == 201
     assert request(g.port, "POST", "/count", h, b"{}").status == 201  # replay
     assert request(g.port, "POST", "/count", h, b'{"x":1}').status == 409  # mismatch
@@ -131,7 +115,7 @@ def test_metrics_state_gauges(idemgate, upstream):
     """The per-state gauges: one series per engine state and per transport
     state, all back to 0 once every exchange and connection is gone."""
     g, admin = start(idemgate, upstream)
-    h = idem_headers("s-1")
+    h = hdrs("s-1")
     assert request(g.port, "POST", "/count", h, b"{}").status == 201
     assert request(g.port, "POST", "/count", h, b"{}").status == 201
     assert request(g.port, "GET", "/echo").status == 200
@@ -165,7 +149,7 @@ def test_metrics_state_gauges_while_busy(idemgate, upstream):
     idle = Client(g.port)
     assert idle.request("GET", "/echo").status == 200  # kept alive, idle now
     t = threading.Thread(target=lambda: request(g.port, "POST", "/slow?ms=1500",
-                                                idem_headers("busy-1"), b"{}", timeout=20),
+                                                hdrs("busy-1"), b"{}", timeout=20),
                          daemon=True)
     t.start()
 
@@ -185,7 +169,7 @@ def test_metrics_state_gauges_while_busy(idemgate, upstream):
 def test_memory_store_gauges(idemgate, upstream):
     g, admin = start(idemgate, upstream, {"memory": {"max_bytes": 1048576}})
     for i in range(40):
-        r = request(g.port, "POST", "/big?bytes=65536", idem_headers("ev-%d" % i), b"{}")
+        r = request(g.port, "POST", "/big?bytes=65536", hdrs("ev-%d" % i), b"{}")
         assert r.status == 200
     m = metrics(admin)
     assert m["idemgate_memory_store_max_bytes"] == 1048576

@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
-import igtest
-from igtest import free_port, run_idemgate
-
-REPO = os.path.normpath(os.path.join(igtest.HERE, "..", ".."))
+from idemtest.config import merge
+from idemtest.http import hdrs, request
+from idemtest.procs import (REPO, free_port, have_ipv6_loopback, idemgate_bin,
+                            port_open, run_idemgate, wait_port)
 
 ALL_FLAGS = ["-c", "--config", "--listen", "--upstream", "--store", "--redis",
              "--workers", "--admin", "-t", "--test-config", "--version",
@@ -23,8 +23,8 @@ ALL_FLAGS = ["-c", "--config", "--listen", "--upstream", "--store", "--redis",
 
 @pytest.fixture(autouse=True)
 def need_binary():
-    if not os.path.exists(igtest.idemgate_bin()):
-        pytest.fail("idemgate binary not found at %s" % igtest.idemgate_bin())
+    if not os.path.exists(idemgate_bin()):
+        pytest.fail("idemgate binary not found at %s" % idemgate_bin())
 
 
 def write_config(tmp_path, cfg, name="cfg.json"):
@@ -59,13 +59,7 @@ def assert_config_error(res, key_path):
 
 
 def check_bad(tmp_path, patch, key_path, test_only=True):
-    cfg = good_config()
-    for k, v in patch.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-            cfg[k] = dict(cfg[k], **v)
-        else:
-            cfg[k] = v
-    path = write_config(tmp_path, cfg)
+    path = write_config(tmp_path, merge(good_config(), patch))
     args = ["-c", path] + (["-t"] if test_only else [])
     res = run_idemgate(args, timeout=10)
     return assert_config_error(res, key_path)
@@ -343,9 +337,9 @@ def test_listen_precedence_flag_wins(idemgate, upstream):
                  args=["--listen", "127.0.0.1:%d" % c],
                  env={"IDEMGATE_LISTEN": "127.0.0.1:%d" % b})
     assert g.port == c
-    assert igtest.request(c, "GET", "/echo").status == 200
-    assert not igtest.port_open(a)
-    assert not igtest.port_open(b)
+    assert request(c, "GET", "/echo").status == 200
+    assert not port_open(a)
+    assert not port_open(b)
 
 
 def test_listen_precedence_env_over_file(idemgate, upstream):
@@ -353,15 +347,15 @@ def test_listen_precedence_env_over_file(idemgate, upstream):
     g = idemgate(_cfg_for(upstream, a),
                  env={"IDEMGATE_LISTEN": "127.0.0.1:%d" % b})
     assert g.port == b
-    assert igtest.request(b, "GET", "/echo").status == 200
-    assert not igtest.port_open(a)
+    assert request(b, "GET", "/echo").status == 200
+    assert not port_open(a)
 
 
 def test_listen_from_file(idemgate, upstream):
     a = free_port()
     g = idemgate(_cfg_for(upstream, a))
     assert g.port == a
-    assert igtest.request(a, "GET", "/echo").status == 200
+    assert request(a, "GET", "/echo").status == 200
 
 
 def test_upstream_precedence(idemgate, upstream, upstream2):
@@ -369,13 +363,13 @@ def test_upstream_precedence(idemgate, upstream, upstream2):
     cfg = _cfg_for(upstream, free_port())
     cfg["upstream"] = "http://127.0.0.1:%d" % free_port()  # nothing there
     g = idemgate(cfg, env={"IDEMGATE_UPSTREAM": upstream.url})
-    r = igtest.request(g.port, "GET", "/echo")
+    r = request(g.port, "GET", "/echo")
     assert r.status == 200 and r.json()["port"] == upstream.port
     g.stop()
 
     g2 = idemgate(cfg, env={"IDEMGATE_UPSTREAM": upstream.url},
                   args=["--upstream", upstream2.url])
-    r = igtest.request(g2.port, "GET", "/echo")
+    r = request(g2.port, "GET", "/echo")
     assert r.status == 200 and r.json()["port"] == upstream2.port
 
 
@@ -386,10 +380,10 @@ def test_store_flag_overrides_file(idemgate, upstream):
     cfg["redis"] = {"url": "redis://127.0.0.1:%d/0" % free_port(),
                     "timeout_ms": 200}
     g = idemgate(cfg, args=["--store", "memory"])
-    r = igtest.request(g.port, "POST", "/count", igtest.idem_headers("p1"),
+    r = request(g.port, "POST", "/count", hdrs("p1"),
                        b"{}")
     assert r.status == 201, r
-    r2 = igtest.request(g.port, "POST", "/count", igtest.idem_headers("p1"),
+    r2 = request(g.port, "POST", "/count", hdrs("p1"),
                         b"{}")
     assert r2.status == 201
     assert r2.header("Idempotent-Replayed") == "true"
@@ -417,7 +411,7 @@ def test_cannot_bind_exits_1(tmp_path):
 
 def test_sigterm_idle_exits_0(idemgate, upstream):
     g = idemgate(_cfg_for(upstream, free_port()))
-    assert igtest.request(g.port, "GET", "/echo").status == 200
+    assert request(g.port, "GET", "/echo").status == 200
     assert g.stop() == 0
 
 
@@ -435,7 +429,7 @@ def admin_gate(idemgate, upstream, host="127.0.0.1"):
     listen = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
     g = idemgate({"store": "memory", "upstream": upstream.url,
                   "admin": {"listen": listen}})
-    assert igtest.wait_port(port, 10, host=host), "admin listener not up"
+    assert wait_port(port, 10, host=host), "admin listener not up"
     return g, listen
 
 
@@ -467,13 +461,8 @@ def test_healthcheck_configured_admin_listener(idemgate, upstream):
 
 
 def test_healthcheck_ipv6(idemgate, upstream):
-    probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    try:
-        probe.bind(("::1", 0))
-    except OSError:
+    if not have_ipv6_loopback():
         pytest.skip("no IPv6 loopback")
-    finally:
-        probe.close()
     g, listen = admin_gate(idemgate, upstream, host="::1")
     res = run_idemgate(["--healthcheck", listen])
     assert res.returncode == 0, res.stderr

@@ -8,15 +8,12 @@ import time
 
 import pytest
 
-from idemhelp import (BODY, STORES, Bg, Upstream, after_release, assert_error,
-                      assert_in_progress, assert_replay_of, gate_config, hdrs,
-                      post, send, stats, store_param_config, ucount,
-                      unused_port, wait_upstream_saw)
-
-
-@pytest.fixture(params=STORES)
-def store_cfg(request):
-    return store_param_config(request)
+from idemtest.assertions import (after_release, assert_error, assert_in_progress,
+                                 assert_replay_of, retry_while, wait_upstream_saw)
+from idemtest.config import gate_config
+from idemtest.http import BODY, connection, hdrs, post, post_bytes, request
+from idemtest.procs import Upstream, free_port
+from idemtest.storm import Bg
 
 
 @pytest.fixture
@@ -29,7 +26,7 @@ def gate(idemgate, upstream, store_cfg):
 
 
 def total(upstream):
-    return stats(upstream.port)["total"]
+    return upstream.stats()["total"]
 
 
 # ---------------------------------------------------------------------------
@@ -44,7 +41,7 @@ def test_no_key_not_required_is_passthrough(gate, upstream):
     assert r1.json()["n"] == 1 and r2.json()["n"] == 2
     assert r1.header("Idempotent-Replayed") is None
     assert r2.header("Idempotent-Replayed") is None
-    assert ucount(upstream.port, "-") == 2
+    assert upstream.count("-") == 2
 
 
 def test_no_key_required_is_400(gate, upstream):
@@ -87,7 +84,7 @@ def test_key_max_length_configured_boundary(gate, upstream):
                          ids=["space", "del", "non_ascii", "tab", "ctl"])
 def test_key_with_invalid_byte_is_400(gate, upstream, key):
     g = gate()
-    r = send(g.port, "POST", "/count",
+    r = request(g.port, "POST", "/count",
              [("Idempotency-Key", key), ("Authorization", "Bearer k1"),
               ("Content-Type", "application/json")], BODY)
     # DEL and control bytes are not field-vchar (RFC 9110): a strict parser
@@ -112,11 +109,11 @@ def test_repeated_key_header_is_400(gate, upstream):
     g = gate()
     h = [("Idempotency-Key", "rep1"), ("Idempotency-Key", "rep1"),
          ("Authorization", "Bearer k1"), ("Content-Type", "application/json")]
-    r = send(g.port, "POST", "/count", h, BODY)
+    r = request(g.port, "POST", "/count", h, BODY)
     assert_error(r, 400, "invalid_idempotency_key")
     h = [("Idempotency-Key", "rep1"), ("Idempotency-Key", "rep2"),
          ("Authorization", "Bearer k1"), ("Content-Type", "application/json")]
-    r = send(g.port, "POST", "/count", h, BODY)
+    r = request(g.port, "POST", "/count", h, BODY)
     assert_error(r, 400, "invalid_idempotency_key")
     assert total(upstream) == 0
 
@@ -132,7 +129,7 @@ def test_rfc8941_quoted_key_equals_bare_key(gate, upstream):
     assert r3.status == 201, r3
     r4 = after_release(lambda: post(g.port, "/count", '"xyz"'))
     assert_replay_of(r4, r3)
-    assert ucount(upstream.port, "abc") + ucount(upstream.port, '"abc"') == 1
+    assert upstream.count("abc") + upstream.count('"abc"') == 1
 
 
 def test_rfc8941_escapes_unquoted(gate, upstream):
@@ -170,7 +167,7 @@ def test_uncovered_methods_execute_every_time(gate, upstream, method):
     r2 = post(g.port, "/count", "m-" + method, body=body, method=method)
     assert r1.status == 201 and r2.status == 201, (r1, r2)
     assert r2.header("Idempotent-Replayed") is None, r2
-    assert ucount(upstream.port, "m-" + method) == 2
+    assert upstream.count("m-" + method) == 2
 
 
 def test_patch_is_covered(gate, upstream):
@@ -179,7 +176,7 @@ def test_patch_is_covered(gate, upstream):
     assert r1.status == 201, r1
     r2 = after_release(lambda: post(g.port, "/count", "patch1", method="PATCH"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "patch1") == 1
+    assert upstream.count("patch1") == 1
 
 
 def test_configured_methods(gate, upstream):
@@ -189,8 +186,8 @@ def test_configured_methods(gate, upstream):
     assert_replay_of(r2, r1)
     assert post(g.port, "/count", "post1").status == 201
     assert post(g.port, "/count", "post1").status == 201
-    assert ucount(upstream.port, "put1") == 1
-    assert ucount(upstream.port, "post1") == 2
+    assert upstream.count("put1") == 1
+    assert upstream.count("post1") == 2
 
 
 # -- scope --------------------------------------------------------------------
@@ -201,13 +198,13 @@ def test_scope_two_authorizations_execute_twice(gate, upstream):
     r2 = post(g.port, "/count", "sc1", api_key="bob")
     assert r1.status == 201 and r2.status == 201, (r1, r2)
     assert r2.header("Idempotent-Replayed") is None
-    assert ucount(upstream.port, "sc1") == 2
+    assert upstream.count("sc1") == 2
     # each credential replays its own record
     r3 = after_release(lambda: post(g.port, "/count", "sc1", api_key="alice"))
     assert_replay_of(r3, r1)
     r4 = after_release(lambda: post(g.port, "/count", "sc1", api_key="bob"))
     assert_replay_of(r4, r2)
-    assert ucount(upstream.port, "sc1") == 2
+    assert upstream.count("sc1") == 2
 
 
 def test_scope_x_api_key(gate, upstream):
@@ -219,7 +216,7 @@ def test_scope_x_api_key(gate, upstream):
     r3 = after_release(lambda: post(g.port, "/count", "xk1", api_key=None,
                                     extra=[("X-API-Key", "a")]))
     assert_replay_of(r3, r1)
-    assert ucount(upstream.port, "xk1") == 2
+    assert upstream.count("xk1") == 2
 
 
 def test_scope_first_scope_header_wins(gate, upstream):
@@ -230,7 +227,7 @@ def test_scope_first_scope_header_wins(gate, upstream):
     r2 = after_release(lambda: post(g.port, "/count", "fw1", api_key="same",
                                     extra=[("X-API-Key", "b")]))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "fw1") == 1
+    assert upstream.count("fw1") == 1
 
 
 def test_scope_configured_scope_headers(gate, upstream):
@@ -241,7 +238,7 @@ def test_scope_configured_scope_headers(gate, upstream):
     assert_replay_of(r2, r1)
     r3 = post(g.port, "/count", "tn1", api_key="a", extra=[("X-Tenant", "t2")])
     assert r3.status == 201 and not r3.replayed, r3
-    assert ucount(upstream.port, "tn1") == 2
+    assert upstream.count("tn1") == 2
 
 
 def test_anonymous_shared(gate, upstream):
@@ -250,11 +247,11 @@ def test_anonymous_shared(gate, upstream):
     assert r1.status == 201, r1
     r2 = after_release(lambda: post(g.port, "/count", "anon1", api_key=None))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "anon1") == 1
+    assert upstream.count("anon1") == 1
     # a credentialed request is another scope
     r3 = post(g.port, "/count", "anon1", api_key="k1")
     assert r3.status == 201 and not r3.replayed, r3
-    assert ucount(upstream.port, "anon1") == 2
+    assert upstream.count("anon1") == 2
 
 
 def test_anonymous_shared_explicit(gate, upstream):
@@ -262,7 +259,7 @@ def test_anonymous_shared_explicit(gate, upstream):
     r1 = post(g.port, "/count", "anon2", api_key=None)
     r2 = after_release(lambda: post(g.port, "/count", "anon2", api_key=None))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "anon2") == 1
+    assert upstream.count("anon2") == 1
 
 
 def test_anonymous_reject(gate, upstream):
@@ -280,12 +277,12 @@ def test_anonymous_bypass(gate, upstream):
     r2 = post(g.port, "/count", "anon4", api_key=None)
     assert r1.status == 201 and r2.status == 201, (r1, r2)
     assert r2.header("Idempotent-Replayed") is None, r2
-    assert ucount(upstream.port, "anon4") == 2
+    assert upstream.count("anon4") == 2
     # with a credential the engine still applies
     r3 = post(g.port, "/count", "anon5", api_key="k1")
     r4 = after_release(lambda: post(g.port, "/count", "anon5", api_key="k1"))
     assert_replay_of(r4, r3)
-    assert ucount(upstream.port, "anon5") == 1
+    assert upstream.count("anon5") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -304,7 +301,7 @@ def test_first_executes_retry_replays(gate, upstream):
     assert r2.header("X-Exec") == "1"
     r3 = post(g.port, "/count", "st1")
     assert_replay_of(r3, r1)
-    assert ucount(upstream.port, "st1") == 1
+    assert upstream.count("st1") == 1
 
 
 def test_replay_keeps_custom_headers_in_order(gate, upstream):
@@ -320,47 +317,46 @@ def test_replay_keeps_custom_headers_in_order(gate, upstream):
     custom = [(k.lower(), v) for k, v in r2.headers
               if k.lower() in ("x-upstream", "x-custom")]
     assert custom == [("x-upstream", "echo"), ("x-custom", "abc")]
-    assert ucount(upstream.port, "echo1") == 1
+    assert upstream.count("echo1") == 1
 
 
 def test_replay_over_keepalive_connection(gate, upstream):
-    import http.client
     g = gate()
-    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=15)
+    conn = connection(g.port)
     try:
-        r1 = send(g.port, "POST", "/count", hdrs("ka1"), BODY, conn=conn)
+        r1 = request(g.port, "POST", "/count", hdrs("ka1"), BODY, conn=conn)
         assert r1.status == 201, r1
         r2 = after_release(
-            lambda: send(g.port, "POST", "/count", hdrs("ka1"), BODY, conn=conn))
+            lambda: request(g.port, "POST", "/count", hdrs("ka1"), BODY, conn=conn))
         assert_replay_of(r2, r1)
-        r3 = send(g.port, "POST", "/count", hdrs("ka2"), BODY, conn=conn)
+        r3 = request(g.port, "POST", "/count", hdrs("ka2"), BODY, conn=conn)
         assert r3.status == 201 and not r3.replayed, r3
     finally:
         conn.close()
-    assert ucount(upstream.port, "ka1") == 1
+    assert upstream.count("ka1") == 1
 
 
 def test_in_progress_is_409(gate, upstream):
     g = gate()
     first = Bg(post, g.port, "/count?ms=2000", "ip1")
-    wait_upstream_saw(upstream.port, "ip1")
+    wait_upstream_saw(upstream, "ip1")
     r = post(g.port, "/count?ms=2000", "ip1")
     assert_in_progress(r)
     r1 = first.result()
     assert r1.status == 201 and not r1.replayed, r1
     r2 = after_release(lambda: post(g.port, "/count?ms=2000", "ip1"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "ip1") == 1
+    assert upstream.count("ip1") == 1
 
 
 def test_reuse_while_in_progress(gate, upstream):
     g = gate()
     first = Bg(post, g.port, "/count?ms=2000", "ru1")
-    wait_upstream_saw(upstream.port, "ru1")
+    wait_upstream_saw(upstream, "ru1")
     r = post(g.port, "/count?ms=2000", "ru1", body=b'{"amount": 999}')
     assert_error(r, 409, "idempotency_key_reuse")
     assert first.result().status == 201
-    assert ucount(upstream.port, "ru1") == 1
+    assert upstream.count("ru1") == 1
 
 
 def test_reuse_after_completion(gate, upstream):
@@ -371,13 +367,13 @@ def test_reuse_after_completion(gate, upstream):
     assert_error(r, 409, "idempotency_key_reuse")
     # the original still replays
     assert_replay_of(post(g.port, "/count", "ru2"), r1)
-    assert ucount(upstream.port, "ru2") == 1
+    assert upstream.count("ru2") == 1
 
 
 def test_mismatch_status_422(gate, upstream):
     g = gate(idem={"mismatch_status": 422})
     first = Bg(post, g.port, "/count?ms=1500", "mm1")
-    wait_upstream_saw(upstream.port, "mm1")
+    wait_upstream_saw(upstream, "mm1")
     r = post(g.port, "/count?ms=1500", "mm1", body=b"{}")
     assert_error(r, 422, "idempotency_key_reuse")
     # same fingerprint while in progress is still 409 request_in_progress
@@ -385,7 +381,7 @@ def test_mismatch_status_422(gate, upstream):
     assert first.result().status == 201
     r = after_release(lambda: post(g.port, "/count?ms=1500", "mm1", body=b"{}"))
     assert_error(r, 422, "idempotency_key_reuse")
-    assert ucount(upstream.port, "mm1") == 1
+    assert upstream.count("mm1") == 1
 
 
 FP_CASES = {
@@ -416,7 +412,7 @@ def test_fingerprint_covers(gate, upstream, case):
     assert r1.status in (200, 201) and not r1.replayed, r1
     r2 = after_release(lambda: req(b))
     assert_error(r2, 409, "idempotency_key_reuse")
-    assert ucount(upstream.port, key) == 1
+    assert upstream.count(key) == 1
 
 
 def test_fingerprint_ignores_other_headers(gate, upstream):
@@ -425,7 +421,7 @@ def test_fingerprint_ignores_other_headers(gate, upstream):
     r2 = after_release(lambda: post(g.port, "/count", "fpo",
                                     extra=[("X-Other", "2")]))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "fpo") == 1
+    assert upstream.count("fpo") == 1
 
 
 def test_fingerprint_headers_configured(gate, upstream):
@@ -437,7 +433,7 @@ def test_fingerprint_headers_configured(gate, upstream):
     assert_error(r2, 409, "idempotency_key_reuse")
     r3 = post(g.port, "/count", "fph", extra=[("X-Tenant", "a")])
     assert_replay_of(r3, r1)
-    assert ucount(upstream.port, "fph") == 1
+    assert upstream.count("fph") == 1
 
 
 def test_fingerprint_headers_empty_list(gate, upstream):
@@ -446,7 +442,7 @@ def test_fingerprint_headers_empty_list(gate, upstream):
     r1 = post(g.port, "/count", "fpe")
     r2 = after_release(lambda: post(g.port, "/count", "fpe", ctype="text/plain"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "fpe") == 1
+    assert upstream.count("fpe") == 1
 
 
 # -- what is kept -------------------------------------------------------------
@@ -460,7 +456,7 @@ def test_5xx_not_kept(gate, upstream, status):
     r2 = after_release(lambda: post(g.port, path, "e5"))
     assert r2.status == status and not r2.replayed, r2
     assert r2.json()["n"] == 2
-    assert ucount(upstream.port, "e5") == 2
+    assert upstream.count("e5") == 2
 
 
 def test_5xx_kept_with_cache_5xx(gate, upstream):
@@ -469,7 +465,7 @@ def test_5xx_kept_with_cache_5xx(gate, upstream):
     assert r1.status == 500, r1
     r2 = after_release(lambda: post(g.port, "/count?status=500", "e5c"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "e5c") == 1
+    assert upstream.count("e5c") == 1
 
 
 @pytest.mark.parametrize("status", [408, 409, 425, 429])
@@ -481,7 +477,7 @@ def test_retryable_4xx_not_kept(gate, upstream, status):
     r2 = after_release(lambda: post(g.port, path, "r4"))
     assert r2.status == status and not r2.replayed, r2
     assert r2.json()["n"] == 2
-    assert ucount(upstream.port, "r4") == 2
+    assert upstream.count("r4") == 2
 
 
 @pytest.mark.parametrize("status", [200, 202, 301, 400, 404, 410, 422])
@@ -492,7 +488,7 @@ def test_final_status_kept(gate, upstream, status):
     assert r1.status == status and not r1.replayed, r1
     r2 = after_release(lambda: post(g.port, path, "k4"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "k4") == 1
+    assert upstream.count("k4") == 1
 
 
 def test_status_endpoint_404_kept(gate, upstream):
@@ -501,7 +497,7 @@ def test_status_endpoint_404_kept(gate, upstream):
     assert r1.status == 404
     r2 = after_release(lambda: post(g.port, "/status/404", "s404"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "s404") == 1
+    assert upstream.count("s404") == 1
 
 
 def test_sse_not_kept(gate, upstream):
@@ -515,7 +511,7 @@ def test_sse_not_kept(gate, upstream):
     r2 = after_release(lambda: post(g.port, path, "sse1"))
     assert r2.status == 200 and not r2.replayed, r2
     assert r2.body == expect
-    assert ucount(upstream.port, "sse1") == 2
+    assert upstream.count("sse1") == 2
 
 
 @pytest.mark.parametrize("endpoint", ["/big", "/bigchunked"])
@@ -529,7 +525,7 @@ def test_big_response_delivered_not_kept(gate, upstream, endpoint):
     r2 = after_release(lambda: post(g.port, path, "big"))
     assert r2.status == 200 and not r2.replayed, r2
     assert r2.body == big_body(50000)
-    assert ucount(upstream.port, "big") == 2
+    assert upstream.count("big") == 2
 
 
 @pytest.mark.parametrize("endpoint", ["/big", "/bigchunked"])
@@ -542,7 +538,7 @@ def test_response_at_limit_is_kept(gate, upstream, endpoint):
     r2 = after_release(lambda: post(g.port, path, "lim"))
     assert r2.replayed and r2.status == 200, r2
     assert r2.body == r1.body
-    assert ucount(upstream.port, "lim") == 1
+    assert upstream.count("lim") == 1
 
 
 def test_default_limit_keeps_large_response(gate, upstream):
@@ -552,11 +548,11 @@ def test_default_limit_keeps_large_response(gate, upstream):
     assert r1.body == big_body(500000)
     r2 = after_release(lambda: post(g.port, "/big?bytes=500000", "big2"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "big2") == 1
+    assert upstream.count("big2") == 1
 
 
 def test_upstream_down_502_then_released(idemgate, store_cfg):
-    port = unused_port()
+    port = free_port()
     g = idemgate(gate_config(store_cfg, "http://127.0.0.1:%d" % port))
     r = post(g.port, "/count", "down1")
     assert_error(r, 502, "upstream_unavailable")
@@ -576,10 +572,10 @@ def test_upstream_timeout_504_then_released(gate, upstream):
     g = gate(limits={"upstream_timeout_ms": 500})
     r = post(g.port, "/count?ms=2000", "to1")
     assert_error(r, 504, "upstream_timeout")
-    assert ucount(upstream.port, "to1") == 1
+    assert upstream.count("to1") == 1
     r2 = after_release(lambda: post(g.port, "/count?ms=2000", "to1"))
     assert_error(r2, 504, "upstream_timeout")
-    assert ucount(upstream.port, "to1") == 2
+    assert upstream.count("to1") == 2
 
 
 def test_replay_excludes_set_cookie(gate, upstream):
@@ -612,72 +608,61 @@ def test_replay_exclude_headers_configured(gate, upstream):
 def test_concurrent_wait_gets_replay(gate, upstream):
     g = gate(idem={"concurrent": "wait", "wait_max_ms": 5000})
     first = Bg(post, g.port, "/count?ms=1000", "cw1")
-    wait_upstream_saw(upstream.port, "cw1")
+    wait_upstream_saw(upstream, "cw1")
     r = post(g.port, "/count?ms=1000", "cw1")
     r1 = first.result()
     assert r1.status == 201 and not r1.replayed, r1
     assert_replay_of(r, r1)
-    assert ucount(upstream.port, "cw1") == 1
+    assert upstream.count("cw1") == 1
 
 
 def test_concurrent_wait_times_out_with_409(gate, upstream):
     g = gate(idem={"concurrent": "wait", "wait_max_ms": 200})
     first = Bg(post, g.port, "/count?ms=2000", "cw2")
-    wait_upstream_saw(upstream.port, "cw2")
+    wait_upstream_saw(upstream, "cw2")
     r = post(g.port, "/count?ms=2000", "cw2")
     assert_in_progress(r)
     assert first.result().status == 201
-    assert ucount(upstream.port, "cw2") == 1
+    assert upstream.count("cw2") == 1
 
 
 def test_concurrent_wait_mismatch_is_immediate(gate, upstream):
     g = gate(idem={"concurrent": "wait", "wait_max_ms": 5000})
     first = Bg(post, g.port, "/count?ms=1500", "cw3")
-    wait_upstream_saw(upstream.port, "cw3")
+    wait_upstream_saw(upstream, "cw3")
     r = post(g.port, "/count?ms=1500", "cw3", body=b"{}")
     assert_error(r, 409, "idempotency_key_reuse")
     assert first.result().status == 201
 
 
 def _raw_post(port, path, key, body=BODY):
-    req = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: %s\r\n"
-           "Authorization: Bearer k1\r\nContent-Type: application/json\r\n"
-           "Content-Length: %d\r\n\r\n" % (path, key, len(body))).encode() + body
     s = socket.create_connection(("127.0.0.1", port), 5)
-    s.sendall(req)
+    s.sendall(b"".join(post_bytes(path, key, body)))
     return s
-
-
-def _retry_until_not_in_progress(fn, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        r = fn()
-        if not (r.status == 409 and b"request_in_progress" in r.body):
-            return r
-        assert time.monotonic() < deadline, "still in progress: %r" % r
-        time.sleep(0.1)
 
 
 def test_client_disconnect_at_once_response_kept(gate, upstream):
     g = gate()
     s = _raw_post(g.port, "/count?ms=1000", "dc1")
     s.close()
-    wait_upstream_saw(upstream.port, "dc1")
-    r = _retry_until_not_in_progress(lambda: post(g.port, "/count?ms=1000", "dc1"))
+    wait_upstream_saw(upstream, "dc1")
+    r = after_release(lambda: post(g.port, "/count?ms=1000", "dc1"),
+                      timeout=10.0, interval=0.1, must=True)
     assert r.status == 201 and r.replayed, r
     assert r.json() == {"n": 1, "key": "dc1"}
-    assert ucount(upstream.port, "dc1") == 1
+    assert upstream.count("dc1") == 1
 
 
 def test_client_disconnect_while_upstream_works(gate, upstream):
     g = gate()
     s = _raw_post(g.port, "/count?ms=1000", "dc2")
-    wait_upstream_saw(upstream.port, "dc2")
+    wait_upstream_saw(upstream, "dc2")
     s.close()
-    r = _retry_until_not_in_progress(lambda: post(g.port, "/count?ms=1000", "dc2"))
+    r = after_release(lambda: post(g.port, "/count?ms=1000", "dc2"),
+                      timeout=10.0, interval=0.1, must=True)
     assert r.status == 201 and r.replayed, r
     assert r.json() == {"n": 1, "key": "dc2"}
-    assert ucount(upstream.port, "dc2") == 1
+    assert upstream.count("dc2") == 1
 
 
 def test_route_idempotency_disabled(gate, upstream):
@@ -686,12 +671,12 @@ def test_route_idempotency_disabled(gate, upstream):
     r2 = post(g.port, "/noidem/x", "rt1")
     assert r1.status == 200 and r2.status == 200, (r1, r2)
     assert r2.header("Idempotent-Replayed") is None, r2
-    assert ucount(upstream.port, "rt1") == 2
+    assert upstream.count("rt1") == 2
     # outside the route the engine still applies
     r3 = post(g.port, "/count", "rt2")
     r4 = after_release(lambda: post(g.port, "/count", "rt2"))
     assert_replay_of(r4, r3)
-    assert ucount(upstream.port, "rt2") == 1
+    assert upstream.count("rt2") == 1
 
 
 def test_route_longest_prefix_wins(gate, upstream):
@@ -703,8 +688,8 @@ def test_route_longest_prefix_wins(gate, upstream):
     post(g.port, "/noidem/off", "lp2")
     r4 = post(g.port, "/noidem/off", "lp2")
     assert not r4.replayed, r4
-    assert ucount(upstream.port, "lp1") == 1
-    assert ucount(upstream.port, "lp2") == 2
+    assert upstream.count("lp1") == 1
+    assert upstream.count("lp2") == 2
 
 
 def test_route_mismatch_status_override(gate, upstream):
@@ -721,7 +706,7 @@ def test_route_required_override(gate, upstream):
     g = gate(routes=[{"prefix": "/count", "idempotency": {"required": True}}])
     assert_error(post(g.port, "/count", None), 400, "idempotency_key_required")
     assert post(g.port, "/echo", None).status == 200
-    assert ucount(upstream.port, "-") == 1
+    assert upstream.count("-") == 1
 
 
 # -- SPEC section 5: error format --------------------------------------------
@@ -733,7 +718,7 @@ def test_error_format_problem(gate, upstream):
     assert_error(post(g.port, "/count", "a b"), 400, "invalid_idempotency_key",
                  problem=True)
     first = Bg(post, g.port, "/count?ms=1500", "pb1")
-    wait_upstream_saw(upstream.port, "pb1")
+    wait_upstream_saw(upstream, "pb1")
     r = post(g.port, "/count?ms=1500", "pb1")
     assert_in_progress(r, problem=True)
     r = post(g.port, "/count?ms=1500", "pb1", body=b"{}")
@@ -742,7 +727,7 @@ def test_error_format_problem(gate, upstream):
 
 
 def test_error_format_problem_upstream_errors(idemgate, store_cfg):
-    g = idemgate(gate_config(store_cfg, "http://127.0.0.1:%d" % unused_port(),
+    g = idemgate(gate_config(store_cfg, "http://127.0.0.1:%d" % free_port(),
                              error_format="problem"))
     assert_error(post(g.port, "/count", "pb2"), 502, "upstream_unavailable",
                  problem=True)
@@ -761,15 +746,10 @@ def test_ttl_expiry(gate, upstream):
     r2 = after_release(lambda: post(g.port, "/count", "ttl1"))
     assert_replay_of(r2, r1)
     time.sleep(2.2)
-    deadline = time.monotonic() + 5
-    while True:
-        r3 = post(g.port, "/count", "ttl1")
-        if not r3.replayed or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    r3 = retry_while(lambda: post(g.port, "/count", "ttl1"), lambda r: r.replayed, 5, 0.2)
     assert r3.status == 201 and not r3.replayed, r3
     assert r3.json()["n"] == 2
-    assert ucount(upstream.port, "ttl1") == 2
+    assert upstream.count("ttl1") == 2
 
 
 def test_json_error_bodies_parse(gate, upstream):

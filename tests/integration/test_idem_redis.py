@@ -11,9 +11,13 @@ import time
 
 import pytest
 
-from idemhelp import (Bg, RespClient, after_release, assert_error,
-                      assert_in_progress, assert_replay_of, gate_config, post,
-                      stats, ucount, wait_until, wait_upstream_saw)
+from idemtest.assertions import (after_release, assert_error, assert_in_progress,
+                                 assert_replay_of, retry_while, wait_until,
+                                 wait_upstream_saw)
+from idemtest.config import gate_config
+from idemtest.http import post
+from idemtest.resp import RespClient, call
+from idemtest.storm import Bg
 
 SECRET = "sk_live_SECRET123"
 KEY_RE = re.compile(rb"^idem:\{([0-9a-f]{64}):(.+)\}$")
@@ -30,10 +34,6 @@ def gate(idemgate, upstream, redis):
     return start
 
 
-def rc(redis):
-    return RespClient(redis.port)
-
-
 def sha256_hex(s):
     return hashlib.sha256(s.encode()).hexdigest()
 
@@ -44,11 +44,8 @@ def hmac_hex(secret, s):
 
 def all_bytes(redis):
     """Every key name and every stored byte, per key."""
-    c = rc(redis)
-    try:
+    with RespClient(redis.port) as c:
         return {k: c.contents(k) for k in c.keys()}
-    finally:
-        c.close()
 
 
 def assert_no_secret(redis, needles):
@@ -60,16 +57,6 @@ def assert_no_secret(redis, needles):
                 assert n not in p, "credential %r found under Redis key %r: %r" % (
                     n, k, p[:200])
     return contents
-
-
-def only_key(redis):
-    c = rc(redis)
-    try:
-        keys = c.keys()
-    finally:
-        c.close()
-    assert len(keys) == 1, keys
-    return keys[0]
 
 
 def completed_pttl(redis, key, limit_ms):
@@ -86,11 +73,7 @@ def completed_pttl(redis, key, limit_ms):
 
 
 def pttl(redis, key):
-    c = rc(redis)
-    try:
-        return c.cmd("PTTL", key)
-    finally:
-        c.close()
+    return call(redis.port, "PTTL", key)
 
 
 def test_raw_credential_never_in_redis(gate, upstream, redis):
@@ -98,7 +81,7 @@ def test_raw_credential_never_in_redis(gate, upstream, redis):
     needles = [SECRET.encode(), b"SECRET123"]
     # in progress
     first = Bg(post, g.port, "/count?ms=1500", "sec1", api_key=SECRET)
-    wait_upstream_saw(upstream.port, "sec1")
+    wait_upstream_saw(upstream, "sec1")
     assert_no_secret(redis, needles)
     assert first.result().status == 201
     # completed (/count, whose response does not echo the credential)
@@ -131,11 +114,8 @@ def test_redis_key_layout(gate, upstream, redis):
 
 
 def rc_keys(redis):
-    c = rc(redis)
-    try:
+    with RespClient(redis.port) as c:
         return c.keys()
-    finally:
-        c.close()
 
 
 def test_redis_key_layout_x_api_key(gate, upstream, redis):
@@ -164,7 +144,7 @@ def test_key_prefix_honoured(gate, upstream, redis):
     assert re.match(rb"^myapp:idem:\{[0-9a-f]{64}:pf1\}$", key), key
     r2 = after_release(lambda: post(g.port, "/count", "pf1"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "pf1") == 1
+    assert upstream.count("pf1") == 1
 
 
 def test_two_prefixes_do_not_share(idemgate, upstream, redis):
@@ -177,7 +157,7 @@ def test_two_prefixes_do_not_share(idemgate, upstream, redis):
     assert post(a.port, "/count", "tp").status == 201
     r = post(b.port, "/count", "tp")
     assert r.status == 201 and not r.replayed, r
-    assert ucount(upstream.port, "tp") == 2
+    assert upstream.count("tp") == 2
 
 
 def test_scope_secret_changes_stored_scope(gate, upstream, redis):
@@ -206,14 +186,14 @@ def test_scope_secret_change_is_a_new_scope(idemgate, upstream, redis):
     assert post(a.port, "/count", "ss3").status == 201
     r = post(b.port, "/count", "ss3")
     assert r.status == 201 and not r.replayed, r
-    assert ucount(upstream.port, "ss3") == 2
+    assert upstream.count("ss3") == 2
 
 
 def test_lock_is_renewed(gate, upstream, redis):
     # timeout_ms must stay below 2/3 of the lock (SPEC section 2)
     g = gate(idem={"lock_seconds": 1}, redis_cfg={"timeout_ms": 500})
     first = Bg(post, g.port, "/count?ms=3000", "lr1")
-    wait_upstream_saw(upstream.port, "lr1")
+    wait_upstream_saw(upstream, "lr1")
     key = rc_keys(redis)[0]
     assert 0 < pttl(redis, key) <= 1000
     time.sleep(2.0)  # twice lock_seconds: only renewal keeps the lock
@@ -221,14 +201,10 @@ def test_lock_is_renewed(gate, upstream, redis):
     assert 0 < pttl(redis, key) <= 1000
     r1 = first.result()
     assert r1.status == 201 and not r1.replayed, r1
-    deadline = time.monotonic() + 5
-    while True:
-        r2 = post(g.port, "/count?ms=3000", "lr1")
-        if r2.status != 409 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    r2 = retry_while(lambda: post(g.port, "/count?ms=3000", "lr1"),
+                     lambda r: r.status == 409, 5, 0.05)
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "lr1") == 1
+    assert upstream.count("lr1") == 1
 
 
 def test_owner_killed_lock_expires(idemgate, upstream, redis):
@@ -236,22 +212,17 @@ def test_owner_killed_lock_expires(idemgate, upstream, redis):
                       upstream.url, {"lock_seconds": 2})
     a = idemgate(cfg)
     first = Bg(post, a.port, "/count?ms=5000", "kill1")
-    wait_upstream_saw(upstream.port, "kill1")
+    wait_upstream_saw(upstream, "kill1")
     a.kill()  # SIGKILL: no release, no renewal any more
     with pytest.raises(Exception):
         first.result()
     b = idemgate(cfg)
     assert_in_progress(post(b.port, "/count?ms=5000", "kill1"))
-    deadline = time.monotonic() + 10
-    while True:
-        r = post(b.port, "/count?ms=5000", "kill1")
-        if not (r.status == 409 and b"request_in_progress" in r.body):
-            break
-        assert time.monotonic() < deadline, "lock never expired: %r" % r
-        time.sleep(0.2)
+    r = after_release(lambda: post(b.port, "/count?ms=5000", "kill1"), timeout=10,
+                      interval=0.2, must="lock never expired")
     assert r.status == 201 and not r.replayed, r
     assert r.json()["n"] == 2
-    assert ucount(upstream.port, "kill1") == 2
+    assert upstream.count("kill1") == 2
 
 
 def test_redis_down_fail_closed(gate, upstream, redis):
@@ -263,8 +234,8 @@ def test_redis_down_fail_closed(gate, upstream, redis):
     assert r.header("Retry-After") == "1", r
     r = post(g.port, "/count", "rd0")
     assert_error(r, 503, "store_unavailable")
-    assert ucount(upstream.port, "rd1") == 0
-    assert ucount(upstream.port, "rd0") == 1
+    assert upstream.count("rd1") == 0
+    assert upstream.count("rd0") == 1
     assert g.alive()
 
 
@@ -274,7 +245,7 @@ def test_redis_down_fail_closed_explicit_and_timeout_ms(gate, upstream, redis):
     r = post(g.port, "/count", "rd2", timeout=10)
     assert_error(r, 503, "store_unavailable")
     assert r.header("Retry-After") == "1", r
-    assert stats(upstream.port)["total"] == 0
+    assert upstream.stats()["total"] == 0
 
 
 def test_redis_down_passthrough_unaffected(gate, upstream, redis):
@@ -293,7 +264,7 @@ def test_redis_down_fail_open(gate, upstream, redis):
     assert r1.status == 201 and not r1.replayed, r1
     r2 = post(g.port, "/count", "fo1")
     assert r2.status == 201 and not r2.replayed, r2
-    assert ucount(upstream.port, "fo1") == 2
+    assert upstream.count("fo1") == 2
 
 
 def test_redis_down_then_restarted(gate, upstream, redis):
@@ -303,17 +274,12 @@ def test_redis_down_then_restarted(gate, upstream, redis):
     redis.kill()
     assert_error(post(g.port, "/count", "rs1"), 503, "store_unavailable")
     redis.restart()
-    deadline = time.monotonic() + 10
-    while True:
-        r = post(g.port, "/count", "rs1")
-        if r.status != 503:
-            break
-        assert time.monotonic() < deadline, "idemgate never reconnected: %r" % r
-        time.sleep(0.2)
+    r = retry_while(lambda: post(g.port, "/count", "rs1"), lambda r: r.status == 503,
+                    10, 0.2, must="idemgate never reconnected")
     assert r.status == 201 and not r.replayed, r
     r2 = after_release(lambda: post(g.port, "/count", "rs1"))
     assert_replay_of(r2, r)
-    assert ucount(upstream.port, "rs1") == 1
+    assert upstream.count("rs1") == 1
     assert g.alive()
 
 
@@ -326,18 +292,14 @@ def test_redis_restart_while_idle_keepalive(gate, upstream, redis):
         ok = wait_until(lambda: post(g.port, "/count", key).status != 503, 10,
                         interval=0.2)
         assert ok, "no recovery after restart %d" % i
-        assert ucount(upstream.port, key) == 1
+        assert upstream.count(key) == 1
 
 
 def test_script_flush_reloads(gate, upstream, redis):
     g = gate()
     r0 = post(g.port, "/count", "sf0")
     assert r0.status == 201
-    c = rc(redis)
-    try:
-        assert c.cmd("SCRIPT", "FLUSH") == b"OK"
-    finally:
-        c.close()
+    assert call(redis.port, "SCRIPT", "FLUSH") == b"OK"
     r1 = post(g.port, "/count", "sf1")
     assert r1.status == 201 and not r1.replayed, r1
     r2 = after_release(lambda: post(g.port, "/count", "sf1"))
@@ -345,17 +307,13 @@ def test_script_flush_reloads(gate, upstream, redis):
     # records written before the flush still replay
     assert_replay_of(post(g.port, "/count", "sf0"), r0)
     # flush again, then the in-progress / complete path
-    c = rc(redis)
-    try:
-        c.cmd("SCRIPT", "FLUSH")
-    finally:
-        c.close()
+    call(redis.port, "SCRIPT", "FLUSH")
     first = Bg(post, g.port, "/count?ms=1000", "sf2")
-    wait_upstream_saw(upstream.port, "sf2")
+    wait_upstream_saw(upstream, "sf2")
     assert_in_progress(post(g.port, "/count?ms=1000", "sf2"))
     assert first.result().status == 201
-    assert ucount(upstream.port, "sf1") == 1
-    assert ucount(upstream.port, "sf2") == 1
+    assert upstream.count("sf1") == 1
+    assert upstream.count("sf2") == 1
 
 
 def _expect_expiry(g, upstream, key):
@@ -363,15 +321,10 @@ def _expect_expiry(g, upstream, key):
     assert r1.status == 201
     assert_replay_of(after_release(lambda: post(g.port, "/count", key)), r1)
     time.sleep(2.5)
-    deadline = time.monotonic() + 5
-    while True:
-        r = post(g.port, "/count", key)
-        if not r.replayed or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    r = retry_while(lambda: post(g.port, "/count", key), lambda r: r.replayed, 5, 0.2)
     assert r.status == 201 and not r.replayed, r
     assert r.json()["n"] == 2
-    assert ucount(upstream.port, key) == 2
+    assert upstream.count(key) == 2
 
 
 def test_ttl_expiry(gate, upstream, redis):
@@ -397,21 +350,17 @@ def test_redis_flushall_forgets(gate, upstream, redis):
     """The store is the only memory: after FLUSHALL the key executes again."""
     g = gate()
     assert post(g.port, "/count", "fa").status == 201
-    c = rc(redis)
-    try:
-        c.cmd("FLUSHALL")
-    finally:
-        c.close()
+    call(redis.port, "FLUSHALL")
     r = post(g.port, "/count", "fa")
     assert r.status == 201 and not r.replayed, r
-    assert ucount(upstream.port, "fa") == 2
+    assert upstream.count("fa") == 2
 
 
 def test_sigterm_lets_inflight_complete(gate, upstream, redis):
     """SIGTERM while a request runs: it finishes, its record is written."""
     g = gate()
     first = Bg(post, g.port, "/count?ms=1000", "term1")
-    wait_upstream_saw(upstream.port, "term1")
+    wait_upstream_saw(upstream, "term1")
     g.proc.send_signal(signal.SIGTERM)
     r1 = first.result()
     assert r1.status == 201, r1
@@ -421,4 +370,4 @@ def test_sigterm_lets_inflight_complete(gate, upstream, redis):
     # a new instance replays it
     g2 = gate()
     assert_replay_of(post(g2.port, "/count?ms=1000", "term1"), r1)
-    assert ucount(upstream.port, "term1") == 1
+    assert upstream.count("term1") == 1

@@ -5,9 +5,10 @@ execution; every other answer is 409 request_in_progress or the replay.
 
 import pytest
 
-from idemhelp import (after_release, assert_in_progress, assert_replay_of,
-                      gate_config, post, storm, store_config, storm_two_bodies,
-                      ucount)
+from idemtest.assertions import after_release, assert_in_progress, assert_replay_of
+from idemtest.config import gate_config, store_config
+from idemtest.http import post
+from idemtest.storm import storm, storm_two_bodies
 
 PATH = "/count?ms=300"
 
@@ -31,7 +32,7 @@ def check_storm(results, upstream, key, allow_409=True):
             n409 += 1
         else:
             assert_replay_of(r, first)
-    assert ucount(upstream.port, key) == 1
+    assert upstream.count(key) == 1
     return n409
 
 
@@ -100,4 +101,4 @@ def test_storm_same_key_different_bodies(idemgate, upstream, redis):
     share the winner's body)."""
     g = idemgate(gate_config({"store": "redis", "redis": {"url": redis.url}},
                              upstream.url))
-    storm_two_bodies(g.port, upstream.port, PATH, "storm5")
+    storm_two_bodies(g.port, upstream, PATH, "storm5")

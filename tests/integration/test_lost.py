@@ -10,17 +10,17 @@ Idempotent-Replayed, 401/403 released, a replayed HEAD's Content-Length.
 The upstream here is a raw socket server that logs every execution (path,
 Idempotency-Key) and answers each path with scripted bytes."""
 
-import http.client
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
-from igtest import free_port, raw_closed
-from idemhelp import STORES, assert_error, post, send, store_param_config, wait_until
+from idemtest.assertions import assert_error, assert_lost_replay, wait_until
+from idemtest.config import gate_config
+from idemtest.http import connection, post, post_bytes, raw_closed, request
+from idemtest.procs import RawServer, free_port
 
 SCRIPTS = {
     "/cut": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nabc",
@@ -45,33 +45,17 @@ CLOSE = {"/cut", "/cut500", "/cutchunked", "/badchunk", "/dupcl", "/gzip", "/sta
 STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(RawServer):
     def __init__(self):
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d" % self.port
         self.log = []  # (method, path, key) per execution
         self.lock = threading.Lock()
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", self.port))
-        self.ls.listen(64)
-        self.conns = []
         self.stray_go = threading.Event()
         self.stray_sent = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._serve)
 
     def executions(self, path, key=None):
         with self.lock:
             return sum(1 for _, p, k in self.log if p == path and (key is None or k == key))
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     @staticmethod
     def _read_request(c, buf):
@@ -121,20 +105,6 @@ class ScriptedUpstream:
         except OSError:
             return
 
-    def close(self):
-        # shutdown wakes the accept thread (close alone does not: it would
-        # go on accepting on whatever socket reuses the descriptor number)
-        try:
-            self.ls.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.ls.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
-
 
 @pytest.fixture
 def scripted():
@@ -143,20 +113,10 @@ def scripted():
     up.close()
 
 
-@pytest.fixture(params=STORES)
-def store_cfg(request):
-    return store_param_config(request)
-
-
 @pytest.fixture
 def gate(idemgate, scripted, store_cfg):
     def start(idem=None, **top):
-        cfg = dict(store_cfg)
-        cfg["upstream"] = scripted.url
-        if idem:
-            cfg["idempotency"] = idem
-        cfg.update(top)
-        return idemgate(cfg)
+        return idemgate(gate_config(store_cfg, scripted.url, idem, **top))
     return start
 
 
@@ -171,22 +131,11 @@ def stopped(pid):
 
 
 def raw_post(port, path, key, body=b'{"a":1}'):
-    req = ("POST %s HTTP/1.1\r\nHost: t\r\nIdempotency-Key: %s\r\nAuthorization: Bearer k1\r\n"
-           "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-           % (path, key, len(body))).encode() + body
-    return raw_closed(port, req, timeout=10)
-
-
-def assert_lost_replay(r):
-    assert r.status == 502, r
-    assert r.header("Idempotent-Replayed") == "true", r
-    assert r.json()["error"]["code"] == "upstream_answer_lost", r
-    assert r.json()["error"]["type"] == "api_error", r
+    return raw_closed(port, b"".join(post_bytes(path, key, body, host="t")), timeout=10)
 
 
 def outcomes(g, path):
-    return [ln.get("outcome") for ln in g.log_lines()
-            if ln.get("msg") == "access" and ln.get("path") == path]
+    return [ln.get("outcome") for ln in g.access_lines() if ln.get("path") == path]
 
 
 @pytest.mark.parametrize("path,cut", [("/cut", b"abc"), ("/cutchunked", b"hello"),
@@ -218,7 +167,7 @@ def test_malformed_head_after_execution_is_lost(gate, scripted, path):
 
 def test_malformed_head_without_key_is_502_and_never_delivered(gate, scripted):
     g = gate()
-    r = send(g.port, "POST", "/gzip", {"Content-Type": "application/json"}, b"{}")
+    r = request(g.port, "POST", "/gzip", {"Content-Type": "application/json"}, b"{}")
     assert_error(r, 502, "upstream_unavailable")
     assert b"\x1f\x8b" not in r.body
 
@@ -255,10 +204,8 @@ def test_timed_out_is_kept_as_lost_with_unknown_outcome_keep(gate, scripted):
 
 
 def test_never_sent_is_released_even_with_keep(idemgate, store_cfg):
-    cfg = dict(store_cfg)
-    cfg.update({"upstream": "http://127.0.0.1:%d" % free_port(),
-                "idempotency": {"unknown_outcome": "keep"}})
-    g = idemgate(cfg)
+    g = idemgate(gate_config(store_cfg, "http://127.0.0.1:%d" % free_port(),
+                             {"unknown_outcome": "keep"}))
     assert_error(post(g.port, "/x", "ns"), 502, "upstream_unavailable")
     assert_error(post(g.port, "/x", "ns"), 502, "upstream_unavailable")  # not a lost replay
 
@@ -268,7 +215,7 @@ def test_stray_answer_on_pooled_connection_is_never_handed_out(gate, scripted):
     events, the request first (idemgate is stopped meanwhile): the request
     must not be given the connection that holds the stray bytes."""
     g = gate()
-    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    c = connection(g.port, 10)
     try:
         c.request("GET", "/warm")  # keep-alive client connection, already accepted
         assert c.getresponse().read() == b"fine"
@@ -315,8 +262,8 @@ def test_401_403_are_released(gate, scripted, path):
 def test_replayed_head_keeps_content_length(gate, scripted):
     g = gate({"methods": ["POST", "HEAD"]})
     h = {"Idempotency-Key": "hd-1", "Authorization": "Bearer k1"}
-    first = send(g.port, "HEAD", "/head", h)
-    again = send(g.port, "HEAD", "/head", h)
+    first = request(g.port, "HEAD", "/head", h)
+    again = request(g.port, "HEAD", "/head", h)
     assert first.header("Content-Length") == "5"
     assert again.header("Idempotent-Replayed") == "true"
     assert again.header("Content-Length") == "5"

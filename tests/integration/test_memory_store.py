@@ -8,37 +8,22 @@ same code (lock renewal under a slow upstream; one key, two bodies, many
 concurrent clients).
 """
 
-import http.client
 import os
 import time
 
-import pytest
-
-from igtest import free_port, request
-from idemhelp import (BODY, STORES, Bg, after_release, assert_error,
-                      assert_in_progress, assert_replay_of, gate_config, hdrs,
-                      post, send, stats, store_param_config, storm_each,
-                      storm_two_bodies, ucount, wait_upstream_saw)
+from idemtest.assertions import (after_release, assert_error, assert_in_progress,
+                                 assert_replay_of, wait_upstream_saw)
+from idemtest.config import gate_config
+from idemtest.http import BODY, connection, hdrs, metrics, post, request
+from idemtest.procs import free_port, rss_kib
+from idemtest.storm import Bg, storm_each, storm_two_bodies
 
 MIB = 1024 * 1024
 SMALL = {"store": "memory", "memory": {"max_bytes": MIB}}
 
 
-@pytest.fixture(params=STORES)
-def store_cfg(request):
-    return store_param_config(request)
-
-
-def rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for pid %d" % pid)
-
-
 def big(port, key, n=65536, conn=None):
-    return send(port, "POST", "/big?bytes=%d" % n, hdrs(key), BODY, conn=conn)
+    return request(port, "POST", "/big?bytes=%d" % n, hdrs(key), BODY, conn=conn)
 
 
 # ---------------------------------------------------------------------------
@@ -52,7 +37,7 @@ def test_small_store_evicts_oldest_and_stays_bounded(idemgate, upstream):
     env = {"ASAN_OPTIONS": (asan + ":" if asan else "") + "quarantine_size_mb=1"}
     g = idemgate(gate_config(SMALL, upstream.url, workers=2), env=env)
     n = 1000  # 1000 x 64 KiB records: 64 MiB through a 1 MiB store
-    conn = http.client.HTTPConnection("127.0.0.1", g.port, timeout=15)
+    conn = connection(g.port)
     try:
         for i in range(n):
             r = big(g.port, "ev-%04d" % i, conn=conn)
@@ -68,14 +53,14 @@ def test_small_store_evicts_oldest_and_stays_bounded(idemgate, upstream):
         r = after_release(lambda: big(g.port, key))
         assert r.status == 200 and r.replayed, r
         assert len(r.body) == 65536
-        assert ucount(upstream.port, key) == 1
+        assert upstream.count(key) == 1
     # the oldest were evicted: they execute again
     for i in range(4):
         key = "ev-%04d" % i
         r = big(g.port, key)
         assert r.status == 200 and not r.replayed, r
-        assert ucount(upstream.port, key) == 2
-    assert stats(upstream.port)["total"] == n + 4
+        assert upstream.count(key) == 2
+    assert upstream.stats()["total"] == n + 4
     assert g.alive()
     assert any("evicting the oldest completed records" in line.get("msg", "")
                for line in g.log_lines())
@@ -98,7 +83,7 @@ def test_full_of_locks_is_503(idemgate, upstream):
     for r in full:
         assert_error(r, 503, "store_unavailable")
         assert r.header("Retry-After") == "1", r
-    assert stats(upstream.port)["total"] == len(ok)
+    assert upstream.stats()["total"] == len(ok)
     assert g.alive()
     # the store still answers (short keys fit again once records can go)
     r = post(g.port, "/count", "after-full")
@@ -110,18 +95,7 @@ def test_full_of_locks_is_503(idemgate, upstream):
 # ---------------------------------------------------------------------------
 
 def scoped_big(port, key, credential, n):
-    return send(port, "POST", "/big?bytes=%d" % n, hdrs(key, credential), BODY)
-
-
-def admin_metrics(admin):
-    r = request(admin, "GET", "/metrics")
-    assert r.status == 200, r
-    values = {}
-    for line in r.body.decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return request(port, "POST", "/big?bytes=%d" % n, hdrs(key, credential), BODY)
 
 
 def test_one_credential_cannot_evict_another(idemgate, upstream):
@@ -140,12 +114,12 @@ def test_one_credential_cannot_evict_another(idemgate, upstream):
     r = after_release(lambda: scoped_big(g.port, "victim-1", "VICTIM", 1000))
     assert r.status == 200 and r.replayed, r
     assert_replay_of(r, first)
-    assert ucount(upstream.port, "victim-1") == 1
+    assert upstream.count("victim-1") == 1
     # the attacker paid with its own oldest record
     r = scoped_big(g.port, "attacker-0", "ATTACKER", 300 * 1000)
     assert r.status == 200 and not r.replayed, r
-    assert ucount(upstream.port, "attacker-0") == 2
-    m = admin_metrics(admin)
+    assert upstream.count("attacker-0") == 2
+    m = metrics(admin)
     assert m["idemgate_store_evictions_total"] >= 1, m
     assert m["idemgate_memory_store_bytes"] <= MIB
     assert m["idemgate_memory_store_scopes"] == 2
@@ -167,7 +141,7 @@ def test_scope_cap_evicts_own_oldest(idemgate, upstream):
         r = after_release(lambda: scoped_big(g.port, "cap-%d" % i, "CAPPED",
                                              65536))
         assert r.status == 200 and not r.replayed, r
-    m = admin_metrics(admin)
+    m = metrics(admin)
     assert m["idemgate_store_evictions_total"] >= 2, m
     assert m["idemgate_memory_store_max_scope_bytes"] == 256 * 1024
     assert m["idemgate_memory_store_bytes"] < MIB  # far from max_bytes
@@ -176,11 +150,11 @@ def test_scope_cap_evicts_own_oldest(idemgate, upstream):
     assert r.status == 200 and r.replayed, r
     r = scoped_big(g.port, "cap-0", "CAPPED", 65536)
     assert r.status == 200 and not r.replayed, r
-    assert ucount(upstream.port, "cap-0") == 2
+    assert upstream.count("cap-0") == 2
     # and the other scope was never touched
     r = after_release(lambda: scoped_big(g.port, "other-1", "OTHER", 1000))
     assert r.status == 200 and r.replayed, r
-    assert ucount(upstream.port, "other-1") == 1
+    assert upstream.count("other-1") == 1
 
 
 # ---------------------------------------------------------------------------
@@ -193,16 +167,16 @@ def test_lock_renewed_while_upstream_works(idemgate, upstream, store_cfg):
         cfg["redis"]["timeout_ms"] = 500
     g = idemgate(cfg)
     first = Bg(post, g.port, "/count?ms=3000", "renew1")
-    wait_upstream_saw(upstream.port, "renew1")
+    wait_upstream_saw(upstream, "renew1")
     time.sleep(2.0)  # twice lock_seconds: only renewal keeps the lock
     assert_in_progress(post(g.port, "/count?ms=3000", "renew1"))
     r1 = first.result()
     assert r1.status == 201 and not r1.replayed, r1
     r2 = after_release(lambda: post(g.port, "/count?ms=3000", "renew1"))
     assert_replay_of(r2, r1)
-    assert ucount(upstream.port, "renew1") == 1
+    assert upstream.count("renew1") == 1
 
 
 def test_storm_one_key_two_bodies(idemgate, upstream, store_cfg):
     g = idemgate(gate_config(store_cfg, upstream.url, workers=2))
-    storm_two_bodies(g.port, upstream.port, "/count?ms=300", "bodies")
+    storm_two_bodies(g.port, upstream, "/count?ms=300", "bodies")

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from igtest import raw, parse_responses, request
-from idemhelp import assert_error, post, send, wait_until
+from idemtest.assertions import assert_error, wait_until
+from idemtest.http import parse_responses, post, raw, request
 
 
 @pytest.fixture
@@ -93,11 +93,11 @@ def test_underscore_headers_are_dropped(gate):
 
 def test_fingerprint_uses_the_normalized_target(gate, upstream):
     h = {"Idempotency-Key": "n-1", "Authorization": "Bearer k", "Content-Type": "application/json"}
-    r1 = send(gate.port, "POST", "/req/a", h, b"{}")
+    r1 = request(gate.port, "POST", "/req/a", h, b"{}")
     assert r1.status == 200
-    r2 = send(gate.port, "POST", "/req/%61", h, b"{}")
+    r2 = request(gate.port, "POST", "/req/%61", h, b"{}")
     assert r2.status == 200 and r2.header("Idempotent-Replayed") == "true", r2
-    r3 = send(gate.port, "POST", "/req//a", h, b"{}")
+    r3 = request(gate.port, "POST", "/req//a", h, b"{}")
     assert r3.header("Idempotent-Replayed") == "true", r3
 
 

@@ -13,11 +13,12 @@ import time
 
 import pytest
 
-import igtest
-from igtest import free_port, request
-
-HOP_BY_HOP = ("connection", "keep-alive", "te", "trailer",
-              "transfer-encoding", "upgrade")
+from idemtest.assertions import assert_error, wait_until
+from idemtest.http import (Client, Resp, dechunk, parse_responses, raw, raw_closed,
+                           recv_to_close, recv_until_closed, request, split_head)
+from idemtest.procs import free_port, have_ipv6_loopback, wait_port
+from idemtest.storm import in_threads
+from upstream import big_body
 
 
 def start(idemgate, upstream, limits=None, **extra):
@@ -35,16 +36,6 @@ def echo_headers(resp):
 
 def hvals(pairs, name):
     return [v for k, v in pairs if k.lower() == name.lower()]
-
-
-def assert_error(resp, status, code, etype):
-    assert resp.status == status, resp
-    ctype = resp.header("Content-Type") or ""
-    assert ctype.split(";")[0].strip() == "application/json", resp
-    err = resp.json()["error"]
-    assert err["code"] == code, err
-    assert err["type"] == etype, err
-    assert isinstance(err.get("message"), str) and err["message"], err
 
 
 # -- methods, targets, bodies -------------------------------------------------
@@ -88,7 +79,7 @@ def test_other_methods_proxied(idemgate, upstream, method):
 
 def test_head_has_no_body(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     r = c.request("HEAD", "/big?bytes=1000")
     assert r.status == 200
     assert r.body == b""
@@ -189,7 +180,7 @@ def test_hop_by_hop_response_headers_not_forwarded(idemgate, upstream):
     sets = ["Connection:X-Foo", "X-Foo:1", "Keep-Alive:timeout=5",
             "Proxy-Foo:bar", "Upgrade:h2c", "Trailer:X-T", "X-End:ok"]
     q = "&".join("set=" + s for s in sets)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     r = c.request("GET", "/headers?" + q)
     assert r.status == 200, r
     names = {k.lower() for k, _ in r.headers}
@@ -208,7 +199,7 @@ def test_hop_by_hop_response_headers_not_forwarded(idemgate, upstream):
 
 def test_client_keepalive_100_requests(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     for i in range(100):
         r = c.request("GET", "/echo?i=%d" % i)
         assert r.status == 200, (i, r)
@@ -220,7 +211,7 @@ def test_client_keepalive_100_requests(idemgate, upstream):
 
 def test_client_keepalive_mixed_methods(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     for i in range(20):
         if i % 2:
             r = c.request("POST", "/echo", body=b"x" * i)
@@ -263,7 +254,7 @@ def test_5mb_response_body_intact(idemgate, upstream):
     r = request(g.port, "GET", "/big?bytes=%d" % FIVE_MB, timeout=30)
     assert r.status == 200
     assert len(r.body) == FIVE_MB
-    assert r.body == igtest_big(FIVE_MB)
+    assert r.body == big_body(FIVE_MB)
 
 
 def test_5mb_chunked_response_body_intact(idemgate, upstream):
@@ -271,11 +262,7 @@ def test_5mb_chunked_response_body_intact(idemgate, upstream):
     r = request(g.port, "GET", "/bigchunked?bytes=%d" % FIVE_MB, timeout=30)
     assert r.status == 200
     assert len(r.body) == FIVE_MB
-    assert r.body == igtest_big(FIVE_MB)
-
-
-def igtest_big(n):
-    return ((bytes(range(256))) * (n // 256 + 1))[:n]
+    assert r.body == big_body(FIVE_MB)
 
 
 def test_chunked_request_body_forwarded(idemgate, upstream):
@@ -297,8 +284,8 @@ def test_chunked_request_with_extension_and_trailer(idemgate, upstream):
     data = (b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
             b"5;name=val\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
-    out = igtest.raw(g.port, data)
-    rs = igtest.parse_responses(out)
+    out = raw(g.port, data)
+    rs = parse_responses(out)
     assert rs and rs[0].status == 200, out
     assert rs[0].json() == {"len": 11,
                             "sha256": hashlib.sha256(b"hello world").hexdigest()}
@@ -311,10 +298,10 @@ def test_body_over_limit_gets_413(idemgate, upstream):
     g = start(idemgate, upstream, limits={"max_request_body_bytes": 1000})
     data = (b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Content-Length: 2000\r\n\r\n" + b"a" * 2000)
-    out = igtest.raw(g.port, data)
-    rs = igtest.parse_responses(out)
+    out = raw(g.port, data)
+    rs = parse_responses(out)
     assert rs, out
-    assert_error(rs[0], 413, "payload_too_large", "invalid_request_error")
+    assert_error(rs[0], 413, "payload_too_large")
     assert upstream.stats()["total"] == 0
 
 
@@ -331,10 +318,10 @@ def test_chunked_body_over_limit_gets_413(idemgate, upstream):
     data = (b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
             + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
-    out = igtest.raw(g.port, data)
-    rs = igtest.parse_responses(out)
+    out = raw(g.port, data)
+    rs = parse_responses(out)
     assert rs, out
-    assert_error(rs[0], 413, "payload_too_large", "invalid_request_error")
+    assert_error(rs[0], 413, "payload_too_large")
     assert upstream.stats()["total"] == 0
 
 
@@ -342,7 +329,7 @@ def test_max_connections(idemgate, upstream):
     g = start(idemgate, upstream, limits={"max_connections": 2})
     held = []
     for _ in range(2):
-        c = igtest.Client(g.port)
+        c = Client(g.port)
         assert c.request("GET", "/echo").status == 200
         held.append(c)
     served_before = upstream.stats()["total"]
@@ -356,21 +343,9 @@ def test_max_connections(idemgate, upstream):
                       b"Connection: close\r\n\r\n")
     except OSError:
         closed = True
-    deadline = time.monotonic() + 1.5
-    while not closed and time.monotonic() < deadline:
-        third.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = third.recv(65536)
-        except socket.timeout:
-            break
-        except OSError:
-            closed = True
-            break
-        if not chunk:
-            closed = True
-            break
-        got += chunk
-    rs = igtest.parse_responses(got) if got.startswith(b"HTTP/") else []
+    if not closed:
+        got, closed = recv_until_closed(third, 1.5)
+    rs = parse_responses(got) if got.startswith(b"HTTP/") else []
     assert not any(r.status == 200 for r in rs), \
         "third connection served while two were held: %r" % got
     assert upstream.stats()["total"] == served_before
@@ -380,18 +355,9 @@ def test_max_connections(idemgate, upstream):
 
     if not closed:
         # queued (or kept open without answer): it must be served now
-        third.settimeout(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                chunk = third.recv(65536)
-            except (socket.timeout, OSError):
-                break
-            if not chunk:
-                break
-            got += chunk
+        got += recv_until_closed(third, 10)[0]
         third.close()
-        rs = igtest.parse_responses(got[got.find(b"HTTP/1.1 200"):]) \
+        rs = parse_responses(got[got.find(b"HTTP/1.1 200"):]) \
             if b"HTTP/1.1 200" in got else []
         if rs:
             assert rs[0].json()["path"] == "/echo?third=1"
@@ -409,12 +375,12 @@ def test_max_connections(idemgate, upstream):
         except OSError as e:
             last = e
         time.sleep(0.1)
-    assert isinstance(last, igtest.Resp) and last.status == 200, last
+    assert isinstance(last, Resp) and last.status == 200, last
 
 
 def test_client_timeout_partial_head(idemgate, upstream):
     g = start(idemgate, upstream, limits={"client_timeout_ms": 500})
-    out, closed = igtest.raw_closed(g.port, b"GET /echo HTTP/1.1\r\nHo",
+    out, closed = raw_closed(g.port, b"GET /echo HTTP/1.1\r\nHo",
                                     timeout=10)
     assert closed, "connection with a stalled head was not closed"
     assert out == b"" or out.startswith(b"HTTP/1.1 408"), out
@@ -423,7 +389,7 @@ def test_client_timeout_partial_head(idemgate, upstream):
 
 def test_client_timeout_partial_body(idemgate, upstream):
     g = start(idemgate, upstream, limits={"client_timeout_ms": 500})
-    out, closed = igtest.raw_closed(
+    out, closed = raw_closed(
         g.port, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
                 b"\r\nonly-part", timeout=10)
     assert closed, "connection with a stalled body was not closed"
@@ -436,21 +402,7 @@ def test_client_timeout_idle_keepalive(idemgate, upstream):
     s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
     try:
         s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
-        got = b""
-        deadline = time.monotonic() + 10
-        closed = False
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except OSError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            got += chunk
+        got, closed = recv_until_closed(s, 10)
         assert got.startswith(b"HTTP/1.1 200"), got
         assert closed, "idle keep-alive connection never closed"
     finally:
@@ -534,13 +486,13 @@ def test_sse_streamed_event_by_event(idemgate, upstream):
             buf += chunk
             now = time.monotonic()
             if resp is None:
-                resp, rest = igtest.split_head(buf)
+                resp, rest = split_head(buf)
                 if resp is None:
                     continue
             else:
                 rest = buf[buf.find(b"\r\n\r\n") + 4:]
             if "chunked" in (resp.header("Transfer-Encoding") or "").lower():
-                body, _ = igtest.dechunk_partial(rest)
+                body = dechunk(rest)[0]
             else:
                 body = rest
             for i in range(n):
@@ -563,15 +515,15 @@ def test_upstream_down_gives_502(idemgate):
     g = idemgate({"upstream": "http://127.0.0.1:%d" % free_port(),
                   "store": "memory"})
     r = request(g.port, "GET", "/echo")
-    assert_error(r, 502, "upstream_unavailable", "api_error")
+    assert_error(r, 502, "upstream_unavailable")
     r = request(g.port, "POST", "/echo", body=b"x")
-    assert_error(r, 502, "upstream_unavailable", "api_error")
+    assert_error(r, 502, "upstream_unavailable")
 
 
 def test_upstream_timeout_gives_504(idemgate, upstream):
     g = start(idemgate, upstream, limits={"upstream_timeout_ms": 500})
     r = request(g.port, "GET", "/slow?ms=3000", timeout=20)
-    assert_error(r, 504, "upstream_timeout", "api_error")
+    assert_error(r, 504, "upstream_timeout")
     # the proxy is fine afterwards
     assert request(g.port, "GET", "/echo").status == 200
 
@@ -618,11 +570,7 @@ def test_sigterm_lets_inflight_finish(idemgate, upstream):
 
     t = threading.Thread(target=inflight, daemon=True)
     t.start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if upstream.stats()["by_path"].get("/slow"):
-            break
-        time.sleep(0.02)
+    wait_until(lambda: upstream.stats()["by_path"].get("/slow"), 10)
     assert upstream.stats()["by_path"].get("/slow") == 1
 
     g.proc.send_signal(signal.SIGTERM)
@@ -652,7 +600,7 @@ def test_sigterm_lets_inflight_finish(idemgate, upstream):
 
 def test_sigterm_closes_idle_keepalive_connections(idemgate, upstream):
     g = start(idemgate, upstream)
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     assert c.request("GET", "/echo").status == 200
     t0 = time.monotonic()
     code = g.stop(timeout=15)
@@ -673,14 +621,10 @@ def test_access_log_json_lines(idemgate, upstream):
                  "X-Request-Id": "rid-log-1"},
                 b'{"card": "BODYMARKER4242"}')
     assert r.status == 200
-    line = None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and line is None:
-        for obj in g.log_lines():
-            if obj.get("request_id") == "rid-log-1":
-                line = obj
-        time.sleep(0.05)
-    assert line is not None, g.stderr()
+    lines = wait_until(lambda: [o for o in g.log_lines() if o.get("request_id") == "rid-log-1"],
+                       5, 0.05)
+    assert lines, g.stderr()
+    line = lines[-1]
     for key in ("ts", "request_id", "method", "path", "status", "outcome",
                 "duration_ms", "upstream_ms"):
         assert key in line, (key, line)
@@ -703,15 +647,10 @@ def test_access_log_for_error_response(idemgate):
                   "store": "memory"})
     r = request(g.port, "GET", "/nowhere", {"X-Request-Id": "rid-log-502"})
     assert r.status == 502
-    line = None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and line is None:
-        for obj in g.log_lines():
-            if obj.get("request_id") == "rid-log-502":
-                line = obj
-        time.sleep(0.05)
-    assert line is not None, g.stderr()
-    assert line["status"] == 502
+    lines = wait_until(lambda: [o for o in g.log_lines() if o.get("request_id") == "rid-log-502"],
+                       5, 0.05)
+    assert lines, g.stderr()
+    assert lines[-1]["status"] == 502
 
 
 # -- workers ---------------------------------------------------------------------
@@ -730,11 +669,7 @@ def test_two_workers(idemgate, upstream):
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    in_threads(worker, 4, 120, "clients")
     assert not errors, errors
     assert upstream.stats()["total"] == 40
     assert g.stop() == 0
@@ -765,10 +700,10 @@ def test_expect_100_continue(idemgate, upstream):
         assert got.startswith(b"HTTP/1.1 100"), got
         s.sendall(b"hello")
         rest = got[got.find(b"\r\n\r\n") + 4:]
-        rest += igtest.recv_to_close(s, timeout=10)
+        rest += recv_to_close(s, timeout=10)
     finally:
         s.close()
-    rs = igtest.parse_responses(rest)
+    rs = parse_responses(rest)
     assert rs and rs[0].status == 200, rest
     assert rs[0].json() == {"len": 5,
                             "sha256": hashlib.sha256(b"hello").hexdigest()}
@@ -777,29 +712,12 @@ def test_expect_100_continue(idemgate, upstream):
 # -- IPv6 ---------------------------------------------------------------------------
 
 
-def _have_ipv6_loopback():
-    try:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.bind(("::1", 0))
-        s.close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no ::1")
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no ::1")
 def test_listen_ipv6(idemgate, upstream):
     port = free_port()
     g = idemgate({"upstream": upstream.url, "store": "memory",
                   "listen": "[::1]:%d" % port}, wait=False)
-    deadline = time.monotonic() + 10
-    ok = False
-    while time.monotonic() < deadline and g.alive():
-        if igtest.port_open(port, host="::1"):
-            ok = True
-            break
-        time.sleep(0.05)
-    assert ok, g.stderr()
+    assert wait_port(port, 10, g.proc, host="::1"), g.stderr()
     r = request(port, "GET", "/echo", host="::1")
     assert r.status == 200
     hs = echo_headers(r)

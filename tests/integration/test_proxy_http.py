@@ -4,7 +4,7 @@ reaches the upstream. Also pipelining."""
 
 import pytest
 
-from igtest import parse_responses, raw, raw_closed, request
+from idemtest.http import parse_responses, raw, raw_closed, request
 
 MAX_HEADER_BYTES = 2048
 

@@ -10,14 +10,9 @@ import socket
 import threading
 import time
 
-from igtest import free_port, idem_headers, parse_responses, raw, request
-
-
-def rss_kib(pid):
-    for line in open("/proc/%d/status" % pid):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from idemtest.assertions import wait_until
+from idemtest.http import metrics, parse_responses, post, post_bytes, raw, request
+from idemtest.procs import RawServer, free_port, rss_kib
 
 
 def test_long_pipeline_of_immediate_answers(idemgate, upstream):
@@ -46,12 +41,9 @@ def test_pipelining_client_that_does_not_read(idemgate, upstream):
     idemgate stops taking requests once 1 MiB waits, memory stays bounded."""
     g = idemgate({"upstream": upstream.url, "store": "memory",
                   "idempotency": {"max_cached_response_bytes": 2000000}})
-    h = idem_headers("big-1")
-    assert request(g.port, "POST", "/big?bytes=1000000", h, b"{}").status == 200
+    assert post(g.port, "/big?bytes=1000000", "big-1", b"{}").status == 200
     before = rss_kib(g.proc.pid)
-    head = "".join("%s: %s\r\n" % kv for kv in h.items())
-    one = ("POST /big?bytes=1000000 HTTP/1.1\r\nHost: a\r\n%sContent-Length: 2\r\n\r\n{}"
-           % head).encode()
+    one = b"".join(post_bytes("/big?bytes=1000000", "big-1", b"{}", host="a"))
     s = socket.create_connection(("127.0.0.1", g.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.sendall(one * 300)
@@ -63,44 +55,22 @@ def test_pipelining_client_that_does_not_read(idemgate, upstream):
     assert upstream.count("big-1") == 1
 
 
-class CloseDelimitedUpstream:
-    """Answers every request without a length and closes right after the
-    body, so the FIN often rides with the last data."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.ls = socket.socket()
-        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.ls.bind(("127.0.0.1", self.port))
-        self.ls.listen(64)
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                c, _ = self.ls.accept()
-            except OSError:
-                return
-            d = b""
-            while b"\r\n\r\n" not in d:
-                chunk = c.recv(65536)
-                if not chunk:
-                    break
-                d += chunk
-            c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n"
-                      + b"hello world" * 10)
-            c.close()
-
-    def close(self):
-        try:
-            self.ls.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
-        except OSError:
-            pass
-        self.ls.close()
+def answer_close_delimited(c):
+    """Answers a request without a length and closes right after the body,
+    so the FIN often rides with the last data."""
+    d = b""
+    while b"\r\n\r\n" not in d:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        d += chunk
+    c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n"
+              + b"hello world" * 10)
+    c.close()
 
 
 def test_close_delimited_upstream(idemgate):
-    up = CloseDelimitedUpstream()
+    up = RawServer(answer_close_delimited)
     try:
         g = idemgate({"upstream": "http://127.0.0.1:%d" % up.port, "store": "memory",
                       "limits": {"upstream_timeout_ms": 20000}})
@@ -125,17 +95,10 @@ def test_connection_close_client_that_stops_reading(idemgate, upstream):
     s = socket.create_connection(("127.0.0.1", g.port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.sendall(b"GET /big?bytes=4000000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-    active = None
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        body = request(admin, "GET", "/metrics").body.decode()
-        active = [line for line in body.splitlines()
-                  if line.startswith("idemgate_connections_active ")]
-        if active and active[0].endswith(" 0"):
-            break
+    active = wait_until(lambda: metrics(admin).get("idemgate_connections_active") == 0,
+                        15, 0.2)
     s.close()
-    assert active and active[0].endswith(" 0"), active
+    assert active, metrics(admin).get("idemgate_connections_active")
 
 
 def test_chunk_framing_counts_against_body_limit(idemgate, upstream):
@@ -161,19 +124,10 @@ def test_access_line_for_a_client_that_left(idemgate, upstream):
     assert s.recv(1024).startswith(b"HTTP/1.1 200")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()  # RST: idemgate's next write fails and the client is gone
-    deadline = time.monotonic() + 15
-    found = None
-    while time.monotonic() < deadline and not found:
-        for line in g.stderr().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("msg") == "access" and rec.get("path") == "/big":
-                found = rec
-        time.sleep(0.1)
+    found = wait_until(lambda: [ln for ln in g.access_lines() if ln.get("path") == "/big"],
+                       15, 0.1)
     assert found, "no access line for the exchange whose client left"
-    assert found["status"] == 200 and found["outcome"] == "not_cached"
+    assert found[-1]["status"] == 200 and found[-1]["outcome"] == "not_cached"
 
 
 def test_request_timeout_answer_follows_error_format(idemgate, upstream):

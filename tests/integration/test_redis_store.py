@@ -5,69 +5,15 @@ sentinels too), databases above 15, and the warning about a
 maxmemory-policy that may evict keys. Every process is private to its test
 (free 127.0.0.1 ports) and stopped at teardown; every wait is bounded."""
 
-import shutil
-import socket
-import subprocess
 import time
 
 import pytest
 
-from igtest import free_port
-from idemhelp import (after_release, assert_error, gate_config, post, ucount,
-                      wait_until)
-
-SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-BASE = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-
-
-def cli(port, *args, user=None, password=None, timeout=10):
-    cmd = [CLI, "-p", str(port), "--no-auth-warning"]
-    if user:
-        cmd += ["--user", user]
-    if password:
-        cmd += ["--pass", password]
-    out = subprocess.run(cmd + [str(a) for a in args], capture_output=True,
-                         timeout=timeout, check=False)
-    return out.stdout.decode().strip()
-
-
-class Servers:
-    """redis-server processes of one test, all killed at the end."""
-
-    def __init__(self, workdir):
-        self.workdir = workdir
-        self.procs = []
-
-    def start(self, port, args, user=None, password=None, sentinel_conf=None):
-        argv = [SERVER]
-        if sentinel_conf:
-            argv += [sentinel_conf, "--sentinel"]
-        argv += ["--port", str(port)] + BASE + [str(a) for a in args]
-        if not sentinel_conf:
-            argv += ["--dir", self.workdir]
-        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=self.workdir)
-        self.procs.append(p)
-        ok = wait_until(lambda: p.poll() is None and
-                        cli(port, "PING", user=user, password=password) == "PONG",
-                        timeout=10, interval=0.05)
-        if not ok:
-            pytest.fail("redis-server did not start on %d" % port)
-        return p
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=5)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(str(tmp_path))
-    yield s
-    s.stop()
+from idemtest.assertions import after_release, assert_error, first_answer, wait_until
+from idemtest.config import gate_config
+from idemtest.http import post
+from idemtest.procs import free_port
+from idemtest.resp import RedisError, RespClient, call
 
 
 def gate_on(idemgate, upstream, redis_cfg, idem=None, **top):
@@ -76,62 +22,31 @@ def gate_on(idemgate, upstream, redis_cfg, idem=None, **top):
     return idemgate(cfg)
 
 
-def first_answer(port, key, timeout=10.0):
-    """The first request, retried while the store answers 503 (the gateway
-    may still be connecting)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = post(port, "/count", key)
-        if r.status != 503 or time.monotonic() >= deadline:
-            return r
-        time.sleep(0.1)
-
-
 def executes_and_replays(g, upstream, key):
     r1 = first_answer(g.port, key)
     assert r1.status == 201 and r1.header("X-Exec") == "1", r1
     r2 = after_release(lambda: post(g.port, "/count", key))
     assert r2.status == 201 and r2.replayed, r2
-    assert ucount(upstream.port, key) == 1
+    assert upstream.count(key) == 1
 
 
 # -- a timed-out acquire gives its lock back (SPEC section 4) ----------------
 
 
-def resp(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
 def start_debug_sleep(port, seconds):
-    """Sends DEBUG SLEEP on a connection of its own; returns the socket
-    (read +OK from it once Redis answers again)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(resp("DEBUG", "SLEEP", seconds))
+    """Sends DEBUG SLEEP on a connection of its own; returns the RespClient
+    (read OK from it once Redis answers again)."""
+    c = RespClient(port, timeout=10)
+    c.send("DEBUG", "SLEEP", seconds)
     # Redis reads it within its next event-loop turn; a PING sent after it
     # on this connection would only be answered after the sleep.
     time.sleep(0.1)
-    return s
+    return c
 
 
-def wait_answer(s, timeout=10):
-    s.settimeout(timeout)
-    data = b""
-    while b"\r\n" not in data:
-        chunk = s.recv(100)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    return data
-
-
-def test_timed_out_acquire_gives_its_lock_back(idemgate, upstream, servers):
+def test_timed_out_acquire_gives_its_lock_back(idemgate, upstream, redis_servers):
     port = free_port()
-    servers.start(port, ["--enable-debug-command", "local"])
+    redis_servers.start(port, ["--enable-debug-command", "local"])
     g = gate_on(idemgate, upstream,
                 {"url": "redis://127.0.0.1:%d/0" % port, "timeout_ms": 1000},
                 {"lock_seconds": 30})
@@ -139,7 +54,8 @@ def test_timed_out_acquire_gives_its_lock_back(idemgate, upstream, servers):
     sleeper = start_debug_sleep(port, 2)
     r = post(g.port, "/count", "gb1")
     assert_error(r, 503, "store_unavailable")
-    assert wait_answer(sleeper).startswith(b"+OK"), "DEBUG SLEEP did not answer"
+    with sleeper:
+        assert sleeper.reply() == b"OK", "DEBUG SLEEP did not answer"
     # Redis ran the acquire after its sleep; the lock must be given back
     # long before lock_seconds (30 s): poll a bounded while, well below it.
     deadline = time.monotonic() + 15
@@ -151,7 +67,7 @@ def test_timed_out_acquire_gives_its_lock_back(idemgate, upstream, servers):
             break
         time.sleep(0.2)
     assert r.status == 201 and not r.replayed, (r, seen)
-    assert ucount(upstream.port, "gb1") == 1
+    assert upstream.count("gb1") == 1
     assert any("gave back" in (ln.get("msg") or "") for ln in g.log_lines()), \
         g.stderr()
 
@@ -163,7 +79,7 @@ ACL_USER = ["--user", "idem", "on", ">s3cret w", "~*", "&*", "+@all"]
 
 def client_users(port, password):
     """The user name of every client connection but the asking one."""
-    out = cli(port, "CLIENT", "LIST", password=password)
+    out = call(port, "CLIENT", "LIST", password=password).decode()
     users = []
     for line in out.splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
@@ -172,11 +88,11 @@ def client_users(port, password):
     return users
 
 
-def test_acl_user_in_url(idemgate, upstream, servers):
+def test_acl_user_in_url(idemgate, upstream, redis_servers):
     port = free_port()
     # the default user has another password: only AUTH idem <pass> works
-    servers.start(port, ["--requirepass", "defaultpw"] + ACL_USER,
-                  password="defaultpw")
+    redis_servers.start(port, ["--requirepass", "defaultpw"] + ACL_USER,
+                        password="defaultpw")
     g = gate_on(idemgate, upstream,
                 {"url": "redis://idem:s3cret%%20w@127.0.0.1:%d/0" % port})
     executes_and_replays(g, upstream, "acl1")
@@ -184,57 +100,37 @@ def test_acl_user_in_url(idemgate, upstream, servers):
         client_users(port, "defaultpw")
 
 
-def test_password_of_the_default_user(idemgate, upstream, servers):
+def test_password_of_the_default_user(idemgate, upstream, redis_servers):
     port = free_port()
-    servers.start(port, ["--requirepass", "pw:1"], password="pw:1")
+    redis_servers.start(port, ["--requirepass", "pw:1"], password="pw:1")
     g = gate_on(idemgate, upstream,
                 {"url": "redis://:pw%%3A1@127.0.0.1:%d/0" % port})
     executes_and_replays(g, upstream, "pw1")
     assert client_users(port, "pw:1") == ["default"]
 
 
-def test_database_above_15(idemgate, upstream, servers):
+def test_database_above_15(idemgate, upstream, redis_servers):
     port = free_port()
-    servers.start(port, ["--databases", "32"])
+    redis_servers.start(port, ["--databases", "32"])
     g = gate_on(idemgate, upstream, {"url": "redis://127.0.0.1:%d/20" % port})
     executes_and_replays(g, upstream, "db20")
-    assert cli(port, "-n", 20, "DBSIZE") == "1"
-    assert cli(port, "-n", 0, "DBSIZE") == "0"
+    assert call(port, "DBSIZE", db=20) == 1
+    assert call(port, "DBSIZE", db=0) == 0
 
 
-def sentinel_conf(tmp_path, sp, mp, extra):
-    conf = tmp_path / ("sentinel-%d.conf" % sp)
-    conf.write_text("port %d\nbind 127.0.0.1\ndir %s\n"
-                    "sentinel monitor m 127.0.0.1 %d 1\n"
-                    "sentinel down-after-milliseconds m 1000\n"
-                    "sentinel failover-timeout m 3000\n%s"
-                    % (sp, tmp_path, mp, extra))
-    return str(conf)
-
-
-def start_sentinel(servers, tmp_path, mp, extra, user=None, password=None):
-    sp = free_port()
-    servers.start(sp, [], user=user, password=password,
-                  sentinel_conf=sentinel_conf(tmp_path, sp, mp, extra))
-    ok = wait_until(lambda: cli(sp, "SENTINEL", "get-master-addr-by-name", "m",
-                                user=user, password=password).split()
-                    == ["127.0.0.1", str(mp)], timeout=20, interval=0.1)
-    assert ok, "the sentinel never named the master"
-    return sp
-
-
-def test_sentinel_with_acl_user(idemgate, upstream, servers, tmp_path):
+def test_sentinel_with_acl_user(idemgate, upstream, redis_servers):
     mp = free_port()
-    servers.start(mp, ["--requirepass", "defaultpw"] + ACL_USER,
-                  password="defaultpw")
+    redis_servers.start(mp, ["--requirepass", "defaultpw"] + ACL_USER,
+                        password="defaultpw")
     # the sentinel asks nothing without the same user and password
-    sp = start_sentinel(servers, tmp_path, mp,
-                        "requirepass sentinelpw\n"
-                        "user idem on \">s3cret w\" +@all\n"
-                        "sentinel auth-user m idem\n"
-                        "sentinel auth-pass m \"s3cret w\"\n",
-                        user="idem", password="s3cret w")
-    assert "NOAUTH" in cli(sp, "SENTINEL", "get-master-addr-by-name", "m")
+    sp = redis_servers.start_sentinel(mp,
+                                      "requirepass sentinelpw\n"
+                                      "user idem on \">s3cret w\" +@all\n"
+                                      "sentinel auth-user m idem\n"
+                                      "sentinel auth-pass m \"s3cret w\"\n",
+                                      user="idem", password="s3cret w")
+    with pytest.raises(RedisError, match="NOAUTH"):
+        call(sp, "SENTINEL", "get-master-addr-by-name", "m")
     g = gate_on(idemgate, upstream,
                 {"mode": "sentinel", "master_name": "m",
                  "url": "redis://idem:s3cret%20w@127.0.0.1:1/0",
@@ -243,12 +139,11 @@ def test_sentinel_with_acl_user(idemgate, upstream, servers, tmp_path):
     assert client_users(mp, "defaultpw").count("idem") >= 1
 
 
-def test_sentinel_with_requirepass(idemgate, upstream, servers, tmp_path):
+def test_sentinel_with_requirepass(idemgate, upstream, redis_servers):
     mp = free_port()
-    servers.start(mp, ["--requirepass", "pw"], password="pw")
-    sp = start_sentinel(servers, tmp_path, mp,
-                        "requirepass pw\nsentinel auth-pass m pw\n",
-                        password="pw")
+    redis_servers.start(mp, ["--requirepass", "pw"], password="pw")
+    sp = redis_servers.start_sentinel(mp, "requirepass pw\nsentinel auth-pass m pw\n",
+                                      password="pw")
     g = gate_on(idemgate, upstream,
                 {"mode": "sentinel", "master_name": "m",
                  "url": "redis://:pw@127.0.0.1:1/0",
@@ -261,7 +156,7 @@ def test_sentinel_with_requirepass(idemgate, upstream, servers, tmp_path):
 
 def stat_calls(port, command, field="calls", user=None, password=None):
     """A commandstats counter of command ("config|get") on port."""
-    out = cli(port, "INFO", "commandstats", user=user, password=password)
+    out = call(port, "INFO", "commandstats", user=user, password=password).decode()
     for line in out.splitlines():
         if line.startswith("cmdstat_%s:" % command):
             fields = dict(f.split("=", 1)
@@ -278,15 +173,15 @@ def policy_warnings(g):
 def kill_clients_and_wait(port, command, field, before, n, **auth):
     """Closes every client connection (idemgate reconnects by itself) and
     waits until the n workers asked again."""
-    cli(port, "CLIENT", "KILL", "TYPE", "normal", **auth)
+    call(port, "CLIENT", "KILL", "TYPE", "normal", **auth)
     ok = wait_until(lambda: stat_calls(port, command, field, **auth) >= before + n,
                     timeout=15, interval=0.05)
     assert ok, "the workers did not ask again after a reconnect"
 
 
-def test_evicting_policy_warned_once(idemgate, upstream, servers):
+def test_evicting_policy_warned_once(idemgate, upstream, redis_servers):
     port = free_port()
-    servers.start(port, ["--maxmemory-policy", "allkeys-lru"])
+    redis_servers.start(port, ["--maxmemory-policy", "allkeys-lru"])
     g = gate_on(idemgate, upstream, {"url": "redis://127.0.0.1:%d/0" % port},
                 workers=2)
     assert wait_until(lambda: stat_calls(port, "config|get") >= 2, timeout=10), \
@@ -301,10 +196,10 @@ def test_evicting_policy_warned_once(idemgate, upstream, servers):
 
 
 def test_evicting_policy_read_from_info_when_config_refused(idemgate, upstream,
-                                                            servers):
+                                                            redis_servers):
     port = free_port()
-    servers.start(port, ["--maxmemory-policy", "volatile-ttl", "--user",
-                         "app", "on", ">pw", "~*", "&*", "+@all", "-config"])
+    redis_servers.start(port, ["--maxmemory-policy", "volatile-ttl", "--user",
+                               "app", "on", ">pw", "~*", "&*", "+@all", "-config"])
     g = gate_on(idemgate, upstream,
                 {"url": "redis://app:pw@127.0.0.1:%d/0" % port}, workers=2)
     assert wait_until(lambda: policy_warnings(g), timeout=10), g.stderr()
@@ -319,9 +214,9 @@ def test_evicting_policy_read_from_info_when_config_refused(idemgate, upstream,
     assert "volatile-ttl" in warns[0]["msg"], warns
 
 
-def test_noeviction_is_not_warned(idemgate, upstream, servers):
+def test_noeviction_is_not_warned(idemgate, upstream, redis_servers):
     port = free_port()
-    servers.start(port, ["--maxmemory-policy", "noeviction"])
+    redis_servers.start(port, ["--maxmemory-policy", "noeviction"])
     g = gate_on(idemgate, upstream, {"url": "redis://127.0.0.1:%d/0" % port},
                 workers=2)
     assert wait_until(lambda: stat_calls(port, "config|get") >= 2, timeout=10), \

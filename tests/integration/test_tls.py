@@ -6,7 +6,6 @@ made with the `openssl` command in a temp dir for the session; a second CA
 that signed nothing plays the wrong trust anchor."""
 
 import hashlib
-import http.client
 import os
 import socket
 import ssl
@@ -15,8 +14,10 @@ import time
 
 import pytest
 
-import igtest
-from igtest import free_port, idem_headers, raw_closed
+from idemtest.assertions import assert_error, wait_until
+from idemtest.http import Client, hdrs, parse_responses, raw_closed, recv_to_close, request
+from idemtest.procs import Idemgate, Upstream, exit_code
+from idemtest.storm import in_threads
 
 BIG = 2 * 1024 * 1024
 
@@ -59,32 +60,11 @@ def certs(tmp_path_factory):
         "key": "srv.key", "dir": "."}.items()}
 
 
-class TlsUpstream:
-    """upstream.py serving HTTPS with the test certificate."""
-
-    def __init__(self, certs):
-        self.port = free_port()
-        self.url = "https://127.0.0.1:%d" % self.port
-        self.ca = certs["ca"]
-        self.proc = subprocess.Popen(
-            [igtest.PYTHON, os.path.join(igtest.HERE, "upstream.py"), "--port",
-             str(self.port), "--tls-cert", certs["cert"], "--tls-key",
-             certs["key"]],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not igtest.wait_port(self.port, 10, self.proc):
-            self.stop()
-            raise RuntimeError("TLS upstream.py did not start")
-
-    def stats(self):
-        return https_request(self.port, "GET", "/__stats", ca=self.ca).json()
-
-    def stop(self):
-        igtest._stop_proc(self.proc, timeout=5)
-
-
 @pytest.fixture
 def tls_upstream(certs):
-    up = TlsUpstream(certs)
+    """upstream.py serving HTTPS with the test certificate."""
+    up = Upstream(args=["--tls-cert", certs["cert"], "--tls-key", certs["key"]],
+                  context=client_ctx(certs["ca"]))
     yield up
     up.stop()
 
@@ -97,24 +77,13 @@ def client_ctx(ca):
 
 def https_request(port, method, path, headers=None, body=b"", ca=None,
                   timeout=20):
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
-                                       context=client_ctx(ca))
-    try:
-        igtest._send(conn, method, path, headers, body)
-        resp, _ = igtest._read(conn, method)
-        return resp
-    finally:
-        conn.close()
+    return request(port, method, path, headers, body, timeout=timeout,
+                   context=client_ctx(ca))
 
 
-class HttpsClient(igtest.Client):
-    """igtest.Client over HTTPS (one keep-alive TLS connection)."""
-
-    def __init__(self, port, ca, timeout=20):
-        super().__init__(port, timeout)
-        self.conn = http.client.HTTPSConnection("127.0.0.1", port,
-                                                timeout=timeout,
-                                                context=client_ctx(ca))
+def https_client(port, ca, timeout=20):
+    """A Client over HTTPS (one keep-alive TLS connection)."""
+    return Client(port, timeout, context=client_ctx(ca))
 
 
 def gate(idemgate, certs, upstream_url, tls_server=True, upstream_tls=None,
@@ -133,26 +102,12 @@ def header_values(resp, name):
     return [v for k, v in resp.json()["headers"] if k.lower() == name.lower()]
 
 
-def assert_upstream_unavailable(resp):
-    assert resp.status == 502, resp
-    assert resp.json()["error"]["code"] == "upstream_unavailable", resp
-
-
-def wait_log(g, text, timeout=5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in g.stderr():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 # -- HTTPS from clients -------------------------------------------------------
 
 
 def test_https_client_keepalive_and_forwarded_proto(idemgate, upstream, certs):
     g = gate(idemgate, certs, upstream.url)
-    c = HttpsClient(g.port, certs["ca"])
+    c = https_client(g.port, certs["ca"])
     socks = set()
     for i in range(20):
         r = c.request("GET", "/echo?i=%d" % i)
@@ -169,7 +124,7 @@ def test_https_client_keepalive_and_forwarded_proto(idemgate, upstream, certs):
 
 def test_https_idempotent_post_replayed(idemgate, upstream, certs):
     g = gate(idemgate, certs, upstream.url)
-    h = idem_headers("tls-key-1")
+    h = hdrs("tls-key-1")
     r1 = https_request(g.port, "POST", "/count", h, b'{"a":1}', ca=certs["ca"])
     assert r1.status == 201, r1
     assert r1.header("Idempotent-Replayed") is None
@@ -193,10 +148,10 @@ def test_https_pipelined_requests(idemgate, upstream, certs):
                         for i in range(4))
         reqs += b"GET /echo?i=4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         s.sendall(reqs)
-        data = igtest.recv_to_close(s, timeout=10)
+        data = recv_to_close(s, timeout=10)
     finally:
         s.close()
-    resps = igtest.parse_responses(data)
+    resps = parse_responses(data)
     assert [r.status for r in resps] == [200] * 5, resps
     assert [r.json()["path"] for r in resps] == ["/echo?i=%d" % i
                                                  for i in range(5)]
@@ -211,7 +166,7 @@ def test_plain_http_on_tls_port_is_closed(idemgate, upstream, certs):
     assert g.alive()
     r = https_request(g.port, "GET", "/echo", ca=certs["ca"])
     assert r.status == 200, r
-    assert wait_log(g, "TLS handshake failed")
+    assert wait_until(lambda: "TLS handshake failed" in g.stderr(), 5)
 
 
 def test_silent_client_handshake_bounded_by_client_timeout(idemgate, upstream,
@@ -238,30 +193,30 @@ def test_bad_key_file_exits_1(tmp_path, certs):
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n"
                    "-----END PRIVATE KEY-----\n")
     for key in (str(bad), str(tmp_path / "missing.key")):
-        g = igtest.Idemgate(str(tmp_path), {
+        g = Idemgate(str(tmp_path), {
             "store": "memory",
             "tls": {"cert_file": certs["cert"], "key_file": key}}, wait=False)
-        code = igtest.exit_code(g, timeout=10)
+        code = exit_code(g, timeout=10)
         assert code == 1, g.stderr()
         assert "cannot read the TLS key" in g.stderr(), g.stderr()
         assert key in g.stderr()
 
 
 def test_key_not_matching_cert_exits_1(tmp_path, certs):
-    g = igtest.Idemgate(str(tmp_path), {
+    g = Idemgate(str(tmp_path), {
         "store": "memory",
         "tls": {"cert_file": certs["ca"], "key_file": certs["key"]}},
         wait=False)
-    code = igtest.exit_code(g, timeout=10)
+    code = exit_code(g, timeout=10)
     assert code == 1, g.stderr()
     assert "does not match" in g.stderr(), g.stderr()
 
 
 def test_unreadable_upstream_ca_exits_1(tmp_path, certs):
-    g = igtest.Idemgate(str(tmp_path), {
+    g = Idemgate(str(tmp_path), {
         "store": "memory", "upstream": "https://127.0.0.1:1",
         "upstream_tls": {"ca_file": str(tmp_path / "nope.crt")}}, wait=False)
-    code = igtest.exit_code(g, timeout=10)
+    code = exit_code(g, timeout=10)
     assert code == 1, g.stderr()
     assert "upstream CA" in g.stderr(), g.stderr()
 
@@ -273,7 +228,7 @@ def test_https_upstream_verified_and_pooled(idemgate, tls_upstream, certs):
     g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
              upstream_tls={"ca_file": certs["ca"]})
     before = tls_upstream.stats()["connections"]
-    c = igtest.Client(g.port)
+    c = Client(g.port)
     for i in range(20):
         r = c.request("POST" if i % 2 else "GET", "/echo?i=%d" % i,
                       body=b"x" * i)
@@ -289,27 +244,27 @@ def test_https_upstream_verified_and_pooled(idemgate, tls_upstream, certs):
 def test_https_upstream_idempotent_post(idemgate, tls_upstream, certs):
     g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
              upstream_tls={"ca_file": certs["ca"]})
-    h = idem_headers("tls-up-1")
-    r1 = igtest.request(g.port, "POST", "/count", h, b"{}")
-    r2 = igtest.request(g.port, "POST", "/count", h, b"{}")
+    h = hdrs("tls-up-1")
+    r1 = request(g.port, "POST", "/count", h, b"{}")
+    r2 = request(g.port, "POST", "/count", h, b"{}")
     assert r1.status == 201 and r2.status == 201, (r1, r2)
     assert r2.header("Idempotent-Replayed") == "true"
-    assert tls_upstream.stats()["by_key"].get("tls-up-1") == 1
+    assert tls_upstream.count("tls-up-1") == 1
 
 
 def test_https_upstream_server_name_localhost(idemgate, tls_upstream, certs):
     g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
              upstream_tls={"ca_file": certs["ca"],
                            "server_name": "localhost"})
-    assert igtest.request(g.port, "GET", "/echo").status == 200
+    assert request(g.port, "GET", "/echo").status == 200
 
 
 def test_https_upstream_wrong_ca_502(idemgate, tls_upstream, certs):
     g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
              upstream_tls={"ca_file": certs["other_ca"]})
-    r = igtest.request(g.port, "GET", "/echo")
-    assert_upstream_unavailable(r)
-    assert wait_log(g, "certificate verify failed"), g.stderr()
+    r = request(g.port, "GET", "/echo")
+    assert_error(r, 502, "upstream_unavailable")
+    assert wait_until(lambda: "certificate verify failed" in g.stderr(), 5), g.stderr()
     # and nothing reached the application
     assert tls_upstream.stats()["by_path"].get("/echo") is None
 
@@ -318,7 +273,7 @@ def test_https_upstream_verify_false_accepts_wrong_ca(idemgate, tls_upstream,
                                                       certs):
     g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
              upstream_tls={"ca_file": certs["other_ca"], "verify": False})
-    r = igtest.request(g.port, "GET", "/echo")
+    r = request(g.port, "GET", "/echo")
     assert r.status == 200, r
 
 
@@ -327,17 +282,17 @@ def test_https_upstream_server_name_mismatch_502(idemgate, tls_upstream,
     g = gate(idemgate, certs, tls_upstream.url, tls_server=False,
              upstream_tls={"ca_file": certs["ca"],
                            "server_name": "wrong.example"})
-    r = igtest.request(g.port, "GET", "/echo")
-    assert_upstream_unavailable(r)
-    assert wait_log(g, "hostname mismatch"), g.stderr()
+    r = request(g.port, "GET", "/echo")
+    assert_error(r, 502, "upstream_unavailable")
+    assert wait_until(lambda: "hostname mismatch" in g.stderr(), 5), g.stderr()
 
 
 def test_https_upstream_plain_server_502(idemgate, upstream, certs):
     url = "https://127.0.0.1:%d" % upstream.port
     g = gate(idemgate, certs, url, tls_server=False,
              upstream_tls={"ca_file": certs["ca"]})
-    assert_upstream_unavailable(igtest.request(g.port, "GET", "/echo"))
-    assert wait_log(g, "TLS handshake failed"), g.stderr()
+    assert_error(request(g.port, "GET", "/echo"), 502, "upstream_unavailable")
+    assert wait_until(lambda: "TLS handshake failed" in g.stderr(), 5), g.stderr()
 
 
 def test_https_upstream_silent_server_bounded_by_connect_timeout(idemgate,
@@ -351,8 +306,8 @@ def test_https_upstream_silent_server_bounded_by_connect_timeout(idemgate,
                  upstream_tls={"ca_file": certs["ca"]},
                  limits={"upstream_connect_timeout_ms": 300})
         t0 = time.monotonic()
-        r = igtest.request(g.port, "GET", "/echo")
-        assert_upstream_unavailable(r)
+        r = request(g.port, "GET", "/echo")
+        assert_error(r, 502, "upstream_unavailable")
         assert time.monotonic() - t0 < 5
     finally:
         lsock.close()
@@ -365,7 +320,7 @@ def test_2mb_both_ways_tls_on_both_sides(idemgate, tls_upstream, certs):
     g = gate(idemgate, certs, tls_upstream.url,
              upstream_tls={"ca_file": certs["ca"]})
     body = os.urandom(BIG)
-    c = HttpsClient(g.port, certs["ca"], timeout=60)
+    c = https_client(g.port, certs["ca"], timeout=60)
     r = c.request("POST", "/upload", {"Content-Type": "application/x-bin"},
                   body)
     assert r.status == 200, r
@@ -384,14 +339,13 @@ def test_2mb_both_ways_tls_on_both_sides(idemgate, tls_upstream, certs):
 
 
 def test_many_parallel_https_clients(idemgate, tls_upstream, certs):
-    import threading
     g = gate(idemgate, certs, tls_upstream.url,
              upstream_tls={"ca_file": certs["ca"]})
     errors = []
 
     def worker(n):
         try:
-            c = HttpsClient(g.port, certs["ca"])
+            c = https_client(g.port, certs["ca"])
             for i in range(10):
                 r = c.request("POST", "/upload", body=b"%d-%d" % (n, i) * 999)
                 if r.status != 200 or r.json()["len"] != len(
@@ -401,9 +355,5 @@ def test_many_parallel_https_clients(idemgate, tls_upstream, certs):
         except Exception as e:  # noqa: BLE001 - collected and asserted
             errors.append((n, e))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    in_threads(worker, 8, 480, "HTTPS clients")
     assert not errors, errors[:3]

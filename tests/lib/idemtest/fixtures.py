@@ -1,0 +1,97 @@
+"""pytest fixtures shared by the suites (a conftest.py imports the ones it
+offers): upstream / upstream2 (upstream.py), redis (a private
+redis-server), redis_servers (several, for one test), store_cfg (the
+store settings, once per store: memory, then redis), idemgate (a factory),
+execup (the execution-logging upstream, a factory). Every one is stopped
+at teardown.
+"""
+
+import os
+
+import pytest
+
+from . import procs
+from .config import STORES, store_config
+
+
+@pytest.fixture
+def upstream():
+    up = procs.Upstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def upstream2():
+    up = procs.Upstream()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def redis():
+    r = procs.RedisServer()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def redis_servers(tmp_path):
+    """procs.RedisServers in tmp_path: start(port, args, ...) and
+    start_sentinel(master_port, ...); all killed at teardown."""
+    s = procs.RedisServers(str(tmp_path))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(params=STORES)
+def store_cfg(request):
+    """config.store_config() for each of STORES (the `redis` fixture is
+    started only for "redis")."""
+    redis = request.getfixturevalue("redis") if request.param == "redis" else None
+    return store_config(request.param, redis)
+
+
+@pytest.fixture
+def idemgate(tmp_path):
+    """Factory: idemgate(config=None, args=(), env=None, wait=True) starts
+    one idemgate with config merged onto {"listen": free port, "workers": 1,
+    "admin": {"listen": "off"}} and returns a procs.Idemgate. Every
+    instance is stopped at teardown; its exit code there is not checked."""
+    binary = procs.idemgate_bin()
+    if not os.path.exists(binary):
+        pytest.fail("idemgate binary not found at %s (set IDEMGATE_BIN)" % binary)
+    started = []
+
+    def factory(config=None, args=(), env=None, wait=True):
+        g = procs.Idemgate(str(tmp_path), config, args, env, wait=False)
+        started.append(g)
+        if wait:
+            try:
+                g.wait_ready()
+            except RuntimeError as e:
+                pytest.fail(str(e))
+        return g
+
+    yield factory
+    for g in started:
+        try:
+            g.stop(timeout=10)
+        except Exception:  # noqa: BLE001 - teardown must go on
+            g.kill()
+
+
+@pytest.fixture
+def execup(tmp_path):
+    """Factory: execup(nports=1) starts execup.py logging to a file in
+    tmp_path; every one started is stopped at teardown."""
+    started = []
+
+    def factory(nports=1):
+        up = procs.ExecUpstream(str(tmp_path / ("exec-%d.log" % len(started))), nports)
+        started.append(up)
+        return up
+
+    yield factory
+    for up in started:
+        up.stop()
