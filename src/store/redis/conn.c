@@ -259,15 +259,23 @@ static int rc_send_handshake(struct rconn *c)
 /* Starts a connection; the handshake is queued at once (hiredis writes it
  * when the socket connects), and operations started meanwhile queue up
  * behind it in order. */
-void rc_connect(struct rconn *c)
+redisAsyncContext *rc_async_connect(const char *host, int port, bool unix_socket, char *why,
+                                    size_t why_len)
 {
     redisAsyncContext *ac =
-        c->unix_socket ? redisAsyncConnectUnix(c->host) : redisAsyncConnect(c->host, c->port);
-    if (!ac) abort();
-    if (ac->err) {
-        char why[128];
-        snprintf(why, sizeof(why), "%s", ac->errstr);
-        redisAsyncFree(ac);
+        unix_socket ? redisAsyncConnectUnix(host) : redisAsyncConnect(host, port);
+    if (!ac) abort(); /* out of memory */
+    if (!ac->err) return ac;
+    snprintf(why, why_len, "%s", ac->errstr);
+    redisAsyncFree(ac);
+    return NULL;
+}
+
+void rc_connect(struct rconn *c)
+{
+    char why[128];
+    redisAsyncContext *ac = rc_async_connect(c->host, c->port, c->unix_socket, why, sizeof(why));
+    if (!ac) {
         rc_went_down(c, why);
         return;
     }

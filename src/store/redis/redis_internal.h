@@ -226,6 +226,11 @@ struct rconn *rc_new(struct store_redis *s, char *host, int port, bool unix_sock
 void rc_free(struct rconn *c);
 void rc_set_address(struct rconn *c, const char *host, size_t hlen, int port);
 void rc_connect(struct rconn *c);
+/* Starts a hiredis async connect to host:port (a unix socket at host when
+ * unix_socket): the context (caller owns it), or NULL with why set when
+ * hiredis refused at once. */
+redisAsyncContext *rc_async_connect(const char *host, int port, bool unix_socket, char *why,
+                                    size_t why_len);
 bool rc_ensure(struct rconn *c);
 bool rc_usable(const struct rconn *c);
 struct rconn *rc_of(const redisAsyncContext *ac);

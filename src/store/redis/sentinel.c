@@ -120,12 +120,9 @@ static void sentinel_ask(struct rs_sentinel *st)
 {
     if (st->ac || st->master->ac) return;
     const struct cfg_hostport *at = &st->s->cfg->redis.node_addrs[st->idx];
-    redisAsyncContext *ac = redisAsyncConnect(at->host, at->port);
-    if (!ac) abort();
-    if (ac->err) {
-        char why[128];
-        snprintf(why, sizeof(why), "%s", ac->errstr);
-        redisAsyncFree(ac);
+    char why[128];
+    redisAsyncContext *ac = rc_async_connect(at->host, at->port, false, why, sizeof(why));
+    if (!ac) {
         sentinel_next(st, why);
         return;
     }
