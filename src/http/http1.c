@@ -226,6 +226,7 @@ struct framing {
     bool te_bad;         /* empty element, or chunked applied twice */
     bool te_unknown;     /* a coding not registered in RFC 9110 */
     int host_count;
+    const struct http1_header *host; /* the (first) Host header */
     bool conn_close, conn_keep_alive, expect_continue, conn_seen;
 };
 
@@ -294,7 +295,10 @@ static int note_header(const struct http1_header *hd, struct framing *f)
     size_t n = hd->name.n, vn = hd->value.n;
     switch (n) {
     case 4:
-        if (SLICE_IS(p, n, "host")) f->host_count++;
+        if (SLICE_IS(p, n, "host")) {
+            f->host_count++;
+            if (!f->host) f->host = hd;
+        }
         break;
     case 6:
         if (SLICE_IS(p, n, "expect") && SLICE_IS(v, vn, "100-continue")) f->expect_continue = true;
@@ -364,6 +368,7 @@ static void head_reset(struct http1_head *h)
     h->keep_alive = false;
     h->expect_continue = false;
     h->has_connection = false;
+    h->host = (struct http1_slice){NULL, 0};
     h->body = HTTP1_BODY_NONE;
     h->content_length = 0;
     h->n_headers = 0;
@@ -419,6 +424,7 @@ long http1_parse_request(const char *buf, size_t len, size_t max_head, struct ht
     rc = parse_headers(&li, h, &f);
     if (rc) return rc;
     if (f.host_count > 1 || (h->minor_version == 1 && f.host_count != 1)) return HTTP1_EBAD;
+    if (f.host) h->host = f.host->value;
 
     if (f.te_count) {
         /* RFC 9112 6.1: TE in HTTP/1.0 means faulty framing; 6.3 rule 4:

@@ -207,8 +207,8 @@ static enum err_code parse_error_code(long r)
 static int client_check_target(struct client *cl, const struct http1_head *h)
 {
     cl->target_changed = false;
-    const struct http1_header *host = http1_find_header(h, "host", NULL);
-    if (host && !target_host_valid(host->value.p, host->value.n)) return -1;
+    /* the parser noted Host: no second scan of the headers */
+    if (h->host.p && !target_host_valid(h->host.p, h->host.n)) return -1;
     if (h->target.n == 1 && h->target.p[0] == '*') /* asterisk form */
         return http1_slice_ieq(h->method, "OPTIONS") ? 0 : -1;
     if (target_is_normal(h->target.p, h->target.n)) return 0;

@@ -51,10 +51,11 @@ struct http1_head {
     int status;
     struct http1_slice reason;
     /* both */
-    int minor_version;    /* 0 or 1 */
-    bool keep_alive;      /* from version and Connection: close/keep-alive */
-    bool expect_continue; /* request carried Expect: 100-continue */
-    bool has_connection;  /* a Connection header is present (hop-by-hop checks) */
+    int minor_version;       /* 0 or 1 */
+    bool keep_alive;         /* from version and Connection: close/keep-alive */
+    bool expect_continue;    /* request carried Expect: 100-continue */
+    bool has_connection;     /* a Connection header is present (hop-by-hop checks) */
+    struct http1_slice host; /* requests: the Host value (p NULL when none came) */
     enum http1_body body;
     uint64_t content_length; /* when body == HTTP1_BODY_LENGTH */
     size_t n_headers;

@@ -470,6 +470,15 @@ static void test_response_chunked_and_close(void **state)
                      HTTP1_EBAD);
 }
 
+static void test_request_host_noted(void **state)
+{
+    (void)state;
+    assert_true(req("GET / HTTP/1.1\r\nX: 1\r\nhOsT:  api.example:81 \r\n\r\n") > 0);
+    assert_true(slice_eq(H.host, "api.example:81"));
+    assert_true(req("GET / HTTP/1.0\r\n\r\n") > 0);
+    assert_null(H.host.p);
+}
+
 static void test_request_method_case(void **state)
 {
     (void)state;
@@ -886,6 +895,7 @@ int main(void)
         cmocka_unit_test(test_chunked_basic),
         cmocka_unit_test(test_chunked_every_split),
         cmocka_unit_test(test_request_method_case),
+        cmocka_unit_test(test_request_host_noted),
         cmocka_unit_test(test_chunked_byte_at_a_time),
         cmocka_unit_test(test_chunked_random_splits),
         cmocka_unit_test(test_chunked_rejects),
