@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- the redis-server under test ---- */
@@ -1151,6 +1152,27 @@ static long long sync_int(redisContext *rc, const char *fmt, const char *arg)
     return v;
 }
 
+/* The value at a key: "IG1", state, token, fingerprint, created-at (8
+ * bytes), record (the layout in src/store/redis/redis_internal.h). */
+static void assert_value(redisContext *rc, const char *full, char state, const char *token,
+                         const uint8_t *fp, const char *record, size_t record_len)
+{
+    redisReply *r = sync_cmd(rc, "GET %s", full);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_int_equal(r->len, 60 + record_len);
+    assert_memory_equal(r->str, "IG1", 3);
+    assert_int_equal(r->str[3], state);
+    assert_memory_equal(r->str + 4, token, STORE_TOKEN_LEN);
+    assert_memory_equal(r->str + 36, fp, STORE_FP_LEN);
+    uint64_t created = 0;
+    for (int i = 0; i < 8; i++)
+        created = created << 8 | (uint8_t)r->str[52 + i];
+    uint64_t now = (uint64_t)time(NULL) * 1000;
+    assert_true(created + 60000 > now && created < now + 60000);
+    if (record_len) assert_memory_equal(r->str + 60, record, record_len);
+    freeReplyObject(r);
+}
+
 static void test_redis_key_layout(void **state)
 {
     struct ctx *c = *state;
@@ -1161,30 +1183,165 @@ static void test_redis_key_layout(void **state)
     redisContext *rc = redis_sync();
     assert_non_null(rc);
     assert_int_equal(sync_int(rc, "EXISTS %s", full), 1);
-    redisReply *r = sync_cmd(rc, "HGET %s s", full);
-    assert_int_equal(r->type, REDIS_REPLY_STRING);
-    assert_string_equal(r->str, "p");
-    freeReplyObject(r);
-    r = sync_cmd(rc, "HGET %s f", full);
-    assert_int_equal(r->len, STORE_FP_LEN);
-    assert_memory_equal(r->str, FP_1, STORE_FP_LEN);
-    freeReplyObject(r);
+    assert_value(rc, full, 'p', TOKEN_A, FP_1, NULL, 0);
     long long pttl = sync_int(rc, "PTTL %s", full);
     assert_true(pttl > 0 && pttl <= 10000);
     /* nothing else was written */
     char pattern[128];
     snprintf(pattern, sizeof(pattern), PREFIX "*%s*", k);
-    r = sync_cmd(rc, "KEYS %s", pattern);
+    redisReply *r = sync_cmd(rc, "KEYS %s", pattern);
     assert_int_equal(r->elements, 1);
     freeReplyObject(r);
 
-    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"R", 1, 100), 1);
-    r = sync_cmd(rc, "HGET %s s", full);
-    assert_string_equal(r->str, "c");
-    freeReplyObject(r);
-    assert_int_equal(sync_int(rc, "HEXISTS %s t", full), 0);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"R\0x", 3, 100), 1);
+    assert_value(rc, full, 'c', TOKEN_A, FP_1, "R\0x", 3);
     long long ttl = sync_int(rc, "TTL %s", full);
     assert_true(ttl > 0 && ttl <= 100);
+    redisFree(rc);
+}
+
+/* calls of one command since the last CONFIG RESETSTAT (INFO
+ * commandstats; commands run inside a script count too). */
+static long long cmd_calls(redisContext *rc, const char *cmd)
+{
+    redisReply *r = sync_cmd(rc, "INFO commandstats");
+    char key[64];
+    snprintf(key, sizeof(key), "cmdstat_%s:calls=", cmd);
+    const char *p = r->type == REDIS_REPLY_STRING ? strstr(r->str, key) : NULL;
+    long long n = p ? atoll(p + strlen(key)) : 0;
+    freeReplyObject(r);
+    return n;
+}
+
+/* On Redis 7.0+ an acquire is one native SET NX PX GET, whatever it
+ * finds: a new key, a lock, a record, a mismatch. No script runs. */
+static void test_redis_acquire_is_one_command(void **state)
+{
+    struct ctx *c = *state;
+    char k[64];
+    unique_skey(k, sizeof(k), "onecmd");
+    assert_int_equal(ping(c), 1); /* connected: the server's version is known */
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    freeReplyObject(sync_cmd(rc, "CONFIG RESETSTAT"));
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+    assert_int_equal(cmd_calls(rc, "set"), 3);
+    assert_int_equal(cmd_calls(rc, "evalsha"), 0);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"rec", 3, 60), 1);
+    freeReplyObject(sync_cmd(rc, "CONFIG RESETSTAT"));
+    struct acq_res a;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &a), STORE_ACQ_COMPLETED);
+    assert_int_equal(a.rec_len, 3);
+    assert_memory_equal(a.rec, "rec", 3);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+    assert_int_equal(cmd_calls(rc, "set"), 2);
+    assert_int_equal(cmd_calls(rc, "evalsha"), 0);
+    redisFree(rc);
+}
+
+/* A server whose version idemgate cannot read (INFO refused by an ACL:
+ * what an older server looks like to it) is served by the acquire
+ * script, with the same answers. */
+static void test_redis_acquire_script_without_version(void **state)
+{
+    struct ctx *c = *state;
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    freeReplyObject(sync_cmd(rc, "ACL SETUSER noinfo on >pw ~* &* +@all -info"));
+    store_free(c->st);
+    c->cfg.redis.username = "noinfo";
+    c->cfg.redis.password = "pw";
+    c->st = ctx_new_store(c);
+    assert_int_equal(ping(c), 1);
+    char k[64];
+    unique_skey(k, sizeof(k), "script");
+    freeReplyObject(sync_cmd(rc, "CONFIG RESETSTAT"));
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+    assert_int_equal(cmd_calls(rc, "evalsha"), 3);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"rec", 3, 60), 1);
+    struct acq_res a;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &a), STORE_ACQ_COMPLETED);
+    assert_int_equal(a.rec_len, 3);
+    assert_memory_equal(a.rec, "rec", 3);
+    store_free(c->st);
+    c->st = NULL;
+    freeReplyObject(sync_cmd(rc, "ACL DELUSER noinfo"));
+    c->cfg.redis.username = NULL;
+    c->cfg.redis.password = NULL;
+    c->st = ctx_new_store(c);
+    redisFree(rc);
+}
+
+/* The acquire script of the idemgates before this layout (a hash s t f r),
+ * as they send it. */
+static const char old_acquire[] = "local v = redis.call('HMGET', KEYS[1], 's', 'f')\n"
+                                  "if not v[1] then\n"
+                                  "  redis.call('HSET', KEYS[1], 's', 'p', 't', ARGV[2], 'f', "
+                                  "ARGV[1])\n"
+                                  "  redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
+                                  "  return {0}\n"
+                                  "end\n"
+                                  "if v[2] ~= ARGV[1] then return {2} end\n"
+                                  "if v[1] == 'c' then\n"
+                                  "  return {3, redis.call('HGET', KEYS[1], 'r')}\n"
+                                  "end\n"
+                                  "return {1}\n";
+
+/* Old and new instances on one key_prefix (a rolling upgrade): a new one
+ * reads the keys an old one wrote (replay, 409, mismatch) and never
+ * writes over them; an old one gets an error (503) on a key a new one
+ * wrote. Neither runs a key twice. */
+static void test_redis_older_layout(void **state)
+{
+    struct ctx *c = *state;
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    char k[64], full[128];
+    unique_skey(k, sizeof(k), "oldc");
+    snprintf(full, sizeof(full), PREFIX "{%s}", k);
+    redisReply *r = redisCommand(rc, "HSET %s s c f %b r %b", full, FP_1, (size_t)STORE_FP_LEN,
+                                 "old\0rec", (size_t)7);
+    assert_non_null(r);
+    freeReplyObject(r);
+    freeReplyObject(sync_cmd(rc, "EXPIRE %s 60", full));
+    struct acq_res a;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &a), STORE_ACQ_COMPLETED);
+    assert_int_equal(a.rec_len, 7);
+    assert_memory_equal(a.rec, "old\0rec", 7);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+
+    unique_skey(k, sizeof(k), "oldp");
+    snprintf(full, sizeof(full), PREFIX "{%s}", k);
+    r = redisCommand(rc, "HSET %s s p t %s f %b", full, TOKEN_A, FP_1, (size_t)STORE_FP_LEN);
+    assert_non_null(r);
+    freeReplyObject(r);
+    freeReplyObject(sync_cmd(rc, "EXPIRE %s 60", full));
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B, 10000), STORE_ACQ_IN_PROGRESS);
+    assert_int_equal(acquire(c, k, FP_2, TOKEN_B, 10000), STORE_ACQ_MISMATCH);
+    /* the old owner's lock is not ours to touch, even with its token */
+    assert_int_equal(renew(c, k, TOKEN_A, 10000), 0);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"x", 1, 60), 0);
+    assert_int_equal(release(c, k, TOKEN_A), 0);
+    r = sync_cmd(rc, "HGET %s s", full);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "p");
+    freeReplyObject(r);
+
+    /* an old instance on a key this one locked: an error, nothing taken */
+    unique_skey(k, sizeof(k), "newp");
+    snprintf(full, sizeof(full), PREFIX "{%s}", k);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    r = redisCommand(rc, "EVAL %s 1 %s %b %s 10000", old_acquire, full, FP_1, (size_t)STORE_FP_LEN,
+                     TOKEN_B);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_ERROR);
+    assert_non_null(strstr(r->str, "WRONGTYPE"));
+    freeReplyObject(r);
+    assert_value(rc, full, 'p', TOKEN_A, FP_1, NULL, 0);
     redisFree(rc);
 }
 
@@ -1416,6 +1573,9 @@ int main(void)
         MEMORY(test_memory_evicts_from_largest_randomized),
         MEMORY(test_memory_scope_bookkeeping_freed),
         REDIS(test_redis_key_layout),
+        REDIS(test_redis_acquire_is_one_command),
+        REDIS(test_redis_acquire_script_without_version),
+        REDIS(test_redis_older_layout),
         REDIS(test_redis_noscript_reload),
         REDIS(test_redis_unix_socket),
         REDIS(test_redis_auth_and_select),

@@ -113,6 +113,18 @@ static void rc_on_disconnect(const redisAsyncContext *ac, int status)
 
 #define RS_TAG_AUTH ((void *)(intptr_t)-1)
 #define RS_TAG_SELECT ((void *)(intptr_t)-2)
+#define RS_TAG_INFO ((void *)(intptr_t)-3)
+
+/* INFO server's answer: whether the server takes SET NX PX GET (7.0 and
+ * later). An answer without a version (INFO refused by an ACL, say)
+ * leaves the acquire script in use: slower, never wrong. */
+static void rc_note_version(struct rconn *c, const redisReply *r)
+{
+    c->set_get = false;
+    const char *p =
+        r->type == REDIS_REPLY_STRING && r->str ? strstr(r->str, "redis_version:") : NULL;
+    if (p) c->set_get = atoi(p + strlen("redis_version:")) >= 7;
+}
 
 static const char *rs_tag_name(void *priv)
 {
@@ -158,6 +170,11 @@ static void rc_handshake_cb(redisAsyncContext *ac, void *reply, void *priv)
     struct rconn *c = rc_of(ac);
     redisReply *r = reply;
     if (!c || !r) return;
+    if (priv == RS_TAG_INFO) {
+        rc_note_version(c, r);
+        rc_handshake_answered(c);
+        return;
+    }
     if (rs_handshake_ok(c, r, priv)) {
         rc_handshake_answered(c);
         return;
@@ -230,7 +247,8 @@ static void rc_policy_cb(redisAsyncContext *ac, void *reply, void *priv)
 }
 
 /* AUTH, SELECT (unless the topology has one database), the eviction
- * policy (not part of the handshake: nobody waits for it), the topology's
+ * policy (not part of the handshake: nobody waits for it), the server's
+ * version (INFO server: how to acquire), the topology's
  * own commands (ROLE for a sentinel master), SCRIPT LOAD. */
 static int rc_send_handshake(struct rconn *c)
 {
@@ -248,6 +266,9 @@ static int rc_send_handshake(struct rconn *c)
     }
     if (redisAsyncCommand(c->ac, rc_policy_cb, NULL, "CONFIG GET maxmemory-policy") != REDIS_OK)
         return -1;
+    if (redisAsyncCommand(c->ac, rc_handshake_cb, RS_TAG_INFO, "INFO server") != REDIS_OK)
+        return -1;
+    c->handshake_left++;
     if (t->handshake) {
         int n = t->handshake(c);
         if (n < 0) return -1;
@@ -283,6 +304,7 @@ void rc_connect(struct rconn *c)
     c->ac = ac;
     c->connected = false;
     c->ready = false;
+    c->set_get = false;
     c->handshake_failed = false;
     redisLibeventAttach(ac, c->s->evb);
     redisAsyncSetConnectCallback(ac, rc_on_connect);

@@ -1,7 +1,8 @@
 /* op.c — one store operation in flight (see redis_internal.h).
  *
- * Owns struct rop: its deadline timer; sending its script with EVALSHA
- * (once more after NOSCRIPT, when the scripts were loaded again); WAIT for
+ * Owns struct rop: its deadline timer; sending its command (SET NX PX GET
+ * to acquire, else a script with EVALSHA, once more after NOSCRIPT, when
+ * the scripts were loaded again; the acquire script after WRONGTYPE); WAIT for
  * replicas after a lock and the release when too few acknowledged; reading
  * the replies; firing the caller's callback exactly once; and handing an
  * acquire that failed while it may hold the lock to giveback.c. Does not
@@ -112,7 +113,22 @@ static int rop_send_script(struct rop *op, enum rs_script script, int argc, cons
     return rop_send(op, true, 3 + argc, argv, argvlen);
 }
 
-/* The op's own command: its script, or PING. */
+/* An acquire's own command: SET NX PX GET where the server takes it,
+ * else (an older or not yet known server, a key of the older layout) the
+ * acquire script. argv: key, fp, token, ms, lock value. */
+static int rop_send_acquire(struct rop *op)
+{
+    if (op->conn && op->conn->set_get && !op->legacy) {
+        const char *argv[7] = {"SET", op->argv[0], op->argv[4], "NX", "PX", op->argv[3], "GET"};
+        size_t lens[7] = {3, op->argvlen[0], op->argvlen[4], 2, 2, op->argvlen[3], 3};
+        return rop_send(op, true, 7, argv, lens);
+    }
+    const char *args[3] = {op->argv[0], op->argv[4], op->argv[3]};
+    size_t lens[3] = {op->argvlen[0], op->argvlen[4], op->argvlen[3]};
+    return rop_send_script(op, RS_ACQUIRE, 3, args, lens);
+}
+
+/* The op's own command: its script (or native acquire), or PING. */
 int rop_send_main(struct rop *op)
 {
     if (op->kind == ROP_PING) {
@@ -120,10 +136,12 @@ int rop_send_main(struct rop *op)
         size_t len[1] = {4};
         return rop_send(op, false, 1, argv, len);
     }
-    int rc = rop_send_script(op, op->script, op->argc, op->argv, op->argvlen);
+    if (op->kind != ROP_ACQUIRE)
+        return rop_send_script(op, op->script, op->argc, op->argv, op->argvlen);
+    int rc = rop_send_acquire(op);
     /* From here until a reply says otherwise, the server may take the
      * lock for us whatever our caller is told. */
-    if (rc == 0 && op->kind == ROP_ACQUIRE) op->maybe_locked = true;
+    if (rc == 0) op->maybe_locked = true;
     return rc;
 }
 
@@ -191,38 +209,28 @@ static void rs_log_bad_reply(const struct rconn *c, const redisReply *r)
         log_msg(LOG_ERROR, "store redis: unexpected reply type %d", r->type);
 }
 
-/* Parses the acquire script's answer; false when malformed. */
-static bool rop_parse_acquire(const redisReply *r, struct store_acquire_reply *out)
+/* Parses an acquire's answer (SET NX GET's or the script's: nil, or the
+ * value found); false when malformed. */
+static bool rop_parse_acquire(const struct rop *op, const redisReply *r,
+                              struct store_acquire_reply *out)
 {
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
-        r->element[0]->type != REDIS_REPLY_INTEGER)
-        return false;
-    switch (r->element[0]->integer) {
-    case 0:
+    if (r->type == REDIS_REPLY_NIL) {
         out->state = STORE_ACQ_LOCKED;
         return true;
-    case 1:
-        out->state = STORE_ACQ_IN_PROGRESS;
-        return true;
-    case 2:
-        out->state = STORE_ACQ_MISMATCH;
-        return true;
-    case 3:
-        if (r->elements < 2 || r->element[1]->type != REDIS_REPLY_STRING) return false;
-        out->state = STORE_ACQ_COMPLETED;
-        out->record = (const uint8_t *)r->element[1]->str;
-        out->record_len = r->element[1]->len;
-        return true;
-    default:
-        return false;
     }
+    return r->type == REDIS_REPLY_STRING &&
+           rs_parse_value(r->str, r->len, (const uint8_t *)op->argv[1], out);
 }
 
 static void rop_on_acquire_main(struct rop *op, const redisReply *r)
 {
     struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
-    if (!rop_parse_acquire(r, &out)) {
-        rs_log_bad_reply(op->conn, r);
+    if (!rop_parse_acquire(op, r, &out)) {
+        if (r->type == REDIS_REPLY_STRING)
+            log_msg(LOG_ERROR, "store redis: %.*s holds a value idemgate did not write",
+                    (int)op->argvlen[0], op->argv[0]);
+        else
+            rs_log_bad_reply(op->conn, r);
         rop_fail(op);
         return;
     }
@@ -254,11 +262,10 @@ static int rop_status_of(const redisReply *r, enum rop_kind kind)
     return (int)r->integer;
 }
 
-/* True when an acquire script's reply says the lock is now ours. */
+/* True when an acquire's reply says the lock is now ours. */
 static bool rop_reply_locked(const redisReply *r)
 {
-    struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
-    return rop_parse_acquire(r, &out) && out.state == STORE_ACQ_LOCKED;
+    return r->type == REDIS_REPLY_NIL;
 }
 
 /* A reply for an acquire whose caller already got an error (and which
@@ -302,6 +309,13 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
     if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN) op->maybe_locked = rop_reply_locked(r);
     const struct rs_topology_ops *t = op->s->topo;
     if (r->type == REDIS_REPLY_ERROR && t->on_error_reply && t->on_error_reply(op, r)) return;
+    if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN && !op->legacy &&
+        rs_reply_is_error(r, "WRONGTYPE")) {
+        /* A key an older idemgate wrote: the script reads it. */
+        op->legacy = true;
+        if (rop_send_main(op) != 0) rop_fail(op);
+        return;
+    }
     if (op->stage == ROP_MAIN && op->kind != ROP_PING && rs_reply_is_error(r, "NOSCRIPT") &&
         !op->retried) {
         op->retried = true;

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 void *rs_alloc(size_t n)
 {
@@ -33,6 +34,14 @@ struct timeval rs_tv(uint64_t ms)
 {
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
     return tv;
+}
+
+/* Wall-clock time, for a lock's created-at. */
+static uint64_t rs_wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 int rs_timeout_ms(const struct store_redis *s)
@@ -70,9 +79,11 @@ static void rs_acquire(struct store *base, const char *skey, size_t skey_len,
     char *key = rs_key(s, skey, skey_len, &klen);
     char ms[16];
     snprintf(ms, sizeof(ms), "%u", lock_ms);
-    const char *args[4] = {key, (const char *)fp, token, ms};
-    size_t lens[4] = {klen, STORE_FP_LEN, STORE_TOKEN_LEN, strlen(ms)};
-    struct rop *op = rop_new(s, ROP_ACQUIRE, RS_ACQUIRE, 4, args, lens);
+    char lock[RS_VAL_HDR];
+    rs_lock_value(lock, fp, token, rs_wall_ms());
+    const char *args[5] = {key, (const char *)fp, token, ms, lock};
+    size_t lens[5] = {klen, STORE_FP_LEN, STORE_TOKEN_LEN, strlen(ms), RS_VAL_HDR};
+    struct rop *op = rop_new(s, ROP_ACQUIRE, RS_ACQUIRE, 5, args, lens);
     free(key);
     op->acq_cb = cb;
     op->arg = arg;

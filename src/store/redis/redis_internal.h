@@ -33,12 +33,27 @@
  *    operations started while no master is known wait for one until their
  *    deadline.
  *
- * Each operation is one atomic round trip: a Lua script (loaded with SCRIPT
- * LOAD at connect time, called with EVALSHA, reloaded once on NOSCRIPT).
- * All state of one (scope, key) is one hash "<prefix>{<skey>}" (so one
- * cluster slot):
- *   s = "p" (in progress) | "c" (completed), t = owner token,
- *   f = fingerprint (16 raw bytes), r = record bytes.
+ * Each operation is one atomic round trip. All state of one (scope, key)
+ * is one string at "<prefix>{<skey>}" (the hash tag keeps it on one
+ * cluster slot): a header of RS_VAL_HDR bytes, then the record
+ *   "IG1" | state 'p' (in progress) or 'c' (completed) | owner token (32)
+ *   | fingerprint (16 raw bytes) | created-at (ms since the epoch, 8 bytes
+ *   big-endian) | record bytes (completed only).
+ * An acquire is one native command, SET k <lock> NX PX <lock_ms> GET
+ * (Redis 7.0 and later; the server's version is read at connect): nil
+ * means the lock is ours, a value says replay, in progress or mismatch.
+ * Complete, release and renew are short Lua scripts fenced by the owner
+ * token (loaded with SCRIPT LOAD at connect time, called with EVALSHA,
+ * reloaded once on NOSCRIPT), each one GET and one SET / DEL / PEXPIRE.
+ * The acquire script (for servers older than 7.0, and for the connections
+ * whose version is not known yet) answers like SET NX GET.
+ *
+ * Older idemgates kept a hash (s, t, f, r) at the same key. A key of that
+ * layout answers SET NX GET with WRONGTYPE; the acquire script then reads
+ * it into this layout (a replay, a 409 or a mismatch as before), so an
+ * upgraded instance honours what older ones wrote. An older instance
+ * meets WRONGTYPE on a key written here and answers 503: mixed, the two
+ * never run one key twice.
  *
  * hiredis 0.14 has no command timeouts, so every operation runs its own
  * deadline timer. Ownership of an operation (struct rop):
@@ -80,6 +95,8 @@
 #define RS_MAX_ARGS 7
 #define RS_GIVEBACK_MAX 1024 /* remembered locks per store */
 #define RS_GIVEBACK_TRIES 3  /* give-backs that fail before one is dropped */
+#define RS_VAL_MAGIC "IG1"   /* the value layout (see above) */
+#define RS_VAL_HDR 60        /* magic 3, state 1, token 32, fingerprint 16, created-at 8 */
 
 enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_NSCRIPTS };
 
@@ -106,6 +123,7 @@ struct rconn {
     bool down_logged;      /* one log line per outage */
     bool handshake_failed; /* one log line per failed handshake */
     int handshake_left;
+    bool set_get; /* the server takes SET NX PX GET (7.0+): known once ready */
     unsigned backoff_step;
     struct event *reconnect_ev;
     struct event *kill_ev;
@@ -127,6 +145,7 @@ struct rop {
     bool parked;       /* waiting for conn to be ready (RS_ROUTE_PARK) */
     bool asking;       /* ASK redirect: send ASKING before each keyed command */
     bool maybe_locked; /* acquire: the lock may be ours (sent, unanswered, or taken) */
+    bool legacy;       /* acquire: the key holds the older layout (the script reads it) */
     int redirects;     /* MOVED / ASK followed so far */
     unsigned slot;     /* cluster slot of the key */
     enum rs_script script;
@@ -134,7 +153,7 @@ struct rop {
     store_done_cb done_cb;
     void *arg;
     uint64_t deadline_ms; /* clock_now_ms() */
-    int argc;             /* the script arguments, after EVALSHA sha 1 */
+    int argc;             /* the arguments (acquire: key fp token ms lock-value) */
     const char *argv[RS_MAX_ARGS];
     size_t argvlen[RS_MAX_ARGS];
     char *buf; /* owns the bytes argv points into */
@@ -246,6 +265,10 @@ void rs_scripts_hash(char sha[RS_NSCRIPTS][41]);
 bool rs_script_loaded(const struct store_redis *s, const redisReply *r, intptr_t i);
 int rs_scripts_load(struct rconn *c, redisCallbackFn *fn);
 int rs_scripts_reload(struct rconn *c);
+void rs_lock_value(char out[RS_VAL_HDR], const uint8_t fp[STORE_FP_LEN],
+                   const char token[STORE_TOKEN_LEN], uint64_t created_ms);
+bool rs_parse_value(const char *v, size_t n, const uint8_t fp[STORE_FP_LEN],
+                    struct store_acquire_reply *out);
 
 /* op.c */
 struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,

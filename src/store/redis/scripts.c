@@ -1,10 +1,12 @@
 /* scripts.c — the Redis store's Lua scripts (see redis_internal.h).
  *
- * Owns the text of the four scripts (acquire, complete, release, renew),
- * their SHA1s, and queueing SCRIPT LOAD for them on a connection: as part
+ * Owns the layout of a key's value (rs_lock_value, rs_parse_value), the
+ * text of the four scripts (acquire, complete, release, renew), their
+ * SHA1s, and queueing SCRIPT LOAD for them on a connection: as part
  * of its handshake (the answers are checked there, in conn.c) or again
  * after a NOSCRIPT reply (checked here). Does not own connections, nor
- * call a script: op.c sends EVALSHA with the SHA1s in struct store_redis. */
+ * call a script: op.c sends EVALSHA with the SHA1s in struct store_redis,
+ * or, to acquire on Redis 7.0 and later, SET NX PX GET. */
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
@@ -14,36 +16,80 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Acquire replies {code} or {3, record}; codes follow the table in store.h.
- * HMGET returns false for a missing key or field, so an absent key reads
- * as s == false. */
+/* The owner check the fenced scripts share: the value at KEYS[1] is a
+ * lock (state 'p') of this layout holding ARGV[1] as its token. A key of
+ * another type (an older idemgate's hash) is not ours: redis.pcall keeps
+ * the WRONGTYPE error from failing the script. */
+#define RS_OWNED_CHECK                                                                             \
+    "local v = redis.pcall('GET', KEYS[1])\n"                                                      \
+    "if type(v) ~= 'string' or #v < " RS_STR(                                                      \
+        RS_VAL_HDR) " or string.sub(v, 1, 4) ~= '" RS_VAL_MAGIC                                    \
+                    "p' or string.sub(v, 5, 36) ~= ARGV[1] then return 0 end\n"
+#define RS_STR_(x) #x
+#define RS_STR(x) RS_STR_(x)
+
+/* The scripts (values: "<magic>" state token fingerprint created-at
+ * record, see redis_internal.h). Acquire answers like SET NX GET: nil
+ * when it took the lock, else the value there. It is what a server older
+ * than 7.0 acquires with, and what reads a key an older idemgate wrote (a
+ * hash s/t/f/r), answering its state in this layout without changing it
+ * (no created-at: zeros). */
 static const char *const rs_scripts[RS_NSCRIPTS] = {
-    [RS_ACQUIRE] = "local v = redis.call('HMGET', KEYS[1], 's', 'f')\n"
-                   "if not v[1] then\n"
-                   "  redis.call('HSET', KEYS[1], 's', 'p', 't', ARGV[2], 'f', ARGV[1])\n"
-                   "  redis.call('PEXPIRE', KEYS[1], ARGV[3])\n"
-                   "  return {0}\n"
-                   "end\n"
-                   "if v[2] ~= ARGV[1] then return {2} end\n"
-                   "if v[1] == 'c' then\n"
-                   "  return {3, redis.call('HGET', KEYS[1], 'r')}\n"
-                   "end\n"
-                   "return {1}\n",
-    [RS_COMPLETE] = "local v = redis.call('HMGET', KEYS[1], 's', 't')\n"
-                    "if v[1] ~= 'p' or v[2] ~= ARGV[1] then return 0 end\n"
-                    "redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])\n"
-                    "redis.call('HDEL', KEYS[1], 't')\n"
-                    "redis.call('EXPIRE', KEYS[1], ARGV[3])\n"
-                    "return 1\n",
-    [RS_RELEASE] = "local v = redis.call('HMGET', KEYS[1], 's', 't')\n"
-                   "if v[1] ~= 'p' or v[2] ~= ARGV[1] then return 0 end\n"
-                   "redis.call('DEL', KEYS[1])\n"
-                   "return 1\n",
-    [RS_RENEW] = "local v = redis.call('HMGET', KEYS[1], 's', 't')\n"
-                 "if v[1] ~= 'p' or v[2] ~= ARGV[1] then return 0 end\n"
-                 "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
-                 "return 1\n",
+    [RS_ACQUIRE] =
+        "if redis.call('TYPE', KEYS[1]).ok == 'hash' then\n"
+        "  local h = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'r')\n"
+        "  return '" RS_VAL_MAGIC "' .. h[1] .. (h[2] or string.rep('0', 32)) .. h[3] ..\n"
+        "         string.rep('\\0', 8) .. (h[4] or '')\n"
+        "end\n"
+        "local v = redis.call('GET', KEYS[1])\n"
+        "if v then return v end\n"
+        "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])\n"
+        "return false\n",
+    [RS_COMPLETE] = RS_OWNED_CHECK "redis.call('SET', KEYS[1], '" RS_VAL_MAGIC
+                                   "c' .. string.sub(v, 5, " RS_STR(RS_VAL_HDR) ") .. ARGV[2], "
+                                                                                "'EX', ARGV[3])\n"
+                                                                                "return 1\n",
+    [RS_RELEASE] = RS_OWNED_CHECK "redis.call('DEL', KEYS[1])\n"
+                                  "return 1\n",
+    [RS_RENEW] = RS_OWNED_CHECK "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+                                "return 1\n",
 };
+
+/* The value of a new lock: header, no record. */
+void rs_lock_value(char out[RS_VAL_HDR], const uint8_t fp[STORE_FP_LEN],
+                   const char token[STORE_TOKEN_LEN], uint64_t created_ms)
+{
+    memcpy(out, RS_VAL_MAGIC, 3);
+    out[3] = 'p';
+    memcpy(out + 4, token, STORE_TOKEN_LEN);
+    memcpy(out + 4 + STORE_TOKEN_LEN, fp, STORE_FP_LEN);
+    for (int i = 0; i < 8; i++)
+        out[RS_VAL_HDR - 1 - i] = (char)(created_ms >> (8 * i));
+}
+
+/* What the value v (not ours: SET NX found it) means to an acquire with
+ * fingerprint fp; false when it is not a value of this layout. */
+bool rs_parse_value(const char *v, size_t n, const uint8_t fp[STORE_FP_LEN],
+                    struct store_acquire_reply *out)
+{
+    if (n < RS_VAL_HDR || memcmp(v, RS_VAL_MAGIC, 3) != 0) return false;
+    bool same = memcmp(v + 4 + STORE_TOKEN_LEN, fp, STORE_FP_LEN) == 0;
+    switch (v[3]) {
+    case 'p':
+        if (n != RS_VAL_HDR) return false;
+        out->state = same ? STORE_ACQ_IN_PROGRESS : STORE_ACQ_MISMATCH;
+        return true;
+    case 'c':
+        out->state = same ? STORE_ACQ_COMPLETED : STORE_ACQ_MISMATCH;
+        if (same) {
+            out->record = (const uint8_t *)v + RS_VAL_HDR;
+            out->record_len = n - RS_VAL_HDR;
+        }
+        return true;
+    default:
+        return false;
+    }
+}
 
 static void rs_sha1_hex(const char *text, char out[41])
 {
