@@ -1,5 +1,16 @@
 /* resp.c — RESP2 reply parser and command writer (see resp.h).
  *
+ * Chosen over hiredis's redisReader for the store's own connections
+ * (bench/resp_bench.c, one reply at a time; callgrind instructions per
+ * reply, ours / redisReader: 300-byte bulk 220 / 986, nil 191 / 647, :1
+ * 177 / 637, array of 2 460 / 1970, the four mixed 258 / 1058; wall clock
+ * on the shared 2-core box, best of 3, mixed: 12 / 41 ns): about 4x fewer
+ * instructions and no malloc per reply, because it parses in place in the
+ * connection's input buf (no copy into the reader's sds, no redisReply
+ * or string allocations). The price is that a reply is only valid until
+ * its bytes are consumed, and a short read re-parses from the reply's
+ * first byte (a->need says when to try again).
+ *
  * Recursive descent over the whole reply on every call (recursion bounded
  * by RESP_MAX_DEPTH): no state is kept between calls, so a short read
  * simply returns 0 and the next call starts again from the first byte.
