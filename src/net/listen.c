@@ -149,8 +149,8 @@ static int abstract_bind(const char *name)
     memcpy(un.sun_path + 1, name, len); /* sun_path[0] == '\0': abstract */
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
-    if (bind(fd, (struct sockaddr *)&un, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 +
-                                                     len)) < 0) {
+    socklen_t sl = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + len);
+    if (bind(fd, (struct sockaddr *)&un, sl) < 0) {
         int e = errno;
         close(fd);
         errno = e;
