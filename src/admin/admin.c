@@ -117,7 +117,25 @@ static void admin_free(struct admin *a)
     free(a);
 }
 
-struct admin *admin_start(const struct cfg *cfg, struct store_memory_shared *mem)
+int admin_listen(const struct cfg *cfg)
+{
+    /* Our own socket, so that a failure says why (evhttp_bind_socket
+     * loses errno). */
+    const struct cfg_addr *la = &cfg->admin_listen;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    char err[256];
+    if (listen_resolve(la->host, la->port, la->text, &ss, &sl, err, sizeof(err)) < 0) {
+        log_msg(LOG_ERROR, "admin: %s", err);
+        return -1;
+    }
+    int fd = listen_bind((struct sockaddr *)&ss, sl, false, 128);
+    if (fd < 0)
+        log_msg(LOG_ERROR, "cannot listen on admin address %s: %s", la->text, strerror(errno));
+    return fd;
+}
+
+struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_memory_shared *mem)
 {
     struct admin *a = calloc(1, sizeof(*a));
     if (!a) abort();
@@ -129,23 +147,10 @@ struct admin *admin_start(const struct cfg *cfg, struct store_memory_shared *mem
     event_config_free(ec);
     a->http = evhttp_new(a->base);
     evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
-    /* Our own socket, so that a failure says why (evhttp_bind_socket
-     * loses errno). */
-    const struct cfg_addr *la = &cfg->admin_listen;
-    struct sockaddr_storage ss;
-    socklen_t sl;
-    char err[256];
-    int fd = -1;
-    if (listen_resolve(la->host, la->port, la->text, &ss, &sl, err, sizeof(err)) < 0) {
-        log_msg(LOG_ERROR, "admin: %s", err);
-    } else if ((fd = listen_bind((struct sockaddr *)&ss, sl, false, 128)) < 0) {
-        log_msg(LOG_ERROR, "cannot listen on admin address %s: %s", la->text, strerror(errno));
-    } else if (!evhttp_accept_socket_with_handle(a->http, fd)) {
-        log_msg(LOG_ERROR, "cannot listen on admin address %s: cannot watch the socket", la->text);
-        close(fd);
-        fd = -1;
-    }
-    if (fd < 0) {
+    if (!evhttp_accept_socket_with_handle(a->http, listen_fd)) {
+        log_msg(LOG_ERROR, "cannot listen on admin address %s: cannot watch the socket",
+                cfg->admin_listen.text);
+        close(listen_fd);
         admin_free(a);
         return NULL;
     }

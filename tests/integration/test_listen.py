@@ -156,10 +156,29 @@ def test_admin_bind_error_says_why(idemgate, upstream):
     holder.listen(8)
     admin = "127.0.0.1:%d" % holder.getsockname()[1]
     try:
-        g = idemgate(gate_cfg("memory", None, upstream, "127.0.0.1:%d" % free_port(),
-                              admin={"listen": admin}), wait=False)
-        assert exit_code(g) == 1, g.stderr()
-        assert "cannot listen on admin address %s: Address already in use" % admin \
-            in log_msgs(g), g.stderr()
+        assert_refused(idemgate, gate_cfg("memory", None, upstream,
+                                          "127.0.0.1:%d" % free_port(),
+                                          admin={"listen": admin}),
+                       "cannot listen on admin address %s: Address already in use" % admin)
+    finally:
+        holder.close()
+
+
+def test_admin_is_bound_before_the_proxy_address(idemgate, upstream):
+    """An instance that cannot bind its admin address fails before it
+    touches the proxy address: in a rolling restart it must not join the
+    shared address, take connections there, then drop them on its way out.
+    Here the proxy address is held as well, and the admin error is the one
+    reported."""
+    listen = "127.0.0.1:%d" % free_port()
+    idemgate(gate_cfg("memory", None, upstream, listen))
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(8)
+    admin = "127.0.0.1:%d" % holder.getsockname()[1]
+    try:
+        assert_refused(idemgate, gate_cfg("memory", None, upstream, listen,
+                                          admin={"listen": admin}),
+                       "cannot listen on admin address %s: Address already in use" % admin)
     finally:
         holder.close()
