@@ -316,15 +316,23 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGINT);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
+    /* The admin socket first: an instance that cannot bind it must fail
+     * before it joins a shared proxy address and takes connections there. */
+    int admin_fd = cfg.admin_enabled ? admin_listen(&cfg) : -1;
+    if (cfg.admin_enabled && admin_fd < 0) {
+        cfg_free(&cfg);
+        return 1;
+    }
     struct server srv;
     if (server_init(&srv, &cfg) != 0 || server_start(&srv) != 0) {
+        if (admin_fd >= 0) close(admin_fd);
         server_stop(&srv);
         server_free(&srv);
         cfg_free(&cfg);
         return 1;
     }
     struct admin *admin = NULL;
-    if (cfg.admin_enabled && !(admin = admin_start(&cfg, srv.mem))) {
+    if (cfg.admin_enabled && !(admin = admin_start(&cfg, admin_fd, srv.mem))) {
         server_stop(&srv);
         server_free(&srv);
         cfg_free(&cfg);

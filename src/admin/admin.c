@@ -2,6 +2,7 @@
  * own. Owns its event_base, its evhttp and its store handle. */
 #include "idemgate/admin/admin.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 #include "idemgate/config/config.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
+#include "idemgate/net/listen.h"
 #include "idemgate/store/store.h"
 
 struct admin {
@@ -115,7 +117,25 @@ static void admin_free(struct admin *a)
     free(a);
 }
 
-struct admin *admin_start(const struct cfg *cfg, struct store_memory_shared *mem)
+int admin_listen(const struct cfg *cfg)
+{
+    /* Our own socket, so that a failure says why (evhttp_bind_socket
+     * loses errno). */
+    const struct cfg_addr *la = &cfg->admin_listen;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    char err[256];
+    if (listen_resolve(la->host, la->port, la->text, &ss, &sl, err, sizeof(err)) < 0) {
+        log_msg(LOG_ERROR, "admin: %s", err);
+        return -1;
+    }
+    int fd = listen_bind((struct sockaddr *)&ss, sl, false, 128);
+    if (fd < 0)
+        log_msg(LOG_ERROR, "cannot listen on admin address %s: %s", la->text, strerror(errno));
+    return fd;
+}
+
+struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_memory_shared *mem)
 {
     struct admin *a = calloc(1, sizeof(*a));
     if (!a) abort();
@@ -127,9 +147,10 @@ struct admin *admin_start(const struct cfg *cfg, struct store_memory_shared *mem
     event_config_free(ec);
     a->http = evhttp_new(a->base);
     evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
-    if (evhttp_bind_socket(a->http, cfg->admin_listen.host, (ev_uint16_t)cfg->admin_listen.port) !=
-        0) {
-        log_msg(LOG_ERROR, "cannot listen on admin address %s", cfg->admin_listen.text);
+    if (!evhttp_accept_socket_with_handle(a->http, listen_fd)) {
+        log_msg(LOG_ERROR, "cannot listen on admin address %s: cannot watch the socket",
+                cfg->admin_listen.text);
+        close(listen_fd);
         admin_free(a);
         return NULL;
     }

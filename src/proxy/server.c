@@ -1,12 +1,18 @@
 /* server.c — listeners and worker threads. Each worker has its own
- * event_base, its own SO_REUSEPORT listening socket (the kernel spreads
- * connections), its own store connection and upstream pools: workers share
- * nothing mutable but atomic counters. Owns the workers and, through them,
- * every client. */
+ * event_base, its own listening socket, its own store connection and
+ * upstream pools: workers share nothing mutable but atomic counters. With
+ * a shared store (Redis) each worker's socket is its own SO_REUSEPORT one
+ * (the kernel spreads connections, and another process on the same store
+ * may join: a rolling restart); with the memory store the workers hold
+ * dups of one socket without SO_REUSEPORT, so no other process can join
+ * it. The address claim (net/listen.h) refuses, before any bind, an
+ * address held by a process with another store. Owns the workers and,
+ * through them, every client, and the claim. */
 #include "idemgate/proxy/server.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -28,42 +34,12 @@
 #include "idemgate/core/metrics.h"
 #include "idemgate/store/store.h"
 #include "idemgate/core/clock.h"
+#include "idemgate/net/listen.h"
 #include "idemgate/net/tls.h"
 #include "idemgate/proxy/upstream.h"
 
 #define ACCEPT_BATCH 64
-
-static int listen_socket(const struct cfg_addr *a, char *err, size_t errlen)
-{
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    char port[8];
-    snprintf(port, sizeof(port), "%d", a->port);
-    int rc = getaddrinfo(a->host, port, &hints, &res);
-    if (rc != 0) {
-        snprintf(err, errlen, "cannot resolve %s: %s", a->text, gai_strerror(rc));
-        return -1;
-    }
-    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd >= 0) {
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-        if (res->ai_family == AF_INET6)
-            setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    }
-    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 4096) < 0) {
-        snprintf(err, errlen, "cannot listen on %s: %s", a->text, strerror(errno));
-        if (fd >= 0) close(fd);
-        freeaddrinfo(res);
-        return -1;
-    }
-    freeaddrinfo(res);
-    return fd;
-}
+#define LISTEN_BACKLOG 4096
 
 static void peer_text(const struct sockaddr_storage *ss, char *out, size_t n)
 {
@@ -152,7 +128,9 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
     loop_maybe_idle(&w->loop);
 }
 
-static int worker_init(struct server *srv, struct worker *w, int id, char *err, size_t errlen)
+/* Takes ownership of listen_fd. */
+static int worker_init(struct server *srv, struct worker *w, int id, int listen_fd, char *err,
+                       size_t errlen)
 {
     const struct cfg *cfg = srv->cfg;
     w->id = id;
@@ -164,13 +142,12 @@ static int worker_init(struct server *srv, struct worker *w, int id, char *err, 
     event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
     struct event_base *base = event_base_new_with_config(ec);
     event_config_free(ec);
+    w->listen_fd = listen_fd;
     if (!base) {
         snprintf(err, errlen, "cannot create an event base");
         return -1;
     }
-    w->loop.base = base; /* for worker_free, should the listener fail */
-    w->listen_fd = listen_socket(&cfg->listen, err, errlen);
-    if (w->listen_fd < 0) return -1;
+    w->loop.base = base;
     w->listen_ev = event_new(base, w->listen_fd, EV_READ | EV_PERSIST, worker_accept, w);
     event_add(w->listen_ev, NULL);
     w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -199,17 +176,51 @@ int server_init(struct server *srv, const struct cfg *cfg)
     if (cfg->store == CFG_STORE_MEMORY)
         srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,
                                                    cfg->memory_max_scope_bytes);
-    srv->n_workers = cfg->workers > 0 ? cfg->workers : 1;
-    srv->workers = calloc((size_t)srv->n_workers, sizeof(*srv->workers));
+    int n = cfg->workers > 0 ? cfg->workers : 1;
+    srv->workers = calloc((size_t)n, sizeof(*srv->workers));
     if (!srv->workers) abort();
-    for (int i = 0; i < srv->n_workers; i++) {
-        if (worker_init(srv, &srv->workers[i], i, err, sizeof(err)) < 0) {
+
+    const struct cfg_addr *a = &cfg->listen;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    if (listen_resolve(a->host, a->port, a->text, &ss, &sl, err, sizeof(err)) < 0) {
+        log_msg(LOG_ERROR, "%s", err);
+        return -1;
+    }
+    bool memory = cfg->store == CFG_STORE_MEMORY;
+    /* Every store kind this binary has, to name the holder of an address. */
+    static const char *const kinds[] = {"memory", "redis", NULL};
+    struct listen_store_id id = {memory ? "memory" : "redis", NULL, memory};
+    srv->claim = listen_claim_take((struct sockaddr *)&ss, &id, kinds, err, sizeof(err));
+    if (!srv->claim) {
+        log_msg(LOG_ERROR, "cannot listen on %s: %s", a->text, err);
+        return -1;
+    }
+    /* The memory store's one socket, without SO_REUSEPORT: the kernel too
+     * keeps every other process off it (an older idemgate, or not one). */
+    int shared_fd = memory ? listen_bind((struct sockaddr *)&ss, sl, false, LISTEN_BACKLOG) : -1;
+    int rc = 0;
+    if (memory && shared_fd < 0) {
+        log_msg(LOG_ERROR, "cannot listen on %s: %s", a->text, strerror(errno));
+        rc = -1;
+    }
+    for (int i = 0; i < n && rc == 0; i++) {
+        int fd = memory ? fcntl(shared_fd, F_DUPFD_CLOEXEC, 0)
+                        : listen_bind((struct sockaddr *)&ss, sl, true, LISTEN_BACKLOG);
+        if (fd < 0) {
+            log_msg(LOG_ERROR, "cannot listen on %s: %s", a->text, strerror(errno));
+            rc = -1;
+            break;
+        }
+        srv->n_workers = i + 1; /* worker_free() cleans up after a half-made one */
+        if (worker_init(srv, &srv->workers[i], i, fd, err, sizeof(err)) < 0) {
             log_msg(LOG_ERROR, "%s", err);
-            srv->n_workers = i + 1;
-            return -1;
+            rc = -1;
         }
     }
-    return 0;
+    if (shared_fd >= 0) close(shared_fd);
+    listen_claim_settled(srv->claim);
+    return rc;
 }
 
 static void *worker_main(void *arg)
@@ -267,6 +278,7 @@ bool server_free(struct server *srv)
     tls_free();
     if (!clean) return false; /* exiting anyway: leave the rest to the OS */
     free(srv->workers);
+    listen_claim_free(srv->claim);
     if (srv->mem) store_memory_shared_free(srv->mem);
     return true;
 }

@@ -8,9 +8,15 @@ struct cfg;
 struct store_memory_shared;
 struct admin;
 
-/* Binds admin.listen and starts the thread. Returns NULL after logging
- * when it cannot bind. mem is borrowed (memory store) and may be NULL. */
-struct admin *admin_start(const struct cfg *cfg, struct store_memory_shared *mem);
+/* Binds admin.listen: the listening socket, or -1 after logging why
+ * ("cannot listen on admin address ADDR: Address already in use"). Called
+ * before the proxy listeners exist, so an instance that cannot start never
+ * takes (and drops) a connection of an address it shares. */
+int admin_listen(const struct cfg *cfg);
+/* Starts the thread on listen_fd (from admin_listen; taken over, closed
+ * even on failure). Returns NULL after logging when it cannot start. mem is
+ * borrowed (memory store) and may be NULL. */
+struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_memory_shared *mem);
 /* Stops the thread and frees everything. Tolerates NULL. */
 void admin_stop(struct admin *a);
 

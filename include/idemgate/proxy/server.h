@@ -1,6 +1,8 @@
 /* server.h — the process: worker threads, each with its own event_base,
  * SO_REUSEPORT listener, store connection and upstream pools (DESIGN
- * section 1). Workers share only the frozen config and atomic counters.
+ * section 1; with the memory store, dups of one socket without it, so no
+ * other process may join). Workers share only the frozen config and atomic
+ * counters.
  *
  * Ownership: struct server owns the workers; each worker owns its loop,
  * which owns its clients, its exchanges (through their reference counts),
@@ -21,6 +23,7 @@ struct event_base;
 struct event;
 struct store;
 struct store_memory_shared;
+struct listen_claim;
 struct upstream_pool;
 struct client;
 struct exchange;
@@ -47,7 +50,8 @@ struct server {
     int n_workers;
     atomic_int connections; /* open client connections, all workers */
     struct store_memory_shared *mem;
-    uint32_t boot_id; /* random per process: prefix of generated request ids */
+    uint32_t boot_id;           /* random per process: prefix of generated request ids */
+    struct listen_claim *claim; /* held while the process listens (net/listen.h) */
 };
 
 /* Creates listeners and workers (no threads yet). Returns 0, or -1 after
