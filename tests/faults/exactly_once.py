@@ -18,6 +18,15 @@ of about 40 s (--faults all, none, or a comma list of):
   idemgate_kill   one instance SIGKILLed, started again on its port 1 s later
   upstream_cut    30% of answers cut short of their Content-Length for 3 s
   redis_restart   Redis killed and started again empty
+  sentinel_failover
+                  SENTINEL FAILOVER m (a forced failover, no wait_replicas);
+                  only with --topology sentinel
+--topology sentinel puts a primary, its replica and 3 sentinels (quorum 1
+each, monitoring it as "m") in place of the one Redis, and the instances
+in redis.mode sentinel (redis.nodes: the sentinels, the one that runs the
+failovers first); redis_pause and redis_restart are refused there (which
+server would they hit after a failover?), and `all` means the other
+faults.
 Afterwards every answer the clients got is held against the upstream's
 execution log, and ONE summary line is printed (last, on stdout):
   exactly-once: keys=.. requests=.. executions=.. duplicates=.. ...
@@ -58,6 +67,27 @@ Definitions (idemtest.invariant.analyze computes them):
                 after lock_seconds, then the key is free (SPEC section 4).
                 A key is excluded when it sent an attempt to the killed
                 instance before the kill and was still active at the kill.
+              - sentinel_failover: a forced failover without
+                wait_replicas may forget a lock (SPEC allows it): the old
+                primary keeps taking writes from the moment its replica is
+                promoted until the store leaves it (at +switch-master when
+                it follows the announcements, else when the old primary
+                answers READONLY, fails, or is turned into a replica, which
+                closes its clients), and those writes are lost when it
+                resyncs from the new one. A key is excluded when its
+                activity window overlaps the failover's window: [the
+                failover accepted, the old primary replicating from the
+                new one]. One line per failover (before the summary line)
+                gives the window, when the sentinel named the new primary,
+                the keys in the window and those of them executed more than
+                once while the clients ran (reexecuted); then every key of
+                the window is sent once more (a probe: what a client that
+                retries late would get; a replay when its record survived,
+                a new execution when the failover forgot it) and
+                reexecuted_probe counts the keys executed more than once
+                after that:
+                  sentinel_failover: at=..s window=..s switch=..s keys=..
+                    reexecuted=.. reexecuted_probe=..
               With lock_seconds 30 above the clients' 20 s budget such keys
               rarely execute again; excluded_dups counts those that did.
               Their 2xx answers are still checked against their own
@@ -92,13 +122,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from idemtest.attempts import AttemptClient, Policy, Recorder, fresh_request_ok, session  # noqa: E402
 from idemtest.invariant import analyze  # noqa: E402
-from idemtest.procs import (ExecUpstream, Idemgate, RedisServer, free_port,  # noqa: E402
-                            idemgate_bin, rss_kib)
+from idemtest.procs import (ExecUpstream, Idemgate, RedisServer, RedisServers,  # noqa: E402
+                            free_port, idemgate_bin, rss_kib)
+from idemtest.resp import try_call  # noqa: E402
 
-FAULTS = ["redis_pause", "upstream_slow", "idemgate_kill", "upstream_cut", "redis_restart"]
+FAULTS = ["redis_pause", "upstream_slow", "idemgate_kill", "upstream_cut", "redis_restart",
+          "sentinel_failover"]
 # Where in a cycle each fault starts (fraction of the cycle).
 OFFSETS = {"redis_pause": 0.05, "upstream_slow": 0.20, "idemgate_kill": 0.42,
-           "upstream_cut": 0.60, "redis_restart": 0.78}
+           "upstream_cut": 0.60, "redis_restart": 0.78, "sentinel_failover": 0.30}
+# Faults that need one Redis (standalone) / the sentinel topology.
+STANDALONE_ONLY = {"redis_pause", "redis_restart"}
+SENTINEL_ONLY = {"sentinel_failover"}
 CYCLE_S = 40.0
 
 
@@ -111,6 +146,8 @@ def parse_args(argv):
     ap.add_argument("--faults", default="all", help="all, none, or a comma list of " +
                     ",".join(FAULTS))
     ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--topology", choices=["standalone", "sentinel"], default="standalone",
+                    help="one Redis (default), or a primary, a replica and 3 sentinels")
     ap.add_argument("--lock-seconds", type=int, default=30,
                     help="idempotency.lock_seconds (default 30; keep it above the clients' "
                     "20 s budget, or a lock left by a failed write expires while its key is "
@@ -123,8 +160,9 @@ def parse_args(argv):
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    unfit = STANDALONE_ONLY if args.topology == "sentinel" else SENTINEL_ONLY
     if args.faults == "all":
-        args.fault_list = list(FAULTS)
+        args.fault_list = [f for f in FAULTS if f not in unfit]
     elif args.faults == "none":
         args.fault_list = []
     else:
@@ -132,6 +170,9 @@ def parse_args(argv):
         bad = [f for f in args.fault_list if f not in FAULTS]
         if bad:
             ap.error("unknown fault(s): %s" % ",".join(bad))
+        bad = [f for f in args.fault_list if f in unfit]
+        if bad:
+            ap.error("fault(s) %s do not fit --topology %s" % (",".join(bad), args.topology))
     return args
 
 
@@ -146,7 +187,8 @@ class Rig:
     def __init__(self, args, workdir):
         self.workdir = workdir
         self.redis_stopped = False
-        self.redis = self.up = None
+        self.redis = self.up = self.servers = None
+        self.sentinels = []
         self.gates = []
         try:
             self.start(args)
@@ -155,18 +197,46 @@ class Rig:
             raise
 
     def start(self, args):
-        self.redis = RedisServer()
+        if args.topology == "sentinel":
+            redis_cfg = self.start_sentinels()
+        else:
+            self.redis = RedisServer()
+            redis_cfg = {"url": self.redis.url, "timeout_ms": 1000}
         self.up = ExecUpstream(os.path.join(self.workdir, "exec.log"), args.instances)
         self.cfgs = [{
             "listen": "127.0.0.1:%d" % free_port(), "workers": 1,
             "admin": {"listen": "off"}, "upstream": url, "store": "redis",
-            "redis": {"url": self.redis.url, "timeout_ms": 1000},
+            "redis": dict(redis_cfg),
             "idempotency": {"lock_seconds": args.lock_seconds},
             "limits": {"upstream_timeout_ms": 15000},
         } for url in self.up.urls]
         for i in range(args.instances):
             self.gates.append(self.start_gate(i))
         self.ports = [g.port for g in self.gates]
+
+    def start_sentinels(self):
+        """A primary, its replica, 3 sentinels; the instances' redis config."""
+        self.servers = RedisServers(self.workdir)
+        primary = self.servers.start()
+        self.servers.start(args=["--replicaof", "127.0.0.1", str(primary.port)])
+        self.redis_ports = [s.port for s in self.servers.servers]
+        self.sentinels = [self.servers.start_sentinel(primary.port) for _ in range(3)]
+        deadline = time.time() + 30
+        # SENTINEL FAILOVER answers NOGOODSLAVE until the replica is known
+        # (and the sentinels know each other)
+        while not all(try_call(sp, "SENTINEL", "REPLICAS", "m") and
+                      len(try_call(sp, "SENTINEL", "SENTINELS", "m") or []) == 2
+                      for sp in self.sentinels):
+            if time.time() > deadline:
+                raise RuntimeError("the sentinels never saw the replica and each other")
+            time.sleep(0.2)
+        return {"mode": "sentinel", "master_name": "m", "timeout_ms": 1000,
+                "nodes": ["127.0.0.1:%d" % sp for sp in self.sentinels]}
+
+    def primary_port(self):
+        """The port the first sentinel names for m, or None."""
+        r = try_call(self.sentinels[0], "SENTINEL", "get-master-addr-by-name", "m")
+        return int(r[1]) if r else None
 
     def start_gate(self, i):
         return Idemgate(self.workdir, self.cfgs[i], base=False)
@@ -183,6 +253,8 @@ class Rig:
             self.up.stop()
         if self.redis:
             self.redis.stop()
+        if self.servers:
+            self.servers.stop()
 
 
 class Injector:
@@ -216,8 +288,9 @@ class Injector:
             self.error = e
             log("fault injector failed: %r" % e)
 
-    def record(self, fault, t0, port=None):
+    def record(self, fault, t0, port=None, **extra):
         ev = {"fault": fault, "t0": t0, "t1": time.time(), "port": port}
+        ev.update(extra)
         self.events.append(ev)
         log("fault %s at %.1fs for %.1fs%s" % (fault, t0 - self.t_start, ev["t1"] - t0,
                                                " (port %d)" % port if port else ""))
@@ -259,6 +332,30 @@ class Injector:
         time.sleep(0.5)
         self.rig.redis.start()
         self.record("redis_restart", t0)
+
+    def sentinel_failover(self, cycle):
+        """SENTINEL FAILOVER m on the first sentinel; over when the old
+        primary replicates from the new one (the sentinel turned it into a
+        replica, closing its clients)."""
+        rig = self.rig
+        old = rig.primary_port()
+        new = [p for p in rig.redis_ports if p != old][0]
+        deadline = time.time() + 30
+        while try_call(rig.sentinels[0], "SENTINEL", "FAILOVER", "m") != b"OK":
+            if time.time() > deadline:
+                raise RuntimeError("SENTINEL FAILOVER refused for 30 s")
+            time.sleep(0.1)
+        t0 = time.time()
+        while rig.primary_port() != new:
+            if time.time() > t0 + 60:
+                raise RuntimeError("the sentinel never named the new primary")
+            time.sleep(0.02)
+        t_switch = time.time()
+        while b"master_link_status:up" not in (try_call(old, "INFO", "replication") or b""):
+            if time.time() > t0 + 90:
+                raise RuntimeError("the old primary never replicated from the new one")
+            time.sleep(0.05)
+        self.record("sentinel_failover", t0, switch=t_switch - t0)
 
 
 class RssSampler:
@@ -341,10 +438,61 @@ def exclusions(attempts, events):
                 continue
             if ev["fault"] == "redis_restart" and lo <= ev["t1"] and hi >= ev["t0"]:
                 out[key] = "redis_restart"
+            elif ev["fault"] == "sentinel_failover" and lo <= ev["t1"] and hi >= ev["t0"]:
+                out[key] = "sentinel_failover"
             elif ev["fault"] == "idemgate_kill" and lo <= ev["t0"] <= hi and any(
                     p == ev["port"] and t0 <= ev["t0"] for p, t0 in ports[key]):
                 out[key] = "idemgate_kill"
     return out
+
+
+def failover_keys(attempts, ev):
+    """The keys whose activity window overlaps a sentinel_failover's."""
+    win = {}
+    for a in attempts:
+        lo, hi = win.get(a.key, (a.t0, a.t1))
+        win[a.key] = (min(lo, a.t0), max(hi, a.t1))
+    return sorted(k for k, (lo, hi) in win.items() if lo <= ev["t1"] and hi >= ev["t0"])
+
+
+def probe_keys(rig, keys, rec, seed):
+    """Sends each key once more (4 threads, no abandoned attempts)."""
+    policy = Policy(attempt_timeout=4, max_attempts=40, budget=20)
+    todo = list(keys)
+    lock = threading.Lock()
+
+    def work(i):
+        rng = random.Random(seed * 7919 + i)
+        client = AttemptClient(policy.attempt_timeout)
+        try:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    key = todo.pop()
+                session(client, rig.ports, path_for(key), key, policy, rng, rec,
+                        sid="probe%d" % i)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+
+
+def count_reexecuted(keys, execs):
+    nexec = {}
+    for e in execs:
+        nexec[e["key"]] = nexec.get(e["key"], 0) + 1
+    return sum(1 for k in keys if nexec.get(k, 0) > 1)
+
+
+def failover_line(ev, keys, again, again_probe, t_start):
+    return ("sentinel_failover: at=%.1fs window=%.1fs switch=%.1fs keys=%d reexecuted=%d "
+            "reexecuted_probe=%d" % (ev["t0"] - t_start, ev["t1"] - ev["t0"], ev["switch"],
+                                     len(keys), again, again_probe))
 
 
 def final_health(rig, rec):
@@ -389,8 +537,8 @@ def main(argv=None):
     stop = threading.Event()
     inj = Injector(rig, args, t_start)
     rss = RssSampler(rig, args.rss_interval, t_start) if args.rss_interval > 0 else None
-    log("exactly-once: %d clients, %d instances, faults=%s, %.0fs, seed %d, work dir %s"
-        % (args.clients, args.instances, ",".join(args.fault_list) or "none",
+    log("exactly-once: %d clients, %d instances, %s, faults=%s, %.0fs, seed %d, work dir %s"
+        % (args.clients, args.instances, args.topology, ",".join(args.fault_list) or "none",
            args.duration, args.seed, workdir))
     threads = [threading.Thread(target=client_loop,
                                 args=(i, rig, keys, policy, args, rec, t_end, stop),
@@ -416,8 +564,16 @@ def main(argv=None):
             health.append("%d client thread(s) did not finish" % hung)
         if inj.error:
             health.append("fault injector: %r" % inj.error)
+        fo = [(ev, failover_keys(rec.snapshot(), ev)) for ev in inj.events
+              if ev["fault"] == "sentinel_failover"]
+        fo_again = [count_reexecuted(keys, rig.up.execs()) for _, keys in fo]
+        for _, keys in fo:
+            probe_keys(rig, keys, rec, args.seed)
         attempts = rec.snapshot()
-        rep = analyze(attempts, rig.up.execs(), exclusions(attempts, inj.events))
+        execs = rig.up.execs()
+        rep = analyze(attempts, execs, exclusions(attempts, inj.events))
+        fo_lines = [failover_line(ev, keys, again, count_reexecuted(keys, execs), t_start)
+                    for (ev, keys), again in zip(fo, fo_again)]
     finally:
         stop.set()
         rig.stop()
@@ -429,6 +585,8 @@ def main(argv=None):
     if rss:
         for line in rss.lines():
             print(line)
+    for line in fo_lines:
+        print(line)
     print("exactly-once: %s faults=%s duration=%.0fs clients=%d instances=%d health=%s"
           % (rep.line(), ",".join("%s:%d" % (f, sum(1 for e in inj.events if e["fault"] == f))
                                   for f in args.fault_list) or "none",

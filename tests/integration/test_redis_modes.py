@@ -4,6 +4,8 @@ masters, and through the master a sentinel names. The Redis processes are
 private to each test (free 127.0.0.1 ports, a temp dir) and stopped at
 teardown; every wait is bounded."""
 
+import time
+
 import pytest
 
 from idemtest.assertions import after_release, assert_replay_of, first_answer, wait_until
@@ -74,3 +76,25 @@ def test_sentinel_execute_once_and_replay(idemgate, upstream, sentinel):
     keys = ["se-%d" % i for i in range(10)]
     execute_once_and_replay(g, upstream, keys)
     assert call(master, "DBSIZE") == len(keys)
+
+
+def test_sentinel_without_pubsub(idemgate, upstream, redis_servers):
+    """A sentinel that refuses SUBSCRIBE (its default user has no channel):
+    the store works as before (failovers found from errors), and says so
+    once at warn however often the subscriber tries again."""
+    mp, rp = free_port(), free_port()
+    redis_servers.start(mp)
+    redis_servers.start(rp, ["--replicaof", "127.0.0.1", mp])
+    sent = redis_servers.start_sentinel(mp, extra="user default on nopass resetchannels ~* +@all\n")
+    cfg = gate_config({"store": "redis",
+                       "redis": {"mode": "sentinel", "master_name": "m",
+                                 "nodes": ["127.0.0.1:%d" % sent]}},
+                      upstream.url)
+    g = idemgate(cfg)
+    execute_once_and_replay(g, upstream, ["np-%d" % i for i in range(5)])
+    time.sleep(4)  # the subscriber tries again (backoff 0.1 s doubling to 2 s)
+    execute_once_and_replay(g, upstream, ["np2-%d" % i for i in range(5)])
+    assert call(mp, "DBSIZE") == 10
+    warns = [ln for ln in g.log_lines() if "subscription" in ln.get("msg", "")]
+    assert len(warns) == 1, warns
+    assert warns[0]["level"] == "warn" and "NOPERM" in warns[0]["msg"], warns

@@ -6,7 +6,8 @@
  *    mid-migration (ASK followed, map kept), a node killed;
  *  - sentinel: a master, a replica and one sentinel; the contract (the
  *    first listed sentinel is down), then a failover followed by the same
- *    store.
+ *    store, then a failover followed as the sentinel announces it
+ *    (+switch-master), before the old master stops being one.
  * Every process is stopped in the group teardown; every wait is bounded. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -26,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -824,6 +826,104 @@ static void test_sentinel_failover(void **state)
     ctx_free(c);
 }
 
+/* Like wait_for, with c's event loop running in between. */
+static bool wait_running(struct ctx *c, bool (*pred)(void *), void *arg, int max_ms)
+{
+    uint64_t end = now_ms() + (uint64_t)max_ms;
+    while (now_ms() < end) {
+        if (pred(arg)) return true;
+        run_for(c, 50);
+    }
+    return false;
+}
+
+/* The port the sentinel names for m, or -1. */
+static int sentinel_master_port(void)
+{
+    redisReply *r = rq(ss_port, "SENTINEL get-master-addr-by-name m");
+    int port = -1;
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+        r->element[1]->type == REDIS_REPLY_STRING)
+        port = atoi(r->element[1]->str);
+    if (r) freeReplyObject(r);
+    return port;
+}
+
+static bool pred_sentinel_names(void *arg)
+{
+    return sentinel_master_port() == *(int *)arg;
+}
+
+/* The store's +switch-master subscriber is the sentinel's one client
+ * with a subscription. */
+static bool pred_subscribed(void *arg)
+{
+    (void)arg;
+    return rcontains(ss_port, "CLIENT LIST", " sub=1 ");
+}
+
+/* A store connection (the handshake ends with SCRIPT LOAD, then EVALSHA)
+ * is open on the server at port. */
+static bool pred_store_connected(void *arg)
+{
+    int port = *(int *)arg;
+    return rcontains(port, "CLIENT LIST", "cmd=script|load") ||
+           rcontains(port, "CLIENT LIST", "cmd=evalsha");
+}
+
+static bool pred_role_slave(void *arg)
+{
+    return role_is(*(int *)arg, "slave");
+}
+
+/* The store moves to the promoted master when the sentinel announces it:
+ * the old master is SIGSTOPped as soon as the sentinel names the new one
+ * (long before the sentinel would turn it into a replica, which closes
+ * its clients), so a store that learns of failovers only from errors
+ * would stay on it (its next op times out, and nothing ever connects to
+ * the new master). With the subscription, the next op, with none failed
+ * before it, goes to the new master. Runs after test_sentinel_failover:
+ * whichever is the master now is failed over again. */
+static void test_sentinel_switch_announced(void **state)
+{
+    (void)state;
+    int old_port = sentinel_master_port();
+    assert_true(old_port == sm_port || old_port == sr_port);
+    int new_port = old_port == sm_port ? sr_port : sm_port;
+    pid_t *old_pid = old_port == sm_port ? &sm_pid : &sr_pid;
+    assert_true(wait_for(pred_role_slave, &new_port, 30000));
+
+    struct ctx *c = sentinel_ctx();
+    assert_true(wait_running(c, pred_subscribed, NULL, 10000));
+    char k[64], key[128];
+    unique_skey(k, sizeof(k), "s-old");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A), STORE_ACQ_LOCKED);
+    full_key(key, sizeof(key), k);
+    assert_int_equal(rint_or(old_port, -1, "EXISTS %s", key), 1);
+
+    /* NOGOODSLAVE until the sentinel has heard from the replica */
+    uint64_t end = now_ms() + 30000;
+    while (!pred_failover_accepted(NULL)) {
+        assert_true(now_ms() < end);
+        run_for(c, 200);
+    }
+    assert_true(wait_running(c, pred_sentinel_names, &new_port, 30000));
+    assert_int_equal(kill(*old_pid, SIGSTOP), 0);
+
+    assert_true(wait_running(c, pred_store_connected, &new_port, 10000));
+    unique_skey(k, sizeof(k), "s-new");
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A), STORE_ACQ_LOCKED);
+    full_key(key, sizeof(key), k);
+    assert_int_equal(rint_or(new_port, -1, "EXISTS %s", key), 1);
+    assert_int_equal(complete(c, k, TOKEN_A, (const uint8_t *)"r", 1), 1);
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_B), STORE_ACQ_COMPLETED);
+
+    /* the old master comes back and is turned into a replica */
+    assert_int_equal(kill(*old_pid, SIGCONT), 0);
+    assert_true(wait_running(c, pred_role_slave, &old_port, 30000));
+    ctx_free(c);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -839,6 +939,7 @@ int main(void)
         cmocka_unit_test(test_sentinel_ops_before_master_known),
         cmocka_unit_test(test_sentinel_free_with_parked_ops),
         cmocka_unit_test(test_sentinel_failover),
+        cmocka_unit_test(test_sentinel_switch_announced),
     };
     int failed = cmocka_run_group_tests_name("cluster", cluster, cluster_setup, cluster_teardown);
     failed += cmocka_run_group_tests_name("sentinel", sentinel, sentinel_setup, sentinel_teardown);
