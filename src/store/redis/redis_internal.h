@@ -27,8 +27,10 @@
  *    error; rate-limited), MOVED and ASK redirects followed within the
  *    operation's deadline;
  *  - sentinel: the sentinels in redis.nodes are asked in order for the
- *    master's address, which is checked with ROLE; on a lost connection, a
- *    timeout or a READONLY / LOADING reply the sentinels are asked again.
+ *    master's address, which is checked with ROLE; one of them is
+ *    subscribed to +switch-master, and an announced failover moves the
+ *    master connection to the new address at once; on a lost connection,
+ *    a timeout or a READONLY / LOADING reply the sentinels are asked again.
  *    The operation in flight fails (never retried on another master);
  *    operations started while no master is known wait for one until their
  *    deadline.
