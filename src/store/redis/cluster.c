@@ -103,39 +103,37 @@ static struct rconn *cluster_any(struct store_redis *s, unsigned from)
 }
 
 /* One CLUSTER SLOTS range: [start, end, [host, port, ...], replicas...]. */
-static bool cluster_range_ok(const redisReply *e)
+static bool cluster_range_ok(const struct rreply *e)
 {
-    if (e->type != REDIS_REPLY_ARRAY || e->elements < 3) return false;
-    const redisReply *m = e->element[2];
-    return e->element[0]->type == REDIS_REPLY_INTEGER &&
-           e->element[1]->type == REDIS_REPLY_INTEGER && e->element[0]->integer >= 0 &&
-           e->element[0]->integer <= e->element[1]->integer && e->element[1]->integer < RS_NSLOTS &&
-           m->type == REDIS_REPLY_ARRAY && m->elements >= 2 &&
-           m->element[0]->type == REDIS_REPLY_STRING &&
-           m->element[1]->type == REDIS_REPLY_INTEGER && m->element[1]->integer > 0 &&
-           m->element[1]->integer <= 65535;
+    if (e->type != RREPLY_ARRAY || e->elements < 3) return false;
+    const struct rreply *m = &e->element[2];
+    return e->element[0].type == RREPLY_INTEGER && e->element[1].type == RREPLY_INTEGER &&
+           e->element[0].integer >= 0 && e->element[0].integer <= e->element[1].integer &&
+           e->element[1].integer < RS_NSLOTS && m->type == RREPLY_ARRAY && m->elements >= 2 &&
+           m->element[0].type == RREPLY_STRING && m->element[1].type == RREPLY_INTEGER &&
+           m->element[1].integer > 0 && m->element[1].integer <= 65535;
 }
 
 /* Replaces the slot map with the answer; false when it is malformed. */
 static bool cluster_apply_slots(struct rs_cluster *cl, const struct rconn *asked,
-                                const redisReply *r)
+                                const struct rreply *r)
 {
-    if (r->type != REDIS_REPLY_ARRAY) return false;
+    if (r->type != RREPLY_ARRAY) return false;
     for (size_t i = 0; i < r->elements; i++)
-        if (!cluster_range_ok(r->element[i])) return false;
+        if (!cluster_range_ok(&r->element[i])) return false;
     memset(cl->slots, 0, sizeof(cl->slots));
     for (size_t i = 0; i < r->elements; i++) {
-        const redisReply *e = r->element[i];
-        const redisReply *m = e->element[2];
-        const char *host = m->element[0]->str;
-        size_t hlen = m->element[0]->len;
+        const struct rreply *e = &r->element[i];
+        const struct rreply *m = &e->element[2];
+        const char *host = m->element[0].str;
+        size_t hlen = m->element[0].len;
         /* A node that does not know its own address says "" or "?". */
         if (hlen == 0 || (hlen == 1 && host[0] == '?')) {
             host = asked->host;
             hlen = strlen(asked->host);
         }
-        struct rconn *node = cluster_node(cl->s, host, hlen, (int)m->element[1]->integer);
-        for (long long slot = e->element[0]->integer; slot <= e->element[1]->integer; slot++)
+        struct rconn *node = cluster_node(cl->s, host, hlen, (int)m->element[1].integer);
+        for (long long slot = e->element[0].integer; slot <= e->element[1].integer; slot++)
             cl->slots[slot] = node;
     }
     return true;
@@ -153,10 +151,8 @@ static void cluster_refresh_soon(struct rs_cluster *cl)
     evtimer_add(cl->refresh_ev, &tv);
 }
 
-static void cluster_slots_cb(redisAsyncContext *ac, void *reply, void *priv)
+static void cluster_slots_cb(struct rconn *c, const struct rreply *reply, void *priv)
 {
-    struct rconn *c = rc_of(ac);
-    if (!c) return;
     struct rs_cluster *cl = cl_of(c->s);
     if (!cl->refresh_inflight || (uintptr_t)priv != cl->refresh_gen) return;
     cl->refresh_inflight = false;
@@ -165,10 +161,11 @@ static void cluster_slots_cb(redisAsyncContext *ac, void *reply, void *priv)
         cl->refresh_fails = 0;
         return;
     }
-    const redisReply *r = reply;
+    const struct rreply *r = reply;
     if (r && cl->refresh_fails == 0)
-        log_msg(LOG_WARN, "store redis: CLUSTER SLOTS on %s:%d: %s", c->host, c->port,
-                r->type == REDIS_REPLY_ERROR && r->str ? r->str : "unexpected answer");
+        log_msg(LOG_WARN, "store redis: CLUSTER SLOTS on %s:%d: %.*s", c->host, c->port,
+                r->type == RREPLY_ERROR ? (int)r->len : (int)strlen("unexpected answer"),
+                r->type == RREPLY_ERROR ? r->str : "unexpected answer");
     cl->refresh_fails++;
     cl->refresh_rr++;
     cluster_refresh_soon(cl);
@@ -190,8 +187,7 @@ static void cluster_refresh_cb(evutil_socket_t fd, short what, void *arg)
     }
     if (!c) return;
     cl->refresh_gen++;
-    if (redisAsyncCommand(c->ac, cluster_slots_cb, (void *)cl->refresh_gen, "CLUSTER SLOTS") !=
-        REDIS_OK) {
+    if (rc_cmd(c, cluster_slots_cb, (void *)cl->refresh_gen, "CLUSTER", "SLOTS", NULL) != 0) {
         cl->refresh_rr++;
         cluster_refresh_soon(cl);
         return;
@@ -214,8 +210,8 @@ static void cluster_refresh_deadline_cb(evutil_socket_t fd, short what, void *ar
 }
 
 /* "MOVED <slot> <host>:<port>" / "ASK ..." -> 1 / 2 with the target, or 0. */
-static int rs_parse_redirect(const redisReply *r, unsigned *slot, const char **host, size_t *hlen,
-                             int *port)
+static int rs_parse_redirect(const struct rreply *r, unsigned *slot, const char **host,
+                             size_t *hlen, int *port)
 {
     int kind = rs_reply_is_error(r, "MOVED") ? 1 : rs_reply_is_error(r, "ASK") ? 2 : 0;
     if (!kind) return 0;
@@ -298,7 +294,7 @@ static enum rs_route cluster_route(struct rop *op)
 
 /* MOVED / ASK are followed (not for WAIT, which names no key); a node that
  * cannot serve the slot now fails the op and the map is asked for again. */
-static bool cluster_on_error_reply(struct rop *op, const redisReply *r)
+static bool cluster_on_error_reply(struct rop *op, const struct rreply *r)
 {
     if (op->kind != ROP_PING && op->stage != ROP_WAIT) {
         unsigned slot;
@@ -315,7 +311,8 @@ static bool cluster_on_error_reply(struct rop *op, const redisReply *r)
                     rs_reply_is_error(r, "MASTERDOWN") || rs_reply_is_error(r, "CLUSTERDOWN") ||
                     rs_reply_is_error(r, "TRYAGAIN");
     if (!moved_on) return false;
-    log_msg(LOG_WARN, "store redis: %s:%d answered %s", op->conn->host, op->conn->port, r->str);
+    log_msg(LOG_WARN, "store redis: %s:%d answered %.*s", op->conn->host, op->conn->port,
+            (int)r->len, r->str);
     cluster_refresh_soon(cl_of(op->s));
     rop_fail(op);
     return true;

@@ -4,7 +4,10 @@
  * to acquire, else a script with EVALSHA, once more after NOSCRIPT, when
  * the scripts were loaded again; the acquire script after WRONGTYPE); WAIT for
  * replicas after a lock and the release when too few acknowledged; reading
- * the replies; firing the caller's callback exactly once; and handing an
+ * the replies; firing the caller's callback exactly once; the store's one
+ * deadline timer (every op has the same timeout, so the list of live ops,
+ * oldest first, is in deadline order: the timer is armed for its head);
+ * failing ops from the loop; recycling op structs; and handing an
  * acquire that failed while it may hold the lock to giveback.c. Does not
  * own connections (conn.c) nor know where a key lives: the topology's
  * route sets op->conn and its on_error_reply handles MOVED, ASK and the
@@ -18,37 +21,67 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Frees op once its callback has fired and hiredis owes it no reply. */
+#define ROP_SPARE_MAX 256 /* op structs kept for reuse per store */
+
+static void rop_unlist(struct rop *op)
+{
+    struct store_redis *s = op->s;
+    if (op->prev)
+        op->prev->next = op->next;
+    else
+        s->ops = op->next;
+    if (op->next)
+        op->next->prev = op->prev;
+    else
+        s->ops_tail = op->prev;
+    op->prev = op->next = NULL;
+}
+
+/* Frees (or keeps for reuse) op once its callback has fired and its
+ * connection owes it no reply. */
 void rop_maybe_free(struct rop *op)
 {
-    if (!op->done || op->refs > 0 || op->in_cb) return;
+    if (op->state != ROP_DONE || op->refs > 0) return;
     struct store_redis *s = op->s;
-    if (s) {
-        if (op->prev)
-            op->prev->next = op->next;
-        else
-            s->ops = op->next;
-        if (op->next) op->next->prev = op->prev;
+    rop_unlist(op);
+    if (s->n_spare < ROP_SPARE_MAX) {
+        op->next = s->spare;
+        s->spare = op;
+        s->n_spare++;
+        return;
     }
-    if (op->timer) event_free(op->timer);
     free(op->buf);
     free(op);
 }
 
+/* Frees every op, live or spare, without a callback (the store is being
+ * freed). */
+void rop_free_all(struct store_redis *s)
+{
+    for (struct rop *op = s->ops, *next; op; op = next) {
+        next = op->next;
+        free(op->buf);
+        free(op);
+    }
+    for (struct rop *op = s->spare, *next; op; op = next) {
+        next = op->next;
+        free(op->buf);
+        free(op);
+    }
+    s->ops = s->ops_tail = s->spare = NULL;
+    s->n_spare = 0;
+}
+
 /* Fires the user callback (once) and frees the op when nothing else
- * references it. Neither op's store nor op is used after the callback
- * unless still alive. */
+ * references it. */
 static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
 {
-    if (op->done) return;
-    op->done = true;
-    if (op->timer) evtimer_del(op->timer);
-    op->in_cb = true;
+    if (op->state == ROP_DONE) return;
+    op->state = ROP_DONE;
     if (op->kind == ROP_ACQUIRE)
         op->acq_cb(op->arg, acq);
     else
         op->done_cb(op->arg, status);
-    op->in_cb = false;
     rop_maybe_free(op);
 }
 
@@ -56,41 +89,85 @@ static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, in
  * lock remembers it first, to give it back. */
 void rop_fail(struct rop *op)
 {
-    if (!op->done && op->kind == ROP_ACQUIRE && op->maybe_locked) gb_remember(op);
+    if (op->state != ROP_DONE && op->kind == ROP_ACQUIRE && op->maybe_locked) gb_remember(op);
     struct store_acquire_reply r = {.state = STORE_ACQ_ERROR};
     rop_finish(op, &r, -1);
 }
 
-static void rop_timer_cb(evutil_socket_t fd, short what, void *arg)
+/* Arms the deadline timer for the oldest op still waiting, if any. */
+static void rop_arm_deadline(struct store_redis *s)
+{
+    const struct rop *op = s->ops;
+    while (op && op->state == ROP_DONE)
+        op = op->next;
+    if (!op) return;
+    uint64_t now = clock_now_ms();
+    struct timeval tv = rs_tv(op->deadline_ms > now ? op->deadline_ms - now : 0);
+    evtimer_add(s->deadline_ev, &tv);
+}
+
+/* Fails every op whose deadline has passed. A command that got no answer
+ * in time means its connection may be stuck (a half-open socket never
+ * answers), so that connection starts over (from the loop). */
+static void rop_deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    struct rop *op = arg;
-    /* A command that got no answer in time: the connection may be stuck
-     * (a half-open socket never answers), so start over. Scheduled before
-     * the callback, which may free the store. */
-    if (op->refs > 0 && op->s && op->conn) rc_kill_soon(op->conn);
-    rop_fail(op);
+    struct store_redis *s = arg;
+    rs_enter(s);
+    uint64_t now = clock_now_ms();
+    for (struct rop *op = s->ops, *next; op && !s->freeing; op = next) {
+        next = op->next;
+        if (op->state == ROP_DONE) continue;
+        if (op->deadline_ms > now) break;
+        if (op->refs > 0 && op->conn) rc_kill_soon(op->conn);
+        rop_fail(op);
+    }
+    if (!s->freeing) rop_arm_deadline(s);
+    rs_leave(s);
+}
+
+/* Fails the ops marked fail_soon. */
+static void rop_fail_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct store_redis *s = arg;
+    rs_enter(s);
+    for (struct rop *op = s->ops, *next; op && !s->freeing; op = next) {
+        next = op->next;
+        if (!op->fail_soon) continue;
+        op->fail_soon = false;
+        rop_fail(op);
+    }
+    rs_leave(s);
 }
 
 /* Fails op from the loop, never synchronously. */
 static void rop_fail_soon(struct rop *op)
 {
-    struct timeval zero = {0, 0};
-    evtimer_add(op->timer, &zero);
+    op->fail_soon = true;
+    event_active(op->s->fail_ev, EV_TIMEOUT, 0);
 }
 
-static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv);
+/* The store's two timers (store_redis_new). */
+void rop_timers_new(struct store_redis *s)
+{
+    s->deadline_ev = evtimer_new(s->evb, rop_deadline_cb, s);
+    s->fail_ev = event_new(s->evb, -1, 0, rop_fail_cb, s);
+    if (!s->deadline_ev || !s->fail_ev) abort();
+}
+
+static void rop_reply_cb(struct rconn *c, const struct rreply *r, void *priv);
 
 /* Sends one command on op->conn (after ASKING when redirected by ASK and
  * the command names the key). */
 static int rop_send(struct rop *op, bool keyed, int argc, const char **argv, const size_t *lens)
 {
     struct rconn *c = op->conn;
-    if (!op->s || !c || !rc_usable(c)) return -1;
-    if (keyed && op->asking && redisAsyncCommand(c->ac, NULL, NULL, "ASKING") != REDIS_OK)
-        return -1;
-    if (redisAsyncCommandArgv(c->ac, rop_reply_cb, op, argc, argv, lens) != REDIS_OK) return -1;
+    if (!c || !rc_usable(c)) return -1;
+    if (keyed && op->asking && rc_cmd(c, NULL, NULL, "ASKING", NULL) != 0) return -1;
+    if (rc_command(c, rop_reply_cb, op, argc, argv, lens) != 0) return -1;
     op->refs++;
     return 0;
 }
@@ -177,7 +254,7 @@ static int rop_dispatch(struct rop *op)
     case RS_ROUTE_SEND:
         return rop_send_main(op);
     case RS_ROUTE_PARK:
-        op->parked = true;
+        op->state = ROP_PARKED;
         return 0;
     case RS_ROUTE_NONE:
         break;
@@ -189,44 +266,41 @@ static int rop_dispatch(struct rop *op)
  * reported from the loop, so no user callback runs here. */
 void rop_flush_parked(struct rconn *c)
 {
-    struct rop *tail = c->s->ops;
-    while (tail && tail->next)
-        tail = tail->next;
-    for (struct rop *op = tail; op; op = op->prev) {
-        if (!op->parked || op->done || op->conn != c) continue;
-        op->parked = false;
+    for (struct rop *op = c->s->ops; op; op = op->next) {
+        if (op->state != ROP_PARKED || op->conn != c) continue;
+        op->state = ROP_SENT;
         if (rop_send_main(op) != 0) rop_fail_soon(op);
     }
 }
 
 /* Errors behind a failed handshake are its echo, logged already. */
-static void rs_log_bad_reply(const struct rconn *c, const redisReply *r)
+static void rs_log_bad_reply(const struct rconn *c, const struct rreply *r)
 {
     if (c && c->handshake_failed) return;
-    if (r->type == REDIS_REPLY_ERROR)
-        log_msg(LOG_ERROR, "store redis: error reply: %s", r->str ? r->str : "");
+    if (r->type == RREPLY_ERROR)
+        log_msg(LOG_ERROR, "store redis: error reply: %.*s", (int)r->len, r->str);
     else
         log_msg(LOG_ERROR, "store redis: unexpected reply type %d", r->type);
 }
 
 /* Parses an acquire's answer (SET NX GET's or the script's: nil, or the
  * value found); false when malformed. */
-static bool rop_parse_acquire(const struct rop *op, const redisReply *r,
+static bool rop_parse_acquire(const struct rop *op, const struct rreply *r,
                               struct store_acquire_reply *out)
 {
-    if (r->type == REDIS_REPLY_NIL) {
+    if (r->type == RREPLY_NIL) {
         out->state = STORE_ACQ_LOCKED;
         return true;
     }
-    return r->type == REDIS_REPLY_STRING &&
+    return r->type == RREPLY_STRING &&
            rs_parse_value(r->str, r->len, (const uint8_t *)op->argv[1], out);
 }
 
-static void rop_on_acquire_main(struct rop *op, const redisReply *r)
+static void rop_on_acquire_main(struct rop *op, const struct rreply *r)
 {
     struct store_acquire_reply out = {.state = STORE_ACQ_ERROR};
     if (!rop_parse_acquire(op, r, &out)) {
-        if (r->type == REDIS_REPLY_STRING)
+        if (r->type == RREPLY_STRING)
             log_msg(LOG_ERROR, "store redis: %.*s holds a value idemgate did not write",
                     (int)op->argvlen[0], op->argv[0]);
         else
@@ -242,45 +316,45 @@ static void rop_on_acquire_main(struct rop *op, const redisReply *r)
     rop_finish(op, &out, 0);
 }
 
-static void rop_on_wait(struct rop *op, const redisReply *r)
+static void rop_on_wait(struct rop *op, const struct rreply *r)
 {
-    if (r->type == REDIS_REPLY_INTEGER && r->integer >= op->s->cfg->redis.wait_replicas) {
+    if (r->type == RREPLY_INTEGER && r->integer >= op->s->cfg->redis.wait_replicas) {
         struct store_acquire_reply out = {.state = STORE_ACQ_LOCKED};
         rop_finish(op, &out, 0);
         return;
     }
     log_msg(LOG_WARN, "store redis: WAIT got %lld of %d replicas; lock given back",
-            r->type == REDIS_REPLY_INTEGER ? r->integer : -1LL, op->s->cfg->redis.wait_replicas);
+            r->type == RREPLY_INTEGER ? r->integer : -1LL, op->s->cfg->redis.wait_replicas);
     op->stage = ROP_UNDO;
     if (rop_send_undo(op) != 0) rop_fail(op);
 }
 
-static int rop_status_of(const redisReply *r, enum rop_kind kind)
+static int rop_status_of(const struct rreply *r, enum rop_kind kind)
 {
-    if (kind == ROP_PING) return r->type == REDIS_REPLY_STATUS ? 1 : -1;
-    if (r->type != REDIS_REPLY_INTEGER || (r->integer != 0 && r->integer != 1)) return -1;
+    if (kind == ROP_PING) return r->type == RREPLY_STATUS ? 1 : -1;
+    if (r->type != RREPLY_INTEGER || (r->integer != 0 && r->integer != 1)) return -1;
     return (int)r->integer;
 }
 
 /* True when an acquire's reply says the lock is now ours. */
-static bool rop_reply_locked(const redisReply *r)
+static bool rop_reply_locked(const struct rreply *r)
 {
-    return r->type == REDIS_REPLY_NIL;
+    return r->type == RREPLY_NIL;
 }
 
 /* A reply for an acquire whose caller already got an error (and which
  * remembered its lock then): give the lock back now when the reply shows
  * it is ours, forget it when it shows nothing was taken. */
-static void rop_on_late_reply(struct rop *op, const redisReply *r)
+static void rop_on_late_reply(struct rop *op, const struct rreply *r)
 {
-    if (op->kind != ROP_ACQUIRE || !op->s) return;
+    if (op->kind != ROP_ACQUIRE) return;
     struct rs_giveback *e = gb_find(op->s, op->argv[2]);
     if (!e || e->inflight) return;
     bool locked;
     if (op->stage == ROP_WAIT)
         locked = true; /* WAIT changes nothing: the lock was taken */
     else if (op->stage == ROP_UNDO)
-        locked = r->type != REDIS_REPLY_INTEGER; /* 1 or 0: it is gone */
+        locked = r->type != RREPLY_INTEGER; /* 1 or 0: it is gone */
     else
         locked = rop_reply_locked(r);
     if (locked)
@@ -289,26 +363,24 @@ static void rop_on_late_reply(struct rop *op, const redisReply *r)
         gb_free(e);
 }
 
-static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
+static void rop_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
 {
-    (void)ac;
     struct rop *op = priv;
-    const redisReply *r = reply;
     op->refs--;
-    if (op->done) {
+    if (op->state == ROP_DONE) {
         if (r) rop_on_late_reply(op, r);
         rop_maybe_free(op);
         return;
     }
     if (!r) {
-        /* Lost before the socket connected: nothing reached the server. */
-        if (op->conn && !op->conn->connected) op->maybe_locked = false;
+        /* Lost before a byte reached the socket: nothing reached the server. */
+        if (!rc_is_connected(c)) op->maybe_locked = false;
         rop_fail(op);
         return;
     }
     if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN) op->maybe_locked = rop_reply_locked(r);
     const struct rs_topology_ops *t = op->s->topo;
-    if (r->type == REDIS_REPLY_ERROR && t->on_error_reply && t->on_error_reply(op, r)) return;
+    if (r->type == RREPLY_ERROR && t->on_error_reply && t->on_error_reply(op, r)) return;
     if (op->kind == ROP_ACQUIRE && op->stage == ROP_MAIN && !op->legacy &&
         rs_reply_is_error(r, "WRONGTYPE")) {
         /* A key an older idemgate wrote: the script reads it. */
@@ -323,7 +395,7 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
         return;
     }
     if (op->stage == ROP_UNDO) {
-        if (r->type == REDIS_REPLY_INTEGER) op->maybe_locked = false; /* given back */
+        if (r->type == RREPLY_INTEGER) op->maybe_locked = false; /* given back */
         rop_fail(op);
     } else if (op->stage == ROP_WAIT) {
         rop_on_wait(op, r);
@@ -336,21 +408,38 @@ static void rop_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
     }
 }
 
-/* Builds the op, listed in s->ops, and copies the script arguments
- * (the key first) into one buffer it owns. */
+/* Builds the op (a recycled one when there is one), listed last in
+ * s->ops, and copies the arguments (the key first) into one buffer it
+ * owns. */
 struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
                     const char **args, const size_t *lens)
 {
-    struct rop *op = rs_alloc(sizeof(*op));
+    struct rop *op = s->spare;
+    char *buf = NULL;
+    size_t cap = 0;
+    if (op) {
+        s->spare = op->next;
+        s->n_spare--;
+        buf = op->buf;
+        cap = op->buf_cap;
+        memset(op, 0, sizeof(*op));
+    } else {
+        op = rs_alloc(sizeof(*op));
+    }
     op->s = s;
     op->kind = kind;
     op->script = script;
-    op->timer = evtimer_new(s->evb, rop_timer_cb, op);
-    if (!op->timer) abort();
+    op->state = ROP_SENT;
     size_t total = 0;
     for (int i = 0; i < argc; i++)
         total += lens[i];
-    op->buf = rs_alloc(total);
+    if (total > cap || !buf) {
+        free(buf);
+        cap = total > 128 ? total : 128;
+        buf = rs_alloc(cap);
+    }
+    op->buf = buf;
+    op->buf_cap = cap;
     char *p = op->buf;
     for (int i = 0; i < argc; i++) {
         if (lens[i]) memcpy(p, args[i], lens[i]);
@@ -360,20 +449,21 @@ struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script sc
     }
     op->argc = argc;
     if (argc > 0) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]); /* for cluster.c */
-    op->next = s->ops;
-    if (s->ops) s->ops->prev = op;
-    s->ops = op;
+    op->prev = s->ops_tail;
+    if (s->ops_tail)
+        s->ops_tail->next = op;
+    else
+        s->ops = op;
+    s->ops_tail = op;
     return op;
 }
 
-/* Arms op's deadline (redis.timeout_ms) and sends it; the caller's
+/* Sets op's deadline (redis.timeout_ms) and sends it; the caller's
  * callback never fires from in here. */
 void rop_start(struct rop *op)
 {
     struct store_redis *s = op->s;
-    uint64_t ms = (uint64_t)rs_timeout_ms(s);
-    op->deadline_ms = clock_now_ms() + ms;
-    struct timeval tv = rs_tv(ms);
-    evtimer_add(op->timer, &tv);
+    op->deadline_ms = clock_now_ms() + (uint64_t)rs_timeout_ms(s);
+    if (!evtimer_pending(s->deadline_ev, NULL)) rop_arm_deadline(s);
     if (rop_dispatch(op) != 0) rop_fail_soon(op);
 }

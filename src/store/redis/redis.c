@@ -1,7 +1,8 @@
 /* redis.c — the Redis store's public face (store_redis_new in store.h).
  *
  * Owns struct store_redis: the store_ops table (acquire, complete,
- * release, renew, ping, free), turning a store key into the Redis key
+ * release, renew, ping, free, and the deferred free of rs_enter/rs_leave), turning a store key into
+ * the Redis key
  * "<prefix>{<skey>}" and the script arguments, and store_redis_new, the
  * one place that reads redis.mode: it picks the topology table once. Also
  * the small helpers every file of the backend uses. Does not own the
@@ -50,11 +51,18 @@ int rs_timeout_ms(const struct store_redis *s)
 }
 
 /* Whether r is the error "<prefix>" or "<prefix> ...". */
-bool rs_reply_is_error(const redisReply *r, const char *prefix)
+bool rs_reply_is_error(const struct rreply *r, const char *prefix)
 {
     size_t n = strlen(prefix);
-    return r->type == REDIS_REPLY_ERROR && r->str && r->len >= n &&
-           strncmp(r->str, prefix, n) == 0 && (r->len == n || r->str[n] == ' ');
+    return r->type == RREPLY_ERROR && r->len >= n && memcmp(r->str, prefix, n) == 0 &&
+           (r->len == n || r->str[n] == ' ');
+}
+
+bool rs_reply_is(const struct rreply *r, const char *str)
+{
+    size_t n = strlen(str);
+    return (r->type == RREPLY_STRING || r->type == RREPLY_STATUS || r->type == RREPLY_ERROR) &&
+           r->len == n && memcmp(r->str, str, n) == 0;
 }
 
 /* "<prefix>{<skey>}" into a fresh buffer; caller frees. */
@@ -150,28 +158,11 @@ static void rs_ping(struct store *base, store_done_cb cb, void *arg)
     rop_start(op);
 }
 
-/* Ops still owed a reply by hiredis become orphans (s = NULL, done) and
- * are freed by the NULL-reply callbacks that redisAsyncFree runs; an op
- * whose user callback is running is freed by rop_finish when it returns.
- * Called from inside a store callback, redisAsyncFree is postponed by
- * hiredis until that callback returns (REDIS_IN_CALLBACK), which the
- * orphans tolerate. */
-static void rs_free(struct store *base)
+/* Frees everything: ops and give-backs without their callbacks, the
+ * connections with what they owe, the topology, the timers. */
+static void rs_free_now(struct store_redis *s)
 {
-    struct store_redis *s = (struct store_redis *)base;
-    struct rop *op = s->ops;
-    while (op) {
-        struct rop *next = op->next;
-        op->s = NULL;
-        op->conn = NULL;
-        op->prev = op->next = NULL;
-        op->done = true;
-        if (op->timer) event_free(op->timer);
-        op->timer = NULL;
-        rop_maybe_free(op);
-        op = next;
-    }
-    s->ops = NULL;
+    rop_free_all(s);
     while (s->gb_head) /* their releases in flight were just dropped */
         gb_free(s->gb_head);
     struct rconn *c = s->conns;
@@ -182,8 +173,47 @@ static void rs_free(struct store *base)
     }
     s->conns = NULL;
     s->topo->free(s);
+    event_free(s->deadline_ev);
+    event_free(s->fail_ev);
     free(s->prefix);
     free(s);
+}
+
+/* A TLS session for a connection to host (rediss://), or NULL. */
+struct ssl_st *rs_tls_new(struct store_redis *s, const char *host)
+{
+    (void)s;
+    (void)host;
+    return NULL;
+}
+
+void rs_enter(struct store_redis *s)
+{
+    s->depth++;
+}
+
+bool rs_leave(struct store_redis *s)
+{
+    if (--s->depth > 0) return !s->freeing;
+    if (!s->freeing) return true;
+    rs_free_now(s);
+    return false;
+}
+
+/* Ops in flight are dropped without their callbacks. Called from inside a
+ * store callback (depth > 0), the store is only marked: no callback of it
+ * fires any more, and the outermost of its libevent callbacks frees it
+ * when it unwinds. */
+static void rs_free(struct store *base)
+{
+    struct store_redis *s = (struct store_redis *)base;
+    if (s->depth > 0) {
+        s->freeing = true;
+        for (struct rop *op = s->ops; op; op = op->next)
+            op->state = ROP_DONE;
+        return;
+    }
+    rs_free_now(s);
 }
 
 static const struct store_ops rs_ops = {
@@ -228,6 +258,7 @@ struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
     const char *p = cfg->redis.key_prefix ? cfg->redis.key_prefix : "";
     s->prefix = rs_strndup(p, strlen(p));
     rs_scripts_hash(s->sha);
+    rop_timers_new(s);
     s->topo = rs_topology_for(&cfg->redis);
     s->topo->init(s);
     return &s->base;

@@ -14,10 +14,11 @@
  *   cluster.c     a key's commands go, and what a connection going down,
  *   sentinel.c    coming up or an error reply like MOVED means in the mode
  *
- * The backend owns the hiredis 0.14 async connections of one store (per
- * worker), attached to the worker's event_base with the libevent adapter;
- * their reconnect, teardown and handshake timers; the cluster slot map and
- * the sentinel master lookup; and every operation in flight. It knows
+ * The backend owns the Redis connections of one store (per worker), on our
+ * connection layer (net/conn, TLS for rediss://) and the worker's
+ * event_base; their reconnect, teardown and handshake timers; the cluster
+ * slot map and the sentinel master lookup; and every operation in flight,
+ * under one deadline timer per store. It knows
  * nothing of HTTP or of what a record contains.
  *
  * Three modes (redis.mode):
@@ -57,19 +58,20 @@
  * meets WRONGTYPE on a key written here and answers 503: mixed, the two
  * never run one key twice.
  *
- * hiredis 0.14 has no command timeouts, so every operation runs its own
- * deadline timer. Ownership of an operation (struct rop):
+ * Ownership of an operation (struct rop):
  *
- *      caller ──start──▶ rop ◀──privdata── hiredis (refs: replies owed)
+ *      caller ──start──▶ rop ◀──pending entry── rconn (refs: replies owed)
  *                         │
- *                         └─ timer (deadline)
+ *                         └─ the store's list (deadline order)
  *
- * The user callback fires exactly once (reply, error or deadline: `done`);
- * the rop itself is freed only when it is done AND hiredis owes it no reply
- * (refs == 0), because hiredis calls back every pending command, with a NULL
- * reply when the connection goes away. A deadline means the connection may
- * be stuck, so it is torn down (from a deferred event, never from inside a
- * hiredis callback) and the reconnect logic takes over.
+ * The user callback fires exactly once (reply, error or deadline: DONE);
+ * the rop itself is recycled only when it is DONE and its connection owes
+ * it no reply (refs == 0), because a connection calls back every pending
+ * command, with a NULL reply when it goes away. A deadline means the
+ * connection may be stuck, so it is torn down (from a deferred event,
+ * never from inside a reply callback) and the reconnect logic takes over.
+ * A store freed from inside one of its callbacks is freed when that
+ * callback unwinds (rs_enter / rs_leave).
  *
  * An acquire whose caller was told STORE_ACQ_ERROR while its script was
  * sent and unanswered (deadline, lost connection) may still take the lock
@@ -84,11 +86,11 @@
 #define IDEMGATE_STORE_REDIS_INTERNAL_H
 
 #include "idemgate/config/config.h"
+#include "idemgate/net/conn.h"
 #include "idemgate/store/store.h"
+#include "resp.h"
 
 #include <event2/event.h>
-#include <hiredis/async.h>
-#include <hiredis/hiredis.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -110,41 +112,94 @@ enum rop_stage { ROP_MAIN, ROP_WAIT, ROP_UNDO };
 
 struct store_redis;
 
-/* One server connection (and its reconnect state). Lives as long as the
- * store; only its hiredis context comes and goes. What it is for (the one
- * server, a cluster node, the sentinel master) is the topology's business. */
+/* The life of a connection (struct rconn):
+ *
+ *   IDLE ──rc_connect──▶ CONNECTING ──TCP up──▶ [TLS] ──▶ HANDSHAKE ──all answered──▶ READY
+ *    ▲                        │                   │           │                          │
+ *    └──────────────── lost, refused, timed out, failed, torn down ◀─────────────────────┘
+ *
+ * Commands may be queued from CONNECTING on: they wait in the output
+ * buffer behind the handshake and go out once the socket (and TLS) is up.
+ * IDLE has no socket; a data connection's backoff timer may be running. */
+enum rc_state { RC_IDLE, RC_CONNECTING, RC_TLS, RC_HANDSHAKE, RC_READY };
+
+/* What a connection is for. DATA: a server the store's ops go to (the
+ * one server, a cluster node, the sentinel master): listed in s->conns,
+ * with the full handshake, a reconnect backoff and the topology told of
+ * its going down and coming up. AUX: a sentinel asked a question or
+ * subscribed to: AUTH only, not listed, its owner told when it goes. */
+enum rc_kind { RC_DATA, RC_AUX };
+
+struct rconn;
+struct rreply;
+/* A reply (NULL: the connection went before it came), borrowed until the
+ * callback returns. */
+typedef void rc_reply_fn(struct rconn *c, const struct rreply *r, void *priv);
+/* An AUX connection went (lost, refused, closed by the server): c is
+ * already IDLE, its pending callbacks were dropped. */
+typedef void rc_down_fn(struct rconn *c, const char *why, void *arg);
+
+/* A reply the connection owes: who gets it (fn NULL: nobody). */
+struct rc_pending {
+    rc_reply_fn *fn;
+    void *priv;
+};
+
+/* One server connection on our connection layer (net/conn): commands are
+ * written as RESP into its output buffer and everything queued in one
+ * loop iteration goes out with one write; replies are parsed in place
+ * (resp.c) and handed, in order, to the callbacks of a ring of pending
+ * entries. A DATA connection lives as long as the store (only its socket
+ * comes and goes); an AUX one as long as its owner keeps it. */
 struct rconn {
-    struct rconn *next; /* the store's list */
+    struct rconn *next; /* the store's list (DATA) */
     struct store_redis *s;
-    redisAsyncContext *ac; /* NULL while disconnected */
-    char *host;            /* or the unix socket path */
+    enum rc_kind kind;
+    enum rc_state state;
+    char *host; /* or the unix socket path */
     int port;
     bool unix_socket;
-    bool connected;        /* the socket connected: commands may have reached the server */
-    bool ready;            /* the handshake has been answered */
+    struct conn io;          /* open from CONNECTING on */
+    struct resp_arena arena; /* the reply being parsed */
+    struct rc_pending *q;    /* ring: replies owed, oldest at q_head */
+    size_t q_head, q_len, q_cap;
+    struct event *flush_ev; /* active: output waits for the end of the iteration */
+    bool flush_queued;
+    bool wrote;            /* bytes reached the socket since it connected */
+    int dispatching;       /* inside its reply callbacks */
+    bool release_pending;  /* AUX: rc_release from inside a callback */
     bool down_logged;      /* one log line per outage */
     bool handshake_failed; /* one log line per failed handshake */
     int handshake_left;
-    bool set_get; /* the server takes SET NX PX GET (7.0+): known once ready */
+    bool set_get; /* the server takes SET NX PX GET (7.0+): known once READY */
     unsigned backoff_step;
-    struct event *reconnect_ev;
+    struct event *reconnect_ev; /* DATA */
     struct event *kill_ev;
-    struct event *handshake_ev;
+    struct event *handshake_ev; /* DATA */
+    rc_down_fn *down_fn;        /* AUX */
+    void *down_arg;
+    rc_reply_fn *push_fn; /* pub/sub messages (a subscriber), or NULL */
+    void *push_arg;
 };
+
+/* Where an operation is:
+ *   PARKED ──conn ready──▶ SENT ──last needed reply, deadline or failure──▶ DONE
+ * (a new op is SENT or PARKED at once, or DONE from the loop when it has
+ * nowhere to go). DONE means its callback fired; the op is freed (or
+ * recycled) once no reply is owed to it either (refs == 0). */
+enum rop_state { ROP_PARKED, ROP_SENT, ROP_DONE };
 
 /* One operation in flight. */
 struct rop {
-    struct rop *prev, *next; /* the store's list of live ops */
-    struct store_redis *s;   /* NULL once the store is freed (orphan) */
-    struct rconn *conn;      /* where its commands go; valid while s is */
-    struct event *timer;     /* deadline, or zero-delay for a fast failure */
+    struct rop *prev, *next; /* the store's list of live ops, oldest first */
+    struct store_redis *s;
+    struct rconn *conn; /* where its commands go */
     enum rop_kind kind;
     enum rop_stage stage;
-    int refs;          /* replies hiredis still owes this op */
-    bool done;         /* the user callback has fired (or was dropped) */
+    enum rop_state state;
+    int refs;          /* replies its connection still owes it */
+    bool fail_soon;    /* to fail from the loop (s->fail_ev) */
     bool retried;      /* the NOSCRIPT retry is used up */
-    bool in_cb;        /* inside the user callback */
-    bool parked;       /* waiting for conn to be ready (RS_ROUTE_PARK) */
     bool asking;       /* ASK redirect: send ASKING before each keyed command */
     bool maybe_locked; /* acquire: the lock may be ours (sent, unanswered, or taken) */
     bool legacy;       /* acquire: the key holds the older layout (the script reads it) */
@@ -159,6 +214,7 @@ struct rop {
     const char *argv[RS_MAX_ARGS];
     size_t argvlen[RS_MAX_ARGS];
     char *buf; /* owns the bytes argv points into */
+    size_t buf_cap;
 };
 
 /* A lock an acquire may have taken after its caller was told it failed;
@@ -197,7 +253,7 @@ struct rs_topology_ops {
     enum rs_route (*route)(struct rop *op);
     /* An error reply about where the key lives (MOVED, ASK, READONLY, ...):
      * true when handled (op redirected, or failed). Optional. */
-    bool (*on_error_reply)(struct rop *op, const redisReply *r);
+    bool (*on_error_reply)(struct rop *op, const struct rreply *r);
     /* Queues the mode's own handshake commands on c, after AUTH, SELECT
      * and the policy check, before SCRIPT LOAD; returns how many of their
      * answers the handshake waits for, or -1. Optional. */
@@ -226,8 +282,15 @@ struct store_redis {
     const struct cfg *cfg;              /* borrowed */
     const struct rs_topology_ops *topo; /* the mode's routing */
     void *topo_state;                   /* owned by topo (its free) */
-    struct rconn *conns;                /* every connection */
-    struct rop *ops;
+    struct rconn *conns;                /* every DATA connection */
+    struct rop *ops, *ops_tail;         /* live ops, oldest (first deadline) first */
+    struct rop *spare;                  /* freed ops kept for reuse */
+    size_t n_spare;
+    struct event *deadline_ev; /* the oldest live op's deadline */
+    struct event *fail_ev;     /* active: ops marked fail_soon */
+    int depth;                 /* libevent callbacks of the store on the stack */
+    bool tls;                  /* rediss:// */
+    bool freeing;              /* store_free was called inside one: freed when it unwinds */
     struct rs_giveback *gb_head, *gb_tail; /* oldest first */
     size_t gb_count;
     bool gb_drop_logged; /* one log line per run of dropped give-backs */
@@ -240,32 +303,49 @@ void *rs_alloc(size_t n); /* zeroed; aborts when out of memory */
 char *rs_strndup(const char *p, size_t n);
 struct timeval rs_tv(uint64_t ms);
 int rs_timeout_ms(const struct store_redis *s); /* redis.timeout_ms */
-bool rs_reply_is_error(const redisReply *r, const char *prefix);
+bool rs_reply_is_error(const struct rreply *r, const char *prefix);
+bool rs_reply_is(const struct rreply *r, const char *s); /* a string, status or error equal to s */
+/* Every libevent callback of the store that may reach a user callback
+ * runs between these: a store_free from inside one only marks the store,
+ * and the outermost rs_leave frees it. rs_leave returns false when the
+ * store is gone (or going): touch nothing of it then. */
+struct ssl_st *rs_tls_new(struct store_redis *s, const char *host);
+void rs_enter(struct store_redis *s);
+bool rs_leave(struct store_redis *s);
 
 /* conn.c */
 struct rconn *rc_new(struct store_redis *s, char *host, int port, bool unix_socket);
 void rc_free(struct rconn *c);
+/* An AUX connection to host:port, connecting now, AUTH queued: commands
+ * may follow at once. NULL (down_fn not called) when it cannot start; why
+ * says it. The owner lets it go with rc_release. */
+struct rconn *rc_aux_open(struct store_redis *s, const char *host, int port, rc_down_fn *down_fn,
+                          void *arg, char *why, size_t why_len);
+/* Closes and frees an AUX connection, dropping its pending callbacks
+ * (safe from inside one of them: done when it returns). */
+void rc_release(struct rconn *c);
 void rc_set_address(struct rconn *c, const char *host, size_t hlen, int port);
 void rc_connect(struct rconn *c);
-/* Starts a hiredis async connect to host:port (a unix socket at host when
- * unix_socket): the context (caller owns it), or NULL with why set when
- * hiredis refused at once. */
-redisAsyncContext *rc_async_connect(const char *host, int port, bool unix_socket, char *why,
-                                    size_t why_len);
 bool rc_ensure(struct rconn *c);
 bool rc_usable(const struct rconn *c);
-struct rconn *rc_of(const redisAsyncContext *ac);
+bool rc_is_connected(const struct rconn *c); /* the socket and TLS are up */
 void rc_kill_soon(struct rconn *c);
 void rc_schedule_reconnect(struct rconn *c);
 void rc_handshake_answered(struct rconn *c);
 void rc_handshake_failed(struct rconn *c);
-int rc_send_auth(redisAsyncContext *ac, const struct cfg_redis *rc, redisCallbackFn *fn,
-                 void *priv);
+/* Queues one command (argv[i] of lens[i] bytes; lens NULL: C strings)
+ * whose reply goes to fn (NULL: ignored). 0, or -1 when c cannot take
+ * commands now (fn is then never called). Never calls fn itself. */
+int rc_command(struct rconn *c, rc_reply_fn *fn, void *priv, int argc, const char **argv,
+               const size_t *lens);
+/* The same with C-string arguments, NULL-terminated. */
+int rc_cmd(struct rconn *c, rc_reply_fn *fn, void *priv, ...) __attribute__((sentinel));
+int rc_send_auth(struct rconn *c, rc_reply_fn *fn, void *priv);
 
 /* scripts.c */
 void rs_scripts_hash(char sha[RS_NSCRIPTS][41]);
-bool rs_script_loaded(const struct store_redis *s, const redisReply *r, intptr_t i);
-int rs_scripts_load(struct rconn *c, redisCallbackFn *fn);
+bool rs_script_loaded(const struct store_redis *s, const struct rreply *r, intptr_t i);
+int rs_scripts_load(struct rconn *c, rc_reply_fn *fn);
 int rs_scripts_reload(struct rconn *c);
 void rs_lock_value(char out[RS_VAL_HDR], const uint8_t fp[STORE_FP_LEN],
                    const char token[STORE_TOKEN_LEN], uint64_t created_ms);
@@ -281,6 +361,8 @@ int rop_send_undo(struct rop *op);
 void rop_fail(struct rop *op);
 void rop_maybe_free(struct rop *op);
 void rop_flush_parked(struct rconn *c);
+void rop_timers_new(struct store_redis *s);
+void rop_free_all(struct store_redis *s);
 
 /* giveback.c */
 struct rs_giveback *gb_find(struct store_redis *s, const char *token);

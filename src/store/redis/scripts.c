@@ -108,28 +108,27 @@ void rs_scripts_hash(char sha[RS_NSCRIPTS][41])
 }
 
 /* Whether r is SCRIPT LOAD's answer for script i: its SHA1. */
-bool rs_script_loaded(const struct store_redis *s, const redisReply *r, intptr_t i)
+bool rs_script_loaded(const struct store_redis *s, const struct rreply *r, intptr_t i)
 {
-    return r->type == REDIS_REPLY_STRING && r->len == 40 && memcmp(r->str, s->sha[i], 40) == 0;
+    return r->type == RREPLY_STRING && r->len == 40 && memcmp(r->str, s->sha[i], 40) == 0;
 }
 
 /* Queues SCRIPT LOAD for every script, with the script's index as the
  * callback's privdata; commands sent after these on the same connection
  * run after them, so nobody waits for the answers. */
-int rs_scripts_load(struct rconn *c, redisCallbackFn *fn)
+int rs_scripts_load(struct rconn *c, rc_reply_fn *fn)
 {
     for (intptr_t i = 0; i < RS_NSCRIPTS; i++) {
         const char *argv[3] = {"SCRIPT", "LOAD", rs_scripts[i]};
         size_t lens[3] = {6, 4, strlen(rs_scripts[i])};
-        if (redisAsyncCommandArgv(c->ac, fn, (void *)i, 3, argv, lens) != REDIS_OK) return -1;
+        if (rc_command(c, fn, (void *)i, 3, argv, lens) != 0) return -1;
     }
     return 0;
 }
 
-static void rs_reload_cb(redisAsyncContext *ac, void *reply, void *priv)
+static void rs_reload_cb(struct rconn *c, const struct rreply *r, void *priv)
 {
-    struct rconn *c = rc_of(ac);
-    if (c && reply && !rs_script_loaded(c->s, reply, (intptr_t)priv))
+    if (r && !rs_script_loaded(c->s, r, (intptr_t)priv))
         log_msg(LOG_ERROR, "store redis: SCRIPT LOAD failed on NOSCRIPT reload");
 }
 

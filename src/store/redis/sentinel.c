@@ -22,20 +22,17 @@
  * a backoff. Each time a subscription is confirmed (a switch may have
  * been announced while there was none) the sentinels are asked again
  * (a check: the master connection is left alone unless the answer names
- * another address). hiredis 0.14: a subscribed context accepts only
- * (P)SUBSCRIBE / (P)UNSUBSCRIBE / PING, and a SUBSCRIBE refused with an
- * error reply (an ACL, NOAUTH) closes the context, with that error as
- * its errstr; the channel callback is called for every message, every
- * confirmation and, with a NULL reply, when the context goes. The
- * subscriber's liveness probe is SUBSCRIBE +switch-master again (its
- * confirmation goes to the same callback; a PING's answer in a subscribed
- * context would not). A sentinel that refuses pub/sub is logged once at
- * warn; failovers are then found from errors, as before. */
+ * another address). The questions and the subscriber are AUX connections
+ * (conn.c): AUTH only, their loss told to this file. A subscriber's
+ * messages arrive through its push callback, the confirmations of its
+ * SUBSCRIBEs through their own; its liveness probe is SUBSCRIBE
+ * +switch-master again. A sentinel that refuses pub/sub (an error reply:
+ * an ACL, NOAUTH) is logged once at warn; failovers are then found from
+ * errors, as before. */
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
 
-#include <hiredis/adapters/libevent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,13 +50,13 @@ enum rs_sub_phase {
 /* s->topo_state in sentinel mode. */
 struct rs_sentinel {
     struct store_redis *s;
-    struct rconn *master;  /* its address is the last answer ("?" before) */
-    redisAsyncContext *ac; /* the sentinel being asked, or NULL */
-    size_t idx;            /* which of redis.nodes */
-    bool logged;           /* a whole round failed: quiet until a master is found */
-    bool checking;         /* the question is a check: the master is connected */
-    bool recheck;          /* ask again once the question in flight is answered */
-    struct event *timer;   /* the question's deadline */
+    struct rconn *master; /* its address is the last answer ("?" before) */
+    struct rconn *ask;    /* the sentinel being asked (AUX), or NULL */
+    size_t idx;           /* which of redis.nodes */
+    bool logged;          /* a whole round failed: quiet until a master is found */
+    bool checking;        /* the question is a check: the master is connected */
+    bool recheck;         /* ask again once the question in flight is answered */
+    struct event *timer;  /* the question's deadline */
     /* A switch announced while the master connection was up: where it
      * reconnects once torn down (NULL: none). */
     char *switch_host;
@@ -67,12 +64,12 @@ struct rs_sentinel {
     int switch_port;
     bool connect_now; /* the master's "backoff" is the switch: connect */
     /* The +switch-master subscriber. */
-    redisAsyncContext *sub; /* NULL while there is none */
-    size_t sub_idx;         /* which of redis.nodes */
-    bool sub_confirmed;     /* sub's SUBSCRIBE was confirmed */
-    bool sub_heard;         /* sub answered since the last probe */
-    bool sub_warned;        /* a round failed: quiet until confirmed */
-    size_t sub_fails;       /* sentinels that failed since the last confirmation */
+    struct rconn *sub;  /* AUX; NULL while there is none */
+    size_t sub_idx;     /* which of redis.nodes */
+    bool sub_confirmed; /* sub's SUBSCRIBE was confirmed */
+    bool sub_heard;     /* sub answered since the last probe */
+    bool sub_warned;    /* a round failed: quiet until confirmed */
+    size_t sub_fails;   /* sentinels that failed since the last confirmation */
     unsigned sub_backoff;
     enum rs_sub_phase sub_phase;
     struct event *sub_timer;
@@ -85,15 +82,6 @@ static struct rs_sentinel *st_of(const struct store_redis *s)
 
 static void sentinel_ask(struct rs_sentinel *st);
 static void sentinel_check(struct rs_sentinel *st);
-
-static void sentinel_free_ac(redisAsyncContext *ac, bool disconnect)
-{
-    ac->data = NULL;
-    if (disconnect)
-        redisAsyncDisconnect(ac); /* from inside its own callback */
-    else
-        redisAsyncFree(ac);
-}
 
 /* The sentinel at idx did not help: try the next, or start over after
  * the master connection's backoff once all were asked. */
@@ -112,7 +100,7 @@ static void sentinel_next(struct rs_sentinel *st, const char *why)
     st->checking = false;
     /* a check of a connected master changes nothing; a master that went
      * down meanwhile is asked for again after its backoff */
-    if (was_check && st->master->ac) return;
+    if (was_check && st->master->state != RC_IDLE) return;
     rc_schedule_reconnect(st->master);
 }
 
@@ -124,12 +112,12 @@ static bool sentinel_same_address(const struct rconn *c, const char *host, size_
 /* Lets go of the question in flight (its answer is not wanted any more). */
 static void sentinel_drop_question(struct rs_sentinel *st)
 {
-    redisAsyncContext *ac = st->ac;
-    if (!ac) return;
-    st->ac = NULL;
+    struct rconn *c = st->ask;
+    if (!c) return;
+    st->ask = NULL;
     st->checking = false;
     evtimer_del(st->timer);
-    sentinel_free_ac(ac, false);
+    rc_release(c);
 }
 
 /* The master is at host:port (an answer or an announcement). A master
@@ -140,7 +128,7 @@ static void sentinel_drop_question(struct rs_sentinel *st)
 static void sentinel_switch(struct rs_sentinel *st, const char *host, size_t hlen, int port)
 {
     struct rconn *m = st->master;
-    if (m->ac) {
+    if (m->state != RC_IDLE) {
         bool same = st->switch_host ? st->switch_port == port && st->switch_hlen == hlen &&
                                           memcmp(st->switch_host, host, hlen) == 0
                                     : sentinel_same_address(m, host, hlen, port);
@@ -164,22 +152,30 @@ static void sentinel_switch(struct rs_sentinel *st, const char *host, size_t hle
     rc_connect(m);
 }
 
-static void sentinel_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
+/* A reply's text for a log line, as a C string. */
+static const char *sentinel_why(const struct rreply *r, char *buf, size_t n, const char *dflt)
 {
-    (void)priv;
-    struct rs_sentinel *st = ac->data;
-    if (!st || st->ac != ac) return;
-    st->ac = NULL;
+    if (!r || r->type != RREPLY_ERROR) return dflt;
+    snprintf(buf, n, "%.*s", (int)r->len, r->str);
+    return buf;
+}
+
+static void sentinel_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
+{
+    struct rs_sentinel *st = priv;
+    if (st->ask != c) return;
+    st->ask = NULL;
     evtimer_del(st->timer);
-    sentinel_free_ac(ac, true);
-    const redisReply *r = reply;
-    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
-        r->element[0]->type == REDIS_REPLY_STRING && r->element[1]->type == REDIS_REPLY_STRING &&
-        r->element[0]->len > 0) {
-        long port = strtol(r->element[1]->str, NULL, 10);
+    rc_release(c);
+    if (r && r->type == RREPLY_ARRAY && r->elements == 2 && r->element[0].type == RREPLY_STRING &&
+        r->element[1].type == RREPLY_STRING && r->element[0].len > 0 && r->element[1].len < 8) {
+        char digits[8];
+        memcpy(digits, r->element[1].str, r->element[1].len);
+        digits[r->element[1].len] = '\0';
+        long port = strtol(digits, NULL, 10);
         if (port > 0 && port <= 65535) {
             st->checking = false;
-            sentinel_switch(st, r->element[0]->str, r->element[0]->len, (int)port);
+            sentinel_switch(st, r->element[0].str, r->element[0].len, (int)port);
             if (st->recheck) {
                 st->recheck = false;
                 sentinel_check(st);
@@ -187,27 +183,19 @@ static void sentinel_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
             return;
         }
     }
-    sentinel_next(st, r && r->type == REDIS_REPLY_ERROR && r->str ? r->str
-                                                                  : "does not know the master");
+    char buf[256];
+    sentinel_next(st, sentinel_why(r, buf, sizeof(buf), "does not know the master"));
 }
 
-static void sentinel_on_connect(const redisAsyncContext *ac, int status)
+/* The sentinel being asked went away (refused, lost). */
+static void sentinel_ask_down(struct rconn *c, const char *why, void *arg)
 {
-    struct rs_sentinel *st = ac->data;
-    if (!st || st->ac != ac || status == REDIS_OK) return;
-    st->ac = NULL; /* hiredis frees ac after this callback */
+    struct rs_sentinel *st = arg;
+    if (st->ask != c) return;
+    st->ask = NULL;
     evtimer_del(st->timer);
-    sentinel_next(st, ac->errstr[0] ? ac->errstr : "connect failed");
-}
-
-static void sentinel_on_disconnect(const redisAsyncContext *ac, int status)
-{
-    (void)status;
-    struct rs_sentinel *st = ac->data;
-    if (!st || st->ac != ac) return;
-    st->ac = NULL;
-    evtimer_del(st->timer);
-    sentinel_next(st, ac->errstr[0] ? ac->errstr : "disconnected");
+    rc_release(c);
+    sentinel_next(st, why);
 }
 
 static void sentinel_timeout_cb(evutil_socket_t fd, short what, void *arg)
@@ -215,10 +203,10 @@ static void sentinel_timeout_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct rs_sentinel *st = arg;
-    redisAsyncContext *ac = st->ac;
-    if (!ac) return;
-    st->ac = NULL;
-    sentinel_free_ac(ac, false);
+    struct rconn *c = st->ask;
+    if (!c) return;
+    st->ask = NULL;
+    rc_release(c);
     sentinel_next(st, "timed out");
 }
 
@@ -226,31 +214,23 @@ static void sentinel_timeout_cb(evutil_socket_t fd, short what, void *arg)
  * the master connection is down, or a check while it is up). */
 static void sentinel_ask(struct rs_sentinel *st)
 {
-    if (st->ac || (st->master->ac && !st->checking)) return;
+    if (st->ask || (st->master->state != RC_IDLE && !st->checking)) return;
     const struct cfg_hostport *at = &st->s->cfg->redis.node_addrs[st->idx];
     char why[128];
-    redisAsyncContext *ac = rc_async_connect(at->host, at->port, false, why, sizeof(why));
-    if (!ac) {
+    struct rconn *c =
+        rc_aux_open(st->s, at->host, at->port, sentinel_ask_down, st, why, sizeof(why));
+    if (!c) {
         sentinel_next(st, why);
         return;
     }
-    ac->data = st;
-    st->ac = ac;
-    redisLibeventAttach(ac, st->s->evb);
-    redisAsyncSetConnectCallback(ac, sentinel_on_connect);
-    redisAsyncSetDisconnectCallback(ac, sentinel_on_disconnect);
+    st->ask = c;
     struct timeval tv = rs_tv((uint64_t)rs_timeout_ms(st->s));
     evtimer_add(st->timer, &tv);
-    /* The same user and password as the master (SPEC section 2). Its
-     * answer is not awaited: a sentinel that needs it refuses the
-     * question with NOAUTH, which is what gets logged; one without a
-     * password answers the question anyway. */
-    if (rc_send_auth(ac, &st->s->cfg->redis, NULL, NULL) < 0 ||
-        redisAsyncCommand(ac, sentinel_reply_cb, NULL, "SENTINEL get-master-addr-by-name %s",
-                          st->s->cfg->redis.master_name) != REDIS_OK) {
-        st->ac = NULL;
-        evtimer_del(st->timer);
-        sentinel_free_ac(ac, false);
+    /* AUTH went first (rc_aux_open): a sentinel that needs it and was
+     * refused answers the question NOAUTH, which is what gets logged. */
+    if (rc_cmd(c, sentinel_reply_cb, st, "SENTINEL", "get-master-addr-by-name",
+               st->s->cfg->redis.master_name, NULL) != 0) {
+        sentinel_drop_question(st);
         sentinel_next(st, "cannot send");
     }
 }
@@ -260,11 +240,11 @@ static void sentinel_ask(struct rs_sentinel *st)
  * listened); after the question in flight, if any. */
 static void sentinel_check(struct rs_sentinel *st)
 {
-    if (st->ac) {
+    if (st->ask) {
         st->recheck = true;
         return;
     }
-    if (!st->master->ac || st->switch_host) return; /* being found anyway */
+    if (st->master->state == RC_IDLE || st->switch_host) return; /* being found anyway */
     st->checking = true;
     st->idx = 0;
     sentinel_ask(st);
@@ -307,17 +287,12 @@ static void sub_failed(struct rs_sentinel *st, const char *why)
 /* Closes the subscriber from the loop (never from its own callback). */
 static void sub_drop(struct rs_sentinel *st, const char *why)
 {
-    redisAsyncContext *ac = st->sub;
-    if (!ac) return;
+    struct rconn *c = st->sub;
+    if (!c) return;
     st->sub = NULL;
-    sentinel_free_ac(ac, false);
+    evtimer_del(st->sub_timer);
+    rc_release(c);
     sub_failed(st, why);
-}
-
-static bool sub_str_is(const redisReply *r, const char *s)
-{
-    size_t n = strlen(s);
-    return r->type == REDIS_REPLY_STRING && r->len == n && memcmp(r->str, s, n) == 0;
 }
 
 /* "<master-name> <old-ip> <old-port> <new-ip> <new-port>": the new
@@ -350,51 +325,55 @@ static void sub_on_switch(struct rs_sentinel *st, const char *p, size_t n)
     sentinel_switch(st, f[3], len[3], (int)port);
 }
 
-/* Called for each reply on the subscriber: SUBSCRIBE confirmations (the
- * first one and the probes') and messages; NULL when the context goes. */
-static void sub_reply_cb(redisAsyncContext *ac, void *reply, void *priv)
+/* The answer to a SUBSCRIBE (the first one or a probe's): its
+ * confirmation, or a refusal. */
+static void sub_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
 {
-    (void)priv;
-    struct rs_sentinel *st = ac->data;
-    const redisReply *r = reply;
-    if (!st || st->sub != ac || !r) return;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 3) return;
-    if (sub_str_is(r->element[0], "subscribe")) {
-        st->sub_heard = true;
-        if (st->sub_confirmed) return;
-        st->sub_confirmed = true;
-        st->sub_backoff = 0;
-        st->sub_fails = 0;
-        if (st->sub_warned)
-            log_msg(LOG_INFO, "store redis: sentinel %s: subscribed to " RS_SUB_CHANNEL,
-                    st->s->cfg->redis.nodes.v[st->sub_idx]);
-        st->sub_warned = false;
-        sub_arm(st, SUB_PROBE, RS_SUB_PROBE_MS);
-        sentinel_check(st);
+    struct rs_sentinel *st = priv;
+    if (st->sub != c || !r) return;
+    if (r->type == RREPLY_ERROR) {
+        char buf[256];
+        sub_drop(st, sentinel_why(r, buf, sizeof(buf), ""));
         return;
     }
-    if (sub_str_is(r->element[0], "message") && sub_str_is(r->element[1], RS_SUB_CHANNEL) &&
-        r->element[2]->type == REDIS_REPLY_STRING)
-        sub_on_switch(st, r->element[2]->str, r->element[2]->len);
+    if (r->type != RREPLY_ARRAY || r->elements != 3 || !rs_reply_is(&r->element[0], "subscribe"))
+        return;
+    st->sub_heard = true;
+    if (st->sub_confirmed) return;
+    st->sub_confirmed = true;
+    st->sub_backoff = 0;
+    st->sub_fails = 0;
+    if (st->sub_warned)
+        log_msg(LOG_INFO, "store redis: sentinel %s: subscribed to " RS_SUB_CHANNEL,
+                st->s->cfg->redis.nodes.v[st->sub_idx]);
+    st->sub_warned = false;
+    sub_arm(st, SUB_PROBE, RS_SUB_PROBE_MS);
+    sentinel_check(st);
 }
 
-static void sub_on_connect(const redisAsyncContext *ac, int status)
+/* A message on the subscriber (or an error nobody asked for). */
+static void sub_push_cb(struct rconn *c, const struct rreply *r, void *arg)
 {
-    struct rs_sentinel *st = ac->data;
-    if (!st || st->sub != ac || status == REDIS_OK) return;
-    st->sub = NULL; /* hiredis frees ac after this callback */
-    evtimer_del(st->sub_timer);
-    sub_failed(st, ac->errstr[0] ? ac->errstr : "connect failed");
+    struct rs_sentinel *st = arg;
+    if (st->sub != c) return;
+    if (r->type == RREPLY_ERROR) {
+        sub_reply_cb(c, r, st);
+        return;
+    }
+    if (r->elements == 3 && rs_reply_is(&r->element[1], RS_SUB_CHANNEL) &&
+        r->element[2].type == RREPLY_STRING)
+        sub_on_switch(st, r->element[2].str, r->element[2].len);
 }
 
-static void sub_on_disconnect(const redisAsyncContext *ac, int status)
+/* The subscriber went away (refused, lost, closed). */
+static void sub_down(struct rconn *c, const char *why, void *arg)
 {
-    (void)status;
-    struct rs_sentinel *st = ac->data;
-    if (!st || st->sub != ac) return;
+    struct rs_sentinel *st = arg;
+    if (st->sub != c) return;
     st->sub = NULL;
     evtimer_del(st->sub_timer);
-    sub_failed(st, ac->errstr[0] ? ac->errstr : "disconnected");
+    rc_release(c);
+    sub_failed(st, why);
 }
 
 static void sub_timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -415,8 +394,7 @@ static void sub_timer_cb(evutil_socket_t fd, short what, void *arg)
             return;
         }
         st->sub_heard = false;
-        if (redisAsyncCommand(st->sub, sub_reply_cb, NULL, "SUBSCRIBE %s", RS_SUB_CHANNEL) !=
-            REDIS_OK) {
+        if (rc_cmd(st->sub, sub_reply_cb, st, "SUBSCRIBE", RS_SUB_CHANNEL, NULL) != 0) {
             sub_drop(st, "cannot send");
             return;
         }
@@ -433,41 +411,32 @@ static void sub_connect(struct rs_sentinel *st)
     if (st->sub) return;
     const struct cfg_hostport *at = &st->s->cfg->redis.node_addrs[st->sub_idx];
     char why[128];
-    redisAsyncContext *ac = rc_async_connect(at->host, at->port, false, why, sizeof(why));
-    if (!ac) {
+    struct rconn *c = rc_aux_open(st->s, at->host, at->port, sub_down, st, why, sizeof(why));
+    if (!c) {
         sub_failed(st, why);
         return;
     }
-    ac->data = st;
-    st->sub = ac;
+    st->sub = c;
     st->sub_confirmed = false;
     st->sub_heard = false;
-    redisLibeventAttach(ac, st->s->evb);
-    redisAsyncSetConnectCallback(ac, sub_on_connect);
-    redisAsyncSetDisconnectCallback(ac, sub_on_disconnect);
-    if (rc_send_auth(ac, &st->s->cfg->redis, NULL, NULL) < 0 ||
-        redisAsyncCommand(ac, sub_reply_cb, NULL, "SUBSCRIBE %s", RS_SUB_CHANNEL) != REDIS_OK) {
-        st->sub = NULL;
-        sentinel_free_ac(ac, false);
-        sub_failed(st, "cannot send");
+    c->push_fn = sub_push_cb;
+    c->push_arg = st;
+    if (rc_cmd(c, sub_reply_cb, st, "SUBSCRIBE", RS_SUB_CHANNEL, NULL) != 0) {
+        sub_drop(st, "cannot send");
         return;
     }
     sub_arm(st, SUB_CONFIRM, (uint64_t)rs_timeout_ms(st->s));
 }
 
-static bool sentinel_is_master_role(const redisReply *r)
+static bool sentinel_is_master_role(const struct rreply *r)
 {
-    return r->type == REDIS_REPLY_ARRAY && r->elements >= 1 &&
-           r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len == 6 &&
-           memcmp(r->element[0]->str, "master", 6) == 0;
+    return r->type == RREPLY_ARRAY && r->elements >= 1 && rs_reply_is(&r->element[0], "master");
 }
 
-static void sentinel_role_cb(redisAsyncContext *ac, void *reply, void *priv)
+static void sentinel_role_cb(struct rconn *c, const struct rreply *r, void *priv)
 {
     (void)priv;
-    struct rconn *c = rc_of(ac);
-    const redisReply *r = reply;
-    if (!c || !r) return;
+    if (!r) return;
     if (sentinel_is_master_role(r)) {
         rc_handshake_answered(c);
         return;
@@ -483,7 +452,7 @@ static void sentinel_role_cb(redisAsyncContext *ac, void *reply, void *priv)
  * progress): ROLE says. */
 static int sentinel_handshake(struct rconn *c)
 {
-    return redisAsyncCommand(c->ac, sentinel_role_cb, NULL, "ROLE") == REDIS_OK ? 1 : -1;
+    return rc_cmd(c, sentinel_role_cb, NULL, "ROLE", NULL) == 0 ? 1 : -1;
 }
 
 /* New ops park while a switch is pending: the master being left may
@@ -493,17 +462,18 @@ static enum rs_route sentinel_route(struct rop *op)
     struct rs_sentinel *st = st_of(op->s);
     struct rconn *m = st->master;
     op->conn = m;
-    return m->ready && !st->switch_host ? RS_ROUTE_SEND : RS_ROUTE_PARK;
+    return m->state == RC_READY && !st->switch_host ? RS_ROUTE_SEND : RS_ROUTE_PARK;
 }
 
 /* A master that stopped being one: tear it down, so that the sentinels
  * are asked again; the op fails. */
-static bool sentinel_on_error_reply(struct rop *op, const redisReply *r)
+static bool sentinel_on_error_reply(struct rop *op, const struct rreply *r)
 {
     bool moved_on = rs_reply_is_error(r, "READONLY") || rs_reply_is_error(r, "LOADING") ||
                     rs_reply_is_error(r, "MASTERDOWN");
     if (!moved_on) return false;
-    log_msg(LOG_WARN, "store redis: %s:%d answered %s", op->conn->host, op->conn->port, r->str);
+    log_msg(LOG_WARN, "store redis: %s:%d answered %.*s", op->conn->host, op->conn->port,
+            (int)r->len, r->str);
     rc_kill_soon(op->conn);
     rop_fail(op);
     return true;
@@ -563,16 +533,9 @@ static void sentinel_init(struct store_redis *s)
 static void sentinel_free(struct store_redis *s)
 {
     struct rs_sentinel *st = st_of(s);
-    if (st->ac) {
-        redisAsyncContext *ac = st->ac;
-        st->ac = NULL;
-        sentinel_free_ac(ac, false);
-    }
-    if (st->sub) {
-        redisAsyncContext *ac = st->sub;
-        st->sub = NULL;
-        sentinel_free_ac(ac, false);
-    }
+    if (st->ask) rc_free(st->ask);
+    if (st->sub) rc_free(st->sub);
+    st->ask = st->sub = NULL;
     event_free(st->timer);
     event_free(st->sub_timer);
     free(st->switch_host);
