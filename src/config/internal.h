@@ -52,6 +52,7 @@ void cfg_strlist_push(struct cfg_strlist *l, const char *s, size_t n); /* copies
 void cfg_url_free(struct cfg_url *u);
 void cfg_url_copy(struct cfg_url *dst, const struct cfg_url *src); /* dst: uninitialized */
 void cfg_addr_free(struct cfg_addr *a);
+void cfg_tls_client_free(struct cfg_tls_client *t);
 void cfg_idem_free(struct cfg_idem *m);
 void cfg_idem_copy(struct cfg_idem *dst, const struct cfg_idem *src); /* dst: uninitialized */
 

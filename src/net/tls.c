@@ -155,15 +155,15 @@ static int tls_client_init(const struct cfg *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create a TLS context: %s", why);
         return -1;
     }
-    if (cfg->upstream_tls_verify) {
+    if (cfg->upstream_tls.verify) {
         SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-        int ok = cfg->upstream_tls_ca_file
-                     ? SSL_CTX_load_verify_locations(ctx, cfg->upstream_tls_ca_file, NULL)
+        int ok = cfg->upstream_tls.ca_file
+                     ? SSL_CTX_load_verify_locations(ctx, cfg->upstream_tls.ca_file, NULL)
                      : SSL_CTX_set_default_verify_paths(ctx);
         if (ok != 1) {
             tls_err_text(why, sizeof(why));
             snprintf(err, errlen, "cannot read the upstream CA %s: %s",
-                     cfg->upstream_tls_ca_file ? cfg->upstream_tls_ca_file : "(system default)",
+                     cfg->upstream_tls.ca_file ? cfg->upstream_tls.ca_file : "(system default)",
                      why);
             SSL_CTX_free(ctx);
             return -1;
@@ -222,11 +222,11 @@ SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSIO
     SSL *ssl = SSL_new(tls_client_ctx);
     if (!ssl) return NULL;
     SSL_set_connect_state(ssl);
-    const char *name = cfg->upstream_tls_server_name ? cfg->upstream_tls_server_name : url->host;
+    const char *name = cfg->upstream_tls.server_name ? cfg->upstream_tls.server_name : url->host;
     bool ip = tls_is_ip(name);
     int ok = 1;
     if (!ip) ok = (int)SSL_set_tlsext_host_name(ssl, name); /* SNI never carries an address */
-    if (ok == 1 && cfg->upstream_tls_verify) {
+    if (ok == 1 && cfg->upstream_tls.verify) {
         SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
         ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
                 : SSL_set1_host(ssl, name);

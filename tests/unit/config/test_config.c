@@ -167,9 +167,9 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_addr_eq(&a->admin_listen, &b->admin_listen);
     assert_str_eq(a->tls_cert_file, b->tls_cert_file);
     assert_str_eq(a->tls_key_file, b->tls_key_file);
-    assert_str_eq(a->upstream_tls_ca_file, b->upstream_tls_ca_file);
-    assert_int_equal(a->upstream_tls_verify, b->upstream_tls_verify);
-    assert_str_eq(a->upstream_tls_server_name, b->upstream_tls_server_name);
+    assert_str_eq(a->upstream_tls.ca_file, b->upstream_tls.ca_file);
+    assert_int_equal(a->upstream_tls.verify, b->upstream_tls.verify);
+    assert_str_eq(a->upstream_tls.server_name, b->upstream_tls.server_name);
     assert_int_equal(a->n_routes, b->n_routes);
     for (size_t i = 0; i < a->n_routes; i++) {
         assert_string_equal(a->routes[i].prefix, b->routes[i].prefix);
@@ -259,9 +259,9 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.admin_listen.port, 9091);
     assert_null(c.tls_cert_file);
     assert_null(c.tls_key_file);
-    assert_null(c.upstream_tls_ca_file);
-    assert_true(c.upstream_tls_verify);
-    assert_null(c.upstream_tls_server_name);
+    assert_null(c.upstream_tls.ca_file);
+    assert_true(c.upstream_tls.verify);
+    assert_null(c.upstream_tls.server_name);
     assert_int_equal(c.n_routes, 0);
     assert_null(c.routes);
     assert_int_equal(c.log_level, CFG_LOG_INFO);
@@ -1228,9 +1228,9 @@ static void test_upstream_tls(void **state)
     struct cfg c;
     load_ok(&c, "{\"upstream_tls\": {\"ca_file\": \"/ca.pem\", \"verify\": false, "
                 "\"server_name\": \"api.internal\"}}");
-    assert_string_equal(c.upstream_tls_ca_file, "/ca.pem");
-    assert_false(c.upstream_tls_verify);
-    assert_string_equal(c.upstream_tls_server_name, "api.internal");
+    assert_string_equal(c.upstream_tls.ca_file, "/ca.pem");
+    assert_false(c.upstream_tls.verify);
+    assert_string_equal(c.upstream_tls.server_name, "api.internal");
     cfg_free(&c);
 }
 
