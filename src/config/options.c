@@ -108,7 +108,7 @@ static const struct cfg_opt tls_opts[] = {
     O_KIND("key_file", OPT_OPTSTR, struct cfg, tls_key_file, ""),
 };
 
-/* One table for every struct cfg_tls_client: upstream_tls (and redis.tls)
+/* One table for every struct cfg_tls_client: upstream_tls and redis.tls
  * are the same three keys with the same defaults. */
 static const struct cfg_opt tls_client_opts[] = {
     O_KIND("ca_file", OPT_OPTSTR, struct cfg_tls_client, ca_file, ""),
@@ -130,6 +130,9 @@ const struct cfg_section cfg_sections[] = {
     {"limits", offsetof(struct cfg, limits), limits_opts, NOPTS(limits_opts)},
     {"admin", 0, admin_opts, NOPTS(admin_opts)},
     {"tls", 0, tls_opts, NOPTS(tls_opts)},
+    /* nested: the "tls" member of the "redis" object (json.c) */
+    {"redis.tls", offsetof(struct cfg, redis) + offsetof(struct cfg_redis, tls_client),
+     tls_client_opts, NOPTS(tls_client_opts)},
     {"upstream_tls", offsetof(struct cfg, upstream_tls), tls_client_opts, NOPTS(tls_client_opts)},
     {"log", 0, log_opts, NOPTS(log_opts)},
 };

@@ -117,6 +117,7 @@ static void redis_free(struct cfg_redis *r)
     free(r->key_prefix);
     cfg_strlist_free(&r->nodes);
     free(r->node_addrs);
+    cfg_tls_client_free(&r->tls_client);
     memset(r, 0, sizeof *r);
 }
 
