@@ -1059,6 +1059,66 @@ static void test_redis_tls_section(void **state)
                  "config: routes[0].idempotency.tls: unknown key");
 }
 
+/* A CA certificate (EC P-256, the same throwaway CA as tests/unit/net/
+ * test_tls.c): a file redis.tls.ca_file may name. */
+static const char CA_PEM[] = "-----BEGIN CERTIFICATE-----\n"
+                             "MIIBjjCCATOgAwIBAgIUEGxqHWfCYSoy6vb9xOT5hlDB3sQwCgYIKoZIzj0EAwIw\n"
+                             "GzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTAgFw0yNjEyMDcxODAzMjFaGA8y\n"
+                             "MTI2MTExMzE4MDMyMVowGzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTBZMBMG\n"
+                             "ByqGSM49AgEGCCqGSM49AwEHA0IABAtyKN2bMohBkP2rXq5qFhWRhpZ/a9C+GsWJ\n"
+                             "kZCsaLBI0kqyrkMufArBBIqG7BZUpFBlcTlcZtyw1/Rq7TYsgs2jUzBRMB0GA1Ud\n"
+                             "DgQWBBTA474KI0z3cH94BhWsjAdsn+wnpDAfBgNVHSMEGDAWgBTA474KI0z3cH94\n"
+                             "BhWsjAdsn+wnpDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCp\n"
+                             "oP/2wDQsutsRMAomQvtOvvqDIz21CrHLpLeBgqfFPgIhAJunAmGgxWHGeO+x0AYj\n"
+                             "lgvA8LHvKl+rTxpdcq9LxEXf\n"
+                             "-----END CERTIFICATE-----\n";
+
+static void test_redis_tls_ca_file(void **state)
+{
+    (void)state;
+    char ca[64], junk[64], json[512];
+    struct cfg c;
+    write_file(ca, sizeof ca, CA_PEM);
+    write_file(junk, sizeof junk, "not a certificate\n");
+    snprintf(json, sizeof json,
+             "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"%s\"}}}", ca);
+    load_ok(&c, json);
+    assert_string_equal(c.redis.tls_client.ca_file, ca);
+    cfg_free(&c);
+    /* missing, a directory, not PEM: one line naming the key (exit 2 at -t) */
+    expect_error(
+        "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"/nonexistent/ca.pem\"}}}",
+        "config: redis.tls.ca_file: cannot load /nonexistent/ca.pem: No such file or "
+        "directory");
+    expect_error("{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"/tmp\"}}}",
+                 "config: redis.tls.ca_file: cannot load /tmp: not a regular file");
+    snprintf(json, sizeof json,
+             "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"%s\"}}}", junk);
+    assert_int_equal(load(&c, json), -1);
+    char want[160];
+    snprintf(want, sizeof want, "config: redis.tls.ca_file: cannot load %s: ", junk);
+    assert_memory_equal(err, want, strlen(want));
+    assert_non_null(strstr(err, "no certificate"));
+    assert_null(strchr(err, '\n'));
+    /* the url from a flag (applied last) still gets the file checked */
+    struct cfg_flags fl = {.redis = "rediss://h"};
+    expect_error_with("{\"redis\": {\"tls\": {\"ca_file\": \"/nonexistent/ca.pem\"}}}", false, &fl,
+                      "config: redis.tls.ca_file: cannot load /nonexistent/ca.pem: No such file "
+                      "or directory");
+    /* not read when nothing will read it: redis://, the memory store, or
+     * verify false */
+    load_ok(&c, "{\"redis\": {\"tls\": {\"ca_file\": \"/nonexistent/ca.pem\"}}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"store\": \"memory\", \"redis\": {\"url\": \"rediss://h\", \"tls\": "
+                "{\"ca_file\": \"/nonexistent/ca.pem\"}}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": "
+                "\"/nonexistent/ca.pem\", \"verify\": false}}}");
+    cfg_free(&c);
+    unlink(ca);
+    unlink(junk);
+}
+
 static void test_redis_url_unix(void **state)
 {
     (void)state;
@@ -1837,6 +1897,7 @@ int main(void)
         cmocka_unit_test(test_redis_url_tcp),
         cmocka_unit_test(test_redis_url_tls),
         cmocka_unit_test(test_redis_tls_section),
+        cmocka_unit_test(test_redis_tls_ca_file),
         cmocka_unit_test(test_redis_url_unix),
         cmocka_unit_test(test_redis_url_bad),
         cmocka_unit_test(test_redis_cluster),
