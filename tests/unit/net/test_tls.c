@@ -23,18 +23,17 @@
 #include "idemgate/config/config.h"
 #include "idemgate/net/tls.h"
 
-static const char CA_PEM[] =
-    "-----BEGIN CERTIFICATE-----\n"
-    "MIIBjjCCATOgAwIBAgIUEGxqHWfCYSoy6vb9xOT5hlDB3sQwCgYIKoZIzj0EAwIw\n"
-    "GzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTAgFw0yNjEyMDcxODAzMjFaGA8y\n"
-    "MTI2MTExMzE4MDMyMVowGzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTBZMBMG\n"
-    "ByqGSM49AgEGCCqGSM49AwEHA0IABAtyKN2bMohBkP2rXq5qFhWRhpZ/a9C+GsWJ\n"
-    "kZCsaLBI0kqyrkMufArBBIqG7BZUpFBlcTlcZtyw1/Rq7TYsgs2jUzBRMB0GA1Ud\n"
-    "DgQWBBTA474KI0z3cH94BhWsjAdsn+wnpDAfBgNVHSMEGDAWgBTA474KI0z3cH94\n"
-    "BhWsjAdsn+wnpDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCp\n"
-    "oP/2wDQsutsRMAomQvtOvvqDIz21CrHLpLeBgqfFPgIhAJunAmGgxWHGeO+x0AYj\n"
-    "lgvA8LHvKl+rTxpdcq9LxEXf\n"
-    "-----END CERTIFICATE-----\n";
+static const char CA_PEM[] = "-----BEGIN CERTIFICATE-----\n"
+                             "MIIBjjCCATOgAwIBAgIUEGxqHWfCYSoy6vb9xOT5hlDB3sQwCgYIKoZIzj0EAwIw\n"
+                             "GzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTAgFw0yNjEyMDcxODAzMjFaGA8y\n"
+                             "MTI2MTExMzE4MDMyMVowGzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTBZMBMG\n"
+                             "ByqGSM49AgEGCCqGSM49AwEHA0IABAtyKN2bMohBkP2rXq5qFhWRhpZ/a9C+GsWJ\n"
+                             "kZCsaLBI0kqyrkMufArBBIqG7BZUpFBlcTlcZtyw1/Rq7TYsgs2jUzBRMB0GA1Ud\n"
+                             "DgQWBBTA474KI0z3cH94BhWsjAdsn+wnpDAfBgNVHSMEGDAWgBTA474KI0z3cH94\n"
+                             "BhWsjAdsn+wnpDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCp\n"
+                             "oP/2wDQsutsRMAomQvtOvvqDIz21CrHLpLeBgqfFPgIhAJunAmGgxWHGeO+x0AYj\n"
+                             "lgvA8LHvKl+rTxpdcq9LxEXf\n"
+                             "-----END CERTIFICATE-----\n";
 
 static const char WRONG_CA_PEM[] =
     "-----BEGIN CERTIFICATE-----\n"
@@ -70,9 +69,7 @@ static const char SERVER_KEY[] =
     "6HLmlFnF5paV6KgYAUjhItOckY7KsTEwP/j1cw6iwhDi3ZvNsnA7cQq2\n"
     "-----END PRIVATE KEY-----\n";
 
-
-static char dir[64], ca_path[128], wrong_path[128], cert_path[128], key_path[128],
-    junk_path[128];
+static char dir[64], ca_path[128], wrong_path[128], cert_path[128], key_path[128], junk_path[128];
 
 static void put(char *path, size_t n, const char *name, const char *text)
 {
