@@ -4,10 +4,13 @@
  * Owns: one idempotency policy's rules (the global one and each route's:
  * a lock that outlives a Redis round trip, required with no methods, key
  * and scope headers that a proxy consumes), and the rules across sections
- * (Redis modes and their nodes, TLS certificate and key). Does not own:
- * the check of each value on its own (values.c). Reads a struct cfg,
- * changes nothing. */
+ * (Redis modes and their nodes, TLS certificate and key, a rediss://
+ * store's CA bundle, loaded here through net/tls.h so that -t refuses what
+ * tls_init would). Does not own: the check of each value on its own
+ * (values.c). Reads a struct cfg, changes nothing. */
 #include "internal.h"
+
+#include "idemgate/net/tls.h"
 
 #include <stdio.h>
 #include <strings.h>
@@ -88,5 +91,13 @@ int cfg_check_cross(const struct cfg *c, struct cfg_err *e)
         return cfg_fail(e, "config: tls.key_file", "is required when tls.cert_file is set");
     if (c->tls_key_file && !c->tls_cert_file)
         return cfg_fail(e, "config: tls.cert_file", "is required when tls.key_file is set");
+    /* Read only when the store will read it: redis store, rediss://, and
+     * verify (without it, tls_init never opens the file). */
+    const struct cfg_tls_client *t = &r->tls_client;
+    if (c->store == CFG_STORE_REDIS && r->tls && t->verify && t->ca_file) {
+        char why[256];
+        if (tls_check_ca_file(t->ca_file, why, sizeof why) < 0)
+            return cfg_fail(e, "config: redis.tls.ca_file", "cannot load %s: %s", t->ca_file, why);
+    }
     return 0;
 }

@@ -52,6 +52,7 @@ void cfg_strlist_push(struct cfg_strlist *l, const char *s, size_t n); /* copies
 void cfg_url_free(struct cfg_url *u);
 void cfg_url_copy(struct cfg_url *dst, const struct cfg_url *src); /* dst: uninitialized */
 void cfg_addr_free(struct cfg_addr *a);
+void cfg_tls_client_free(struct cfg_tls_client *t);
 void cfg_idem_free(struct cfg_idem *m);
 void cfg_idem_copy(struct cfg_idem *dst, const struct cfg_idem *src); /* dst: uninitialized */
 
@@ -98,6 +99,7 @@ int cfg_parse_url(const char *s, struct cfg_url *out);
  * to struct cfg_redis (or freed with cfg_redis_target_free). */
 struct cfg_redis_target {
     bool unix_socket;
+    bool tls;   /* rediss:// (never with unix_socket) */
     char *host; /* or the socket path when unix_socket */
     int port;
     char *username; /* NULL when none */
@@ -105,8 +107,8 @@ struct cfg_redis_target {
     int db;
 };
 
-/* "redis://[[user]:password@]host[:port][/db]" or "unix:///path"; on
- * error t owns nothing. */
+/* "redis://[[user]:password@]host[:port][/db]", "rediss://..." (TLS) or
+ * "unix:///path"; on error t owns nothing. */
 int cfg_parse_redis_url(const char *s, struct cfg_redis_target *t);
 void cfg_redis_target_free(struct cfg_redis_target *t);
 
@@ -161,7 +163,10 @@ struct cfg_override {
 
 /* cfg_sections[0] is the top level; "idempotency" is listed twice, its
  * second table (cfg_idem_route_opts: "enabled") being set by its default
- * only, since a lookup by name finds the first. */
+ * only, since a lookup by name finds the first. A section named
+ * "parent.key" ("redis.tls") is nested: the object at key inside the
+ * parent's object, never a member of the top level; its base is an offset
+ * inside struct cfg like any other's. */
 extern const struct cfg_section cfg_sections[];
 extern const size_t cfg_n_sections;
 extern const struct cfg_opt cfg_idem_opts[];

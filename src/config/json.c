@@ -51,8 +51,26 @@ int cfg_check_duplicate(const cJSON *obj, const cJSON *item, const char *where, 
     return 0;
 }
 
+/* The section nested in the section at path under key ("redis" + "tls":
+ * "redis.tls"), and where its struct is, given base, the struct of the
+ * section at path. NULL when there is none (always inside routes[i]). */
+static const struct cfg_section *nested_section(const char *path, const char *key, char *base,
+                                                char **nested_base)
+{
+    const struct cfg_section *parent = strchr(path, '.') ? NULL : cfg_find_section(path);
+    char name[CFG_WHERE_LEN];
+    if (!parent || strchr(key, '.')) return NULL;
+    if (snprintf(name, sizeof name, "%s.%s", path, key) >= (int)sizeof name) return NULL;
+    const struct cfg_section *sec = cfg_find_section(name);
+    if (!sec) return NULL;
+    /* both bases are offsets inside struct cfg */
+    *nested_base = base - parent->base + sec->base;
+    return sec;
+}
+
 /* Applies a JSON object to one section's struct; extra is a second table
- * that is also valid there (routes[i].idempotency's "enabled"). */
+ * that is also valid there (routes[i].idempotency's "enabled"). A member
+ * that names a nested section ("tls" in "redis") is applied to it. */
 int cfg_apply_object(const cJSON *obj, const char *path, char *base, const struct cfg_opt *opts,
                      size_t n, const struct cfg_opt *extra, size_t n_extra, struct cfg_err *e)
 {
@@ -68,7 +86,14 @@ int cfg_apply_object(const cJSON *obj, const char *path, char *base, const struc
         if (cfg_check_duplicate(obj, it, where, e) < 0) return -1;
         const struct cfg_opt *o = cfg_find_opt(opts, n, it->string);
         if (!o && extra) o = cfg_find_opt(extra, n_extra, it->string);
-        if (!o) return cfg_fail(e, where, "unknown key");
+        if (!o) {
+            char *nbase;
+            const struct cfg_section *sec = nested_section(path, it->string, base, &nbase);
+            if (!sec) return cfg_fail(e, where, "unknown key");
+            if (cfg_apply_object(it, sec->name, nbase, sec->opts, sec->n, NULL, 0, e) < 0)
+                return -1;
+            continue;
+        }
         struct cfg_val v = {it, NULL};
         if (cfg_opt_set(o, base, &v, where, e) < 0) return -1;
     }
@@ -89,7 +114,9 @@ int cfg_apply_file(struct cfg *c, const cJSON *root, const cJSON **routes, struc
             *routes = it;
             continue;
         }
-        const struct cfg_section *sec = cfg_find_section(it->string);
+        /* "redis.tls" is a section, but only as "tls" inside "redis" */
+        const struct cfg_section *sec =
+            strchr(it->string, '.') ? NULL : cfg_find_section(it->string);
         if (sec) {
             if (cfg_apply_object(it, it->string, (char *)c + sec->base, sec->opts, sec->n, NULL, 0,
                                  e) < 0)

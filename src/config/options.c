@@ -108,10 +108,12 @@ static const struct cfg_opt tls_opts[] = {
     O_KIND("key_file", OPT_OPTSTR, struct cfg, tls_key_file, ""),
 };
 
-static const struct cfg_opt upstream_tls_opts[] = {
-    O_KIND("ca_file", OPT_OPTSTR, struct cfg, upstream_tls_ca_file, ""),
-    O_KIND("verify", OPT_BOOL, struct cfg, upstream_tls_verify, "true"),
-    O_KIND("server_name", OPT_OPTSTR, struct cfg, upstream_tls_server_name, ""),
+/* One table for every struct cfg_tls_client: upstream_tls and redis.tls
+ * are the same three keys with the same defaults. */
+static const struct cfg_opt tls_client_opts[] = {
+    O_KIND("ca_file", OPT_OPTSTR, struct cfg_tls_client, ca_file, ""),
+    O_KIND("verify", OPT_BOOL, struct cfg_tls_client, verify, "true"),
+    O_KIND("server_name", OPT_OPTSTR, struct cfg_tls_client, server_name, ""),
 };
 
 static const struct cfg_opt log_opts[] = {
@@ -128,7 +130,10 @@ const struct cfg_section cfg_sections[] = {
     {"limits", offsetof(struct cfg, limits), limits_opts, NOPTS(limits_opts)},
     {"admin", 0, admin_opts, NOPTS(admin_opts)},
     {"tls", 0, tls_opts, NOPTS(tls_opts)},
-    {"upstream_tls", 0, upstream_tls_opts, NOPTS(upstream_tls_opts)},
+    /* nested: the "tls" member of the "redis" object (json.c) */
+    {"redis.tls", offsetof(struct cfg, redis) + offsetof(struct cfg_redis, tls_client),
+     tls_client_opts, NOPTS(tls_client_opts)},
+    {"upstream_tls", offsetof(struct cfg, upstream_tls), tls_client_opts, NOPTS(tls_client_opts)},
     {"log", 0, log_opts, NOPTS(log_opts)},
 };
 const size_t cfg_n_sections = NOPTS(cfg_sections);

@@ -100,6 +100,13 @@ void cfg_idem_copy(struct cfg_idem *dst, const struct cfg_idem *src)
     strlist_copy(&dst->replay_exclude_headers, &src->replay_exclude_headers);
 }
 
+void cfg_tls_client_free(struct cfg_tls_client *t)
+{
+    free(t->ca_file);
+    free(t->server_name);
+    memset(t, 0, sizeof *t);
+}
+
 static void redis_free(struct cfg_redis *r)
 {
     free(r->url);
@@ -110,6 +117,7 @@ static void redis_free(struct cfg_redis *r)
     free(r->key_prefix);
     cfg_strlist_free(&r->nodes);
     free(r->node_addrs);
+    cfg_tls_client_free(&r->tls_client);
     memset(r, 0, sizeof *r);
 }
 
@@ -123,8 +131,7 @@ void cfg_free(struct cfg *c)
     cfg_addr_free(&c->admin_listen);
     free(c->tls_cert_file);
     free(c->tls_key_file);
-    free(c->upstream_tls_ca_file);
-    free(c->upstream_tls_server_name);
+    cfg_tls_client_free(&c->upstream_tls);
     for (size_t i = 0; i < c->n_routes; i++) {
         free(c->routes[i].prefix);
         cfg_url_free(&c->routes[i].upstream);

@@ -177,6 +177,7 @@ void cfg_redis_target_free(struct cfg_redis_target *t)
     free(t->host);
     free(t->username);
     free(t->password);
+    memset(t, 0, sizeof *t);
 }
 
 /* The userinfo of a Redis URL, "[user]:password" (s[0..n)): an ACL user
@@ -193,8 +194,10 @@ static int parse_redis_userinfo(const char *s, size_t n, struct cfg_redis_target
     return 0;
 }
 
-/* "redis://[[user]:password@]host[:port][/db]" or "unix:///path". The
- * database is any number Redis may have (--databases can be large). */
+/* "redis://[[user]:password@]host[:port][/db]", the same with "rediss://"
+ * (TLS), or "unix:///path". The database is any number Redis may have
+ * (--databases can be large). Schemes are lower-case, as Redis clients
+ * write them. */
 int cfg_parse_redis_url(const char *s, struct cfg_redis_target *t)
 {
     memset(t, 0, sizeof *t);
@@ -204,8 +207,15 @@ int cfg_parse_redis_url(const char *s, struct cfg_redis_target *t)
         t->host = cfg_xstrdup(s + 7);
         return 0;
     }
-    if (strncmp(s, "redis://", 8) != 0) return -1;
-    const char *rest = s + 8;
+    const char *rest;
+    if (strncmp(s, "redis://", 8) == 0) {
+        rest = s + 8;
+    } else if (strncmp(s, "rediss://", 9) == 0) {
+        t->tls = true;
+        rest = s + 9;
+    } else {
+        return -1;
+    }
     const char *at = strrchr(rest, '@');
     if (at) {
         if (parse_redis_userinfo(rest, (size_t)(at - rest), t) < 0) goto bad;

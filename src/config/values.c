@@ -278,13 +278,14 @@ static int set_redis_url(char *base, const struct cfg_val *v, const char *where,
     struct cfg_redis_target t;
     if (!s || cfg_parse_redis_url(s, &t) < 0)
         return cfg_fail(e, where,
-                        "must be redis://[[user]:password@]host[:port][/db] or unix:///path");
+                        "must be redis[s]://[[user]:password@]host[:port][/db] or unix:///path");
     free(r->url);
     free(r->host);
     free(r->username);
     free(r->password);
     r->url = cfg_xstrdup(s);
     r->unix_socket = t.unix_socket;
+    r->tls = t.tls;
     r->host = t.host;
     r->port = t.port;
     r->username = t.username;

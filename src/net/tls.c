@@ -1,13 +1,19 @@
-/* tls.c — the process's two OpenSSL contexts: the server one (HTTPS from
- * clients, tls.cert_file/key_file) and the client one (https:// upstreams,
- * upstream_tls.*), and the per-connection SSL objects made from them.
- * Owns the contexts; does not own the SSL objects it hands out (a conn
- * does) nor the sockets (conn.c drives reads, writes and handshakes). */
+/* tls.c — the process's OpenSSL contexts: the server one (HTTPS from
+ * clients, tls.cert_file/key_file), the upstream client one (https://
+ * upstreams, upstream_tls.*) and the Redis client one (a rediss:// store,
+ * redis.tls.*), and the per-connection SSL objects made from them. Both
+ * client contexts are built, and their SSL objects verified, by the same
+ * helpers (tls_client_ctx_new, tls_client_ssl_new) from a struct
+ * cfg_tls_client. Owns the contexts; does not own the SSL objects it hands
+ * out (a conn does) nor the sockets (conn.c drives reads, writes and
+ * handshakes). */
 #include "idemgate/net/tls.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -18,7 +24,8 @@
 /* Built before the workers start, then only read (SSL_new is thread-safe
  * on a context nobody changes). */
 static SSL_CTX *tls_server_ctx;
-static SSL_CTX *tls_client_ctx;
+static SSL_CTX *tls_client_ctx; /* https:// upstreams */
+static SSL_CTX *tls_redis_ctx;  /* a rediss:// store */
 
 /* ALPN wire format: length-prefixed names. */
 static const unsigned char tls_alpn_http11[] = "\x08http/1.1";
@@ -146,31 +153,66 @@ static bool tls_any_https(const struct cfg *cfg)
     return false;
 }
 
-static int tls_client_init(const struct cfg *cfg, char *err, size_t errlen)
+/* Loads a CA bundle into ctx's store. Only a regular file: a FIFO or a
+ * device named by mistake must not block (or feed) the loader. Returns 1,
+ * or 0 with why filled. */
+static int tls_load_ca(SSL_CTX *ctx, const char *path, char *why, size_t whylen)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(why, whylen, "%s", strerror(errno));
+        return 0;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(why, whylen, "not a regular file");
+        return 0;
+    }
+    if (SSL_CTX_load_verify_locations(ctx, path, NULL) != 1) {
+        tls_err_text(why, whylen);
+        return 0;
+    }
+    return 1;
+}
+
+/* A client context verifying servers as t says: the chain against
+ * t->ca_file (the system store when NULL) unless t->verify is false. what
+ * names the CA in the message ("upstream CA", "Redis CA"). Returns NULL
+ * with err filled ("cannot read the Redis CA /x.pem: ..."). */
+static SSL_CTX *tls_client_ctx_new(const struct cfg_tls_client *t, const char *what, char *err,
+                                   size_t errlen)
 {
     char why[512];
     SSL_CTX *ctx = tls_ctx_new(TLS_client_method());
     if (!ctx) {
         tls_err_text(why, sizeof(why));
         snprintf(err, errlen, "cannot create a TLS context: %s", why);
-        return -1;
+        return NULL;
     }
-    if (cfg->upstream_tls_verify) {
+    if (t->verify) {
         SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-        int ok = cfg->upstream_tls_ca_file
-                     ? SSL_CTX_load_verify_locations(ctx, cfg->upstream_tls_ca_file, NULL)
-                     : SSL_CTX_set_default_verify_paths(ctx);
-        if (ok != 1) {
+        int ok = 1;
+        if (t->ca_file) {
+            ok = tls_load_ca(ctx, t->ca_file, why, sizeof(why));
+        } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
             tls_err_text(why, sizeof(why));
-            snprintf(err, errlen, "cannot read the upstream CA %s: %s",
-                     cfg->upstream_tls_ca_file ? cfg->upstream_tls_ca_file : "(system default)",
-                     why);
+            ok = 0;
+        }
+        if (!ok) {
+            snprintf(err, errlen, "cannot read the %s %s: %s", what,
+                     t->ca_file ? t->ca_file : "(system default)", why);
             SSL_CTX_free(ctx);
-            return -1;
+            return NULL;
         }
     } else {
         SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
     }
+    return ctx;
+}
+
+static int tls_client_init(const struct cfg *cfg, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = tls_client_ctx_new(&cfg->upstream_tls, "upstream CA", err, errlen);
+    if (!ctx) return -1;
     SSL_CTX_set_alpn_protos(ctx, tls_alpn_http11, sizeof(tls_alpn_http11) - 1);
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(ctx, tls_client_new_session);
@@ -178,11 +220,40 @@ static int tls_client_init(const struct cfg *cfg, char *err, size_t errlen)
     return 0;
 }
 
+/* True when the store connects to Redis over TLS (rediss://). */
+static bool tls_redis_wanted(const struct cfg *cfg)
+{
+    return cfg->store == CFG_STORE_REDIS && cfg->redis.tls;
+}
+
+/* The Redis context: no ALPN (Redis has no protocol id), no session
+ * resumption (its connections are long-lived and few). */
+static int tls_redis_init(const struct cfg *cfg, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = tls_client_ctx_new(&cfg->redis.tls_client, "Redis CA", err, errlen);
+    if (!ctx) return -1;
+    tls_redis_ctx = ctx;
+    return 0;
+}
+
+int tls_check_ca_file(const char *path, char *why, size_t whylen)
+{
+    SSL_CTX *ctx = tls_ctx_new(TLS_client_method());
+    if (!ctx) {
+        tls_err_text(why, whylen);
+        return -1;
+    }
+    int ok = tls_load_ca(ctx, path, why, whylen);
+    SSL_CTX_free(ctx);
+    return ok == 1 ? 0 : -1;
+}
+
 int tls_init(const struct cfg *cfg, char *err, size_t errlen)
 {
     tls_free();
     if (cfg->tls_cert_file && cfg->tls_key_file && tls_server_init(cfg, err, errlen) < 0) return -1;
-    if (tls_any_https(cfg) && tls_client_init(cfg, err, errlen) < 0) {
+    if ((tls_any_https(cfg) && tls_client_init(cfg, err, errlen) < 0) ||
+        (tls_redis_wanted(cfg) && tls_redis_init(cfg, err, errlen) < 0)) {
         tls_free();
         return -1;
     }
@@ -193,8 +264,10 @@ void tls_free(void)
 {
     SSL_CTX_free(tls_server_ctx);
     SSL_CTX_free(tls_client_ctx);
+    SSL_CTX_free(tls_redis_ctx);
     tls_server_ctx = NULL;
     tls_client_ctx = NULL;
+    tls_redis_ctx = NULL;
 }
 
 bool tls_server_enabled(void)
@@ -216,17 +289,21 @@ static bool tls_is_ip(const char *s)
     return inet_pton(AF_INET, s, a) == 1 || inet_pton(AF_INET6, s, a) == 1;
 }
 
-SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSION **session_slot)
+/* A client SSL from ctx in connect state for a connection to host: SNI
+ * and, with t->verify, the certificate's name (or IP address) checked
+ * against t->server_name, else host. An IP literal is never sent as SNI
+ * (RFC 6066) but is checked against the certificate's IP SANs. NULL when
+ * out of memory (or a name OpenSSL refuses). */
+static SSL *tls_client_ssl_new(SSL_CTX *ctx, const struct cfg_tls_client *t, const char *host)
 {
-    if (!tls_client_ctx) return NULL;
-    SSL *ssl = SSL_new(tls_client_ctx);
+    SSL *ssl = SSL_new(ctx);
     if (!ssl) return NULL;
     SSL_set_connect_state(ssl);
-    const char *name = cfg->upstream_tls_server_name ? cfg->upstream_tls_server_name : url->host;
+    const char *name = t->server_name ? t->server_name : host;
     bool ip = tls_is_ip(name);
     int ok = 1;
     if (!ip) ok = (int)SSL_set_tlsext_host_name(ssl, name); /* SNI never carries an address */
-    if (ok == 1 && cfg->upstream_tls_verify) {
+    if (ok == 1 && t->verify) {
         SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
         ok = ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
                 : SSL_set1_host(ssl, name);
@@ -236,8 +313,27 @@ SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSIO
         SSL_free(ssl);
         return NULL;
     }
+    return ssl;
+}
+
+SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSION **session_slot)
+{
+    if (!tls_client_ctx) return NULL;
+    SSL *ssl = tls_client_ssl_new(tls_client_ctx, &cfg->upstream_tls, url->host);
+    if (!ssl) return NULL;
     SSL_set_app_data(ssl, session_slot);
     if (session_slot && *session_slot && SSL_SESSION_is_resumable(*session_slot))
         SSL_set_session(ssl, *session_slot);
     return ssl;
+}
+
+bool tls_redis_enabled(void)
+{
+    return tls_redis_ctx != NULL;
+}
+
+SSL *tls_redis_new(const struct cfg *cfg, const char *host)
+{
+    if (!tls_redis_ctx) return NULL;
+    return tls_client_ssl_new(tls_redis_ctx, &cfg->redis.tls_client, host);
 }

@@ -49,6 +49,16 @@ struct cfg_hostport {
     int port;
 };
 
+/* The client side of a TLS connection idemgate makes (upstream_tls for
+ * https:// upstreams, redis.tls for a rediss:// store): what the server's
+ * certificate is verified against. Owns ca_file and server_name. */
+struct cfg_tls_client {
+    char *ca_file;     /* PEM bundle; NULL ("" in the file): the system store */
+    bool verify;       /* false: neither the chain nor the name is checked */
+    char *server_name; /* SNI and the name checked; NULL ("" in the file):
+                        * each connection's own host */
+};
+
 enum cfg_store { CFG_STORE_REDIS, CFG_STORE_MEMORY };
 enum cfg_redis_mode { CFG_REDIS_STANDALONE, CFG_REDIS_CLUSTER, CFG_REDIS_SENTINEL };
 enum cfg_failure_mode { CFG_FAIL_CLOSED, CFG_FAIL_OPEN };
@@ -61,11 +71,22 @@ enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
 enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
 
 /* The redis section, with redis.url taken apart; owns its strings, the
- * nodes list and node_addrs. */
+ * nodes list, node_addrs and tls_client's strings.
+ *
+ * TLS: the url's scheme decides for every connection of the store. With
+ * rediss:// (tls true) the standalone server, every cluster node (seeds
+ * and the nodes CLUSTER SLOTS or a redirection names), every sentinel and
+ * the master a sentinel names are all reached over TLS, each verified
+ * against tls_client (SNI and the name checked: tls_client.server_name,
+ * else that connection's host). In cluster and sentinel mode the url's
+ * host, port and db are unused, but its scheme, username and password
+ * still apply to every connection (sentinels included). A unix socket is
+ * never TLS (the grammar has no rediss scheme for a path). */
 struct cfg_redis {
     enum cfg_redis_mode mode;
     char *url;        /* as given */
     bool unix_socket; /* url was unix:///path */
+    bool tls;         /* url was rediss://: every connection of the store is TLS */
     char *host;       /* tcp host, or the socket path when unix_socket */
     int port;         /* default 6379 */
     char *username;   /* ACL user (redis://user:password@), NULL when none */
@@ -80,6 +101,7 @@ struct cfg_redis {
     int timeout_ms;
     enum cfg_failure_mode failure_mode;
     int wait_replicas;
+    struct cfg_tls_client tls_client; /* redis.tls; used only when tls is true */
 };
 
 /* The idempotency settings; one global copy plus one fully resolved copy
@@ -141,10 +163,8 @@ struct cfg {
     struct cfg_addr admin_listen;
     char *tls_cert_file;
     char *tls_key_file;
-    char *upstream_tls_ca_file;
-    bool upstream_tls_verify;
-    char *upstream_tls_server_name;
-    struct cfg_route *routes; /* sorted by prefix length, longest first */
+    struct cfg_tls_client upstream_tls; /* https:// upstreams */
+    struct cfg_route *routes;           /* sorted by prefix length, longest first */
     size_t n_routes;
     enum cfg_log_level log_level;
     bool log_access;

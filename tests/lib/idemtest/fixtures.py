@@ -1,6 +1,8 @@
 """pytest fixtures shared by the suites (a conftest.py imports the ones it
 offers): upstream / upstream2 (upstream.py), redis (a private
-redis-server), redis_servers (several, for one test), store_cfg (the
+redis-server), redis_servers (several, for one test), redis_tls (a
+private redis-server speaking TLS only, with its throwaway CA and a
+wrong one), store_cfg (the
 store settings, once per store: memory, then redis), idemgate (a factory),
 execup (the execution-logging upstream, a factory). Every one is stopped
 at teardown.
@@ -11,6 +13,7 @@ import os
 import pytest
 
 from . import procs
+from .certs import make_certs
 from .config import STORES, store_config
 
 
@@ -31,6 +34,22 @@ def upstream2():
 @pytest.fixture
 def redis():
     r = procs.RedisServer()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def redis_tls(tmp_path):
+    """A procs.RedisTLSServer on a free port, TLS only, with certificates
+    made for this test in tmp_path/tls (certs.make_certs). Its API:
+    .port (the TLS port), .url ("rediss://127.0.0.1:port/0"), .ca (the CA
+    that signed the server's certificate: IP 127.0.0.1, DNS localhost),
+    .wrong_ca (a CA that signed nothing), .certs (every path), .context(ca=
+    None) (an ssl.SSLContext trusting .ca, or ca), .proc. Killed at
+    teardown."""
+    certs = make_certs(str(tmp_path / "tls"))
+    r = procs.RedisTLSServer(certs, workdir=str(tmp_path))
+    r.ca, r.wrong_ca = certs.ca, certs.wrong_ca
     yield r
     r.stop()
 

@@ -5,8 +5,8 @@ free_port() / free_cluster_port() / port_open() / wait_port(); clean_env()
 (the environment without IDEMGATE_* settings); stop_proc(); the test
 upstreams as processes (Upstream: tests/integration/upstream.py, plain or
 TLS; ExecUpstream: tests/faults/execup.py, the execution log); redis-server
-(RedisServer: one server or sentinel; RedisServers: the servers of one
-test, with start_sentinel()); idemgate (Idemgate: one running instance;
+(RedisServer: one server or sentinel; RedisTLSServer: one that speaks
+TLS only; RedisServers: the servers of one test, with start_sentinel()); idemgate (Idemgate: one running instance;
 run_idemgate(): to completion; exit_code()); RawServer (a listener thread
 in this process for upstreams that misbehave on purpose); rss_kib() and
 fd_count() from /proc.
@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -357,6 +358,47 @@ class RedisServer:
     def stop(self):
         if self.proc is not None:
             stop_proc(self.proc, signal.SIGTERM, 5)
+
+
+class RedisTLSServer(RedisServer):
+    """One private redis-server on 127.0.0.1 that speaks TLS only (--port
+    0, --tls-port port) with the server certificate of certs (a
+    certs.Certs), --tls-ca-cert-file certs.ca and --tls-auth-clients no (no
+    client certificate asked). url is rediss://127.0.0.1:port/0; context()
+    is an ssl.SSLContext trusting certs.ca, for resp.RespClient/call(...,
+    context=...). start() waits until it answers PING over TLS."""
+
+    def __init__(self, certs, port=None, args=(), workdir=None, user=None,
+                 password=None):
+        self.certs = certs
+        super().__init__(port, args, workdir, user, password)
+        self.url = "rediss://127.0.0.1:%d/0" % self.port
+
+    def context(self, ca=None):
+        """An ssl.SSLContext trusting ca (default: the server's own CA)."""
+        return ssl.create_default_context(cafile=ca or self.certs.ca)
+
+    def argv(self):
+        c = self.certs
+        argv = [REDIS_SERVER, "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", c.cert, "--tls-key-file", c.key,
+                "--tls-ca-cert-file", c.ca, "--tls-auth-clients", "no"]
+        argv += REDIS_BASE + self.args
+        if self.workdir:
+            argv += ["--dir", self.workdir]
+        return argv
+
+    def start(self):
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=self.workdir)
+        ctx = self.context()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if iresp.ping(self.port, context=ctx, **self.auth):
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("redis-server (TLS) did not start on %d" % self.port)
 
 
 class RedisServers:

@@ -1,7 +1,8 @@
 """RESP2: the only way the tests talk to Redis (no redis-cli: its output is
 escaped and its errors go to stdout as text).
 
-Owns: RespClient (one connection: AUTH and SELECT on connect, cmd(), or
+Owns: RespClient (one connection, plain or TLS with an ssl.SSLContext:
+AUTH and SELECT on connect, cmd(), or
 send() now and reply() later; keys() and contents() read every stored byte
 exactly); RedisError (an error reply); call() (one command on a connection
 of its own), try_call() and ping() for polls; create_cluster() (slots and
@@ -17,10 +18,20 @@ class RedisError(Exception):
 
 class RespClient:
     """Minimal RESP2 client on 127.0.0.1:port returning raw bytes. With
-    password it sends AUTH [user] password first, with db SELECT db."""
+    password it sends AUTH [user] password first, with db SELECT db. With
+    context (an ssl.SSLContext) it speaks TLS, verifying server_hostname
+    as the context says (an IP address is checked against IP SANs)."""
 
-    def __init__(self, port, timeout=5, user=None, password=None, db=None):
+    def __init__(self, port, timeout=5, user=None, password=None, db=None,
+                 context=None, server_hostname="127.0.0.1"):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout)
+        if context is not None:
+            try:
+                self.sock = context.wrap_socket(self.sock,
+                                                server_hostname=server_hostname)
+            except BaseException:
+                self.sock.close()
+                raise
         self.buf = b""
         try:
             if password is not None:
@@ -122,10 +133,12 @@ class RespClient:
         return t, [p for p in parts if p is not None]
 
 
-def call(port, *args, user=None, password=None, db=None, timeout=10):
+def call(port, *args, user=None, password=None, db=None, timeout=10,
+         context=None):
     """One command on a connection of its own (authenticated, database
-    selected, closed after the reply). Returns the reply (RespClient.reply)."""
-    with RespClient(port, timeout, user, password, db) as c:
+    selected, over TLS with context, closed after the reply). Returns the
+    reply (RespClient.reply)."""
+    with RespClient(port, timeout, user, password, db, context) as c:
         return c.cmd(*args)
 
 
@@ -138,8 +151,9 @@ def try_call(port, *args, **kw):
         return None
 
 
-def ping(port, user=None, password=None):
-    return try_call(port, "PING", user=user, password=password) == b"PONG"
+def ping(port, user=None, password=None, context=None):
+    return try_call(port, "PING", user=user, password=password,
+                    context=context) == b"PONG"
 
 
 CLUSTER_SLOTS = 16384

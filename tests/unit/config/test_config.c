@@ -141,6 +141,7 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_int_equal(a->redis.mode, b->redis.mode);
     assert_str_eq(a->redis.url, b->redis.url);
     assert_int_equal(a->redis.unix_socket, b->redis.unix_socket);
+    assert_int_equal(a->redis.tls, b->redis.tls);
     assert_str_eq(a->redis.host, b->redis.host);
     assert_int_equal(a->redis.port, b->redis.port);
     assert_str_eq(a->redis.username, b->redis.username);
@@ -152,6 +153,9 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_int_equal(a->redis.timeout_ms, b->redis.timeout_ms);
     assert_int_equal(a->redis.failure_mode, b->redis.failure_mode);
     assert_int_equal(a->redis.wait_replicas, b->redis.wait_replicas);
+    assert_str_eq(a->redis.tls_client.ca_file, b->redis.tls_client.ca_file);
+    assert_int_equal(a->redis.tls_client.verify, b->redis.tls_client.verify);
+    assert_str_eq(a->redis.tls_client.server_name, b->redis.tls_client.server_name);
     assert_true(a->memory_max_bytes == b->memory_max_bytes);
     assert_true(a->memory_max_scope_bytes == b->memory_max_scope_bytes);
     assert_idem_eq(&a->idem, &b->idem);
@@ -167,9 +171,9 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_addr_eq(&a->admin_listen, &b->admin_listen);
     assert_str_eq(a->tls_cert_file, b->tls_cert_file);
     assert_str_eq(a->tls_key_file, b->tls_key_file);
-    assert_str_eq(a->upstream_tls_ca_file, b->upstream_tls_ca_file);
-    assert_int_equal(a->upstream_tls_verify, b->upstream_tls_verify);
-    assert_str_eq(a->upstream_tls_server_name, b->upstream_tls_server_name);
+    assert_str_eq(a->upstream_tls.ca_file, b->upstream_tls.ca_file);
+    assert_int_equal(a->upstream_tls.verify, b->upstream_tls.verify);
+    assert_str_eq(a->upstream_tls.server_name, b->upstream_tls.server_name);
     assert_int_equal(a->n_routes, b->n_routes);
     for (size_t i = 0; i < a->n_routes; i++) {
         assert_string_equal(a->routes[i].prefix, b->routes[i].prefix);
@@ -208,6 +212,7 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.redis.mode, CFG_REDIS_STANDALONE);
     assert_string_equal(c.redis.url, "redis://127.0.0.1:6379/0");
     assert_false(c.redis.unix_socket);
+    assert_false(c.redis.tls);
     assert_string_equal(c.redis.host, "127.0.0.1");
     assert_int_equal(c.redis.port, 6379);
     assert_null(c.redis.username);
@@ -219,6 +224,9 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.redis.timeout_ms, 1000);
     assert_int_equal(c.redis.failure_mode, CFG_FAIL_CLOSED);
     assert_int_equal(c.redis.wait_replicas, 0);
+    assert_null(c.redis.tls_client.ca_file);
+    assert_true(c.redis.tls_client.verify);
+    assert_null(c.redis.tls_client.server_name);
     assert_true(c.memory_max_bytes == 268435456ULL);
     assert_true(c.memory_max_scope_bytes == 33554432ULL);
     assert_true(c.idem.enabled);
@@ -259,9 +267,9 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.admin_listen.port, 9091);
     assert_null(c.tls_cert_file);
     assert_null(c.tls_key_file);
-    assert_null(c.upstream_tls_ca_file);
-    assert_true(c.upstream_tls_verify);
-    assert_null(c.upstream_tls_server_name);
+    assert_null(c.upstream_tls.ca_file);
+    assert_true(c.upstream_tls.verify);
+    assert_null(c.upstream_tls.server_name);
     assert_int_equal(c.n_routes, 0);
     assert_null(c.routes);
     assert_int_equal(c.log_level, CFG_LOG_INFO);
@@ -968,6 +976,149 @@ static void test_redis_url_tcp(void **state)
     cfg_free(&c);
 }
 
+static void test_redis_url_tls(void **state)
+{
+    (void)state;
+    struct cfg c;
+    /* rediss:// is redis:// over TLS: the same grammar, the same parts */
+    load_ok(&c, "{\"redis\": {\"url\": \"rediss://app:p%40ss@r.example:6380/3\"}}");
+    assert_true(c.redis.tls);
+    assert_false(c.redis.unix_socket);
+    assert_string_equal(c.redis.host, "r.example");
+    assert_int_equal(c.redis.port, 6380);
+    assert_string_equal(c.redis.username, "app");
+    assert_string_equal(c.redis.password, "p@ss");
+    assert_int_equal(c.redis.db, 3);
+    assert_string_equal(c.redis.url, "rediss://app:p%40ss@r.example:6380/3");
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"url\": \"rediss://[::1]\"}}");
+    assert_true(c.redis.tls);
+    assert_string_equal(c.redis.host, "::1");
+    assert_int_equal(c.redis.port, 6379); /* no other default port for TLS */
+    cfg_free(&c);
+    /* a later source replaces the scheme too */
+    struct cfg_flags fl = {.redis = "redis://h"};
+    const char *json = "{\"redis\": {\"url\": \"rediss://h\"}}";
+    assert_int_equal(cfg_load_json(&c, json, strlen(json), false, &fl, err, sizeof err), 0);
+    assert_false(c.redis.tls);
+    cfg_free(&c);
+    fl.redis = "rediss://h:7000";
+    assert_int_equal(cfg_load_json(&c, "{}", 2, false, &fl, err, sizeof err), 0);
+    assert_true(c.redis.tls);
+    assert_int_equal(c.redis.port, 7000);
+    cfg_free(&c);
+    /* the scheme decides TLS for cluster nodes and sentinels too: the url
+     * is still parsed (and required to be valid) in those modes */
+    load_ok(&c, "{\"redis\": {\"mode\": \"cluster\", \"url\": \"rediss://:pw@unused\", "
+                "\"nodes\": [\"a:7000\"]}}");
+    assert_true(c.redis.tls);
+    assert_string_equal(c.redis.password, "pw");
+    cfg_free(&c);
+}
+
+static void test_redis_tls_section(void **state)
+{
+    (void)state;
+    struct cfg c;
+    load_ok(&c, "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"\", "
+                "\"verify\": false, \"server_name\": \"redis.internal\"}}}");
+    assert_null(c.redis.tls_client.ca_file);
+    assert_false(c.redis.tls_client.verify);
+    assert_string_equal(c.redis.tls_client.server_name, "redis.internal");
+    /* its own copy: upstream_tls keeps its defaults */
+    assert_true(c.upstream_tls.verify);
+    assert_null(c.upstream_tls.server_name);
+    cfg_free(&c);
+    /* "tls" may come before "url", and is kept (unused) with redis:// */
+    load_ok(&c, "{\"redis\": {\"tls\": {\"server_name\": \"x\"}, \"url\": \"redis://h\"}, "
+                "\"upstream_tls\": {\"server_name\": \"y\"}}");
+    assert_false(c.redis.tls);
+    assert_string_equal(c.redis.tls_client.server_name, "x");
+    assert_string_equal(c.upstream_tls.server_name, "y");
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"tls\": {}}}");
+    assert_true(c.redis.tls_client.verify);
+    cfg_free(&c);
+    expect_error("{\"redis\": {\"tls\": {\"verify\": \"no\"}}}",
+                 "config: redis.tls.verify: must be true or false");
+    expect_error("{\"redis\": {\"tls\": {\"ca_file\": 1}}}",
+                 "config: redis.tls.ca_file: must be a string");
+    expect_error("{\"redis\": {\"tls\": {\"server_name\": null}}}",
+                 "config: redis.tls.server_name: must be a string");
+    expect_error("{\"redis\": {\"tls\": {\"cert_file\": \"/c.pem\"}}}",
+                 "config: redis.tls.cert_file: unknown key");
+    expect_error("{\"redis\": {\"tls\": true}}", "config: redis.tls: must be an object");
+    expect_error("{\"redis\": {\"tls\": {}, \"tls\": {}}}", "config: redis.tls: duplicate key");
+    expect_error("{\"redis\": {\"tls\": {\"verify\": true, \"verify\": false}}}",
+                 "config: redis.tls.verify: duplicate key");
+    /* nested only: not a top-level key, not inside another section */
+    expect_error("{\"redis.tls\": {}}", "config: redis.tls: unknown key");
+    expect_error("{\"upstream_tls\": {\"tls\": {}}}", "config: upstream_tls.tls: unknown key");
+    expect_error("{\"redis\": {\"tls\": {\"tls\": {}}}}", "config: redis.tls.tls: unknown key");
+    expect_error("{\"routes\": [{\"prefix\": \"/a\", \"idempotency\": {\"tls\": {}}}]}",
+                 "config: routes[0].idempotency.tls: unknown key");
+}
+
+/* A CA certificate (EC P-256, the same throwaway CA as tests/unit/net/
+ * test_tls.c): a file redis.tls.ca_file may name. */
+static const char CA_PEM[] = "-----BEGIN CERTIFICATE-----\n"
+                             "MIIBjjCCATOgAwIBAgIUEGxqHWfCYSoy6vb9xOT5hlDB3sQwCgYIKoZIzj0EAwIw\n"
+                             "GzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTAgFw0yNjEyMDcxODAzMjFaGA8y\n"
+                             "MTI2MTExMzE4MDMyMVowGzEZMBcGA1UEAwwQaWRlbWdhdGUgdGVzdCBDQTBZMBMG\n"
+                             "ByqGSM49AgEGCCqGSM49AwEHA0IABAtyKN2bMohBkP2rXq5qFhWRhpZ/a9C+GsWJ\n"
+                             "kZCsaLBI0kqyrkMufArBBIqG7BZUpFBlcTlcZtyw1/Rq7TYsgs2jUzBRMB0GA1Ud\n"
+                             "DgQWBBTA474KI0z3cH94BhWsjAdsn+wnpDAfBgNVHSMEGDAWgBTA474KI0z3cH94\n"
+                             "BhWsjAdsn+wnpDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCp\n"
+                             "oP/2wDQsutsRMAomQvtOvvqDIz21CrHLpLeBgqfFPgIhAJunAmGgxWHGeO+x0AYj\n"
+                             "lgvA8LHvKl+rTxpdcq9LxEXf\n"
+                             "-----END CERTIFICATE-----\n";
+
+static void test_redis_tls_ca_file(void **state)
+{
+    (void)state;
+    char ca[64], junk[64], json[512];
+    struct cfg c;
+    write_file(ca, sizeof ca, CA_PEM);
+    write_file(junk, sizeof junk, "not a certificate\n");
+    snprintf(json, sizeof json,
+             "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"%s\"}}}", ca);
+    load_ok(&c, json);
+    assert_string_equal(c.redis.tls_client.ca_file, ca);
+    cfg_free(&c);
+    /* missing, a directory, not PEM: one line naming the key (exit 2 at -t) */
+    expect_error(
+        "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"/nonexistent/ca.pem\"}}}",
+        "config: redis.tls.ca_file: cannot load /nonexistent/ca.pem: No such file or "
+        "directory");
+    expect_error("{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"/tmp\"}}}",
+                 "config: redis.tls.ca_file: cannot load /tmp: not a regular file");
+    snprintf(json, sizeof json,
+             "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": \"%s\"}}}", junk);
+    assert_int_equal(load(&c, json), -1);
+    char want[160];
+    snprintf(want, sizeof want, "config: redis.tls.ca_file: cannot load %s: ", junk);
+    assert_memory_equal(err, want, strlen(want));
+    assert_non_null(strstr(err, "no certificate"));
+    assert_null(strchr(err, '\n'));
+    /* the url from a flag (applied last) still gets the file checked */
+    struct cfg_flags fl = {.redis = "rediss://h"};
+    expect_error_with("{\"redis\": {\"tls\": {\"ca_file\": \"/nonexistent/ca.pem\"}}}", false, &fl,
+                      "config: redis.tls.ca_file: cannot load /nonexistent/ca.pem: No such file "
+                      "or directory");
+    /* not read when nothing will read it: redis://, the memory store, or
+     * verify false */
+    load_ok(&c, "{\"redis\": {\"tls\": {\"ca_file\": \"/nonexistent/ca.pem\"}}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"store\": \"memory\", \"redis\": {\"url\": \"rediss://h\", \"tls\": "
+                "{\"ca_file\": \"/nonexistent/ca.pem\"}}}");
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"url\": \"rediss://h\", \"tls\": {\"ca_file\": "
+                "\"/nonexistent/ca.pem\", \"verify\": false}}}");
+    cfg_free(&c);
+    unlink(ca);
+    unlink(junk);
+}
+
 static void test_redis_url_unix(void **state)
 {
     (void)state;
@@ -985,14 +1136,17 @@ static void test_redis_url_bad(void **state)
     static const char *const bad[] = {
         "http://h",           "redis://",         "redis://h/2147483648", "redis://h/-1",
         "redis://user@h",     "redis://u%zz:p@h", "redis://h/x",          "unix://relative",
-        "unix:///",           "redis://h:0",      "redis://:%zz@h",       "rediss://h",
+        "unix:///",           "redis://h:0",      "redis://:%zz@h",       "rediss://",
         "redis://h:6379/0?x", "redis://a b",      "redis://:%00@h",       "",
+        "REDISS://h",         "rediss:/h",        "rediss://h/x",         "redis+tls://h",
+        "rediss:///tmp/s",    "unixs:///tmp/s",   "rediss://u@h",         "redisss://h",
     };
     char json[128];
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         snprintf(json, sizeof json, "{\"redis\": {\"url\": \"%s\"}}", bad[i]);
-        expect_error(json, "config: redis.url: must be redis://[[user]:password@]host[:port][/db] "
-                           "or unix:///path");
+        expect_error(json,
+                     "config: redis.url: must be redis[s]://[[user]:password@]host[:port][/db] "
+                     "or unix:///path");
     }
 }
 
@@ -1228,9 +1382,9 @@ static void test_upstream_tls(void **state)
     struct cfg c;
     load_ok(&c, "{\"upstream_tls\": {\"ca_file\": \"/ca.pem\", \"verify\": false, "
                 "\"server_name\": \"api.internal\"}}");
-    assert_string_equal(c.upstream_tls_ca_file, "/ca.pem");
-    assert_false(c.upstream_tls_verify);
-    assert_string_equal(c.upstream_tls_server_name, "api.internal");
+    assert_string_equal(c.upstream_tls.ca_file, "/ca.pem");
+    assert_false(c.upstream_tls.verify);
+    assert_string_equal(c.upstream_tls.server_name, "api.internal");
     cfg_free(&c);
 }
 
@@ -1448,7 +1602,7 @@ static void test_env_errors(void **state)
          "env IDEMGATE_UPSTREAM: must be an http:// or https:// URL with a host"},
         {"IDEMGATE_STORE", "disk", "env IDEMGATE_STORE: must be redis or memory"},
         {"IDEMGATE_REDIS_URL", "redis://h/x99",
-         "env IDEMGATE_REDIS_URL: must be redis://[[user]:password@]host[:port][/db] or "
+         "env IDEMGATE_REDIS_URL: must be redis[s]://[[user]:password@]host[:port][/db] or "
          "unix:///path"},
         {"IDEMGATE_ADMIN_LISTEN", "on", "env IDEMGATE_ADMIN_LISTEN: must be host:port or off"},
         {"IDEMGATE_LOG_LEVEL", "INFO",
@@ -1592,7 +1746,7 @@ static void test_flags_errors(void **state)
     expect_error_with("{}", false, &fl, "flag --store: must be redis or memory");
     fl = (struct cfg_flags){.redis = "127.0.0.1:6379"};
     expect_error_with("{}", false, &fl,
-                      "flag --redis: must be redis://[[user]:password@]host[:port][/db] or "
+                      "flag --redis: must be redis[s]://[[user]:password@]host[:port][/db] or "
                       "unix:///path");
     fl = (struct cfg_flags){.admin = ""};
     expect_error_with("{}", false, &fl, "flag --admin: must be host:port or off");
@@ -1741,6 +1895,9 @@ int main(void)
         cmocka_unit_test(test_upstream_good),
         cmocka_unit_test(test_upstream_bad),
         cmocka_unit_test(test_redis_url_tcp),
+        cmocka_unit_test(test_redis_url_tls),
+        cmocka_unit_test(test_redis_tls_section),
+        cmocka_unit_test(test_redis_tls_ca_file),
         cmocka_unit_test(test_redis_url_unix),
         cmocka_unit_test(test_redis_url_bad),
         cmocka_unit_test(test_redis_cluster),
