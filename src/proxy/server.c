@@ -172,15 +172,6 @@ int server_init(struct server *srv, const struct cfg *cfg)
         log_msg(LOG_ERROR, "%s", err);
         return -1;
     }
-    /* Until the Redis store connects through net/conn.c with tls_redis_new
-     * it would ignore rediss:// and send AUTH in the clear: refuse to start.
-     * Remove with the store side. */
-    if (cfg->store == CFG_STORE_REDIS && cfg->redis.tls) {
-        /* not the url itself: it may hold a password */
-        log_msg(LOG_ERROR, "redis.url is rediss://, but this build's Redis store cannot connect "
-                           "over TLS yet");
-        return -1;
-    }
     if (RAND_bytes((unsigned char *)&srv->boot_id, sizeof(srv->boot_id)) != 1) abort();
     if (cfg->store == CFG_STORE_MEMORY)
         srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,

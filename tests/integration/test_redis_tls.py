@@ -5,11 +5,8 @@ The `redis_tls` fixture (idemtest.fixtures) is a private redis-server
 speaking TLS only (`--port 0 --tls-port P`), with a throwaway CA, a server
 certificate for IP 127.0.0.1 and DNS localhost, and an unrelated CA, all
 made with the `openssl` command in the test's temp dir. The first tests
-check the fixture itself (Python's ssl module, no idemgate) and what the
-config does with `redis.tls` today (`-t`, and the refusal to start until
-the store connects over TLS). The end-to-end cases wait for the store side
-(the Redis connection on net/conn.c with tls_redis_new) and are skipped
-until it lands."""
+check the fixture itself (Python's ssl module, no idemgate) and what `-t`
+does with `redis.tls`; the others run idemgate's store over TLS."""
 
 import json
 import socket
@@ -22,9 +19,6 @@ from idemtest.config import gate_config
 from idemtest.http import post
 from idemtest.procs import exit_code, run_idemgate
 from idemtest.resp import call
-
-STORE_PENDING = pytest.mark.skip(reason="store side not landed")
-
 
 def raw_tls_ping(port, ca, server_hostname):
     """PING on a TLS connection of its own; the raw reply line."""
@@ -103,18 +97,6 @@ def test_check_config_names_a_bad_ca_file(tmp_path, redis_tls):
         assert r.returncode == 0 and r.stdout == "configuration ok\n", r
 
 
-def test_rediss_refused_until_the_store_speaks_tls(idemgate, upstream, redis_tls):
-    """Until the store side lands, a rediss:// store must not start (it
-    would connect in the clear and send AUTH there). Delete this test with
-    the guard in server_init."""
-    g = idemgate(gate_config({"store": "redis", "redis": {
-        "url": "rediss://:s3cret@127.0.0.1:%d/0" % redis_tls.port,
-        "tls": {"ca_file": redis_tls.ca}}}, upstream.url), wait=False)
-    assert exit_code(g) == 1
-    assert "cannot connect over TLS yet" in g.stderr(), g.stderr()
-    assert "s3cret" not in g.stderr()
-
-
 # -- idemgate through rediss:// (the store side) --------------------------------
 
 
@@ -124,7 +106,6 @@ def gate_tls(idemgate, upstream, redis_tls, tls, wait=True):
     return idemgate(cfg, wait=wait)
 
 
-@STORE_PENDING
 def test_rediss_executes_once_and_replays(idemgate, upstream, redis_tls):
     g = gate_tls(idemgate, upstream, redis_tls, {"ca_file": redis_tls.ca})
     r1 = first_answer(g.port, "t1")
@@ -136,7 +117,6 @@ def test_rediss_executes_once_and_replays(idemgate, upstream, redis_tls):
     assert call(redis_tls.port, "DBSIZE", context=redis_tls.context()) >= 1
 
 
-@STORE_PENDING
 def test_rediss_wrong_ca_is_store_unavailable(idemgate, upstream, redis_tls):
     g = gate_tls(idemgate, upstream, redis_tls, {"ca_file": redis_tls.wrong_ca})
     r = post(g.port, "/count", "t2")
@@ -145,7 +125,6 @@ def test_rediss_wrong_ca_is_store_unavailable(idemgate, upstream, redis_tls):
     assert wait_until(lambda: "certificate verify failed" in g.stderr()), g.stderr()
 
 
-@STORE_PENDING
 def test_rediss_verify_false_accepts_any_certificate(idemgate, upstream, redis_tls):
     g = gate_tls(idemgate, upstream, redis_tls,
                  {"ca_file": redis_tls.wrong_ca, "verify": False})
@@ -156,7 +135,6 @@ def test_rediss_verify_false_accepts_any_certificate(idemgate, upstream, redis_t
     assert upstream.count("t3") == 1
 
 
-@STORE_PENDING
 def test_rediss_server_name_mismatch_fails(idemgate, upstream, redis_tls):
     g = gate_tls(idemgate, upstream, redis_tls,
                  {"ca_file": redis_tls.ca, "server_name": "redis.example"})

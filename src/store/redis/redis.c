@@ -11,6 +11,7 @@
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
+#include "idemgate/net/tls.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,9 +183,7 @@ static void rs_free_now(struct store_redis *s)
 /* A TLS session for a connection to host (rediss://), or NULL. */
 struct ssl_st *rs_tls_new(struct store_redis *s, const char *host)
 {
-    (void)s;
-    (void)host;
-    return NULL;
+    return tls_redis_new(s->cfg, host);
 }
 
 void rs_enter(struct store_redis *s)
@@ -258,6 +257,7 @@ struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
     const char *p = cfg->redis.key_prefix ? cfg->redis.key_prefix : "";
     s->prefix = rs_strndup(p, strlen(p));
     rs_scripts_hash(s->sha);
+    s->tls = cfg->redis.tls;
     rop_timers_new(s);
     s->topo = rs_topology_for(&cfg->redis);
     s->topo->init(s);
