@@ -364,6 +364,7 @@ static void cluster_free(struct store_redis *s)
 
 const struct rs_topology_ops rs_cluster_ops = {
     .select_db = false,
+    .slots = true,
     .init = cluster_init,
     .route = cluster_route,
     .on_error_reply = cluster_on_error_reply,

@@ -448,7 +448,7 @@ struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script sc
         p += lens[i];
     }
     op->argc = argc;
-    if (argc > 0) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]); /* for cluster.c */
+    if (argc > 0 && s->topo->slots) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]);
     op->prev = s->ops_tail;
     if (s->ops_tail)
         s->ops_tail->next = op;

@@ -247,6 +247,8 @@ enum rs_route {
 struct rs_topology_ops {
     /* The handshake SELECTs redis.url's database (a cluster has only 0). */
     bool select_db;
+    /* Keys live in cluster slots: op->slot (and a give-back's) is computed. */
+    bool slots;
     /* Makes the mode's state (s->topo_state) and its first connections. */
     void (*init)(struct store_redis *s);
     /* Sets op->conn for a new op: the connection for its key. */

@@ -18,13 +18,11 @@
 
 /* The owner check the fenced scripts share: the value at KEYS[1] is a
  * lock (state 'p') of this layout holding ARGV[1] as its token. A key of
- * another type (an older idemgate's hash) is not ours: redis.pcall keeps
- * the WRONGTYPE error from failing the script. */
+ * another type (an older idemgate's hash, whose lock is not ours anyway)
+ * fails the script with WRONGTYPE: a store error to the caller. */
 #define RS_OWNED_CHECK                                                                             \
-    "local v = redis.pcall('GET', KEYS[1])\n"                                                      \
-    "if type(v) ~= 'string' or #v < " RS_STR(                                                      \
-        RS_VAL_HDR) " or string.sub(v, 1, 4) ~= '" RS_VAL_MAGIC                                    \
-                    "p' or string.sub(v, 5, 36) ~= ARGV[1] then return 0 end\n"
+    "local v = redis.call('GET', KEYS[1])\n"                                                       \
+    "if not v or string.sub(v, 1, 36) ~= '" RS_VAL_MAGIC "p' .. ARGV[1] then return 0 end\n"
 #define RS_STR_(x) #x
 #define RS_STR(x) RS_STR_(x)
 
