@@ -12,7 +12,7 @@ RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DIDEMGATE_TESTS=OFF \
 FROM debian:12-slim
 RUN apt-get update && apt-get install -y --no-install-recommends \
       libevent-2.1-7 libevent-pthreads-2.1-7 libevent-openssl-2.1-7 libssl3 \
-      libhiredis0.14 libcjson1 libxxhash0 ca-certificates \
+      libcjson1 libxxhash0 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/build/idemgate /usr/local/bin/idemgate
 COPY config/idemgate.json /etc/idemgate/idemgate.json

@@ -163,10 +163,11 @@ uint64_t store_memory_shared_scope_bytes(struct store_memory_shared *sh, const c
 struct store *store_memory_new(struct event_base *base, struct store_memory_shared *sh,
                                int timeout_ms);
 
-/* Redis backend: one hiredis async connection on base (the libevent
- * adapter), scripts loaded with SCRIPT LOAD and called with EVALSHA
- * (reloaded on NOSCRIPT), every command under its own timeout timer,
- * reconnect with capped exponential backoff. cfg is borrowed for the
+/* Redis backend: its own connections on base (net/conn, TLS for
+ * rediss://), one native SET NX PX GET per acquire, short scripts for the
+ * fenced complete / release / renew (SCRIPT LOAD, EVALSHA, reloaded on
+ * NOSCRIPT), one deadline timer for every operation in flight, reconnect
+ * with capped exponential backoff. cfg is borrowed for the
  * store's lifetime (redis.* settings). Never fails: an unreachable Redis
  * only makes operations answer STORE_ACQ_ERROR / -1 until it is back.
  * An acquire that answered STORE_ACQ_ERROR after its script was sent may
