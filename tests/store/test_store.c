@@ -14,6 +14,7 @@
 #include "idemgate/core/buf.h"
 #include "idemgate/config/config.h"
 #include "idemgate/core/metrics.h"
+#include "idemgate/net/tls.h"
 #include "idemgate/store/store.h"
 #include "store_testlib.h"
 
@@ -29,6 +30,10 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 /* ---- the redis-server under test ---- */
 
@@ -1533,6 +1538,153 @@ static void test_redis_down_at_start(void **state)
     assert_int_equal(ping(c), -1);
 }
 
+/* ---- rediss:// with replies that arrive a few bytes at a time ---- */
+
+/* A TCP proxy that hands the server's bytes to the client 64 at a time, so
+ * that TLS records arrive in pieces (as over a real network, where a 16 KB
+ * record spans many segments). */
+struct chop_proxy {
+    int lfd;
+    int up_port;
+};
+
+static void *chop_proxy_run(void *arg)
+{
+    struct chop_proxy *p = arg;
+    for (;;) {
+        int cfd = accept(p->lfd, NULL, NULL);
+        if (cfd < 0) return NULL;
+        int ufd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)p->up_port)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(ufd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+            close(cfd);
+            close(ufd);
+            continue;
+        }
+        struct pollfd pf[2] = {{.fd = cfd, .events = POLLIN}, {.fd = ufd, .events = POLLIN}};
+        static char b[65536];
+        for (;;) {
+            if (poll(pf, 2, -1) < 0) break;
+            ssize_t n;
+            if (pf[0].revents) {
+                if ((n = read(cfd, b, sizeof(b))) <= 0 || write(ufd, b, (size_t)n) != n) break;
+            }
+            if (pf[1].revents) {
+                if ((n = read(ufd, b, sizeof(b))) <= 0) break;
+                for (ssize_t o = 0; o < n; o += 64) {
+                    size_t k = (size_t)(n - o < 64 ? n - o : 64);
+                    if (write(cfd, b + o, k) != (ssize_t)k) break;
+                    usleep(1000);
+                }
+            }
+        }
+        close(cfd);
+        close(ufd);
+    }
+}
+
+static pid_t tls_redis_pid = -1;
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    if (tls_redis_pid > 0) kill(tls_redis_pid, SIGKILL);
+    if (redis_pid > 0) kill(redis_pid, SIGKILL);
+    static const char msg[] = "test_redis_tls_fragmented_records: the event loop is stuck\n";
+    if (write(2, msg, sizeof(msg) - 1) < 0) _exit(1);
+    _exit(1);
+}
+
+/* A TLS record that arrives in pieces leaves SSL_has_pending true while
+ * SSL_read says WANT_READ: the read loop must wait for the next edge, not
+ * spin. */
+static void test_redis_tls_fragmented_records(void **state)
+{
+    struct ctx *c = *state;
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd),
+             "openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/k.pem -out %s/c.pem "
+             "-subj /CN=127.0.0.1 -days 1 >/dev/null 2>&1",
+             redis_dir, redis_dir);
+    if (system(cmd) != 0) skip();
+    int tls_port = free_port();
+    char port_s[16], cert[128], key[128];
+    snprintf(port_s, sizeof(port_s), "%d", tls_port);
+    snprintf(cert, sizeof(cert), "%s/c.pem", redis_dir);
+    snprintf(key, sizeof(key), "%s/k.pem", redis_dir);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+        execlp("redis-server", "redis-server", "--port", "0", "--tls-port", port_s,
+               "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert,
+               "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--bind",
+               "127.0.0.1", "--dir", redis_dir, (char *)NULL);
+        _exit(127);
+    }
+    tls_redis_pid = pid;
+    bool up = false;
+    for (int i = 0; i < 200 && !up; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)tls_port)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        up = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+        close(fd);
+        if (!up) usleep(20000);
+    }
+    if (!up) {
+        stop_pid(&pid);
+        skip(); /* a redis-server without TLS */
+    }
+
+    static struct chop_proxy px;
+    px.up_port = tls_port;
+    px.lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in la = {.sin_family = AF_INET};
+    la.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t ll = sizeof(la);
+    assert_int_equal(bind(px.lfd, (struct sockaddr *)&la, sizeof(la)), 0);
+    assert_int_equal(listen(px.lfd, 4), 0);
+    assert_int_equal(getsockname(px.lfd, (struct sockaddr *)&la, &ll), 0);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, chop_proxy_run, &px), 0);
+
+    store_free(c->st);
+    c->cfg.redis.tls = true;
+    c->cfg.redis.tls_client.verify = false;
+    c->cfg.redis.port = ntohs(la.sin_port);
+    c->cfg.redis.timeout_ms = 5000;
+    char err[256];
+    assert_int_equal(tls_init(&c->cfg, err, sizeof(err)), 0);
+    c->st = ctx_new_store(c);
+
+    signal(SIGALRM, on_alarm);
+    alarm(30);
+    char k[64];
+    unique_skey(k, sizeof(k), "tlsfrag");
+    uint8_t rec[1000];
+    memset(rec, 'r', sizeof(rec));
+    assert_int_equal(acquire(c, k, FP_1, TOKEN_A, 10000), STORE_ACQ_LOCKED);
+    assert_int_equal(complete(c, k, TOKEN_A, rec, sizeof(rec), 60), 1);
+    struct acq_res a;
+    assert_int_equal(acquire_full(c, c->st, k, FP_1, TOKEN_B, 10000, &a), STORE_ACQ_COMPLETED);
+    assert_int_equal(a.rec_len, sizeof(rec));
+    alarm(0);
+
+    store_free(c->st);
+    c->st = NULL;
+    tls_free();
+    shutdown(px.lfd, SHUT_RDWR);
+    close(px.lfd);
+    pthread_join(th, NULL);
+    stop_pid(&pid);
+    tls_redis_pid = -1;
+    c->st = store_memory_new(c->base, c->sh, 1000); /* for ctx_teardown */
+}
+
 #define BOTH(f)                                                                                    \
     cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_memory),      \
         cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_redis)
@@ -1584,6 +1736,7 @@ int main(void)
         REDIS(test_redis_down_at_start),
         REDIS(test_redis_deadline_on_stuck_server),
         REDIS(test_redis_killed_and_restarted),
+        REDIS(test_redis_tls_fragmented_records),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

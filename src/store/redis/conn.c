@@ -333,7 +333,7 @@ static void rc_io_cb(struct conn *io, short what, void *arg)
     if ((what & EV_WRITE) && buf_size(&c->io.out) > 0) rc_flush(c);
     if (what & EV_READ) {
         for (;;) {
-            conn_fill(&c->io, buf_size(&c->io.in) + RC_READ_LIMIT);
+            size_t got = conn_fill(&c->io, buf_size(&c->io.in) + RC_READ_LIMIT);
             if (buf_size(&c->io.in) > 0 && !rc_read_replies(c)) goto out;
             if (c->io.err) {
                 rc_went_down(c, strerror(c->io.err));
@@ -343,7 +343,10 @@ static void rc_io_cb(struct conn *io, short what, void *arg)
                 rc_went_down(c, "Server closed the connection");
                 goto out;
             }
-            if (!c->io.rd_ready && !conn_tls_pending(&c->io)) break;
+            /* TLS: SSL_has_pending is true for a record only partly
+             * received too, which only the next edge completes; decrypted
+             * bytes left at the limit are read (got > 0) on the next turn. */
+            if (!c->io.rd_ready && (got == 0 || !conn_tls_pending(&c->io))) break;
         }
         if (buf_size(&c->io.in) == 0) conn_trim(&c->io);
     }
