@@ -214,7 +214,7 @@ static int rs_parse_redirect(const struct rreply *r, unsigned *slot, const char 
                              size_t *hlen, int *port)
 {
     int kind = rs_reply_is_error(r, "MOVED") ? 1 : rs_reply_is_error(r, "ASK") ? 2 : 0;
-    if (!kind) return 0;
+    if (!kind || r->len <= (kind == 1 ? 6u : 4u)) return 0;
     const char *p = r->str + (kind == 1 ? 6 : 4);
     const char *end = r->str + r->len;
     char *after;

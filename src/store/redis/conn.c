@@ -260,6 +260,7 @@ static bool rc_read_replies(struct rconn *c)
         }
         off += used;
         rc_dispatch(c, r);
+        if (evtimer_pending(c->kill_ev, NULL)) break; /* out of step: torn down next */
         if (s->freeing || c->release_pending || c->state == RC_IDLE) {
             alive = false;
             break;
@@ -314,8 +315,7 @@ static void rc_io_cb(struct conn *io, short what, void *arg)
             conn_set_tls(&c->io, ssl);
             c->state = RC_TLS;
         } else {
-            rc_up(c);
-            goto out;
+            rc_up(c); /* and read what came with the connect (a refusal) */
         }
     }
     if (c->state == RC_TLS) {
@@ -335,6 +335,7 @@ static void rc_io_cb(struct conn *io, short what, void *arg)
         for (;;) {
             size_t got = conn_fill(&c->io, buf_size(&c->io.in) + RC_READ_LIMIT);
             if (buf_size(&c->io.in) > 0 && !rc_read_replies(c)) goto out;
+            if (evtimer_pending(c->kill_ev, NULL)) break; /* torn down next: read no more */
             if (c->io.err) {
                 rc_went_down(c, strerror(c->io.err));
                 goto out;

@@ -20,11 +20,12 @@
  * lock (state 'p') of this layout holding ARGV[1] as its token. A key of
  * another type (an older idemgate's hash, whose lock is not ours anyway)
  * fails the script with WRONGTYPE: a store error to the caller. */
-#define RS_OWNED_CHECK                                                                             \
-    "local v = redis.call('GET', KEYS[1])\n"                                                       \
-    "if not v or string.sub(v, 1, 36) ~= '" RS_VAL_MAGIC "p' .. ARGV[1] then return 0 end\n"
 #define RS_STR_(x) #x
 #define RS_STR(x) RS_STR_(x)
+#define RS_OWNED_CHECK                                                                             \
+    "local v = redis.call('GET', KEYS[1])\n"                                                       \
+    "if not v or #v ~= " RS_STR(RS_VAL_HDR) " or string.sub(v, 1, 36) ~= '" RS_VAL_MAGIC           \
+                                            "p' .. ARGV[1] then return 0 end\n"
 
 /* The scripts (values: "<magic>" state token fingerprint created-at
  * record, see redis_internal.h). Acquire answers like SET NX GET: nil
