@@ -2,7 +2,8 @@
 offers): upstream / upstream2 (upstream.py), redis (a private
 redis-server), redis_servers (several, for one test), redis_tls (a
 private redis-server speaking TLS only, with its throwaway CA and a
-wrong one), store_cfg (the
+wrong one), redis_tls_servers (several speaking TLS only: a TLS cluster,
+a TLS sentinel group), store_cfg (the
 store settings, once per store: memory, then redis), idemgate (a factory),
 execup (the execution-logging upstream, a factory). Every one is stopped
 at teardown.
@@ -59,6 +60,22 @@ def redis_servers(tmp_path):
     """procs.RedisServers in tmp_path: start(port, args, ...) and
     start_sentinel(master_port, ...); all killed at teardown."""
     s = procs.RedisServers(str(tmp_path))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def redis_tls_servers(tmp_path):
+    """procs.RedisServers in tmp_path with certificates made for this test
+    in tmp_path/tls (certs.make_certs(client=True): the servers present
+    theirs to each other too): every server TLS only, replicating over TLS;
+    start_cluster(n) a cluster whose bus is TLS (--tls-cluster yes),
+    start_sentinel(master_port) a sentinel on a TLS port watching its
+    servers over TLS. Also .certs (.ca, .wrong_ca, ...), .context(ca=None),
+    .call(port, ...) / .try_call (RESP over TLS). All killed at
+    teardown."""
+    certs = make_certs(str(tmp_path / "tls"), client=True)
+    s = procs.RedisServers(str(tmp_path), certs=certs)
     yield s
     s.stop()
 

@@ -6,7 +6,8 @@ free_port() / free_cluster_port() / port_open() / wait_port(); clean_env()
 upstreams as processes (Upstream: tests/integration/upstream.py, plain or
 TLS; ExecUpstream: tests/faults/execup.py, the execution log); redis-server
 (RedisServer: one server or sentinel; RedisTLSServer: one that speaks
-TLS only; RedisServers: the servers of one test, with start_sentinel()); idemgate (Idemgate: one running instance;
+TLS only; RedisServers: the servers of one test, plain or all TLS, with
+start_sentinel() and start_cluster()); idemgate (Idemgate: one running instance;
 run_idemgate(): to completion; exit_code()); RawServer (a listener thread
 in this process for upstreams that misbehave on purpose); rss_kib() and
 fd_count() from /proc.
@@ -364,14 +365,18 @@ class RedisTLSServer(RedisServer):
     """One private redis-server on 127.0.0.1 that speaks TLS only (--port
     0, --tls-port port) with the server certificate of certs (a
     certs.Certs), --tls-ca-cert-file certs.ca and --tls-auth-clients no (no
-    client certificate asked). url is rediss://127.0.0.1:port/0; context()
-    is an ssl.SSLContext trusting certs.ca, for resp.RespClient/call(...,
-    context=...). start() waits until it answers PING over TLS."""
+    client certificate asked); a sentinel when sentinel_conf is given.
+    url is rediss://127.0.0.1:port/0; context() is an ssl.SSLContext
+    trusting certs.ca, for resp.RespClient/call(..., context=...). start()
+    waits until it answers PING over TLS. What it connects to itself
+    (a master, cluster peers, a sentinel's master and replicas) is TLS only
+    with args "--tls-replication yes" / "--tls-cluster yes" (RedisServers
+    with certs adds them)."""
 
     def __init__(self, certs, port=None, args=(), workdir=None, user=None,
-                 password=None):
+                 password=None, sentinel_conf=None):
         self.certs = certs
-        super().__init__(port, args, workdir, user, password)
+        super().__init__(port, args, workdir, user, password, sentinel_conf)
         self.url = "rediss://127.0.0.1:%d/0" % self.port
 
     def context(self, ca=None):
@@ -380,11 +385,14 @@ class RedisTLSServer(RedisServer):
 
     def argv(self):
         c = self.certs
-        argv = [REDIS_SERVER, "--port", "0", "--tls-port", str(self.port),
-                "--tls-cert-file", c.cert, "--tls-key-file", c.key,
-                "--tls-ca-cert-file", c.ca, "--tls-auth-clients", "no"]
+        argv = [REDIS_SERVER]
+        if self.sentinel_conf:
+            argv += [self.sentinel_conf, "--sentinel"]
+        argv += ["--port", "0", "--tls-port", str(self.port),
+                 "--tls-cert-file", c.cert, "--tls-key-file", c.key,
+                 "--tls-ca-cert-file", c.ca, "--tls-auth-clients", "no"]
         argv += REDIS_BASE + self.args
-        if self.workdir:
+        if self.workdir and not self.sentinel_conf:
             argv += ["--dir", self.workdir]
         return argv
 
@@ -403,16 +411,44 @@ class RedisTLSServer(RedisServer):
 
 class RedisServers:
     """The redis-server processes of one test (in workdir), all killed at
-    the end (stop())."""
+    the end (stop()). With certs (a certs.Certs made with client=True)
+    every one is a RedisTLSServer (TLS only) that also replicates
+    (--tls-replication yes) and, in a cluster, talks to its peers
+    (--tls-cluster yes) over TLS: context() and call() reach them; a
+    sentinel speaks TLS on its port and to the servers it watches."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, certs=None):
         self.workdir = workdir
+        self.certs = certs
         self.servers = []
+
+    def context(self, ca=None):
+        """With certs: an ssl.SSLContext trusting ca (default certs.ca);
+        None without (plain RESP)."""
+        if self.certs is None:
+            return None
+        return ssl.create_default_context(cafile=ca or self.certs.ca)
+
+    def call(self, port, *args, **kw):
+        """resp.call on port, over TLS when the servers speak it."""
+        kw.setdefault("context", self.context())
+        return iresp.call(port, *args, **kw)
+
+    def try_call(self, port, *args, **kw):
+        """resp.try_call on port, over TLS when the servers speak it."""
+        kw.setdefault("context", self.context())
+        return iresp.try_call(port, *args, **kw)
 
     def start(self, port=None, args=(), user=None, password=None,
               sentinel_conf=None):
         """Starts one more (RedisServer's arguments); returns it."""
-        s = RedisServer(port, args, self.workdir, user, password, sentinel_conf)
+        if self.certs is not None:
+            s = RedisTLSServer(self.certs, port,
+                               ["--tls-replication", "yes"] + list(args),
+                               self.workdir, user, password, sentinel_conf)
+        else:
+            s = RedisServer(port, args, self.workdir, user, password,
+                            sentinel_conf)
         self.servers.append(s)
         return s
 
@@ -422,21 +458,43 @@ class RedisServers:
         lines); returns its port once it names that master."""
         sp = free_port()
         conf = os.path.join(self.workdir, "sentinel-%d.conf" % sp)
+        listen = ("port 0\ntls-port %d\n" if self.certs is not None
+                  else "port %d\n") % sp
         with open(conf, "w") as f:
-            f.write("port %d\nbind 127.0.0.1\ndir %s\n"
+            f.write("%sbind 127.0.0.1\ndir %s\n"
                     "sentinel monitor m 127.0.0.1 %d 1\n"
                     "sentinel down-after-milliseconds m 1000\n"
                     "sentinel failover-timeout m 3000\n%s"
-                    % (sp, self.workdir, master_port, extra))
+                    % (listen, self.workdir, master_port, extra))
         self.start(sp, user=user, password=password, sentinel_conf=conf)
         want = [b"127.0.0.1", str(master_port).encode()]
         deadline = time.monotonic() + 20
-        while iresp.try_call(sp, "SENTINEL", "get-master-addr-by-name", "m",
-                             user=user, password=password) != want:
+        while self.try_call(sp, "SENTINEL", "get-master-addr-by-name", "m",
+                            user=user, password=password) != want:
             if time.monotonic() >= deadline:
                 raise AssertionError("the sentinel never named the master")
             time.sleep(0.1)
         return sp
+
+    def start_cluster(self, n=3, timeout=30):
+        """n masters (no replicas) made one cluster with every slot
+        assigned (resp.create_cluster; over TLS, with --tls-cluster yes,
+        when the servers speak it); returns their ports once every node
+        says cluster_state:ok."""
+        ports = [free_cluster_port() for _ in range(n)]
+        args = ["--cluster-enabled", "yes"]
+        if self.certs is not None:
+            args += ["--tls-cluster", "yes"]
+        for p in ports:
+            self.start(p, args + ["--cluster-config-file", "nodes-%d.conf" % p])
+        iresp.create_cluster(ports, context=self.context())
+        deadline = time.monotonic() + timeout
+        while not all(b"cluster_state:ok" in (self.try_call(p, "CLUSTER", "INFO") or b"")
+                      for p in ports):
+            if time.monotonic() >= deadline:
+                raise AssertionError("the cluster never became ok")
+            time.sleep(0.1)
+        return ports
 
     def stop(self):
         for s in self.servers:

@@ -159,10 +159,11 @@ def ping(port, user=None, password=None, context=None):
 CLUSTER_SLOTS = 16384
 
 
-def create_cluster(ports):
+def create_cluster(ports, context=None):
     """Makes the servers on ports (started with --cluster-enabled yes) one
     cluster of masters: the slots split in order as redis-cli splits them,
-    a config epoch each, every node met by the first. The caller waits for
+    a config epoch each, every node met by the first (over TLS with
+    context, for servers with --tls-cluster yes). The caller waits for
     cluster_state:ok."""
     per = CLUSTER_SLOTS / float(len(ports))
     first, cursor = 0, 0.0
@@ -170,8 +171,8 @@ def create_cluster(ports):
         last = int(cursor + per - 1 + 0.5)
         if i == len(ports) - 1:
             last = CLUSTER_SLOTS - 1
-        call(p, "CLUSTER", "ADDSLOTSRANGE", first, last)
-        call(p, "CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+        call(p, "CLUSTER", "ADDSLOTSRANGE", first, last, context=context)
+        call(p, "CLUSTER", "SET-CONFIG-EPOCH", i + 1, context=context)
         first, cursor = last + 1, cursor + per
     for p in ports[1:]:
-        call(ports[0], "CLUSTER", "MEET", "127.0.0.1", p)
+        call(ports[0], "CLUSTER", "MEET", "127.0.0.1", p, context=context)
