@@ -8,24 +8,17 @@ import time
 
 import pytest
 
-from idemtest.assertions import after_release, assert_replay_of, first_answer, wait_until
+from idemtest.assertions import after_release, assert_replay_of, first_answer
 from idemtest.config import gate_config
 from idemtest.http import post
-from idemtest.procs import free_cluster_port, free_port
-from idemtest.resp import call, create_cluster, try_call
+from idemtest.procs import free_port
+from idemtest.resp import call
 
 
 @pytest.fixture
 def cluster(redis_servers):
     """Three masters in one cluster; returns their ports."""
-    ports = [free_cluster_port() for _ in range(3)]
-    for p in ports:
-        redis_servers.start(p, ["--cluster-enabled", "yes",
-                                "--cluster-config-file", "nodes-%d.conf" % p])
-    create_cluster(ports)
-    assert wait_until(lambda: all(b"cluster_state:ok" in (try_call(p, "CLUSTER", "INFO") or b"")
-                                  for p in ports), timeout=30, interval=0.1)
-    return ports
+    return redis_servers.start_cluster(3)
 
 
 @pytest.fixture
