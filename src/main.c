@@ -339,8 +339,9 @@ int main(int argc, char **argv)
         cfg_free(&cfg);
         return 1;
     }
-    log_msg(LOG_INFO, "idemgate %s listening on %s, upstream %s, store %s, %d worker(s)",
-            IDEMGATE_VERSION, cfg.listen.text, cfg.upstream.text,
+    log_msg(LOG_INFO, "idemgate %s listening on %s, upstream %s%s, store %s, %d worker(s)",
+            IDEMGATE_VERSION, cfg.listen.text, cfg.upstream.servers[0].url.text,
+            cfg.upstream.n > 1 ? " (a group)" : "",
             cfg.store == CFG_STORE_MEMORY ? "memory" : "redis", srv.n_workers);
 
     int sig = 0;

@@ -40,6 +40,7 @@
 #include <stddef.h>
 
 #define CFG_WHERE_LEN 320 /* "config: " + a path + a key */
+#define CFG_PATH_LEN 256  /* a JSON path, e.g. routes[3].idempotency */
 #define NOPTS(a) (sizeof(a) / sizeof((a)[0]))
 
 /* ---------------------------------------------------------------- ownership.c */
@@ -93,6 +94,7 @@ int cfg_parse_addr(const char *s, struct cfg_addr *out);
 
 /* "http://host[:port][/]" or "https://...": no path, query or userinfo;
  * out is overwritten and, on success, owns its strings. */
+/* 0, -1 when not an http(s) URL with a host, -2 when it has a path. */
 int cfg_parse_url(const char *s, struct cfg_url *out);
 
 /* What a Redis URL names; its strings are owned by it until handed over
@@ -128,7 +130,7 @@ enum cfg_opt_kind {
     OPT_NODES,     /* a list of host:port, kept parsed too (struct cfg_redis base only) */
     OPT_ADDR,      /* host:port */
     OPT_ADMIN,     /* host:port or "off" (struct cfg base only) */
-    OPT_URL,       /* http(s)://host[:port] */
+    OPT_UPSTREAM,  /* http(s)://host[:port], or a group object (struct cfg_upstream) */
     OPT_REDIS_URL, /* the whole struct cfg_redis target (struct cfg_redis base only) */
     OPT_STATUS,    /* 409 | 422 */
     OPT_KEYPREFIX  /* a string without hash-tag braces */
@@ -198,8 +200,13 @@ struct cfg_val {
 int cfg_opt_set(const struct cfg_opt *o, char *base, const struct cfg_val *v, const char *where,
                 struct cfg_err *e);
 
-/* The OPT_URL setter, for a route's own upstream. */
-int cfg_set_url(void *field, const struct cfg_val *v, const char *where, struct cfg_err *e);
+/* ---------------------------------------------------------------- upstream.c */
+
+/* The OPT_UPSTREAM setter (a struct cfg_upstream), for a route's own too. */
+int cfg_set_upstream(void *field, const struct cfg_val *v, const char *where, struct cfg_err *e);
+void cfg_upstream_free(struct cfg_upstream *u);
+void cfg_upstream_copy(struct cfg_upstream *dst,
+                       const struct cfg_upstream *src); /* dst: uninitialized */
 
 /* ---------------------------------------------------------------- json.c */
 

@@ -36,7 +36,7 @@ _Static_assert(sizeof(enum cfg_unknown) == sizeof(int), "enums are stored throug
 static const struct cfg_opt top_opts[] = {
     O_KIND("listen", OPT_ADDR, struct cfg, listen, "0.0.0.0:8080"),
     O_INT(struct cfg, workers, 0, 1024, "0"),
-    O_KIND("upstream", OPT_URL, struct cfg, upstream, "http://127.0.0.1:9000"),
+    O_KIND("upstream", OPT_UPSTREAM, struct cfg, upstream, "http://127.0.0.1:9000"),
     O_ENUM("store", struct cfg, store, store_names, "redis"),
     O_ENUM("error_format", struct cfg, error_format, errfmt_names, "json"),
 };

@@ -125,7 +125,7 @@ void cfg_free(struct cfg *c)
 {
     if (!c) return;
     cfg_addr_free(&c->listen);
-    cfg_url_free(&c->upstream);
+    cfg_upstream_free(&c->upstream);
     redis_free(&c->redis);
     cfg_idem_free(&c->idem);
     cfg_addr_free(&c->admin_listen);
@@ -134,7 +134,7 @@ void cfg_free(struct cfg *c)
     cfg_tls_client_free(&c->upstream_tls);
     for (size_t i = 0; i < c->n_routes; i++) {
         free(c->routes[i].prefix);
-        cfg_url_free(&c->routes[i].upstream);
+        cfg_upstream_free(&c->routes[i].upstream);
         cfg_idem_free(&c->routes[i].idem);
     }
     free(c->routes);

@@ -12,8 +12,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#define CFG_PATH_LEN 256 /* a JSON path, e.g. routes[3].idempotency */
-
 static bool is_route_prefix(const char *s)
 {
     if (s[0] != '/') return false;
@@ -34,7 +32,8 @@ static int route_member(struct cfg_route *r, const cJSON *it, const char *path, 
     }
     if (strcmp(it->string, "upstream") == 0) {
         struct cfg_val v = {it, NULL};
-        return cfg_set_url(&r->upstream, &v, where, e);
+        r->upstream_own = true;
+        return cfg_set_upstream(&r->upstream, &v, where, e);
     }
     if (strcmp(it->string, "idempotency") == 0) {
         char sub[CFG_PATH_LEN];
@@ -67,7 +66,7 @@ static int build_route(const struct cfg *c, struct cfg_route *r, const cJSON *ob
         cfg_where_key(where, path, "prefix");
         return cfg_fail(e, where, "is required");
     }
-    if (!r->upstream.host) cfg_url_copy(&r->upstream, &c->upstream);
+    if (r->upstream.n == 0) cfg_upstream_copy(&r->upstream, &c->upstream);
     return 0;
 }
 

@@ -136,7 +136,9 @@ int cfg_parse_url(const char *s, struct cfg_url *out)
     }
     size_t n = strlen(auth);
     if (n > 0 && auth[n - 1] == '/') n--;
-    if (memchr(auth, '/', n) || memchr(auth, '@', n)) return -1;
+    if (memchr(auth, '@', n)) return -1;
+    const char *slash = memchr(auth, '/', n);
+    if (slash) return slash > auth ? -2 : -1;
     if (cfg_parse_hostport(auth, n, out->tls ? 443 : 80, &out->host, &out->port) < 0) return -1;
     out->text = cfg_xstrdup(s);
     return 0;

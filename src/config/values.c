@@ -260,17 +260,6 @@ static int set_addr(const struct cfg_opt *o, char *base, void *field, const stru
     return 0;
 }
 
-int cfg_set_url(void *field, const struct cfg_val *v, const char *where, struct cfg_err *e)
-{
-    const char *s = val_str(v);
-    struct cfg_url u;
-    if (!s || cfg_parse_url(s, &u) < 0)
-        return cfg_fail(e, where, "must be an http:// or https:// URL with a host");
-    cfg_url_free(field);
-    *(struct cfg_url *)field = u;
-    return 0;
-}
-
 static int set_redis_url(char *base, const struct cfg_val *v, const char *where, struct cfg_err *e)
 {
     struct cfg_redis *r = (struct cfg_redis *)base;
@@ -322,8 +311,8 @@ int cfg_opt_set(const struct cfg_opt *o, char *base, const struct cfg_val *v, co
     case OPT_ADDR:
     case OPT_ADMIN:
         return set_addr(o, base, field, v, where, e);
-    case OPT_URL:
-        return cfg_set_url(field, v, where, e);
+    case OPT_UPSTREAM:
+        return cfg_set_upstream(field, v, where, e);
     case OPT_REDIS_URL:
         return set_redis_url(base, v, where, e);
     }

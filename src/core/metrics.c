@@ -237,10 +237,21 @@ static void render_sample(struct buf *out, const struct metric_def *d, int label
         buf_printf(out, " %lld\n", v);
 }
 
+static metrics_series_fn *series_fn;
+
+void metrics_set_series(metrics_series_fn *fn)
+{
+    series_fn = fn;
+}
+
 static void render_metric(struct buf *out, enum metrics_id id)
 {
     const struct metric_def *d = &defs[id];
     buf_printf(out, "# HELP %s %s\n# TYPE %s %s\n", d->name, d->help, d->name, kind_names[d->kind]);
+    if (d->labels == LABELS_SERIES) {
+        if (series_fn) series_fn(out, id, d->name);
+        return;
+    }
     if (d->kind == KIND_HISTOGRAM) {
         render_histogram(out, d->name, rows[id]);
         return;

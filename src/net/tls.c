@@ -147,9 +147,10 @@ static int tls_client_new_session(SSL *ssl, SSL_SESSION *sess)
 
 static bool tls_any_https(const struct cfg *cfg)
 {
-    if (cfg->upstream.tls) return true;
+    /* A group has one scheme: its first server says it. */
+    if (cfg->upstream.n && cfg->upstream.servers[0].url.tls) return true;
     for (size_t i = 0; i < cfg->n_routes; i++)
-        if (cfg->routes[i].upstream.tls) return true;
+        if (cfg->routes[i].upstream.n && cfg->routes[i].upstream.servers[0].url.tls) return true;
     return false;
 }
 

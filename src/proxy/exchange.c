@@ -91,6 +91,8 @@ static void ex_access_log(struct exchange *ex)
     log_kv_str(&b, "outcome", outcome, strlen(outcome));
     log_kv_int(&b, "duration_ms", (long long)(clock_now_ms() - ex->start_ms));
     log_kv_int(&b, "upstream_ms", (long long)ex->upstream_ms);
+    if (ex->server_addr) log_kv_str(&b, "upstream_addr", ex->server_addr, strlen(ex->server_addr));
+    if (ex->tries > 1) log_kv_int(&b, "upstream_tries", (long long)ex->tries);
     const char *scope, *key;
     size_t scope_len, key_len;
     if (idem_scope_key(&ex->idem, &scope, &scope_len, &key, &key_len)) {
@@ -123,6 +125,7 @@ static void ex_free(struct exchange *ex)
     /* A client that left before its answer: the exchange went on, and is
      * logged and counted now (its request bytes were moved into ex->req). */
     if (!ex->logged) ex_access_log(ex);
+    if (ex->server && !ex->server_reported) upstream_report(ex->server, UPSTREAM_NEUTRAL);
     idem_free(&ex->idem);
     metrics_state_move(METRICS_SET_EXCHANGE, (int)ex->state, -1);
     if (ex->idem_timer) evtimer_del(ex->idem_timer);
@@ -402,8 +405,11 @@ void exchange_start(struct client *cl)
     const struct cfg *cfg = l->cfg;
     const struct cfg_route *route = cfg_route_for(cfg, ex->head.target.p, ex->head.target.n);
     ex->idem_cfg = route ? &route->idem : &cfg->idem;
-    ex->upstream_url = route ? &route->upstream : &cfg->upstream;
-    ex->pool = &l->pools[route ? (size_t)(route - cfg->routes) + 1 : 0];
+    ex->group = &l->groups[route ? upstream_group_index(cfg, (size_t)(route - cfg->routes)) : 0];
+    ex->server = NULL;
+    ex->tries = 0;
+    ex->server_reported = true;
+    ex->server_addr = NULL;
     cl->ex = ex;
     client_set_state(cl, CLIENT_BUSY);
     idem_init(&ex->idem, &l->idem_env, &ex_host_ops, ex);

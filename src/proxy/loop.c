@@ -24,20 +24,19 @@ void loop_init(struct loop *l, int id, uint32_t boot_id, const struct cfg *cfg,
     l->idem_env.bufs = &l->bufs;
     l->scratch = malloc(sizeof(*l->scratch));
     if (!l->scratch) abort();
-    l->n_pools = cfg->n_routes + 1;
-    l->pools = calloc(l->n_pools, sizeof(*l->pools));
-    if (!l->pools) abort();
-    upstream_pool_init(&l->pools[0], l, &cfg->upstream);
-    for (size_t i = 0; i < cfg->n_routes; i++)
-        upstream_pool_init(&l->pools[i + 1], l, &cfg->routes[i].upstream);
+    l->n_groups = upstream_groups_count();
+    l->groups = calloc(l->n_groups ? l->n_groups : 1, sizeof(*l->groups));
+    if (!l->groups) abort();
+    for (size_t i = 0; i < l->n_groups; i++)
+        upstream_group_init(&l->groups[i], l, i);
 }
 
 void loop_free(struct loop *l)
 {
-    for (size_t i = 0; i < l->n_pools; i++)
-        upstream_pool_free(&l->pools[i]);
-    free(l->pools);
-    l->pools = NULL;
+    for (size_t i = 0; i < l->n_groups; i++)
+        upstream_group_free(&l->groups[i]);
+    free(l->groups);
+    l->groups = NULL;
     exchange_cache_free(l);
     buf_pool_free(&l->bufs);
     free(l->scratch);

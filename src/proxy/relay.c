@@ -81,9 +81,10 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
     if (ex->authority.p) {
         http1_write_header(o, "Host", 4, ex->authority.p, ex->authority.n);
     } else if (!have_host) {
+        const struct cfg_url *url = ex->server->url;
         buf_append_str(o, "Host: ");
-        buf_append_str(o, ex->upstream_url->host);
-        buf_printf(o, ":%d\r\n", ex->upstream_url->port);
+        buf_append_str(o, url->host);
+        buf_printf(o, ":%d\r\n", url->port);
     }
     const char *peer = ex->peer;
     buf_append_str(o, "X-Forwarded-For: ");
@@ -133,14 +134,31 @@ static void ex_arm_up_timer(struct exchange *ex, int ms)
     evtimer_add(ex->up_timer, &tv);
 }
 
-void relay_forward(struct exchange *ex)
+/* Tells the group how the try went, once per pick. */
+static void ex_report(struct exchange *ex, enum upstream_result r)
 {
-    exchange_set_state(ex, EX_FORWARDING);
+    if (ex->server_reported) return;
+    ex->server_reported = true;
+    upstream_report(ex->server, r);
+}
+
+/* Sends the request to the next server of the group. False when every
+ * server was tried already. */
+static bool ex_try(struct exchange *ex)
+{
+    struct upstream_server *s =
+        ex->tries < EXCHANGE_MAX_TRIES ? upstream_pick(ex->group, ex->tried, ex->tries) : NULL;
+    if (!s) return false;
+    ex->server = s;
+    ex->server_reported = false;
+    ex->server_addr = s->name;
+    ex->tried[ex->tries++] = s;
+    ex->up_sent = false;
     ex->upstream_start_ms = clock_now_ms();
-    struct upconn *u = upstream_get(ex->pool);
+    struct upconn *u = upstream_get(&s->pool);
     if (!u) {
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(errno), UP_NOT_SENT);
-        return;
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, s->pool.why, UP_NOT_SENT);
+        return true;
     }
     ex->up = u;
     exchange_ref(ex);
@@ -151,7 +169,7 @@ void relay_forward(struct exchange *ex)
         /* Still connecting: the body waits in out (one copy). */
         buf_append(&u->c.out, ex->body, ex->body_len);
         ex_arm_up_timer(ex, lim->upstream_connect_timeout_ms);
-        return;
+        return true;
     }
     ex_arm_up_timer(ex, lim->upstream_timeout_ms);
     /* Head and body in one writev, the body straight from the client's
@@ -159,11 +177,32 @@ void relay_forward(struct exchange *ex)
     struct iovec iov = {(void *)ex->body, ex->body_len};
     if (conn_sendv(&u->c, &iov, ex->body_len ? 1 : 0) < 0) {
         ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err), UP_NOT_SENT);
-        return;
+        return true;
     }
     /* From here the upstream may have the request: what becomes of the key
      * if no answer comes is unknown_outcome's to say. */
     ex->up_sent = true;
+    return true;
+}
+
+void relay_forward(struct exchange *ex)
+{
+    exchange_set_state(ex, EX_FORWARDING);
+    ex_try(ex); /* a group has a server: the first pick never fails */
+}
+
+/* A try failed before any byte reached the server: another server of the
+ * group may take the request (whatever its method: nobody ran it), up to
+ * the group's retries. True when it went there. */
+static bool ex_retry(struct exchange *ex, const char *why)
+{
+    if (ex->tries > (unsigned)ex->group->cfg->retries || ex->tries >= ex->group->n) return false;
+    log_msg(LOG_WARN,
+            "request %.*s: upstream %s: server %s failed before the request was sent (%s); "
+            "trying another",
+            (int)ex->request_id_len, ex->request_id, ex->group->name, ex->server->name, why);
+    metrics_inc(M_UPSTREAM_RETRIES);
+    return ex_try(ex);
 }
 
 /* Gives the upstream connection back and drops its reference. */
@@ -203,11 +242,17 @@ static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char 
     exchange_ref(ex);
     bool streaming = ex->state == EX_STREAMING;
     ex_release_upstream(ex, false);
+    /* A head we refuse came from a server that is up: not its failure. */
+    ex_report(ex, kind == UP_BAD_HEAD ? UPSTREAM_NEUTRAL : UPSTREAM_FAILED);
+    if (kind == UP_NOT_SENT && !streaming && ex_retry(ex, why)) {
+        exchange_unref(ex);
+        return;
+    }
     enum idem_end how = ex_failure_end(ex, kind);
     if (how == IDEM_END_LOST_HEAD) e = ERR_UPSTREAM_ANSWER_LOST;
     if (how != IDEM_END_FAILED) ex->idem.outcome = OUT_LOST;
-    log_msg(LOG_WARN, "request %.*s: upstream %s: %s (%s)%s", (int)ex->request_id_len,
-            ex->request_id, ex->upstream_url->text, err_code_name(e), why,
+    log_msg(LOG_WARN, "request %.*s: upstream %s (%s): %s (%s)%s", (int)ex->request_id_len,
+            ex->request_id, ex->server->url->text, ex->server->name, err_code_name(e), why,
             how != IDEM_END_FAILED ? "; the key is kept as lost" : "");
     if (streaming) {
         /* Head already sent: the only honest signal left is closing, once
@@ -226,6 +271,7 @@ static void ex_response_done(struct exchange *ex)
 {
     exchange_ref(ex);
     ex_release_upstream(ex, ex->up_reusable);
+    ex_report(ex, UPSTREAM_OK);
     if (ex->client && ex->client_chunked) buf_append(conn_outbuf(&ex->client->c), "0\r\n\r\n", 5);
     exchange_answered(ex);
     exchange_set_state(ex, EX_ENDED);

@@ -172,6 +172,10 @@ int server_init(struct server *srv, const struct cfg *cfg)
         log_msg(LOG_ERROR, "%s", err);
         return -1;
     }
+    if (upstream_groups_init(cfg, err, sizeof(err)) < 0) {
+        log_msg(LOG_ERROR, "%s", err);
+        return -1;
+    }
     if (RAND_bytes((unsigned char *)&srv->boot_id, sizeof(srv->boot_id)) != 1) abort();
     if (cfg->store == CFG_STORE_MEMORY)
         srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,
@@ -257,7 +261,7 @@ static bool worker_free(struct worker *w)
     while (w->loop.clients)
         client_close(w->loop.clients);
     if (w->loop.n_exchanges > 0) return false;
-    if (w->loop.pools) loop_free(&w->loop);
+    if (w->loop.groups) loop_free(&w->loop);
     if (w->listen_ev) event_free(w->listen_ev);
     if (w->listen_fd >= 0) close(w->listen_fd);
     if (w->stop_ev) event_free(w->stop_ev);
@@ -277,6 +281,7 @@ bool server_free(struct server *srv)
     /* Connections left over hold their own references to the contexts. */
     tls_free();
     if (!clean) return false; /* exiting anyway: leave the rest to the OS */
+    upstream_groups_free();
     free(srv->workers);
     listen_claim_free(srv->claim);
     if (srv->mem) store_memory_shared_free(srv->mem);

@@ -1,12 +1,20 @@
-/* upstream.c — keep-alive upstream connection pools, one per upstream URL
- * per event loop (no locks: a pool belongs to one loop). Owns parked
- * connections; a connection handed out belongs to its exchange until it is
- * put back. For https, the SSL of each connection (through its conn) and
- * the pool's last session; the client context is tls.c's. */
+/* upstream.c — upstream groups and keep-alive connection pools (see
+ * upstream.h). Owns the process-wide list of each group's resolved
+ * servers (their names and metrics counters), each loop's balancing and
+ * health state of them, and one pool per server per loop (no locks: a
+ * pool belongs to one loop): its parked connections (a connection handed
+ * out belongs to its exchange until it is put back) and, for https, the
+ * SSL of each connection (through its conn) and the pool's last session;
+ * the client context is tls.c's. */
 #include "idemgate/proxy/upstream.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 
 #include <event2/event.h>
@@ -15,6 +23,7 @@
 #include "idemgate/config/config.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/clock.h"
+#include "idemgate/core/metrics.h"
 #include "idemgate/proxy/loop.h"
 #include "idemgate/net/tls.h"
 
@@ -100,6 +109,28 @@ void upstream_pool_free(struct upstream_pool *p)
     p->tls_session = NULL;
 }
 
+/* Resolves the pool's host (its first address); -1 with why. */
+static int upstream_resolve_one(struct upstream_pool *p)
+{
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    char port[8];
+    snprintf(port, sizeof(port), "%d", p->url->port);
+    int rc = getaddrinfo(p->url->host, port, &hints, &res);
+    if (rc != 0 || !res) {
+        snprintf(p->why, sizeof(p->why), "cannot resolve %s: %s", p->url->host,
+                 rc ? gai_strerror(rc) : "no address");
+        if (res) freeaddrinfo(res);
+        return -1;
+    }
+    memcpy(&p->addr, res->ai_addr, res->ai_addrlen);
+    p->addr_len = (unsigned)res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
 struct upconn *upstream_get(struct upstream_pool *p)
 {
     uint64_t now = clock_now_ms();
@@ -114,14 +145,11 @@ struct upconn *upstream_get(struct upstream_pool *p)
         }
         upconn_free(u);
     }
-    if (p->addr_len == 0 &&
-        conn_resolve(p->url->host, p->url->port, &p->addr, sizeof(p->addr), &p->addr_len) < 0) {
-        errno = EHOSTUNREACH;
-        return NULL;
-    }
+    if (p->addr_len == 0 && upstream_resolve_one(p) < 0) return NULL;
     int fd = conn_connect_addr((const struct sockaddr *)&p->addr, p->addr_len);
     if (fd < 0) {
-        p->addr_len = 0; /* resolve again next time */
+        snprintf(p->why, sizeof(p->why), "%s", strerror(errno));
+        if (!p->fixed) p->addr_len = 0; /* resolve again next time */
         return NULL;
     }
     struct upconn *u = calloc(1, sizeof(*u));
@@ -129,7 +157,7 @@ struct upconn *upstream_get(struct upstream_pool *p)
     u->pool = p;
     if (conn_open(&u->c, p->loop->base, fd, pool_idle_event, u) < 0) {
         free(u);
-        errno = ENOMEM;
+        snprintf(p->why, sizeof(p->why), "cannot watch the socket");
         return NULL;
     }
     u->c.pool = &p->loop->bufs;
@@ -194,4 +222,308 @@ int upstream_connect_result(struct upconn *u)
     }
     if (r == 1) u->connected = true;
     return 0;
+}
+
+/* ------------------------------------------------------------------ groups */
+
+/* One address of a group's server, for the whole process. */
+struct upstream_peer {
+    char name[INET6_ADDRSTRLEN + 8]; /* "host:port", "[v6]:port" */
+    const struct cfg_server *srv;
+    struct sockaddr_storage addr;
+    unsigned addr_len; /* 0: the name did not resolve at start */
+    atomic_llong failures;
+    atomic_int down; /* loops that have it down */
+};
+
+struct upstream_reg {
+    const char *name;
+    const struct cfg_upstream *cfg;
+    struct upstream_peer *peers;
+    size_t n;
+};
+
+static struct upstream_reg *regs;
+static size_t n_regs;
+
+static void peer_name(struct upstream_peer *p, const struct sockaddr *sa)
+{
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+        port = ntohs(a->sin6_port);
+        snprintf(p->name, sizeof(p->name), "[%s]:%d", host, port);
+    } else {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+        port = ntohs(a->sin_port);
+        snprintf(p->name, sizeof(p->name), "%s:%d", host, port);
+    }
+}
+
+/* Every address of srv, appended to r (deduplicated); one unresolved peer
+ * when the name does not resolve now (logged: resolved at each connect). */
+static void reg_add_server(struct upstream_reg *r, const struct cfg_server *srv, const char *group)
+{
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    char port[8];
+    snprintf(port, sizeof(port), "%d", srv->url.port);
+    int rc = getaddrinfo(srv->url.host, port, &hints, &res);
+    if (rc != 0 || !res) {
+        log_msg(LOG_WARN,
+                "upstream %s: server %s: cannot resolve %s: %s; trying again at each "
+                "connect",
+                group, srv->url.text, srv->url.host, rc ? gai_strerror(rc) : "no address");
+        r->peers = realloc(r->peers, (r->n + 1) * sizeof(*r->peers));
+        if (!r->peers) abort();
+        struct upstream_peer *p = &r->peers[r->n++];
+        memset(p, 0, sizeof(*p));
+        p->srv = srv;
+        bool v6 = strchr(srv->url.host, ':') != NULL;
+        snprintf(p->name, sizeof(p->name), v6 ? "[%.60s]:%d" : "%.60s:%d", srv->url.host,
+                 srv->url.port);
+        if (res) freeaddrinfo(res);
+        return;
+    }
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_addrlen > sizeof(struct sockaddr_storage)) continue;
+        struct upstream_peer tmp;
+        memset(&tmp, 0, sizeof(tmp));
+        memcpy(&tmp.addr, ai->ai_addr, ai->ai_addrlen);
+        tmp.addr_len = (unsigned)ai->ai_addrlen;
+        peer_name(&tmp, ai->ai_addr);
+        bool dup = false;
+        for (size_t i = 0; i < r->n && !dup; i++)
+            dup = strcmp(r->peers[i].name, tmp.name) == 0;
+        if (dup) continue;
+        tmp.srv = srv;
+        r->peers = realloc(r->peers, (r->n + 1) * sizeof(*r->peers));
+        if (!r->peers) abort();
+        r->peers[r->n++] = tmp;
+    }
+    freeaddrinfo(res);
+}
+
+static void reg_build(struct upstream_reg *r, const char *name, const struct cfg_upstream *u)
+{
+    r->name = name;
+    r->cfg = u;
+    for (size_t i = 0; i < u->n; i++)
+        reg_add_server(r, &u->servers[i], name);
+}
+
+/* The metrics of every server: one sample per (group, server). */
+static void upstream_series(struct buf *out, enum metrics_id id, const char *name)
+{
+    for (size_t g = 0; g < n_regs; g++)
+        for (size_t i = 0; i < regs[g].n; i++) {
+            const struct upstream_peer *p = &regs[g].peers[i];
+            long long v = id == M_UPSTREAM_SERVER_UP
+                              ? atomic_load_explicit(&p->down, memory_order_relaxed) == 0
+                              : atomic_load_explicit(&p->failures, memory_order_relaxed);
+            buf_printf(out, "%s{upstream=\"", name);
+            buf_append_str(out, regs[g].name); /* a route prefix: no quote, no backslash */
+            buf_printf(out, "\",server=\"%s\"} %lld\n", p->name, v);
+        }
+}
+
+size_t upstream_group_index(const struct cfg *cfg, size_t route_index)
+{
+    size_t g = 1;
+    for (size_t i = 0; i < route_index && i < cfg->n_routes; i++)
+        if (cfg->routes[i].upstream_own) g++;
+    return route_index < cfg->n_routes && cfg->routes[route_index].upstream_own ? g : 0;
+}
+
+int upstream_groups_init(const struct cfg *cfg, char *err, size_t errlen)
+{
+    (void)err;
+    (void)errlen;
+    upstream_groups_free();
+    size_t n = 1;
+    for (size_t i = 0; i < cfg->n_routes; i++)
+        if (cfg->routes[i].upstream_own) n++;
+    regs = calloc(n, sizeof(*regs));
+    if (!regs) abort();
+    reg_build(&regs[0], "default", &cfg->upstream);
+    n_regs = 1;
+    for (size_t i = 0; i < cfg->n_routes; i++)
+        if (cfg->routes[i].upstream_own)
+            reg_build(&regs[n_regs++], cfg->routes[i].prefix, &cfg->routes[i].upstream);
+    metrics_set_series(upstream_series);
+    return 0;
+}
+
+void upstream_groups_free(void)
+{
+    metrics_set_series(NULL);
+    for (size_t i = 0; i < n_regs; i++)
+        free(regs[i].peers);
+    free(regs);
+    regs = NULL;
+    n_regs = 0;
+}
+
+size_t upstream_groups_count(void)
+{
+    return n_regs;
+}
+
+void upstream_group_init(struct upstream_group *g, struct loop *l, size_t i)
+{
+    const struct upstream_reg *r = &regs[i];
+    memset(g, 0, sizeof(*g));
+    g->name = r->name;
+    g->cfg = r->cfg;
+    g->n = r->n;
+    g->servers = calloc(r->n ? r->n : 1, sizeof(*g->servers));
+    if (!g->servers) abort();
+    for (size_t k = 0; k < r->n; k++) {
+        struct upstream_server *s = &g->servers[k];
+        const struct upstream_peer *p = &r->peers[k];
+        upstream_pool_init(&s->pool, l, &p->srv->url);
+        if (p->addr_len) {
+            memcpy(&s->pool.addr, &p->addr, p->addr_len);
+            s->pool.addr_len = p->addr_len;
+            s->pool.fixed = true;
+        }
+        s->group = g;
+        s->peer = p;
+        s->url = &p->srv->url;
+        s->name = p->name;
+        s->weight = p->srv->weight;
+    }
+}
+
+void upstream_group_free(struct upstream_group *g)
+{
+    for (size_t k = 0; k < g->n; k++) {
+        struct upstream_server *s = &g->servers[k];
+        if (s->down)
+            atomic_fetch_sub_explicit(&((struct upstream_peer *)s->peer)->down, 1,
+                                      memory_order_relaxed);
+        upstream_pool_free(&s->pool);
+    }
+    free(g->servers);
+    g->servers = NULL;
+    g->n = 0;
+}
+
+static bool was_tried(const struct upstream_server *s, struct upstream_server *const *tried,
+                      size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (tried[i] == s) return true;
+    return false;
+}
+
+/* Up, or down with its fail_timeout_ms over and no trial out. */
+static bool eligible(const struct upstream_server *s, uint64_t now)
+{
+    return !s->down || (now >= s->retry_ms && !s->trial);
+}
+
+/* Smooth weighted round robin (nginx's): every eligible server gains its
+ * weight, the richest is chosen and pays the sum. */
+static struct upstream_server *pick_rr(struct upstream_group *g, uint64_t now,
+                                       struct upstream_server *const *tried, size_t ntried)
+{
+    struct upstream_server *best = NULL;
+    int total = 0;
+    for (size_t i = 0; i < g->n; i++) {
+        struct upstream_server *s = &g->servers[i];
+        if (!eligible(s, now) || was_tried(s, tried, ntried)) continue;
+        s->current += s->weight;
+        total += s->weight;
+        if (!best || s->current > best->current) best = s;
+    }
+    if (best) best->current -= total;
+    return best;
+}
+
+/* The fewest requests in flight relative to weight; ties in turn. */
+static struct upstream_server *pick_least(struct upstream_group *g, uint64_t now,
+                                          struct upstream_server *const *tried, size_t ntried)
+{
+    struct upstream_server *best = NULL;
+    size_t start = g->rr++ % (g->n ? g->n : 1);
+    for (size_t k = 0; k < g->n; k++) {
+        struct upstream_server *s = &g->servers[(start + k) % g->n];
+        if (!eligible(s, now) || was_tried(s, tried, ntried)) continue;
+        if (!best || (unsigned long long)s->inflight * (unsigned)best->weight <
+                         (unsigned long long)best->inflight * (unsigned)s->weight)
+            best = s;
+    }
+    return best;
+}
+
+struct upstream_server *upstream_pick(struct upstream_group *g,
+                                      struct upstream_server *const *tried, size_t ntried)
+{
+    uint64_t now = clock_now_ms();
+    struct upstream_server *s = g->cfg->balance == CFG_BALANCE_LEAST_CONN
+                                    ? pick_least(g, now, tried, ntried)
+                                    : pick_rr(g, now, tried, ntried);
+    if (!s) {
+        /* None is up: never refuse while one might answer; the one down
+         * the longest is tried anyway. */
+        for (size_t i = 0; i < g->n; i++) {
+            struct upstream_server *c = &g->servers[i];
+            if (was_tried(c, tried, ntried)) continue;
+            if (!s || c->down_since_ms < s->down_since_ms) s = c;
+        }
+        if (!s) return NULL;
+    }
+    if (s->down) s->trial = true;
+    s->inflight++;
+    return s;
+}
+
+static void server_set_down(struct upstream_server *s, bool down)
+{
+    if (s->down == down) return;
+    s->down = down;
+    atomic_fetch_add_explicit(&((struct upstream_peer *)s->peer)->down, down ? 1 : -1,
+                              memory_order_relaxed);
+}
+
+void upstream_report(struct upstream_server *s, enum upstream_result r)
+{
+    if (s->inflight > 0) s->inflight--;
+    const struct cfg_upstream *cfg = s->group->cfg;
+    uint64_t now = clock_now_ms();
+    bool was_trial = s->trial;
+    s->trial = false;
+    if (r == UPSTREAM_OK) {
+        if (s->down) {
+            log_msg(LOG_INFO, "upstream %s: server %s is up again", s->group->name, s->name);
+            server_set_down(s, false);
+        }
+        s->fails = 0;
+        return;
+    }
+    if (r != UPSTREAM_FAILED) return;
+    atomic_fetch_add_explicit(&((struct upstream_peer *)s->peer)->failures, 1,
+                              memory_order_relaxed);
+    if (cfg->max_fails == 0) return;
+    if (s->down) {
+        if (was_trial) s->retry_ms = now + (uint64_t)cfg->fail_timeout_ms;
+        return;
+    }
+    if (s->fails == 0 || now - s->window_ms >= (uint64_t)cfg->fail_timeout_ms) {
+        s->window_ms = now;
+        s->fails = 0;
+    }
+    if (++s->fails < (unsigned)cfg->max_fails) return;
+    log_msg(LOG_WARN, "upstream %s: server %s is down for %d ms after %u failure%s", s->group->name,
+            s->name, cfg->fail_timeout_ms, s->fails, s->fails == 1 ? "" : "s");
+    server_set_down(s, true);
+    s->down_since_ms = now;
+    s->retry_ms = now + (uint64_t)cfg->fail_timeout_ms;
+    s->fails = 0;
 }

@@ -12,13 +12,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static void check_loaded(const struct cfg *c)
 {
     if (!c->listen.host || c->listen.port < 1 || c->listen.port > 65535) abort();
-    if (!c->upstream.host || !c->redis.host || !c->idem.header || !c->idem.scope_secret) abort();
+    if (c->upstream.n == 0 || !c->upstream.servers[0].url.host || !c->redis.host ||
+        !c->idem.header || !c->idem.scope_secret)
+        abort();
     if (c->workers < 1 || c->workers > 1024) abort();
     if (c->idem.mismatch_status != 409 && c->idem.mismatch_status != 422) abort();
     if (c->admin_enabled != (c->admin_listen.host != NULL)) abort();
     for (size_t i = 0; i < c->n_routes; i++) {
         const struct cfg_route *r = &c->routes[i];
-        if (!r->prefix || r->prefix[0] != '/' || !r->upstream.host || !r->idem.header) abort();
+        if (!r->prefix || r->prefix[0] != '/' || r->upstream.n == 0 || !r->idem.header) abort();
         if (i > 0 && strlen(c->routes[i - 1].prefix) < strlen(r->prefix))
             abort(); /* longest first */
         /* a route's own prefix resolves to a route with a prefix at least

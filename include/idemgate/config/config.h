@@ -32,6 +32,27 @@ struct cfg_url {
     char *text; /* the original URL text */
 };
 
+/* upstream.balance. */
+enum cfg_balance { CFG_BALANCE_ROUND_ROBIN, CFG_BALANCE_LEAST_CONN };
+
+/* One server of an upstream group: owns url. */
+struct cfg_server {
+    struct cfg_url url;
+    int weight; /* 1..100 */
+};
+
+/* `upstream`, globally or on a route: one URL (a group of one server) or
+ * a group (docs/configuration.md). Owns servers and their URLs. All
+ * servers share one scheme. */
+struct cfg_upstream {
+    struct cfg_server *servers;
+    size_t n; /* >= 1 once loaded */
+    enum cfg_balance balance;
+    int max_fails;       /* 0..100; 0: never down */
+    int fail_timeout_ms; /* 100..3600000 */
+    int retries;         /* 0..n-1 */
+};
+
 /* A parsed "host:port" or "[v6]:port" address; owns host and text
  * (admin_listen's are NULL when admin.listen is "off"). */
 struct cfg_addr {
@@ -142,8 +163,9 @@ struct cfg_limits {
 /* One entry of routes[]: owns prefix, its upstream and its idem copy. */
 struct cfg_route {
     char *prefix;
-    struct cfg_url upstream; /* the route's own, or a copy of the default */
-    struct cfg_idem idem;    /* resolved */
+    struct cfg_upstream upstream; /* the route's own, or a copy of the default */
+    bool upstream_own;            /* the route names its own upstream (its own group) */
+    struct cfg_idem idem;         /* resolved */
 };
 
 /* The whole configuration, every source applied and checked; see the
@@ -151,7 +173,7 @@ struct cfg_route {
 struct cfg {
     struct cfg_addr listen;
     int workers; /* resolved: 0 in the file means one per CPU, stored here as the count */
-    struct cfg_url upstream;
+    struct cfg_upstream upstream;
     enum cfg_store store;
     struct cfg_redis redis;
     uint64_t memory_max_bytes;       /* memory.max_bytes: the memory store's bound */

@@ -79,7 +79,8 @@ enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__
     X(ENGINE_STATE, "state", STATES_ENGINE, IDEM__COUNT)                                           \
     X(EXCHANGE_STATE, "state", STATES_EXCHANGE, EX__COUNT)                                         \
     X(CLIENT_STATE, "state", STATES_CLIENT, CLIENT__COUNT)                                         \
-    X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)
+    X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)                             \
+    X(SERIES, NULL, METRICS_NO_VALUES, 0) /* samples from the series callback */
 #define METRICS_NO_VALUES(X)
 
 /* ------------------------------------------------------------ the list */
@@ -113,6 +114,15 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
       "Upstream request duration.")                                                                \
     X(M_STORE_DURATION, HISTOGRAM, ALWAYS, "idemgate_store_duration_seconds", NONE,                \
       "Store operation duration.")                                                                 \
+    X(M_UPSTREAM_SERVER_UP, GAUGE, ALWAYS, "idemgate_upstream_server_up", SERIES,                  \
+      "1 while an upstream server is up, 0 while failures keep it down (labels upstream, "         \
+      "server).")                                                                                  \
+    X(M_UPSTREAM_FAILURES, COUNTER, ALWAYS, "idemgate_upstream_failures_total", SERIES,            \
+      "Upstream failures: refused, timed out, TLS failed, broken, unanswered or cut "              \
+      "(labels upstream, server).")                                                                \
+    X(M_UPSTREAM_RETRIES, COUNTER, ALWAYS, "idemgate_upstream_retries_total", NONE,                \
+      "Requests sent to another server of their group after a failure before any byte was "        \
+      "written.")                                                                                  \
     X(M_MEMORY_STORE_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_bytes", NONE,              \
       "Bytes charged to the memory store.")                                                        \
     X(M_MEMORY_STORE_MAX_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_max_bytes", NONE,      \
@@ -194,5 +204,11 @@ void metrics_connections(int delta); /* idemgate_connections_active */
 void metrics_render_groups(struct buf *out, unsigned groups);
 /* metrics_render_groups(out, METRICS_GROUP_ALWAYS). */
 void metrics_render(struct buf *out);
+/* The samples of the rows whose label set is SERIES (labels known only at
+ * run time: the upstream groups' servers) come from fn, called with the
+ * row's id and name after its HELP and TYPE lines; set once at start,
+ * before any render (NULL: no samples). */
+typedef void metrics_series_fn(struct buf *out, enum metrics_id id, const char *name);
+void metrics_set_series(metrics_series_fn *fn);
 
 #endif

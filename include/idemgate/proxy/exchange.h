@@ -31,12 +31,16 @@ struct event;
 struct upconn;
 struct cfg_idem;
 struct cfg_url;
-struct upstream_pool;
+struct upstream_group;
+struct upstream_server;
 
 /* The exchange's transport state (enum ex_state: EX_NEW, EX_FORWARDING,
  * EX_STREAMING, EX_ENDED, EX_DONE; the engine has its own) is generated
  * with its names from STATES_EXCHANGE in core/metrics.h; exchange_set_state
  * is the one place it changes. */
+
+/* Servers one request may try (retries beyond this are not taken). */
+#define EXCHANGE_MAX_TRIES 16
 
 struct exchange {
     int refs;
@@ -61,8 +65,12 @@ struct exchange {
     size_t request_id_len;
     bool request_id_from_client;
     const struct cfg_idem *idem_cfg;
-    const struct cfg_url *upstream_url;
-    struct upstream_pool *pool;
+    struct upstream_group *group;   /* the route's */
+    struct upstream_server *server; /* picked for the current try, or NULL */
+    struct upstream_server *tried[EXCHANGE_MAX_TRIES];
+    unsigned tries;          /* servers tried (tried[0..tries)) */
+    bool server_reported;    /* upstream_report was called for server */
+    const char *server_addr; /* the last server's "host:port", for the access line */
     uint64_t start_ms;
     int status;               /* status sent to the client */
     bool logged;              /* the access line was written (and the outcome counted) */

@@ -22,7 +22,7 @@
 struct cfg;
 struct event_base;
 struct store;
-struct upstream_pool;
+struct upstream_group;
 struct client;
 struct exchange;
 struct http1_head;
@@ -33,9 +33,9 @@ struct loop {
     const struct cfg *cfg;
     struct event_base *base;
     struct store *store;
-    struct idem_env idem_env;    /* what the engines of this loop run on */
-    struct upstream_pool *pools; /* [0] default upstream, [i+1] route i */
-    size_t n_pools;
+    struct idem_env idem_env;      /* what the engines of this loop run on */
+    struct upstream_group *groups; /* [0] the global upstream, then routes' own */
+    size_t n_groups;
     struct buf_pool bufs;       /* connection and record buffers while idle */
     struct http1_head *scratch; /* request heads are parsed here first */
     struct client *clients;     /* all open client connections (list) */

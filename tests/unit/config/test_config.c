@@ -103,6 +103,19 @@ static void assert_url_eq(const struct cfg_url *a, const struct cfg_url *b)
     assert_str_eq(a->text, b->text);
 }
 
+static void assert_upstream_eq(const struct cfg_upstream *a, const struct cfg_upstream *b)
+{
+    assert_int_equal(a->n, b->n);
+    for (size_t i = 0; i < a->n; i++) {
+        assert_url_eq(&a->servers[i].url, &b->servers[i].url);
+        assert_int_equal(a->servers[i].weight, b->servers[i].weight);
+    }
+    assert_int_equal(a->balance, b->balance);
+    assert_int_equal(a->max_fails, b->max_fails);
+    assert_int_equal(a->fail_timeout_ms, b->fail_timeout_ms);
+    assert_int_equal(a->retries, b->retries);
+}
+
 static void assert_addr_eq(const struct cfg_addr *a, const struct cfg_addr *b)
 {
     assert_str_eq(a->host, b->host);
@@ -136,7 +149,7 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
 {
     assert_addr_eq(&a->listen, &b->listen);
     assert_int_equal(a->workers, b->workers);
-    assert_url_eq(&a->upstream, &b->upstream);
+    assert_upstream_eq(&a->upstream, &b->upstream);
     assert_int_equal(a->store, b->store);
     assert_int_equal(a->redis.mode, b->redis.mode);
     assert_str_eq(a->redis.url, b->redis.url);
@@ -177,7 +190,8 @@ static void assert_cfg_eq(const struct cfg *a, const struct cfg *b)
     assert_int_equal(a->n_routes, b->n_routes);
     for (size_t i = 0; i < a->n_routes; i++) {
         assert_string_equal(a->routes[i].prefix, b->routes[i].prefix);
-        assert_url_eq(&a->routes[i].upstream, &b->routes[i].upstream);
+        assert_upstream_eq(&a->routes[i].upstream, &b->routes[i].upstream);
+        assert_int_equal(a->routes[i].upstream_own, b->routes[i].upstream_own);
         assert_idem_eq(&a->routes[i].idem, &b->routes[i].idem);
     }
     assert_int_equal(a->log_level, b->log_level);
@@ -205,9 +219,9 @@ static void test_defaults_match_spec(void **state)
     assert_int_equal(c.listen.port, 8080);
     assert_string_equal(c.listen.text, "0.0.0.0:8080");
     assert_true(c.workers >= 1);
-    assert_false(c.upstream.tls);
-    assert_string_equal(c.upstream.host, "127.0.0.1");
-    assert_int_equal(c.upstream.port, 9000);
+    assert_false(c.upstream.servers[0].url.tls);
+    assert_string_equal(c.upstream.servers[0].url.host, "127.0.0.1");
+    assert_int_equal(c.upstream.servers[0].url.port, 9000);
     assert_int_equal(c.store, CFG_STORE_REDIS);
     assert_int_equal(c.redis.mode, CFG_REDIS_STANDALONE);
     assert_string_equal(c.redis.url, "redis://127.0.0.1:6379/0");
@@ -316,7 +330,7 @@ static void test_example_sidecar(void **state)
     struct cfg c;
     if (cfg_load(&c, &fl, err, sizeof err) != 0) fail_msg("%s", err);
     assert_int_equal(c.workers, 2);
-    assert_int_equal(c.upstream.port, 3000);
+    assert_int_equal(c.upstream.servers[0].url.port, 3000);
     assert_int_equal(c.idem.anonymous, CFG_ANON_REJECT);
     assert_int_equal(c.n_routes, 0);
     cfg_free(&c);
@@ -334,14 +348,14 @@ static void test_example_gateway(void **state)
     assert_int_equal(c.redis.nodes.n, 3);
     assert_int_equal(c.n_routes, 3);
     assert_string_equal(c.routes[0].prefix, "/v1/payments");
-    assert_true(c.routes[0].upstream.tls);
+    assert_true(c.routes[0].upstream.servers[0].url.tls);
     assert_true(c.routes[0].idem.required);
     assert_int_equal(c.routes[0].idem.mismatch_status, 422);
     assert_int_equal(c.routes[0].idem.lock_seconds, 30);
     const struct cfg_route *r = cfg_route_for(&c, "/v1/search?q=x", 14);
     assert_non_null(r);
     assert_false(r->idem.enabled);
-    assert_string_equal(r->upstream.host, "api.internal");
+    assert_string_equal(r->upstream.servers[0].url.host, "api.internal");
     r = cfg_route_for(&c, "/v1/images/1", 12);
     assert_non_null(r);
     assert_int_equal(r->idem.lock_seconds, 120);
@@ -883,23 +897,23 @@ static void test_upstream_good(void **state)
     (void)state;
     struct cfg c;
     load_ok(&c, "{\"upstream\": \"https://api.example.com\"}");
-    assert_true(c.upstream.tls);
-    assert_string_equal(c.upstream.host, "api.example.com");
-    assert_int_equal(c.upstream.port, 443);
-    assert_string_equal(c.upstream.text, "https://api.example.com");
+    assert_true(c.upstream.servers[0].url.tls);
+    assert_string_equal(c.upstream.servers[0].url.host, "api.example.com");
+    assert_int_equal(c.upstream.servers[0].url.port, 443);
+    assert_string_equal(c.upstream.servers[0].url.text, "https://api.example.com");
     cfg_free(&c);
     load_ok(&c, "{\"upstream\": \"http://backend/\"}");
-    assert_false(c.upstream.tls);
-    assert_string_equal(c.upstream.host, "backend");
-    assert_int_equal(c.upstream.port, 80);
+    assert_false(c.upstream.servers[0].url.tls);
+    assert_string_equal(c.upstream.servers[0].url.host, "backend");
+    assert_int_equal(c.upstream.servers[0].url.port, 80);
     cfg_free(&c);
     load_ok(&c, "{\"upstream\": \"http://[::1]:9000\"}");
-    assert_string_equal(c.upstream.host, "::1");
-    assert_int_equal(c.upstream.port, 9000);
+    assert_string_equal(c.upstream.servers[0].url.host, "::1");
+    assert_int_equal(c.upstream.servers[0].url.port, 9000);
     cfg_free(&c);
     load_ok(&c, "{\"upstream\": \"HTTPS://h:8443/\"}");
-    assert_true(c.upstream.tls);
-    assert_int_equal(c.upstream.port, 8443);
+    assert_true(c.upstream.servers[0].url.tls);
+    assert_int_equal(c.upstream.servers[0].url.port, 8443);
     cfg_free(&c);
 }
 
@@ -907,9 +921,19 @@ static void test_upstream_bad(void **state)
 {
     (void)state;
     static const char *const bad[] = {
-        "ftp://h",         "http://",      "http://h/path",  "http://h?x=1",  "http://u@h",
-        "http://u:p@h:80", "http://h:0",   "http://h:99999", "http://[::1",   "h:80",
-        "http://h:80//",   "https://:443", "http://h#frag",  "http://[::1]x", "",
+        "ftp://h",
+        "http://",
+        "http://h?x=1",
+        "http://u@h",
+        "http://u:p@h:80",
+        "http://h:0",
+        "http://h:99999",
+        "http://[::1",
+        "h:80",
+        "https://:443",
+        "http://h#frag",
+        "http://[::1]x",
+        "",
     };
     char json[128];
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -918,6 +942,76 @@ static void test_upstream_bad(void **state)
     }
     expect_error("{\"upstream\": null}",
                  "config: upstream: must be an http:// or https:// URL with a host");
+    /* a path is named: the client's path is forwarded as it is */
+    expect_error("{\"upstream\": \"http://h/base\"}",
+                 "config: upstream: must be an http:// or https:// URL without a path (got "
+                 "/base): the client's path is forwarded as it is");
+    expect_error("{\"upstream\": \"http://h:80//\"}",
+                 "config: upstream: must be an http:// or https:// URL without a path (got //): "
+                 "the client's path is forwarded as it is");
+}
+
+static void test_upstream_group(void **state)
+{
+    (void)state;
+    struct cfg c;
+    load_ok(&c, "{\"upstream\": {\"servers\": [\"http://a:1\", {\"url\": \"http://b:2\", "
+                "\"weight\": 5}, \"http://c:3\"]}}");
+    assert_int_equal(c.upstream.n, 3);
+    assert_string_equal(c.upstream.servers[1].url.host, "b");
+    assert_int_equal(c.upstream.servers[0].weight, 1);
+    assert_int_equal(c.upstream.servers[1].weight, 5);
+    assert_int_equal(c.upstream.balance, CFG_BALANCE_ROUND_ROBIN);
+    assert_int_equal(c.upstream.max_fails, 1);
+    assert_int_equal(c.upstream.fail_timeout_ms, 10000);
+    assert_int_equal(c.upstream.retries, 2); /* servers minus one */
+    cfg_free(&c);
+    load_ok(&c, "{\"upstream\": {\"servers\": [\"https://a\", \"https://b\"], \"balance\": "
+                "\"least_conn\", \"max_fails\": 0, \"fail_timeout_ms\": 100, \"retries\": 0},"
+                " \"routes\": [{\"prefix\": \"/a\"}, {\"prefix\": \"/b\", \"upstream\": "
+                "\"http://x:9\"}]}");
+    assert_int_equal(c.upstream.balance, CFG_BALANCE_LEAST_CONN);
+    assert_int_equal(c.upstream.max_fails, 0);
+    assert_int_equal(c.upstream.retries, 0);
+    assert_true(c.upstream.servers[0].url.tls);
+    const struct cfg_route *a = cfg_route_for(&c, "/a", 2), *b = cfg_route_for(&c, "/b", 2);
+    assert_false(a->upstream_own);
+    assert_int_equal(a->upstream.n, 2); /* a copy of the global group */
+    assert_true(b->upstream_own);
+    assert_int_equal(b->upstream.n, 1);
+    cfg_free(&c);
+}
+
+static void test_upstream_group_bad(void **state)
+{
+    (void)state;
+    expect_error("{\"upstream\": {\"servers\": []}}",
+                 "config: upstream.servers: must name at least one server");
+    expect_error("{\"upstream\": {}}", "config: upstream.servers: is required");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a\", \"https://b\"]}}",
+                 "config: upstream.servers: mixes http:// and https:// servers: a group has one "
+                 "scheme");
+    expect_error("{\"upstream\": {\"servers\": [{\"url\": \"http://a\", \"weight\": 0}]}}",
+                 "config: upstream.servers[0].weight: must be an integer 1..100");
+    expect_error("{\"upstream\": {\"servers\": [{\"url\": \"http://a\", \"weight\": 101}]}}",
+                 "config: upstream.servers[0].weight: must be an integer 1..100");
+    expect_error("{\"upstream\": {\"servers\": [{\"weight\": 2}]}}",
+                 "config: upstream.servers[0].url: is required");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a\", \"http://b\"], \"retries\": 2}}",
+                 "config: upstream.retries: must be 0..1 (the number of servers minus one)");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a\"], \"balance\": \"random\"}}",
+                 "config: upstream.balance: must be round_robin or least_conn");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a\"], \"max_fails\": 101}}",
+                 "config: upstream.max_fails: must be an integer 0..100");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a\"], \"fail_timeout_ms\": 99}}",
+                 "config: upstream.fail_timeout_ms: must be an integer 100..3600000");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a\"], \"weight\": 1}}",
+                 "config: upstream.weight: unknown key");
+    expect_error("{\"upstream\": {\"servers\": [\"http://a/x\"]}}",
+                 "config: upstream.servers[0]: must be an http:// or https:// URL without a path "
+                 "(got /x): the client's path is forwarded as it is");
+    expect_error("{\"routes\": [{\"prefix\": \"/r\", \"upstream\": {\"servers\": 1}}]}",
+                 "config: routes[0].upstream.servers: must be a list of servers");
 }
 
 static void test_redis_url_tcp(void **state)
@@ -1419,7 +1513,8 @@ static void test_routes_bad_upstream(void **state)
     (void)state;
     expect_error("{\"routes\": [{\"prefix\": \"/a\"}, {\"prefix\": \"/b\", \"upstream\": "
                  "\"http://h/x\"}]}",
-                 "config: routes[1].upstream: must be an http:// or https:// URL with a host");
+                 "config: routes[1].upstream: must be an http:// or https:// URL without a path "
+                 "(got /x): the client's path is forwarded as it is");
 }
 
 static void test_routes_bad_idempotency(void **state)
@@ -1459,16 +1554,16 @@ static void test_route_upstream_default(void **state)
     (void)state;
     struct cfg c;
     load_ok(&c, "{\"routes\": [{\"prefix\": \"/x\"}], \"upstream\": \"https://h:1\"}");
-    assert_true(c.routes[0].upstream.tls);
-    assert_string_equal(c.routes[0].upstream.host, "h");
-    assert_int_equal(c.routes[0].upstream.port, 1);
-    assert_string_equal(c.routes[0].upstream.text, "https://h:1");
-    assert_ptr_not_equal(c.routes[0].upstream.host, c.upstream.host);
+    assert_true(c.routes[0].upstream.servers[0].url.tls);
+    assert_string_equal(c.routes[0].upstream.servers[0].url.host, "h");
+    assert_int_equal(c.routes[0].upstream.servers[0].url.port, 1);
+    assert_string_equal(c.routes[0].upstream.servers[0].url.text, "https://h:1");
+    assert_ptr_not_equal(c.routes[0].upstream.servers[0].url.host, c.upstream.servers[0].url.host);
     cfg_free(&c);
     load_ok(&c, "{\"routes\": [{\"prefix\": \"/x\", \"upstream\": \"http://[::1]:81\"}]}");
-    assert_string_equal(c.routes[0].upstream.host, "::1");
-    assert_int_equal(c.routes[0].upstream.port, 81);
-    assert_int_equal(c.upstream.port, 9000);
+    assert_string_equal(c.routes[0].upstream.servers[0].url.host, "::1");
+    assert_int_equal(c.routes[0].upstream.servers[0].url.port, 81);
+    assert_int_equal(c.upstream.servers[0].url.port, 9000);
     cfg_free(&c);
 }
 
@@ -1649,9 +1744,9 @@ static void test_env_upstream_is_route_default(void **state)
     const char *json = "{\"upstream\": \"http://filehost:1\", \"routes\": [{\"prefix\": \"/a\"}]}";
     struct cfg c;
     assert_int_equal(cfg_load_json(&c, json, strlen(json), true, NULL, err, sizeof err), 0);
-    assert_string_equal(c.upstream.host, "envhost");
-    assert_string_equal(c.routes[0].upstream.host, "envhost");
-    assert_int_equal(c.routes[0].upstream.port, 8000);
+    assert_string_equal(c.upstream.servers[0].url.host, "envhost");
+    assert_string_equal(c.routes[0].upstream.servers[0].url.host, "envhost");
+    assert_int_equal(c.routes[0].upstream.servers[0].url.port, 8000);
     cfg_free(&c);
     clear_env(NULL);
 }
@@ -1717,9 +1812,9 @@ static void test_flags_override_env_and_file(void **state)
     assert_string_equal(c.listen.host, "::1");
     assert_int_equal(c.listen.port, 6000);
     assert_int_equal(c.workers, 4);
-    assert_true(c.upstream.tls);
-    assert_int_equal(c.upstream.port, 4443);
-    assert_string_equal(c.routes[0].upstream.host, "u");
+    assert_true(c.upstream.servers[0].url.tls);
+    assert_int_equal(c.upstream.servers[0].url.port, 4443);
+    assert_string_equal(c.routes[0].upstream.servers[0].url.host, "u");
     assert_int_equal(c.store, CFG_STORE_MEMORY);
     assert_string_equal(c.redis.host, "r");
     assert_int_equal(c.redis.port, 1);
@@ -1740,6 +1835,10 @@ static void test_flags_errors(void **state)
     fl = (struct cfg_flags){.listen = "nope"};
     expect_error_with("{}", false, &fl, "flag --listen: must be host:port");
     fl = (struct cfg_flags){.upstream = "http://h/p"};
+    expect_error_with("{}", false, &fl,
+                      "flag --upstream: must be an http:// or https:// URL without a path (got "
+                      "/p): the client's path is forwarded as it is");
+    fl = (struct cfg_flags){.upstream = "ftp://h"};
     expect_error_with("{}", false, &fl,
                       "flag --upstream: must be an http:// or https:// URL with a host");
     fl = (struct cfg_flags){.store = "Redis"};
@@ -1824,7 +1923,7 @@ static void test_set_twice_no_leak(void **state)
     const char *json = "{\"upstream\": \"http://j:1\", \"redis\": {\"url\": \"redis://:p@j/0\"}}";
     struct cfg c;
     assert_int_equal(cfg_load_json(&c, json, strlen(json), true, &fl, err, sizeof err), 0);
-    assert_string_equal(c.upstream.host, "f");
+    assert_string_equal(c.upstream.servers[0].url.host, "f");
     assert_string_equal(c.redis.password, "pw2");
     assert_int_equal(c.redis.db, 2);
     cfg_free(&c);
@@ -1894,6 +1993,8 @@ int main(void)
         cmocka_unit_test(test_admin_listen),
         cmocka_unit_test(test_upstream_good),
         cmocka_unit_test(test_upstream_bad),
+        cmocka_unit_test(test_upstream_group),
+        cmocka_unit_test(test_upstream_group_bad),
         cmocka_unit_test(test_redis_url_tcp),
         cmocka_unit_test(test_redis_url_tls),
         cmocka_unit_test(test_redis_tls_section),

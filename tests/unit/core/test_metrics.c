@@ -170,13 +170,20 @@ static void check_sample(struct checker *c, const char *line)
     size_t n = strlen(f->name);
     assert_int_equal(strncmp(series, f->name, n), 0);
     if (series[n] == '{') {
-        char value[64], key[32];
-        const char *eq = strchr(series, '=');
-        assert_non_null(eq);
-        assert_true((size_t)(eq - series - n - 1) < sizeof(key));
-        memcpy(key, series + n + 1, (size_t)(eq - series - n - 1));
-        key[eq - series - n - 1] = '\0';
-        check_label(series + n, key, value, sizeof(value));
+        /* {k="v"} or {k="v",k2="v2",...}: [a-z_] keys, values without quotes */
+        const char *p = series + n + 1;
+        for (;;) {
+            size_t k = strspn(p, "abcdefghijklmnopqrstuvwxyz_");
+            assert_true(k > 0 && p[k] == '=' && p[k + 1] == '"');
+            const char *close = strchr(p + k + 2, '"');
+            assert_non_null(close);
+            if (close[1] == '}') {
+                assert_int_equal(close[2], '\0');
+                break;
+            }
+            assert_int_equal(close[1], ',');
+            p = close + 2;
+        }
     } else {
         assert_int_equal(series[n], '\0');
     }
@@ -224,6 +231,39 @@ static void test_exposition_is_valid(void **state)
     free(text);
 }
 
+static void series_two(struct buf *out, enum metrics_id id, const char *name)
+{
+    buf_printf(out, "%s{upstream=\"default\",server=\"127.0.0.1:1\"} %d\n", name,
+               id == M_UPSTREAM_SERVER_UP ? 1 : 7);
+    buf_printf(out, "%s{upstream=\"/v1\",server=\"[::1]:2\"} 0\n", name);
+}
+
+/* The SERIES rows take their samples from the callback, after their own
+ * HELP and TYPE; without one they have none. */
+static void test_series(void **state)
+{
+    (void)state;
+    metrics_set_series(series_two);
+    char *text = render(ALL_GROUPS);
+    struct checker c;
+    check_exposition(&c, text);
+    assert_int_equal(sample(text, "idemgate_upstream_server_up{upstream=\"default\",server=\"127.0."
+                                  "0.1:1\"}"),
+                     1);
+    assert_int_equal(sample(text, "idemgate_upstream_failures_total{upstream=\"default\",server="
+                                  "\"127.0.0.1:1\"}"),
+                     7);
+    assert_int_equal(sample(text, "idemgate_upstream_failures_total{upstream=\"/v1\",server=\"[::"
+                                  "1]:2\"}"),
+                     0);
+    free(text);
+    metrics_set_series(NULL);
+    text = render(ALL_GROUPS);
+    assert_null(strstr(text, "idemgate_upstream_server_up{"));
+    assert_non_null(strstr(text, "# TYPE idemgate_upstream_server_up gauge"));
+    free(text);
+}
+
 /* SPEC section 7's names exactly, with their kinds; then ours. */
 static void test_family_names_and_kinds(void **state)
 {
@@ -240,6 +280,9 @@ static void test_family_names_and_kinds(void **state)
         {"idemgate_exchanges_upstream", "gauge"},
         {"idemgate_upstream_duration_seconds", "histogram"},
         {"idemgate_store_duration_seconds", "histogram"},
+        {"idemgate_upstream_server_up", "gauge"},
+        {"idemgate_upstream_failures_total", "counter"},
+        {"idemgate_upstream_retries_total", "counter"},
         {"idemgate_memory_store_bytes", "gauge"},
         {"idemgate_memory_store_max_bytes", "gauge"},
         {"idemgate_memory_store_entries", "gauge"},
@@ -471,6 +514,7 @@ int main(void)
         cmocka_unit_test(test_exposition_is_valid),
         cmocka_unit_test(test_family_names_and_kinds),
         cmocka_unit_test(test_groups),
+        cmocka_unit_test(test_series),
         cmocka_unit_test(test_outcomes),
         cmocka_unit_test(test_state_names),
         cmocka_unit_test(test_state_moves),
