@@ -1,5 +1,5 @@
 /* main.c — flags, configuration, signals, start and stop of the workers,
- * exit codes (SPEC section 1): 0 clean, 1 runtime failure at start,
+ * exit codes (docs/configuration.md): 0 clean, 1 runtime failure at start,
  * 2 usage or configuration error; and --healthcheck, a one-shot blocking
  * GET /healthz on the admin listener (exit 0 on 200, else 1). The only
  * file that may exit(). */

@@ -1,4 +1,4 @@
-/* checks.c — the rules that tie several keys together (SPEC section 2),
+/* checks.c — the rules that tie several keys together (docs/configuration.md),
  * checked after every source has been applied.
  *
  * Owns: one idempotency policy's rules (the global one and each route's:
@@ -49,7 +49,7 @@ static int check_lock_vs_timeout(const struct cfg *c, const struct cfg_idem *m, 
                     timeout * 3 / 2000 + 1, timeout);
 }
 
-/* The rules of SPEC section 2 that tie one idempotency policy's keys
+/* The rules of docs/configuration.md that tie one idempotency policy's keys
  * together; path is "idempotency" or "routes[i].idempotency". A route with
  * the engine off is not checked: none of its keys is used. */
 int cfg_check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const char *path,

@@ -235,7 +235,7 @@ int cfg_build_routes(struct cfg *c, const cJSON *arr, struct cfg_err *e);
 
 /* ---------------------------------------------------------------- checks.c */
 
-/* The rules of SPEC section 2 that tie one idempotency policy's keys
+/* The rules of docs/configuration.md that tie one idempotency policy's keys
  * together; path is "idempotency" or "routes[i].idempotency". */
 int cfg_check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const char *path,
                           bool is_route, struct cfg_err *e);

@@ -1,4 +1,4 @@
-/* options.c — the option tables (SPEC section 2): every key of the file
+/* options.c — the option tables (docs/configuration.md): every key of the file
  * with its kind, bounds and default, globally and per route, and the
  * environment variables and flags that name one of them.
  *

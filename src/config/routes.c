@@ -1,4 +1,4 @@
-/* routes.c — routes[] (SPEC section 2) and the lookups made per request.
+/* routes.c — routes[] (docs/configuration.md) and the lookups made per request.
  *
  * Owns: building each route from the file (the global idempotency
  * settings, after env and flags, overridden key by key; the global

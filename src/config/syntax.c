@@ -1,4 +1,4 @@
-/* syntax.c — the grammars of one text value (SPEC section 2).
+/* syntax.c — the grammars of one text value (docs/configuration.md).
  *
  * Owns: what an HTTP token and an HTTP method are, decimal numbers, host
  * names, "host:port" and "[v6]:port", listen addresses ("*:port"), http(s)

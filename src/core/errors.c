@@ -1,4 +1,4 @@
-/* errors.c — SPEC section 5 error bodies. Owns only static tables. */
+/* errors.c — the error bodies (docs/errors.md). Owns only static tables. */
 #include "idemgate/core/errors.h"
 
 #include <string.h>

@@ -471,7 +471,7 @@ long http1_parse_response(const char *buf, size_t len, size_t max_head, bool hea
         if (f.te_final_chunk && f.te_codings > 1) return HTTP1_ENOTIMPL;
         /* RFC 9112 6.3 would read a non-chunked coding to the close; we
          * would then forward (and keep) a body in a coding the client is
-         * never told of, so such an answer is malformed to us (SPEC 4). */
+         * never told of, so such an answer is malformed to us (docs/requests.md). */
         if (!f.te_final_chunk) return HTTP1_ENOTIMPL;
         h->body = HTTP1_BODY_CHUNKED;
     } else if (f.cl_count) {

@@ -123,7 +123,7 @@ static int split_absolute(const char *t, size_t n, const char **auth, size_t *au
     size_t e = s;
     while (e < n && t[e] != '/' && t[e] != '?' && t[e] != '#')
         e++;
-    /* userinfo would be logged and forwarded: refused (SPEC 3) */
+    /* userinfo would be logged and forwarded: refused (docs/requests.md) */
     if (memchr(t + s, '@', e - s) || !target_host_valid(t + s, e - s)) return -1;
     *auth = t + s;
     *auth_len = e - s;

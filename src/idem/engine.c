@@ -1,4 +1,4 @@
-/* engine.c — the idempotency state machine (SPEC sections 3 and 4).
+/* engine.c — the idempotency state machine (docs/requests.md).
  *
  * Decides whether a request is covered, validates its key, computes its
  * scope and fingerprint, asks the store, and tells its host (engine.h's ops

@@ -202,7 +202,7 @@ static enum err_code parse_error_code(long r)
     }
 }
 
-/* Checks the target and Host of a parsed head (SPEC 3 and 6); keeps a
+/* Checks the target and Host of a parsed head (docs/requests.md); keeps a
  * normalized target in the client when it differs. Returns 0 or -1. */
 static int client_check_target(struct client *cl, const struct http1_head *h)
 {

@@ -71,7 +71,7 @@ static bool ex_trace_id(const struct http1_head *h, struct http1_slice *out)
     return true;
 }
 
-/* One access line (SPEC section 8) and the outcome counted, once. */
+/* One access line (docs/logs.md) and the outcome counted, once. */
 static void ex_access_log(struct exchange *ex)
 {
     const struct cfg *cfg = ex->loop->cfg;
@@ -324,7 +324,7 @@ static struct exchange *ex_alloc(struct loop *l)
 
 /* The normalized target (and authority), when normalization changed the
  * target, moves from the client into the exchange: route, fingerprint,
- * access line and upstream all see it (SPEC 3). */
+ * access line and upstream all see it (docs/requests.md). */
 static void ex_take_target(struct exchange *ex, struct client *cl)
 {
     if (!cl->target_changed) return;

@@ -30,7 +30,7 @@
 #define UPSTREAM_FILL (256 * 1024)
 
 /* How an upstream exchange failed, which decides what the key becomes
- * (SPEC section 4): never sent (released), sent but no head (released, or
+ * (docs/requests.md): never sent (released), sent but no head (released, or
  * lost with unknown_outcome "keep"), a malformed head (lost), a body cut
  * after its head (lost when the answer would have been kept). */
 enum up_fail { UP_NOT_SENT, UP_UNANSWERED, UP_BAD_HEAD, UP_CUT };
@@ -218,7 +218,7 @@ static void ex_release_upstream(struct exchange *ex, bool reusable)
     exchange_unref(ex);
 }
 
-/* What a failure of this kind makes of the key (SPEC section 4). */
+/* What a failure of this kind makes of the key (docs/requests.md). */
 static enum idem_end ex_failure_end(const struct exchange *ex, enum up_fail kind)
 {
     switch (kind) {
@@ -292,7 +292,7 @@ static void ex_send_response_head(struct exchange *ex)
         if (http1_is_hop_by_hop(rh, i)) continue;
         if (rh->body != HTTP1_BODY_NONE && http1_slice_ieq(hd->name, "content-length")) continue;
         if (http1_slice_ieq(hd->name, "x-request-id")) has_rid = true;
-        /* only idemgate says whether an answer is a replay (SPEC 4) */
+        /* only idemgate says whether an answer is a replay (docs/headers.md) */
         if (http1_slice_ieq(hd->name, "idempotent-replayed")) continue;
         http1_write_header(o, hd->name.p, hd->name.n, hd->value.p, hd->value.n);
     }

@@ -84,7 +84,7 @@ static void pool_idle_event(struct conn *c, short what, void *arg)
     upconn_free(u);
 }
 
-/* Nothing arrived on a parked connection since its last answer (SPEC 6).
+/* Nothing arrived on a parked connection since its last answer (docs/requests.md).
  * pool_idle_event retires one that gets bytes or a FIN, but only once its
  * event is dispatched: bytes that arrived in the same batch of events as
  * the request now taking the connection would be read as that request's

@@ -48,8 +48,8 @@ Definitions (idemtest.invariant.analyze computes them):
               Idempotent-Replayed) 2xx of one execution.
   lost        keys, not excluded, whose clients never got a 2xx (gave up,
               or were answered 502 upstream_answer_lost: answer_lost counts
-              those). Not a failure: SPEC allows it under faults.
-  unexpected  answers that are neither a 2xx nor one of SPEC section 5's
+              those). Not a failure: the docs allow it under faults.
+  unexpected  answers that are neither a 2xx nor one of docs/errors.md's
               409 request_in_progress, 503 store_unavailable, 502
               upstream_unavailable / upstream_answer_lost, 504
               upstream_timeout; a replayed error other than answer_lost; a
@@ -64,11 +64,11 @@ Definitions (idemtest.invariant.analyze computes them):
                 completed before the kill are never retried (their clients
                 got the 2xx), keys started after it are fully checked.
               - idemgate_kill: a SIGKILLed owner leaves its lock to expire
-                after lock_seconds, then the key is free (SPEC section 4).
+                after lock_seconds, then the key is free (docs/requests.md).
                 A key is excluded when it sent an attempt to the killed
                 instance before the kill and was still active at the kill.
               - sentinel_failover: a forced failover without
-                wait_replicas may forget a lock (SPEC allows it): the old
+                wait_replicas may forget a lock (docs/configuration.md says so): the old
                 primary keeps taking writes from the moment its replica is
                 promoted until the store leaves it (at +switch-master when
                 it follows the announcements, else when the old primary
@@ -93,12 +93,12 @@ Definitions (idemtest.invariant.analyze computes them):
               Their 2xx answers are still checked against their own
               executions.
               Not excluded: a record whose write failed while Redis was
-              paused stays a lock until lock_seconds (SPEC section 4), then
+              paused stays a lock until lock_seconds (docs/requests.md), then
               its key is free again; lock_seconds (30) above the 20 s budget
               keeps every client of that key from seeing it free, so such a
               key counts as a duplicate only if it executes again early,
               which would be a bug.
-  errors      the non-2xx endings by SPEC code or transport kind.
+  errors      the non-2xx endings by error code or transport kind.
 
 Exit status: 1 when duplicates, mismatched_replays or unexpected are above
 0, or an instance does not serve a fresh request at the end; else 0.

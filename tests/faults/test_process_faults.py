@@ -1,5 +1,5 @@
 """Processes killed mid-request: the upstream SIGKILLed in the middle of its
-answers (after the head: the answer is lost, SPEC section 4), the upstream
+answers (after the head: the answer is lost, docs/requests.md), the upstream
 SIGKILLed before its head with unknown_outcome "keep", and one of two
 idemgate instances SIGKILLed mid-storm and started again. Invariant as in
 test_store_faults.py (idemtest.invariant.analyze)."""

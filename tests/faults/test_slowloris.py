@@ -1,4 +1,4 @@
-"""Slowloris (SPEC section 6: client_timeout_ms bounds the whole time to
+"""Slowloris (docs/configuration.md: client_timeout_ms bounds the whole time to
 receive a request, head and body, not each read): 60 clients drip a head
 and 60 a body, one byte every 100 ms, for a request that would take far
 longer than client_timeout_ms (1500) to arrive. Each is answered 408 or

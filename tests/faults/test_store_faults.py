@@ -1,9 +1,9 @@
-"""Store faults mid-storm (SPEC section 4, "Store failure"): Redis frozen
+"""Store faults mid-storm (docs/requests.md, "Store failure"): Redis frozen
 with SIGSTOP then thawed, Redis killed and restarted empty, and a timed-out
 acquire whose lock Redis takes after the timeout. Real redis-server, real
 idemgate, the execution-logging upstream; the invariant of every case is
 idemtest.invariant.analyze's: no key executes twice, every 2xx is its key's one
-execution byte for byte, every other answer a SPEC error, and idemgate
+execution byte for byte, every other answer a documented error, and idemgate
 serves a fresh request at the end."""
 
 import os
@@ -71,7 +71,7 @@ def test_redis_restarted_empty_mid_storm(idemgate, redis, execup):
 
 def test_redis_sigstop_timed_out_acquire_gives_lock_back(idemgate, redis, execup):
     """Requests sent while Redis is frozen get 503 store_unavailable after
-    redis.timeout_ms; Redis takes their locks when thawed. SPEC section 4:
+    redis.timeout_ms; Redis takes their locks when thawed. docs/requests.md:
     idemgate gives such locks back as soon as the store answers again, so
     the clients' retries execute long before lock_seconds (30) runs out."""
     up = execup()

@@ -1,4 +1,4 @@
-"""An upstream that executed, then broke its answer (SPEC section 4, the
+"""An upstream that executed, then broke its answer (docs/requests.md, the
 *lost* row): a body cut short of its Content-Length, and heads idemgate
 refuses: "Content-Length: 2, 2", "Transfer-Encoding: gzip" without chunked,
 status 600. The key is kept as lost: the client gets what arrived (a cut

@@ -1,4 +1,4 @@
-"""Access lines let an operator find a key (SPEC section 8): `scope` (the
+"""Access lines let an operator find a key (docs/logs.md): `scope` (the
 first 16 hex digits of the scope hash) and `key` on covered requests,
 `trace_id` from a valid W3C traceparent; never the credential."""
 

@@ -1,6 +1,6 @@
-"""SPEC section 7: the admin listener — /healthz, /readyz (the store
+"""docs/admin.md: the admin listener — /healthz, /readyz (the store
 answers, else 503) and /metrics in the Prometheus text format, with the
-metric names SPEC lists and counters that move with what the proxy did."""
+metric names docs/metrics.md lists and counters that move with what the proxy did."""
 
 import re
 import threading

@@ -1,4 +1,4 @@
-"""Command line and configuration (SPEC sections 1 and 2), end to end:
+"""Command line and configuration (docs/configuration.md), end to end:
 flags, -t, exit codes, one-line config errors naming the key, precedence
 defaults < file < env < flags, bind failure."""
 
@@ -256,7 +256,7 @@ def test_unknown_outcome_keep_is_ok(tmp_path):
     assert res.returncode == 0, res.stderr
 
 
-# -- cross-checks (SPEC section 2) ----------------------------------------
+# -- cross-checks (docs/configuration.md) ----------------------------------------
 
 
 def test_cross_redis_timeout_vs_lock_seconds(tmp_path):
@@ -421,7 +421,7 @@ def test_sigint_idle_exits_0(idemgate, upstream):
     assert g.stop(sig=signal.SIGINT) == 0
 
 
-# -- --healthcheck [ADDR] (SPEC section 1) ---------------------------------
+# -- --healthcheck [ADDR] (docs/configuration.md) ---------------------------------
 
 
 def admin_gate(idemgate, upstream, host="127.0.0.1"):

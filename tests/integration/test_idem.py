@@ -1,4 +1,4 @@
-"""Idempotency engine end to end (SPEC sections 3, 4, 5), against both
+"""Idempotency engine end to end (docs/requests.md, docs/errors.md), against both
 stores (memory, and a real redis-server) wherever the behaviour is the same.
 """
 
@@ -30,7 +30,7 @@ def total(upstream):
 
 
 # ---------------------------------------------------------------------------
-# SPEC section 3: which requests are covered
+# docs/requests.md: which requests are covered
 # ---------------------------------------------------------------------------
 
 def test_no_key_not_required_is_passthrough(gate, upstream):
@@ -286,7 +286,7 @@ def test_anonymous_bypass(gate, upstream):
 
 
 # ---------------------------------------------------------------------------
-# SPEC section 4: the state machine
+# docs/requests.md: the state machine
 # ---------------------------------------------------------------------------
 
 def test_first_executes_retry_replays(gate, upstream):
@@ -709,7 +709,7 @@ def test_route_required_override(gate, upstream):
     assert upstream.count("-") == 1
 
 
-# -- SPEC section 5: error format --------------------------------------------
+# -- docs/errors.md: error format --------------------------------------------
 
 def test_error_format_problem(gate, upstream):
     g = gate(error_format="problem", idem={"required": True})

@@ -1,4 +1,4 @@
-"""Idempotency engine on the Redis store only (SPEC sections 3-4): what is
+"""Idempotency engine on the Redis store only (docs/requests.md): what is
 written to Redis (no raw credential, key layout, prefix, scope secret),
 lock renewal, a killed owner, Redis down / restarted / scripts flushed, TTL.
 """
@@ -190,7 +190,7 @@ def test_scope_secret_change_is_a_new_scope(idemgate, upstream, redis):
 
 
 def test_lock_is_renewed(gate, upstream, redis):
-    # timeout_ms must stay below 2/3 of the lock (SPEC section 2)
+    # timeout_ms must stay below 2/3 of the lock (docs/configuration.md)
     g = gate(idem={"lock_seconds": 1}, redis_cfg={"timeout_ms": 500})
     first = Bg(post, g.port, "/count?ms=3000", "lr1")
     wait_upstream_saw(upstream, "lr1")

@@ -1,4 +1,4 @@
-"""Concurrency storms (SPEC section 4): many clients, one key, released
+"""Concurrency storms (docs/requests.md): many clients, one key, released
 together by a barrier, each on its own connection -> exactly one upstream
 execution; every other answer is 409 request_in_progress or the replay.
 """

@@ -1,4 +1,4 @@
-"""SPEC section 1: who may share a listen address. Two instances on one
+"""docs/configuration.md: who may share a listen address. Two instances on one
 store (Redis) share it (SO_REUSEPORT: a rolling restart); a memory-store
 instance never shares its address, and an instance that would join an
 address held by one with another store exits 1 with one line, `cannot

@@ -1,10 +1,10 @@
-"""An upstream that breaks in the middle of its answer (SPEC section 4):
+"""An upstream that breaks in the middle of its answer (docs/requests.md):
 a keepable head then a cut body, or a malformed head, means the upstream
 ran the request and its answer is lost. The key is kept as *lost*: every
 retry gets 502 upstream_answer_lost with Idempotent-Replayed: true and the
 upstream never executes it again. Requests that were sent but never
 answered follow idempotency.unknown_outcome. Also: stray bytes on a pooled
-upstream connection (SPEC section 6), the upstream's own
+upstream connection (docs/headers.md), the upstream's own
 Idempotent-Replayed, 401/403 released, a replayed HEAD's Content-Length.
 
 The upstream here is a raw socket server that logs every execution (path,

@@ -2,7 +2,7 @@
 records evicted first, the process stays up and its RSS bounded; when only
 in-progress locks are left, 503 store_unavailable), one credential cannot
 push another's records out (memory.max_scope_bytes, the largest scope loses
-its records first, idemgate_store_evictions_total), plus SPEC section 4
+its records first, idemgate_store_evictions_total), plus docs/requests.md
 cases that were covered on Redis only, run here on both stores from the
 same code (lock renewal under a slow upstream; one key, two bodies, many
 concurrent clients).
@@ -91,7 +91,7 @@ def test_full_of_locks_is_503(idemgate, upstream):
 
 
 # ---------------------------------------------------------------------------
-# SPEC section 3: one scope never pushes another out
+# docs/requests.md: one scope never pushes another out
 # ---------------------------------------------------------------------------
 
 def scoped_big(port, key, credential, n):
@@ -158,12 +158,12 @@ def test_scope_cap_evicts_own_oldest(idemgate, upstream):
 
 
 # ---------------------------------------------------------------------------
-# SPEC section 4 on both stores
+# docs/requests.md on both stores
 # ---------------------------------------------------------------------------
 
 def test_lock_renewed_while_upstream_works(idemgate, upstream, store_cfg):
     cfg = gate_config(store_cfg, upstream.url, {"lock_seconds": 1})
-    if cfg["store"] == "redis":  # timeout_ms below 2/3 of the lock (SPEC 2)
+    if cfg["store"] == "redis":  # timeout_ms below 2/3 of the lock (docs/configuration.md)
         cfg["redis"]["timeout_ms"] = 500
     g = idemgate(cfg)
     first = Bg(post, g.port, "/count?ms=3000", "renew1")

@@ -1,5 +1,5 @@
 """No spelling of a path reaches the upstream under another route's policy
-(SPEC section 3): route, policy, fingerprint and the forwarded request line
+(docs/requests.md): route, policy, fingerprint and the forwarded request line
 use the normalized target; absolute form gives its authority as Host;
 userinfo, paths above the root and lower-case methods are 400 (and never
 logged with their secrets); section 6: header names with an underscore are

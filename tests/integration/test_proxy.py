@@ -1,4 +1,4 @@
-"""Transparent proxying (SPEC sections 5, 6 and 8), end to end with the
+"""Transparent proxying (docs/errors.md, docs/headers.md, docs/logs.md), end to end with the
 memory store: methods, bodies, forwarding headers, hop-by-hop filtering,
 keep-alive on both sides, limits, routes, SSE, upstream failures, shutdown,
 access logs."""

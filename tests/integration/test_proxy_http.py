@@ -1,4 +1,4 @@
-"""Strict HTTP/1.1 parsing at the edge (SPEC sections 5 and 6): every
+"""Strict HTTP/1.1 parsing at the edge (docs/errors.md, docs/headers.md): every
 malformed request gets an error status and the connection closed, and never
 reaches the upstream. Also pipelining."""
 

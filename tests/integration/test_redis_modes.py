@@ -1,4 +1,4 @@
-"""idemgate on Redis Cluster and on Redis Sentinel (SPEC section 2,
+"""idemgate on Redis Cluster and on Redis Sentinel (docs/configuration.md,
 redis.mode): execute-once and replay over keys spread on the cluster's
 masters, and through the master a sentinel names. The Redis processes are
 private to each test (free 127.0.0.1 ports, a temp dir) and stopped at

@@ -1,5 +1,5 @@
 """The Redis store against real redis-server processes started with the
-settings each case needs (SPEC sections 2 and 4): a timed-out acquire gives
+settings each case needs (docs/configuration.md, docs/requests.md): a timed-out acquire gives
 its lock back, ACL users and passwords (redis://user:pass@, redis://:pass@,
 sentinels too), databases above 15, and the warning about a
 maxmemory-policy that may evict keys. Every process is private to its test
@@ -30,7 +30,7 @@ def executes_and_replays(g, upstream, key):
     assert upstream.count(key) == 1
 
 
-# -- a timed-out acquire gives its lock back (SPEC section 4) ----------------
+# -- a timed-out acquire gives its lock back (docs/requests.md) ----------------
 
 
 def start_debug_sleep(port, seconds):
@@ -72,7 +72,7 @@ def test_timed_out_acquire_gives_its_lock_back(idemgate, upstream, redis_servers
         g.stderr()
 
 
-# -- URLs: ACL user, password, database (SPEC section 2) ---------------------
+# -- URLs: ACL user, password, database (docs/configuration.md) ---------------------
 
 ACL_USER = ["--user", "idem", "on", ">s3cret w", "~*", "&*", "+@all"]
 
@@ -151,7 +151,7 @@ def test_sentinel_with_requirepass(idemgate, upstream, redis_servers):
     executes_and_replays(g, upstream, "spw1")
 
 
-# -- maxmemory-policy (SPEC section 2) --------------------------------------
+# -- maxmemory-policy (docs/configuration.md) --------------------------------------
 
 
 def stat_calls(port, command, field="calls", user=None, password=None):

@@ -1,4 +1,4 @@
-"""rediss:// (SPEC section 2): the Redis store over TLS, verified against
+"""rediss:// (docs/configuration.md): the Redis store over TLS, verified against
 `redis.tls` the way `upstream_tls` verifies an https upstream.
 
 The `redis_tls` fixture (idemtest.fixtures) is a private redis-server

@@ -1,4 +1,4 @@
-"""TLS end to end (SPEC section 6): HTTPS clients terminated by idemgate
+"""TLS end to end (docs/headers.md): HTTPS clients terminated by idemgate
 (`tls`), https:// upstreams verified against `upstream_tls`.
 
 A throwaway CA and server certificate (IP 127.0.0.1 and DNS localhost) are

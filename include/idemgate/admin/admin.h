@@ -1,4 +1,4 @@
-/* admin.h — the admin listener (SPEC section 7): GET /healthz, /readyz,
+/* admin.h — the admin listener (docs/admin.md): GET /healthz, /readyz,
  * /metrics on its own thread and event_base, with evhttp (speed does not
  * matter here) and its own store connection for /readyz pings. */
 #ifndef IDEMGATE_ADMIN_H

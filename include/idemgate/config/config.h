@@ -1,4 +1,4 @@
-/* config.h — the frozen configuration (SPEC sections 1 and 2).
+/* config.h — the frozen configuration (docs/configuration.md).
  *
  * Built once in main.c before any worker starts: built-in defaults, then the
  * JSON file (cJSON), then the environment, then the command-line flags.
@@ -88,7 +88,7 @@ enum cfg_concurrent { CFG_CONC_REJECT, CFG_CONC_WAIT };
 enum cfg_error_format { CFG_ERR_JSON, CFG_ERR_PROBLEM };
 enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
 /* idempotency.unknown_outcome: what a request that was sent upstream but
- * never answered leaves behind (SPEC section 4). */
+ * never answered leaves behind (docs/requests.md). */
 enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
 
 /* The redis section, with redis.url taken apart; owns its strings, the

@@ -1,5 +1,5 @@
-/* errors.h — the bodies of the errors idemgate itself generates (SPEC
- * section 5): JSON by default, RFC 9457 problem+json on request.
+/* errors.h — the bodies of the errors idemgate itself generates
+ * (docs/errors.md): JSON by default, RFC 9457 problem+json on request.
  *
  * Ownership: the names and types returned are static strings (never
  * freed); err_render appends to the caller's buffer (borrowed for the

@@ -1,4 +1,4 @@
-/* log.h — JSON-lines logging on stderr (SPEC section 8).
+/* log.h — JSON-lines logging on stderr (docs/logs.md).
  *
  * Each line is built in a local buffer and written with one write(2), so
  * lines from different worker threads never interleave. Never log a

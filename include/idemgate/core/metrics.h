@@ -1,4 +1,4 @@
-/* metrics.h — every metric of /metrics (SPEC section 7), declared once.
+/* metrics.h — every metric of /metrics (docs/metrics.md), declared once.
  *
  * METRICS(X) is the one list: a row per metric with its id, kind
  * (COUNTER, GAUGE, HISTOGRAM), group, Prometheus name, label set and help
@@ -191,7 +191,7 @@ const char *metrics_state_name(enum metrics_gauge_set set, int state);
 
 /* Shorthands kept for their callers. */
 void metrics_outcome(enum metrics_outcome outcome); /* idemgate_requests_total */
-/* The SPEC name of an outcome ("executed", ...), "unknown" if none. */
+/* The name of an outcome (docs/outcomes.md) ("executed", ...), "unknown" if none. */
 const char *metrics_outcome_name(int outcome);
 void metrics_observe_store(uint64_t ms);
 void metrics_observe_upstream(uint64_t ms);

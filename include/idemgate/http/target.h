@@ -1,5 +1,5 @@
-/* target.h — the request target, normalized (SPEC section 3), and the Host
- * header's syntax (SPEC section 6).
+/* target.h — the request target, normalized (docs/requests.md), and the Host
+ * header's syntax (docs/headers.md).
  *
  * Route, policy and fingerprint are decided on the normalized target, and
  * the upstream receives it, so no spelling of a path reaches the upstream

@@ -1,4 +1,4 @@
-/* engine.h — the idempotency engine (SPEC sections 3 and 4), behind a
+/* engine.h — the idempotency engine (docs/requests.md), behind a
  * small interface.
  *
  * The engine decides from a parsed request whether it is covered, validates
@@ -52,7 +52,7 @@ enum idem_keep {
     IDEM_KEEP_NO         /* not kept: status, SSE or size */
 };
 
-/* How the exchange ended on the upstream's side (SPEC section 4). */
+/* How the exchange ended on the upstream's side (docs/requests.md). */
 enum idem_end {
     IDEM_END_OK,         /* a complete response: kept when keepable */
     IDEM_END_FAILED,     /* never sent, or not keepable: the key is released */
@@ -106,7 +106,7 @@ struct idem_request {
 
 struct idem {
     enum idem_state state;
-    enum metrics_outcome outcome; /* what the client got (SPEC section 7) */
+    enum metrics_outcome outcome; /* what the client got (docs/outcomes.md) */
     enum idem_keep keep;
     bool owner;        /* we hold the lock */
     bool failure_open; /* the store failed and failure_mode is "open" */

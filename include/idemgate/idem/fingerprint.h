@@ -1,5 +1,5 @@
 /* fingerprint.h — request fingerprint, credential scope, and the
- * Idempotency-Key value (SPEC section 3).
+ * Idempotency-Key value (docs/requests.md).
  *
  * No I/O; the only memory is the per-thread hash state below. */
 #ifndef IDEMGATE_FINGERPRINT_H

@@ -25,7 +25,7 @@
 
 /* Pseudo-headers (names starting with ':', which no HTTP header can have)
  * carry what is not a header: the reason phrase, a HEAD answer's declared
- * length, and the mark of a lost answer (SPEC section 4: the upstream ran
+ * length, and the mark of a lost answer (docs/requests.md: the upstream ran
  * but its answer never arrived whole; its value says why). */
 #define RECORD_HDR_REASON ":reason"
 #define RECORD_HDR_LENGTH ":content-length"

@@ -1,5 +1,5 @@
 /* listen.h — listening TCP sockets, and the claims that keep two stores
- * off one address (SPEC section 1).
+ * off one address (docs/configuration.md).
  *
  * Processes may share a listen address (SO_REUSEPORT, for a rolling
  * restart) only when they share one store: two stores behind one address

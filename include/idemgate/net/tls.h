@@ -1,4 +1,4 @@
-/* tls.h — the process's OpenSSL contexts (SPEC section 6).
+/* tls.h — the process's OpenSSL contexts (docs/configuration.md).
  *
  * One server context when tls.cert_file/tls.key_file are set (HTTPS from
  * clients), one client context when any upstream is https:// (verified

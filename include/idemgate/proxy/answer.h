@@ -1,5 +1,5 @@
-/* answer.h — the answers idemgate writes itself: SPEC section 5 errors
- * (JSON or problem+json, Retry-After where SPEC wants it) and replays of
+/* answer.h — the answers idemgate writes itself: docs/errors.md errors
+ * (JSON or problem+json, Retry-After where docs/errors.md says) and replays of
  * stored records (byte for byte, Idempotent-Replayed: true, today's Date).
  * Appends to the client's output; borrows the exchange and the record. */
 #ifndef IDEMGATE_PROXY_ANSWER_H

@@ -54,7 +54,7 @@ struct client {
     struct buf chunked_body;
     size_t chunk_pos; /* bytes of input after the head already decoded */
     bool keep_alive;  /* the last request allows keeping the connection */
-    /* the target when normalization changed it (SPEC 3), then an absolute
+    /* the target when normalization changed it (docs/requests.md), then an absolute
      * form's authority; taken by the exchange */
     struct buf target;
     size_t target_len, auth_len;

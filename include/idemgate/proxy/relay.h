@@ -2,7 +2,7 @@
  * (rewritten: normalized target, hop-by-hop headers out, X-Forwarded-*,
  * X-Request-Id, Host), the response head and body relayed to the client
  * with backpressure, and every upstream failure classified for the engine
- * (SPEC section 4: never sent, unanswered, malformed head, cut body).
+ * (docs/requests.md: never sent, unanswered, malformed head, cut body).
  * Borrows the exchange (the relay holds one reference on it while an
  * upstream connection is in use); owns that connection until it is given
  * back to its pool (upstream_put) or closed. */

@@ -8,7 +8,7 @@ the modules:
   http        Resp, request() / post() / Client, raw sockets, response parsing,
               /metrics
   resp        RESP2: the only way tests talk to Redis
-  assertions  SPEC section 5 errors, replay comparison, bounded waits
+  assertions  docs/errors.md errors, replay comparison, bounded waits
   config      configurations (deep merge, store settings)
   storm       many clients at once, faults injected mid-storm
   attempts    clients that record how every attempt ended, retrying sessions

@@ -1,6 +1,6 @@
 """What the tests check, and the bounded waits they check it after.
 
-Owns: the SPEC section 5 error checks (ERROR_TYPES, error_code(),
+Owns: the docs/errors.md error checks (ERROR_TYPES, error_code(),
 assert_error(), assert_in_progress(), assert_lost_replay()); replay
 comparison (e2e_headers(), assert_replay_of()); wait_until() (the one
 bounded poll) and retry_while() (the one bounded retry) with
@@ -12,7 +12,7 @@ import time
 
 from .http import post
 
-# SPEC section 5: code -> type.
+# docs/errors.md: code -> type.
 ERROR_TYPES = {
     "idempotency_key_required": "invalid_request_error",
     "invalid_idempotency_key": "invalid_request_error",
@@ -34,11 +34,11 @@ DEFAULT_REPLAY_EXCLUDE = {"set-cookie", "date", "server", "ratelimit-limit",
                           "ratelimit-remaining", "ratelimit-reset"}
 
 
-# -- SPEC section 5 errors -------------------------------------------------
+# -- docs/errors.md errors -------------------------------------------------
 
 
 def error_code(body):
-    """The SPEC error code in an error body (JSON {"error": {"code"}} or
+    """The error code (docs/errors.md) in an error body (JSON {"error": {"code"}} or
     problem+json {"code"}), or None."""
     try:
         doc = json.loads(body)
@@ -53,7 +53,7 @@ def error_code(body):
 
 def assert_error(resp, status, code, problem=False):
     """Checks one idemgate-generated error: status, content type, and the
-    JSON body shape with the SPEC section 5 type for code."""
+    JSON body shape with the docs/errors.md type for code."""
     assert resp.status == status, resp
     assert not resp.replayed, resp
     ctype = (resp.header("Content-Type") or "").split(";")[0].strip().lower()

@@ -18,7 +18,7 @@ import time
 from .assertions import error_code
 from .http import BODY, header_value, post_bytes, read_response
 
-# The SPEC section 5 answers a client retries (a lost answer is final).
+# The docs/errors.md answers a client retries (a lost answer is final).
 RETRYABLE = {(409, "request_in_progress"), (503, "store_unavailable"),
              (502, "upstream_unavailable"), (504, "upstream_timeout")}
 

@@ -8,7 +8,7 @@ first details); analyze(); assert_invariant().
 
 import collections
 
-# SPEC section 5: the answers idemgate may give a covered request while
+# docs/errors.md: the answers idemgate may give a covered request while
 # things break, besides the upstream's own. (status, code).
 SPEC_ERRORS = {(409, "request_in_progress"), (503, "store_unavailable"),
                (502, "upstream_unavailable"), (502, "upstream_answer_lost"),

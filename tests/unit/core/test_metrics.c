@@ -1,7 +1,7 @@
 /* test_metrics.c — the one metrics list (core/metrics.h): the exposition
  * is valid Prometheus text (one HELP and one TYPE per family, samples of
  * that family only, histograms with cumulative le buckets, _sum, _count),
- * the family names are SPEC section 7's (and ours for the rest), the
+ * the family names are docs/metrics.md's (and ours for the rest), the
  * outcome and state label values come in their enums' order, and the
  * per-state gauges count what metrics_state_move moved. The counters are
  * process-wide, so the tests compare before and after. */
@@ -264,7 +264,7 @@ static void test_series(void **state)
     free(text);
 }
 
-/* SPEC section 7's names exactly, with their kinds; then ours. */
+/* docs/metrics.md's names exactly, with their kinds; then ours. */
 static void test_family_names_and_kinds(void **state)
 {
     (void)state;
@@ -334,7 +334,7 @@ static void test_groups(void **state)
     free(text);
 }
 
-/* SPEC section 7's outcome names, in the order of the enum. */
+/* docs/metrics.md's outcome names, in the order of the enum. */
 static void test_outcomes(void **state)
 {
     (void)state;

@@ -1,5 +1,5 @@
-/* test_target.c — request-target normalization and Host syntax (SPEC
- * sections 3 and 6): every spelling of a path maps to one target. */
+/* test_target.c — request-target normalization and Host syntax
+ * (docs/requests.md, docs/headers.md): every spelling of a path maps to one target. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
