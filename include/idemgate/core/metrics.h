@@ -80,7 +80,7 @@ enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__
     X(EXCHANGE_STATE, "state", STATES_EXCHANGE, EX__COUNT)                                         \
     X(CLIENT_STATE, "state", STATES_CLIENT, CLIENT__COUNT)                                         \
     X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)                             \
-    X(SERIES, NULL, METRICS_NO_VALUES, 0) /* samples from the series callback */
+    X(SERIES, "upstream", METRICS_NO_VALUES, 0) /* upstream, server: from the series callback */
 #define METRICS_NO_VALUES(X)
 
 /* ------------------------------------------------------------ the list */
