@@ -540,7 +540,8 @@ def idemgate_configs(c, binary):
                 # takes part, as it does in the pod.
                 env = {k: v for k, v in os.environ.items() if not k.startswith("IDEM")}
                 for e in ct.get("env") or []:
-                    if "value" in e:
+                    if isinstance(e, dict) and isinstance(e.get("name"), str) \
+                            and isinstance(e.get("value"), str):
                         env[e["name"]] = e["value"]
                 r = subprocess.run([binary, "-t", "-c", f.name], capture_output=True, text=True,
                                    env=env, timeout=30)
