@@ -84,8 +84,10 @@ expect_caught $gw 's|command: \["/bin/sleep", "5"\]|command: []|' "exec.command 
 echo "-- systemd: systemd-analyze verify and security --offline, in a temporary root"
 unit=deploy/systemd/idemgate.service
 root="$tmp/root"
-mkdir -p "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib/systemd"
+mkdir -p "$root/usr/local/bin" "$root/usr/bin" "$root/etc/systemd/system" "$root/usr/lib/systemd"
 install -m 0755 "$BIN" "$root/usr/local/bin/idemgate"
+install -m 0755 /usr/bin/kill "$root/usr/bin/kill" # ExecReload=/bin/kill (merged /usr)
+ln -s usr/bin "$root/bin"
 cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/" # the targets the unit names
 verify_unit() { # unit file: rc and any output (unknown keys are only warnings) fail
   cp "$1" "$root/etc/systemd/system/idemgate.service"
