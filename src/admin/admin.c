@@ -13,13 +13,23 @@
 #include <event2/event.h>
 #include <event2/http.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <openssl/crypto.h>
+#include <sys/queue.h>
+#include <time.h>
+#include <event2/keyvalq_struct.h>
+
 #include "idemgate/config/config.h"
+#include "idemgate/idem/fingerprint.h"
+#include "idemgate/idem/record.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/net/listen.h"
 #include "idemgate/store/store.h"
 
 struct admin {
+    const struct cfg *cfg;
     struct event_base *base;
     struct evhttp *http;
     struct store *store;
@@ -92,6 +102,238 @@ static void on_metrics(struct evhttp_request *req, void *arg)
     buf_free(&b);
 }
 
+/* ---- /keys/{key}: the admin API of one Idempotency-Key ---- */
+
+static void reply_json(struct evhttp_request *req, int code, const char *reason, struct buf *b)
+{
+    reply_text(req, code, reason, "application/json", buf_data(b), buf_size(b));
+}
+
+static void reply_error(struct evhttp_request *req, int code, const char *reason, const char *msg)
+{
+    struct buf b;
+    buf_init(&b);
+    buf_append_str(&b, "{\"error\": \"");
+    buf_append_json_str(&b, msg, strlen(msg));
+    buf_append_str(&b, "\"}\n");
+    reply_json(req, code, reason, &b);
+    buf_free(&b);
+}
+
+/* The loopback rule: without admin.token only 127.0.0.0/8 and ::1. */
+static bool peer_is_loopback(struct evhttp_request *req)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(req);
+    const struct sockaddr *sa = conn ? evhttp_connection_get_addr(conn) : NULL;
+    if (!sa) return false;
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        if (IN6_IS_ADDR_LOOPBACK(a6)) return true;
+        return IN6_IS_ADDR_V4MAPPED(a6) && a6->s6_addr[12] == 127;
+    }
+    return false;
+}
+
+/* 0 when the request may use /keys, else the status it was answered. */
+static int keys_authorize(struct admin *a, struct evhttp_request *req)
+{
+    const char *token = a->cfg->admin_token;
+    if (!token || !token[0]) {
+        if (peer_is_loopback(req)) return 0;
+        reply_error(req, 403, "Forbidden",
+                    "/keys answers loopback clients only while admin.token is not set");
+        return 403;
+    }
+    const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+    size_t tl = strlen(token);
+    if (h && strncmp(h, "Bearer ", 7) == 0 && strlen(h + 7) == tl &&
+        CRYPTO_memcmp(h + 7, token, tl) == 0)
+        return 0;
+    evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate", "Bearer");
+    reply_error(req, 401, "Unauthorized", "Authorization: Bearer <admin.token> required");
+    return 401;
+}
+
+struct keys_call {
+    struct evhttp_request *req;
+    bool forget;
+    char key[512];
+};
+
+static void hex(struct buf *b, const uint8_t *p, size_t n)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        char two[2] = {digits[p[i] >> 4], digits[p[i] & 15]};
+        buf_append(b, two, 2);
+    }
+}
+
+static void iso_time(struct buf *b, uint64_t ms)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    char out[40];
+    strftime(out, sizeof(out), "%Y-%m-%dT%H:%M:%S", &tm);
+    buf_printf(b, "\"%s.%03uZ\"", out, (unsigned)(ms % 1000));
+}
+
+/* The answer for what the store found. */
+static void keys_answer(struct keys_call *kc, const struct store_key_info *k)
+{
+    struct evhttp_request *req = kc->req;
+    if (k->found < 0) {
+        reply_error(req, 503, "Service Unavailable", "store unavailable");
+        return;
+    }
+    if (k->found == 0) {
+        reply_error(req, 404, "Not Found", "no record or lock for this key in this scope");
+        return;
+    }
+    if (kc->forget) {
+        log_msg(LOG_WARN, "admin: deleted the %s of key %.*s", k->completed ? "record" : "lock",
+                (int)k->skey_len, k->skey);
+        evhttp_send_reply(req, 204, "No Content", NULL);
+        return;
+    }
+    struct record rec;
+    bool decoded =
+        k->completed && record_decode(k->record, k->record_len, k->record_len, &rec) == 0;
+    struct buf b;
+    buf_init(&b);
+    const char *colon = memchr(k->skey, ':', k->skey_len);
+    size_t sl = colon ? (size_t)(colon - k->skey) : 0;
+    buf_append_str(&b, "{\"key\": \"");
+    buf_append_json_str(&b, colon ? colon + 1 : k->skey,
+                        colon ? k->skey_len - sl - 1 : k->skey_len);
+    buf_append_str(&b, "\", \"scope\": \"");
+    buf_append_json_str(&b, k->skey, sl < 16 ? sl : 16);
+    buf_append_str(&b, "\"");
+    const char *state = !k->completed                     ? "in_progress"
+                        : decoded && record_is_lost(&rec) ? "lost"
+                                                          : "completed";
+    buf_printf(&b, ", \"state\": \"%s\", \"created_at\": ", state);
+    uint64_t created = decoded ? rec.created_ms : k->created_ms;
+    if (created)
+        iso_time(&b, created);
+    else
+        buf_append_str(&b, "null");
+    if (k->ttl_ms >= 0)
+        buf_printf(&b, ", \"expires_in_seconds\": %lld", (long long)((k->ttl_ms + 999) / 1000));
+    else
+        buf_append_str(&b, ", \"expires_in_seconds\": null");
+    buf_append_str(&b, ", \"fingerprint\": \"");
+    hex(&b, k->fp, STORE_FP_LEN);
+    buf_append_str(&b, "\"");
+    if (decoded) {
+        buf_printf(&b, ", \"status\": %d, \"headers\": [", rec.status);
+        bool first = true;
+        for (size_t i = 0; i < rec.n_headers; i++) {
+            if (rec.headers[i].name_len && rec.headers[i].name[0] == ':') continue; /* ours */
+            buf_append_str(&b, first ? "\"" : ", \"");
+            first = false;
+            buf_append_json_str(&b, rec.headers[i].name, rec.headers[i].name_len);
+            buf_append_str(&b, "\"");
+        }
+        buf_printf(&b, "], \"body_bytes\": %llu", (unsigned long long)rec.body_len);
+    } else {
+        buf_append_str(&b, ", \"status\": null, \"headers\": [], \"body_bytes\": null");
+    }
+    buf_append_str(&b, "}\n");
+    reply_json(req, 200, "OK", &b);
+    buf_free(&b);
+}
+
+static void keys_redis_done(void *arg, const struct store_key_info *k)
+{
+    struct keys_call *kc = arg;
+    keys_answer(kc, k);
+    free(kc);
+}
+
+static bool is_hex(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return false;
+    return n > 0;
+}
+
+/* GET / DELETE /keys/{key}: the scope from Idempotency-Scope-Credential
+ * (hashed as requests' credentials are), ?scope= (the hex the access line
+ * shows: a prefix, or all 64 digits), else the anonymous scope. */
+static void on_keys(struct evhttp_request *req, void *arg)
+{
+    struct admin *a = arg;
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
+    const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
+    const char *path = u ? evhttp_uri_get_path(u) : NULL;
+    if (!path || strncmp(path, "/keys/", 6) != 0 || !path[6]) {
+        reply_error(req, 404, "Not Found", "not found");
+        return;
+    }
+    if (cmd != EVHTTP_REQ_GET && cmd != EVHTTP_REQ_DELETE) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET, DELETE");
+        reply_error(req, 405, "Method Not Allowed", "GET or DELETE");
+        return;
+    }
+    if (keys_authorize(a, req)) return;
+    size_t klen = 0;
+    char *key = evhttp_uridecode(path + 6, 0, &klen);
+    bool key_ok = key && klen >= 1 && klen <= 255;
+    for (size_t i = 0; key_ok && i < klen; i++)
+        key_ok = key[i] > 0x20 && key[i] < 0x7f;
+    if (!key_ok) {
+        free(key);
+        reply_error(req, 400, "Bad Request", "the key must be 1 to 255 visible ASCII characters");
+        return;
+    }
+    char scope[SCOPE_HEX_LEN + 1];
+    bool prefix = false;
+    const char *cred =
+        evhttp_find_header(evhttp_request_get_input_headers(req), "Idempotency-Scope-Credential");
+    struct evkeyvalq q;
+    TAILQ_INIT(&q);
+    const char *query = evhttp_uri_get_query(u);
+    const char *qs =
+        query && evhttp_parse_query_str(query, &q) == 0 ? evhttp_find_header(&q, "scope") : NULL;
+    if (cred && cred[0]) {
+        const char *secret = a->cfg->idem.scope_secret ? a->cfg->idem.scope_secret : "";
+        scope_hash(secret, strlen(secret), cred, strlen(cred), scope);
+    } else if (qs) {
+        size_t n = strlen(qs);
+        if (n > SCOPE_HEX_LEN || (!is_hex(qs, n) && strcmp(qs, SCOPE_ANONYMOUS) != 0)) {
+            evhttp_clear_headers(&q);
+            free(key);
+            reply_error(req, 400, "Bad Request",
+                        "scope must be hex digits of a scope hash (as access lines show it)");
+            return;
+        }
+        snprintf(scope, sizeof(scope), "%s", qs);
+        prefix = n < SCOPE_HEX_LEN && strcmp(qs, SCOPE_ANONYMOUS) != 0;
+    } else {
+        snprintf(scope, sizeof(scope), "%s", SCOPE_ANONYMOUS);
+    }
+    evhttp_clear_headers(&q);
+    struct keys_call *kc = calloc(1, sizeof(*kc));
+    if (!kc) abort();
+    kc->req = req;
+    kc->forget = cmd == EVHTTP_REQ_DELETE;
+    int sl = snprintf(kc->key, sizeof(kc->key), "%s:%.*s", scope, (int)klen, key);
+    free(key);
+    if (a->mem) {
+        struct store_key_info k;
+        store_memory_shared_key(a->mem, kc->key, (size_t)sl, prefix, kc->forget, &k);
+        keys_answer(kc, &k);
+        store_key_info_free(&k);
+        free(kc);
+        return;
+    }
+    store_redis_key(a->store, kc->key, (size_t)sl, prefix, kc->forget, keys_redis_done, kc);
+}
+
 static void on_stop(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -141,12 +383,13 @@ struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_mem
     if (!a) abort();
     a->stop_fd = -1;
     a->mem = mem;
+    a->cfg = cfg;
     struct event_config *ec = event_config_new();
     event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
     a->base = event_base_new_with_config(ec);
     event_config_free(ec);
     a->http = evhttp_new(a->base);
-    evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
+    evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_DELETE);
     if (!evhttp_accept_socket_with_handle(a->http, listen_fd)) {
         log_msg(LOG_ERROR, "cannot listen on admin address %s: cannot watch the socket",
                 cfg->admin_listen.text);
@@ -157,6 +400,7 @@ struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_mem
     evhttp_set_cb(a->http, "/healthz", on_healthz, a);
     evhttp_set_cb(a->http, "/readyz", on_readyz, a);
     evhttp_set_cb(a->http, "/metrics", on_metrics, a);
+    evhttp_set_gencb(a->http, on_keys, a);
     a->store = cfg->store == CFG_STORE_MEMORY
                    ? store_memory_new(a->base, mem, cfg->redis.timeout_ms)
                    : store_redis_new(a->base, cfg);

@@ -101,6 +101,7 @@ static const struct cfg_opt limits_opts[] = {
 
 static const struct cfg_opt admin_opts[] = {
     O_KIND("listen", OPT_ADMIN, struct cfg, admin_listen, "127.0.0.1:9091"),
+    O_KIND("token", OPT_OPTSTR, struct cfg, admin_token, ""),
 };
 
 static const struct cfg_opt tls_opts[] = {
@@ -145,6 +146,7 @@ const struct cfg_override cfg_env_vars[] = {
     {"IDEMGATE_REDIS_URL", "redis", "url", 0},
     {"IDEMGATE_WORKERS", "", "workers", 0},
     {"IDEMGATE_ADMIN_LISTEN", "admin", "listen", 0},
+    {"IDEMGATE_ADMIN_TOKEN", "admin", "token", 0},
     {"IDEMGATE_SCOPE_SECRET", "idempotency", "scope_secret", 0},
     {"IDEMGATE_LOG_LEVEL", "log", "level", 0},
     {"IDEMPOTENCY_TTL_SECONDS", "idempotency", "ttl_seconds", 0},

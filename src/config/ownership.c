@@ -131,6 +131,7 @@ void cfg_free(struct cfg *c)
     cfg_addr_free(&c->admin_listen);
     free(c->tls_cert_file);
     free(c->tls_key_file);
+    free(c->admin_token);
     cfg_tls_client_free(&c->upstream_tls);
     for (size_t i = 0; i < c->n_routes; i++) {
         free(c->routes[i].prefix);

@@ -118,8 +118,7 @@ static int parse_servers(const cJSON *arr, struct cfg_upstream *g, const char *p
         g->n++; /* owned (and freed) from here, valid or not */
         if (rc < 0) return -1;
         if (g->servers[g->n - 1].url.tls != g->servers[0].url.tls)
-            return cfg_fail(e, where,
-                            "mixes http:// and https:// servers: a group has one scheme");
+            return cfg_fail(e, where, "mixes http:// and https:// servers: a group has one scheme");
     }
     return 0;
 }

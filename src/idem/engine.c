@@ -24,7 +24,6 @@
 /* Poll interval of a duplicate waiting for the owner (concurrent "wait").
  * Polling through the store works across instances with no pub/sub. */
 #define IDEM_WAIT_POLL_MS 50
-#define ANON_SCOPE "anonymous"
 #define IDEM_KEY_MAX 8192 /* the largest idempotency.key_max_length config accepts */
 
 /* Legal transitions: from -> bitmask of to. */
@@ -152,7 +151,7 @@ static int idem_scope(struct idem *e, char out[SCOPE_HEX_LEN + 1])
     case CFG_ANON_SHARED:
         break;
     }
-    snprintf(out, SCOPE_HEX_LEN + 1, "%s", ANON_SCOPE);
+    snprintf(out, SCOPE_HEX_LEN + 1, "%s", SCOPE_ANONYMOUS);
     return 0;
 }
 

@@ -3,6 +3,8 @@
  * store_memory.c). */
 #include "idemgate/store/store.h"
 
+#include <stdlib.h>
+
 void store_acquire(struct store *s, const char *skey, size_t skey_len,
                    const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
                    uint32_t lock_ms, store_acquire_cb cb, void *arg)
@@ -37,4 +39,12 @@ void store_ping(struct store *s, store_done_cb cb, void *arg)
 void store_free(struct store *s)
 {
     if (s) s->ops->free(s);
+}
+
+void store_key_info_free(struct store_key_info *k)
+{
+    free(k->record);
+    free(k->skey);
+    k->record = NULL;
+    k->skey = NULL;
 }

@@ -183,6 +183,7 @@ struct cfg {
     struct cfg_limits limits;
     bool admin_enabled; /* false when admin.listen is "off" */
     struct cfg_addr admin_listen;
+    char *admin_token; /* admin.token: NULL when none (then /keys answers loopback only) */
     char *tls_cert_file;
     char *tls_key_file;
     struct cfg_tls_client upstream_tls; /* https:// upstreams */

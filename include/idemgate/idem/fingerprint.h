@@ -43,6 +43,10 @@ void fp_part(struct fp_state *st, const void *p, size_t n); /* one length-prefix
 void fp_flag(struct fp_state *st, bool present);            /* one presence byte */
 void fp_end(struct fp_state *st, uint8_t out[FP_LEN]);      /* takes st back */
 
+/* The scope of requests without a credential (idempotency.anonymous
+ * "shared"). */
+#define SCOPE_ANONYMOUS "anonymous"
+
 /* Scope of a credential: hex(HMAC-SHA256(secret, credential)) when secret
  * is non-empty, hex(SHA-256(credential)) otherwise. out gets 64 hex chars
  * and a NUL. */

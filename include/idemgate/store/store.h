@@ -28,6 +28,7 @@
 #ifndef IDEMGATE_STORE_H
 #define IDEMGATE_STORE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -99,6 +100,32 @@ void store_ping(struct store *s, store_done_cb cb, void *arg);
 /* Frees s (NULL: nothing), through its ops table. */
 void store_free(struct store *s);
 
+/* The admin API's view of one key: what it holds, found by its skey
+ * "<scope>:<key>" exactly, or (scope_prefix) by a scope that starts with
+ * the given one (the 16 hex digits an access line shows) and the same key.
+ * Strings are owned by the struct: free with store_key_info_free. */
+struct store_key_info {
+    int found;      /* 1, 0 (none), -1 (the store failed) */
+    bool completed; /* else a lock in progress */
+    uint8_t fp[STORE_FP_LEN];
+    uint64_t created_ms; /* wall clock, 0 when the store does not know */
+    int64_t ttl_ms;      /* -1 when unknown */
+    uint8_t *record;     /* completed: the encoded record */
+    size_t record_len;
+    char *skey; /* the full skey found */
+    size_t skey_len;
+};
+void store_key_info_free(struct store_key_info *k);
+/* info is borrowed until the callback returns. */
+typedef void (*store_key_cb)(void *arg, const struct store_key_info *info);
+/* Redis backend: the admin API's view of one key (see struct
+ * store_key_info), and with forget it is deleted (DEL) in the same atomic
+ * step. A scope prefix is found with SCAN MATCH over the whole database
+ * (every master of a cluster): as costly as a SCAN, within
+ * redis.timeout_ms. skey is copied. */
+void store_redis_key(struct store *s, const char *skey, size_t skey_len, bool scope_prefix,
+                     bool forget, store_key_cb cb, void *arg);
+
 /* Memory backend (src/store/memory/; its internal.h says which file does
  * what): one shared table (mutex-protected) for the whole process, one
  * struct store per worker that defers callbacks onto its own base.
@@ -133,6 +160,12 @@ struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint
 /* Frees the table and every entry in it (NULL: nothing). Free every
  * store made on it (store_free) first. */
 void store_memory_shared_free(struct store_memory_shared *sh);
+
+/* The admin API on the shared table, under its mutex, from any thread:
+ * fills out (see struct store_key_info; skey borrowed for the call) and,
+ * with forget, drops what it found. */
+void store_memory_shared_key(struct store_memory_shared *sh, const char *skey, size_t skey_len,
+                             bool scope_prefix, bool forget, struct store_key_info *out);
 
 /* A snapshot of the shared table, taken under its mutex (from any
  * thread) into the caller's out. */

@@ -306,6 +306,11 @@ void mem_dict_free(struct mem_dict *d);
 /* Removes e from the table, the FIFOs and its scope, and frees it (and
  * the scope, when that was its last entry). */
 void mem_drop(struct store_memory_shared *sh, struct mem_entry *e);
+/* The admin API's lookup (under mu): the live entry for skey exactly (one
+ * hash lookup), or with scope_prefix the first whose scope starts with
+ * skey's scope and whose key is skey's (a walk of the whole table). */
+struct mem_entry *mem_admin_find(struct store_memory_shared *sh, const char *skey, size_t len,
+                                 bool scope_prefix, uint64_t now);
 /* mem_drop, counted as expired. */
 void mem_expire(struct store_memory_shared *sh, struct mem_entry *e);
 /* Reclaims the expired entries of a few more buckets (MEM_FULL_SWEEP):

@@ -149,3 +149,29 @@ void mem_shared_tick(struct store_memory_shared *sh)
     mem_maintain_tick(sh, mem_now_ms());
     pthread_mutex_unlock(&sh->mu);
 }
+
+void store_memory_shared_key(struct store_memory_shared *sh, const char *skey, size_t skey_len,
+                             bool scope_prefix, bool forget, struct store_key_info *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->ttl_ms = -1;
+    pthread_mutex_lock(&sh->mu);
+    uint64_t now = mem_now_ms();
+    struct mem_entry *e = mem_admin_find(sh, skey, skey_len, scope_prefix, now);
+    if (e) {
+        out->found = 1;
+        out->completed = e->completed;
+        memcpy(out->fp, e->fp, STORE_FP_LEN);
+        out->ttl_ms = (int64_t)(e->expires_ms - now);
+        out->skey_len = e->key_len - sh->prefix_len - 2;
+        out->skey = mem_alloc(out->skey_len + 1);
+        memcpy(out->skey, e->data + sh->prefix_len + 1, out->skey_len);
+        if (e->completed) {
+            out->record_len = e->record_len;
+            out->record = mem_alloc(e->record_len ? e->record_len : 1);
+            memcpy(out->record, e->data + e->key_len, e->record_len);
+        }
+        if (forget) mem_drop(sh, e);
+    }
+    pthread_mutex_unlock(&sh->mu);
+}

@@ -258,6 +258,47 @@ static struct mem_entry *mem_find(struct store_memory_shared *sh, const char *ke
     return NULL;
 }
 
+/* Whether entry e's skey is skey (or, with scope_prefix, has a scope that
+ * starts with skey's scope part and the same key part). */
+static bool mem_admin_match(const struct store_memory_shared *sh, const struct mem_entry *e,
+                            const char *skey, size_t len, bool scope_prefix)
+{
+    if (e->key_len < sh->prefix_len + 2) return false;
+    const char *es = e->data + sh->prefix_len + 1;
+    size_t elen = e->key_len - sh->prefix_len - 2;
+    if (!scope_prefix) return elen == len && memcmp(es, skey, len) == 0;
+    const char *colon = memchr(skey, ':', len);
+    const char *ecolon = memchr(es, ':', elen);
+    if (!colon || !ecolon) return false;
+    size_t sl = (size_t)(colon - skey), esl = (size_t)(ecolon - es);
+    size_t kl = len - sl - 1, ekl = elen - esl - 1;
+    return esl >= sl && memcmp(es, skey, sl) == 0 && ekl == kl &&
+           memcmp(ecolon + 1, colon + 1, kl) == 0;
+}
+
+struct mem_entry *mem_admin_find(struct store_memory_shared *sh, const char *skey, size_t len,
+                                 bool scope_prefix, uint64_t now)
+{
+    if (!scope_prefix) { /* one hash lookup */
+        struct mem_skey k;
+        mem_skey_hash(sh, &k, skey, len, false);
+        size_t key_len;
+        char *key = mem_key(sh, skey, len, &key_len);
+        return mem_find(sh, key, key_len, k.h, now);
+    }
+    /* a scope prefix: every entry (the admin's rare question) */
+    for (int t = 0; t < mem_dict_tables(&sh->keys); t++) {
+        struct mem_table *tab = &sh->keys.ht[t];
+        for (size_t b = 0; b < tab->size; b++)
+            for (struct mem_node *n = tab->b[b]; n; n = n->next) {
+                struct mem_entry *e = (struct mem_entry *)n;
+                if (e->expires_ms > now && mem_admin_match(sh, e, skey, len, scope_prefix))
+                    return e;
+            }
+    }
+    return NULL;
+}
+
 /* One operation's lookup: builds its key "<prefix>{<skey>}" into the
  * table's scratch (*key, valid until the next operation), does the
  * operation's bounded share of maintenance (MEM_OP_*), and returns the

@@ -73,16 +73,26 @@ void rop_free_all(struct store_redis *s)
 }
 
 /* Fires the user callback (once) and frees the op when nothing else
- * references it. */
-static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
+ * references it. A ROP_KEY gets key (NULL: found -1). */
+static void rop_finish_with(struct rop *op, const struct store_acquire_reply *acq, int status,
+                            const struct store_key_info *key)
 {
     if (op->state == ROP_DONE) return;
     op->state = ROP_DONE;
-    if (op->kind == ROP_ACQUIRE)
+    if (op->kind == ROP_ACQUIRE) {
         op->acq_cb(op->arg, acq);
-    else
+    } else if (op->kind == ROP_KEY) {
+        struct store_key_info failed = {.found = -1, .ttl_ms = -1};
+        op->key_cb(op->arg, key ? key : &failed);
+    } else {
         op->done_cb(op->arg, status);
+    }
     rop_maybe_free(op);
+}
+
+static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
+{
+    rop_finish_with(op, acq, status, NULL);
 }
 
 /* The caller is told STORE_ACQ_ERROR / -1; an acquire that may hold the
@@ -205,9 +215,19 @@ static int rop_send_acquire(struct rop *op)
     return rop_send_script(op, RS_ACQUIRE, 3, args, lens);
 }
 
+/* SCAN <cursor> MATCH <pattern> COUNT 1000 on op->conn (argv[0]: the
+ * pattern). */
+static int rop_send_scan(struct rop *op)
+{
+    const char *argv[6] = {"SCAN", op->cursor, "MATCH", op->argv[0], "COUNT", "1000"};
+    size_t lens[6] = {4, strlen(op->cursor), 5, op->argvlen[0], 5, 4};
+    return rop_send(op, false, 6, argv, lens);
+}
+
 /* The op's own command: its script (or native acquire), or PING. */
 int rop_send_main(struct rop *op)
 {
+    if (op->kind == ROP_KEY && op->stage == ROP_SCAN) return rop_send_scan(op);
     if (op->kind == ROP_PING) {
         const char *argv[1] = {"PING"};
         size_t len[1] = {4};
@@ -363,6 +383,92 @@ static void rop_on_late_reply(struct rop *op, const struct rreply *r)
         gb_free(e);
 }
 
+/* The inspect script's answer: nil, or {value, PTTL}. */
+static void rop_on_inspect(struct rop *op, const struct rreply *r)
+{
+    struct store_key_info k = {.found = 0, .ttl_ms = -1};
+    if (r->type == RREPLY_NIL) {
+        rop_finish_with(op, NULL, 0, &k);
+        return;
+    }
+    const struct rreply *v = r->type == RREPLY_ARRAY && r->elements == 2 ? &r->element[0] : NULL;
+    if (!v || v->type != RREPLY_STRING || v->len < RS_VAL_HDR ||
+        memcmp(v->str, RS_VAL_MAGIC, 3) != 0 || r->element[1].type != RREPLY_INTEGER) {
+        rs_log_bad_reply(op->conn, r);
+        rop_fail(op);
+        return;
+    }
+    k.found = 1;
+    k.completed = v->str[3] == 'c';
+    memcpy(k.fp, v->str + 4 + STORE_TOKEN_LEN, STORE_FP_LEN);
+    for (int i = 0; i < 8; i++)
+        k.created_ms = k.created_ms << 8 | (uint8_t)v->str[RS_VAL_HDR - 8 + i];
+    k.ttl_ms = r->element[1].integer;
+    k.record = (uint8_t *)(v->str + RS_VAL_HDR); /* borrowed for the callback */
+    k.record_len = k.completed ? v->len - RS_VAL_HDR : 0;
+    /* the skey: argv[0] is "<prefix>{<skey>}" */
+    size_t plen = strlen(op->s->prefix);
+    k.skey = (char *)op->argv[0] + plen + 1;
+    k.skey_len = op->argvlen[0] - plen - 2;
+    rop_finish_with(op, NULL, 0, &k);
+}
+
+/* Replaces the op's first argument (the SCAN pattern by the key found). */
+static void rop_set_key(struct rop *op, const char *key, size_t len)
+{
+    size_t total = len + op->argvlen[1];
+    char *buf = rs_alloc(total > op->buf_cap ? total : op->buf_cap);
+    memcpy(buf, key, len);
+    memcpy(buf + len, op->argv[1], op->argvlen[1]);
+    free(op->buf);
+    op->buf = buf;
+    op->buf_cap = total > op->buf_cap ? total : op->buf_cap;
+    op->argv[0] = buf;
+    op->argvlen[0] = len;
+    op->argv[1] = buf + len;
+}
+
+/* The next connection to SCAN after c (a cluster's next node), or NULL. */
+static struct rconn *rop_next_scan_conn(struct rop *op)
+{
+    if (!op->s->topo->slots) return NULL;
+    for (struct rconn *c = op->conn->next; c; c = c->next)
+        if (rc_ensure(c)) return c;
+    return NULL;
+}
+
+/* SCAN's answer: [cursor, [keys]]: the first key found is inspected;
+ * none, the next batch, node, or not found. */
+static void rop_on_scan(struct rop *op, const struct rreply *r)
+{
+    if (r->type != RREPLY_ARRAY || r->elements != 2 || r->element[0].type != RREPLY_STRING ||
+        r->element[0].len >= sizeof(op->cursor) || r->element[1].type != RREPLY_ARRAY) {
+        rs_log_bad_reply(op->conn, r);
+        rop_fail(op);
+        return;
+    }
+    const struct rreply *keys = &r->element[1];
+    for (size_t i = 0; i < keys->elements; i++) {
+        if (keys->element[i].type != RREPLY_STRING) continue;
+        rop_set_key(op, keys->element[i].str, keys->element[i].len);
+        op->stage = ROP_MAIN;
+        if (rop_send_main(op) != 0) rop_fail(op);
+        return;
+    }
+    memcpy(op->cursor, r->element[0].str, r->element[0].len);
+    op->cursor[r->element[0].len] = '\0';
+    if (strcmp(op->cursor, "0") == 0) {
+        struct rconn *next = rop_next_scan_conn(op);
+        if (!next) {
+            struct store_key_info k = {.found = 0, .ttl_ms = -1};
+            rop_finish_with(op, NULL, 0, &k);
+            return;
+        }
+        op->conn = next;
+    }
+    if (rop_send_scan(op) != 0) rop_fail(op);
+}
+
 static void rop_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
 {
     struct rop *op = priv;
@@ -401,6 +507,11 @@ static void rop_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
         rop_on_wait(op, r);
     } else if (op->kind == ROP_ACQUIRE) {
         rop_on_acquire_main(op, r);
+    } else if (op->kind == ROP_KEY) {
+        if (op->stage == ROP_SCAN)
+            rop_on_scan(op, r);
+        else
+            rop_on_inspect(op, r);
     } else {
         int status = rop_status_of(r, op->kind);
         if (status < 0) rs_log_bad_reply(op->conn, r);
@@ -456,6 +567,17 @@ struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script sc
         s->ops = op;
     s->ops_tail = op;
     return op;
+}
+
+/* Starts op on c, chosen by the caller (a cluster's SCAN visits every
+ * node), bypassing the topology's route; NULL c fails it from the loop. */
+void rop_start_on(struct rop *op, struct rconn *c)
+{
+    struct store_redis *s = op->s;
+    op->deadline_ms = clock_now_ms() + (uint64_t)rs_timeout_ms(s);
+    if (!evtimer_pending(s->deadline_ev, NULL)) rop_arm_deadline(s);
+    op->conn = c;
+    if (!c || rop_send_main(op) != 0) rop_fail_soon(op);
 }
 
 /* Sets op's deadline (redis.timeout_ms) and sends it; the caller's

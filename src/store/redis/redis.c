@@ -10,6 +10,7 @@
  * cluster.c, sentinel.c); the overview is in redis_internal.h. */
 #include "redis_internal.h"
 
+#include "idemgate/core/buf.h"
 #include "idemgate/core/log.h"
 #include "idemgate/net/tls.h"
 
@@ -148,6 +149,58 @@ static void rs_renew(struct store *base, const char *skey, size_t skey_len,
     size_t lens[1] = {strlen(ms)};
     rs_owned((struct store_redis *)base, ROP_RENEW, RS_RENEW, skey, skey_len, token, 1, extra, lens,
              cb, arg);
+}
+
+/* A glob pattern matching text literally (SCAN MATCH). */
+static void rs_glob_escape(struct buf *out, const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == '*' || p[i] == '?' || p[i] == '[' || p[i] == ']' || p[i] == '\\')
+            buf_append(out, "\\", 1);
+        buf_append(out, &p[i], 1);
+    }
+}
+
+void store_redis_key(struct store *base, const char *skey, size_t skey_len, bool scope_prefix,
+                     bool forget, store_key_cb cb, void *arg)
+{
+    struct store_redis *s = (struct store_redis *)base;
+    struct buf first;
+    buf_init(&first);
+    const char *colon = memchr(skey, ':', skey_len);
+    if (scope_prefix && colon) {
+        /* "<prefix>{<scope>*:<key>}" with everything but the * literal */
+        size_t sl = (size_t)(colon - skey);
+        rs_glob_escape(&first, s->prefix, strlen(s->prefix));
+        buf_append(&first, "{", 1);
+        rs_glob_escape(&first, skey, sl);
+        buf_append(&first, "*:", 2);
+        rs_glob_escape(&first, colon + 1, skey_len - sl - 1);
+        buf_append(&first, "}", 1);
+    } else {
+        size_t klen;
+        char *key = rs_key(s, skey, skey_len, &klen);
+        buf_append(&first, key, klen);
+        free(key);
+    }
+    const char *args[2] = {buf_data(&first), forget ? "1" : "0"};
+    size_t lens[2] = {buf_size(&first), 1};
+    struct rop *op = rop_new(s, ROP_KEY, RS_INSPECT, 2, args, lens);
+    buf_free(&first);
+    op->key_cb = cb;
+    op->arg = arg;
+    if (scope_prefix && colon) {
+        op->stage = ROP_SCAN;
+        strcpy(op->cursor, "0");
+        if (s->topo->slots) { /* every node in turn, from the first */
+            struct rconn *c = s->conns;
+            while (c && !rc_ensure(c))
+                c = c->next;
+            rop_start_on(op, c);
+            return;
+        }
+    }
+    rop_start(op);
 }
 
 static void rs_ping(struct store *base, store_done_cb cb, void *arg)

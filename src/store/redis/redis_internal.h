@@ -102,13 +102,13 @@
 #define RS_VAL_MAGIC "IG1"   /* the value layout (see above) */
 #define RS_VAL_HDR 60        /* magic 3, state 1, token 32, fingerprint 16, created-at 8 */
 
-enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_NSCRIPTS };
+enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_INSPECT, RS_NSCRIPTS };
 
-enum rop_kind { ROP_ACQUIRE, ROP_COMPLETE, ROP_RELEASE, ROP_RENEW, ROP_PING };
+enum rop_kind { ROP_ACQUIRE, ROP_COMPLETE, ROP_RELEASE, ROP_RENEW, ROP_PING, ROP_KEY };
 
 /* An acquire that took the lock may go on: WAIT for replicas, then give
  * the lock back (UNDO) when too few acknowledged. */
-enum rop_stage { ROP_MAIN, ROP_WAIT, ROP_UNDO };
+enum rop_stage { ROP_MAIN, ROP_WAIT, ROP_UNDO, ROP_SCAN /* ROP_KEY: finding a scope prefix */ };
 
 struct store_redis;
 
@@ -208,6 +208,8 @@ struct rop {
     enum rs_script script;
     store_acquire_cb acq_cb;
     store_done_cb done_cb;
+    store_key_cb key_cb;
+    char cursor[24]; /* ROP_SCAN: SCAN's cursor on conn */
     void *arg;
     uint64_t deadline_ms; /* clock_now_ms() */
     int argc;             /* the arguments (acquire: key fp token ms lock-value) */
@@ -358,6 +360,7 @@ bool rs_parse_value(const char *v, size_t n, const uint8_t fp[STORE_FP_LEN],
 struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
                     const char **args, const size_t *lens);
 void rop_start(struct rop *op);
+void rop_start_on(struct rop *op, struct rconn *c);
 int rop_send_main(struct rop *op);
 int rop_send_undo(struct rop *op);
 void rop_fail(struct rop *op);

@@ -1,7 +1,8 @@
 /* scripts.c — the Redis store's Lua scripts (see redis_internal.h).
  *
  * Owns the layout of a key's value (rs_lock_value, rs_parse_value), the
- * text of the four scripts (acquire, complete, release, renew), their
+ * text of the scripts (acquire, complete, release, renew, and the admin
+ * API's inspect), their
  * SHA1s, and queueing SCRIPT LOAD for them on a connection: as part
  * of its handshake (the answers are checked there, in conn.c) or again
  * after a NOSCRIPT reply (checked here). Does not own connections, nor
@@ -52,6 +53,22 @@ static const char *const rs_scripts[RS_NSCRIPTS] = {
                                   "return 1\n",
     [RS_RENEW] = RS_OWNED_CHECK "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
                                 "return 1\n",
+    /* The admin API: {value (an older hash read into this layout), PTTL},
+     * or nil; ARGV[1] == '1' deletes it in the same step. */
+    [RS_INSPECT] = "local t = redis.call('TYPE', KEYS[1]).ok\n"
+                   "local v\n"
+                   "if t == 'hash' then\n"
+                   "  local h = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'r')\n"
+                   "  v = '" RS_VAL_MAGIC "' .. (h[1] or '?') .. (h[2] or string.rep('0', 32)) ..\n"
+                   "      (h[3] or string.rep('\\0', 16)) .. string.rep('\\0', 8) .. (h[4] or '')\n"
+                   "elseif t == 'string' then\n"
+                   "  v = redis.call('GET', KEYS[1])\n"
+                   "else\n"
+                   "  return false\n"
+                   "end\n"
+                   "local ttl = redis.call('PTTL', KEYS[1])\n"
+                   "if ARGV[1] == '1' then redis.call('DEL', KEYS[1]) end\n"
+                   "return {v, ttl}\n",
 };
 
 /* The value of a new lock: header, no record. */
