@@ -523,3 +523,51 @@ def test_healthcheck_silent_server_times_out():
         assert_unhealthy(res, "no answer")
     finally:
         holder.close()
+
+
+# -- -t loads the client-facing TLS certificate and key ---------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    from idemtest.certs import make_certs
+    return make_certs(str(tmp_path_factory.mktemp("cli-tls")))
+
+
+def check_tls(tmp_path, cert, key):
+    return check_bad(tmp_path, {"tls": {"cert_file": cert, "key_file": key}},
+                     None)
+
+
+def test_test_config_missing_cert(tmp_path, tls_files):
+    missing = str(tmp_path / "missing.crt")
+    assert check_tls(tmp_path, missing, tls_files.key) == \
+        "config: tls.cert_file: cannot load %s: No such file or directory" % missing
+
+
+def test_test_config_missing_key(tmp_path, tls_files):
+    missing = str(tmp_path / "missing.key")
+    assert check_tls(tmp_path, tls_files.cert, missing) == \
+        "config: tls.key_file: cannot load %s: No such file or directory" % missing
+
+
+def test_test_config_cert_not_pem(tmp_path, tls_files):
+    junk = tmp_path / "junk.crt"
+    junk.write_text("not a certificate\n")
+    line = check_tls(tmp_path, str(junk), tls_files.key)
+    assert line.startswith("config: tls.cert_file: cannot load %s: " % junk), line
+
+
+def test_test_config_mismatched_pair(tmp_path, tls_files):
+    # the CA's certificate with the server's key
+    assert check_tls(tmp_path, tls_files.ca, tls_files.key) == \
+        "config: tls.key_file: %s does not match the certificate in %s" % (
+            tls_files.key, tls_files.ca)
+
+
+def test_test_config_good_pair(tmp_path, tls_files):
+    cfg = merge(good_config(), {"tls": {"cert_file": tls_files.cert,
+                                        "key_file": tls_files.key}})
+    res = run_idemgate(["-c", write_config(tmp_path, cfg), "-t"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "configuration ok"
