@@ -117,9 +117,9 @@ static cJSON *routes_json(const struct cfg *c, bool redact)
         cJSON *idem =
             section_json(c, cfg_idem_opts, cfg_n_idem_opts, (const char *)&r->idem, redact);
         for (size_t k = 0; k < cfg_n_idem_route_opts; k++)
-            cJSON_AddItemToObject(idem, cfg_idem_route_opts[k].name,
-                                  opt_json(c, &cfg_idem_route_opts[k], (const char *)&r->idem,
-                                           redact));
+            cJSON_AddItemToObject(
+                idem, cfg_idem_route_opts[k].name,
+                opt_json(c, &cfg_idem_route_opts[k], (const char *)&r->idem, redact));
         cJSON_AddItemToObject(o, "idempotency", idem);
         cJSON_AddItemToArray(arr, o);
     }
