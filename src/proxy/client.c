@@ -195,6 +195,24 @@ static void client_guess_line(const char *p, size_t n, struct http1_slice *metho
         *target = (struct http1_slice){t, j};
 }
 
+/* The path an access line may show for a refused request's target: the
+ * normalized one, as an exchange logs it (into cl->target, unused now: the
+ * connection closes), or none when the target is refused, since an
+ * absolute-form target may carry userinfo (a credential) that must never
+ * reach a log. */
+static struct http1_slice client_log_target(struct client *cl, struct http1_slice t)
+{
+    struct http1_slice none = {NULL, 0};
+    if (t.n == 0) return none;
+    if (target_is_normal(t.p, t.n)) return t;
+    buf_reset(&cl->target);
+    char *out = buf_reserve(&cl->target, t.n + 1);
+    const char *auth;
+    size_t auth_len;
+    long n = target_normalize(t.p, t.n, out, &auth, &auth_len);
+    return n < 0 ? none : (struct http1_slice){out, (size_t)n};
+}
+
 /* Answers a request refused before any exchange existed (SPEC 5 and 6:
  * 400, 408, 413, 431, 501, 505) and gives it what every answer has
  * (SPEC 7 and 8): an X-Request-Id (the client's, else a new one), one
@@ -219,12 +237,14 @@ static void client_refuse(struct client *cl, enum err_code e)
         f.request_id_len = access_request_id(l, rid);
     }
     f.request_id = rid;
+    struct http1_slice target = {NULL, 0};
     if (parsed) {
         f.method = h->method;
-        f.target = h->target;
+        target = h->target;
     } else {
-        client_guess_line(data, size, &f.method, &f.target);
+        client_guess_line(data, size, &f.method, &target);
     }
+    f.target = client_log_target(cl, target);
     f.status = client_queue_error(cl, e, rid, f.request_id_len);
     struct buf b;
     if (access_begin(l->cfg, &f, &b)) access_end(&b, parsed ? h : NULL);
