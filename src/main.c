@@ -24,7 +24,7 @@
 
 static const char usage_text[] =
     "usage: idemgate [-c FILE] [--listen ADDR] [--upstream URL] [--store redis|memory]\n"
-    "                [--redis URL] [--workers N] [--admin ADDR] [-t] [--version] [-h]\n"
+    "                [--redis URL] [--workers N] [--admin ADDR] [-t] [-T] [--version] [-h]\n"
     "       idemgate [-c FILE] --healthcheck [ADDR]\n"
     "\n"
     "  -c, --config FILE     JSON config file (defaults + env + flags without it)\n"
@@ -36,6 +36,8 @@ static const char usage_text[] =
     "      --workers N       event-loop threads; 0 = one per CPU\n"
     "      --admin ADDR      admin listener host:port, or off\n"
     "  -t, --test-config     validate the configuration, print 'configuration ok', exit\n"
+    "  -T, --dump-config     validate, print the effective configuration (defaults < file\n"
+    "                        < environment < flags) as JSON, secrets redacted, exit\n"
     "      --version         print the version and exit\n"
     "  -h, --help            print this help and exit\n"
     "      --healthcheck [ADDR]  GET /healthz on the admin listener (ADDR host:port, else the\n"
@@ -65,6 +67,7 @@ static const struct option long_opts[] = {
     {"workers", required_argument, NULL, OPT_WORKERS},
     {"admin", required_argument, NULL, OPT_ADMIN},
     {"test-config", no_argument, NULL, 't'},
+    {"dump-config", no_argument, NULL, 'T'},
     {"version", no_argument, NULL, OPT_VERSION},
     {"help", no_argument, NULL, 'h'},
     {"healthcheck", optional_argument, NULL, OPT_HEALTHCHECK},
@@ -74,6 +77,7 @@ static const struct option long_opts[] = {
 /* What the command line asks for besides the configuration flags. */
 struct cli_mode {
     int test_only;
+    bool dump; /* -T */
     bool healthcheck;
     const char *health_addr; /* --healthcheck ADDR, or NULL */
 };
@@ -83,7 +87,7 @@ static int parse_args(int argc, char **argv, struct cfg_flags *f, struct cli_mod
 {
     int opt;
     opterr = 0;
-    while ((opt = getopt_long(argc, argv, ":c:th", long_opts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, ":c:tTh", long_opts, NULL)) != -1) {
         switch (opt) {
         case 'c':
             f->config_file = optarg;
@@ -108,6 +112,9 @@ static int parse_args(int argc, char **argv, struct cfg_flags *f, struct cli_mod
             break;
         case 't':
             m->test_only = 1;
+            break;
+        case 'T':
+            m->dump = true;
             break;
         case OPT_HEALTHCHECK:
             m->healthcheck = true;
@@ -301,6 +308,13 @@ int main(int argc, char **argv)
     if (cfg_load(&cfg, &flags, err, sizeof(err)) != 0) {
         fprintf(stderr, "%s\n", err);
         return 2;
+    }
+    if (mode.dump) {
+        char *text = cfg_dump_json(&cfg, true);
+        fputs(text, stdout);
+        free(text);
+        cfg_free(&cfg);
+        return 0;
     }
     if (mode.test_only) {
         printf("configuration ok\n");

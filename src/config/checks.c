@@ -77,6 +77,26 @@ int cfg_check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const c
     return 0;
 }
 
+/* The client-facing certificate and key, loaded as tls_init will: each
+ * file readable, then the pair matching. */
+static int cfg_check_server_tls(const struct cfg *c, struct cfg_err *e)
+{
+    char why[256];
+    const char *cert = c->tls_cert_file, *key = c->tls_key_file;
+    switch (tls_check_server_pair(cert, key, why, sizeof why)) {
+    case TLS_PAIR_OK:
+        return 0;
+    case TLS_PAIR_CERT:
+        return cfg_fail(e, "config: tls.cert_file", "cannot load %s: %s", cert, why);
+    case TLS_PAIR_KEY:
+        return cfg_fail(e, "config: tls.key_file", "cannot load %s: %s", key, why);
+    case TLS_PAIR_MISMATCH:
+        return cfg_fail(e, "config: tls.key_file", "%s does not match the certificate in %s", key,
+                        cert);
+    }
+    return 0;
+}
+
 /* Rules across keys, checked once every source has been applied. */
 int cfg_check_cross(const struct cfg *c, struct cfg_err *e)
 {
@@ -91,6 +111,8 @@ int cfg_check_cross(const struct cfg *c, struct cfg_err *e)
         return cfg_fail(e, "config: tls.key_file", "is required when tls.cert_file is set");
     if (c->tls_key_file && !c->tls_cert_file)
         return cfg_fail(e, "config: tls.cert_file", "is required when tls.key_file is set");
+    if (c->tls_cert_file && cfg_check_server_tls(c, e) < 0) return -1;
+    if (cfg_check_redacted(c, e) < 0) return -1;
     /* Read only when the store will read it: redis store, rediss://, and
      * verify (without it, tls_init never opens the file). */
     const struct cfg_tls_client *t = &r->tls_client;

@@ -27,6 +27,7 @@
  *   checks.c     the rules that tie several keys together
  *   load.c       the order: defaults < file < env < flags, then the
  *                checks; cfg_load and cfg_load_json
+ *   dump.c       the struct written back as JSON (-T), secrets redacted
  *
  * Every function that can fail returns 0, or -1 after writing the one
  * error line into its struct cfg_err (and then owns nothing new). */
@@ -242,5 +243,14 @@ int cfg_check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const c
 
 /* Rules across sections, checked once every source has been applied. */
 int cfg_check_cross(const struct cfg *c, struct cfg_err *e);
+
+/* ---------------------------------------------------------------- dump.c */
+
+/* What -T writes in place of a secret (CFG_DUMP_REDACTED). */
+#define CFG_REDACTED CFG_DUMP_REDACTED
+
+/* -1 when a secret is CFG_REDACTED: a -T text loaded without the secret
+ * put back. Called by cfg_check_cross. */
+int cfg_check_redacted(const struct cfg *c, struct cfg_err *e);
 
 #endif

@@ -1,6 +1,7 @@
 /* errors.c — the error bodies (docs/errors.md). Owns only static tables. */
 #include "idemgate/core/errors.h"
 
+#include <stdio.h>
 #include <string.h>
 
 struct err_def {
@@ -52,6 +53,18 @@ static const struct err_def err_defs[ERR__COUNT] = {
                                   "not be executed again with this Idempotency-Key."},
 };
 
+/* The messages of the errors that name a configured limit, said when the
+ * caller gives it (one %llu): key_max_length, max_request_body_bytes,
+ * max_header_bytes (100 is the parser's HTTP1_MAX_HEADERS; proxy/answer.c
+ * asserts it). */
+static const char *const err_limit_messages[ERR__COUNT] = {
+    [ERR_INVALID_KEY] = "The Idempotency-Key header must appear once and hold 1 to %llu visible "
+                        "ASCII characters.",
+    [ERR_PAYLOAD_TOO_LARGE] = "The request body exceeds the maximum of %llu bytes.",
+    [ERR_HEADERS_TOO_LARGE] = "The request head exceeds the maximum of %llu bytes or of 100 "
+                              "header fields.",
+};
+
 int err_status(enum err_code e, int mismatch_status)
 {
     if (e == ERR_KEY_REUSE && mismatch_status) return mismatch_status;
@@ -68,17 +81,27 @@ const char *err_type(enum err_code e)
     return err_defs[e].type;
 }
 
-const char *err_render(enum err_code e, int status, bool problem, struct buf *out)
+const char *err_render(enum err_code e, int status, bool problem, const uint64_t *limit,
+                       struct buf *out)
 {
     const struct err_def *d = &err_defs[e];
+    const char *message = d->message;
+    char with_limit[160];
+    if (limit && err_limit_messages[e]) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+        snprintf(with_limit, sizeof with_limit, err_limit_messages[e], (unsigned long long)*limit);
+#pragma GCC diagnostic pop
+        message = with_limit;
+    }
     if (problem) {
         buf_printf(out,
                    "{\"type\": \"https://idemgate.dev/errors/%s\", \"title\": \"%s\", "
                    "\"status\": %d, \"detail\": \"%s\", \"code\": \"%s\"}",
-                   d->code, d->title, status, d->message, d->code);
+                   d->code, d->title, status, message, d->code);
         return "application/problem+json";
     }
     buf_printf(out, "{\"error\": {\"type\": \"%s\", \"code\": \"%s\", \"message\": \"%s\"}}",
-               d->type, d->code, d->message);
+               d->type, d->code, message);
     return "application/json";
 }

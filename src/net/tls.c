@@ -11,9 +11,11 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -90,6 +92,49 @@ static SSL_CTX *tls_ctx_new(const SSL_METHOD *method)
     return ctx;
 }
 
+/* A file the loaders may open: one that opens for reading and is a
+ * regular file (a FIFO or a device named by mistake must not block, or
+ * feed, a loader). Returns 1, or 0 with why filled. */
+static int tls_file_ok(const char *path, char *why, size_t whylen)
+{
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(why, whylen, "%s", strerror(errno));
+        return 0;
+    }
+    struct stat st;
+    int ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+    close(fd);
+    if (!ok) snprintf(why, whylen, "not a regular file");
+    return ok;
+}
+
+/* Loads the certificate chain and the key into a server context and checks
+ * that they match; why says what failed (TLS_PAIR_CERT, TLS_PAIR_KEY). */
+static enum tls_pair tls_use_pair(SSL_CTX *ctx, const char *cert, const char *key, char *why,
+                                  size_t whylen)
+{
+    SSL_CTX_set_default_passwd_cb(ctx, tls_no_password);
+    if (!tls_file_ok(cert, why, whylen)) return TLS_PAIR_CERT;
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
+        tls_err_text(why, whylen);
+        return TLS_PAIR_CERT;
+    }
+    if (!tls_file_ok(key, why, whylen)) return TLS_PAIR_KEY;
+    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+        unsigned long e = ERR_peek_last_error();
+        bool mismatch =
+            ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH;
+        tls_err_text(why, whylen);
+        return mismatch ? TLS_PAIR_MISMATCH : TLS_PAIR_KEY;
+    }
+    if (SSL_CTX_check_private_key(ctx) != 1) {
+        tls_err_text(why, whylen);
+        return TLS_PAIR_MISMATCH;
+    }
+    return TLS_PAIR_OK;
+}
+
 static int tls_server_init(const struct cfg *cfg, char *err, size_t errlen)
 {
     char why[512];
@@ -99,30 +144,20 @@ static int tls_server_init(const struct cfg *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "cannot create a TLS context: %s", why);
         return -1;
     }
-    SSL_CTX_set_default_passwd_cb(ctx, tls_no_password);
-    if (SSL_CTX_use_certificate_chain_file(ctx, cfg->tls_cert_file) != 1) {
-        tls_err_text(why, sizeof(why));
-        snprintf(err, errlen, "cannot read the TLS certificate %s: %s", cfg->tls_cert_file, why);
+    const char *cert = cfg->tls_cert_file, *key = cfg->tls_key_file;
+    switch (tls_use_pair(ctx, cert, key, why, sizeof(why))) {
+    case TLS_PAIR_OK:
+        break;
+    case TLS_PAIR_CERT:
+        snprintf(err, errlen, "cannot read the TLS certificate %s: %s", cert, why);
         SSL_CTX_free(ctx);
         return -1;
-    }
-    if (SSL_CTX_use_PrivateKey_file(ctx, cfg->tls_key_file, SSL_FILETYPE_PEM) != 1) {
-        unsigned long e = ERR_peek_last_error();
-        bool mismatch =
-            ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH;
-        tls_err_text(why, sizeof(why));
-        if (mismatch)
-            snprintf(err, errlen, "the TLS key %s does not match the certificate %s",
-                     cfg->tls_key_file, cfg->tls_cert_file);
-        else
-            snprintf(err, errlen, "cannot read the TLS key %s: %s", cfg->tls_key_file, why);
+    case TLS_PAIR_KEY:
+        snprintf(err, errlen, "cannot read the TLS key %s: %s", key, why);
         SSL_CTX_free(ctx);
         return -1;
-    }
-    if (SSL_CTX_check_private_key(ctx) != 1) {
-        tls_err_text(why, sizeof(why));
-        snprintf(err, errlen, "the TLS key %s does not match the certificate %s: %s",
-                 cfg->tls_key_file, cfg->tls_cert_file, why);
+    case TLS_PAIR_MISMATCH:
+        snprintf(err, errlen, "the TLS key %s does not match the certificate %s", key, cert);
         SSL_CTX_free(ctx);
         return -1;
     }
@@ -132,6 +167,18 @@ static int tls_server_init(const struct cfg *cfg, char *err, size_t errlen)
     SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, NULL);
     tls_server_ctx = ctx;
     return 0;
+}
+
+enum tls_pair tls_check_server_pair(const char *cert, const char *key, char *why, size_t whylen)
+{
+    SSL_CTX *ctx = tls_ctx_new(TLS_server_method());
+    if (!ctx) {
+        tls_err_text(why, whylen);
+        return TLS_PAIR_CERT;
+    }
+    enum tls_pair r = tls_use_pair(ctx, cert, key, why, whylen);
+    SSL_CTX_free(ctx);
+    return r;
 }
 
 /* A server issued a session (TLS 1.3: after the handshake, read with the

@@ -25,11 +25,32 @@ void answer_connection(struct exchange *ex, struct buf *o)
     }
 }
 
-void answer_error_rest(struct buf *o, const struct cfg *cfg, enum err_code e, int status)
+/* The parser's header count, which the 431's message names (errors.c). */
+_Static_assert(HTTP1_MAX_HEADERS == 100, "core/errors.c says 100 header fields");
+
+/* The limit an error names, from the configuration it was checked against
+ * (idem: the request's policy, NULL for the global one). */
+static uint64_t answer_limit(const struct cfg *cfg, const struct cfg_idem *idem, enum err_code e)
+{
+    switch (e) {
+    case ERR_INVALID_KEY:
+        return (uint64_t)(idem ? idem : &cfg->idem)->key_max_length;
+    case ERR_PAYLOAD_TOO_LARGE:
+        return cfg->limits.max_request_body_bytes;
+    case ERR_HEADERS_TOO_LARGE:
+        return cfg->limits.max_header_bytes;
+    default:
+        return 0;
+    }
+}
+
+void answer_error_rest(struct buf *o, const struct cfg *cfg, const struct cfg_idem *idem,
+                       enum err_code e, int status)
 {
     struct buf body;
     buf_init(&body);
-    const char *ctype = err_render(e, status, cfg->error_format == CFG_ERR_PROBLEM, &body);
+    uint64_t limit = answer_limit(cfg, idem, e);
+    const char *ctype = err_render(e, status, cfg->error_format == CFG_ERR_PROBLEM, &limit, &body);
     http1_write_header(o, "Content-Type", 12, ctype, strlen(ctype));
     if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE) buf_append_str(o, "Retry-After: 1\r\n");
     http1_write_header_u64(o, "Content-Length", 14, buf_size(&body));
@@ -38,14 +59,17 @@ void answer_error_rest(struct buf *o, const struct cfg *cfg, enum err_code e, in
     buf_free(&body);
 }
 
-void client_queue_error(struct client *cl, enum err_code e)
+int client_queue_error(struct client *cl, enum err_code e, const char *request_id,
+                       size_t request_id_len)
 {
     int status = err_status(e, 409);
     const char *reason = http1_reason(status);
     struct buf *o = conn_outbuf(&cl->c);
     http1_write_status(o, status, reason, strlen(reason));
+    http1_write_header(o, "X-Request-Id", 12, request_id, request_id_len);
     buf_append_str(o, "Connection: close\r\n");
-    answer_error_rest(o, cl->loop->cfg, e, status);
+    answer_error_rest(o, cl->loop->cfg, NULL, e, status);
+    return status;
 }
 
 void answer_error(struct exchange *ex, enum err_code e, bool replayed)
@@ -59,7 +83,7 @@ void answer_error(struct exchange *ex, enum err_code e, bool replayed)
     http1_write_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
     if (replayed) buf_append_str(o, "Idempotent-Replayed: true\r\n");
     answer_connection(ex, o);
-    answer_error_rest(o, ex->loop->cfg, e, status);
+    answer_error_rest(o, ex->loop->cfg, ex->idem_cfg, e, status);
     exchange_answered(ex);
 }
 

@@ -14,10 +14,12 @@
 #include <event2/event.h>
 
 #include "idemgate/config/config.h"
+#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/http/target.h"
 #include "idemgate/net/tls.h"
+#include "idemgate/proxy/access.h"
 #include "idemgate/proxy/exchange.h"
 #include "idemgate/proxy/loop.h"
 
@@ -27,6 +29,7 @@
 #define CLIENT_FILL (256 * 1024)
 
 static void client_event(struct conn *c, short what, void *arg);
+static void client_refuse(struct client *cl, enum err_code e);
 
 /* --------------------------------------------------------------- state */
 
@@ -61,7 +64,7 @@ static void client_timeout(evutil_socket_t fd, short what, void *arg)
     /* A request started but not finished in time: 408. A client that is
      * idle, or does not read what we owe it, is just closed. */
     if (cl->state == CLIENT_IDLE && buf_size(&cl->c.in) > 0 && buf_size(&cl->c.out) == 0) {
-        client_queue_error(cl, ERR_REQUEST_TIMEOUT);
+        client_refuse(cl, ERR_REQUEST_TIMEOUT);
         conn_flush(&cl->c);
     }
     client_close(cl);
@@ -169,10 +172,88 @@ void client_request_done(struct client *cl, bool close)
     if (cl->state == CLIENT_IDLE) event_active(cl->c.ev, EV_READ, 0);
 }
 
+/* The request line of a head that did not parse, read as far as it goes,
+ * for the access line: a method and a target when they look like ones
+ * (visible bytes, bounded, each followed by its separator); else empty. */
+static void client_guess_line(const char *p, size_t n, struct http1_slice *method,
+                              struct http1_slice *target)
+{
+    while (n > 0 && (*p == '\r' || *p == '\n')) {
+        p++;
+        n--;
+    }
+    size_t i = 0;
+    while (i < n && i < 32 && p[i] > 0x20 && p[i] < 0x7f)
+        i++;
+    if (i == 0 || i >= n || p[i] != ' ') return;
+    *method = (struct http1_slice){p, i};
+    const char *t = p + i + 1;
+    size_t m = n - i - 1, j = 0;
+    while (j < m && j < 2048 && t[j] > 0x20 && t[j] < 0x7f)
+        j++;
+    if (j > 0 && j < m && (t[j] == ' ' || t[j] == '\r' || t[j] == '\n'))
+        *target = (struct http1_slice){t, j};
+}
+
+/* The path an access line may show for a refused request's target: the
+ * normalized one, as an exchange logs it (into cl->target, unused now: the
+ * connection closes), or none when the target is refused, since an
+ * absolute-form target may carry userinfo (a credential) that must never
+ * reach a log. */
+static struct http1_slice client_log_target(struct client *cl, struct http1_slice t)
+{
+    struct http1_slice none = {NULL, 0};
+    if (t.n == 0) return none;
+    if (target_is_normal(t.p, t.n)) return t;
+    buf_reset(&cl->target);
+    char *out = buf_reserve(&cl->target, t.n + 1);
+    const char *auth;
+    size_t auth_len;
+    long n = target_normalize(t.p, t.n, out, &auth, &auth_len);
+    return n < 0 ? none : (struct http1_slice){out, (size_t)n};
+}
+
+/* Answers a request refused before any exchange existed (SPEC 5 and 6:
+ * 400, 408, 413, 431, 501, 505) and gives it what every answer has
+ * (SPEC 7 and 8): an X-Request-Id (the client's, else a new one), one
+ * access line and one count, outcome "rejected". The head is parsed again
+ * when it can be (a body refused later, a target refused after the
+ * parse), else its request line is guessed at. */
+static void client_refuse(struct client *cl, enum err_code e)
+{
+    struct loop *l = cl->loop;
+    struct http1_head *h = l->scratch;
+    const char *data = buf_data(&cl->c.in);
+    size_t size = buf_size(&cl->c.in);
+    bool parsed =
+        size > 0 && http1_parse_request(data, size, l->cfg->limits.max_header_bytes, h) > 0;
+    struct access_fields f = {.outcome = OUT_REJECTED, .start_ms = cl->req_start_ms};
+    char rid[64];
+    const struct http1_header *x = parsed ? http1_find_header(h, "x-request-id", NULL) : NULL;
+    if (x && x->value.n > 0 && x->value.n < sizeof rid) {
+        memcpy(rid, x->value.p, x->value.n);
+        f.request_id_len = x->value.n;
+    } else {
+        f.request_id_len = access_request_id(l, rid);
+    }
+    f.request_id = rid;
+    struct http1_slice target = {NULL, 0};
+    if (parsed) {
+        f.method = h->method;
+        target = h->target;
+    } else {
+        client_guess_line(data, size, &f.method, &target);
+    }
+    f.target = client_log_target(cl, target);
+    f.status = client_queue_error(cl, e, rid, f.request_id_len);
+    struct buf b;
+    if (access_begin(l->cfg, &f, &b)) access_end(&b, parsed ? h : NULL);
+}
+
 /* Answers a request we could not parse or accept, then closes. */
 static void client_reject(struct client *cl, enum err_code e)
 {
-    client_queue_error(cl, e);
+    client_refuse(cl, e);
     client_set_state(cl, CLIENT_CLOSING);
     int r = conn_flush(&cl->c);
     if (r != 0) {
@@ -352,6 +433,8 @@ static void client_process(struct client *cl)
         }
         const char *base = buf_data(&cl->c.in);
         if (!cl->have_head) {
+            /* a new request: its duration runs from its first parse */
+            if (cl->scanned == 0) cl->req_start_ms = clock_now_ms();
             int r = client_read_head(cl);
             if (r < 0) return;
             if (r == 0) {

@@ -19,6 +19,7 @@
 #include "idemgate/config/config.h"
 #include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
+#include "idemgate/proxy/access.h"
 #include "idemgate/proxy/answer.h"
 #include "idemgate/proxy/client.h"
 #include "idemgate/proxy/loop.h"
@@ -46,51 +47,14 @@ void exchange_set_state(struct exchange *ex, enum ex_state to)
 
 /* --------------------------------------------------------- access line */
 
-static bool all_lower_hex(const char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f'))) return false;
-    return true;
-}
-
-/* The trace id of a valid W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>";
- * a later version may append fields after another '-'); all zeros, an
- * upper-case digit or version ff is invalid, and nothing is logged. */
-static bool ex_trace_id(const struct http1_head *h, struct http1_slice *out)
-{
-    const struct http1_header *tp = http1_find_header(h, "traceparent", NULL);
-    if (!tp || tp->value.n < 55) return false;
-    const char *p = tp->value.p;
-    if (p[2] != '-' || p[35] != '-' || p[52] != '-' || !all_lower_hex(p, 2) ||
-        !all_lower_hex(p + 3, 32) || !all_lower_hex(p + 36, 16) || !all_lower_hex(p + 53, 2))
-        return false;
-    if (memcmp(p, "ff", 2) == 0 || (memcmp(p, "00", 2) == 0 && tp->value.n != 55)) return false;
-    if (tp->value.n > 55 && p[55] != '-') return false;
-    if (strspn(p + 3, "0") >= 32) return false;
-    *out = (struct http1_slice){p + 3, 32};
-    return true;
-}
-
 /* One access line (docs/logs.md) and the outcome counted, once. */
 static void ex_access_log(struct exchange *ex)
 {
-    const struct cfg *cfg = ex->loop->cfg;
     ex->logged = true;
-    metrics_outcome((int)ex->idem.outcome);
-    if (!cfg->log_access || !log_enabled(LOG_INFO)) return;
-    struct buf *bp = log_scratch(), b = *bp;
-    log_line_begin(&b, LOG_INFO);
-    log_kv_str(&b, "msg", "access", 6);
-    log_kv_str(&b, "request_id", ex->request_id, ex->request_id_len);
-    log_kv_str(&b, "method", ex->head.method.p, ex->head.method.n);
-    const char *q = memchr(ex->head.target.p, '?', ex->head.target.n);
-    size_t plen = q ? (size_t)(q - ex->head.target.p) : ex->head.target.n;
-    log_kv_str(&b, "path", ex->head.target.p, plen);
-    log_kv_int(&b, "status", ex->status);
-    const char *outcome = metrics_outcome_name((int)ex->idem.outcome);
-    log_kv_str(&b, "outcome", outcome, strlen(outcome));
-    log_kv_int(&b, "duration_ms", (long long)(clock_now_ms() - ex->start_ms));
-    log_kv_int(&b, "upstream_ms", (long long)ex->upstream_ms);
+    struct access_fields f = {ex->request_id, ex->request_id_len, ex->head.method, ex->head.target,
+                              ex->status,     ex->idem.outcome,   ex->start_ms,    ex->upstream_ms};
+    struct buf b;
+    if (!access_begin(ex->loop->cfg, &f, &b)) return;
     if (ex->server_addr) log_kv_str(&b, "upstream_addr", ex->server_addr, strlen(ex->server_addr));
     if (ex->tries > 1) log_kv_int(&b, "upstream_tries", (long long)ex->tries);
     const char *scope, *key;
@@ -99,10 +63,7 @@ static void ex_access_log(struct exchange *ex)
         log_kv_str(&b, "scope", scope, scope_len);
         log_kv_str(&b, "key", key, key_len);
     }
-    struct http1_slice trace;
-    if (ex_trace_id(&ex->head, &trace)) log_kv_str(&b, "trace_id", trace.p, trace.n);
-    log_line_end(&b);
-    *bp = b;
+    access_end(&b, &ex->head);
 }
 
 /* ------------------------------------------------------------ lifetime */
@@ -278,29 +239,6 @@ static const struct idem_host_ops ex_host_ops = {
 
 /* ------------------------------------------------------------- start */
 
-static char *put_hex(char *p, uint64_t v, int digits)
-{
-    static const char hex[] = "0123456789abcdef";
-    for (int i = digits - 1; i >= 0; i--) {
-        p[i] = hex[v & 15];
-        v >>= 4;
-    }
-    return p + digits;
-}
-
-/* "<boot:8>-<worker:4>-<counter:12>" in hex: unique per process start,
- * worker and request, built without printf on every request. */
-static size_t format_request_id(char out[64], uint32_t boot, unsigned worker, uint64_t n)
-{
-    char *p = put_hex(out, boot, 8);
-    *p++ = '-';
-    p = put_hex(p, worker, 4);
-    *p++ = '-';
-    p = put_hex(p, n, 12);
-    *p = '\0';
-    return (size_t)(p - out);
-}
-
 /* A cached exchange (its timers kept, bound to it and the loop's base),
  * or a new one; zeroed but for the big request head, which is written
  * next. */
@@ -381,8 +319,7 @@ static void ex_take_request(struct exchange *ex, struct client *cl)
         ex->request_id_len = rid->value.n;
         ex->request_id_from_client = true;
     } else {
-        ex->request_id_len =
-            format_request_id(ex->request_id, l->boot_id, (unsigned)l->id, ++l->rid_counter);
+        ex->request_id_len = access_request_id(l, ex->request_id);
     }
 }
 

@@ -17,7 +17,8 @@ from idemtest.procs import (REPO, free_port, have_ipv6_loopback, idemgate_bin,
                             port_open, run_idemgate, wait_port)
 
 ALL_FLAGS = ["-c", "--config", "--listen", "--upstream", "--store", "--redis",
-             "--workers", "--admin", "-t", "--test-config", "--version",
+             "--workers", "--admin", "-t", "--test-config", "-T",
+             "--dump-config", "--version",
              "-h", "--help", "--healthcheck"]
 
 
@@ -523,3 +524,148 @@ def test_healthcheck_silent_server_times_out():
         assert_unhealthy(res, "no answer")
     finally:
         holder.close()
+
+
+# -- -t loads the client-facing TLS certificate and key ---------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    from idemtest.certs import make_certs
+    return make_certs(str(tmp_path_factory.mktemp("cli-tls")))
+
+
+def check_tls(tmp_path, cert, key):
+    return check_bad(tmp_path, {"tls": {"cert_file": cert, "key_file": key}},
+                     None)
+
+
+def test_test_config_missing_cert(tmp_path, tls_files):
+    missing = str(tmp_path / "missing.crt")
+    assert check_tls(tmp_path, missing, tls_files.key) == \
+        "config: tls.cert_file: cannot load %s: No such file or directory" % missing
+
+
+def test_test_config_missing_key(tmp_path, tls_files):
+    missing = str(tmp_path / "missing.key")
+    assert check_tls(tmp_path, tls_files.cert, missing) == \
+        "config: tls.key_file: cannot load %s: No such file or directory" % missing
+
+
+def test_test_config_cert_not_pem(tmp_path, tls_files):
+    junk = tmp_path / "junk.crt"
+    junk.write_text("not a certificate\n")
+    line = check_tls(tmp_path, str(junk), tls_files.key)
+    assert line.startswith("config: tls.cert_file: cannot load %s: " % junk), line
+
+
+def test_test_config_mismatched_pair(tmp_path, tls_files):
+    # the CA's certificate with the server's key
+    assert check_tls(tmp_path, tls_files.ca, tls_files.key) == \
+        "config: tls.key_file: %s does not match the certificate in %s" % (
+            tls_files.key, tls_files.ca)
+
+
+def test_test_config_good_pair(tmp_path, tls_files):
+    cfg = merge(good_config(), {"tls": {"cert_file": tls_files.cert,
+                                        "key_file": tls_files.key}})
+    res = run_idemgate(["-c", write_config(tmp_path, cfg), "-t"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "configuration ok"
+
+
+# -- -T prints the effective configuration ------------------------------------
+
+
+def dump(args, env=None):
+    res = run_idemgate(list(args) + ["-T"], env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "", res.stderr
+    return res.stdout, json.loads(res.stdout)
+
+
+def test_dump_defaults_round_trip(tmp_path):
+    text, cfg = dump([])
+    assert cfg["listen"] == "0.0.0.0:8080"
+    assert cfg["store"] == "redis"
+    assert cfg["redis"]["url"] == "redis://127.0.0.1:6379/0"
+    assert cfg["redis"]["tls"]["verify"] is True
+    assert cfg["idempotency"]["key_max_length"] == 255
+    assert cfg["idempotency"]["methods"] == ["POST", "PATCH"]
+    assert cfg["limits"]["max_request_body_bytes"] == 10485760
+    assert cfg["admin"]["listen"] == "127.0.0.1:9091"
+    assert cfg["routes"] == []
+    assert isinstance(cfg["workers"], int) and cfg["workers"] >= 1  # resolved
+    # no secrets: the text loads as it is, and dumps the same again
+    path = write_config(tmp_path, text, "dumped.json")
+    res = run_idemgate(["-c", path, "-t"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "configuration ok"
+    assert dump(["-c", path])[0] == text
+
+
+def test_dump_merges_file_env_flags(tmp_path):
+    a, b, c = free_port(), free_port(), free_port()
+    path = write_config(tmp_path, {
+        "listen": "127.0.0.1:%d" % a, "upstream": "http://127.0.0.1:9001",
+        "store": "memory", "workers": 1,
+        "idempotency": {"ttl_seconds": 60, "lock_seconds": 10},
+        "admin": {"listen": "off"},
+        "routes": [{"prefix": "/v1", "idempotency": {"ttl_seconds": 5}},
+                   {"prefix": "/v2"}]})
+    env = {"IDEMGATE_LISTEN": "127.0.0.1:%d" % b,
+           "IDEMGATE_UPSTREAM": "http://127.0.0.1:9002",
+           "IDEMPOTENCY_TTL_SECONDS": "120", "IDEMGATE_LOG_LEVEL": "warn"}
+    text, cfg = dump(["-c", path, "--listen", "127.0.0.1:%d" % c,
+                      "--workers", "2"], env=env)
+    assert cfg["listen"] == "127.0.0.1:%d" % c          # flag > env > file
+    assert cfg["upstream"] == "http://127.0.0.1:9002"    # env > file
+    assert cfg["workers"] == 2                           # flag > file
+    assert cfg["store"] == "memory"                      # file > default
+    assert cfg["admin"]["listen"] == "off"
+    assert cfg["log"]["level"] == "warn"                 # env > default
+    assert cfg["idempotency"]["ttl_seconds"] == 120      # env > file
+    assert cfg["idempotency"]["lock_seconds"] == 10      # file
+    routes = {r["prefix"]: r for r in cfg["routes"]}
+    # routes resolved: the global values after env, their own overrides
+    assert routes["/v1"]["idempotency"]["ttl_seconds"] == 5
+    assert routes["/v2"]["idempotency"]["ttl_seconds"] == 120
+    assert routes["/v2"]["idempotency"]["lock_seconds"] == 10
+    assert routes["/v2"]["upstream"] == "http://127.0.0.1:9002"
+    assert routes["/v1"]["idempotency"]["enabled"] is True
+    # the merged text alone (no env, no flags) is the same configuration
+    again = write_config(tmp_path, text, "merged.json")
+    assert dump(["-c", again])[0] == text
+
+
+def test_dump_redacts_secrets(tmp_path):
+    path = write_config(tmp_path, merge(good_config(), {
+        "store": "redis", "idempotency": {"scope_secret": "file-hmac-key"}}))
+    res = run_idemgate(["-c", path, "--redis",
+                        "redis://app:hunter2@127.0.0.1:6390/1", "-T"],
+                       env={"IDEMGATE_SCOPE_SECRET": "env-hmac-key"})
+    assert res.returncode == 0, res.stderr
+    for secret in ("hunter2", "file-hmac-key", "env-hmac-key"):
+        assert secret not in res.stdout
+    cfg = json.loads(res.stdout)
+    assert cfg["redis"]["url"] == "redis://app:<redacted>@127.0.0.1:6390/1"
+    assert cfg["idempotency"]["scope_secret"] == "<redacted>"
+    # loaded as printed it is refused (a wrong secret would split scopes)
+    dumped = write_config(tmp_path, res.stdout, "redacted.json")
+    res2 = run_idemgate(["-c", dumped, "-t"])
+    assert_config_error(res2, "redis.url")
+    assert "redacted" in res2.stderr
+    # with the secrets put back it loads
+    restored = json.loads(res.stdout)
+    restored["redis"]["url"] = "redis://app:hunter2@127.0.0.1:6390/1"
+    restored["idempotency"]["scope_secret"] = "env-hmac-key"
+    res3 = run_idemgate(["-c", write_config(tmp_path, restored, "r.json"), "-t"])
+    assert res3.returncode == 0, res3.stderr
+
+
+def test_dump_of_a_bad_config_is_the_config_error(tmp_path):
+    path = write_config(tmp_path, merge(good_config(),
+                                        {"idempotency": {"lock_seconds": 0}}))
+    res = run_idemgate(["-c", path, "-T"])
+    assert_config_error(res, "idempotency.lock_seconds")
+    assert res.stdout == ""

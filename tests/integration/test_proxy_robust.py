@@ -143,3 +143,101 @@ def test_request_timeout_answer_follows_error_format(idemgate, upstream):
     body = json.loads(rs[0].body)
     assert body["status"] == 408 and "code" in body
     assert upstream.stats()["total"] == 0
+
+
+# -- every refusal is visible: an access line, a count, its request id --------
+
+REJECTED = 'idemgate_requests_total{outcome="rejected"}'
+
+
+def refusing_gate(idemgate, upstream, **limits):
+    admin = free_port()
+    lim = {"max_request_body_bytes": 100, "max_header_bytes": 2048}
+    lim.update(limits)
+    g = idemgate({"upstream": upstream.url, "store": "memory",
+                  "admin": {"listen": "127.0.0.1:%d" % admin}, "limits": lim})
+    return g, admin
+
+
+def refused(g, admin, data, status, method, path, timeout=10):
+    """Sends data, expects one answer with status and the connection closed;
+    returns its access line, checked, once the rejected count moved."""
+    before = metrics(admin).get(REJECTED, 0)
+    n = len(g.access_lines())
+    rs = parse_responses(raw(g.port, data, timeout=timeout))
+    assert rs and rs[0].status == status, rs
+    rid = rs[0].header("X-Request-Id")
+    assert rid, rs[0]
+    assert wait_until(lambda: len(g.access_lines()) == n + 1)
+    ln = g.access_lines()[-1]
+    assert ln["status"] == status and ln["outcome"] == "rejected", ln
+    assert ln["request_id"] == rid, (ln, rid)
+    assert ln["method"] == method and ln["path"] == path, ln
+    for field in ("ts", "duration_ms", "upstream_ms"):
+        assert field in ln, ln
+    assert wait_until(lambda: metrics(admin).get(REJECTED, 0) == before + 1)
+    return ln, rs[0]
+
+
+def test_payload_too_large_is_logged_counted_and_names_its_limit(idemgate, upstream):
+    g, admin = refusing_gate(idemgate, upstream)
+    # the path logged is the normalized one, as for an exchange
+    _, r = refused(g, admin, b"POST /big//./x?y=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n"
+                   b"X-Request-Id: client-rid-7\r\n\r\n", 413, "POST", "/big/x")
+    assert r.header("X-Request-Id") == "client-rid-7"
+    err = json.loads(r.body)["error"]
+    assert err["code"] == "payload_too_large"
+    assert err["message"] == "The request body exceeds the maximum of 100 bytes."
+    # a chunked body found too large while it is read: the same
+    chunk = b"40\r\n" + b"x" * 64 + b"\r\n"
+    refused(g, admin, b"POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunk * 2 + b"0\r\n\r\n", 413, "POST", "/chunked")
+    assert upstream.stats()["total"] == 0
+
+
+def test_headers_too_large_is_logged_and_counted(idemgate, upstream):
+    g, admin = refusing_gate(idemgate, upstream)
+    _, r = refused(g, admin, b"GET /h HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * 4000
+                   + b"\r\n\r\n", 431, "GET", "/h")
+    assert json.loads(r.body)["error"]["message"] == \
+        "The request head exceeds the maximum of 2048 bytes or of 100 header fields."
+
+
+def test_bad_requests_are_logged_and_counted(idemgate, upstream):
+    g, admin = refusing_gate(idemgate, upstream)
+    # not HTTP at all: no method or path to log
+    refused(g, admin, b"GARBAGE\r\n\r\n", 400, "", "")
+    # a refused target is not logged (it may carry userinfo)
+    refused(g, admin, b"GET /a/../../etc HTTP/1.1\r\nHost: a\r\n\r\n", 400, "GET", "")
+    refused(g, admin, b"GET http://u:pw-secret@h/x HTTP/1.1\r\nHost: a\r\n\r\n", 400, "GET",
+            "")
+    assert "pw-secret" not in g.stderr()
+    # a bad Host
+    refused(g, admin, b"GET /h HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "GET", "/h")
+    # a version we do not speak
+    refused(g, admin, b"GET /v HTTP/2.0\r\nHost: a\r\n\r\n", 505, "GET", "/v")
+    assert upstream.stats()["total"] == 0
+
+
+def test_request_timeout_is_logged_and_counted(idemgate, upstream):
+    g, admin = refusing_gate(idemgate, upstream, client_timeout_ms=300)
+    ln, _ = refused(g, admin, b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+                    408, "POST", "/slow")
+    assert ln["duration_ms"] >= 250, ln
+
+
+def test_invalid_key_names_its_limit(idemgate, upstream):
+    g = idemgate({"upstream": upstream.url, "store": "memory",
+                  "routes": [{"prefix": "/short", "idempotency": {"key_max_length": 8}}]})
+    r = post(g.port, "/count", "k" * 256)
+    assert r.status == 400
+    assert json.loads(r.body)["error"] == {
+        "type": "invalid_request_error", "code": "invalid_idempotency_key",
+        "message": "The Idempotency-Key header must appear once and hold 1 to 255 "
+                   "visible ASCII characters."}
+    # the route's own limit
+    r = post(g.port, "/short/x", "k" * 9)
+    assert r.status == 400
+    assert "hold 1 to 8 visible" in json.loads(r.body)["error"]["message"]
+    assert wait_until(lambda: len(g.access_lines()) == 2)
+    assert all(ln["outcome"] == "rejected" and ln["status"] == 400 for ln in g.access_lines())

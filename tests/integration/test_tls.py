@@ -188,7 +188,9 @@ def test_untrusted_client_gets_no_answer_and_gate_survives(idemgate, upstream,
     assert https_request(g.port, "GET", "/echo", ca=certs["ca"]).status == 200
 
 
-def test_bad_key_file_exits_1(tmp_path, certs):
+def test_bad_key_file_is_a_config_error(tmp_path, certs):
+    """A start loads the pair as -t does (test_cli.py): exit 2, one line
+    naming tls.key_file."""
     bad = tmp_path / "bad.key"
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n"
                    "-----END PRIVATE KEY-----\n")
@@ -197,19 +199,22 @@ def test_bad_key_file_exits_1(tmp_path, certs):
             "store": "memory",
             "tls": {"cert_file": certs["cert"], "key_file": key}}, wait=False)
         code = exit_code(g, timeout=10)
-        assert code == 1, g.stderr()
-        assert "cannot read the TLS key" in g.stderr(), g.stderr()
-        assert key in g.stderr()
+        assert code == 2, g.stderr()
+        lines = g.stderr().strip().splitlines()
+        assert len(lines) == 1, g.stderr()
+        assert lines[0].startswith("config: tls.key_file: cannot load %s: " % key), lines
 
 
-def test_key_not_matching_cert_exits_1(tmp_path, certs):
+def test_key_not_matching_cert_is_a_config_error(tmp_path, certs):
     g = Idemgate(str(tmp_path), {
         "store": "memory",
         "tls": {"cert_file": certs["ca"], "key_file": certs["key"]}},
         wait=False)
     code = exit_code(g, timeout=10)
-    assert code == 1, g.stderr()
-    assert "does not match" in g.stderr(), g.stderr()
+    assert code == 2, g.stderr()
+    assert g.stderr().strip() == (
+        "config: tls.key_file: %s does not match the certificate in %s"
+        % (certs["key"], certs["ca"])), g.stderr()
 
 
 def test_unreadable_upstream_ca_exits_1(tmp_path, certs):

@@ -230,6 +230,20 @@ int cfg_load(struct cfg *c, const struct cfg_flags *flags, char *err, size_t err
 int cfg_load_json(struct cfg *c, const char *json, size_t len, bool use_env,
                   const struct cfg_flags *flags, char *err, size_t errlen);
 
+/* What cfg_dump_json writes in place of a secret. A text holding it where
+ * a secret goes does not load ("config: idempotency.scope_secret: holds
+ * the redacted value of -T; put the secret back"). */
+#define CFG_DUMP_REDACTED "<redacted>"
+
+/* The effective configuration (-T) as JSON in the file's shape, two-space
+ * indented, ending with a newline: every key of every section (defaults
+ * included), workers resolved to its count, each route resolved (its
+ * upstream and every idempotency key). With redact, the password of
+ * redis.url and every non-empty scope_secret are CFG_DUMP_REDACTED. The
+ * text loads again with cfg_load (once secrets are put back) into an
+ * equal struct. c is borrowed; the caller frees the text with free(). */
+char *cfg_dump_json(const struct cfg *c, bool redact);
+
 /* Frees everything c owns, which is what cfg_load allocated, and zeroes
  * c; not c itself (the caller's). Every pointer borrowed from c (a route,
  * a string) is dangling afterwards. Tolerates NULL and a zeroed struct. */

@@ -8,6 +8,7 @@
 #define IDEMGATE_ERRORS_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "idemgate/core/buf.h"
 
@@ -34,7 +35,14 @@ enum err_code {
 int err_status(enum err_code e, int mismatch_status);
 const char *err_code_name(enum err_code e);
 const char *err_type(enum err_code e);
-/* Appends the body to out and returns its Content-Type. */
-const char *err_render(enum err_code e, int status, bool problem, struct buf *out);
+/* Appends the body to out and returns its Content-Type. The errors whose
+ * message names a configured limit say it when limit is given:
+ * invalid_idempotency_key (idempotency.key_max_length, characters),
+ * payload_too_large (limits.max_request_body_bytes, bytes) and the 431
+ * (limits.max_header_bytes, bytes): "The request body exceeds the maximum
+ * of 10485760 bytes."; without it (NULL), and for every other error, the
+ * generic message. limit is borrowed for the call. */
+const char *err_render(enum err_code e, int status, bool problem, const uint64_t *limit,
+                       struct buf *out);
 
 #endif

@@ -73,4 +73,17 @@ struct ssl_st *tls_redis_new(const struct cfg *cfg, const char *host);
  * throwaway context: any thread, no state. path is borrowed. */
 int tls_check_ca_file(const char *path, char *why, size_t whylen);
 
+/* What tls_check_server_pair found wrong, if anything. */
+enum tls_pair { TLS_PAIR_OK, TLS_PAIR_CERT, TLS_PAIR_KEY, TLS_PAIR_MISMATCH };
+
+/* Whether the server context would load: cert a readable regular file
+ * holding a PEM chain, key a readable regular file holding its unencrypted
+ * PEM key, the two a pair (the loaders tls_init uses). TLS_PAIR_CERT and
+ * TLS_PAIR_KEY write why ("No such file or directory", "Permission
+ * denied", "not a regular file", OpenSSL's reason); TLS_PAIR_MISMATCH
+ * writes OpenSSL's reason. The config calls it for -t and at load, so a
+ * bad tls block is a configuration error (exit 2). Builds a throwaway
+ * context: any thread, no state. cert and key are borrowed. */
+enum tls_pair tls_check_server_pair(const char *cert, const char *key, char *why, size_t whylen);
+
 #endif

@@ -13,6 +13,7 @@
 struct exchange;
 struct record;
 struct cfg;
+struct cfg_idem;
 
 /* Our error e as the exchange's answer (replayed: a lost answer replayed
  * to a retry); nothing when the client is gone. */
@@ -24,7 +25,10 @@ void answer_replay(struct exchange *ex, const struct record *r);
  * ex->client_close is set); keep-alive spelled out for HTTP/1.0. */
 void answer_connection(struct exchange *ex, struct buf *o);
 /* The rest of an error after its status line and Connection header:
- * Content-Type, Retry-After, Content-Length, body. */
-void answer_error_rest(struct buf *o, const struct cfg *cfg, enum err_code e, int status);
+ * Content-Type, Retry-After, Content-Length, body; an error that names a
+ * limit says it (idem: the request's idempotency policy, for
+ * key_max_length; NULL: the global one). */
+void answer_error_rest(struct buf *o, const struct cfg *cfg, const struct cfg_idem *idem,
+                       enum err_code e, int status);
 
 #endif

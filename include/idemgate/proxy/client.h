@@ -59,6 +59,7 @@ struct client {
     struct buf target;
     size_t target_len, auth_len;
     bool target_changed;
+    uint64_t req_start_ms; /* when this request's head began to be read (access line) */
 };
 
 /* Accepted socket -> new client on loop (takes ownership of fd). */
@@ -77,8 +78,11 @@ void client_request_done(struct client *cl, bool close);
 int client_flush(struct client *cl);
 /* Over the output high-water mark: the upstream waits. */
 bool client_backlogged(const struct client *cl);
-/* An error answer to a client without an exchange (malformed request,
- * timeout), after which the connection closes. */
-void client_queue_error(struct client *cl, enum err_code e);
+/* Queues an error answer to a client without an exchange (malformed
+ * request, timeout), with its X-Request-Id (borrowed for the call) and
+ * Connection: close; returns its status. Defined in answer.c. The caller
+ * (client.c) writes its access line. */
+int client_queue_error(struct client *cl, enum err_code e, const char *request_id,
+                       size_t request_id_len);
 
 #endif

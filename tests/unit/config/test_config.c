@@ -1463,11 +1463,18 @@ static void test_tls_pair(void **state)
                  "config: tls.key_file: is required when tls.cert_file is set");
     expect_error("{\"tls\": {\"key_file\": \"/k.pem\", \"cert_file\": \"\"}}",
                  "config: tls.cert_file: is required when tls.key_file is set");
-    struct cfg c;
-    load_ok(&c, "{\"tls\": {\"cert_file\": \"/c.pem\", \"key_file\": \"/k.pem\"}}");
-    assert_string_equal(c.tls_cert_file, "/c.pem");
-    assert_string_equal(c.tls_key_file, "/k.pem");
-    cfg_free(&c);
+    /* both files are loaded (exit 2 at -t); the good pair and a mismatch
+     * are in tests/unit/net/test_tls.c and tests/integration/test_tls.py */
+    expect_error("{\"tls\": {\"cert_file\": \"/nonexistent/c.pem\", \"key_file\": \"/k.pem\"}}",
+                 "config: tls.cert_file: cannot load /nonexistent/c.pem: No such file or "
+                 "directory");
+    char cert[64], json[512];
+    write_file(cert, sizeof cert, CA_PEM);
+    snprintf(json, sizeof json,
+             "{\"tls\": {\"cert_file\": \"%s\", \"key_file\": \"/nonexistent/k.pem\"}}", cert);
+    expect_error(json, "config: tls.key_file: cannot load /nonexistent/k.pem: No such file or "
+                       "directory");
+    unlink(cert);
 }
 
 static void test_upstream_tls(void **state)
@@ -1939,6 +1946,87 @@ static void test_numbers_as_exponents(void **state)
     cfg_free(&c);
 }
 
+/* ---------------------------------------------------------------- -T */
+
+/* load -> dump -> load gives an equal struct; the dump of the dump is the
+ * same text. */
+static void round_trip(const char *json)
+{
+    struct cfg a, b;
+    load_ok(&a, json);
+    char *text = cfg_dump_json(&a, false);
+    if (load(&b, text) != 0) fail_msg("dump does not load: %s\n%s", err, text);
+    assert_cfg_eq(&a, &b);
+    char *again = cfg_dump_json(&b, false);
+    assert_string_equal(text, again);
+    assert_int_equal(text[strlen(text) - 1], '\n');
+    free(again);
+    free(text);
+    cfg_free(&a);
+    cfg_free(&b);
+}
+
+static void test_dump_round_trip(void **state)
+{
+    (void)state;
+    round_trip("{}");
+    round_trip("{\"store\": \"memory\", \"workers\": 3, \"admin\": {\"listen\": \"off\"}, "
+               "\"error_format\": \"problem\", \"memory\": {\"max_bytes\": 68719476736}, "
+               "\"limits\": {\"max_request_body_bytes\": 4294967296}, "
+               "\"log\": {\"level\": \"warn\", \"access\": false}}");
+    round_trip("{\"redis\": {\"mode\": \"sentinel\", \"nodes\": [\"[::1]:26379\", \"s2:26379\"], "
+               "\"master_name\": \"m\", \"url\": \"rediss://u:p%40ss@h:6380/3\", "
+               "\"tls\": {\"verify\": false, \"server_name\": \"r.internal\"}}, "
+               "\"upstream_tls\": {\"ca_file\": \"/ca.pem\"}}");
+    round_trip("{\"redis\": {\"url\": \"unix:///run/redis.sock\"}}");
+    round_trip("{\"upstream\": \"https://api:8443\", \"idempotency\": {\"scope_secret\": \"s\", "
+               "\"methods\": [], \"mismatch_status\": 422}, \"routes\": ["
+               "{\"prefix\": \"/a\", \"upstream\": \"http://10.0.0.1:81\"}, "
+               "{\"prefix\": \"/a/longer\", \"idempotency\": {\"enabled\": false, "
+               "\"ttl_seconds\": 5, \"scope_secret\": \"t\", \"required\": true, "
+               "\"methods\": [\"PUT\"]}}]}");
+}
+
+static void test_dump_redacts(void **state)
+{
+    (void)state;
+    struct cfg c;
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://app:hunter2@h:1/0\"}, \"idempotency\": "
+                "{\"scope_secret\": \"hmac-k\"}, \"routes\": [{\"prefix\": \"/r\", "
+                "\"idempotency\": {\"scope_secret\": \"route-k\"}}]}");
+    char *text = cfg_dump_json(&c, true);
+    assert_null(strstr(text, "hunter2"));
+    assert_null(strstr(text, "hmac-k"));
+    assert_null(strstr(text, "route-k"));
+    assert_non_null(strstr(text, "\"redis://app:<redacted>@h:1/0\""));
+    assert_non_null(strstr(text, "\"scope_secret\": \"<redacted>\""));
+    /* refused until the secrets are put back, naming the first */
+    struct cfg d;
+    assert_int_equal(load(&d, text), -1);
+    assert_string_equal(err, "config: redis.url: holds the redacted value of -T; put the secret "
+                             "back");
+    free(text);
+    cfg_free(&c);
+    /* a password of the default user; nothing to redact: unchanged */
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://:pw@h\"}}");
+    text = cfg_dump_json(&c, true);
+    assert_non_null(strstr(text, "\"redis://:<redacted>@h\""));
+    free(text);
+    cfg_free(&c);
+    load_ok(&c, "{\"redis\": {\"url\": \"redis://h\"}}");
+    text = cfg_dump_json(&c, true);
+    assert_null(strstr(text, "<redacted>"));
+    free(text);
+    cfg_free(&c);
+    expect_error("{\"idempotency\": {\"scope_secret\": \"<redacted>\"}}",
+                 "config: idempotency.scope_secret: holds the redacted value of -T; put the "
+                 "secret back");
+    expect_error("{\"routes\": [{\"prefix\": \"/x\", \"idempotency\": {\"scope_secret\": "
+                 "\"<redacted>\"}}]}",
+                 "config: routes[/x].idempotency.scope_secret: holds the redacted value of -T; "
+                 "put the secret back");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2006,6 +2094,8 @@ int main(void)
         cmocka_unit_test(test_redis_sentinel),
         cmocka_unit_test(test_key_prefix),
         cmocka_unit_test(test_tls_pair),
+        cmocka_unit_test(test_dump_round_trip),
+        cmocka_unit_test(test_dump_redacts),
         cmocka_unit_test(test_upstream_tls),
         cmocka_unit_test(test_routes_shape_errors),
         cmocka_unit_test(test_routes_duplicate_prefix),

@@ -274,6 +274,27 @@ static void test_init_fails_on_bad_ca(void **state)
     cfg_free(&c);
 }
 
+static void test_check_server_pair(void **state)
+{
+    (void)state;
+    char why[256], missing[160];
+    snprintf(missing, sizeof missing, "%s/none.pem", dir);
+    assert_int_equal(tls_check_server_pair(cert_path, key_path, why, sizeof why), TLS_PAIR_OK);
+    assert_int_equal(tls_check_server_pair(missing, key_path, why, sizeof why), TLS_PAIR_CERT);
+    assert_string_equal(why, "No such file or directory");
+    assert_int_equal(tls_check_server_pair(dir, key_path, why, sizeof why), TLS_PAIR_CERT);
+    assert_string_equal(why, "not a regular file");
+    assert_int_equal(tls_check_server_pair(junk_path, key_path, why, sizeof why), TLS_PAIR_CERT);
+    assert_int_equal(tls_check_server_pair(cert_path, missing, why, sizeof why), TLS_PAIR_KEY);
+    assert_string_equal(why, "No such file or directory");
+    assert_int_equal(tls_check_server_pair(cert_path, "/dev/zero", why, sizeof why), TLS_PAIR_KEY);
+    assert_string_equal(why, "not a regular file");
+    assert_int_equal(tls_check_server_pair(cert_path, junk_path, why, sizeof why), TLS_PAIR_KEY);
+    /* the CA's certificate with the server's key */
+    assert_int_equal(tls_check_server_pair(ca_path, key_path, why, sizeof why), TLS_PAIR_MISMATCH);
+    assert_int_equal(ERR_peek_error(), 0); /* the queue is left empty */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -283,6 +304,7 @@ int main(void)
         cmocka_unit_test(test_no_context_without_rediss),
         cmocka_unit_test(test_check_ca_file),
         cmocka_unit_test(test_init_fails_on_bad_ca),
+        cmocka_unit_test(test_check_server_pair),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
