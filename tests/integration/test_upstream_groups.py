@@ -30,7 +30,7 @@ import pytest
 from idemtest.assertions import assert_error, wait_until
 from idemtest.certs import make_certs
 from idemtest.http import hdrs, metrics, request
-from idemtest.procs import free_port, run_idemgate, wait_port
+from idemtest.procs import free_port, have_ipv6_loopback, run_idemgate, wait_port
 
 # -- backends -------------------------------------------------------------------
 
@@ -70,7 +70,7 @@ class Hub:
 class Backend:
     """One HTTP/1.1 server on 127.0.0.1:port (a free one unless given),
     keep-alive, a thread per connection. mode "ok": answers 200 (after
-    delay seconds) with a JSON body naming the server and the request
+    delay seconds, or ?sleep=MS of the target) with a JSON body naming the server and the request
     body's length and sha256; mode "drop": reads the whole request, then
     closes the connection without a byte. tls: a certs.Certs to serve
     HTTPS with. .bodies: (length, sha256 hex) of each request's body."""
@@ -159,8 +159,12 @@ class Backend:
                     if self.mode == "drop":
                         c.shutdown(socket.SHUT_RDWR)
                         return
-                    if self.delay:
-                        time.sleep(self.delay)
+                    delay = self.delay
+                    mo = re.search(r"[?&]sleep=(\d+)", target)
+                    if mo:
+                        delay = int(mo.group(1)) / 1000.0
+                    if delay:
+                        time.sleep(delay)
                     body = json.dumps({"server": self.name, "n": n,
                                        "len": digest[0], "sha256": digest[1]}).encode()
                     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -414,6 +418,40 @@ def test_least_conn_slow_server_gets_fewer(idemgate, hub):
     assert n_slow >= 1, lc
 
 
+def test_least_conn_counts_nothing_left_in_flight(idemgate, hub):
+    """Requests that end abnormally (the client gone mid-wait, 504, a
+    server that closes unanswered) leave nothing counted in flight: once
+    they are over, sequential requests alternate again (ties in turn)."""
+    a, b = hub.start("a"), hub.start("b")
+    c = hub.start("c", mode="drop")
+    g, admin = start(idemgate, group([a.url, b.url], balance="least_conn", max_fails=0),
+                     limits={"upstream_timeout_ms": 300},
+                     routes=[{"prefix": "/drop", "upstream": group(
+                         [c.url, a.url], balance="least_conn", max_fails=0)}])
+    # clients that leave while the server works
+    for i in range(4):
+        s = socket.create_connection(("127.0.0.1", g.port))
+        s.sendall(b"GET /gone/%d?sleep=700 HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+        time.sleep(0.1)
+        s.close()
+    # the upstream too slow: 504
+    for i in range(2):
+        assert_error(get(g, "/late/%d?sleep=700" % i), 504, "upstream_timeout")
+    # written, then closed unanswered: 502 (on the route's group, in turn
+    # with a server that answers)
+    got = [get(g, "/drop/%d" % i).status for i in range(4)]
+    assert sorted(got) == [200, 200, 502, 502], got
+    assert len(hub.seen("c")) == 2, hub.log
+    time.sleep(1.0)  # every sleep above is over
+    before = len(hub.log)
+    for i in range(8):
+        assert get(g, "/after/%d" % i).status == 200
+    seq = hub.names("/after/")
+    assert len(hub.log) == before + 8
+    assert all(seq[i] != seq[i + 1] for i in range(7)), (seq, hub.log)
+    assert seq.count("a") == seq.count("b") == 4, seq
+
+
 # -- a closed port: retried on another server ------------------------------------
 
 
@@ -607,6 +645,88 @@ def test_down_for_fail_timeout_then_back(idemgate, hub):
         assert get(g, "/d/s%d" % j).status == 200
     assert len(hub.seen("revived")) >= 2, hub.log
     assert revived.port == dead
+
+
+def test_max_fails_count_within_fail_timeout_only(idemgate, hub):
+    """max_fails 2, fail_timeout_ms 400: two failures further apart than
+    the window leave the server up; two within it take it down."""
+    dead = closed_port()
+    dead_addr = "127.0.0.1:%d" % dead
+    live = hub.start("live")
+    # weight 100: the dead server is picked first every time it is up
+    g, admin = start(idemgate, group([{"url": url(dead), "weight": 100}, live.url],
+                                     max_fails=2, fail_timeout_ms=400))
+    assert get(g, "/w/1").status == 200
+    time.sleep(0.6)
+    t0 = time.monotonic()
+    assert get(g, "/w/2").status == 200
+    m = metrics_when(admin, lambda m: failures(m, dead_addr) >= 2)
+    assert failures(m, dead_addr) == 2 and up(m, dead_addr) == 1, m
+    assert not msgs(g, r"is down for"), g.stderr()
+    request_id = rid("w3")
+    assert get(g, "/w/3", request_id).status == 200
+    fast = time.monotonic() - t0 < 0.35
+    ln = access(g, request_id)
+    assert ln["upstream_tries"] == 2, ln
+    if not fast:
+        pytest.skip("the machine took over 350 ms for two requests: the window is unsure")
+    assert wait_until(lambda: msgs(g, r"^upstream default: server %s is down for 400 ms "
+                                      r"after 2 failures$" % re.escape(dead_addr)), 3), \
+        g.stderr()
+    m = metrics_when(admin, lambda m: up(m, dead_addr) == 0)
+    assert up(m, dead_addr) == 0 and failures(m, dead_addr) == 3, m
+
+
+def test_ipv6_server_named_in_brackets(idemgate, hub):
+    if not have_ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    s6 = socket.socket(socket.AF_INET6)
+    s6.bind(("::1", 0))
+    p6 = s6.getsockname()[1]
+    s6.close()  # closed: refused
+    live = hub.start("live")
+    g, admin = start(idemgate, group(["http://[::1]:%d" % p6, live.url]))
+    request_id = rid("v6")
+    r = get(g, "/v6", request_id)
+    assert r.status == 200 and r.header("X-Server") == "live", r
+    assert access(g, request_id)["upstream_tries"] == 2
+    assert msgs(g, r"^request %s: upstream default: server \[::1\]:%d failed before"
+                % (re.escape(request_id), p6)), g.stderr()
+    m = metrics_when(admin, lambda m: failures(m, "[::1]:%d" % p6) >= 1)
+    assert failures(m, "[::1]:%d" % p6) == 1 and up(m, "[::1]:%d" % p6) == 0, m
+
+
+@pytest.mark.parametrize("ending", ["timeout", "client_gone"])
+def test_a_trial_that_ends_badly_does_not_block_later_trials(idemgate, hub, ending):
+    """The one request that tries a down server may end badly (504, or its
+    client leaves while the server works): later, another request tries
+    the server again and a success brings it back."""
+    port = closed_port()
+    addr = "127.0.0.1:%d" % port
+    live = hub.start("live")
+    g, admin = start(idemgate, group([{"url": url(port), "weight": 100}, live.url],
+                                     max_fails=1, fail_timeout_ms=300),
+                     limits={"upstream_timeout_ms": 400})
+    assert get(g, "/t/0").header("X-Server") == "live"
+    assert msgs(g, r"server %s is down for" % re.escape(addr)), g.stderr()
+    hub.start("back", port=port)
+    time.sleep(0.45)
+    # the trial (weight 100: the first request once the down time is over)
+    if ending == "timeout":
+        assert_error(get(g, "/t/trial?sleep=900"), 504, "upstream_timeout")
+    else:
+        s = socket.create_connection(("127.0.0.1", g.port))
+        s.sendall(b"GET /t/trial?sleep=900 HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert wait_until(lambda: hub.seen("back"), 3), hub.log
+        s.close()
+    assert wait_until(lambda: hub.seen("back"), 3), hub.log
+    time.sleep(1.2)  # the trial's server is done; any new down time is over
+    got = [get(g, "/t/after%d" % i).header("X-Server") for i in range(4)]
+    assert "back" in got, (got, g.stderr())
+    assert wait_until(lambda: msgs(g, r"server %s is up again" % re.escape(addr)), 3), \
+        g.stderr()
+    m = metrics_when(admin, lambda m: up(m, addr) == 1)
+    assert up(m, addr) == 1, m
 
 
 # -- all down -------------------------------------------------------------------------
