@@ -1053,6 +1053,17 @@ def assert_config_error(res, message):
     ("http://127.0.0.1:9/base",
      "config: upstream: must be an http:// or https:// URL without a path (got /base): "
      "the client's path is forwarded as it is"),
+    ({"servers": ["http://127.0.0.1:9/base"]},
+     "config: upstream.servers[0]: must be an http:// or https:// URL without a path "
+     "(got /base)"),
+    ({"servers": [{"url": "http://127.0.0.1:9", "weight": "2"}]},
+     "config: upstream.servers[0].weight: must be an integer 1..100"),
+    ({"servers": [5]}, "config: upstream.servers[0]: must be a URL or an object"),
+    ({"servers": [{"weight": 2}]}, "config: upstream.servers[0].url: is required"),
+    ({"servers": [{"url": "http://127.0.0.1:9", "bogus": 1}]},
+     "config: upstream.servers[0].bogus: unknown key"),
+    ({"servers": "http://127.0.0.1:9"}, "config: upstream.servers: must be a list"),
+    ({}, "config: upstream.servers: is required"),
 ])
 def test_config_errors(tmp_path, upstream, message):
     assert_config_error(check_config(tmp_path, upstream), message)
@@ -1071,6 +1082,14 @@ def test_config_errors(tmp_path, upstream, message):
 ])
 def test_config_range_errors(tmp_path, upstream, key):
     assert_config_error(check_config(tmp_path, upstream), "config: " + key)
+
+
+def test_env_upstream_with_a_path_is_refused():
+    res = run_idemgate(["-t", "--store", "memory"],
+                       env={"IDEMGATE_UPSTREAM": "http://127.0.0.1:9/v2"})
+    assert res.returncode == 2, res.stderr
+    assert ("IDEMGATE_UPSTREAM: must be an http:// or https:// URL without a path (got /v2)"
+            in res.stderr), res.stderr
 
 
 def test_route_group_config_errors_name_the_route(tmp_path):
