@@ -60,7 +60,7 @@ static bool is_secret(const struct cfg_opt *o)
 static cJSON *upstream_json(const struct cfg_upstream *u)
 {
     if (u->n == 1 && u->servers[0].weight == 1 && u->balance == CFG_BALANCE_ROUND_ROBIN &&
-        u->max_fails == 1 && u->fail_timeout_ms == 10000 && u->retries == 0)
+        u->max_fails == 1 && u->fail_timeout_ms == 10000 && !u->retries_set)
         return str_or_empty(u->servers[0].url.text);
     cJSON *g = cJSON_CreateObject();
     cJSON *servers = cJSON_CreateArray();
@@ -76,7 +76,7 @@ static cJSON *upstream_json(const struct cfg_upstream *u)
         cJSON_CreateString(u->balance == CFG_BALANCE_LEAST_CONN ? "least_conn" : "round_robin"));
     cJSON_AddItemToObject(g, "max_fails", cJSON_CreateNumber(u->max_fails));
     cJSON_AddItemToObject(g, "fail_timeout_ms", cJSON_CreateNumber(u->fail_timeout_ms));
-    cJSON_AddItemToObject(g, "retries", cJSON_CreateNumber(u->retries));
+    if (u->retries_set) cJSON_AddItemToObject(g, "retries", cJSON_CreateNumber(u->retries));
     return g;
 }
 

@@ -156,6 +156,7 @@ static int parse_group(const cJSON *obj, struct cfg_upstream *g, const char *whe
         } else if (strcmp(it->string, "retries") == 0) {
             rc = group_int(it, 0, INT32_MAX, &g->retries, kw, e);
             have_retries = true;
+            g->retries_set = true;
         } else {
             rc = cfg_fail(e, kw, "unknown key");
         }

@@ -196,7 +196,7 @@ void relay_forward(struct exchange *ex)
  * the group's retries. True when it went there. */
 static bool ex_retry(struct exchange *ex, const char *why)
 {
-    if (ex->tries > (unsigned)ex->group->cfg->retries || ex->tries >= ex->group->n) return false;
+    if (ex->tries > (unsigned)ex->group->retries || ex->tries >= ex->group->n) return false;
     log_msg(LOG_WARN,
             "request %.*s: upstream %s: server %s failed before the request was sent (%s); "
             "trying another",

@@ -300,7 +300,11 @@ static void reg_add_server(struct upstream_reg *r, const struct cfg_server *srv,
         bool dup = false;
         for (size_t i = 0; i < r->n && !dup; i++)
             dup = strcmp(r->peers[i].name, tmp.name) == 0;
-        if (dup) continue;
+        if (dup) {
+            log_msg(LOG_WARN, "upstream %s: server %s is %s again: one server (the first's weight)",
+                    group, srv->url.text, tmp.name);
+            continue;
+        }
         tmp.srv = srv;
         r->peers = realloc(r->peers, (r->n + 1) * sizeof(*r->peers));
         if (!r->peers) abort();
@@ -327,7 +331,11 @@ static void upstream_series(struct buf *out, enum metrics_id id, const char *nam
                               ? atomic_load_explicit(&p->down, memory_order_relaxed) == 0
                               : atomic_load_explicit(&p->failures, memory_order_relaxed);
             buf_printf(out, "%s{upstream=\"", name);
-            buf_append_str(out, regs[g].name); /* a route prefix: no quote, no backslash */
+            /* a route prefix may hold a quote or a backslash: escaped */
+            for (const char *c = regs[g].name; *c; c++) {
+                if (*c == '"' || *c == '\\') buf_append(out, "\\", 1);
+                buf_append(out, c, 1);
+            }
             buf_printf(out, "\",server=\"%s\"} %lld\n", p->name, v);
         }
 }
@@ -381,6 +389,8 @@ void upstream_group_init(struct upstream_group *g, struct loop *l, size_t i)
     g->name = r->name;
     g->cfg = r->cfg;
     g->n = r->n;
+    /* retries default to every other server: addresses, not URLs */
+    g->retries = r->cfg->retries_set ? r->cfg->retries : (int)(r->n ? r->n - 1 : 0);
     g->servers = calloc(r->n ? r->n : 1, sizeof(*g->servers));
     if (!g->servers) abort();
     for (size_t k = 0; k < r->n; k++) {

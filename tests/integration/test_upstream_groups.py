@@ -993,9 +993,6 @@ _EXPOSITION = re.compile(
     r' [-+0-9.eE]+(Inf)?$')
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: upstream_series (src/proxy/upstream.c) "
-                   "writes a route prefix into the upstream label unescaped, and "
-                   "is_route_prefix (src/config/routes.c) accepts a quote and a backslash")
 def test_route_prefix_with_quote_and_backslash_keeps_metrics_valid(idemgate, hub, tmp_path):
     """A prefix with `"` or `\\` (the configuration accepts them) is a label
     value: escaped in the exposition, or refused by the configuration."""

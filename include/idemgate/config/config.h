@@ -51,6 +51,7 @@ struct cfg_upstream {
     int max_fails;       /* 0..100; 0: never down */
     int fail_timeout_ms; /* 100..3600000 */
     int retries;         /* 0..n-1 */
+    bool retries_set;    /* given; else every other server (each address of a name counts) */
 };
 
 /* A parsed "host:port" or "[v6]:port" address; owns host and text

@@ -101,6 +101,7 @@ struct upstream_group {
     struct upstream_server *servers;
     size_t n;
     unsigned rr; /* least_conn ties */
+    int retries; /* the group's retries, or every other server's address */
 };
 
 enum upstream_result {
