@@ -17,7 +17,13 @@ build: deps
 # with the memory store, three curl commands to paste. UPSTREAM=http://host:port
 # puts idemgate in front of a real API instead; STORE=redis uses (or starts) a
 # local redis-server; ARGS adds idemgate flags.
-run: build
+# It builds the idemgate binary only (not the tests), its output shown only
+# when the build fails.
+run: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_ARGS) >/dev/null
+	@echo "make run: building $(BUILD)/idemgate"
+	@log=$$(mktemp) && if cmake --build $(BUILD) -j $(JOBS) --target idemgate >"$$log" 2>&1; \
+	  then rm -f "$$log"; else cat "$$log"; rm -f "$$log"; exit 1; fi
 	@UPSTREAM="$(UPSTREAM)" STORE="$(STORE)" bash scripts/run-demo.sh $(BUILD)/idemgate $(ARGS)
 
 test: build

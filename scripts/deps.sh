@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages idemgate needs to build, run and test.
+# Installs the Debian 12 packages idemgate needs to build, run and test
+# (clang-format too, for make fmt and make fmt-check).
 # Skips what is already installed; needs root (or sudo) only when something is missing.
 set -euo pipefail
 PKGS=(build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev libcjson-dev
-      libxxhash-dev libcmocka-dev redis-server python3 python3-pytest curl)
+      libxxhash-dev libcmocka-dev redis-server python3 python3-pytest curl clang-format)
 if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy); fi
 missing=()
 for p in "${PKGS[@]}"; do

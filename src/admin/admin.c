@@ -81,7 +81,6 @@ static void publish_memory_store(struct store_memory_shared *mem)
     metrics_set(M_MEMORY_STORE_MAX_BYTES, 0, (long long)st.max_bytes);
     metrics_set(M_MEMORY_STORE_ENTRIES, METRICS_ENTRY_IN_PROGRESS, (long long)st.locks);
     metrics_set(M_MEMORY_STORE_ENTRIES, METRICS_ENTRY_COMPLETED, (long long)st.completed);
-    metrics_set(M_MEMORY_STORE_EVICTIONS, 0, (long long)st.evictions);
     metrics_set(M_MEMORY_STORE_REFUSED, 0, (long long)st.refused);
     metrics_set(M_MEMORY_STORE_MAX_SCOPE_BYTES, 0, (long long)st.max_scope_bytes);
     metrics_set(M_MEMORY_STORE_SCOPES, 0, (long long)st.scopes);

@@ -126,11 +126,9 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
     X(M_MEMORY_STORE_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_bytes", NONE,              \
       "Bytes charged to the memory store.")                                                        \
     X(M_MEMORY_STORE_MAX_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_max_bytes", NONE,      \
-      "memory.max_bytes (0: no limit).")                                                           \
+      "memory.max_bytes: the memory store's bound (1 MiB to 64 GiB).")                             \
     X(M_MEMORY_STORE_ENTRIES, GAUGE, MEMORY_STORE, "idemgate_memory_store_entries", ENTRY_STATE,   \
       "Keys held, by state.")                                                                      \
-    X(M_MEMORY_STORE_EVICTIONS, COUNTER, MEMORY_STORE, "idemgate_memory_store_evictions_total",    \
-      NONE, "Completed records evicted for room.")                                                 \
     X(M_MEMORY_STORE_REFUSED, COUNTER, MEMORY_STORE, "idemgate_memory_store_refused_total", NONE,  \
       "Operations refused: only locks left.")                                                      \
     X(M_MEMORY_STORE_MAX_SCOPE_BYTES, GAUGE, MEMORY_STORE,                                         \

@@ -286,7 +286,6 @@ static void test_family_names_and_kinds(void **state)
         {"idemgate_memory_store_bytes", "gauge"},
         {"idemgate_memory_store_max_bytes", "gauge"},
         {"idemgate_memory_store_entries", "gauge"},
-        {"idemgate_memory_store_evictions_total", "counter"},
         {"idemgate_memory_store_refused_total", "counter"},
         {"idemgate_memory_store_max_scope_bytes", "gauge"},
         {"idemgate_memory_store_scopes", "gauge"},
