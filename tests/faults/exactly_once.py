@@ -3,7 +3,15 @@
 
 Starts a private redis-server, the execution-logging upstream (execup.py,
 one port per instance) and --instances idemgate instances on that one
-Redis. --clients client threads work through fresh keys for --duration
+Redis. With --upstreams N (N >= 2) the upstream is N execup.py processes
+(servers), each with one port per instance, all appending to the one
+execution log, and each instance's `upstream` is a group of its port on
+every server (round_robin, max_fails 1, fail_timeout_ms 500, retries
+N-1: a server down is tried again every half second, so while a killed one
+is away its trials are refused and go to another server); one line before
+the summary counts those safe retries (the instances' "trying another"
+log lines):
+  upstream_group: safe_retries=.. --clients client threads work through fresh keys for --duration
 seconds the way real clients do: each key is POSTed until a 2xx, retried
 with full-jitter exponential backoff (50 ms to 1 s) after a timeout (4 s),
 a disconnect, a cut body, 409 request_in_progress, 503, 502
@@ -18,6 +26,11 @@ of about 40 s (--faults all, none, or a comma list of):
   idemgate_kill   one instance SIGKILLed, started again on its port 1 s later
   upstream_cut    30% of answers cut short of their Content-Length for 3 s
   redis_restart   Redis killed and started again empty
+  upstream_kill   one upstream server (execup.py process) SIGKILLed, started
+                  again on its ports 2 s later; only with --upstreams 2 or
+                  more (`all` leaves it out otherwise). A request none of
+                  whose bytes reached it goes to another server; one sent
+                  to it is never sent again (its key released: 502)
   sentinel_failover
                   SENTINEL FAILOVER m (a forced failover, no wait_replicas);
                   only with --topology sentinel
@@ -67,6 +80,12 @@ Definitions (idemtest.invariant.analyze computes them):
                 after lock_seconds, then the key is free (docs/requests.md).
                 A key is excluded when it sent an attempt to the killed
                 instance before the kill and was still active at the kill.
+              - upstream_kill: a request the killed server executed (logged)
+                but never answered is released by unknown_outcome "release"
+                (the client gets a 502), and the client's retry executes it
+                again, legally. A key is excluded when the killed server
+                logged an execution of it before the kill and the key was
+                still active at the kill.
               - sentinel_failover: a forced failover without
                 wait_replicas may forget a lock (docs/configuration.md says so): the old
                 primary keeps taking writes from the moment its replica is
@@ -127,13 +146,20 @@ from idemtest.procs import (ExecUpstream, Idemgate, RedisServer, RedisServers,  
 from idemtest.resp import try_call  # noqa: E402
 
 FAULTS = ["redis_pause", "upstream_slow", "idemgate_kill", "upstream_cut", "redis_restart",
-          "sentinel_failover"]
+          "sentinel_failover", "upstream_kill"]
 # Where in a cycle each fault starts (fraction of the cycle).
 OFFSETS = {"redis_pause": 0.05, "upstream_slow": 0.20, "idemgate_kill": 0.42,
-           "upstream_cut": 0.60, "redis_restart": 0.78, "sentinel_failover": 0.30}
+           "upstream_cut": 0.60, "redis_restart": 0.78, "sentinel_failover": 0.30,
+           "upstream_kill": 0.50}
 # Faults that need one Redis (standalone) / the sentinel topology.
 STANDALONE_ONLY = {"redis_pause", "redis_restart"}
 SENTINEL_ONLY = {"sentinel_failover"}
+# Faults that need an upstream group (--upstreams 2 or more).
+GROUP_ONLY = {"upstream_kill"}
+UPSTREAM_KILL_DOWN_S = 2.0
+# A group's fail_timeout_ms: well below UPSTREAM_KILL_DOWN_S, so that a
+# killed server is tried (and refuses) while it is away.
+UPSTREAM_FAIL_TIMEOUT_MS = 500
 CYCLE_S = 40.0
 
 
@@ -146,6 +172,9 @@ def parse_args(argv):
     ap.add_argument("--faults", default="all", help="all, none, or a comma list of " +
                     ",".join(FAULTS))
     ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--upstreams", type=int, default=1,
+                    help="upstream servers (execup.py processes); 2 or more: each instance's "
+                    "upstream is a group of them (default 1: one URL)")
     ap.add_argument("--topology", choices=["standalone", "sentinel"], default="standalone",
                     help="one Redis (default), or a primary, a replica and 3 sentinels")
     ap.add_argument("--lock-seconds", type=int, default=30,
@@ -160,7 +189,11 @@ def parse_args(argv):
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    unfit = STANDALONE_ONLY if args.topology == "sentinel" else SENTINEL_ONLY
+    if args.upstreams < 1:
+        ap.error("--upstreams must be >= 1")
+    unfit = set(STANDALONE_ONLY if args.topology == "sentinel" else SENTINEL_ONLY)
+    if args.upstreams < 2:
+        unfit |= GROUP_ONLY
     if args.faults == "all":
         args.fault_list = [f for f in FAULTS if f not in unfit]
     elif args.faults == "none":
@@ -172,13 +205,50 @@ def parse_args(argv):
             ap.error("unknown fault(s): %s" % ",".join(bad))
         bad = [f for f in args.fault_list if f in unfit]
         if bad:
-            ap.error("fault(s) %s do not fit --topology %s" % (",".join(bad), args.topology))
+            ap.error("fault(s) %s do not fit --topology %s --upstreams %d"
+                     % (",".join(bad), args.topology, args.upstreams))
     return args
 
 
 def log(msg):
     sys.stderr.write("[%s] %s\n" % (time.strftime("%H:%M:%S"), msg))
     sys.stderr.flush()
+
+
+class UpstreamServers:
+    """n execup.py processes (servers), each listening on one port per
+    instance, all appending to the one execution log (O_APPEND, one write
+    per line: the lines of the processes never mix)."""
+
+    def __init__(self, log_path, instances, n):
+        self.servers = []
+        try:
+            for _ in range(n):
+                self.servers.append(ExecUpstream(log_path, instances))
+        except BaseException:
+            self.stop()
+            raise
+
+    def upstreams(self):
+        """Each instance's `upstream`: one URL, or a group of its port on
+        every server."""
+        if len(self.servers) == 1:
+            return list(self.servers[0].urls)
+        return [{"servers": [s.urls[i] for s in self.servers], "balance": "round_robin",
+                 "max_fails": 1, "fail_timeout_ms": UPSTREAM_FAIL_TIMEOUT_MS,
+                 "retries": len(self.servers) - 1}
+                for i in range(len(self.servers[0].urls))]
+
+    def set_mode(self, **kw):
+        for s in self.servers:
+            s.set_mode(**kw)
+
+    def execs(self):
+        return self.servers[0].execs()
+
+    def stop(self):
+        for s in self.servers:
+            s.stop()
 
 
 class Rig:
@@ -202,14 +272,15 @@ class Rig:
         else:
             self.redis = RedisServer()
             redis_cfg = {"url": self.redis.url, "timeout_ms": 1000}
-        self.up = ExecUpstream(os.path.join(self.workdir, "exec.log"), args.instances)
+        self.up = UpstreamServers(os.path.join(self.workdir, "exec.log"), args.instances,
+                                  args.upstreams)
         self.cfgs = [{
             "listen": "127.0.0.1:%d" % free_port(), "workers": 1,
-            "admin": {"listen": "off"}, "upstream": url, "store": "redis",
+            "admin": {"listen": "off"}, "upstream": up, "store": "redis",
             "redis": dict(redis_cfg),
             "idempotency": {"lock_seconds": args.lock_seconds},
             "limits": {"upstream_timeout_ms": 15000},
-        } for url in self.up.urls]
+        } for up in self.up.upstreams()]
         for i in range(args.instances):
             self.gates.append(self.start_gate(i))
         self.ports = [g.port for g in self.gates]
@@ -293,7 +364,9 @@ class Injector:
         ev.update(extra)
         self.events.append(ev)
         log("fault %s at %.1fs for %.1fs%s" % (fault, t0 - self.t_start, ev["t1"] - t0,
-                                               " (port %d)" % port if port else ""))
+                                               " (port %d)" % port if port else
+                                               " (ports %s)" % ",".join(map(str, ev["ports"]))
+                                               if ev.get("ports") else ""))
 
     def redis_pause(self, cycle):
         t0 = time.time()
@@ -325,6 +398,16 @@ class Injector:
         time.sleep(1)
         self.rig.gates[i] = self.rig.start_gate(i)
         self.record("idemgate_kill", t0, self.rig.ports[i])
+
+    def upstream_kill(self, cycle):
+        """One upstream server SIGKILLed, started again on its ports
+        UPSTREAM_KILL_DOWN_S later (the same log)."""
+        srv = self.rig.up.servers[cycle % len(self.rig.up.servers)]
+        t0 = time.time()
+        srv.kill()
+        self.stop.wait(UPSTREAM_KILL_DOWN_S)
+        srv.start()
+        self.record("upstream_kill", t0, ports=list(srv.ports))
 
     def redis_restart(self, cycle):
         t0 = time.time()
@@ -423,8 +506,11 @@ def client_loop(i, rig, keys, policy, args, rec, t_end, stop):
         client.close()
 
 
-def exclusions(attempts, events):
+def exclusions(attempts, events, execs=()):
     """{key: reason} for keys a fault lets execute again (module docstring)."""
+    killed = {}  # key: [(port, t)] of its executions, for upstream_kill
+    for e in execs:
+        killed.setdefault(e["key"], []).append((e["port"], e["t"]))
     win = {}
     ports = {}
     for a in attempts:
@@ -443,6 +529,9 @@ def exclusions(attempts, events):
             elif ev["fault"] == "idemgate_kill" and lo <= ev["t0"] <= hi and any(
                     p == ev["port"] and t0 <= ev["t0"] for p, t0 in ports[key]):
                 out[key] = "idemgate_kill"
+            elif ev["fault"] == "upstream_kill" and lo <= ev["t0"] <= hi and any(
+                    p in ev["ports"] and t <= ev["t0"] for p, t in killed.get(key, ())):
+                out[key] = "upstream_kill"
     return out
 
 
@@ -508,6 +597,17 @@ def final_health(rig, rec):
     return bad
 
 
+def safe_retries(workdir):
+    """Requests the instances sent to another server of their group after
+    a failure before any byte was written (their log lines)."""
+    n = 0
+    for name in os.listdir(workdir):
+        if name.startswith("idemgate-") and name.endswith(".log"):
+            with open(os.path.join(workdir, name), "rb") as f:
+                n += sum(1 for ln in f if b"failed before the request was sent" in ln)
+    return n
+
+
 def dump(workdir, attempts, events):
     with open(os.path.join(workdir, "attempts.jsonl"), "w") as f:
         for ev in events:
@@ -537,8 +637,10 @@ def main(argv=None):
     stop = threading.Event()
     inj = Injector(rig, args, t_start)
     rss = RssSampler(rig, args.rss_interval, t_start) if args.rss_interval > 0 else None
-    log("exactly-once: %d clients, %d instances, %s, faults=%s, %.0fs, seed %d, work dir %s"
-        % (args.clients, args.instances, args.topology, ",".join(args.fault_list) or "none",
+    log("exactly-once: %d clients, %d instances, %d upstream server(s), %s, faults=%s, %.0fs, "
+        "seed %d, work dir %s"
+        % (args.clients, args.instances, args.upstreams, args.topology,
+           ",".join(args.fault_list) or "none",
            args.duration, args.seed, workdir))
     threads = [threading.Thread(target=client_loop,
                                 args=(i, rig, keys, policy, args, rec, t_end, stop),
@@ -571,7 +673,7 @@ def main(argv=None):
             probe_keys(rig, keys, rec, args.seed)
         attempts = rec.snapshot()
         execs = rig.up.execs()
-        rep = analyze(attempts, execs, exclusions(attempts, inj.events))
+        rep = analyze(attempts, execs, exclusions(attempts, inj.events, execs))
         fo_lines = [failover_line(ev, keys, again, count_reexecuted(keys, execs), t_start)
                     for (ev, keys), again in zip(fo, fo_again)]
     finally:
@@ -587,10 +689,14 @@ def main(argv=None):
             print(line)
     for line in fo_lines:
         print(line)
-    print("exactly-once: %s faults=%s duration=%.0fs clients=%d instances=%d health=%s"
+    if args.upstreams > 1:
+        print("upstream_group: safe_retries=%d" % safe_retries(workdir))
+    print("exactly-once: %s faults=%s duration=%.0fs clients=%d instances=%d%s health=%s"
           % (rep.line(), ",".join("%s:%d" % (f, sum(1 for e in inj.events if e["fault"] == f))
                                   for f in args.fault_list) or "none",
-             args.duration, args.clients, args.instances, "ok" if not health else "FAILED"))
+             args.duration, args.clients, args.instances,
+             " upstreams=%d" % args.upstreams if args.upstreams > 1 else "",
+             "ok" if not health else "FAILED"))
     sys.stdout.flush()
     if args.keep:
         dump(workdir, attempts, inj.events)
