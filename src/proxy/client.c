@@ -124,9 +124,15 @@ void client_close(struct client *cl)
 
 void client_drain(struct client *cl)
 {
-    if (cl->state == CLIENT_IDLE && !cl->have_head && buf_size(&cl->c.in) == 0 &&
-        buf_size(&cl->c.out) == 0)
-        client_close(cl);
+    if (cl->state != CLIENT_IDLE || cl->have_head || buf_size(&cl->c.in) > 0 ||
+        buf_size(&cl->c.out) > 0 || !cl->served)
+        return;
+    /* Between requests: close unless the next one is already on its way
+     * (bytes in the socket that no edge has brought us yet). */
+    char b;
+    ssize_t n = recv(cl->c.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) return;
+    client_close(cl);
 }
 
 int client_flush(struct client *cl)
@@ -143,6 +149,7 @@ bool client_backlogged(const struct client *cl)
 
 void client_request_done(struct client *cl, bool close)
 {
+    cl->served = true;
     size_t used = (size_t)cl->head_len;
     if (cl->body == HTTP1_BODY_LENGTH) used += cl->content_length;
     if (cl->body == HTTP1_BODY_CHUNKED) used += cl->chunk_pos;

@@ -52,18 +52,17 @@ static void peer_text(const struct sockaddr_storage *ss, char *out, size_t n)
     }
 }
 
-static void worker_accept(evutil_socket_t lfd, short what, void *arg)
+/* Accepts up to ACCEPT_BATCH connections; false once the queue is empty. */
+static bool worker_accept_batch(struct worker *w, int lfd)
 {
-    (void)what;
-    struct worker *w = arg;
-    for (int i = 0; i < ACCEPT_BATCH && !w->loop.draining; i++) {
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
         int fd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE)
                 log_msg(LOG_ERROR, "accept: %s", strerror(errno));
-            return;
+            return false;
         }
         if (atomic_fetch_add(&w->srv->connections, 1) >= w->loop.cfg->limits.max_connections) {
             /* Over the limit: refuse at once rather than hold the socket. */
@@ -77,6 +76,14 @@ static void worker_accept(evutil_socket_t lfd, short what, void *arg)
         peer_text(&ss, peer, sizeof(peer));
         client_accept(&w->loop, fd, peer);
     }
+    return true;
+}
+
+static void worker_accept(evutil_socket_t lfd, short what, void *arg)
+{
+    (void)what;
+    struct worker *w = arg;
+    if (!w->loop.draining) worker_accept_batch(w, lfd);
 }
 
 /* The loop is draining and empty: the worker's thread may end. */
@@ -106,6 +113,12 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
     if (read(fd, &v, sizeof(v)) < 0) { /* nothing to do: the wakeup is what counts */
     }
     if (w->loop.draining) return;
+    /* Connections the kernel already queued on our socket are ours to
+     * serve (a rolling restart must not reset them): accept them all
+     * before the socket closes. */
+    if (w->listen_fd >= 0)
+        for (int i = 0; i < LISTEN_BACKLOG; i += ACCEPT_BATCH)
+            if (!worker_accept_batch(w, w->listen_fd)) break;
     w->loop.draining = true;
     if (w->listen_ev) {
         event_free(w->listen_ev);

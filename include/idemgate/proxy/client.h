@@ -54,6 +54,7 @@ struct client {
     struct buf chunked_body;
     size_t chunk_pos; /* bytes of input after the head already decoded */
     bool keep_alive;  /* the last request allows keeping the connection */
+    bool served;      /* at least one request was answered on it */
     /* the target when normalization changed it (docs/requests.md), then an absolute
      * form's authority; taken by the exchange */
     struct buf target;
@@ -66,7 +67,9 @@ struct client {
 void client_accept(struct loop *l, int fd, const char *peer);
 /* Closes and frees a client; an attached exchange is detached, not stopped. */
 void client_close(struct client *cl);
-/* Draining: closes the client if it is between requests. */
+/* Draining: closes the client if it is between requests and nothing of
+ * a next one has arrived. A connection that has not had its first request
+ * yet (accepted, maybe not read from) is kept: it is served, then closed. */
 void client_drain(struct client *cl);
 void client_set_state(struct client *cl, enum client_state to);
 /* The attached exchange is finished with the client (its answer is queued

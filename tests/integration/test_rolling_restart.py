@@ -1,0 +1,100 @@
+"""Rolling restart on one address (docs/configuration.md, "Restarting
+without losing requests"): a new instance joins the address of the old one
+(same Redis), the old one gets SIGTERM while clients keep connecting, and
+no request fails: connections the kernel had already queued on the old
+instance's socket, or that it had accepted but not read yet, are served.
+
+Twenty restarts in a row (each new instance is the next one's old), with
+two client threads opening a new connection per request (the accept queue
+is what a restart puts at risk), covered POSTs with fresh keys. At the end
+keys sent to long-gone instances replay from the last one."""
+
+import threading
+import time
+
+from idemtest.config import store_config
+from idemtest.http import hdrs, request
+from idemtest.procs import free_port
+
+RESTARTS = 20
+
+
+def gate_cfg(redis, upstream, listen):
+    cfg = dict(store_config("redis", redis), upstream=upstream.url, listen=listen)
+    cfg["limits"] = {"shutdown_grace_ms": 5000}
+    return cfg
+
+
+def started_listening(g, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("listening on" in (ln.get("msg") or "") for ln in g.log_lines()):
+            return True
+        if not g.alive():
+            return False
+        time.sleep(0.02)
+    return False
+
+
+class Clients:
+    """Threads that POST fresh keys, one connection per request, until
+    stopped; every answer other than 201 (or no answer) is a failure."""
+
+    def __init__(self, port, n=2):
+        self.port = port
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = []
+        self.failures = []
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True)
+                        for i in range(n)]
+
+    def run(self, i):
+        k = 0
+        while not self.stop.is_set():
+            k += 1
+            key = "rr-%d-%d-%d" % (i, k, time.monotonic_ns())
+            try:
+                r = request(self.port, "POST", "/count", hdrs(key), b"{}", timeout=10)
+                ok = r.status == 201
+                what = r.status
+            except OSError as e:  # reset, refused, timeout
+                ok = False
+                what = repr(e)
+            with self.lock:
+                (self.ok if ok else self.failures).append((key, what))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def test_twenty_rolling_restarts_lose_no_request(idemgate, upstream, redis):
+    listen = "127.0.0.1:%d" % free_port()
+    old = idemgate(gate_cfg(redis, upstream, listen))
+    port = old.port
+    with Clients(port, n=16) as clients:
+        for n in range(RESTARTS):
+            time.sleep(0.15)
+            new = idemgate(gate_cfg(redis, upstream, listen), wait=False)
+            assert started_listening(new), new.stderr()
+            time.sleep(0.15)  # both take connections
+            assert old.stop() == 0, old.stderr()
+            old = new
+        time.sleep(0.2)
+    assert clients.failures == [], "%d of %d requests failed over %d restarts: %r" % (
+        len(clients.failures), len(clients.failures) + len(clients.ok), RESTARTS,
+        clients.failures[:5])
+    assert len(clients.ok) > RESTARTS * 10, len(clients.ok)
+    # every request ran exactly once, and the first keys (sent to instances
+    # long gone) replay from the last one
+    for key, _ in clients.ok[:5]:
+        r = request(port, "POST", "/count", hdrs(key), b"{}")
+        assert r.status == 201 and r.replayed, (key, r)
+        assert upstream.count(key) == 1
