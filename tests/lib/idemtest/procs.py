@@ -39,7 +39,8 @@ PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.execu
 # environment so a developer's shell cannot change what a test sees.
 IDEMGATE_ENV = ("IDEMGATE_LISTEN", "IDEMGATE_UPSTREAM", "IDEMGATE_STORE",
                 "IDEMGATE_REDIS_URL", "IDEMGATE_WORKERS",
-                "IDEMGATE_ADMIN_LISTEN", "IDEMGATE_SCOPE_SECRET",
+                "IDEMGATE_ADMIN_LISTEN", "IDEMGATE_ADMIN_TOKEN",
+                "IDEMGATE_SCOPE_SECRET",
                 "IDEMGATE_LOG_LEVEL", "IDEMPOTENCY_TTL_SECONDS")
 
 
