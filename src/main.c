@@ -188,7 +188,7 @@ static const char *hc_connect_host(const char *host)
 static void hc_timeouts(int fd, uint64_t deadline_ms)
 {
     uint64_t now = hc_now_ms(), left = deadline_ms > now ? deadline_ms - now : 1;
-    struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
+    struct timeval tv = clock_tv(left);
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)); /* connect() too, on Linux */
 }

@@ -388,7 +388,10 @@ struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_mem
     a->base = event_base_new_with_config(ec);
     event_config_free(ec);
     a->http = evhttp_new(a->base);
-    evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_DELETE);
+    /* Every method reaches the callbacks: /keys answers 405 with Allow. */
+    evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD | EVHTTP_REQ_DELETE |
+                                            EVHTTP_REQ_POST | EVHTTP_REQ_PUT | EVHTTP_REQ_PATCH |
+                                            EVHTTP_REQ_OPTIONS);
     if (!evhttp_accept_socket_with_handle(a->http, listen_fd)) {
         log_msg(LOG_ERROR, "cannot listen on admin address %s: cannot watch the socket",
                 cfg->admin_listen.text);

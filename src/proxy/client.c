@@ -51,7 +51,7 @@ void client_set_state(struct client *cl, enum client_state to)
 static void client_arm_timer(struct client *cl)
 {
     int ms = cl->loop->cfg->limits.client_timeout_ms;
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    struct timeval tv = clock_tv((uint64_t)ms);
     evtimer_add(cl->timer, &tv);
 }
 

@@ -216,7 +216,7 @@ static void host_timer_arm(void *host, uint32_t ms)
 {
     struct exchange *ex = host;
     if (!ex->idem_timer) ex->idem_timer = evtimer_new(ex->loop->base, host_timer_cb, ex);
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    struct timeval tv = clock_tv((uint64_t)ms);
     evtimer_add(ex->idem_timer, &tv);
 }
 

@@ -129,7 +129,7 @@ static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
 
 static void ex_arm_up_timer(struct exchange *ex, int ms)
 {
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    struct timeval tv = clock_tv((uint64_t)ms);
     if (!ex->up_timer) ex->up_timer = evtimer_new(ex->loop->base, ex_up_timeout, ex);
     evtimer_add(ex->up_timer, &tv);
 }

@@ -135,7 +135,7 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
         cl = next;
     }
     int ms = w->loop.cfg->limits.shutdown_grace_ms;
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    struct timeval tv = clock_tv((uint64_t)ms);
     w->grace_ev = evtimer_new(w->loop.base, worker_grace_expired, w);
     evtimer_add(w->grace_ev, &tv);
     loop_maybe_idle(&w->loop);

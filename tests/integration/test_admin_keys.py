@@ -428,13 +428,7 @@ def test_keys_with_reserved_characters(gate, up):
     assert keys(admin, "GET", "qz", scope=scope16).status == 200
 
 
-COLON_BUG = ("product bug: Redis prefix search SCANs MATCH '<prefix>{<scope16>*:<key>}', whose "
-             "'*' also spans a ':' inside the key, and takes the first match without checking "
-             "its key part: /keys/dup?scope=<16 hex> answers (and DELETE deletes) key 'x:dup'")
-
-
-@pytest.mark.parametrize("store_cfg", ["memory", pytest.param(
-    "redis", marks=pytest.mark.xfail(strict=True, reason=COLON_BUG))], indirect=True)
+@pytest.mark.parametrize("store_cfg", ["memory", "redis"], indirect=True)
 def test_prefix_search_matches_the_whole_key(gate, up, store_cfg):
     """A key containing ':' is not found (nor deleted) by a prefix search
     for its tail: ?scope=<16 hex> with key "dup" names the key "dup", not
@@ -614,9 +608,6 @@ def test_bad_keys_and_scopes_are_400(gate, store_cfg):
         assert_json_error(keys(admin, "DELETE", "k", scope=quote(bad, safe="")), 400)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: admin_start's evhttp_set_allowed_methods "
-                   "(GET|HEAD|DELETE) makes libevent answer other methods 501 Not Implemented "
-                   "(text/html, Connection: close) before on_keys's 405 branch runs")
 @pytest.mark.parametrize("store_cfg", ["memory"], indirect=True)
 @pytest.mark.parametrize("method", ["PUT", "POST", "PATCH"])
 def test_other_methods_are_405(gate, store_cfg, method):

@@ -9,6 +9,7 @@
 #define IDEMGATE_CORE_CLOCK_H
 
 #include <stdint.h>
+#include <sys/time.h>
 
 /* CLOCK_MONOTONIC in ms, or the fake's value while one is set. */
 uint64_t clock_now_ms(void);
@@ -17,5 +18,12 @@ uint64_t clock_now_ms(void);
  * must stay valid until clock_set_fake(NULL)). Not thread-safe: set it
  * before any thread reads the clock. */
 void clock_set_fake(const uint64_t *now);
+
+/* A duration in ms as the struct timeval libevent's timers take. */
+static inline struct timeval clock_tv(uint64_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    return tv;
+}
 
 #endif

@@ -147,7 +147,7 @@ static void cluster_refresh_soon(struct rs_cluster *cl)
     uint64_t now = clock_now_ms();
     unsigned step = cl->refresh_fails < 4 ? cl->refresh_fails : 4;
     uint64_t at = cl->refresh_last_ms + ((uint64_t)RS_REFRESH_MIN_MS << step);
-    struct timeval tv = rs_tv(at > now ? at - now : 0);
+    struct timeval tv = clock_tv(at > now ? at - now : 0);
     evtimer_add(cl->refresh_ev, &tv);
 }
 
@@ -193,7 +193,7 @@ static void cluster_refresh_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     cl->refresh_inflight = true;
-    struct timeval tv = rs_tv((uint64_t)rs_timeout_ms(s));
+    struct timeval tv = clock_tv((uint64_t)rs_timeout_ms(s));
     evtimer_add(cl->refresh_deadline_ev, &tv);
 }
 

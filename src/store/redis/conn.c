@@ -13,6 +13,8 @@
  * table, or an AUX connection's owner's (down_fn). */
 #include "redis_internal.h"
 
+#include "idemgate/core/clock.h"
+
 #include "idemgate/core/log.h"
 
 #include <errno.h>
@@ -35,7 +37,7 @@ void rc_schedule_reconnect(struct rconn *c)
     uint64_t ms = (uint64_t)RS_BACKOFF_MIN_MS << step;
     if (ms > RS_BACKOFF_MAX_MS) ms = RS_BACKOFF_MAX_MS;
     c->backoff_step++;
-    struct timeval tv = rs_tv(ms);
+    struct timeval tv = clock_tv(ms);
     evtimer_add(c->reconnect_ev, &tv);
 }
 
@@ -576,7 +578,7 @@ void rc_connect(struct rconn *c)
         rc_kill_soon(c);
         return;
     }
-    struct timeval tv = rs_tv((uint64_t)rs_timeout_ms(c->s));
+    struct timeval tv = clock_tv((uint64_t)rs_timeout_ms(c->s));
     evtimer_add(c->handshake_ev, &tv);
 }
 

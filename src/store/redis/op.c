@@ -112,7 +112,7 @@ static void rop_arm_deadline(struct store_redis *s)
         op = op->next;
     if (!op) return;
     uint64_t now = clock_now_ms();
-    struct timeval tv = rs_tv(op->deadline_ms > now ? op->deadline_ms - now : 0);
+    struct timeval tv = clock_tv(op->deadline_ms > now ? op->deadline_ms - now : 0);
     evtimer_add(s->deadline_ev, &tv);
 }
 
@@ -233,6 +233,8 @@ int rop_send_main(struct rop *op)
         size_t len[1] = {4};
         return rop_send(op, false, 1, argv, len);
     }
+    if (op->kind == ROP_KEY) /* the key and the forget flag */
+        return rop_send_script(op, op->script, 2, op->argv, op->argvlen);
     if (op->kind != ROP_ACQUIRE)
         return rop_send_script(op, op->script, op->argc, op->argv, op->argvlen);
     int rc = rop_send_acquire(op);
@@ -413,19 +415,42 @@ static void rop_on_inspect(struct rop *op, const struct rreply *r)
     rop_finish_with(op, NULL, 0, &k);
 }
 
-/* Replaces the op's first argument (the SCAN pattern by the key found). */
+/* Replaces the op's first argument (the SCAN pattern by the key found);
+ * the others are kept. */
 static void rop_set_key(struct rop *op, const char *key, size_t len)
 {
-    size_t total = len + op->argvlen[1];
-    char *buf = rs_alloc(total > op->buf_cap ? total : op->buf_cap);
+    size_t total = len;
+    for (int i = 1; i < op->argc; i++)
+        total += op->argvlen[i];
+    size_t cap = total > op->buf_cap ? total : op->buf_cap;
+    char *buf = rs_alloc(cap);
     memcpy(buf, key, len);
-    memcpy(buf + len, op->argv[1], op->argvlen[1]);
+    char *p = buf + len;
+    for (int i = 1; i < op->argc; i++) {
+        memcpy(p, op->argv[i], op->argvlen[i]);
+        op->argv[i] = p;
+        p += op->argvlen[i];
+    }
     free(op->buf);
     op->buf = buf;
-    op->buf_cap = total > op->buf_cap ? total : op->buf_cap;
+    op->buf_cap = cap;
     op->argv[0] = buf;
     op->argvlen[0] = len;
-    op->argv[1] = buf + len;
+}
+
+/* Whether a key SCAN found, "<prefix>{<scope>:<key>}", has exactly the key
+ * part asked for (argv[2]): the pattern's * may have matched a ':' of a
+ * longer key ("x:dup" for "dup"). */
+static bool rop_scan_match(const struct rop *op, const char *k, size_t n)
+{
+    size_t plen = strlen(op->s->prefix);
+    if (n < plen + 2 || k[plen] != '{' || k[n - 1] != '}') return false;
+    const char *in = k + plen + 1;
+    size_t in_len = n - plen - 2;
+    const char *colon = memchr(in, ':', in_len);
+    if (!colon) return false;
+    size_t key_len = in_len - (size_t)(colon - in) - 1;
+    return key_len == op->argvlen[2] && memcmp(colon + 1, op->argv[2], key_len) == 0;
 }
 
 /* The next connection to SCAN after c (a cluster's next node), or NULL. */
@@ -449,7 +474,9 @@ static void rop_on_scan(struct rop *op, const struct rreply *r)
     }
     const struct rreply *keys = &r->element[1];
     for (size_t i = 0; i < keys->elements; i++) {
-        if (keys->element[i].type != RREPLY_STRING) continue;
+        if (keys->element[i].type != RREPLY_STRING ||
+            !rop_scan_match(op, keys->element[i].str, keys->element[i].len))
+            continue;
         rop_set_key(op, keys->element[i].str, keys->element[i].len);
         op->stage = ROP_MAIN;
         if (rop_send_main(op) != 0) rop_fail(op);

@@ -33,12 +33,6 @@ char *rs_strndup(const char *p, size_t n)
     return d;
 }
 
-struct timeval rs_tv(uint64_t ms)
-{
-    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
-    return tv;
-}
-
 /* Wall-clock time, for a lock's created-at. */
 static uint64_t rs_wall_ms(void)
 {
@@ -183,9 +177,13 @@ void store_redis_key(struct store *base, const char *skey, size_t skey_len, bool
         buf_append(&first, key, klen);
         free(key);
     }
-    const char *args[2] = {buf_data(&first), forget ? "1" : "0"};
-    size_t lens[2] = {buf_size(&first), 1};
-    struct rop *op = rop_new(s, ROP_KEY, RS_INSPECT, 2, args, lens);
+    /* argv: the key (or the SCAN pattern), the forget flag, the key part
+     * a SCAN match must have exactly (the pattern's * may span a ':') */
+    const char *want = colon ? colon + 1 : skey;
+    size_t want_len = colon ? skey_len - (size_t)(colon - skey) - 1 : skey_len;
+    const char *args[3] = {buf_data(&first), forget ? "1" : "0", want};
+    size_t lens[3] = {buf_size(&first), 1, want_len};
+    struct rop *op = rop_new(s, ROP_KEY, RS_INSPECT, 3, args, lens);
     buf_free(&first);
     op->key_cb = cb;
     op->arg = arg;

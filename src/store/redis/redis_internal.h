@@ -305,7 +305,6 @@ struct store_redis {
 /* redis.c: small helpers */
 void *rs_alloc(size_t n); /* zeroed; aborts when out of memory */
 char *rs_strndup(const char *p, size_t n);
-struct timeval rs_tv(uint64_t ms);
 int rs_timeout_ms(const struct store_redis *s); /* redis.timeout_ms */
 bool rs_reply_is_error(const struct rreply *r, const char *prefix);
 bool rs_reply_is(const struct rreply *r, const char *s); /* a string, status or error equal to s */

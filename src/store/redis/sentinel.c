@@ -31,6 +31,8 @@
  * errors, as before. */
 #include "redis_internal.h"
 
+#include "idemgate/core/clock.h"
+
 #include "idemgate/core/log.h"
 
 #include <stdio.h>
@@ -224,7 +226,7 @@ static void sentinel_ask(struct rs_sentinel *st)
         return;
     }
     st->ask = c;
-    struct timeval tv = rs_tv((uint64_t)rs_timeout_ms(st->s));
+    struct timeval tv = clock_tv((uint64_t)rs_timeout_ms(st->s));
     evtimer_add(st->timer, &tv);
     /* AUTH went first (rc_aux_open): a sentinel that needs it and was
      * refused answers the question NOAUTH, which is what gets logged. */
@@ -257,7 +259,7 @@ static void sub_connect(struct rs_sentinel *st);
 static void sub_arm(struct rs_sentinel *st, enum rs_sub_phase phase, uint64_t ms)
 {
     st->sub_phase = phase;
-    struct timeval tv = rs_tv(ms);
+    struct timeval tv = clock_tv(ms);
     evtimer_add(st->sub_timer, &tv);
 }
 
