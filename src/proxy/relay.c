@@ -330,7 +330,7 @@ static void ex_body_data(struct exchange *ex, const char *p, size_t n, bool last
         buf_printf(o, "%zx\r\n", n);
         buf_append(o, p, n);
         buf_append(o, "\r\n", 2);
-    } else if (last && ex->idem.owner) { /* held: see ex_hold_or_detach */
+    } else if (last && ex->idem.owner) { /* held: see exchange_answered */
         buf_append(o, p, n);
     } else {
         struct iovec iov = {(void *)p, n};
@@ -437,7 +437,7 @@ static void ex_up_read(struct exchange *ex)
 {
     struct upconn *u = ex->up;
     while (ex->up == u) {
-        /* resumed from the client's write edge (ex_client_drained) */
+        /* resumed from the client's write edge (relay_client_drained) */
         if (streaming(ex) && ex_client_backlogged(ex)) return;
         /* Before the head is parsed, room for the largest head allowed. */
         size_t limit = UPSTREAM_FILL;

@@ -139,7 +139,7 @@ void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mo
 /* The host's timer armed by ops->timer_arm fired. */
 void idem_timer_fired(struct idem *e);
 /* The upstream answered with this head: decides whether the response may
- * be kept and starts recording it. head_request: the request was HEAD. */
+ * be kept and starts recording it. */
 void idem_response_head(struct idem *e, const struct http1_head *rh);
 /* Body bytes of the response, as delivered. */
 void idem_response_body(struct idem *e, const char *p, size_t n);
