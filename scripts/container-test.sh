@@ -12,8 +12,11 @@
 #      instance started inside it answering --healthcheck, /readyz (the
 #      memory store) and /keys (404 on loopback, 403 from another address).
 # Everything (base tarball, image storage, containers.conf) lives in one
-# temporary directory, removed at exit with the containers; /etc/containers
-# and /var/lib/containers are not touched.
+# temporary directory, removed at exit with the containers. The script runs
+# in a mount namespace of its own, where /var/lib/containers (buildah's
+# blob-info cache, whatever --root says) is a directory of that temporary
+# one: /etc/containers and /var/lib/containers are left as they were, and
+# no mount outlives the script, even killed.
 # chroot isolation shares the host's network: the instance listens on two
 # free ports (IDEMGATE_LISTEN, IDEMGATE_ADMIN_LISTEN) rather than 8080/9091,
 # which other processes on a CI machine may hold.
@@ -33,6 +36,10 @@ since() { echo "$(($(date +%s) - $1)) s"; }
 
 [ "$(id -u)" -eq 0 ] || die "needs root (mmdebstrap and buildah --isolation chroot)"
 [ -f Dockerfile ] || die "no Dockerfile in $repo"
+if [ "${IDEMGATE_CT_UNSHARED:-}" != 1 ]; then
+  command -v unshare >/dev/null || die "unshare (util-linux) is missing"
+  IDEMGATE_CT_UNSHARED=1 exec unshare --mount --propagation private bash "$0" "$@"
+fi
 
 # ---- 1. packages ----
 need=()
@@ -41,9 +48,13 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 if [ ${#need[@]} -gt 0 ]; then
   t=$(date +%s)
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+  log=$(mktemp)
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    rm -f "$log"
     die "apt-get install ${need[*]} failed"
+  fi
+  rm -f "$log"
   say "installed ${need[*]} in $(since "$t")"
 fi
 
@@ -53,6 +64,7 @@ driver=${IDEMGATE_STORAGE_DRIVER:-overlay}
 # containers.conf: buildah's default ulimits make setrlimit fail here.
 printf '[containers]\ndefault_ulimits = []\n' >"$tmp/containers.conf"
 export CONTAINERS_CONF="$tmp/containers.conf"
+made_lib=""
 B() { buildah --root "$tmp/storage" --runroot "$tmp/run" --storage-driver "$driver" "$@"; }
 containers=()
 cleanup() {
@@ -62,11 +74,18 @@ cleanup() {
   B rmi --all --force >/dev/null 2>&1
   # the storage driver's own mounts (overlay mounts its directory privately)
   awk -v t="$tmp" 'index($2, t) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  umount -l /var/lib/containers 2>/dev/null
+  [ -z "$made_lib" ] || rmdir /var/lib/containers
   rm -rf "$tmp"
   [ $rc -eq 0 ] || echo "container-test: failed after $(since "$t0")" >&2
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# buildah commit writes its blob-info cache to /var/lib/containers/cache as
+# root, whatever --root says: that directory is the temporary one here.
+[ -d /var/lib/containers ] || { mkdir /var/lib/containers && made_lib=1; }
+mkdir "$tmp/lib-containers"
+mount --bind "$tmp/lib-containers" /var/lib/containers || die "cannot bind $tmp/lib-containers on /var/lib/containers"
 
 # ---- 2. the base image from this machine's Debian mirror ----
 # "URI SUITE" of every enabled deb entry of the apt sources.
@@ -242,7 +261,7 @@ run_instance() {
     sleep 0.1
     i=$((i + 1))
   done
-  echo "healthcheck $hc after $i polls $(cat /tmp/hc.err)"
+  echo "healthcheck $hc after $i polls$(sed "s/^/: /" /tmp/hc.err)"
   if [ $hc -eq 0 ]; then
     echo "readyz $(get 127.0.0.1 ${IDEMGATE_ADMIN_LISTEN##*:} /readyz)"
     echo "keys-loopback $(get 127.0.0.1 ${IDEMGATE_ADMIN_LISTEN##*:} /keys/k1)"
