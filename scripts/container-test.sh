@@ -181,11 +181,11 @@ c=$(B from --pull=never idemgate:ci) || die "buildah from idemgate:ci failed"
 containers+=("$c")
 R() { B run --isolation chroot "$@"; }
 
-out=$(R "$c" -- id -u 2>&1)
+out=$(R "$c" -- id -u 2>&1) || true
 [ "$out" != 0 ] && r=0 || r=1
 check "runs as uid $out" "$r" "runs as root"
 
-out=$(R "$c" -- /usr/local/bin/idemgate --version 2>&1)
+out=$(R "$c" -- /usr/local/bin/idemgate --version 2>&1) || true
 [[ "$out" == idemgate\ * ]] && r=0 || r=1
 check "--version: $out" "$r" "$out"
 
