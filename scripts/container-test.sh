@@ -234,8 +234,8 @@ port_free() {
   ! awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p {f = 1} END {exit !f}' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 pick_port() {
-  local p i
-  for i in $(seq 1 200); do
+  local p _
+  for _ in $(seq 1 200); do
     p=$((20000 + RANDOM % 40000))
     [ "$p" != "${1:-}" ] && port_free "$p" && { echo "$p"; return 0; }
   done
