@@ -311,7 +311,7 @@ def test_cross_scope_headers_not_hop_by_hop(tmp_path):
 
 
 def test_shipped_configs_pass_test_config():
-    for name in ("idemgate.json", "sidecar.json", "gateway.json"):
+    for name in ("idemgate.json", "sidecar.json", "gateway.json", "container.json"):
         res = run_idemgate(["-c", os.path.join(REPO, "config", name), "-t"])
         assert res.returncode == 0, (name, res.stderr)
 

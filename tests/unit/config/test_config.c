@@ -1443,7 +1443,7 @@ static void test_shipped_configs_pass_cross_checks(void **state)
 {
     (void)state;
     static const char *const files[] = {"config/idemgate.json", "config/sidecar.json",
-                                        "config/gateway.json"};
+                                        "config/gateway.json", "config/container.json"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         char path[1024];
         source_path(path, sizeof path, files[i]);
