@@ -80,8 +80,7 @@ int cfg_apply_object(const cJSON *obj, const char *path, char *base, const struc
         return cfg_fail(e, where, "must be an object");
     }
     const cJSON *it;
-    cJSON_ArrayForEach(it, obj)
-    {
+    cJSON_ArrayForEach (it, obj) {
         cfg_where_key(where, path, it->string);
         if (cfg_check_duplicate(obj, it, where, e) < 0) return -1;
         const struct cfg_opt *o = cfg_find_opt(opts, n, it->string);
@@ -106,8 +105,7 @@ int cfg_apply_file(struct cfg *c, const cJSON *root, const cJSON **routes, struc
 {
     char where[CFG_WHERE_LEN];
     const cJSON *it;
-    cJSON_ArrayForEach(it, root)
-    {
+    cJSON_ArrayForEach (it, root) {
         cfg_where_key(where, "", it->string);
         if (cfg_check_duplicate(root, it, where, e) < 0) return -1;
         if (strcmp(it->string, "routes") == 0) {

@@ -56,8 +56,7 @@ static int build_route(const struct cfg *c, struct cfg_route *r, const cJSON *ob
     cfg_idem_copy(&r->idem, &c->idem);
     r->idem.enabled = true;
     const cJSON *it;
-    cJSON_ArrayForEach(it, obj)
-    {
+    cJSON_ArrayForEach (it, obj) {
         char kw[CFG_WHERE_LEN];
         cfg_where_key(kw, path, it->string);
         if (cfg_check_duplicate(obj, it, kw, e) < 0 || route_member(r, it, path, e) < 0) return -1;
@@ -94,8 +93,7 @@ int cfg_build_routes(struct cfg *c, const cJSON *arr, struct cfg_err *e)
     c->n_routes = n;
     size_t i = 0;
     const cJSON *it;
-    cJSON_ArrayForEach(it, arr)
-    {
+    cJSON_ArrayForEach (it, arr) {
         char path[CFG_PATH_LEN];
         snprintf(path, sizeof path, "routes[%zu].idempotency", i);
         if (build_route(c, &c->routes[i], it, i, e) < 0 ||

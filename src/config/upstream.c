@@ -76,8 +76,7 @@ static int parse_server(const cJSON *it, struct cfg_server *out, const char *pat
         return cfg_fail(e, where, "must be a URL or an object {\"url\", \"weight\"}");
     const cJSON *m;
     bool have_url = false;
-    cJSON_ArrayForEach(m, it)
-    {
+    cJSON_ArrayForEach (m, it) {
         char kw[CFG_WHERE_LEN];
         cfg_where_key(kw, path, m->string);
         if (cfg_check_duplicate(it, m, kw, e) < 0) return -1;
@@ -110,8 +109,7 @@ static int parse_servers(const cJSON *arr, struct cfg_upstream *g, const char *p
     if (n == 0) return cfg_fail(e, where, "must name at least one server");
     g->servers = cfg_xcalloc((size_t)n, sizeof(*g->servers));
     const cJSON *it;
-    cJSON_ArrayForEach(it, arr)
-    {
+    cJSON_ArrayForEach (it, arr) {
         char sub[CFG_PATH_LEN];
         snprintf(sub, sizeof sub, "%.200s[%zu]", path, g->n);
         int rc = parse_server(it, &g->servers[g->n], sub, e);
@@ -133,8 +131,7 @@ static int parse_group(const cJSON *obj, struct cfg_upstream *g, const char *whe
     g->balance = CFG_BALANCE_ROUND_ROBIN;
     g->max_fails = 1;
     g->fail_timeout_ms = 10000;
-    cJSON_ArrayForEach(it, obj)
-    {
+    cJSON_ArrayForEach (it, obj) {
         char kw[CFG_WHERE_LEN];
         cfg_where_key(kw, path, it->string);
         if (cfg_check_duplicate(obj, it, kw, e) < 0) return -1;

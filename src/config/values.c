@@ -88,8 +88,7 @@ static int val_list(const struct cfg_val *v, struct cfg_strlist *out)
     }
     if (!cJSON_IsArray(v->json)) return -1;
     const cJSON *it;
-    cJSON_ArrayForEach(it, v->json)
-    {
+    cJSON_ArrayForEach (it, v->json) {
         if (!cJSON_IsString(it)) {
             cfg_strlist_free(out);
             return -1;

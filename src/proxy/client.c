@@ -96,9 +96,7 @@ void client_accept(struct loop *l, int fd, const char *peer)
     cl->timer = evtimer_new(l->base, client_timeout, cl);
     metrics_connections(1);
     metrics_state_move(METRICS_SET_CLIENT, -1, CLIENT_IDLE);
-    cl->next = l->clients;
-    if (l->clients) l->clients->prev = cl;
-    l->clients = cl;
+    TAILQ_INSERT_HEAD(&l->clients, cl, link);
     client_arm_timer(cl);
 }
 
@@ -106,11 +104,7 @@ void client_close(struct client *cl)
 {
     struct loop *l = cl->loop;
     if (cl->ex) exchange_client_gone(cl->ex, cl);
-    if (cl->prev)
-        cl->prev->next = cl->next;
-    else
-        l->clients = cl->next;
-    if (cl->next) cl->next->prev = cl->prev;
+    TAILQ_REMOVE(&l->clients, cl, link);
     conn_close(&cl->c);
     event_free(cl->timer);
     buf_free(&cl->chunked_body);

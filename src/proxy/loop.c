@@ -14,6 +14,7 @@ void loop_init(struct loop *l, int id, uint32_t boot_id, const struct cfg *cfg,
                struct event_base *base, struct store *store, atomic_int *connections)
 {
     l->id = id;
+    TAILQ_INIT(&l->clients);
     l->boot_id = boot_id;
     l->cfg = cfg;
     l->base = base;
@@ -47,5 +48,6 @@ void loop_free(struct loop *l)
 
 void loop_maybe_idle(struct loop *l)
 {
-    if (l->draining && !l->clients && l->n_exchanges == 0 && l->on_idle) l->on_idle(l->idle_arg);
+    if (l->draining && TAILQ_EMPTY(&l->clients) && l->n_exchanges == 0 && l->on_idle)
+        l->on_idle(l->idle_arg);
 }

@@ -128,11 +128,9 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
         close(w->listen_fd);
         w->listen_fd = -1;
     }
-    struct client *cl = w->loop.clients;
-    while (cl) {
-        struct client *next = cl->next;
+    for (struct client *cl = TAILQ_FIRST(&w->loop.clients), *next; cl; cl = next) {
+        next = TAILQ_NEXT(cl, link);
         client_drain(cl);
-        cl = next;
     }
     int ms = w->loop.cfg->limits.shutdown_grace_ms;
     struct timeval tv = clock_tv((uint64_t)ms);
@@ -271,8 +269,8 @@ void server_stop(struct server *srv)
 /* Returns false when exchanges were still in flight (grace ran out). */
 static bool worker_free(struct worker *w)
 {
-    while (w->loop.clients)
-        client_close(w->loop.clients);
+    while (!TAILQ_EMPTY(&w->loop.clients))
+        client_close(TAILQ_FIRST(&w->loop.clients));
     if (w->loop.n_exchanges > 0) return false;
     if (w->loop.groups) loop_free(&w->loop);
     if (w->listen_ev) event_free(w->listen_ev);

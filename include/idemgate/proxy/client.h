@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/queue.h>
 
 #include "idemgate/core/buf.h"
 #include "idemgate/core/errors.h"
@@ -35,7 +36,7 @@ struct exchange;
 struct client {
     struct conn c;
     struct loop *loop;
-    struct client *prev, *next; /* the loop's list */
+    TAILQ_ENTRY(client) link; /* the loop's list */
     enum client_state state;
     struct exchange *ex; /* attached exchange, or NULL */
     struct event *timer; /* client_timeout_ms: request receive / keep-alive idle */

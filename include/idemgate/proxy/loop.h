@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/queue.h>
 
 #include "idemgate/core/buf.h"
 #include "idemgate/idem/engine.h"
@@ -36,11 +37,11 @@ struct loop {
     struct idem_env idem_env;      /* what the engines of this loop run on */
     struct upstream_group *groups; /* [0] the global upstream, then routes' own */
     size_t n_groups;
-    struct buf_pool bufs;       /* connection and record buffers while idle */
-    struct http1_head *scratch; /* request heads are parsed here first */
-    struct client *clients;     /* all open client connections (list) */
-    unsigned n_exchanges;       /* exchanges alive, attached or not */
-    struct exchange *ex_cache;  /* freed exchanges kept for reuse (list) */
+    struct buf_pool bufs;         /* connection and record buffers while idle */
+    struct http1_head *scratch;   /* request heads are parsed here first */
+    TAILQ_HEAD(, client) clients; /* all open client connections */
+    unsigned n_exchanges;         /* exchanges alive, attached or not */
+    struct exchange *ex_cache;    /* freed exchanges kept for reuse (list) */
     unsigned n_ex_cache;
     uint64_t rid_counter;    /* request-id sequence */
     bool draining;           /* SIGTERM: no new requests on kept-alive connections */

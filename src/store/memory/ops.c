@@ -14,6 +14,7 @@
 
 #include <event2/event.h>
 #include <string.h>
+#include <sys/queue.h>
 
 /* Finished ops kept per store, with their event, for the next ones. */
 #define MEM_OP_CACHE 64
@@ -21,7 +22,7 @@
 /* One operation waiting for its deferred callback. Owned by its store:
  * listed in s->ops while pending, in s->free_ops once recycled. */
 struct mem_op {
-    struct mem_op *prev, *next;
+    TAILQ_ENTRY(mem_op) link; /* in s->ops, or in s->free_ops */
     struct store_memory *s;
     struct event *ev;
     bool is_acquire;
@@ -40,11 +41,11 @@ struct store_memory {
     struct event_base *evb;
     struct store_memory_shared *sh;
     int timeout_ms;
-    struct event *tick; /* the periodic bounded reclaim */
-    struct mem_op *ops; /* pending callbacks */
+    struct event *tick;       /* the periodic bounded reclaim */
+    TAILQ_HEAD(, mem_op) ops; /* pending callbacks */
     /* Finished ops kept with their event for the next operations: no
      * malloc and no event_new per operation. */
-    struct mem_op *free_ops;
+    TAILQ_HEAD(, mem_op) free_ops;
     unsigned n_free_ops;
     int firing; /* callbacks running: store_free then waits for them */
     bool dead;  /* store_free was called from inside a callback */
@@ -54,13 +55,7 @@ struct store_memory {
 
 static void mem_op_unlink(struct mem_op *op)
 {
-    struct store_memory *s = op->s;
-    if (op->prev)
-        op->prev->next = op->next;
-    else
-        s->ops = op->next;
-    if (op->next) op->next->prev = op->prev;
-    op->prev = op->next = NULL;
+    TAILQ_REMOVE(&op->s->ops, op, link);
 }
 
 static void mem_op_free(struct mem_op *op)
@@ -83,16 +78,15 @@ static void mem_op_recycle(struct mem_op *op)
     memset(op, 0, sizeof(*op));
     op->s = s;
     op->ev = ev;
-    op->next = s->free_ops;
-    s->free_ops = op;
+    TAILQ_INSERT_HEAD(&s->free_ops, op, link);
     s->n_free_ops++;
 }
 
 static void mem_store_destroy(struct store_memory *s)
 {
-    while (s->free_ops) {
-        struct mem_op *op = s->free_ops;
-        s->free_ops = op->next;
+    struct mem_op *op;
+    while ((op = TAILQ_FIRST(&s->free_ops))) {
+        TAILQ_REMOVE(&s->free_ops, op, link);
         mem_op_free(op);
     }
     event_free(s->tick);
@@ -124,11 +118,10 @@ static void mem_op_fire(evutil_socket_t fd, short what, void *arg)
 
 static struct mem_op *mem_op_new(struct store_memory *s)
 {
-    struct mem_op *op = s->free_ops;
+    struct mem_op *op = TAILQ_FIRST(&s->free_ops);
     if (op) {
-        s->free_ops = op->next;
+        TAILQ_REMOVE(&s->free_ops, op, link);
         s->n_free_ops--;
-        op->next = NULL;
         return op;
     }
     op = mem_alloc(sizeof(*op));
@@ -141,10 +134,7 @@ static struct mem_op *mem_op_new(struct store_memory *s)
 /* Queues op's callback for the next turn of the loop. */
 static void mem_op_defer(struct mem_op *op)
 {
-    struct store_memory *s = op->s;
-    op->next = s->ops;
-    if (s->ops) s->ops->prev = op;
-    s->ops = op;
+    TAILQ_INSERT_TAIL(&op->s->ops, op, link);
     event_active(op->ev, EV_TIMEOUT, 1);
 }
 
@@ -212,13 +202,11 @@ static void mem_ping(struct store *base, store_done_cb cb, void *arg)
 static void mem_free(struct store *base)
 {
     struct store_memory *s = (struct store_memory *)base;
-    struct mem_op *op = s->ops;
-    while (op) {
-        struct mem_op *next = op->next;
+    struct mem_op *op;
+    while ((op = TAILQ_FIRST(&s->ops))) {
+        TAILQ_REMOVE(&s->ops, op, link);
         mem_op_free(op);
-        op = next;
     }
-    s->ops = NULL;
     if (s->firing > 0) {
         s->dead = true; /* freed when the running callback returns */
         return;
@@ -250,6 +238,8 @@ struct store *store_memory_new(struct event_base *base, struct store_memory_shar
 {
     struct store_memory *s = mem_alloc(sizeof(*s));
     s->base.ops = &mem_ops;
+    TAILQ_INIT(&s->ops);
+    TAILQ_INIT(&s->free_ops);
     s->evb = base;
     s->sh = sh;
     /* Kept for parity with the Redis backend: every answer here is

@@ -18,7 +18,8 @@
 /* The entry of the acquire whose token this is, or NULL. */
 struct rs_giveback *gb_find(struct store_redis *s, const char *token)
 {
-    for (struct rs_giveback *e = s->gb_head; e; e = e->next)
+    struct rs_giveback *e;
+    TAILQ_FOREACH (e, &s->gb, link)
         if (memcmp(e->token, token, STORE_TOKEN_LEN) == 0) return e;
     return NULL;
 }
@@ -27,14 +28,7 @@ struct rs_giveback *gb_find(struct store_redis *s, const char *token)
 void gb_free(struct rs_giveback *e)
 {
     struct store_redis *s = e->s;
-    if (e->prev)
-        e->prev->next = e->next;
-    else
-        s->gb_head = e->next;
-    if (e->next)
-        e->next->prev = e->prev;
-    else
-        s->gb_tail = e->prev;
+    TAILQ_REMOVE(&s->gb, e, link);
     s->gb_count--;
     free(e);
 }
@@ -57,9 +51,9 @@ void gb_remember(struct rop *op)
     struct store_redis *s = op->s;
     if (!s || gb_find(s, op->argv[2])) return;
     if (s->gb_count >= RS_GIVEBACK_MAX) {
-        struct rs_giveback *old = s->gb_head;
+        struct rs_giveback *old = TAILQ_FIRST(&s->gb);
         while (old && old->inflight)
-            old = old->next;
+            old = TAILQ_NEXT(old, link);
         if (!old) {
             gb_dropped(s, op->argv[0], op->argvlen[0], "too many remembered");
             return;
@@ -73,12 +67,7 @@ void gb_remember(struct rop *op)
     memcpy(e->token, op->argv[2], STORE_TOKEN_LEN);
     e->key_len = op->argvlen[0];
     memcpy(e->key, op->argv[0], e->key_len);
-    e->prev = s->gb_tail;
-    if (s->gb_tail)
-        s->gb_tail->next = e;
-    else
-        s->gb_head = e;
-    s->gb_tail = e;
+    TAILQ_INSERT_TAIL(&s->gb, e, link);
     s->gb_count++;
 }
 
@@ -128,7 +117,8 @@ static bool gb_routes_to(const struct store_redis *s, const struct rs_giveback *
 /* Whether a lock waits to be given back through c. */
 bool gb_wants(const struct rconn *c)
 {
-    for (const struct rs_giveback *e = c->s->gb_head; e; e = e->next)
+    const struct rs_giveback *e;
+    TAILQ_FOREACH (e, &c->s->gb, link)
         if (!e->inflight && gb_routes_to(c->s, e, c)) return true;
     return false;
 }
@@ -137,6 +127,7 @@ bool gb_wants(const struct rconn *c)
 void gb_flush(struct rconn *c)
 {
     struct store_redis *s = c->s;
-    for (struct rs_giveback *e = s->gb_head; e; e = e->next)
+    struct rs_giveback *e;
+    TAILQ_FOREACH (e, &s->gb, link)
         if (!e->inflight && gb_routes_to(s, e, c)) gb_send(e);
 }

@@ -23,30 +23,15 @@
 
 #define ROP_SPARE_MAX 256 /* op structs kept for reuse per store */
 
-static void rop_unlist(struct rop *op)
-{
-    struct store_redis *s = op->s;
-    if (op->prev)
-        op->prev->next = op->next;
-    else
-        s->ops = op->next;
-    if (op->next)
-        op->next->prev = op->prev;
-    else
-        s->ops_tail = op->prev;
-    op->prev = op->next = NULL;
-}
-
 /* Frees (or keeps for reuse) op once its callback has fired and its
  * connection owes it no reply. */
 void rop_maybe_free(struct rop *op)
 {
     if (op->state != ROP_DONE || op->refs > 0) return;
     struct store_redis *s = op->s;
-    rop_unlist(op);
+    TAILQ_REMOVE(&s->ops, op, link);
     if (s->n_spare < ROP_SPARE_MAX) {
-        op->next = s->spare;
-        s->spare = op;
+        TAILQ_INSERT_HEAD(&s->spare, op, link);
         s->n_spare++;
         return;
     }
@@ -58,17 +43,17 @@ void rop_maybe_free(struct rop *op)
  * freed). */
 void rop_free_all(struct store_redis *s)
 {
-    for (struct rop *op = s->ops, *next; op; op = next) {
-        next = op->next;
+    struct rop *op;
+    while ((op = TAILQ_FIRST(&s->ops))) {
+        TAILQ_REMOVE(&s->ops, op, link);
         free(op->buf);
         free(op);
     }
-    for (struct rop *op = s->spare, *next; op; op = next) {
-        next = op->next;
+    while ((op = TAILQ_FIRST(&s->spare))) {
+        TAILQ_REMOVE(&s->spare, op, link);
         free(op->buf);
         free(op);
     }
-    s->ops = s->ops_tail = s->spare = NULL;
     s->n_spare = 0;
 }
 
@@ -107,9 +92,9 @@ void rop_fail(struct rop *op)
 /* Arms the deadline timer for the oldest op still waiting, if any. */
 static void rop_arm_deadline(struct store_redis *s)
 {
-    const struct rop *op = s->ops;
+    const struct rop *op = TAILQ_FIRST(&s->ops);
     while (op && op->state == ROP_DONE)
-        op = op->next;
+        op = TAILQ_NEXT(op, link);
     if (!op) return;
     uint64_t now = clock_now_ms();
     struct timeval tv = clock_tv(op->deadline_ms > now ? op->deadline_ms - now : 0);
@@ -126,8 +111,8 @@ static void rop_deadline_cb(evutil_socket_t fd, short what, void *arg)
     struct store_redis *s = arg;
     rs_enter(s);
     uint64_t now = clock_now_ms();
-    for (struct rop *op = s->ops, *next; op && !s->freeing; op = next) {
-        next = op->next;
+    for (struct rop *op = TAILQ_FIRST(&s->ops), *next; op && !s->freeing; op = next) {
+        next = TAILQ_NEXT(op, link);
         if (op->state == ROP_DONE) continue;
         if (op->deadline_ms > now) break;
         if (op->refs > 0 && op->conn) rc_kill_soon(op->conn);
@@ -144,8 +129,8 @@ static void rop_fail_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct store_redis *s = arg;
     rs_enter(s);
-    for (struct rop *op = s->ops, *next; op && !s->freeing; op = next) {
-        next = op->next;
+    for (struct rop *op = TAILQ_FIRST(&s->ops), *next; op && !s->freeing; op = next) {
+        next = TAILQ_NEXT(op, link);
         if (!op->fail_soon) continue;
         op->fail_soon = false;
         rop_fail(op);
@@ -288,7 +273,8 @@ static int rop_dispatch(struct rop *op)
  * reported from the loop, so no user callback runs here. */
 void rop_flush_parked(struct rconn *c)
 {
-    for (struct rop *op = c->s->ops; op; op = op->next) {
+    struct rop *op;
+    TAILQ_FOREACH (op, &c->s->ops, link) {
         if (op->state != ROP_PARKED || op->conn != c) continue;
         op->state = ROP_SENT;
         if (rop_send_main(op) != 0) rop_fail_soon(op);
@@ -552,11 +538,11 @@ static void rop_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
 struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script script, int argc,
                     const char **args, const size_t *lens)
 {
-    struct rop *op = s->spare;
+    struct rop *op = TAILQ_FIRST(&s->spare);
     char *buf = NULL;
     size_t cap = 0;
     if (op) {
-        s->spare = op->next;
+        TAILQ_REMOVE(&s->spare, op, link);
         s->n_spare--;
         buf = op->buf;
         cap = op->buf_cap;
@@ -587,12 +573,7 @@ struct rop *rop_new(struct store_redis *s, enum rop_kind kind, enum rs_script sc
     }
     op->argc = argc;
     if (argc > 0 && s->topo->slots) op->slot = rs_keyslot(op->argv[0], op->argvlen[0]);
-    op->prev = s->ops_tail;
-    if (s->ops_tail)
-        s->ops_tail->next = op;
-    else
-        s->ops = op;
-    s->ops_tail = op;
+    TAILQ_INSERT_TAIL(&s->ops, op, link);
     return op;
 }
 

@@ -215,8 +215,8 @@ static void rs_ping(struct store *base, store_done_cb cb, void *arg)
 static void rs_free_now(struct store_redis *s)
 {
     rop_free_all(s);
-    while (s->gb_head) /* their releases in flight were just dropped */
-        gb_free(s->gb_head);
+    while (!TAILQ_EMPTY(&s->gb)) /* their releases in flight were just dropped */
+        gb_free(TAILQ_FIRST(&s->gb));
     struct rconn *c = s->conns;
     while (c) {
         struct rconn *next = c->next;
@@ -259,7 +259,8 @@ static void rs_free(struct store *base)
     struct store_redis *s = (struct store_redis *)base;
     if (s->depth > 0) {
         s->freeing = true;
-        for (struct rop *op = s->ops; op; op = op->next)
+        struct rop *op;
+        TAILQ_FOREACH (op, &s->ops, link)
             op->state = ROP_DONE;
         return;
     }
@@ -309,6 +310,9 @@ struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
     s->prefix = rs_strndup(p, strlen(p));
     rs_scripts_hash(s->sha);
     s->tls = cfg->redis.tls;
+    TAILQ_INIT(&s->ops);
+    TAILQ_INIT(&s->spare);
+    TAILQ_INIT(&s->gb);
     rop_timers_new(s);
     s->topo = rs_topology_for(&cfg->redis);
     s->topo->init(s);

@@ -92,6 +92,7 @@
 
 #include <event2/event.h>
 #include <stdbool.h>
+#include <sys/queue.h>
 #include <stdint.h>
 
 #define RS_BACKOFF_MIN_MS 100
@@ -191,7 +192,7 @@ enum rop_state { ROP_PARKED, ROP_SENT, ROP_DONE };
 
 /* One operation in flight. */
 struct rop {
-    struct rop *prev, *next; /* the store's list of live ops, oldest first */
+    TAILQ_ENTRY(rop) link; /* the store's live ops (oldest first), or its spares */
     struct store_redis *s;
     struct rconn *conn; /* where its commands go */
     enum rop_kind kind;
@@ -224,7 +225,7 @@ struct rop {
  * While its release is in flight (inflight) the entry stays listed and is
  * the release's callback argument. */
 struct rs_giveback {
-    struct rs_giveback *prev, *next;
+    TAILQ_ENTRY(rs_giveback) link; /* the store's list, oldest first */
     struct store_redis *s;
     unsigned slot; /* cluster slot of key */
     int tries;     /* releases that failed */
@@ -287,15 +288,15 @@ struct store_redis {
     const struct rs_topology_ops *topo; /* the mode's routing */
     void *topo_state;                   /* owned by topo (its free) */
     struct rconn *conns;                /* every DATA connection */
-    struct rop *ops, *ops_tail;         /* live ops, oldest (first deadline) first */
-    struct rop *spare;                  /* freed ops kept for reuse */
+    TAILQ_HEAD(, rop) ops;              /* live ops, oldest (first deadline) first */
+    TAILQ_HEAD(, rop) spare;            /* freed ops kept for reuse */
     size_t n_spare;
-    struct event *deadline_ev; /* the oldest live op's deadline */
-    struct event *fail_ev;     /* active: ops marked fail_soon */
-    int depth;                 /* libevent callbacks of the store on the stack */
-    bool tls;                  /* rediss:// */
-    bool freeing;              /* store_free was called inside one: freed when it unwinds */
-    struct rs_giveback *gb_head, *gb_tail; /* oldest first */
+    struct event *deadline_ev;    /* the oldest live op's deadline */
+    struct event *fail_ev;        /* active: ops marked fail_soon */
+    int depth;                    /* libevent callbacks of the store on the stack */
+    bool tls;                     /* rediss:// */
+    bool freeing;                 /* store_free was called inside one: freed when it unwinds */
+    TAILQ_HEAD(, rs_giveback) gb; /* remembered locks, oldest first */
     size_t gb_count;
     bool gb_drop_logged; /* one log line per run of dropped give-backs */
     char *prefix;
