@@ -9,12 +9,12 @@ import hashlib
 import os
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
 
 from idemtest.assertions import assert_error, wait_until
+from idemtest.certs import make_certs
 from idemtest.http import Client, hdrs, parse_responses, raw_closed, recv_to_close, request
 from idemtest.procs import Idemgate, Upstream, exit_code
 from idemtest.storm import in_threads
@@ -22,42 +22,10 @@ from idemtest.storm import in_threads
 BIG = 2 * 1024 * 1024
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl"] + list(args), cwd=cwd, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=60)
-
-
-def _make_ca(d, name):
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-             name + ".key", "-out", name + ".crt", "-days", "2", "-subj",
-             "/CN=idemgate test " + name, "-addext",
-             "basicConstraints=critical,CA:TRUE", "-addext",
-             "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tls"))
-    _make_ca(d, "ca")
-    _make_ca(d, "otherca")
-    with open(os.path.join(d, "srv.ext"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                "basicConstraints=CA:FALSE\n"
-                "keyUsage=critical,digitalSignature\n"
-                "extendedKeyUsage=serverAuth\n"
-                "subjectKeyIdentifier=hash\n"
-                "authorityKeyIdentifier=keyid\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "srv.key",
-             "-out", "srv.csr", "-subj", "/CN=localhost", cwd=d)
-    _openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey",
-             "ca.key", "-CAcreateserial", "-out", "srv.crt", "-days", "2",
-             "-extfile", "srv.ext", cwd=d)
-    return {k: os.path.join(d, v) for k, v in {
-        "ca": "ca.crt", "other_ca": "otherca.crt", "cert": "srv.crt",
-        "key": "srv.key", "dir": "."}.items()}
+    c = make_certs(str(tmp_path_factory.mktemp("tls")))
+    return {"ca": c.ca, "other_ca": c.wrong_ca, "cert": c.cert, "key": c.key}
 
 
 @pytest.fixture
