@@ -25,6 +25,7 @@
 #include "idemgate/core/clock.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/proxy/loop.h"
+#include "idemgate/net/listen.h"
 #include "idemgate/net/tls.h"
 
 /* Many servers close idle keep-alive connections after ~5 s (Node.js,
@@ -112,22 +113,11 @@ void upstream_pool_free(struct upstream_pool *p)
 /* Resolves the pool's host (its first address); -1 with why. */
 static int upstream_resolve_one(struct upstream_pool *p)
 {
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    char port[8];
-    snprintf(port, sizeof(port), "%d", p->url->port);
-    int rc = getaddrinfo(p->url->host, port, &hints, &res);
-    if (rc != 0 || !res) {
-        snprintf(p->why, sizeof(p->why), "cannot resolve %s: %s", p->url->host,
-                 rc ? gai_strerror(rc) : "no address");
-        if (res) freeaddrinfo(res);
+    socklen_t len;
+    if (listen_resolve(p->url->host, p->url->port, p->url->host, &p->addr, &len, p->why,
+                       sizeof(p->why)) < 0)
         return -1;
-    }
-    memcpy(&p->addr, res->ai_addr, res->ai_addrlen);
-    p->addr_len = (unsigned)res->ai_addrlen;
-    freeaddrinfo(res);
+    p->addr_len = (unsigned)len;
     return 0;
 }
 

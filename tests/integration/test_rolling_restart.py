@@ -17,6 +17,9 @@ moves such connections to the new instance's socket. The test sets it for
 its run (root, as in CI) and is skipped where it cannot: a race of that
 width makes no deterministic test."""
 
+import os
+import signal
+import socket
 import threading
 import time
 
@@ -126,3 +129,48 @@ def test_twenty_rolling_restarts_lose_no_request(idemgate, upstream, redis, migr
         r = request(port, "POST", "/count", hdrs(key), b"{}")
         assert r.status == 201 and r.replayed, (key, r)
         assert upstream.count(key) == 1
+
+
+def send_request(port, key):
+    """A connection with its whole request sent; the answer is read later."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(b"POST /count HTTP/1.1\r\nHost: x\r\nIdempotency-Key: %s\r\n"
+              b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % key.encode())
+    return s
+
+
+def status_of(s):
+    """The status of the answer on s, or the error that came instead."""
+    try:
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                return "closed"
+            data += chunk
+        return int(data.split(b" ", 2)[1])
+    except OSError as e:
+        return repr(e)
+    finally:
+        s.close()
+
+
+def test_sigterm_serves_the_connections_queued_on_its_socket(idemgate, upstream, redis):
+    """Deterministic, without tcp_migrate_req: the instance is stopped
+    (SIGSTOP) while 300 connections complete their handshake and send their
+    request, so they sit in its socket's accept queue, not yet accepted;
+    then it gets SIGTERM and goes on (SIGCONT). Each of them is answered:
+    the queue is drained before the socket closes, and a connection
+    accepted but not read from is served, not closed as idle."""
+    g = idemgate(gate_cfg(redis, upstream, "127.0.0.1:%d" % free_port()))
+    os.kill(g.proc.pid, signal.SIGSTOP)
+    try:
+        socks = [send_request(g.port, "queued-%d-%d" % (i, time.monotonic_ns()))
+                 for i in range(300)]
+        os.kill(g.proc.pid, signal.SIGTERM)
+    finally:
+        os.kill(g.proc.pid, signal.SIGCONT)
+    got = [status_of(s) for s in socks]
+    bad = [x for x in got if x != 201]
+    assert bad == [], "%d of %d queued connections not served: %r" % (len(bad), len(got), bad[:5])
+    assert g.proc.wait(20) == 0
