@@ -1,14 +1,16 @@
 """The processes and listeners a test starts, and how to read them.
 
 Owns: where things are (the idemgate binary, the test upstreams, the repo);
-free_port() / free_cluster_port() / port_open() / wait_port(); clean_env()
+free_port() / free_cluster_port() / port_open() / wait_port() /
+non_loopback_ipv4(); clean_env()
 (the environment without IDEMGATE_* settings); stop_proc(); the test
 upstreams as processes (Upstream: tests/integration/upstream.py, plain or
 TLS; ExecUpstream: tests/faults/execup.py, the execution log); redis-server
 (RedisServer: one server or sentinel; RedisTLSServer: one that speaks
 TLS only; RedisServers: the servers of one test, plain or all TLS, with
-start_sentinel() and start_cluster()); idemgate (Idemgate: one running instance;
-run_idemgate(): to completion; exit_code()); RawServer (a listener thread
+start_sentinel() and start_cluster()); idemgate (Idemgate: one running
+instance, whose -c file write_config() rewrites and check_config() checks
+as -t would; run_idemgate(): to completion; exit_code()); RawServer (a listener thread
 in this process for upstreams that misbehave on purpose); rss_kib() and
 fd_count() from /proc.
 """
@@ -93,6 +95,22 @@ def have_ipv6_loopback():
         return False
     finally:
         s.close()
+
+
+def non_loopback_ipv4():
+    """An IPv4 address of this host that is not loopback (the source
+    address of its default route), or None. A client connecting from it
+    to a listener on 0.0.0.0 is a non-loopback peer without leaving the
+    host."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # no packet is sent
+        addr = s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
 
 
 def port_open(port, host="127.0.0.1", timeout=0.2):
@@ -570,6 +588,27 @@ class Idemgate:
         code = self.proc.poll()
         raise RuntimeError("idemgate not listening on %d (exit %r); stderr:\n%s"
                            % (self.port, code, self.stderr()))
+
+    def write_config(self, cfg):
+        """Rewrites the -c file, as an operator does before a reload: cfg
+        a dict (written as JSON, and kept as .config) or a str (written as
+        it is: invalid JSON too). The new text replaces the file at once
+        (a temporary file renamed over it): a reader never sees half."""
+        tmp = self.config_path + ".new"
+        with open(tmp, "w") as f:
+            if isinstance(cfg, str):
+                f.write(cfg)
+            else:
+                json.dump(cfg, f, indent=2)
+        os.replace(tmp, self.config_path)
+        if not isinstance(cfg, str):
+            self.config = json.loads(json.dumps(cfg))
+
+    def check_config(self):
+        """`idemgate -t` on this instance's sources as they are now: its -c
+        file, the flags and the environment it was started with. Returns
+        the subprocess.CompletedProcess (text stdout/stderr)."""
+        return run_idemgate(self.args + ["-t"], env=self.env)
 
     def stderr(self):
         try:
