@@ -20,6 +20,7 @@
 #include "idemgate/admin/admin.h"
 #include "idemgate/config/config.h"
 #include "idemgate/core/log.h"
+#include "idemgate/proxy/gen.h"
 #include "idemgate/proxy/server.h"
 
 static const char usage_text[] =
@@ -294,6 +295,12 @@ static int run_healthcheck(const struct cfg_flags *flags, const char *addr)
     return 1;
 }
 
+/* POST /-/reload, on the admin thread. */
+static int main_reload(void *arg, char *err, size_t errlen, unsigned long *id)
+{
+    return server_reload(arg, err, errlen, id);
+}
+
 int main(int argc, char **argv)
 {
     struct cfg_flags flags;
@@ -303,25 +310,35 @@ int main(int argc, char **argv)
     if (rc >= 0) return rc;
     if (mode.healthcheck) return run_healthcheck(&flags, mode.health_addr);
 
-    struct cfg cfg;
     char err[512];
-    if (cfg_load(&cfg, &flags, err, sizeof(err)) != 0) {
-        fprintf(stderr, "%s\n", err);
-        return 2;
-    }
-    if (mode.dump) {
-        char *text = cfg_dump_json(&cfg, true);
-        fputs(text, stdout);
-        free(text);
+    if (mode.dump || mode.test_only) {
+        struct cfg cfg;
+        if (cfg_load(&cfg, &flags, err, sizeof(err)) != 0) {
+            fprintf(stderr, "%s\n", err);
+            return 2;
+        }
+        if (mode.dump) {
+            char *text = cfg_dump_json(&cfg, true);
+            fputs(text, stdout);
+            free(text);
+        } else {
+            printf("configuration ok\n");
+        }
         cfg_free(&cfg);
         return 0;
     }
-    if (mode.test_only) {
-        printf("configuration ok\n");
-        cfg_free(&cfg);
-        return 0;
+    struct gen *g = NULL;
+    rc = gen_load(&flags, NULL, &g, err, sizeof(err));
+    if (rc != 0) {
+        if (rc == 2)
+            fprintf(stderr, "%s\n", err);
+        else
+            log_msg(LOG_ERROR, "%s", err);
+        return rc;
     }
-    log_set_level((enum log_level)cfg.log_level);
+    /* The start values (main's reference until the workers run). */
+    const struct cfg *cfg = &g->cfg;
+    log_set_level((enum log_level)cfg->log_level);
     signal(SIGPIPE, SIG_IGN);
 
     /* Workers inherit this mask: only the main thread takes the signals. */
@@ -329,45 +346,56 @@ int main(int argc, char **argv)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
     /* The admin socket first: an instance that cannot bind it must fail
      * before it joins a shared proxy address and takes connections there. */
-    int admin_fd = cfg.admin_enabled ? admin_listen(&cfg) : -1;
-    if (cfg.admin_enabled && admin_fd < 0) {
-        cfg_free(&cfg);
+    bool admin_on = cfg->admin_enabled;
+    int admin_fd = admin_on ? admin_listen(cfg) : -1;
+    if (admin_on && admin_fd < 0) {
+        gen_unref(g);
         return 1;
     }
     struct server srv;
-    if (server_init(&srv, &cfg) != 0 || server_start(&srv) != 0) {
+    gen_ref(g); /* the server takes this one over; main keeps its own until the start line */
+    if (server_init(&srv, g, &flags) != 0 || server_start(&srv) != 0) {
         if (admin_fd >= 0) close(admin_fd);
         server_stop(&srv);
         server_free(&srv);
-        cfg_free(&cfg);
+        gen_unref(g);
         return 1;
     }
     struct admin *admin = NULL;
-    if (cfg.admin_enabled && !(admin = admin_start(&cfg, admin_fd, srv.mem))) {
+    if (admin_on && !(admin = admin_start(admin_fd, srv.mem, main_reload, &srv))) {
         server_stop(&srv);
         server_free(&srv);
-        cfg_free(&cfg);
+        gen_unref(g);
         return 1;
     }
     log_msg(LOG_INFO, "idemgate %s listening on %s, upstream %s%s, store %s, %d worker(s)",
-            IDEMGATE_VERSION, cfg.listen.text, cfg.upstream.servers[0].url.text,
-            cfg.upstream.n > 1 ? " (a group)" : "",
-            cfg.store == CFG_STORE_MEMORY ? "memory" : "redis", srv.n_workers);
+            IDEMGATE_VERSION, cfg->listen.text, cfg->upstream.servers[0].url.text,
+            cfg->upstream.n > 1 ? " (a group)" : "",
+            cfg->store == CFG_STORE_MEMORY ? "memory" : "redis", srv.n_workers);
+    gen_unref(g); /* the loops, the admin and the server hold theirs */
+    g = NULL;
+    cfg = NULL;
 
     int sig = 0;
-    sigwait(&set, &sig);
-    log_msg(LOG_INFO, "signal %d: draining (up to %d ms)", sig, cfg.limits.shutdown_grace_ms);
+    while (sigwait(&set, &sig) == 0 && sig == SIGHUP) {
+        unsigned long id;
+        server_reload(&srv, err, sizeof(err), &id); /* logged and counted there */
+    }
+    struct gen *cur = gen_current();
+    int grace_ms = cur->cfg.limits.shutdown_grace_ms;
+    gen_unref(cur);
+    log_msg(LOG_INFO, "signal %d: draining (up to %d ms)", sig, grace_ms);
     server_stop(&srv);
     admin_stop(admin);
     if (!server_free(&srv)) {
         log_msg(LOG_WARN, "exiting with requests still in flight");
         _exit(0);
     }
-    cfg_free(&cfg);
     log_msg(LOG_INFO, "stopped");
     return 0;
 }

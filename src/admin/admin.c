@@ -1,5 +1,9 @@
-/* admin.c — /healthz, /readyz and /metrics over evhttp on a thread of its
- * own. Owns its event_base, its evhttp and its store handle. */
+/* admin.c — /healthz, /readyz, /metrics, the keys API and /-/reload
+ * over evhttp on a thread of its own (docs/admin.md). Owns its event_base,
+ * its evhttp, its store handle and its references to the current
+ * configuration generation (the token and scope secret come from it) and
+ * to the one its store borrows (a new store when a reload changed the
+ * Redis settings, once no call of the old one is in flight). */
 #include "idemgate/admin/admin.h"
 
 #include <errno.h>
@@ -26,13 +30,19 @@
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/net/listen.h"
+#include "idemgate/proxy/gen.h"
 #include "idemgate/store/store.h"
 
 struct admin {
-    const struct cfg *cfg;
+    struct gen *gen;       /* the current generation, as last seen (a reference) */
+    const struct cfg *cfg; /* gen->cfg */
     struct event_base *base;
     struct evhttp *http;
     struct store *store;
+    struct gen *store_gen; /* the one store borrows (a reference) */
+    unsigned inflight;     /* store calls not yet answered */
+    admin_reload_fn *reload;
+    void *reload_arg;
     struct store_memory_shared *mem; /* borrowed; NULL with the Redis store */
     struct event *stop_ev;
     int stop_fd;
@@ -55,9 +65,39 @@ static void on_healthz(struct evhttp_request *req, void *arg)
     reply_text(req, 200, "OK", "text/plain", "ok\n", 3);
 }
 
+/* The current generation; a new store when the Redis settings changed and
+ * the old one has nothing in flight. */
+static void admin_refresh(struct admin *a)
+{
+    struct gen *g = gen_current();
+    if (!g) return;
+    if (g == a->gen) {
+        gen_unref(g);
+        return;
+    }
+    gen_unref(a->gen);
+    a->gen = g;
+    a->cfg = &g->cfg;
+    if (a->mem || a->inflight > 0 || cfg_section_equal(&a->store_gen->cfg, &g->cfg, "redis"))
+        return;
+    store_free(a->store);
+    gen_unref(a->store_gen);
+    gen_ref(g);
+    a->store_gen = g;
+    a->store = store_redis_new(a->base, &g->cfg, g->tls);
+}
+
+struct ping_call {
+    struct admin *a;
+    struct evhttp_request *req;
+};
+
 static void on_ping(void *arg, int status)
 {
-    struct evhttp_request *req = arg;
+    struct ping_call *pc = arg;
+    struct evhttp_request *req = pc->req;
+    pc->a->inflight--;
+    free(pc);
     if (status == 1)
         reply_text(req, 200, "OK", "text/plain", "ready\n", 6);
     else
@@ -67,7 +107,12 @@ static void on_ping(void *arg, int status)
 static void on_readyz(struct evhttp_request *req, void *arg)
 {
     struct admin *a = arg;
-    store_ping(a->store, on_ping, req);
+    admin_refresh(a);
+    struct ping_call *pc = malloc(sizeof(*pc));
+    if (!pc) abort();
+    *pc = (struct ping_call){a, req};
+    a->inflight++;
+    store_ping(a->store, on_ping, pc);
 }
 
 /* The memory store's own gauges and counters (its table, not requests):
@@ -135,14 +180,17 @@ static bool peer_is_loopback(struct evhttp_request *req)
     return false;
 }
 
-/* 0 when the request may use /keys, else the status it was answered. */
-static int keys_authorize(struct admin *a, struct evhttp_request *req)
+/* 0 when the request may use /keys or /-/reload (what), else the status
+ * it was answered. */
+static int admin_authorize(struct admin *a, struct evhttp_request *req, const char *what)
 {
     const char *token = a->cfg->admin_token;
     if (!token || !token[0]) {
         if (peer_is_loopback(req)) return 0;
-        reply_error(req, 403, "Forbidden",
-                    "/keys answers loopback clients only while admin.token is not set");
+        char msg[128];
+        snprintf(msg, sizeof(msg), "%s answers loopback clients only while admin.token is not set",
+                 what);
+        reply_error(req, 403, "Forbidden", msg);
         return 403;
     }
     const char *h = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
@@ -156,6 +204,7 @@ static int keys_authorize(struct admin *a, struct evhttp_request *req)
 }
 
 struct keys_call {
+    struct admin *a;
     struct evhttp_request *req;
     bool forget;
     char key[512];
@@ -249,6 +298,7 @@ static void keys_answer(struct keys_call *kc, const struct store_key_info *k)
 static void keys_redis_done(void *arg, const struct store_key_info *k)
 {
     struct keys_call *kc = arg;
+    kc->a->inflight--;
     keys_answer(kc, k);
     free(kc);
 }
@@ -278,7 +328,8 @@ static void on_keys(struct evhttp_request *req, void *arg)
         reply_error(req, 405, "Method Not Allowed", "GET or DELETE");
         return;
     }
-    if (keys_authorize(a, req)) return;
+    admin_refresh(a);
+    if (admin_authorize(a, req, "/keys")) return;
     size_t klen = 0;
     char *key = evhttp_uridecode(path + 6, 0, &klen);
     bool key_ok = key && klen >= 1 && klen <= 255;
@@ -318,6 +369,7 @@ static void on_keys(struct evhttp_request *req, void *arg)
     evhttp_clear_headers(&q);
     struct keys_call *kc = calloc(1, sizeof(*kc));
     if (!kc) abort();
+    kc->a = a;
     kc->req = req;
     kc->forget = cmd == EVHTTP_REQ_DELETE;
     int sl = snprintf(kc->key, sizeof(kc->key), "%s:%.*s", scope, (int)klen, key);
@@ -330,7 +382,36 @@ static void on_keys(struct evhttp_request *req, void *arg)
         free(kc);
         return;
     }
+    a->inflight++;
     store_redis_key(a->store, kc->key, (size_t)sl, prefix, kc->forget, keys_redis_done, kc);
+}
+
+/* POST /-/reload: as SIGHUP does; 200 with the new generation, or 400
+ * with the error (the line -t prints) and the old one kept. */
+static void on_reload(struct evhttp_request *req, void *arg)
+{
+    struct admin *a = arg;
+    admin_refresh(a);
+    if (evhttp_request_get_command(req) != EVHTTP_REQ_POST) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "POST");
+        reply_error(req, 405, "Method Not Allowed", "POST");
+        return;
+    }
+    if (admin_authorize(a, req, "/-/reload")) return;
+    char err[512] = "";
+    unsigned long id = 0;
+    bool ok = a->reload(a->reload_arg, err, sizeof(err), &id) == 0;
+    struct buf b;
+    buf_init(&b);
+    buf_printf(&b, "{\"result\": \"%s\", \"generation\": %lu", ok ? "ok" : "failed", id);
+    if (!ok) {
+        buf_append_str(&b, ", \"error\": \"");
+        buf_append_json_str(&b, err, strlen(err));
+        buf_append_str(&b, "\"");
+    }
+    buf_append_str(&b, "}\n");
+    reply_json(req, ok ? 200 : 400, ok ? "OK" : "Bad Request", &b);
+    buf_free(&b);
 }
 
 static void on_stop(evutil_socket_t fd, short what, void *arg)
@@ -352,6 +433,8 @@ static void admin_free(struct admin *a)
 {
     if (a->http) evhttp_free(a->http);
     if (a->store) store_free(a->store);
+    gen_unref(a->store_gen);
+    gen_unref(a->gen);
     if (a->stop_ev) event_free(a->stop_ev);
     if (a->stop_fd >= 0) close(a->stop_fd);
     if (a->base) event_base_free(a->base);
@@ -376,13 +459,18 @@ int admin_listen(const struct cfg *cfg)
     return fd;
 }
 
-struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_memory_shared *mem)
+struct admin *admin_start(int listen_fd, struct store_memory_shared *mem, admin_reload_fn *reload,
+                          void *reload_arg)
 {
     struct admin *a = calloc(1, sizeof(*a));
     if (!a) abort();
     a->stop_fd = -1;
     a->mem = mem;
-    a->cfg = cfg;
+    a->reload = reload;
+    a->reload_arg = reload_arg;
+    a->gen = gen_current();
+    a->cfg = &a->gen->cfg;
+    const struct cfg *cfg = a->cfg;
     struct event_config *ec = event_config_new();
     event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
     a->base = event_base_new_with_config(ec);
@@ -402,10 +490,13 @@ struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_mem
     evhttp_set_cb(a->http, "/healthz", on_healthz, a);
     evhttp_set_cb(a->http, "/readyz", on_readyz, a);
     evhttp_set_cb(a->http, "/metrics", on_metrics, a);
+    evhttp_set_cb(a->http, "/-/reload", on_reload, a);
     evhttp_set_gencb(a->http, on_keys, a);
+    gen_ref(a->gen);
+    a->store_gen = a->gen;
     a->store = cfg->store == CFG_STORE_MEMORY
                    ? store_memory_new(a->base, mem, cfg->redis.timeout_ms)
-                   : store_redis_new(a->base, cfg);
+                   : store_redis_new(a->base, cfg, a->gen->tls);
     a->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     a->stop_ev = event_new(a->base, a->stop_fd, EV_READ | EV_PERSIST, on_stop, a);
     event_add(a->stop_ev, NULL);

@@ -6,7 +6,7 @@
  * and scope headers that a proxy consumes), and the rules across sections
  * (Redis modes and their nodes, TLS certificate and key, a rediss://
  * store's CA bundle, loaded here through net/tls.h so that -t refuses what
- * tls_init would). Does not own: the check of each value on its own
+ * tls_set_new would). Does not own: the check of each value on its own
  * (values.c). Reads a struct cfg, changes nothing. */
 #include "internal.h"
 
@@ -77,7 +77,7 @@ int cfg_check_idem_policy(const struct cfg *c, const struct cfg_idem *m, const c
     return 0;
 }
 
-/* The client-facing certificate and key, loaded as tls_init will: each
+/* The client-facing certificate and key, loaded as tls_set_new will: each
  * file readable, then the pair matching. */
 static int cfg_check_server_tls(const struct cfg *c, struct cfg_err *e)
 {
@@ -114,7 +114,7 @@ int cfg_check_cross(const struct cfg *c, struct cfg_err *e)
     if (c->tls_cert_file && cfg_check_server_tls(c, e) < 0) return -1;
     if (cfg_check_redacted(c, e) < 0) return -1;
     /* Read only when the store will read it: redis store, rediss://, and
-     * verify (without it, tls_init never opens the file). */
+     * verify (without it, tls_set_new never opens the file). */
     const struct cfg_tls_client *t = &r->tls_client;
     if (c->store == CFG_STORE_REDIS && r->tls && t->verify && t->ca_file) {
         char why[256];

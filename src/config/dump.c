@@ -153,7 +153,8 @@ static cJSON *routes_json(const struct cfg *c, bool redact)
     return arr;
 }
 
-char *cfg_dump_json(const struct cfg *c, bool redact)
+/* The effective configuration as a tree: every section, then routes. */
+static cJSON *cfg_tree(const struct cfg *c, bool redact)
 {
     cJSON *root = cJSON_CreateObject();
     for (size_t s = 0; s < cfg_n_sections; s++) {
@@ -180,6 +181,48 @@ char *cfg_dump_json(const struct cfg *c, bool redact)
         cJSON_AddItemToObject(p, dot + 1, obj);
     }
     cJSON_AddItemToObject(root, "routes", routes_json(c, redact));
+    return root;
+}
+
+bool cfg_section_equal(const struct cfg *a, const struct cfg *b, const char *section)
+{
+    cJSON *ta = cfg_tree(a, false), *tb = cfg_tree(b, false);
+    bool same = cJSON_Compare(cJSON_GetObjectItemCaseSensitive(ta, section),
+                              cJSON_GetObjectItemCaseSensitive(tb, section), true);
+    cJSON_Delete(ta);
+    cJSON_Delete(tb);
+    return same;
+}
+
+size_t cfg_restart_changes(const struct cfg *a, const struct cfg *b, char *out, size_t outlen)
+{
+    cJSON *ta = cfg_tree(a, false), *tb = cfg_tree(b, false);
+    size_t n = 0, used = 0;
+    if (outlen) out[0] = '\0';
+    for (size_t s = 0; s < cfg_n_sections; s++) {
+        const struct cfg_section *sec = &cfg_sections[s];
+        const cJSON *sa = s == 0 ? ta : cJSON_GetObjectItemCaseSensitive(ta, sec->name);
+        const cJSON *sb = s == 0 ? tb : cJSON_GetObjectItemCaseSensitive(tb, sec->name);
+        for (size_t i = 0; i < sec->n; i++) {
+            if (!sec->opts[i].restart) continue;
+            const char *k = sec->opts[i].name;
+            if (cJSON_Compare(cJSON_GetObjectItemCaseSensitive(sa, k),
+                              cJSON_GetObjectItemCaseSensitive(sb, k), true))
+                continue;
+            int w = snprintf(out + used, outlen - used, "%s%s%s%s", n ? ", " : "", sec->name,
+                             s == 0 ? "" : ".", k);
+            if (w > 0 && (size_t)w < outlen - used) used += (size_t)w;
+            n++;
+        }
+    }
+    cJSON_Delete(ta);
+    cJSON_Delete(tb);
+    return n;
+}
+
+char *cfg_dump_json(const struct cfg *c, bool redact)
+{
+    cJSON *root = cfg_tree(c, redact);
     char *text = cJSON_Print(root);
     cJSON_Delete(root);
     if (!text) abort();

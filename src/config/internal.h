@@ -5,7 +5,7 @@
  * It lives next to the sources, not under include/idemgate/, because no
  * other module may see any of it: everything outside this folder (main.c,
  * the proxy, the store, the unit tests and the fuzzer) goes through
- * idemgate/config/config.h, and reads a frozen struct cfg, never a table
+ * idemgate/config/config.h, and reads a loaded, read-only struct cfg, never a table
  * or a setter. The tables and the setters change with the options, not
  * with that interface. Owns nothing.
  *
@@ -146,6 +146,7 @@ struct cfg_opt {
     long long min, max;
     const char *const *choices; /* OPT_ENUM, NULL-terminated */
     const char *def;            /* the default, as text */
+    bool restart;               /* applies at start only: a reload logs it as ignored */
 };
 
 /* One object of the file ("" for the top level) and its table. */

@@ -1,4 +1,4 @@
-/* load.c — builds the frozen struct cfg (docs/configuration.md):
+/* load.c — builds a read-only struct cfg (docs/configuration.md):
  * cfg_load and cfg_load_json.
  *
  * Owns: the order of the sources, built-in defaults < the JSON file < the

@@ -13,11 +13,17 @@
 
 #define OPT(n, k, s, f, lo, hi, ch, d)                                                             \
     {                                                                                              \
-        n, k, offsetof(s, f), lo, hi, ch, d                                                        \
+        n, k, offsetof(s, f), lo, hi, ch, d, false                                                 \
     }
 #define O_INT(s, f, lo, hi, d) OPT(#f, OPT_INT, s, f, lo, hi, NULL, d)
 #define O_U64(s, f, lo, hi, d) OPT(#f, OPT_U64, s, f, lo, hi, NULL, d)
 #define O_KIND(n, k, s, f, d) OPT(n, k, s, f, 0, 0, NULL, d)
+/* An option a reload cannot change (the process keeps the value it
+ * started with until the next start). */
+#define RESTART(n, k, s, f, lo, hi, ch, d)                                                         \
+    {                                                                                              \
+        n, k, offsetof(s, f), lo, hi, ch, d, true                                                  \
+    }
 #define O_ENUM(n, s, f, ch, d) OPT(n, OPT_ENUM, s, f, 0, 0, ch, d)
 
 static const char *const store_names[] = {"redis", "memory", NULL};
@@ -34,10 +40,10 @@ _Static_assert(sizeof(enum cfg_log_level) == sizeof(int), "enums are stored thro
 _Static_assert(sizeof(enum cfg_unknown) == sizeof(int), "enums are stored through int *");
 
 static const struct cfg_opt top_opts[] = {
-    O_KIND("listen", OPT_ADDR, struct cfg, listen, "0.0.0.0:8080"),
-    O_INT(struct cfg, workers, 0, 1024, "0"),
+    RESTART("listen", OPT_ADDR, struct cfg, listen, 0, 0, NULL, "0.0.0.0:8080"),
+    RESTART("workers", OPT_INT, struct cfg, workers, 0, 1024, NULL, "0"),
     O_KIND("upstream", OPT_UPSTREAM, struct cfg, upstream, "http://127.0.0.1:9000"),
-    O_ENUM("store", struct cfg, store, store_names, "redis"),
+    RESTART("store", OPT_ENUM, struct cfg, store, 0, 0, store_names, "redis"),
     O_ENUM("error_format", struct cfg, error_format, errfmt_names, "json"),
 };
 
@@ -100,7 +106,7 @@ static const struct cfg_opt limits_opts[] = {
 };
 
 static const struct cfg_opt admin_opts[] = {
-    O_KIND("listen", OPT_ADMIN, struct cfg, admin_listen, "127.0.0.1:9091"),
+    RESTART("listen", OPT_ADMIN, struct cfg, admin_listen, 0, 0, NULL, "127.0.0.1:9091"),
     O_KIND("token", OPT_OPTSTR, struct cfg, admin_token, ""),
 };
 

@@ -1,4 +1,4 @@
-/* tls.c — the process's OpenSSL contexts: the server one (HTTPS from
+/* tls.c — one configuration's OpenSSL contexts (struct tls_set): the server one (HTTPS from
  * clients, tls.cert_file/key_file), the upstream client one (https://
  * upstreams, upstream_tls.*) and the Redis client one (a rediss:// store,
  * redis.tls.*), and the per-connection SSL objects made from them. Both
@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -23,11 +24,14 @@
 
 #include "idemgate/config/config.h"
 
-/* Built before the workers start, then only read (SSL_new is thread-safe
+/* A set is built (tls_set_new) before the loops use it, then only read (SSL_new is thread-safe
  * on a context nobody changes). */
-static SSL_CTX *tls_server_ctx;
-static SSL_CTX *tls_client_ctx; /* https:// upstreams */
-static SSL_CTX *tls_redis_ctx;  /* a rediss:// store */
+struct tls_set {
+    const struct cfg *cfg; /* borrowed: the names and verify settings */
+    SSL_CTX *server;       /* tls.cert_file/key_file */
+    SSL_CTX *client;       /* https:// upstreams */
+    SSL_CTX *redis;        /* a rediss:// store */
+};
 
 /* ALPN wire format: length-prefixed names. */
 static const unsigned char tls_alpn_http11[] = "\x08http/1.1";
@@ -135,7 +139,7 @@ static enum tls_pair tls_use_pair(SSL_CTX *ctx, const char *cert, const char *ke
     return TLS_PAIR_OK;
 }
 
-static int tls_server_init(const struct cfg *cfg, char *err, size_t errlen)
+static int tls_server_init(struct tls_set *t, const struct cfg *cfg, char *err, size_t errlen)
 {
     char why[512];
     SSL_CTX *ctx = tls_ctx_new(TLS_server_method());
@@ -165,7 +169,7 @@ static int tls_server_init(const struct cfg *cfg, char *err, size_t errlen)
     SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
     SSL_CTX_set_num_tickets(ctx, 1);
     SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, NULL);
-    tls_server_ctx = ctx;
+    t->server = ctx;
     return 0;
 }
 
@@ -257,14 +261,14 @@ static SSL_CTX *tls_client_ctx_new(const struct cfg_tls_client *t, const char *w
     return ctx;
 }
 
-static int tls_client_init(const struct cfg *cfg, char *err, size_t errlen)
+static int tls_client_init(struct tls_set *t, const struct cfg *cfg, char *err, size_t errlen)
 {
     SSL_CTX *ctx = tls_client_ctx_new(&cfg->upstream_tls, "upstream CA", err, errlen);
     if (!ctx) return -1;
     SSL_CTX_set_alpn_protos(ctx, tls_alpn_http11, sizeof(tls_alpn_http11) - 1);
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(ctx, tls_client_new_session);
-    tls_client_ctx = ctx;
+    t->client = ctx;
     return 0;
 }
 
@@ -276,11 +280,11 @@ static bool tls_redis_wanted(const struct cfg *cfg)
 
 /* The Redis context: no ALPN (Redis has no protocol id), no session
  * resumption (its connections are long-lived and few). */
-static int tls_redis_init(const struct cfg *cfg, char *err, size_t errlen)
+static int tls_redis_init(struct tls_set *t, const struct cfg *cfg, char *err, size_t errlen)
 {
     SSL_CTX *ctx = tls_client_ctx_new(&cfg->redis.tls_client, "Redis CA", err, errlen);
     if (!ctx) return -1;
-    tls_redis_ctx = ctx;
+    t->redis = ctx;
     return 0;
 }
 
@@ -296,37 +300,38 @@ int tls_check_ca_file(const char *path, char *why, size_t whylen)
     return ok == 1 ? 0 : -1;
 }
 
-int tls_init(const struct cfg *cfg, char *err, size_t errlen)
+struct tls_set *tls_set_new(const struct cfg *cfg, char *err, size_t errlen)
 {
-    tls_free();
-    if (cfg->tls_cert_file && cfg->tls_key_file && tls_server_init(cfg, err, errlen) < 0) return -1;
-    if ((tls_any_https(cfg) && tls_client_init(cfg, err, errlen) < 0) ||
-        (tls_redis_wanted(cfg) && tls_redis_init(cfg, err, errlen) < 0)) {
-        tls_free();
-        return -1;
+    struct tls_set *t = calloc(1, sizeof(*t));
+    if (!t) abort();
+    t->cfg = cfg;
+    if ((cfg->tls_cert_file && cfg->tls_key_file && tls_server_init(t, cfg, err, errlen) < 0) ||
+        (tls_any_https(cfg) && tls_client_init(t, cfg, err, errlen) < 0) ||
+        (tls_redis_wanted(cfg) && tls_redis_init(t, cfg, err, errlen) < 0)) {
+        tls_set_free(t);
+        return NULL;
     }
-    return 0;
+    return t;
 }
 
-void tls_free(void)
+void tls_set_free(struct tls_set *t)
 {
-    SSL_CTX_free(tls_server_ctx);
-    SSL_CTX_free(tls_client_ctx);
-    SSL_CTX_free(tls_redis_ctx);
-    tls_server_ctx = NULL;
-    tls_client_ctx = NULL;
-    tls_redis_ctx = NULL;
+    if (!t) return;
+    SSL_CTX_free(t->server);
+    SSL_CTX_free(t->client);
+    SSL_CTX_free(t->redis);
+    free(t);
 }
 
-bool tls_server_enabled(void)
+bool tls_server_enabled(const struct tls_set *t)
 {
-    return tls_server_ctx != NULL;
+    return t && t->server != NULL;
 }
 
-SSL *tls_server_new(void)
+SSL *tls_server_new(const struct tls_set *t)
 {
-    if (!tls_server_ctx) return NULL;
-    SSL *ssl = SSL_new(tls_server_ctx);
+    if (!tls_server_enabled(t)) return NULL;
+    SSL *ssl = SSL_new(t->server);
     if (ssl) SSL_set_accept_state(ssl);
     return ssl;
 }
@@ -364,10 +369,10 @@ static SSL *tls_client_ssl_new(SSL_CTX *ctx, const struct cfg_tls_client *t, con
     return ssl;
 }
 
-SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSION **session_slot)
+SSL *tls_client_new(const struct tls_set *t, const struct cfg_url *url, SSL_SESSION **session_slot)
 {
-    if (!tls_client_ctx) return NULL;
-    SSL *ssl = tls_client_ssl_new(tls_client_ctx, &cfg->upstream_tls, url->host);
+    if (!t || !t->client) return NULL;
+    SSL *ssl = tls_client_ssl_new(t->client, &t->cfg->upstream_tls, url->host);
     if (!ssl) return NULL;
     SSL_set_app_data(ssl, session_slot);
     if (session_slot && *session_slot && SSL_SESSION_is_resumable(*session_slot))
@@ -375,13 +380,13 @@ SSL *tls_client_new(const struct cfg *cfg, const struct cfg_url *url, SSL_SESSIO
     return ssl;
 }
 
-bool tls_redis_enabled(void)
+bool tls_redis_enabled(const struct tls_set *t)
 {
-    return tls_redis_ctx != NULL;
+    return t && t->redis != NULL;
 }
 
-SSL *tls_redis_new(const struct cfg *cfg, const char *host)
+SSL *tls_redis_new(const struct tls_set *t, const char *host)
 {
-    if (!tls_redis_ctx) return NULL;
-    return tls_client_ssl_new(tls_redis_ctx, &cfg->redis.tls_client, host);
+    if (!tls_redis_enabled(t)) return NULL;
+    return tls_client_ssl_new(t->redis, &t->cfg->redis.tls_client, host);
 }

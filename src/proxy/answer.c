@@ -83,7 +83,7 @@ void answer_error(struct exchange *ex, enum err_code e, bool replayed)
     http1_write_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
     if (replayed) buf_append_str(o, "Idempotent-Replayed: true\r\n");
     answer_connection(ex, o);
-    answer_error_rest(o, ex->loop->cfg, ex->idem_cfg, e, status);
+    answer_error_rest(o, ex->cfg, ex->idem_cfg, e, status);
     exchange_answered(ex);
 }
 

@@ -21,6 +21,7 @@
 #include "idemgate/net/tls.h"
 #include "idemgate/proxy/access.h"
 #include "idemgate/proxy/exchange.h"
+#include "idemgate/proxy/gen.h"
 #include "idemgate/proxy/loop.h"
 
 /* Stop reading the upstream while this much waits for a slow client. */
@@ -87,8 +88,9 @@ void client_accept(struct loop *l, int fd, const char *peer)
     }
     cl->c.rd_ready = false; /* wait for the first edge */
     cl->c.pool = &l->bufs;
-    if (tls_server_enabled()) {
-        struct ssl_st *ssl = tls_server_new();
+    const struct tls_set *tls = l->gen->gen->tls;
+    if (tls_server_enabled(tls)) {
+        struct ssl_st *ssl = tls_server_new(tls);
         if (!ssl) abort(); /* out of memory */
         conn_set_tls(&cl->c, ssl);
         cl->tls = true;

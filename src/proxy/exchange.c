@@ -54,7 +54,7 @@ static void ex_access_log(struct exchange *ex)
     struct access_fields f = {ex->request_id, ex->request_id_len, ex->head.method, ex->head.target,
                               ex->status,     ex->idem.outcome,   ex->start_ms,    ex->upstream_ms};
     struct buf b;
-    if (!access_begin(ex->loop->cfg, &f, &b)) return;
+    if (!access_begin(ex->cfg, &f, &b)) return;
     if (ex->server_addr) log_kv_str(&b, "upstream_addr", ex->server_addr, strlen(ex->server_addr));
     if (ex->tries > 1) log_kv_int(&b, "upstream_tries", (long long)ex->tries);
     const char *scope, *key;
@@ -94,6 +94,8 @@ static void ex_free(struct exchange *ex)
     buf_free(&ex->req);
     buf_free(&ex->body_buf);
     buf_free(&ex->target);
+    loop_gen_unref(ex->gen);
+    ex->gen = NULL;
     l->n_exchanges--;
     /* Keep a few, timers included, for the next requests: no per-request
      * malloc of the ~7 KiB exchange or of its two timers. */
@@ -335,21 +337,24 @@ void exchange_start(struct client *cl)
     ex->state = EX_NEW;
     metrics_state_move(METRICS_SET_EXCHANGE, -1, EX_NEW);
     ex->start_ms = clock_now_ms();
+    ex->gen = loop_gen_ref(l);
+    ex->cfg = ex->gen->cfg;
     buf_init(&ex->req);
     buf_init(&ex->body_buf);
     buf_init(&ex->target);
     ex_take_request(ex, cl);
-    const struct cfg *cfg = l->cfg;
+    const struct cfg *cfg = ex->cfg;
     const struct cfg_route *route = cfg_route_for(cfg, ex->head.target.p, ex->head.target.n);
     ex->idem_cfg = route ? &route->idem : &cfg->idem;
-    ex->group = &l->groups[route ? upstream_group_index(cfg, (size_t)(route - cfg->routes)) : 0];
+    ex->group =
+        &ex->gen->groups[route ? upstream_group_index(cfg, (size_t)(route - cfg->routes)) : 0];
     ex->server = NULL;
     ex->tries = 0;
     ex->server_reported = true;
     ex->server_addr = NULL;
     cl->ex = ex;
     client_set_state(cl, CLIENT_BUSY);
-    idem_init(&ex->idem, &l->idem_env, &ex_host_ops, ex);
+    idem_init(&ex->idem, &ex->gen->idem_env, &ex_host_ops, ex);
     struct idem_request req = {&ex->head, ex->body, ex->body_len, ex->request_id,
                                ex->request_id_len};
     idem_start(&ex->idem, ex->idem_cfg, cfg->redis.failure_mode == CFG_FAIL_OPEN, &req);

@@ -23,6 +23,7 @@
 #include "idemgate/proxy/answer.h"
 #include "idemgate/proxy/client.h"
 #include "idemgate/proxy/exchange.h"
+#include "idemgate/proxy/gen.h"
 #include "idemgate/proxy/loop.h"
 #include "idemgate/proxy/upstream.h"
 
@@ -99,7 +100,7 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
         buf_append(o, ", ", 2);
     }
     /* A client gone before forwarding was HTTPS when the listener is. */
-    bool tls = cl ? cl->tls : tls_server_enabled();
+    bool tls = cl ? cl->tls : tls_server_enabled(ex->gen->gen->tls);
     buf_append_str(o, tls ? "https\r\n" : "http\r\n");
     buf_free(&xffv);
     if (!ex->request_id_from_client)
@@ -164,7 +165,7 @@ static bool ex_try(struct exchange *ex)
     exchange_ref(ex);
     conn_set_cb(&u->c, ex_up_event, ex);
     ex_build_upstream_request(ex, conn_outbuf(&u->c));
-    const struct cfg_limits *lim = &ex->loop->cfg->limits;
+    const struct cfg_limits *lim = &ex->cfg->limits;
     if (!u->connected) {
         /* Still connecting: the body waits in out (one copy). */
         buf_append(&u->c.out, ex->body, ex->body_len);
@@ -346,7 +347,7 @@ static int ex_parse_response_head(struct exchange *ex)
     for (;;) {
         bool head_req = http1_slice_ieq(ex->head.method, "HEAD");
         long n = http1_parse_response(buf_data(&u->c.in), buf_size(&u->c.in),
-                                      ex->loop->cfg->limits.max_header_bytes, head_req, &ex->rhead);
+                                      ex->cfg->limits.max_header_bytes, head_req, &ex->rhead);
         if (n == HTTP1_INCOMPLETE) {
             if (u->c.eof || u->c.err) {
                 /* Some bytes of a head: the upstream ran and its answer
@@ -441,16 +442,15 @@ static void ex_up_read(struct exchange *ex)
         if (streaming(ex) && ex_client_backlogged(ex)) return;
         /* Before the head is parsed, room for the largest head allowed. */
         size_t limit = UPSTREAM_FILL;
-        if (!streaming(ex) && ex->loop->cfg->limits.max_header_bytes + 1 > limit)
-            limit = (size_t)ex->loop->cfg->limits.max_header_bytes + 1;
+        if (!streaming(ex) && ex->cfg->limits.max_header_bytes + 1 > limit)
+            limit = (size_t)ex->cfg->limits.max_header_bytes + 1;
         size_t got = conn_fill(&u->c, limit);
         if (got == 0 && buf_size(&u->c.in) == 0 && !u->c.eof && !u->c.err) return;
         if (!streaming(ex)) {
             int r = ex_parse_response_head(ex);
             if (r <= 0) return;
         }
-        if (got > 0 && streaming(ex))
-            ex_arm_up_timer(ex, ex->loop->cfg->limits.upstream_timeout_ms);
+        if (got > 0 && streaming(ex)) ex_arm_up_timer(ex, ex->cfg->limits.upstream_timeout_ms);
         int r = ex_pump_body(ex);
         if (r < 0) return;
         if (r == 1) {
@@ -475,7 +475,7 @@ static void ex_up_event(struct conn *c, short what, void *arg)
             return;
         }
         if (!u->connected) return;
-        ex_arm_up_timer(ex, ex->loop->cfg->limits.upstream_timeout_ms);
+        ex_arm_up_timer(ex, ex->cfg->limits.upstream_timeout_ms);
     }
     if ((what & EV_WRITE) || buf_size(&u->c.out) > 0) {
         size_t pending = buf_size(&u->c.out);

@@ -35,7 +35,7 @@
 #include "idemgate/store/store.h"
 #include "idemgate/core/clock.h"
 #include "idemgate/net/listen.h"
-#include "idemgate/net/tls.h"
+#include "idemgate/proxy/gen.h"
 #include "idemgate/proxy/upstream.h"
 
 #define ACCEPT_BATCH 64
@@ -139,15 +139,46 @@ static void worker_stop(evutil_socket_t fd, short what, void *arg)
     loop_maybe_idle(&w->loop);
 }
 
+/* A reload was published: new requests of this loop get it. */
+static void worker_reload(evutil_socket_t fd, short what, void *arg)
+{
+    (void)what;
+    struct worker *w = arg;
+    uint64_t v;
+    if (read(fd, &v, sizeof(v)) < 0) { /* nothing to do: the wakeup is what counts */
+    }
+    struct gen *g = gen_current();
+    if (g) loop_set_gen(&w->loop, g);
+    gen_unref(g);
+    pthread_mutex_lock(&w->srv->ack_mu);
+    w->srv->acks++;
+    pthread_cond_signal(&w->srv->ack_cv);
+    pthread_mutex_unlock(&w->srv->ack_mu);
+}
+
+/* Waits (up to a second: a worker that is leaving may not answer) until
+ * every worker runs new requests on the published generation. */
+static void server_wait_workers(struct server *srv)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 1;
+    pthread_mutex_lock(&srv->ack_mu);
+    while (srv->acks < srv->n_workers &&
+           pthread_cond_timedwait(&srv->ack_cv, &srv->ack_mu, &until) == 0) {
+    }
+    pthread_mutex_unlock(&srv->ack_mu);
+}
+
 /* Takes ownership of listen_fd. */
 static int worker_init(struct server *srv, struct worker *w, int id, int listen_fd, char *err,
                        size_t errlen)
 {
-    const struct cfg *cfg = srv->cfg;
     w->id = id;
     w->srv = srv;
     w->listen_fd = -1;
     w->stop_fd = -1;
+    w->reload_fd = -1;
     struct event_config *ec = event_config_new();
     event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
     event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
@@ -164,29 +195,27 @@ static int worker_init(struct server *srv, struct worker *w, int id, int listen_
     w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     w->stop_ev = event_new(base, w->stop_fd, EV_READ | EV_PERSIST, worker_stop, w);
     event_add(w->stop_ev, NULL);
-    struct store *store = cfg->store == CFG_STORE_MEMORY
-                              ? store_memory_new(base, srv->mem, cfg->redis.timeout_ms)
-                              : store_redis_new(base, cfg);
-    loop_init(&w->loop, id, srv->boot_id, cfg, base, store, &srv->connections);
+    w->reload_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    w->reload_ev = event_new(base, w->reload_fd, EV_READ | EV_PERSIST, worker_reload, w);
+    event_add(w->reload_ev, NULL);
+    loop_init(&w->loop, id, srv->boot_id, srv->gen, base, srv->mem, &srv->connections);
     w->loop.on_idle = worker_idle;
     w->loop.idle_arg = w;
     return 0;
 }
 
-int server_init(struct server *srv, const struct cfg *cfg)
+int server_init(struct server *srv, struct gen *g, const struct cfg_flags *flags)
 {
     memset(srv, 0, sizeof(*srv));
-    srv->cfg = cfg;
+    srv->gen = g;
+    srv->flags = flags;
+    pthread_mutex_init(&srv->reload_mu, NULL);
+    pthread_mutex_init(&srv->ack_mu, NULL);
+    pthread_cond_init(&srv->ack_cv, NULL);
+    gen_publish(g);
+    const struct cfg *cfg = &g->cfg;
     atomic_init(&srv->connections, 0);
     char err[512];
-    if (tls_init(cfg, err, sizeof(err)) < 0) {
-        log_msg(LOG_ERROR, "%s", err);
-        return -1;
-    }
-    if (upstream_groups_init(cfg, err, sizeof(err)) < 0) {
-        log_msg(LOG_ERROR, "%s", err);
-        return -1;
-    }
     if (RAND_bytes((unsigned char *)&srv->boot_id, sizeof(srv->boot_id)) != 1) abort();
     if (cfg->store == CFG_STORE_MEMORY)
         srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,
@@ -272,11 +301,13 @@ static bool worker_free(struct worker *w)
     while (!TAILQ_EMPTY(&w->loop.clients))
         client_close(TAILQ_FIRST(&w->loop.clients));
     if (w->loop.n_exchanges > 0) return false;
-    if (w->loop.groups) loop_free(&w->loop);
+    if (w->loop.gen) loop_free(&w->loop);
     if (w->listen_ev) event_free(w->listen_ev);
     if (w->listen_fd >= 0) close(w->listen_fd);
     if (w->stop_ev) event_free(w->stop_ev);
     if (w->stop_fd >= 0) close(w->stop_fd);
+    if (w->reload_ev) event_free(w->reload_ev);
+    if (w->reload_fd >= 0) close(w->reload_fd);
     if (w->grace_ev) event_free(w->grace_ev);
     if (w->loop.base) event_base_free(w->loop.base);
     return true;
@@ -289,12 +320,57 @@ bool server_free(struct server *srv)
         if (srv->workers[i].started) pthread_join(srv->workers[i].thread, NULL);
     for (int i = 0; i < srv->n_workers; i++)
         if (!worker_free(&srv->workers[i])) clean = false;
-    /* Connections left over hold their own references to the contexts. */
-    tls_free();
     if (!clean) return false; /* exiting anyway: leave the rest to the OS */
-    upstream_groups_free();
+    gen_retire_current();
+    gen_unref(srv->gen);
+    srv->gen = NULL;
+    pthread_mutex_destroy(&srv->reload_mu);
+    pthread_mutex_destroy(&srv->ack_mu);
+    pthread_cond_destroy(&srv->ack_cv);
     free(srv->workers);
     listen_claim_free(srv->claim);
     if (srv->mem) store_memory_shared_free(srv->mem);
     return true;
+}
+
+/* The restart-only keys keep their start values: the memory store's
+ * table, the listeners and the workers stay as they are. */
+int server_reload(struct server *srv, char *err, size_t errlen, unsigned long *id)
+{
+    pthread_mutex_lock(&srv->reload_mu);
+    struct gen *old = srv->gen, *g = NULL;
+    int rc = gen_load(srv->flags, old, &g, err, errlen);
+    if (rc != 0) {
+        metrics_add(M_RELOADS, METRICS_RELOAD_FAILED, 1);
+        log_msg(LOG_ERROR, "reload failed, configuration kept (generation %lu): %s", old->id, err);
+        *id = old->id;
+        pthread_mutex_unlock(&srv->reload_mu);
+        return -1;
+    }
+    char keys[256];
+    if (cfg_restart_changes(&old->cfg, &g->cfg, keys, sizeof(keys)) > 0)
+        for (char *save = NULL, *k = strtok_r(keys, ", ", &save); k;
+             k = strtok_r(NULL, ", ", &save))
+            log_msg(LOG_WARN, "reload: %s changed: ignored until the next start", k);
+    log_set_level((enum log_level)g->cfg.log_level);
+    if (srv->mem)
+        store_memory_shared_set_bounds(srv->mem, g->cfg.memory_max_bytes,
+                                       g->cfg.memory_max_scope_bytes);
+    gen_publish(g);
+    srv->gen = g;
+    pthread_mutex_lock(&srv->ack_mu);
+    srv->acks = 0;
+    pthread_mutex_unlock(&srv->ack_mu);
+    uint64_t one = 1;
+    for (int i = 0; i < srv->n_workers; i++)
+        if (srv->workers[i].reload_fd >= 0 &&
+            write(srv->workers[i].reload_fd, &one, sizeof(one)) < 0)
+            log_msg(LOG_ERROR, "cannot signal worker %d", i);
+    server_wait_workers(srv);
+    metrics_add(M_RELOADS, METRICS_RELOAD_OK, 1);
+    log_msg(LOG_INFO, "reload: generation %lu", g->id);
+    *id = g->id;
+    gen_unref(old); /* the server's; loops and exchanges hold their own */
+    pthread_mutex_unlock(&srv->reload_mu);
+    return 0;
 }

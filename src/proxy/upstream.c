@@ -43,6 +43,7 @@ void upstream_pool_init(struct upstream_pool *p, struct loop *l, const struct cf
     p->max_idle = UPSTREAM_MAX_IDLE_CONNS;
     p->addr_len = 0;
     p->tls_session = NULL;
+    p->tls = NULL;
 }
 
 static void upconn_free(struct upconn *u)
@@ -177,7 +178,7 @@ void upstream_put(struct upconn *u, bool reusable)
 static int upstream_tls_start(struct upconn *u)
 {
     struct upstream_pool *p = u->pool;
-    SSL *ssl = tls_client_new(p->loop->cfg, p->url, &p->tls_session);
+    SSL *ssl = tls_client_new(p->tls, p->url, &p->tls_session);
     if (!ssl) {
         log_msg(LOG_ERROR, "upstream %s: cannot start TLS", p->url->text);
         return ENOMEM;
@@ -233,8 +234,10 @@ struct upstream_reg {
     size_t n;
 };
 
-static struct upstream_reg *regs;
-static size_t n_regs;
+struct upstream_registry {
+    struct upstream_reg *regs; /* [0] the global upstream, then routes' own */
+    size_t n;
+};
 
 static void peer_name(struct upstream_peer *p, const struct sockaddr *sa)
 {
@@ -311,10 +314,11 @@ static void reg_build(struct upstream_reg *r, const char *name, const struct cfg
         reg_add_server(r, &u->servers[i], name);
 }
 
-/* The metrics of every server: one sample per (group, server). */
-static void upstream_series(struct buf *out, enum metrics_id id, const char *name)
+void upstream_registry_series(const struct upstream_registry *reg, struct buf *out,
+                              enum metrics_id id, const char *name)
 {
-    for (size_t g = 0; g < n_regs; g++)
+    const struct upstream_reg *regs = reg->regs;
+    for (size_t g = 0; g < reg->n; g++)
         for (size_t i = 0; i < regs[g].n; i++) {
             const struct upstream_peer *p = &regs[g].peers[i];
             long long v = id == M_UPSTREAM_SERVER_UP
@@ -338,43 +342,61 @@ size_t upstream_group_index(const struct cfg *cfg, size_t route_index)
     return route_index < cfg->n_routes && cfg->routes[route_index].upstream_own ? g : 0;
 }
 
-int upstream_groups_init(const struct cfg *cfg, char *err, size_t errlen)
+/* The same server of the same group in prev, or NULL. */
+static const struct upstream_peer *reg_find_peer(const struct upstream_registry *prev,
+                                                 const char *group, const char *name)
 {
-    (void)err;
-    (void)errlen;
-    upstream_groups_free();
+    for (size_t g = 0; prev && g < prev->n; g++) {
+        if (strcmp(prev->regs[g].name, group) != 0) continue;
+        for (size_t i = 0; i < prev->regs[g].n; i++)
+            if (strcmp(prev->regs[g].peers[i].name, name) == 0) return &prev->regs[g].peers[i];
+    }
+    return NULL;
+}
+
+struct upstream_registry *upstream_registry_new(const struct cfg *cfg,
+                                                const struct upstream_registry *prev)
+{
+    struct upstream_registry *reg = calloc(1, sizeof(*reg));
+    if (!reg) abort();
     size_t n = 1;
     for (size_t i = 0; i < cfg->n_routes; i++)
         if (cfg->routes[i].upstream_own) n++;
-    regs = calloc(n, sizeof(*regs));
-    if (!regs) abort();
-    reg_build(&regs[0], "default", &cfg->upstream);
-    n_regs = 1;
+    reg->regs = calloc(n, sizeof(*reg->regs));
+    if (!reg->regs) abort();
+    reg_build(&reg->regs[0], "default", &cfg->upstream);
+    reg->n = 1;
     for (size_t i = 0; i < cfg->n_routes; i++)
         if (cfg->routes[i].upstream_own)
-            reg_build(&regs[n_regs++], cfg->routes[i].prefix, &cfg->routes[i].upstream);
-    metrics_set_series(upstream_series);
-    return 0;
+            reg_build(&reg->regs[reg->n++], cfg->routes[i].prefix, &cfg->routes[i].upstream);
+    /* a counter goes on across a reload: Prometheus sees no reset */
+    for (size_t g = 0; g < reg->n; g++)
+        for (size_t i = 0; i < reg->regs[g].n; i++) {
+            struct upstream_peer *p = &reg->regs[g].peers[i];
+            const struct upstream_peer *old = reg_find_peer(prev, reg->regs[g].name, p->name);
+            if (old) atomic_store(&p->failures, atomic_load(&old->failures));
+        }
+    return reg;
 }
 
-void upstream_groups_free(void)
+void upstream_registry_free(struct upstream_registry *reg)
 {
-    metrics_set_series(NULL);
-    for (size_t i = 0; i < n_regs; i++)
-        free(regs[i].peers);
-    free(regs);
-    regs = NULL;
-    n_regs = 0;
+    if (!reg) return;
+    for (size_t i = 0; i < reg->n; i++)
+        free(reg->regs[i].peers);
+    free(reg->regs);
+    free(reg);
 }
 
-size_t upstream_groups_count(void)
+size_t upstream_registry_count(const struct upstream_registry *reg)
 {
-    return n_regs;
+    return reg->n;
 }
 
-void upstream_group_init(struct upstream_group *g, struct loop *l, size_t i)
+void upstream_group_init(struct upstream_group *g, struct loop *l,
+                         const struct upstream_registry *reg, size_t i, const struct tls_set *tls)
 {
-    const struct upstream_reg *r = &regs[i];
+    const struct upstream_reg *r = &reg->regs[i];
     memset(g, 0, sizeof(*g));
     g->name = r->name;
     g->cfg = r->cfg;
@@ -387,6 +409,7 @@ void upstream_group_init(struct upstream_group *g, struct loop *l, size_t i)
         struct upstream_server *s = &g->servers[k];
         const struct upstream_peer *p = &r->peers[k];
         upstream_pool_init(&s->pool, l, &p->srv->url);
+        s->pool.tls = tls;
         if (p->addr_len) {
             memcpy(&s->pool.addr, &p->addr, p->addr_len);
             s->pool.addr_len = p->addr_len;
@@ -412,6 +435,52 @@ void upstream_group_free(struct upstream_group *g)
     free(g->servers);
     g->servers = NULL;
     g->n = 0;
+}
+
+/* One server's health, its idle connections (plain http: an https one
+ * was verified under the settings of its own generation) from old to s. */
+static void server_adopt(struct upstream_server *s, struct upstream_server *old)
+{
+    s->fails = old->fails;
+    s->window_ms = old->window_ms;
+    s->down_since_ms = old->down_since_ms;
+    s->retry_ms = old->retry_ms;
+    if (old->down && !s->down) {
+        s->down = true;
+        atomic_fetch_add_explicit(&((struct upstream_peer *)s->peer)->down, 1,
+                                  memory_order_relaxed);
+    }
+    if (old->down) {
+        old->down = false;
+        atomic_fetch_sub_explicit(&((struct upstream_peer *)old->peer)->down, 1,
+                                  memory_order_relaxed);
+    }
+    if (s->url->tls) return;
+    struct upstream_pool *from = &old->pool, *to = &s->pool;
+    while (from->idle && to->n_idle < to->max_idle) {
+        struct upconn *u = from->idle;
+        from->idle = u->next;
+        from->n_idle--;
+        u->pool = to;
+        u->next = to->idle;
+        to->idle = u;
+        to->n_idle++;
+    }
+}
+
+void upstream_groups_adopt(struct upstream_group *groups, size_t n, struct upstream_group *old,
+                           size_t n_old)
+{
+    for (size_t g = 0; g < n; g++)
+        for (size_t o = 0; o < n_old; o++) {
+            if (strcmp(groups[g].name, old[o].name) != 0) continue;
+            for (size_t k = 0; k < groups[g].n; k++)
+                for (size_t j = 0; j < old[o].n; j++) {
+                    struct upstream_server *s = &groups[g].servers[k], *os = &old[o].servers[j];
+                    if (strcmp(s->name, os->name) == 0 && strcmp(s->url->text, os->url->text) == 0)
+                        server_adopt(s, os);
+                }
+        }
 }
 
 static bool was_tried(const struct upstream_server *s, struct upstream_server *const *tried,

@@ -130,6 +130,7 @@ struct ctx {
     struct cfg cfg;
     struct store_memory_shared *sh;
     struct store *st;
+    struct tls_set *tls; /* rediss:// cases only */
 };
 
 static void fill_cfg(struct cfg *c)
@@ -145,7 +146,7 @@ static void fill_cfg(struct cfg *c)
 
 static struct store *ctx_new_store(struct ctx *c)
 {
-    if (c->be->redis) return store_redis_new(c->base, &c->cfg);
+    if (c->be->redis) return store_redis_new(c->base, &c->cfg, c->tls);
     return store_memory_new(c->base, c->sh, c->cfg.redis.timeout_ms);
 }
 
@@ -1511,7 +1512,7 @@ static void test_redis_auth_and_select(void **state)
     fill_cfg(&bad);
     bad.redis.password = "wrong";
     bad.redis.timeout_ms = 300;
-    struct store *st_bad = store_redis_new(c->base, &bad);
+    struct store *st_bad = store_redis_new(c->base, &bad, NULL);
     struct acq_res a;
     assert_int_equal(acquire_full(c, st_bad, k, FP_1, TOKEN_A, 10000, &a), STORE_ACQ_ERROR);
     store_free(st_bad);
@@ -1658,7 +1659,8 @@ static void test_redis_tls_fragmented_records(void **state)
     c->cfg.redis.port = ntohs(la.sin_port);
     c->cfg.redis.timeout_ms = 5000;
     char err[256];
-    assert_int_equal(tls_init(&c->cfg, err, sizeof(err)), 0);
+    c->tls = tls_set_new(&c->cfg, err, sizeof(err));
+    assert_non_null(c->tls);
     c->st = ctx_new_store(c);
 
     signal(SIGALRM, on_alarm);
@@ -1676,7 +1678,8 @@ static void test_redis_tls_fragmented_records(void **state)
 
     store_free(c->st);
     c->st = NULL;
-    tls_free();
+    tls_set_free(c->tls);
+    c->tls = NULL;
     shutdown(px.lfd, SHUT_RDWR);
     close(px.lfd);
     pthread_join(th, NULL);

@@ -191,7 +191,7 @@ static struct ctx *ctx_new(enum cfg_redis_mode mode, const int *ports, size_t n)
     c->cfg.redis.nodes.v = c->nodes;
     c->cfg.redis.nodes.n = n;
     c->cfg.redis.node_addrs = c->node_addrs;
-    c->st = store_redis_new(c->base, &c->cfg);
+    c->st = store_redis_new(c->base, &c->cfg, NULL);
     return c;
 }
 

@@ -1,8 +1,11 @@
 /* admin.h — the admin listener (docs/admin.md): GET /healthz, /readyz,
- * /metrics on its own thread and event_base, with evhttp (speed does not
- * matter here) and its own store connection for /readyz pings. */
+ * /metrics, GET/DELETE /keys/{key} and POST /-/reload on its own thread
+ * and event_base, with evhttp (speed does not matter here) and its own
+ * store connection for /readyz pings and the keys API. */
 #ifndef IDEMGATE_ADMIN_H
 #define IDEMGATE_ADMIN_H
+
+#include <stddef.h>
 
 struct cfg;
 struct store_memory_shared;
@@ -13,10 +16,17 @@ struct admin;
  * before the proxy listeners exist, so an instance that cannot start never
  * takes (and drops) a connection of an address it shares. */
 int admin_listen(const struct cfg *cfg);
+/* What POST /-/reload calls (on the admin thread): 0 with *id the new
+ * generation, or -1 with err and *id the generation kept. */
+typedef int admin_reload_fn(void *arg, char *err, size_t errlen, unsigned long *id);
+
 /* Starts the thread on listen_fd (from admin_listen; taken over, closed
- * even on failure). Returns NULL after logging when it cannot start. mem is
- * borrowed (memory store) and may be NULL. */
-struct admin *admin_start(const struct cfg *cfg, int listen_fd, struct store_memory_shared *mem);
+ * even on failure), serving the current configuration generation
+ * (proxy/gen.h: one must be published). Returns NULL after logging when it
+ * cannot start. mem is borrowed (memory store) and may be NULL; reload
+ * (with reload_arg) serves POST /-/reload. */
+struct admin *admin_start(int listen_fd, struct store_memory_shared *mem, admin_reload_fn *reload,
+                          void *reload_arg);
 /* Stops the thread and frees everything. Tolerates NULL. */
 void admin_stop(struct admin *a);
 

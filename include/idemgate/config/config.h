@@ -1,13 +1,14 @@
-/* config.h — the frozen configuration (docs/configuration.md).
+/* config.h — one loaded configuration (docs/configuration.md).
  *
- * Built once in main.c before any worker starts: built-in defaults, then the
- * JSON file (cJSON), then the environment, then the command-line flags.
- * After cfg_load returns 0 the struct is read-only and shared by all workers.
+ * Built at start and at each reload (a generation, proxy/gen.h, holds it):
+ * built-in defaults, then the JSON file (cJSON), then the environment, then
+ * the command-line flags. After cfg_load returns 0 the struct is read-only
+ * and shared by all workers.
  *
  * Ownership: struct cfg owns every string, list and array it points to
  * (those of its sub-structs and routes too); cfg_free frees what cfg_load
- * allocated. The caller owns the struct cfg itself (main.c keeps it on its
- * stack) and must not free or replace a pointer inside it. Anything read
+ * allocated. The caller owns the struct cfg itself (a generation embeds
+ * it) and must not free or replace a pointer inside it. Anything read
  * out of it (a string, a route, a list) is borrowed from it: valid until
  * cfg_free, never to be freed by the reader. */
 #ifndef IDEMGATE_CONFIG_H
@@ -244,6 +245,14 @@ int cfg_load_json(struct cfg *c, const char *json, size_t len, bool use_env,
  * text loads again with cfg_load (once secrets are put back) into an
  * equal struct. c is borrowed; the caller frees the text with free(). */
 char *cfg_dump_json(const struct cfg *c, bool redact);
+
+/* True when section ("redis", "limits", ...) has the same values in a
+ * and b (nested sections included: "redis" covers redis.tls). */
+bool cfg_section_equal(const struct cfg *a, const struct cfg *b, const char *section);
+/* How many options that apply only at start (docs/configuration.md, the
+ * applies column) differ between a and b; their names ("listen,
+ * admin.listen") into out (outlen bytes, NUL-terminated). */
+size_t cfg_restart_changes(const struct cfg *a, const struct cfg *b, char *out, size_t outlen);
 
 /* Frees everything c owns, which is what cfg_load allocated, and zeroes
  * c; not c itself (the caller's). Every pointer borrowed from c (a route,

@@ -64,12 +64,18 @@
     X(METRICS_ENTRY_IN_PROGRESS, "in_progress")                                                    \
     X(METRICS_ENTRY_COMPLETED, "completed")
 
+/* How a reload went: idemgate_reloads_total{result=...}. */
+#define RELOAD_RESULTS(X)                                                                          \
+    X(METRICS_RELOAD_OK, "ok")                                                                     \
+    X(METRICS_RELOAD_FAILED, "failed")
+
 #define METRICS_LABEL_ID(id, value) id,
 enum metrics_outcome { OUTCOMES(METRICS_LABEL_ID) OUT__COUNT };
 enum idem_state { STATES_ENGINE(METRICS_LABEL_ID) IDEM__COUNT };
 enum ex_state { STATES_EXCHANGE(METRICS_LABEL_ID) EX__COUNT };
 enum client_state { STATES_CLIENT(METRICS_LABEL_ID) CLIENT__COUNT };
 enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__COUNT };
+enum metrics_reload_result { RELOAD_RESULTS(METRICS_LABEL_ID) METRICS_RELOAD__COUNT };
 #undef METRICS_LABEL_ID
 
 /* X(id, label name, values list, number of values); NONE: no label. */
@@ -80,6 +86,7 @@ enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__
     X(EXCHANGE_STATE, "state", STATES_EXCHANGE, EX__COUNT)                                         \
     X(CLIENT_STATE, "state", STATES_CLIENT, CLIENT__COUNT)                                         \
     X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)                             \
+    X(RELOAD_RESULT, "result", RELOAD_RESULTS, METRICS_RELOAD__COUNT)                              \
     X(SERIES, "upstream", METRICS_NO_VALUES, 0) /* upstream, server: from the series callback */
 #define METRICS_NO_VALUES(X)
 
@@ -123,6 +130,8 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
     X(M_UPSTREAM_RETRIES, COUNTER, ALWAYS, "idemgate_upstream_retries_total", NONE,                \
       "Requests sent to another server of their group after a failure before any byte was "        \
       "written.")                                                                                  \
+    X(M_RELOADS, COUNTER, ALWAYS, "idemgate_reloads_total", RELOAD_RESULT,                         \
+      "Configuration reloads (SIGHUP, POST /-/reload), by result.")                                \
     X(M_MEMORY_STORE_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_bytes", NONE,              \
       "Bytes charged to the memory store.")                                                        \
     X(M_MEMORY_STORE_MAX_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_max_bytes", NONE,      \

@@ -1,16 +1,17 @@
-/* tls.h — the process's OpenSSL contexts (docs/configuration.md).
+/* tls.h — one configuration's OpenSSL contexts (docs/configuration.md).
  *
- * One server context when tls.cert_file/tls.key_file are set (HTTPS from
- * clients), one client context when any upstream is https:// (verified
- * against upstream_tls), one Redis context when the store is redis and
- * redis.url is rediss:// (verified against redis.tls). All are built by
- * tls_init before the workers start, freed by tls_free after they have
- * stopped, and only read in between (an SSL_CTX is safe to share between
- * threads once set up: workers call tls_*_new concurrently). tls_init and
- * tls_free own the contexts; per-connection SSL objects are made here and
- * owned by the caller, which hands them to a conn (conn_set_tls takes
- * ownership) or frees them with SSL_free. An SSL object holds a reference
- * to its context, but must still be freed before tls_free runs. */
+ * A struct tls_set holds a server context when tls.cert_file/tls.key_file
+ * are set (HTTPS from clients), a client context when any upstream is
+ * https:// (verified against upstream_tls), a Redis context when the store
+ * is redis and redis.url is rediss:// (verified against redis.tls). A set
+ * belongs to one configuration generation (proxy/gen.h): built with it,
+ * freed with it, only read in between (an SSL_CTX is safe to share between
+ * threads once set up: loops call tls_*_new concurrently). A reload builds
+ * a new set; SSL objects made from the old one keep their context alive
+ * (OpenSSL counts references), so connections opened before a reload
+ * keep working. Per-connection SSL objects are owned by the caller, which
+ * hands them to a conn (conn_set_tls takes ownership) or frees them with
+ * SSL_free. */
 #ifndef IDEMGATE_TLS_H
 #define IDEMGATE_TLS_H
 
@@ -21,18 +22,20 @@ struct cfg;
 struct cfg_url;
 struct ssl_st;
 struct ssl_session_st;
+struct tls_set;
 
-/* Builds the contexts the configuration needs. Returns 0, or -1 after
- * writing why into err ("cannot read the TLS key /x.pem: ..."). */
-int tls_init(const struct cfg *cfg, char *err, size_t errlen);
-/* Frees the contexts. Idempotent. */
-void tls_free(void);
+/* Builds the contexts cfg needs (cfg is borrowed and must outlive the
+ * set). Returns the set, or NULL after writing why into err ("cannot read
+ * the TLS key /x.pem: ..."). */
+struct tls_set *tls_set_new(const struct cfg *cfg, char *err, size_t errlen);
+/* Frees the set (NULL is fine). SSL objects made from it stay valid. */
+void tls_set_free(struct tls_set *t);
 
-/* True when clients are served over TLS. */
-bool tls_server_enabled(void);
+/* True when t serves clients over TLS (false for NULL). */
+bool tls_server_enabled(const struct tls_set *t);
 /* A new server-side SSL in accept state, or NULL (out of memory, or TLS
  * not configured). Caller owns it (conn_set_tls takes it over). */
-struct ssl_st *tls_server_new(void);
+struct ssl_st *tls_server_new(const struct tls_set *t);
 
 /* A new client-side SSL for an https upstream: SNI, hostname or IP
  * verification against upstream_tls.server_name or url->host (unless
@@ -40,13 +43,13 @@ struct ssl_st *tls_server_new(void);
  * session it is offered for resumption; sessions the server issues replace
  * it (the slot owns its reference, freed with SSL_SESSION_free by its
  * owner; the slot is borrowed and must outlive the SSL, and is only touched
- * on the thread that reads the connection). Returns NULL when the client
- * context is missing or out of memory. */
-struct ssl_st *tls_client_new(const struct cfg *cfg, const struct cfg_url *url,
+ * on the thread that reads the connection). Returns NULL when t has no
+ * client context or out of memory. */
+struct ssl_st *tls_client_new(const struct tls_set *t, const struct cfg_url *url,
                               struct ssl_session_st **session_slot);
 
-/* True when tls_init made the Redis context (store redis, rediss:// url). */
-bool tls_redis_enabled(void);
+/* True when t has the Redis context (store redis, rediss:// url). */
+bool tls_redis_enabled(const struct tls_set *t);
 
 /* A new client-side SSL in connect state for one Redis connection to host:
  * the url's host, a cluster node's (a seed, or one CLUSTER SLOTS or a
@@ -58,14 +61,13 @@ bool tls_redis_enabled(void);
  * wildcards) or that IP address (IP SAN), exactly as for an https
  * upstream; a failure shows in conn_handshake's why ("certificate verify
  * failed: ..."). No ALPN, no session resumption. Safe to call from any
- * thread. cfg and host are borrowed for the call (OpenSSL copies the
- * names). Returns NULL when the Redis context is missing (not rediss://)
- * or out of memory; else the caller owns the SSL (conn_set_tls takes it
- * over). */
-struct ssl_st *tls_redis_new(const struct cfg *cfg, const char *host);
+ * thread. host is borrowed for the call (OpenSSL copies the names).
+ * Returns NULL when t has no Redis context (not rediss://) or out of
+ * memory; else the caller owns the SSL (conn_set_tls takes it over). */
+struct ssl_st *tls_redis_new(const struct tls_set *t, const char *host);
 
 /* Whether path is a CA bundle a client context can load: a regular file
- * holding at least one PEM certificate (the same loader tls_init uses).
+ * holding at least one PEM certificate (the same loader tls_set_new uses).
  * Returns 0, or -1 after writing why into why (whylen bytes, NUL-
  * terminated): "No such file or directory", "not a regular file", "no
  * certificate or crl found", ... The config calls it for -t and at load,
@@ -78,7 +80,7 @@ enum tls_pair { TLS_PAIR_OK, TLS_PAIR_CERT, TLS_PAIR_KEY, TLS_PAIR_MISMATCH };
 
 /* Whether the server context would load: cert a readable regular file
  * holding a PEM chain, key a readable regular file holding its unencrypted
- * PEM key, the two a pair (the loaders tls_init uses). TLS_PAIR_CERT and
+ * PEM key, the two a pair (the loaders tls_set_new uses). TLS_PAIR_CERT and
  * TLS_PAIR_KEY write why ("No such file or directory", "Permission
  * denied", "not a regular file", OpenSSL's reason); TLS_PAIR_MISMATCH
  * writes OpenSSL's reason. The config calls it for -t and at load, so a

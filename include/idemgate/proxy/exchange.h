@@ -32,6 +32,7 @@ struct upconn;
 struct cfg_idem;
 struct cfg_url;
 struct upstream_group;
+struct loop_gen;
 struct upstream_server;
 
 /* The exchange's transport state (enum ex_state: EX_NEW, EX_FORWARDING,
@@ -46,6 +47,8 @@ struct exchange {
     int refs;
     enum ex_state state;
     struct loop *loop;
+    struct loop_gen *gen;  /* the generation it started on (a reference, to its end) */
+    const struct cfg *cfg; /* gen->cfg */
     struct client *client; /* NULL once detached */
     struct idem idem;      /* the engine, host = this exchange */
 

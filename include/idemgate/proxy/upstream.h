@@ -4,9 +4,12 @@
  * Groups: every `upstream` (the global one, "default", and each route that
  * names its own, named by its prefix) is a group of servers; a host name
  * contributes every address it resolves to, each a server of its own with
- * its own pool. upstream_groups_init resolves them once for the process
- * (before the workers start); each loop then keeps its own balancing and
- * health state (upstream_group_init). An exchange asks upstream_pick for a
+ * its own pool. upstream_registry_new resolves them once per
+ * configuration generation (proxy/gen.h), at start and at each reload;
+ * each loop then keeps its own balancing and health state
+ * (upstream_group_init), handed on by identity (group name, address and
+ * URL) to the next generation's groups with the idle connections
+ * (upstream_groups_adopt). An exchange asks upstream_pick for a
  * server and tells upstream_report how it went, exactly once per pick.
  * What counts as a failure, when a server is down and when a request may
  * go to another server are in docs/configuration.md (upstream).
@@ -29,6 +32,7 @@
 #include <sys/socket.h>
 
 #include "idemgate/net/conn.h"
+#include "idemgate/core/metrics.h"
 
 struct loop;
 struct cfg;
@@ -37,6 +41,9 @@ struct cfg_upstream;
 struct upstream_pool;
 struct upstream_peer;
 struct ssl_session_st;
+struct tls_set;
+struct upstream_registry;
+struct buf;
 
 struct upconn {
     struct conn c;
@@ -58,6 +65,7 @@ struct upstream_pool {
     bool fixed;                         /* addr is the group's resolved address: keep it */
     char why[160];                      /* why upstream_get last failed */
     struct ssl_session_st *tls_session; /* last issued, for resumption (owned) */
+    const struct tls_set *tls;          /* its generation's client context (borrowed) */
 };
 
 void upstream_pool_init(struct upstream_pool *p, struct loop *l, const struct cfg_url *url);
@@ -110,20 +118,33 @@ enum upstream_result {
     UPSTREAM_NEUTRAL /* neither (a bad head, the exchange gave up) */
 };
 
-/* Resolves every group of cfg (borrowed until upstream_groups_free) once
- * for the process; a name that does not resolve is logged and resolved
- * again at each connect instead. Registers the per-server metrics. 0, or
- * -1 with err set. */
-int upstream_groups_init(const struct cfg *cfg, char *err, size_t errlen);
-void upstream_groups_free(void);
+/* Resolves every group of cfg (borrowed: it must outlive the registry; a
+ * generation owns both); a name that does not resolve is logged and
+ * resolved again at each connect instead. prev (NULL at start) is the
+ * registry this one replaces: the counters of a server found in both go
+ * on. Never fails. */
+struct upstream_registry *upstream_registry_new(const struct cfg *cfg,
+                                                const struct upstream_registry *prev);
+/* Frees it (NULL is fine); no loop group made from it may be left. */
+void upstream_registry_free(struct upstream_registry *reg);
 /* How many groups there are (default first, then the routes' own). */
-size_t upstream_groups_count(void);
+size_t upstream_registry_count(const struct upstream_registry *reg);
+/* The per-server samples of metric id (named name) into out. */
+void upstream_registry_series(const struct upstream_registry *reg, struct buf *out,
+                              enum metrics_id id, const char *name);
 /* The group a route uses: 0 for the global upstream, else its own. */
 size_t upstream_group_index(const struct cfg *cfg, size_t route_index);
-/* The loop's copy of group i: pools and state (freed with
- * upstream_group_free). */
-void upstream_group_init(struct upstream_group *g, struct loop *l, size_t i);
+/* The loop's copy of group i of reg: pools and state (freed with
+ * upstream_group_free); https servers connect with tls's client context.
+ * reg and tls are borrowed for the group's life. */
+void upstream_group_init(struct upstream_group *g, struct loop *l,
+                         const struct upstream_registry *reg, size_t i, const struct tls_set *tls);
 void upstream_group_free(struct upstream_group *g);
+/* A reload: each server of groups[0..n) found in old[0..n_old) (same
+ * group name, address and URL) takes over its health state and, for
+ * plain http, its idle connections. */
+void upstream_groups_adopt(struct upstream_group *groups, size_t n, struct upstream_group *old,
+                           size_t n_old);
 /* The server for a request: by the group's balance among the servers that
  * are up and not in tried[0..ntried) (a server down whose fail_timeout_ms
  * is over takes one trial request); when none is, the one down the

@@ -34,6 +34,7 @@
 
 struct event_base;
 struct cfg;
+struct tls_set;
 struct store;
 
 #define STORE_TOKEN_LEN 32 /* owner token: 32 hex chars */
@@ -157,6 +158,10 @@ struct store_memory_shared *store_memory_shared_new_bounded(const char *key_pref
                                                             uint64_t max_scope_bytes);
 /* The same with no per-scope limit (max_scope_bytes 0). */
 struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint64_t max_bytes);
+/* New bounds (a reload): what is held above them now goes as new entries
+ * need room, by the same eviction rules. Any thread. */
+void store_memory_shared_set_bounds(struct store_memory_shared *sh, uint64_t max_bytes,
+                                    uint64_t max_scope_bytes);
 /* Frees the table and every entry in it (NULL: nothing). Free every
  * store made on it (store_free) first. */
 void store_memory_shared_free(struct store_memory_shared *sh);
@@ -200,12 +205,14 @@ struct store *store_memory_new(struct event_base *base, struct store_memory_shar
  * rediss://), one native SET NX PX GET per acquire, short scripts for the
  * fenced complete / release / renew (SCRIPT LOAD, EVALSHA, reloaded on
  * NOSCRIPT), one deadline timer for every operation in flight, reconnect
- * with capped exponential backoff. cfg is borrowed for the
- * store's lifetime (redis.* settings). Never fails: an unreachable Redis
+ * with capped exponential backoff. cfg (redis.* settings) and tls (the
+ * Redis context of a rediss:// url, tls_set_new; NULL without TLS) are
+ * borrowed for the store's lifetime. Never fails: an unreachable Redis
  * only makes operations answer STORE_ACQ_ERROR / -1 until it is back.
  * An acquire that answered STORE_ACQ_ERROR after its script was sent may
  * still have taken the lock: the store gives such a lock back by itself
  * (release fenced by the token) as soon as Redis answers again. */
-struct store *store_redis_new(struct event_base *base, const struct cfg *cfg);
+struct store *store_redis_new(struct event_base *base, const struct cfg *cfg,
+                              const struct tls_set *tls);
 
 #endif

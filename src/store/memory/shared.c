@@ -71,6 +71,15 @@ struct store_memory_shared *store_memory_shared_new_bounded(const char *key_pref
     return sh;
 }
 
+void store_memory_shared_set_bounds(struct store_memory_shared *sh, uint64_t max_bytes,
+                                    uint64_t max_scope_bytes)
+{
+    pthread_mutex_lock(&sh->mu);
+    sh->max_bytes = max_bytes;
+    sh->max_scope_bytes = max_scope_bytes;
+    pthread_mutex_unlock(&sh->mu);
+}
+
 struct store_memory_shared *store_memory_shared_new(const char *key_prefix, uint64_t max_bytes)
 {
     return store_memory_shared_new_bounded(key_prefix, max_bytes, 0);

@@ -234,7 +234,7 @@ static void rs_free_now(struct store_redis *s)
 /* A TLS session for a connection to host (rediss://), or NULL. */
 struct ssl_st *rs_tls_new(struct store_redis *s, const char *host)
 {
-    return tls_redis_new(s->cfg, host);
+    return tls_redis_new(s->tls_set, host);
 }
 
 void rs_enter(struct store_redis *s)
@@ -298,9 +298,10 @@ static const struct rs_topology_ops *rs_topology_for(const struct cfg_redis *rc)
     return &rs_standalone_ops;
 }
 
-/* cfg is borrowed and must outlive the store; connecting starts at once
- * (on base) and no callback runs from in here. */
-struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
+/* cfg and tls are borrowed and must outlive the store; connecting starts
+ * at once (on base) and no callback runs from in here. */
+struct store *store_redis_new(struct event_base *base, const struct cfg *cfg,
+                              const struct tls_set *tls)
 {
     struct store_redis *s = rs_alloc(sizeof(*s));
     s->base.ops = &rs_ops;
@@ -310,6 +311,7 @@ struct store *store_redis_new(struct event_base *base, const struct cfg *cfg)
     s->prefix = rs_strndup(p, strlen(p));
     rs_scripts_hash(s->sha);
     s->tls = cfg->redis.tls;
+    s->tls_set = tls;
     TAILQ_INIT(&s->ops);
     TAILQ_INIT(&s->spare);
     TAILQ_INIT(&s->gb);

@@ -291,12 +291,13 @@ struct store_redis {
     TAILQ_HEAD(, rop) ops;              /* live ops, oldest (first deadline) first */
     TAILQ_HEAD(, rop) spare;            /* freed ops kept for reuse */
     size_t n_spare;
-    struct event *deadline_ev;    /* the oldest live op's deadline */
-    struct event *fail_ev;        /* active: ops marked fail_soon */
-    int depth;                    /* libevent callbacks of the store on the stack */
-    bool tls;                     /* rediss:// */
-    bool freeing;                 /* store_free was called inside one: freed when it unwinds */
-    TAILQ_HEAD(, rs_giveback) gb; /* remembered locks, oldest first */
+    struct event *deadline_ev;     /* the oldest live op's deadline */
+    struct event *fail_ev;         /* active: ops marked fail_soon */
+    int depth;                     /* libevent callbacks of the store on the stack */
+    bool tls;                      /* rediss:// */
+    const struct tls_set *tls_set; /* its Redis context (borrowed) */
+    bool freeing;                  /* store_free was called inside one: freed when it unwinds */
+    TAILQ_HEAD(, rs_giveback) gb;  /* remembered locks, oldest first */
     size_t gb_count;
     bool gb_drop_logged; /* one log line per run of dropped give-backs */
     char *prefix;

@@ -640,6 +640,7 @@ class Idemgate:
             self._err.close()
         except OSError:
             pass
+        assert_no_sanitizer_report(self.stderr_path)
         return code
 
     def kill(self):
@@ -648,6 +649,26 @@ class Idemgate:
 
     def alive(self):
         return self.proc.poll() is None
+
+
+SANITIZER_MARKS = (b"ERROR: AddressSanitizer", b"ERROR: LeakSanitizer", b"runtime error:",
+                   b"WARNING: ThreadSanitizer")
+
+
+def assert_no_sanitizer_report(path):
+    """Fails when an instrumented idemgate (the ASan+UBSan build of CI)
+    reported an error or a leak on its stderr: a test that passed over a
+    leak or undefined behaviour must not pass."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError:
+        return
+    for mark in SANITIZER_MARKS:
+        at = text.find(mark)
+        if at >= 0:
+            raise AssertionError("idemgate's sanitizer report (%s):\n%s"
+                                 % (path, text[at:at + 4000].decode("utf-8", "replace")))
 
 
 def exit_code(g, timeout=10):

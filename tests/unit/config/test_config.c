@@ -2027,6 +2027,35 @@ static void test_dump_redacts(void **state)
                  "put the secret back");
 }
 
+/* What a reload compares: the options marked RESTART, and whether the
+ * Redis settings changed (new store connections). */
+static void test_reload_comparisons(void **state)
+{
+    (void)state;
+    struct cfg a, b;
+    char keys[256];
+    load_ok(&a, "{\"listen\": \"127.0.0.1:8080\", \"redis\": {\"url\": \"redis://h:1\"}}");
+    load_ok(&b, "{\"listen\": \"127.0.0.1:8080\", \"redis\": {\"url\": \"redis://h:1\"}, "
+                "\"idempotency\": {\"ttl_seconds\": 5}, \"log\": {\"level\": \"warn\"}}");
+    assert_int_equal(cfg_restart_changes(&a, &b, keys, sizeof keys), 0);
+    assert_string_equal(keys, "");
+    assert_true(cfg_section_equal(&a, &b, "redis"));
+    assert_false(cfg_section_equal(&a, &b, "idempotency"));
+    cfg_free(&b);
+    load_ok(&b, "{\"listen\": \"127.0.0.1:8081\", \"workers\": 3, \"store\": \"memory\", "
+                "\"admin\": {\"listen\": \"off\"}, \"redis\": {\"url\": \"redis://h:1\", "
+                "\"tls\": {\"verify\": false}}}");
+    assert_int_equal(cfg_restart_changes(&a, &b, keys, sizeof keys), 4);
+    assert_string_equal(keys, "listen, workers, store, admin.listen");
+    /* redis.tls is part of the redis settings */
+    assert_false(cfg_section_equal(&a, &b, "redis"));
+    /* a short buffer: the count stays right, the text is cut cleanly */
+    assert_int_equal(cfg_restart_changes(&a, &b, keys, 10), 4);
+    assert_true(strlen(keys) < 10);
+    cfg_free(&a);
+    cfg_free(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2123,6 +2152,7 @@ int main(void)
         cmocka_unit_test(test_small_error_buffer),
         cmocka_unit_test(test_set_twice_no_leak),
         cmocka_unit_test(test_numbers_as_exponents),
+        cmocka_unit_test(test_reload_comparisons),
     };
     clear_env(NULL);
     return cmocka_run_group_tests(tests, clear_env, NULL);

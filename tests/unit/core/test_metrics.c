@@ -283,6 +283,7 @@ static void test_family_names_and_kinds(void **state)
         {"idemgate_upstream_server_up", "gauge"},
         {"idemgate_upstream_failures_total", "counter"},
         {"idemgate_upstream_retries_total", "counter"},
+        {"idemgate_reloads_total", "counter"},
         {"idemgate_memory_store_bytes", "gauge"},
         {"idemgate_memory_store_max_bytes", "gauge"},
         {"idemgate_memory_store_entries", "gauge"},
@@ -299,6 +300,9 @@ static void test_family_names_and_kinds(void **state)
         assert_string_equal(c.fam[i].name, want[i][0]); /* list order */
         assert_string_equal(kind_of(&c, want[i][0]), want[i][1]);
     }
+    /* both results from the start, so that increase() sees the first one */
+    assert_non_null(strstr(text, "\nidemgate_reloads_total{result=\"ok\"} "));
+    assert_non_null(strstr(text, "\nidemgate_reloads_total{result=\"failed\"} "));
     free(text);
 }
 

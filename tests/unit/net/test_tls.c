@@ -104,7 +104,9 @@ static int teardown(void **state)
 }
 
 /* A config with the server context (our certificate) and a rediss:// store
- * verified as given; tls_init run on it. */
+ * verified as given; its TLS contexts built into ts. */
+static struct tls_set *ts;
+
 static void init(struct cfg *c, const char *url, const char *ca, bool verify,
                  const char *server_name)
 {
@@ -116,7 +118,8 @@ static void init(struct cfg *c, const char *url, const char *ca, bool verify,
              url, ca, verify ? "true" : "false", server_name, cert_path, key_path);
     if (cfg_load_json(c, json, strlen(json), false, NULL, err, sizeof err) != 0)
         fail_msg("cfg: %s", err);
-    if (tls_init(c, err, sizeof err) != 0) fail_msg("tls_init: %s", err);
+    ts = tls_set_new(c, err, sizeof err);
+    if (!ts) fail_msg("tls_set_new: %s", err);
 }
 
 /* Drives both ends until both finish or one fails: 0, or -1. */
@@ -141,10 +144,10 @@ static int handshake(SSL *client, SSL *server)
 
 /* One connection to host: the handshake's result, the client's verify
  * result and the SNI the server saw ("" when none). */
-static int connect_to(const struct cfg *c, const char *host, long *verify, char *sni, size_t n)
+static int connect_to(const char *host, long *verify, char *sni, size_t n)
 {
-    SSL *client = tls_redis_new(c, host);
-    SSL *server = tls_server_new();
+    SSL *client = tls_redis_new(ts, host);
+    SSL *server = tls_server_new(ts);
     assert_non_null(client);
     assert_non_null(server);
     int rc = handshake(client, server);
@@ -163,21 +166,22 @@ static void test_verified_by_ip_and_name(void **state)
     long v;
     char sni[256];
     init(&c, "rediss://127.0.0.1:6390", ca_path, true, "");
-    assert_true(tls_redis_enabled());
+    assert_true(tls_redis_enabled(ts));
     /* an IP literal: checked against the IP SAN, never sent as SNI */
-    assert_int_equal(connect_to(&c, "127.0.0.1", &v, sni, sizeof sni), 0);
+    assert_int_equal(connect_to("127.0.0.1", &v, sni, sizeof sni), 0);
     assert_int_equal(v, X509_V_OK);
     assert_string_equal(sni, "");
     /* a name (a cluster node or a sentinel's master may be one) */
-    assert_int_equal(connect_to(&c, "localhost", &v, sni, sizeof sni), 0);
+    assert_int_equal(connect_to("localhost", &v, sni, sizeof sni), 0);
     assert_int_equal(v, X509_V_OK);
     assert_string_equal(sni, "localhost");
     /* a host the certificate does not name */
-    assert_int_equal(connect_to(&c, "127.0.0.2", &v, sni, sizeof sni), -1);
+    assert_int_equal(connect_to("127.0.0.2", &v, sni, sizeof sni), -1);
     assert_int_equal(v, X509_V_ERR_IP_ADDRESS_MISMATCH);
-    assert_int_equal(connect_to(&c, "redis.example", &v, sni, sizeof sni), -1);
+    assert_int_equal(connect_to("redis.example", &v, sni, sizeof sni), -1);
     assert_int_equal(v, X509_V_ERR_HOSTNAME_MISMATCH);
-    tls_free();
+    tls_set_free(ts);
+    ts = NULL;
     cfg_free(&c);
 }
 
@@ -188,15 +192,17 @@ static void test_server_name_replaces_host(void **state)
     long v;
     char sni[256];
     init(&c, "rediss://10.0.0.1", ca_path, true, "localhost");
-    assert_int_equal(connect_to(&c, "10.0.0.7", &v, sni, sizeof sni), 0);
+    assert_int_equal(connect_to("10.0.0.7", &v, sni, sizeof sni), 0);
     assert_string_equal(sni, "localhost");
-    tls_free();
+    tls_set_free(ts);
+    ts = NULL;
     cfg_free(&c);
     init(&c, "rediss://127.0.0.1", ca_path, true, "redis.internal");
-    assert_int_equal(connect_to(&c, "127.0.0.1", &v, sni, sizeof sni), -1);
+    assert_int_equal(connect_to("127.0.0.1", &v, sni, sizeof sni), -1);
     assert_int_equal(v, X509_V_ERR_HOSTNAME_MISMATCH);
     assert_string_equal(sni, "redis.internal");
-    tls_free();
+    tls_set_free(ts);
+    ts = NULL;
     cfg_free(&c);
 }
 
@@ -207,14 +213,16 @@ static void test_wrong_ca(void **state)
     long v;
     char sni[256];
     init(&c, "rediss://127.0.0.1", wrong_path, true, "");
-    assert_int_equal(connect_to(&c, "127.0.0.1", &v, sni, sizeof sni), -1);
+    assert_int_equal(connect_to("127.0.0.1", &v, sni, sizeof sni), -1);
     assert_int_equal(v, X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY);
-    tls_free();
+    tls_set_free(ts);
+    ts = NULL;
     cfg_free(&c);
     /* verify false: any certificate, any name */
     init(&c, "rediss://127.0.0.1", wrong_path, false, "redis.internal");
-    assert_int_equal(connect_to(&c, "127.0.0.1", &v, sni, sizeof sni), 0);
-    tls_free();
+    assert_int_equal(connect_to("127.0.0.1", &v, sni, sizeof sni), 0);
+    tls_set_free(ts);
+    ts = NULL;
     cfg_free(&c);
 }
 
@@ -223,18 +231,21 @@ static void test_no_context_without_rediss(void **state)
     (void)state;
     struct cfg c;
     init(&c, "redis://127.0.0.1", ca_path, true, "");
-    assert_false(tls_redis_enabled());
-    assert_null(tls_redis_new(&c, "127.0.0.1"));
-    tls_free();
+    assert_false(tls_redis_enabled(ts));
+    assert_null(tls_redis_new(ts, "127.0.0.1"));
+    tls_set_free(ts);
+    ts = NULL;
     cfg_free(&c);
     /* the memory store never talks to Redis */
     char err[256];
     const char *json = "{\"store\": \"memory\", \"redis\": {\"url\": \"rediss://h\"}}";
     assert_int_equal(cfg_load_json(&c, json, strlen(json), false, NULL, err, sizeof err), 0);
-    assert_int_equal(tls_init(&c, err, sizeof err), 0);
-    assert_false(tls_redis_enabled());
-    tls_free();
-    assert_false(tls_redis_enabled());
+    ts = tls_set_new(&c, err, sizeof err);
+    assert_non_null(ts);
+    assert_false(tls_redis_enabled(ts));
+    tls_set_free(ts);
+    ts = NULL;
+    assert_false(tls_redis_enabled(ts));
     cfg_free(&c);
 }
 
@@ -259,7 +270,7 @@ static void test_check_ca_file(void **state)
 static void test_init_fails_on_bad_ca(void **state)
 {
     (void)state;
-    /* what cfg_load refuses; tls_init still says why if the file went bad
+    /* what cfg_load refuses; tls_set_new still says why if the file went bad
      * in between */
     struct cfg c;
     char err[512];
@@ -267,10 +278,9 @@ static void test_init_fails_on_bad_ca(void **state)
     assert_int_equal(cfg_load_json(&c, json, strlen(json), false, NULL, err, sizeof err), 0);
     free(c.redis.tls_client.ca_file);
     c.redis.tls_client.ca_file = strdup(junk_path);
-    assert_int_equal(tls_init(&c, err, sizeof err), -1);
+    assert_null(tls_set_new(&c, err, sizeof err));
     assert_non_null(strstr(err, "cannot read the Redis CA "));
     assert_non_null(strstr(err, "junk.pem: no certificate"));
-    assert_false(tls_redis_enabled());
     cfg_free(&c);
 }
 
