@@ -105,7 +105,11 @@ void client_accept(struct loop *l, int fd, const char *peer)
 void client_close(struct client *cl)
 {
     struct loop *l = cl->loop;
-    if (cl->ex) exchange_client_gone(cl->ex, cl);
+    if (cl->ex) {
+        struct exchange *ex = cl->ex;
+        cl->ex = NULL;
+        exchange_front_gone(ex, &cl->c.in, &cl->chunked_body);
+    }
     TAILQ_REMOVE(&l->clients, cl, link);
     conn_close(&cl->c);
     event_free(cl->timer);
@@ -378,6 +382,7 @@ static int client_read_head(struct client *cl)
     cl->head_len = r;
     cl->have_head = true;
     cl->keep_alive = h->keep_alive;
+    cl->minor = h->minor_version;
     cl->body = h->body;
     cl->content_length = h->content_length;
     cl->expect_continue = h->expect_continue;
@@ -422,6 +427,36 @@ static int client_wait_body(struct client *cl)
     return 0;
 }
 
+/* The request is complete: it becomes an exchange's (proxy/front.h). */
+static void client_start_exchange(struct client *cl)
+{
+    struct loop *l = cl->loop;
+    struct http1_head *h = l->scratch;
+    /* With a body, reads since the head may have moved the buffer: parse
+     * again (a bodiless head was parsed into the scratch in this call). */
+    if (cl->body != HTTP1_BODY_NONE)
+        http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in),
+                            l->cfg->limits.max_header_bytes, h);
+    struct front_request req = {.head = h, .peer = cl->peer, .tls = cl->tls};
+    if (cl->target_changed) {
+        const char *p = buf_data(&cl->target);
+        req.target = (struct http1_slice){p, cl->target_len};
+        if (cl->auth_len) req.authority = (struct http1_slice){p + cl->target_len, cl->auth_len};
+    }
+    if (cl->body == HTTP1_BODY_CHUNKED) {
+        req.body = buf_data(&cl->chunked_body);
+        req.body_len = buf_size(&cl->chunked_body);
+    } else {
+        req.body = buf_data(&cl->c.in) + cl->head_len;
+        req.body_len = cl->body == HTTP1_BODY_LENGTH ? (size_t)cl->content_length : 0;
+    }
+    evtimer_del(cl->timer);
+    cl->close_after = false;
+    cl->out_chunked = false;
+    client_set_state(cl, CLIENT_BUSY);
+    exchange_start(l, &req, &client_front_ops, cl, &cl->ex);
+}
+
 static void client_process(struct client *cl)
 {
     const struct cfg_limits *lim = &cl->loop->cfg->limits;
@@ -462,7 +497,7 @@ static void client_process(struct client *cl)
         if (cl->body == HTTP1_BODY_NONE && buf_data(&cl->c.in) != base)
             http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in), lim->max_header_bytes,
                                 cl->loop->scratch);
-        exchange_start(cl);
+        client_start_exchange(cl);
         return;
     }
 }
@@ -492,7 +527,7 @@ static void client_event(struct conn *c, short what, void *arg)
         if (r == 1 && cl->ex) {
             /* May end the exchange and the client with it: touch nothing
              * after. A read edge stays noted in rd_ready for later. */
-            exchange_client_drained(cl->ex);
+            exchange_front_drained(cl->ex);
             return;
         }
         /* Between requests the timer bounds a client that stops reading;

@@ -1,16 +1,18 @@
 /* exchange.c — one request's life (see exchange.h): created from a
- * complete request on a client, it starts the engine, implements the
+ * complete request on a front, it starts the engine, implements the
  * engine's host ops (forward through relay.c, answers through answer.c,
- * the engine's timer, references), lets the client go when its answer is
+ * the engine's timer, references), lets the front go when its answer is
  * queued (held for an owner until the engine is done), writes the access
  * line, and is freed by its last reference into the loop's cache.
  *
- * Owns struct exchange. Does not own the client (client.c), the upstream
- * side (relay.c), the engine's decisions (idem/engine.c). */
+ * Owns struct exchange. Does not own the front (client.c and front_h1.c,
+ * h2.c), the upstream side (relay.c), the engine's decisions
+ * (idem/engine.c). */
 #include "idemgate/proxy/exchange.h"
 
 #include <assert.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,7 +23,6 @@
 #include "idemgate/core/log.h"
 #include "idemgate/proxy/access.h"
 #include "idemgate/proxy/answer.h"
-#include "idemgate/proxy/client.h"
 #include "idemgate/proxy/loop.h"
 #include "idemgate/proxy/relay.h"
 #include "idemgate/proxy/upstream.h"
@@ -127,44 +128,49 @@ void exchange_unref(struct exchange *ex)
     if (--ex->refs == 0) ex_free(ex);
 }
 
-/* The client got its whole response (or is gone): it may read its next
- * request while the exchange finishes its store work. */
-static void ex_detach_client(struct exchange *ex)
+/* The front got its whole answer (or a cut one): it may go on (read its
+ * next request) while the exchange finishes its store work. */
+static void ex_detach_front(struct exchange *ex)
 {
-    struct client *cl = ex->client;
-    if (!cl) return;
+    void *front = ex->front;
+    if (!front) return;
+    const struct front_ops *ops = ex->fops;
+    enum front_end how = ex->front_abort ? FRONT_END_ABORT : FRONT_END_DONE;
     ex_access_log(ex);
-    ex->client = NULL;
-    bool close = ex->client_close;
-    exchange_unref(ex); /* the client's reference */
-    client_request_done(cl, close);
+    ex->front = NULL;
+    exchange_unref(ex); /* the front's reference */
+    ops->end(front, how);
 }
 
 /* The owner of a key keeps the last bytes of its answer until the store
  * has the outcome (record kept, or key released; the engine's done then
- * lets the client go): a client that retries the moment it has the whole
+ * lets the front go): a client that retries the moment it has the whole
  * answer finds the replay, or a free key, never a 409 of its own lock. */
-void exchange_answered(struct exchange *ex)
+bool exchange_holds(const struct exchange *ex)
 {
-    if (ex->idem.owner && ex->client && ex->idem.state != IDEM_DONE)
-        client_set_state(ex->client, CLIENT_HOLDING);
-    else
-        ex_detach_client(ex);
+    return ex->idem.owner && ex->idem.state != IDEM_DONE;
 }
 
-void exchange_client_gone(struct exchange *ex, struct client *cl)
+void exchange_answered(struct exchange *ex)
 {
-    /* Hand the exchange the request bytes its slices point into (moving
-     * the struct keeps the bytes in place). */
-    buf_swap(&ex->req, &cl->c.in);
-    buf_swap(&ex->body_buf, &cl->chunked_body);
-    ex->client = NULL;
-    cl->ex = NULL;
+    if (ex->idem.owner && ex->front && ex->idem.state != IDEM_DONE)
+        ex->fops->end(ex->front, FRONT_END_HOLD);
+    else
+        ex_detach_front(ex);
+}
+
+void exchange_front_gone(struct exchange *ex, struct buf *req_bytes, struct buf *body_bytes)
+{
+    /* Moving the structs keeps the bytes, and the slices into them, in
+     * place. */
+    buf_swap(&ex->req, req_bytes);
+    buf_swap(&ex->body_buf, body_bytes);
+    ex->front = NULL;
     relay_client_gone(ex);
     exchange_unref(ex);
 }
 
-void exchange_client_drained(struct exchange *ex)
+void exchange_front_drained(struct exchange *ex)
 {
     relay_client_drained(ex);
 }
@@ -192,7 +198,7 @@ static void host_done(void *host)
 {
     struct exchange *ex = host;
     exchange_set_state(ex, EX_DONE); /* from NEW (answered) or ENDED (relayed) */
-    ex_detach_client(ex);
+    ex_detach_front(ex);
     exchange_unref(ex);
 }
 
@@ -262,17 +268,19 @@ static struct exchange *ex_alloc(struct loop *l)
     return ex;
 }
 
-/* The normalized target (and authority), when normalization changed the
- * target, moves from the client into the exchange: route, fingerprint,
- * access line and upstream all see it (docs/requests.md). */
-static void ex_take_target(struct exchange *ex, struct client *cl)
+/* A normalized target (and authority), when normalization changed the
+ * target, is copied into the exchange: route, fingerprint, access line and
+ * upstream all see it (docs/requests.md), and it outlives the front. */
+static void ex_take_target(struct exchange *ex, const struct front_request *req)
 {
-    if (!cl->target_changed) return;
-    buf_swap(&ex->target, &cl->target);
-    cl->target_changed = false;
+    if (!req->target.p && !req->authority.p) return;
+    struct http1_slice t = req->target.p ? req->target : ex->head.target;
+    buf_reset(&ex->target);
+    buf_append(&ex->target, t.p, t.n);
+    buf_append(&ex->target, req->authority.p, req->authority.n);
     const char *p = buf_data(&ex->target);
-    ex->head.target = (struct http1_slice){p, cl->target_len};
-    if (cl->auth_len) ex->authority = (struct http1_slice){p + cl->target_len, cl->auth_len};
+    ex->head.target = (struct http1_slice){p, t.n};
+    if (req->authority.p) ex->authority = (struct http1_slice){p + t.n, req->authority.n};
 }
 
 /* Header names with an underscore are dropped, as nginx does by default:
@@ -288,52 +296,37 @@ static void ex_drop_underscore_headers(struct http1_head *h)
     h->n_headers = o;
 }
 
-/* The request head, body and id from the client. */
-static void ex_take_request(struct exchange *ex, struct client *cl)
+/* The request head, body and id from the front. */
+static void ex_take_request(struct exchange *ex, const struct front_request *req)
 {
-    struct loop *l = ex->loop;
-    if (cl->body == HTTP1_BODY_NONE) {
-        /* Parsed into the scratch in this very call: copy the used part. */
-        const struct http1_head *sh = l->scratch;
-        memcpy(&ex->head, sh,
-               offsetof(struct http1_head, headers) + sh->n_headers * sizeof(sh->headers[0]));
-    } else {
-        /* Reads since the head may have moved the buffer: parse again. */
-        http1_parse_request(buf_data(&cl->c.in), buf_size(&cl->c.in),
-                            l->cfg->limits.max_header_bytes, &ex->head);
-    }
-    ex_take_target(ex, cl);
+    const struct http1_head *h = req->head;
+    memcpy(&ex->head, h,
+           offsetof(struct http1_head, headers) + h->n_headers * sizeof(h->headers[0]));
+    ex_take_target(ex, req);
     ex_drop_underscore_headers(&ex->head);
-    memcpy(ex->peer, cl->peer, sizeof(ex->peer));
-    ex->client_keep_alive = ex->head.keep_alive;
-    ex->client_minor = ex->head.minor_version;
-    cl->keep_alive = ex->head.keep_alive;
-    if (cl->body == HTTP1_BODY_CHUNKED) {
-        ex->body = buf_data(&cl->chunked_body);
-        ex->body_len = buf_size(&cl->chunked_body);
-    } else {
-        ex->body = buf_data(&cl->c.in) + cl->head_len;
-        ex->body_len = cl->body == HTTP1_BODY_LENGTH ? (size_t)cl->content_length : 0;
-    }
+    snprintf(ex->peer, sizeof(ex->peer), "%s", req->peer);
+    ex->front_tls = req->tls;
+    ex->body = req->body;
+    ex->body_len = req->body_len;
     const struct http1_header *rid = http1_find_header(&ex->head, "x-request-id", NULL);
     if (rid && rid->value.n > 0 && rid->value.n < sizeof(ex->request_id)) {
         memcpy(ex->request_id, rid->value.p, rid->value.n);
         ex->request_id_len = rid->value.n;
         ex->request_id_from_client = true;
     } else {
-        ex->request_id_len = access_request_id(l, ex->request_id);
+        ex->request_id_len = access_request_id(ex->loop, ex->request_id);
     }
 }
 
-void exchange_start(struct client *cl)
+void exchange_start(struct loop *l, const struct front_request *req, const struct front_ops *ops,
+                    void *front, struct exchange **slot)
 {
-    struct loop *l = cl->loop;
-    evtimer_del(cl->timer);
     struct exchange *ex = ex_alloc(l);
     l->n_exchanges++;
-    ex->refs = 2; /* the client's and the engine's */
+    ex->refs = 2; /* the front's and the engine's */
     ex->loop = l;
-    ex->client = cl;
+    ex->front = front;
+    ex->fops = ops;
     ex->state = EX_NEW;
     metrics_state_move(METRICS_SET_EXCHANGE, -1, EX_NEW);
     ex->start_ms = clock_now_ms();
@@ -342,7 +335,7 @@ void exchange_start(struct client *cl)
     buf_init(&ex->req);
     buf_init(&ex->body_buf);
     buf_init(&ex->target);
-    ex_take_request(ex, cl);
+    ex_take_request(ex, req);
     const struct cfg *cfg = ex->cfg;
     const struct cfg_route *route = cfg_route_for(cfg, ex->head.target.p, ex->head.target.n);
     ex->idem_cfg = route ? &route->idem : &cfg->idem;
@@ -352,10 +345,9 @@ void exchange_start(struct client *cl)
     ex->tries = 0;
     ex->server_reported = true;
     ex->server_addr = NULL;
-    cl->ex = ex;
-    client_set_state(cl, CLIENT_BUSY);
     idem_init(&ex->idem, &ex->gen->idem_env, &ex_host_ops, ex);
-    struct idem_request req = {&ex->head, ex->body, ex->body_len, ex->request_id,
-                               ex->request_id_len};
-    idem_start(&ex->idem, ex->idem_cfg, cfg->redis.failure_mode == CFG_FAIL_OPEN, &req);
+    struct idem_request ireq = {&ex->head, ex->body, ex->body_len, ex->request_id,
+                                ex->request_id_len};
+    *slot = ex;
+    idem_start(&ex->idem, ex->idem_cfg, cfg->redis.failure_mode == CFG_FAIL_OPEN, &ireq);
 }

@@ -1,7 +1,8 @@
 /* relay.c — the upstream side of an exchange (see relay.h): the request
- * rewritten and sent, the response head and body relayed to the client
- * (chunked re-encoding, backpressure at the client's high-water mark), the
- * upstream timer, and every failure classified for the engine.
+ * rewritten and sent, the response head and body relayed to the front
+ * (proxy/front.h: it frames them; backpressure when it says it is
+ * backlogged), the upstream timer, and every failure classified for the
+ * engine.
  *
  * Owns the exchange's upstream connection while in use. Does not own the
  * exchange (exchange.c), the pool (upstream.c) or the decisions about the
@@ -19,11 +20,8 @@
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/http/writer.h"
-#include "idemgate/net/tls.h"
 #include "idemgate/proxy/answer.h"
-#include "idemgate/proxy/client.h"
 #include "idemgate/proxy/exchange.h"
-#include "idemgate/proxy/gen.h"
 #include "idemgate/proxy/loop.h"
 #include "idemgate/proxy/upstream.h"
 
@@ -50,7 +48,6 @@ static bool streaming(const struct exchange *ex)
 static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
 {
     const struct http1_head *h = &ex->head;
-    struct client *cl = ex->client;
     buf_append(o, h->method.p, h->method.n);
     buf_append(o, " ", 1);
     buf_append(o, h->target.p, h->target.n);
@@ -99,9 +96,7 @@ static void ex_build_upstream_request(struct exchange *ex, struct buf *o)
         buf_append(o, xfp.p, xfp.n);
         buf_append(o, ", ", 2);
     }
-    /* A client gone before forwarding was HTTPS when the listener is. */
-    bool tls = cl ? cl->tls : tls_server_enabled(ex->gen->gen->tls);
-    buf_append_str(o, tls ? "https\r\n" : "http\r\n");
+    buf_append_str(o, ex->front_tls ? "https\r\n" : "http\r\n");
     buf_free(&xffv);
     if (!ex->request_id_from_client)
         http1_write_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
@@ -256,9 +251,10 @@ static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char 
             ex->request_id, ex->server->url->text, ex->server->name, err_code_name(e), why,
             how != IDEM_END_FAILED ? "; the key is kept as lost" : "");
     if (streaming) {
-        /* Head already sent: the only honest signal left is closing, once
-         * what arrived is out (and, for an owner, the key's fate stored). */
-        ex->client_close = true;
+        /* Head already sent: the only honest signal left is cutting the
+         * answer, once what arrived is out (and, for an owner, the key's
+         * fate stored). */
+        ex->front_abort = true;
         exchange_answered(ex);
     } else {
         answer_error(ex, e, false);
@@ -273,20 +269,22 @@ static void ex_response_done(struct exchange *ex)
     exchange_ref(ex);
     ex_release_upstream(ex, ex->up_reusable);
     ex_report(ex, UPSTREAM_OK);
-    if (ex->client && ex->client_chunked) buf_append(conn_outbuf(&ex->client->c), "0\r\n\r\n", 5);
     exchange_answered(ex);
     exchange_set_state(ex, EX_ENDED);
     idem_response_end(&ex->idem, IDEM_END_OK);
     exchange_unref(ex);
 }
 
+/* The upstream's response head as the front sends it: end to end only,
+ * with our X-Request-Id when it has none, the body's framing left to the
+ * front. */
 static void ex_send_response_head(struct exchange *ex)
 {
     const struct http1_head *rh = &ex->rhead;
     ex->status = rh->status;
-    if (!ex->client) return;
-    struct buf *o = conn_outbuf(&ex->client->c);
-    http1_write_status(o, rh->status, rh->reason.p, rh->reason.n);
+    if (!ex->front) return;
+    struct front_header hs[HTTP1_MAX_HEADERS + 1];
+    size_t n = 0;
     bool has_rid = false;
     for (size_t i = 0; i < rh->n_headers; i++) {
         const struct http1_header *hd = &rh->headers[i];
@@ -295,48 +293,28 @@ static void ex_send_response_head(struct exchange *ex)
         if (http1_slice_ieq(hd->name, "x-request-id")) has_rid = true;
         /* only idemgate says whether an answer is a replay (docs/headers.md) */
         if (http1_slice_ieq(hd->name, "idempotent-replayed")) continue;
-        http1_write_header(o, hd->name.p, hd->name.n, hd->value.p, hd->value.n);
+        hs[n++] = (struct front_header){hd->name.p, hd->name.n, hd->value.p, hd->value.n};
     }
-    if (!has_rid) http1_write_header(o, "X-Request-Id", 12, ex->request_id, ex->request_id_len);
-    if (rh->body == HTTP1_BODY_CHUNKED || rh->body == HTTP1_BODY_CLOSE) {
-        if (ex->client_minor >= 1)
-            ex->client_chunked = true;
-        else
-            ex->client_close = true;
-    }
-    answer_connection(ex, o);
+    if (!has_rid)
+        hs[n++] = (struct front_header){"X-Request-Id", 12, ex->request_id, ex->request_id_len};
+    struct front_head fh = {rh->status, rh->reason.p, rh->reason.n, hs, n, FRONT_BODY_NONE, 0};
     if (rh->body == HTTP1_BODY_LENGTH) {
-        buf_append_str(o, "Content-Length: ");
-        buf_append_u64(o, rh->content_length);
-        buf_append(o, "\r\n", 2);
-    } else if (ex->client_chunked) {
-        buf_append_str(o, "Transfer-Encoding: chunked\r\n");
+        fh.body = FRONT_BODY_LENGTH;
+        fh.content_length = rh->content_length;
+    } else if (rh->body == HTTP1_BODY_CHUNKED || rh->body == HTTP1_BODY_CLOSE) {
+        fh.body = FRONT_BODY_STREAM;
     }
-    buf_append(o, "\r\n", 2);
+    ex->fops->head(ex->front, &fh);
 }
 
-/* One slice of response body: to the client (framed) and to the engine.
- * A Content-Length or close-delimited slice goes out with one writev
- * behind whatever is queued (no copy), except the last slice of a response
- * being kept, which waits for its record (see ex_response_done). Chunked
- * slices are framed into out and flushed once per read. */
+/* One slice of response body: to the front and to the engine. The last
+ * slice of a response being kept waits in the front for its record (see
+ * exchange_answered). */
 static void ex_body_data(struct exchange *ex, const char *p, size_t n, bool last)
 {
     if (n == 0) return;
     idem_response_body(&ex->idem, p, n);
-    struct client *cl = ex->client;
-    if (!cl) return;
-    struct buf *o = conn_outbuf(&cl->c);
-    if (ex->client_chunked) {
-        buf_printf(o, "%zx\r\n", n);
-        buf_append(o, p, n);
-        buf_append(o, "\r\n", 2);
-    } else if (last && ex->idem.owner) { /* held: see exchange_answered */
-        buf_append(o, p, n);
-    } else {
-        struct iovec iov = {(void *)p, n};
-        if (conn_sendv(&cl->c, &iov, 1) < 0) client_close(cl);
-    }
+    if (ex->front) ex->fops->body(ex->front, p, n, last && ex->idem.owner);
 }
 
 /* Parses the response head when complete. Returns 1 when the head is done,
@@ -431,7 +409,7 @@ static int ex_pump_body(struct exchange *ex)
 
 static bool ex_client_backlogged(const struct exchange *ex)
 {
-    return ex->client && client_backlogged(ex->client);
+    return ex->front && ex->fops->backlogged(ex->front);
 }
 
 static void ex_up_read(struct exchange *ex)
@@ -458,7 +436,7 @@ static void ex_up_read(struct exchange *ex)
             ex_response_done(ex);
             return;
         }
-        if (ex->client) client_flush(ex->client);
+        if (ex->front) ex->fops->flush(ex->front);
         if (!u->c.rd_ready && !u->c.eof) return;
     }
 }

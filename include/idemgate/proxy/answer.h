@@ -1,11 +1,13 @@
 /* answer.h — the answers idemgate writes itself: docs/errors.md errors
  * (JSON or problem+json, Retry-After where docs/errors.md says) and replays of
  * stored records (byte for byte, Idempotent-Replayed: true, today's Date).
- * Appends to the client's output; borrows the exchange and the record. */
+ * Handed to the exchange's front (proxy/front.h) as a head and a body;
+ * borrows the exchange and the record. */
 #ifndef IDEMGATE_PROXY_ANSWER_H
 #define IDEMGATE_PROXY_ANSWER_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "idemgate/core/buf.h"
 #include "idemgate/core/errors.h"
@@ -14,21 +16,24 @@ struct exchange;
 struct record;
 struct cfg;
 struct cfg_idem;
+struct front_header;
+struct front_head;
 
 /* Our error e as the exchange's answer (replayed: a lost answer replayed
- * to a retry); nothing when the client is gone. */
+ * to a retry); nothing but its status when the front is gone. */
 void answer_error(struct exchange *ex, enum err_code e, bool replayed);
-/* A stored response replayed (r borrowed until the call returns). */
+/* A stored record as the exchange's answer. */
 void answer_replay(struct exchange *ex, const struct record *r);
-/* The Connection header of an answer to the exchange's client: close when
- * the client or the response asks for it or when draining (then
- * ex->client_close is set); keep-alive spelled out for HTTP/1.0. */
-void answer_connection(struct exchange *ex, struct buf *o);
-/* The rest of an error after its status line and Connection header:
- * Content-Type, Retry-After, Content-Length, body; an error that names a
- * limit says it (idem: the request's idempotency policy, for
- * key_max_length; NULL: the global one). */
-void answer_error_rest(struct buf *o, const struct cfg *cfg, const struct cfg_idem *idem,
-                       enum err_code e, int status);
+
+/* The body of error e with status (into body) and its content type; the
+ * limit it names comes from cfg and idem (NULL: the global policy). */
+const char *answer_error_body(const struct cfg *cfg, const struct cfg_idem *idem, enum err_code e,
+                              int status, struct buf *body);
+/* An error's head for a front: its body into body, its Content-Type (and
+ * Retry-After) appended to hs[*n] (room for 2), fh filled (its headers are
+ * hs). Returns the status. For answers outside an exchange too (a front
+ * refusing a request before one exists). */
+int answer_error_head(const struct cfg *cfg, const struct cfg_idem *idem, enum err_code e,
+                      struct buf *body, struct front_header *hs, size_t *n, struct front_head *fh);
 
 #endif

@@ -25,6 +25,7 @@
 struct loop;
 struct event;
 struct exchange;
+struct front_ops;
 
 /* The client's transport state (enum client_state: CLIENT_IDLE, CLIENT_BUSY,
  * CLIENT_HOLDING — the answer is queued but for its last bytes, which wait
@@ -55,6 +56,10 @@ struct client {
     struct buf chunked_body;
     size_t chunk_pos; /* bytes of input after the head already decoded */
     bool keep_alive;  /* the last request allows keeping the connection */
+    int minor;        /* the last request's HTTP/1.x minor version */
+    /* the answer being written (front_h1.c) */
+    bool out_chunked; /* its body is re-encoded as chunked, last chunk not yet written */
+    bool close_after; /* close the connection after it */
     bool served;      /* at least one request was answered on it */
     /* the target when normalization changed it (docs/requests.md), then an absolute
      * form's authority; taken by the exchange */
@@ -82,10 +87,14 @@ void client_request_done(struct client *cl, bool close);
 int client_flush(struct client *cl);
 /* Over the output high-water mark: the upstream waits. */
 bool client_backlogged(const struct client *cl);
+/* The HTTP/1 front (front_h1.c): how an exchange's answer is written to
+ * a client. */
+extern const struct front_ops client_front_ops;
+
 /* Queues an error answer to a client without an exchange (malformed
  * request, timeout), with its X-Request-Id (borrowed for the call) and
  * Connection: close; returns its status. Defined in answer.c. The caller
- * (client.c) writes its access line. */
+ * (client.c) writes its access line. Defined in front_h1.c. */
 int client_queue_error(struct client *cl, enum err_code e, const char *request_id,
                        size_t request_id_len);
 

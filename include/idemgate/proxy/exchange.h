@@ -1,16 +1,18 @@
-/* exchange.h — one request's life: from a complete request on a client to
- * the end of its answer and of the engine's store work, whether the client
- * stayed or not. The exchange is the engine's host (idem/engine.h): it
- * embeds a struct idem and implements its ops (forward through relay.c,
- * answers and replays through answer.c).
+/* exchange.h — one request's life: from a complete request on a front (an
+ * HTTP/1 connection or an HTTP/2 stream, proxy/front.h) to the end of its
+ * answer and of the engine's store work, whether the client stayed or not.
+ * The exchange is the engine's host (idem/engine.h): it embeds a struct
+ * idem and implements its ops (forward through relay.c, answers and
+ * replays through answer.c); it talks to its front only through the
+ * front's ops.
  *
- *   client ──(attached, 1 ref)──▶ exchange ──(1 ref while in use)──▶ upconn
+ *   front ──(attached, 1 ref)──▶ exchange ──(1 ref while in use)──▶ upconn
  *                                   │  └─embeds─▶ struct idem
  *                                   └──(1 ref per store op in flight, via ops->hold)
  *
- * Ownership: the exchange owns the request bytes once its client leaves
- * (it takes the client's read buffer), its normalized target, its upstream
- * connection while in use, its timers and its engine. The last reference
+ * Ownership: the exchange owns the request bytes once its front leaves
+ * (exchange_front_gone hands them over), its normalized target, its
+ * upstream connection while in use, its timers and its engine. The last reference
  * frees it (exchange_unref), so a client that disconnects only detaches:
  * the upstream answer is still read and kept. Freed exchanges are cached
  * by the loop, timers included. */
@@ -24,6 +26,7 @@
 #include "idemgate/core/metrics.h"
 #include "idemgate/http/http1.h"
 #include "idemgate/idem/engine.h"
+#include "idemgate/proxy/front.h"
 
 struct loop;
 struct client;
@@ -47,10 +50,11 @@ struct exchange {
     int refs;
     enum ex_state state;
     struct loop *loop;
-    struct loop_gen *gen;  /* the generation it started on (a reference, to its end) */
-    const struct cfg *cfg; /* gen->cfg */
-    struct client *client; /* NULL once detached */
-    struct idem idem;      /* the engine, host = this exchange */
+    struct loop_gen *gen;         /* the generation it started on (a reference, to its end) */
+    const struct cfg *cfg;        /* gen->cfg */
+    void *front;                  /* NULL once detached */
+    const struct front_ops *fops; /* the front's */
+    struct idem idem;             /* the engine, host = this exchange */
 
     /* the request (slices into req, or into the client's buffer while it is
      * attached) */
@@ -61,9 +65,8 @@ struct exchange {
     struct buf body_buf;          /* a de-chunked request body */
     struct buf target;            /* a normalized target (head.target points here), or empty */
     struct http1_slice authority; /* an absolute-form target's: replaces Host */
-    bool client_keep_alive;
-    int client_minor;
-    char peer[64]; /* the client's address, kept if the client leaves */
+    bool front_tls;               /* the request came over TLS */
+    char peer[64];                /* the client's address, kept if the client leaves */
     char request_id[64];
     size_t request_id_len;
     bool request_id_from_client;
@@ -89,22 +92,28 @@ struct exchange {
     struct http1_head rhead;
     struct http1_chunked rchunked;
     uint64_t r_remaining;
-    bool client_chunked; /* we re-encode the body as chunked for the client */
-    bool client_close;   /* close the client connection after this response */
+    bool front_abort; /* the answer broke after its head: end(ABORT), not DONE */
 };
 
-/* A complete request is parsed on cl (its head in the loop's scratch, or to
- * be parsed again from cl's buffer): attaches a new exchange and starts
- * the engine on it. */
-void exchange_start(struct client *cl);
-/* cl is closing while ex is attached: ex takes the request bytes its slices
- * point into and goes on alone. */
-void exchange_client_gone(struct exchange *ex, struct client *cl);
-/* The client's output drained (a paused upstream may go on). */
-void exchange_client_drained(struct exchange *ex);
+/* A complete request on a front: a new exchange, attached to front (ops),
+ * stored into *slot (the front's; the front's reference until end(DONE or
+ * ABORT)), then the engine started on it: the answer may have gone
+ * through ops, and the front been let go, before this returns. The
+ * exchange holds req's slices until it ends or exchange_front_gone. */
+void exchange_start(struct loop *l, const struct front_request *req, const struct front_ops *ops,
+                    void *front, struct exchange **slot);
+/* The front is going away while ex is attached: ex takes the buffers its
+ * request's slices point into (swapped: the bytes stay in place) and
+ * goes on alone. */
+void exchange_front_gone(struct exchange *ex, struct buf *req_bytes, struct buf *body_bytes);
+/* The front's output drained (a paused upstream may go on). */
+void exchange_front_drained(struct exchange *ex);
 /* The answer is queued whole: the owner of a key holds the client until
  * the engine is done; anyone else lets it go at once. */
 void exchange_answered(struct exchange *ex);
+/* True when the answer being queued now will be held (its key's owner,
+ * store work pending): its last bytes go to the front with hold set. */
+bool exchange_holds(const struct exchange *ex);
 
 void exchange_ref(struct exchange *ex);
 void exchange_unref(struct exchange *ex);

@@ -56,13 +56,24 @@ def idemgate_bin():
 # -- ports -----------------------------------------------------------------
 
 
+_handed_out = set()
+
+
 def free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+    """A port nothing listens on now, never one this process handed out
+    before: two asked for in a row (an admin port, then the listen port)
+    must differ, and the kernel may offer a just-closed port again."""
+    for _ in range(100):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        finally:
+            s.close()
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh free port in 100 tries")
 
 
 def free_cluster_port():
