@@ -4,7 +4,8 @@
 # Skips what is already installed; needs root (or sudo) only when something is missing.
 set -euo pipefail
 PKGS=(build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev libcjson-dev
-      libxxhash-dev libcmocka-dev redis-server python3 python3-pytest curl clang-format)
+      libxxhash-dev libnghttp2-dev libcmocka-dev redis-server python3 python3-pytest python3-h2
+      curl clang-format)
 if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy); fi
 missing=()
 for p in "${PKGS[@]}"; do

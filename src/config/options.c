@@ -105,6 +105,13 @@ static const struct cfg_opt limits_opts[] = {
     O_INT(struct cfg_limits, shutdown_grace_ms, 0, 3600000, "10000"),
 };
 
+static const struct cfg_opt http2_opts[] = {
+    O_KIND("enabled", OPT_BOOL, struct cfg_http2, enabled, "true"),
+    O_INT(struct cfg_http2, max_concurrent_streams, 1, 10000, "100"),
+    O_INT(struct cfg_http2, initial_window_bytes, 65535, 2147483647, "65535"),
+    O_INT(struct cfg_http2, max_resets_per_second, 1, 100000, "100"),
+};
+
 static const struct cfg_opt admin_opts[] = {
     RESTART("listen", OPT_ADMIN, struct cfg, admin_listen, 0, 0, NULL, "127.0.0.1:9091"),
     O_KIND("token", OPT_OPTSTR, struct cfg, admin_token, ""),
@@ -135,6 +142,7 @@ const struct cfg_section cfg_sections[] = {
     {"idempotency", offsetof(struct cfg, idem), cfg_idem_opts, NOPTS(cfg_idem_opts)},
     {"idempotency", offsetof(struct cfg, idem), cfg_idem_route_opts, NOPTS(cfg_idem_route_opts)},
     {"limits", offsetof(struct cfg, limits), limits_opts, NOPTS(limits_opts)},
+    {"http2", offsetof(struct cfg, http2), http2_opts, NOPTS(http2_opts)},
     {"admin", 0, admin_opts, NOPTS(admin_opts)},
     {"tls", 0, tls_opts, NOPTS(tls_opts)},
     /* nested: the "tls" member of the "redis" object (json.c) */

@@ -416,3 +416,12 @@ int conn_connect_addr(const struct sockaddr *addr, unsigned addr_len)
     }
     return fd;
 }
+
+bool conn_alpn_is(const struct conn *c, const char *proto)
+{
+    if (!c->ssl || !c->tls_done) return false;
+    const unsigned char *p = NULL;
+    unsigned int n = 0;
+    SSL_get0_alpn_selected(c->ssl, &p, &n);
+    return p && n == strlen(proto) && memcmp(p, proto, n) == 0;
+}

@@ -35,6 +35,7 @@ struct tls_set {
 
 /* ALPN wire format: length-prefixed names. */
 static const unsigned char tls_alpn_http11[] = "\x08http/1.1";
+static const unsigned char tls_alpn_h2[] = "\x02h2\x08http/1.1"; /* ours, first preferred */
 
 /* Joins the reasons queued in OpenSSL's error queue (and empties it). */
 static void tls_err_text(char *out, size_t n)
@@ -67,14 +68,17 @@ static int tls_no_password(char *buf, int size, int rwflag, void *u)
     return 0;
 }
 
+/* arg: the set's configuration; h2 is offered while http2.enabled. */
 static int tls_alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
                            const unsigned char *in, unsigned int inlen, void *arg)
 {
     (void)ssl;
-    (void)arg;
+    const struct cfg *cfg = arg;
+    bool h2 = cfg->http2.enabled;
+    const unsigned char *ours = h2 ? tls_alpn_h2 : tls_alpn_http11;
+    unsigned int ours_len = h2 ? sizeof(tls_alpn_h2) - 1 : sizeof(tls_alpn_http11) - 1;
     unsigned char *sel = NULL;
-    if (SSL_select_next_proto(&sel, outlen, tls_alpn_http11, sizeof(tls_alpn_http11) - 1, in,
-                              inlen) != OPENSSL_NPN_NEGOTIATED)
+    if (SSL_select_next_proto(&sel, outlen, ours, ours_len, in, inlen) != OPENSSL_NPN_NEGOTIATED)
         return SSL_TLSEXT_ERR_NOACK; /* the client may still speak HTTP/1.1 */
     *out = sel;
     return SSL_TLSEXT_ERR_OK;
@@ -168,7 +172,7 @@ static int tls_server_init(struct tls_set *t, const struct cfg *cfg, char *err, 
     static const unsigned char sid_ctx[] = "idemgate";
     SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof(sid_ctx) - 1);
     SSL_CTX_set_num_tickets(ctx, 1);
-    SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, NULL);
+    SSL_CTX_set_alpn_select_cb(ctx, tls_alpn_select, (void *)cfg);
     t->server = ctx;
     return 0;
 }

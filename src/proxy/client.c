@@ -22,6 +22,7 @@
 #include "idemgate/proxy/access.h"
 #include "idemgate/proxy/exchange.h"
 #include "idemgate/proxy/gen.h"
+#include "idemgate/proxy/h2.h"
 #include "idemgate/proxy/loop.h"
 
 /* Stop reading the upstream while this much waits for a slow client. */
@@ -61,6 +62,10 @@ static void client_timeout(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct client *cl = arg;
+    if (cl->h2) {
+        if (h2_conn_timeout(cl->h2)) client_close(cl);
+        return;
+    }
     if (cl->state == CLIENT_BUSY || cl->state == CLIENT_HOLDING) return;
     /* A request started but not finished in time: 408. A client that is
      * idle, or does not read what we owe it, is just closed. */
@@ -110,6 +115,7 @@ void client_close(struct client *cl)
         cl->ex = NULL;
         exchange_front_gone(ex, &cl->c.in, &cl->chunked_body);
     }
+    if (cl->h2) h2_conn_free(cl->h2);
     TAILQ_REMOVE(&l->clients, cl, link);
     conn_close(&cl->c);
     event_free(cl->timer);
@@ -124,6 +130,10 @@ void client_close(struct client *cl)
 
 void client_drain(struct client *cl)
 {
+    if (cl->h2) {
+        h2_conn_drain(cl->h2);
+        return;
+    }
     if (cl->state != CLIENT_IDLE || cl->have_head || buf_size(&cl->c.in) > 0 ||
         buf_size(&cl->c.out) > 0 || !cl->served)
         return;
@@ -457,6 +467,29 @@ static void client_start_exchange(struct client *cl)
     exchange_start(l, &req, &client_front_ops, cl, &cl->ex);
 }
 
+/* The HTTP/2 client preface (RFC 9113 3.4). */
+static const char h2_preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+#define H2_PREFACE_LEN (sizeof(h2_preface) - 1)
+
+/* A first request that opens with the HTTP/2 preface (prior knowledge):
+ * 1 when the client now speaks HTTP/2, 0 when it is not one, -1 when
+ * more bytes must say. */
+static int client_is_h2(struct client *cl)
+{
+    size_t n = buf_size(&cl->c.in);
+    if (cl->served || cl->have_head || !cl->loop->cfg->http2.enabled || n == 0) return 0;
+    size_t k = n < H2_PREFACE_LEN ? n : H2_PREFACE_LEN;
+    if (memcmp(buf_data(&cl->c.in), h2_preface, k) != 0) return 0;
+    return n < H2_PREFACE_LEN ? -1 : 1;
+}
+
+/* The client speaks HTTP/2 from now on (prior knowledge, or ALPN h2). */
+static void client_start_h2(struct client *cl)
+{
+    cl->h2 = h2_conn_start(cl);
+    h2_conn_event(cl->h2, EV_READ | EV_WRITE); /* may close cl */
+}
+
 static void client_process(struct client *cl)
 {
     const struct cfg_limits *lim = &cl->loop->cfg->limits;
@@ -467,6 +500,15 @@ static void client_process(struct client *cl)
         conn_fill(&cl->c, client_fill_limit(cl));
         if (cl->c.err) {
             client_close(cl);
+            return;
+        }
+        int h2 = client_is_h2(cl);
+        if (h2 > 0) {
+            client_start_h2(cl);
+            return;
+        }
+        if (h2 < 0) {
+            if (cl->c.eof) client_close(cl);
             return;
         }
         const char *base = buf_data(&cl->c.in);
@@ -516,6 +558,14 @@ static void client_event(struct conn *c, short what, void *arg)
             client_close(cl);
         }
         if (r <= 0) return;
+        if (conn_alpn_is(&cl->c, "h2") && cl->loop->cfg->http2.enabled) {
+            client_start_h2(cl);
+            return;
+        }
+    }
+    if (cl->h2) {
+        h2_conn_event(cl->h2, what);
+        return;
     }
     if ((what & EV_WRITE) && cl->state != CLIENT_HOLDING) {
         size_t before = buf_size(&cl->c.out);

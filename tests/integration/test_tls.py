@@ -37,9 +37,11 @@ def tls_upstream(certs):
     up.stop()
 
 
-def client_ctx(ca):
+def client_ctx(ca, alpn=("http/1.1",)):
+    """An HTTP/1.1 client's context: it offers only what it speaks (a
+    client offering h2 gets HTTP/2: test_alpn_prefers_h2)."""
     ctx = ssl.create_default_context(cafile=ca)
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -64,6 +66,27 @@ def gate(idemgate, certs, upstream_url, tls_server=True, upstream_tls=None,
     if limits:
         cfg["limits"] = limits
     return idemgate(cfg)
+
+
+def alpn_selected(port, ca, offer):
+    """The protocol the server picks from offer, on a fresh TLS connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with client_ctx(ca, offer).wrap_socket(raw, server_hostname="localhost") as s:
+            return s.selected_alpn_protocol()
+
+
+def test_alpn_prefers_h2(idemgate, upstream, certs):
+    """h2 first when the client offers it, http/1.1 for a client that only
+    speaks that; with http2.enabled false, never h2."""
+    g = gate(idemgate, certs, upstream.url)
+    assert alpn_selected(g.port, certs["ca"], ["h2", "http/1.1"]) == "h2"
+    assert alpn_selected(g.port, certs["ca"], ["http/1.1", "h2"]) == "h2"
+    assert alpn_selected(g.port, certs["ca"], ["http/1.1"]) == "http/1.1"
+    g.stop()
+    cfg = {"upstream": upstream.url, "store": "memory", "http2": {"enabled": False},
+           "tls": {"cert_file": certs["cert"], "key_file": certs["key"]}}
+    g2 = idemgate(cfg)
+    assert alpn_selected(g2.port, certs["ca"], ["h2", "http/1.1"]) == "http/1.1"
 
 
 def header_values(resp, name):

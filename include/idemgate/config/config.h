@@ -162,6 +162,14 @@ struct cfg_limits {
     int shutdown_grace_ms;
 };
 
+/* The http2 section: HTTP/2 from clients (docs/configuration.md). */
+struct cfg_http2 {
+    bool enabled;
+    int max_concurrent_streams;
+    int initial_window_bytes;
+    int max_resets_per_second;
+};
+
 /* One entry of routes[]: owns prefix, its upstream and its idem copy. */
 struct cfg_route {
     char *prefix;
@@ -183,6 +191,7 @@ struct cfg {
     struct cfg_idem idem;
     enum cfg_error_format error_format;
     struct cfg_limits limits;
+    struct cfg_http2 http2;
     bool admin_enabled; /* false when admin.listen is "off" */
     struct cfg_addr admin_listen;
     char *admin_token; /* admin.token: NULL when none (then /keys answers loopback only) */

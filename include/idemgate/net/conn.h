@@ -86,6 +86,9 @@ void conn_set_tls(struct conn *c, struct ssl_st *ssl);
  * NULL, gets a one-line reason such as "certificate verify failed:
  * hostname mismatch"). */
 int conn_handshake(struct conn *c, char *why, size_t whylen);
+/* True when the finished TLS handshake selected the ALPN protocol proto
+ * ("h2"); false without TLS or ALPN. */
+bool conn_alpn_is(const struct conn *c, const char *proto);
 /* True when TLS has bytes read from the socket that conn_fill has not
  * returned yet (a connection holding them cannot be parked). */
 bool conn_tls_pending(const struct conn *c);

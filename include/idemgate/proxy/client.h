@@ -25,6 +25,7 @@
 struct loop;
 struct event;
 struct exchange;
+struct h2conn;
 struct front_ops;
 
 /* The client's transport state (enum client_state: CLIENT_IDLE, CLIENT_BUSY,
@@ -40,6 +41,7 @@ struct client {
     TAILQ_ENTRY(client) link; /* the loop's list */
     enum client_state state;
     struct exchange *ex; /* attached exchange, or NULL */
+    struct h2conn *h2;   /* it speaks HTTP/2 (h2.c owns the streams), or NULL */
     struct event *timer; /* client_timeout_ms: request receive / keep-alive idle */
     char peer[64];       /* client IP as text, for X-Forwarded-For */
     bool tls;            /* HTTPS: requests are read once the handshake is done */

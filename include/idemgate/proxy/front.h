@@ -49,11 +49,11 @@ struct front_head {
 };
 
 enum front_end {
-    FRONT_END_HOLD,  /* the answer is whole, but its last bytes wait: the key's owner
-                        lets them go (end DONE) once the store has the outcome */
-    FRONT_END_DONE,  /* the answer is whole and may all go out; the front is free */
-    FRONT_END_ABORT  /* the answer broke after its head: the client must see it cut
-                        (HTTP/1 closes, HTTP/2 resets the stream); the front is free */
+    FRONT_END_HOLD, /* the answer is whole, but its last bytes wait: the key's owner
+                       lets them go (end DONE) once the store has the outcome */
+    FRONT_END_DONE, /* the answer is whole and may all go out; the front is free */
+    FRONT_END_ABORT /* the answer broke after its head: the client must see it cut
+                       (HTTP/1 closes, HTTP/2 resets the stream); the front is free */
 };
 
 struct front_ops {
