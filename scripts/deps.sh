@@ -5,7 +5,9 @@
 set -euo pipefail
 PKGS=(build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev libcjson-dev
       libxxhash-dev libcmocka-dev redis-server python3 python3-pytest curl clang-format)
-if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy); fi
+# --bench: the load harness (bench/run); nghttp2-client (h2load), h2o and
+# libnghttp2-dev (bench/h2keys.c) for its HTTP/2 rows.
+if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy nghttp2-client h2o libnghttp2-dev); fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
