@@ -6,7 +6,9 @@ set -euo pipefail
 PKGS=(build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev libcjson-dev
       libxxhash-dev libnghttp2-dev libcmocka-dev redis-server python3 python3-pytest python3-h2
       curl clang-format)
-if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy); fi
+# --bench: the load harness (bench/run); nghttp2-client (h2load) and h2o for
+# its HTTP/2 rows.
+if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy nghttp2-client h2o); fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
