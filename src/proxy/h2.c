@@ -151,8 +151,10 @@ static ssize_t h2_read_body(nghttp2_session *s, int32_t id, uint8_t *dst, size_t
     struct h2_stream *st = src->ptr;
     size_t n = buf_size(&st->out);
     if (n > length) n = length;
-    memcpy(dst, buf_data(&st->out), n);
-    buf_consume(&st->out, n);
+    if (n > 0) {
+        memcpy(dst, buf_data(&st->out), n);
+        buf_consume(&st->out, n);
+    }
     if (buf_size(&st->out) == 0) {
         if (st->ended)
             *flags |= NGHTTP2_DATA_FLAG_EOF;
@@ -165,8 +167,8 @@ static ssize_t h2_read_body(nghttp2_session *s, int32_t id, uint8_t *dst, size_t
 /* Connection-specific fields never go out over HTTP/2 (RFC 9113 8.2.2). */
 static bool h2_forbidden(const char *n, size_t len)
 {
-    static const char *const names[] = {"connection", "keep-alive", "proxy-connection",
-                                        "transfer-encoding", "upgrade", NULL};
+    static const char *const names[] = {"connection",        "keep-alive", "proxy-connection",
+                                        "transfer-encoding", "upgrade",    NULL};
     for (const char *const *p = names; *p; p++)
         if (strlen(*p) == len && strncasecmp(*p, n, len) == 0) return true;
     return false;
@@ -345,7 +347,8 @@ static void h2_start(struct h2_stream *st)
         hd->host = authority;
         hd->headers[hd->n_headers++] = (struct http1_header){{"host", 4}, authority};
     }
-    if (!hd->method.p || !hd->target.p || (hd->host.p && !target_host_valid(hd->host.p, hd->host.n))) {
+    if (!hd->method.p || !hd->target.p ||
+        (hd->host.p && !target_host_valid(hd->host.p, hd->host.n))) {
         h2_refuse(st, ERR_BAD_REQUEST);
         return;
     }
@@ -403,7 +406,9 @@ static int h2_on_header(nghttp2_session *s, const nghttp2_frame *frame, const ui
     (void)flags;
     struct h2conn *h = arg;
     struct h2_stream *st = h2_stream_of(h, frame->hd.stream_id);
-    if (!st || frame->hd.type != NGHTTP2_HEADERS) return 0; /* trailers are dropped */
+    /* trailers (a second HEADERS) are dropped */
+    if (!st || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
+        return 0;
     uint64_t max = h->cl->loop->cfg->limits.max_header_bytes;
     st->hdr_bytes += namelen + valuelen + 4; /* as in "name: value\r\n" */
     if (st->hdr_bytes > max) {
@@ -535,20 +540,22 @@ static void h2_send(struct h2conn *h)
         }
         if (conn_flush(c) < 0) h->dead = true;
         h->sending = false;
-        if (h->dead) return;
-        bool more = false;
-        struct h2_stream *st, *next;
-        for (st = TAILQ_FIRST(&h->streams); st; st = next) {
-            next = TAILQ_NEXT(st, link);
-            if (st->ex && st->paused && buf_size(&st->out) <= H2_STREAM_HIGH / 2) {
-                st->paused = false;
-                exchange_front_drained(st->ex); /* may queue more and free st */
-                more = true;
-            }
-        }
-        if (!more || h->dead) return;
+        if (h->dead) break;
+        /* One paused stream at a time: resuming it may send, and close
+         * streams (any of them), so the list is walked again after each. */
+        struct h2_stream *st;
+        TAILQ_FOREACH (st, &h->streams, link)
+            if (st->ex && st->paused && buf_size(&st->out) <= H2_STREAM_HIGH / 2) break;
+        if (!st) break;
+        st->paused = false;
+        exchange_front_drained(st->ex);
+        if (h->dead || h->sending || h->in_recv) return;
         h->sending = true;
     }
+    /* Over, or broken: closed from the connection's own event, never from
+     * inside an exchange's call. */
+    if (h->dead || (!nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s)))
+        event_active(c->ev, EV_WRITE, 0);
 }
 
 /* Closes the connection when it is over: nghttp2 wants nothing more and
@@ -577,8 +584,8 @@ void h2_conn_event(struct h2conn *h, short what)
         conn_fill(c, H2_FILL);
         if (buf_size(&c->in) > 0) {
             h->in_recv = true;
-            ssize_t n = nghttp2_session_mem_recv(h->s, (const uint8_t *)buf_data(&c->in),
-                                                 buf_size(&c->in));
+            ssize_t n =
+                nghttp2_session_mem_recv(h->s, (const uint8_t *)buf_data(&c->in), buf_size(&c->in));
             h->in_recv = false;
             if (n < 0) {
                 log_msg(LOG_DEBUG, "client %s: HTTP/2: %s", h->cl->peer, nghttp2_strerror((int)n));
@@ -618,8 +625,7 @@ struct h2conn *h2_conn_start(struct client *cl)
         {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, (uint32_t)cfg->max_concurrent_streams},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, (uint32_t)cfg->initial_window_bytes},
         {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, H2_DEFLATE_TABLE},
-        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE,
-         (uint32_t)cl->loop->cfg->limits.max_header_bytes},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, (uint32_t)cl->loop->cfg->limits.max_header_bytes},
     };
     nghttp2_submit_settings(h->s, NGHTTP2_FLAG_NONE, iv, sizeof(iv) / sizeof(iv[0]));
     return h;
