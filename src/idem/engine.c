@@ -471,6 +471,41 @@ static void idem_record_lost(struct idem *e, const char *why)
     e->outcome = OUT_LOST;
 }
 
+enum idem_end idem_response_failed(struct idem *e, enum idem_failure f)
+{
+    enum idem_end how = IDEM_END_FAILED;
+    switch (f) {
+    case IDEM_FAIL_BAD_HEAD:
+        how = e->owner ? IDEM_END_LOST_HEAD : IDEM_END_FAILED;
+        break;
+    case IDEM_FAIL_CUT:
+        how = idem_would_keep(e) ? IDEM_END_LOST_BODY : IDEM_END_FAILED;
+        break;
+    case IDEM_FAIL_UNANSWERED:
+        how = idem_keeps_unanswered(e) ? IDEM_END_UNANSWERED : IDEM_END_FAILED;
+        break;
+    case IDEM_FAIL_NOT_SENT:
+        break;
+    }
+    if (how != IDEM_END_FAILED) e->outcome = OUT_LOST;
+    return how;
+}
+
+bool idem_is_owner(const struct idem *e)
+{
+    return e->owner;
+}
+
+bool idem_is_done(const struct idem *e)
+{
+    return e->state == IDEM_DONE;
+}
+
+enum metrics_outcome idem_outcome(const struct idem *e)
+{
+    return e->outcome;
+}
+
 bool idem_keeps_unanswered(const struct idem *e)
 {
     return e->owner && e->cfg->unknown_outcome == CFG_UNKNOWN_KEEP;

@@ -52,8 +52,9 @@ void exchange_set_state(struct exchange *ex, enum ex_state to)
 static void ex_access_log(struct exchange *ex)
 {
     ex->logged = true;
-    struct access_fields f = {ex->request_id, ex->request_id_len, ex->head.method, ex->head.target,
-                              ex->status,     ex->idem.outcome,   ex->start_ms,    ex->upstream_ms};
+    struct access_fields f = {ex->request_id,  ex->request_id_len, ex->head.method,
+                              ex->head.target, ex->status,         idem_outcome(&ex->idem),
+                              ex->start_ms,    ex->upstream_ms};
     struct buf b;
     if (!access_begin(ex->cfg, &f, &b)) return;
     if (ex->server_addr) log_kv_str(&b, "upstream_addr", ex->server_addr, strlen(ex->server_addr));
@@ -148,12 +149,12 @@ static void ex_detach_front(struct exchange *ex)
  * answer finds the replay, or a free key, never a 409 of its own lock. */
 bool exchange_holds(const struct exchange *ex)
 {
-    return ex->idem.owner && ex->idem.state != IDEM_DONE;
+    return idem_is_owner(&ex->idem) && !idem_is_done(&ex->idem);
 }
 
 void exchange_answered(struct exchange *ex)
 {
-    if (ex->idem.owner && ex->front && ex->idem.state != IDEM_DONE)
+    if (ex->front && exchange_holds(ex))
         ex->fops->end(ex->front, FRONT_END_HOLD);
     else
         ex_detach_front(ex);

@@ -28,16 +28,10 @@
 /* Bytes read from the upstream per fill. */
 #define UPSTREAM_FILL (256 * 1024)
 
-/* How an upstream exchange failed, which decides what the key becomes
- * (docs/requests.md): never sent (released), sent but no head (released, or
- * lost with unknown_outcome "keep"), a malformed head (lost), a body cut
- * after its head (lost when the answer would have been kept). */
-enum up_fail { UP_NOT_SENT, UP_UNANSWERED, UP_BAD_HEAD, UP_CUT };
-
 static void ex_up_event(struct conn *c, short what, void *arg);
 static void ex_up_read(struct exchange *ex);
 static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why,
-                               enum up_fail kind);
+                               enum idem_failure kind);
 
 /* The response head went to the client: the body flows. */
 static bool streaming(const struct exchange *ex)
@@ -114,13 +108,13 @@ static void ex_up_timeout(evutil_socket_t fd, short what, void *arg)
     (void)what;
     struct exchange *ex = arg;
     if (!ex->up->connected)
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "connect timed out", UP_NOT_SENT);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "connect timed out", IDEM_FAIL_NOT_SENT);
     else if (streaming(ex))
         ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT, "body stalled past upstream_timeout_ms",
-                           UP_CUT);
+                           IDEM_FAIL_CUT);
     else
         ex_upstream_failed(ex, ERR_UPSTREAM_TIMEOUT, "no answer within upstream_timeout_ms",
-                           ex->up_sent ? UP_UNANSWERED : UP_NOT_SENT);
+                           ex->up_sent ? IDEM_FAIL_UNANSWERED : IDEM_FAIL_NOT_SENT);
 }
 
 static void ex_arm_up_timer(struct exchange *ex, int ms)
@@ -153,7 +147,7 @@ static bool ex_try(struct exchange *ex)
     ex->upstream_start_ms = clock_now_ms();
     struct upconn *u = upstream_get(&s->pool);
     if (!u) {
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, s->pool.why, UP_NOT_SENT);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, s->pool.why, IDEM_FAIL_NOT_SENT);
         return true;
     }
     ex->up = u;
@@ -172,7 +166,7 @@ static bool ex_try(struct exchange *ex)
      * buffer; only what the socket does not take is copied. */
     struct iovec iov = {(void *)ex->body, ex->body_len};
     if (conn_sendv(&u->c, &iov, ex->body_len ? 1 : 0) < 0) {
-        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err), UP_NOT_SENT);
+        ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err), IDEM_FAIL_NOT_SENT);
         return true;
     }
     /* From here the upstream may have the request: what becomes of the key
@@ -214,39 +208,22 @@ static void ex_release_upstream(struct exchange *ex, bool reusable)
     exchange_unref(ex);
 }
 
-/* What a failure of this kind makes of the key (docs/requests.md). */
-static enum idem_end ex_failure_end(const struct exchange *ex, enum up_fail kind)
-{
-    switch (kind) {
-    case UP_BAD_HEAD:
-        return ex->idem.owner ? IDEM_END_LOST_HEAD : IDEM_END_FAILED;
-    case UP_CUT:
-        return idem_would_keep(&ex->idem) ? IDEM_END_LOST_BODY : IDEM_END_FAILED;
-    case UP_UNANSWERED:
-        return idem_keeps_unanswered(&ex->idem) ? IDEM_END_UNANSWERED : IDEM_END_FAILED;
-    case UP_NOT_SENT:
-        break;
-    }
-    return IDEM_END_FAILED;
-}
-
 /* The one place an upstream failure is logged: why says what happened. */
 static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char *why,
-                               enum up_fail kind)
+                               enum idem_failure kind)
 {
     /* Hold a reference: releasing the upstream may drop the last but ours. */
     exchange_ref(ex);
     bool streaming = ex->state == EX_STREAMING;
     ex_release_upstream(ex, false);
     /* A head we refuse came from a server that is up: not its failure. */
-    ex_report(ex, kind == UP_BAD_HEAD ? UPSTREAM_NEUTRAL : UPSTREAM_FAILED);
-    if (kind == UP_NOT_SENT && !streaming && ex_retry(ex, why)) {
+    ex_report(ex, kind == IDEM_FAIL_BAD_HEAD ? UPSTREAM_NEUTRAL : UPSTREAM_FAILED);
+    if (kind == IDEM_FAIL_NOT_SENT && !streaming && ex_retry(ex, why)) {
         exchange_unref(ex);
         return;
     }
-    enum idem_end how = ex_failure_end(ex, kind);
+    enum idem_end how = idem_response_failed(&ex->idem, kind);
     if (how == IDEM_END_LOST_HEAD) e = ERR_UPSTREAM_ANSWER_LOST;
-    if (how != IDEM_END_FAILED) ex->idem.outcome = OUT_LOST;
     log_msg(LOG_WARN, "request %.*s: upstream %s (%s): %s (%s)%s", (int)ex->request_id_len,
             ex->request_id, ex->server->url->text, ex->server->name, err_code_name(e), why,
             how != IDEM_END_FAILED ? "; the key is kept as lost" : "");
@@ -314,7 +291,7 @@ static void ex_body_data(struct exchange *ex, const char *p, size_t n, bool last
 {
     if (n == 0) return;
     idem_response_body(&ex->idem, p, n);
-    if (ex->front) ex->fops->body(ex->front, p, n, last && ex->idem.owner);
+    if (ex->front) ex->fops->body(ex->front, p, n, last && idem_is_owner(&ex->idem));
 }
 
 /* Parses the response head when complete. Returns 1 when the head is done,
@@ -334,14 +311,14 @@ static int ex_parse_response_head(struct exchange *ex)
                 ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE,
                                    partial ? "closed in the middle of the head"
                                            : "closed before a response head",
-                                   partial ? UP_BAD_HEAD : UP_UNANSWERED);
+                                   partial ? IDEM_FAIL_BAD_HEAD : IDEM_FAIL_UNANSWERED);
                 return -1;
             }
             return 0;
         }
         if (n < 0 || ex->rhead.status == 101) {
             ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed response head",
-                               UP_BAD_HEAD);
+                               IDEM_FAIL_BAD_HEAD);
             return -1;
         }
         if (ex->rhead.status >= 100 && ex->rhead.status < 200) {
@@ -387,7 +364,8 @@ static int ex_pump_body(struct exchange *ex)
             buf_consume(in, used);
             if (r == HTTP1_CHUNK_DONE) return 1;
             if (r < 0) {
-                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed chunked body", UP_CUT);
+                ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "malformed chunked body",
+                                   IDEM_FAIL_CUT);
                 return -1;
             }
             if (r == HTTP1_CHUNK_MORE) break;
@@ -401,7 +379,7 @@ static int ex_pump_body(struct exchange *ex)
     }
     if (u->c.eof || u->c.err) {
         ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, "closed in the middle of the body",
-                           UP_CUT);
+                           IDEM_FAIL_CUT);
         return -1;
     }
     return 0;
@@ -449,7 +427,7 @@ static void ex_up_event(struct conn *c, short what, void *arg)
     if (!u->connected) {
         int err = upstream_connect_result(u);
         if (err) {
-            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(err), UP_NOT_SENT);
+            ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(err), IDEM_FAIL_NOT_SENT);
             return;
         }
         if (!u->connected) return;
@@ -461,7 +439,7 @@ static void ex_up_event(struct conn *c, short what, void *arg)
         if (buf_size(&u->c.out) < pending) ex->up_sent = true;
         if (r < 0 && !streaming(ex) && buf_size(&u->c.in) == 0) {
             ex_upstream_failed(ex, ERR_UPSTREAM_UNAVAILABLE, strerror(u->c.err),
-                               ex->up_sent ? UP_UNANSWERED : UP_NOT_SENT);
+                               ex->up_sent ? IDEM_FAIL_UNANSWERED : IDEM_FAIL_NOT_SENT);
             return;
         }
     }

@@ -145,6 +145,23 @@ void idem_response_head(struct idem *e, const struct http1_head *rh);
 void idem_response_body(struct idem *e, const char *p, size_t n);
 /* Whether a failure of that kind keeps the key as lost: an unanswered
  * request with unknown_outcome "keep", a cut keepable answer. */
+enum idem_failure {
+    IDEM_FAIL_NOT_SENT,   /* no byte reached the upstream: it never ran */
+    IDEM_FAIL_UNANSWERED, /* sent, no response head came */
+    IDEM_FAIL_BAD_HEAD,   /* a malformed (or partial) head: the upstream ran */
+    IDEM_FAIL_CUT         /* the body broke off after the head */
+};
+/* How the key ends after such a failure (docs/requests.md): released
+ * (IDEM_END_FAILED), or kept as lost (the outcome becomes "lost" now, so
+ * the answer the host queues next is logged as such). The host answers,
+ * then calls idem_response_end with what this returned. */
+enum idem_end idem_response_failed(struct idem *e, enum idem_failure f);
+/* Read-only views for the host: whether this request holds the key's
+ * lock (its answer is then held until the store has the outcome), whether
+ * the engine is done, and the outcome so far (the access line's). */
+bool idem_is_owner(const struct idem *e);
+bool idem_is_done(const struct idem *e);
+enum metrics_outcome idem_outcome(const struct idem *e);
 bool idem_keeps_unanswered(const struct idem *e);
 bool idem_would_keep(const struct idem *e);
 /* The exchange is over from the upstream's side: completes (the record or
