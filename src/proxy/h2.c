@@ -92,7 +92,9 @@ struct h2conn {
     struct client *cl; /* its connection, loop, timer and place in the loop's list */
     nghttp2_session *s;
     TAILQ_HEAD(, h2_stream) streams;
-    bool in_recv; /* inside mem_recv: nghttp2 forbids mem_send */
+    unsigned n_streams;    /* in streams: open or half-closed, as RFC 9113 5.1.2 counts */
+    bool settings_patched; /* our first SETTINGS carries MAX_CONCURRENT_STREAMS */
+    bool in_recv;          /* inside mem_recv: nghttp2 forbids mem_send */
     bool sending;
     bool dead; /* to close once the callbacks unwind */
     uint64_t reset_window_ms;
@@ -116,6 +118,7 @@ static struct h2_stream *h2_stream_new(struct h2conn *h, int32_t id)
     buf_init(&st->target);
     buf_init(&st->out);
     TAILQ_INSERT_TAIL(&h->streams, st, link);
+    h->n_streams++;
     return st;
 }
 
@@ -123,6 +126,7 @@ static struct h2_stream *h2_stream_new(struct h2conn *h, int32_t id)
 static void h2_stream_free(struct h2_stream *st)
 {
     TAILQ_REMOVE(&st->h->streams, st, link);
+    st->h->n_streams--;
     if (st->ex) {
         struct exchange *ex = st->ex;
         st->ex = NULL;
@@ -393,6 +397,13 @@ static int h2_on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, v
 {
     struct h2conn *h = arg;
     if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+    /* Over http2.max_concurrent_streams: a stream error, REFUSED_STREAM
+     * (RFC 9113 5.1.2; the client may retry it), never the connection's. */
+    if (h->n_streams >= (unsigned)h->cl->loop->cfg->http2.max_concurrent_streams) {
+        nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, frame->hd.stream_id,
+                                  NGHTTP2_REFUSED_STREAM);
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    }
     struct h2_stream *st = h2_stream_new(h, frame->hd.stream_id);
     nghttp2_session_set_stream_user_data(s, frame->hd.stream_id, st);
     return 0;
@@ -520,6 +531,38 @@ static nghttp2_session_callbacks *h2_callbacks(void)
 
 /* ------------------------------------------------------------- I/O */
 
+/* nghttp2 turns a client over its advertised MAX_CONCURRENT_STREAMS into
+ * a connection error once the SETTINGS are acknowledged; RFC 9113 5.1.2
+ * wants a stream error. So nghttp2 is never told the limit (its own stays
+ * unlimited) and h2_on_begin_headers enforces it; the value goes to the
+ * client in our first SETTINGS frame, appended here as the frame leaves
+ * (its ACK carries no parameters: nghttp2 matches it to what it sent). */
+static void h2_patch_settings(struct h2conn *h, struct buf *out, const uint8_t *p, size_t n)
+{
+    h->settings_patched = true;
+    size_t len = n >= 9 ? (size_t)p[0] << 16 | (size_t)p[1] << 8 | p[2] : 0;
+    if (n < 9 || p[3] != NGHTTP2_SETTINGS || (p[4] & NGHTTP2_FLAG_ACK) || 9 + len > n) {
+        buf_append(out, p, n); /* not the frame expected: sent as it is */
+        return;
+    }
+    uint32_t max = (uint32_t)h->cl->loop->cfg->http2.max_concurrent_streams;
+    uint8_t hdr[9], entry[6] = {0,
+                                NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS,
+                                (uint8_t)(max >> 24),
+                                (uint8_t)(max >> 16),
+                                (uint8_t)(max >> 8),
+                                (uint8_t)max};
+    memcpy(hdr, p, 9);
+    size_t nlen = len + sizeof(entry);
+    hdr[0] = (uint8_t)(nlen >> 16);
+    hdr[1] = (uint8_t)(nlen >> 8);
+    hdr[2] = (uint8_t)nlen;
+    buf_append(out, hdr, 9);
+    buf_append(out, p + 9, len);
+    buf_append(out, entry, sizeof(entry));
+    buf_append(out, p + 9 + len, n - 9 - len);
+}
+
 /* Frames nghttp2 has for us into the connection's output, then the
  * socket; streams that paused their upstream and drained resume it. */
 static void h2_send(struct h2conn *h)
@@ -536,7 +579,10 @@ static void h2_send(struct h2conn *h)
                 break;
             }
             if (n == 0) break;
-            buf_append(&c->out, data, (size_t)n);
+            if (!h->settings_patched)
+                h2_patch_settings(h, &c->out, data, (size_t)n);
+            else
+                buf_append(&c->out, data, (size_t)n);
         }
         if (conn_flush(c) < 0) h->dead = true;
         h->sending = false;
@@ -588,7 +634,15 @@ void h2_conn_event(struct h2conn *h, short what)
                 nghttp2_session_mem_recv(h->s, (const uint8_t *)buf_data(&c->in), buf_size(&c->in));
             h->in_recv = false;
             if (n < 0) {
-                log_msg(LOG_DEBUG, "client %s: HTTP/2: %s", h->cl->peer, nghttp2_strerror((int)n));
+                /* a broken connection, or one of nghttp2's own flood
+                 * bounds: a last GOAWAY, then the close */
+                log_msg(LOG_INFO, "client %s: HTTP/2: %s: GOAWAY", h->cl->peer,
+                        nghttp2_strerror((int)n));
+                nghttp2_session_terminate_session(h->s, n == NGHTTP2_ERR_CALLBACK_FAILURE ||
+                                                                n == NGHTTP2_ERR_FLOODED
+                                                            ? NGHTTP2_ENHANCE_YOUR_CALM
+                                                            : NGHTTP2_PROTOCOL_ERROR);
+                h2_send(h);
                 h->dead = true;
                 break;
             }
@@ -621,8 +675,8 @@ struct h2conn *h2_conn_start(struct client *cl)
     int rc = nghttp2_session_server_new2(&h->s, h2_callbacks(), h, opt);
     nghttp2_option_del(opt);
     if (rc != 0) abort();
+    /* MAX_CONCURRENT_STREAMS is added as the frame leaves (h2_patch_settings) */
     nghttp2_settings_entry iv[] = {
-        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, (uint32_t)cfg->max_concurrent_streams},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, (uint32_t)cfg->initial_window_bytes},
         {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, H2_DEFLATE_TABLE},
         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, (uint32_t)cl->loop->cfg->limits.max_header_bytes},
