@@ -7,6 +7,9 @@ the modules:
               idemgate) and in-process raw listeners; /proc readings
   http        Resp, request() / post() / Client, raw sockets, response parsing,
               /metrics
+  h2          HTTP/2 clients (python3-h2): H2Client with frame-level control
+              (streams, CONTINUATION, RST_STREAM, PING, SETTINGS, raw frames,
+              GOAWAY), h2_request() / h2_post(), alpn_selected()
   resp        RESP2: the only way tests talk to Redis
   assertions  docs/errors.md errors, replay comparison, bounded waits
   config      configurations (deep merge, store settings)
