@@ -361,7 +361,7 @@ static void h2_start(struct h2_stream *st)
         hd->content_length = buf_size(&st->body);
     }
     struct front_request req = {.head = hd,
-                                .body = buf_data(&st->body),
+                                .body = buf_size(&st->body) ? buf_data(&st->body) : "",
                                 .body_len = buf_size(&st->body),
                                 .peer = h->cl->peer,
                                 .tls = h->cl->tls};

@@ -38,9 +38,10 @@ static inline size_t buf_size(const struct buf *b)
 {
     return b->len - b->off;
 }
+/* NULL for a buffer that never held a byte (no arithmetic on NULL). */
 static inline const char *buf_data(const struct buf *b)
 {
-    return b->p + b->off;
+    return b->p ? b->p + b->off : NULL;
 }
 void buf_reset(struct buf *b);
 /* Swaps the contents of two buffers. */
