@@ -85,6 +85,7 @@ struct h2_stream {
     bool answered;       /* a response was submitted */
     bool ended;          /* its last DATA may carry END_STREAM */
     bool paused;         /* the exchange saw it backlogged */
+    uint64_t start_ms;   /* its HEADERS began: the request must be whole in client_timeout_ms */
     TAILQ_ENTRY(h2_stream) link;
 };
 
@@ -101,6 +102,7 @@ struct h2conn {
     unsigned resets;
     unsigned empty_frames;
     unsigned continuations;
+    uint64_t last_read_ms; /* bytes came from the client */
 };
 
 static void h2_send(struct h2conn *h);
@@ -117,6 +119,7 @@ static struct h2_stream *h2_stream_new(struct h2conn *h, int32_t id)
     buf_init(&st->body);
     buf_init(&st->target);
     buf_init(&st->out);
+    st->start_ms = clock_now_ms();
     TAILQ_INSERT_TAIL(&h->streams, st, link);
     h->n_streams++;
     return st;
@@ -294,7 +297,7 @@ static void h2_refuse(struct h2_stream *st, enum err_code e)
                               .request_id_len = rid_len,
                               .status = status,
                               .outcome = OUT_REJECTED,
-                              .start_ms = clock_now_ms()};
+                              .start_ms = st->start_ms};
     struct buf b;
     if (access_begin(l->cfg, &f, &b)) access_end(&b, NULL);
 }
@@ -616,10 +619,15 @@ static bool h2_maybe_close(struct h2conn *h)
     return true;
 }
 
+static void h2_arm_timer_ms(struct h2conn *h, uint64_t ms)
+{
+    struct timeval tv = clock_tv(ms);
+    evtimer_add(h->cl->timer, &tv);
+}
+
 static void h2_arm_timer(struct h2conn *h)
 {
-    struct timeval tv = clock_tv((uint64_t)h->cl->loop->cfg->limits.client_timeout_ms);
-    evtimer_add(h->cl->timer, &tv);
+    h2_arm_timer_ms(h, (uint64_t)h->cl->loop->cfg->limits.client_timeout_ms);
 }
 
 void h2_conn_event(struct h2conn *h, short what)
@@ -647,7 +655,10 @@ void h2_conn_event(struct h2conn *h, short what)
                 break;
             }
             buf_consume(&c->in, (size_t)n);
-            h2_arm_timer(h);
+            /* the timer is not pushed back by each frame: a client that
+             * trickles a request cannot postpone its 408 (h2_conn_timeout) */
+            h->last_read_ms = clock_now_ms();
+            if (!evtimer_pending(h->cl->timer, NULL)) h2_arm_timer(h);
         }
         h2_send(h);
         if (c->eof || c->err) {
@@ -666,6 +677,7 @@ struct h2conn *h2_conn_start(struct client *cl)
     struct h2conn *h = calloc(1, sizeof(*h));
     if (!h) abort();
     h->cl = cl;
+    h->last_read_ms = clock_now_ms();
     TAILQ_INIT(&h->streams);
     nghttp2_option *opt;
     if (nghttp2_option_new(&opt) != 0) abort();
@@ -706,11 +718,30 @@ void h2_conn_drain(struct h2conn *h)
 
 bool h2_conn_timeout(struct h2conn *h)
 {
-    if (!TAILQ_EMPTY(&h->streams)) {
-        h2_arm_timer(h); /* streams in flight: their own timeouts apply */
-        return false;
+    uint64_t now = clock_now_ms(), ms = (uint64_t)h->cl->loop->cfg->limits.client_timeout_ms;
+    if (TAILQ_EMPTY(&h->streams)) {
+        if (now - h->last_read_ms < ms) { /* not idle that long yet */
+            h2_arm_timer_ms(h, ms - (now - h->last_read_ms));
+            return false;
+        }
+        nghttp2_session_terminate_session(h->s, NGHTTP2_NO_ERROR);
+        h2_send(h);
+        return true;
     }
-    nghttp2_session_terminate_session(h->s, NGHTTP2_NO_ERROR);
+    /* As over HTTP/1.1, client_timeout_ms bounds the time to receive a
+     * whole request (408), and a client that does not take what it was
+     * answered loses the stream; a stream whose exchange runs has the
+     * upstream's timeouts. */
+    struct h2_stream *st, *next;
+    for (st = TAILQ_FIRST(&h->streams); st; st = next) {
+        next = TAILQ_NEXT(st, link);
+        if (st->ex) continue;
+        if (!st->answered && now - st->start_ms >= ms)
+            h2_refuse(st, ERR_REQUEST_TIMEOUT);
+        else if (st->answered && now - st->start_ms >= 2 * ms)
+            nghttp2_submit_rst_stream(h->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_CANCEL);
+    }
     h2_send(h);
-    return true;
+    h2_arm_timer(h);
+    return false;
 }

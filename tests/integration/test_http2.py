@@ -822,6 +822,26 @@ def test_idle_connection_closed(gate, transport, after):
     assert_healthy(g)
 
 
+def test_trickled_request_gets_408(gate, upstream, transport):
+    """client_timeout_ms bounds the time to receive a whole request, as over
+    HTTP/1.1: a stream whose body keeps trickling in (a frame every 100 ms,
+    which keeps the connection from ever being idle) is answered 408 and
+    never forwarded, and the connection goes on serving."""
+    g = gate(transport, limits={"client_timeout_ms": 500})
+    with connect(g) as c:
+        sid = c.next_stream_id()
+        c.send_headers(sid, c.request_headers("POST", "/count", hdrs("h2-trickle")))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not c.streams[sid].done:
+            c.send_data(sid, b"x")
+            c.read(0.1)
+        r = c.response(sid, timeout=5)
+        assert r.status == 408, r
+        assert r.json()["error"]["code"] == "bad_request", r  # docs/errors.md: 408
+        assert c.response(c.request("GET", "/echo")).status == 200
+    assert upstream.count("h2-trickle") == 0
+
+
 def test_sigterm_goaway_then_the_open_stream_completes(gate, upstream, transport):
     g = gate(transport, limits={"shutdown_grace_ms": 5000})
     with connect(g) as c:
