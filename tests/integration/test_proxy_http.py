@@ -1,9 +1,17 @@
 """Strict HTTP/1.1 parsing at the edge (docs/errors.md, docs/headers.md): every
 malformed request gets an error status and the connection closed, and never
-reaches the upstream. Also pipelining."""
+reaches the upstream. Also pipelining.
+
+The cases about a request's fields rather than HTTP/1 framing (heads over
+max_header_bytes, too many fields, a field name or value no protocol
+allows) run over HTTP/2 too (the `proto` fixture): the same request as
+one stream, refused with the same status and body, or as malformed with
+a PROTOCOL_ERROR stream reset (RFC 9113 section 8.1.1), and never
+forwarded; the connection may stay open."""
 
 import pytest
 
+from idemtest.h2 import PROTOCOL_ERROR
 from idemtest.http import parse_responses, raw, raw_closed, request
 
 MAX_HEADER_BYTES = 2048
@@ -38,6 +46,40 @@ def check_rejected(gate, data, statuses=(400,)):
     return rs[0]
 
 
+def as_fields(data):
+    """(method, target, [(name, value)]) of a raw HTTP/1.1 request head
+    whose lines are well formed (CRLF, "name: value"); the head may lack
+    its end."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    fields = [tuple(ln.split(": ", 1)) for ln in lines[1:]]
+    return method, target, fields
+
+
+def check_rejected_over(proto, gate, data, statuses=(400,)):
+    """check_rejected() over HTTP/1.1; over HTTP/2 the same request (its
+    fields, as_fields(); Host as :authority) on a stream: an error status
+    of statuses with the JSON body of HTTP/1.1, or, where 400 is expected,
+    the stream reset with PROTOCOL_ERROR as malformed; nothing reaches the
+    upstream, and the proxy still serves."""
+    if not proto.h2:
+        return check_rejected(gate, data, statuses)
+    method, target, fields = as_fields(data)
+    r = proto.request(gate.port, method, target, fields, allow_reset=True)
+    if getattr(r, "reset_code", None) is not None:
+        assert 400 in statuses and r.reset_code == PROTOCOL_ERROR, r
+    else:
+        assert r.status in statuses, "got %d, want %s: %r" % (r.status, statuses, r)
+        ctype = r.header("Content-Type") or ""
+        assert ctype.startswith("application/json"), r.headers
+        assert r.json()["error"]["code"] == "bad_request", r.body
+        assert r.header("X-Request-Id"), r
+    assert gate.upstream.stats()["total"] == 0, \
+        "the upstream saw a malformed request: %r" % gate.upstream.stats()
+    ok = proto.request(gate.port, "GET", "/echo")
+    assert ok.status == 200
+    return r
 
 
 def test_content_length_and_transfer_encoding(gate):
@@ -100,8 +142,8 @@ def test_space_before_colon(gate):
     check_rejected(gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n")
 
 
-def test_invalid_header_name_char(gate):
-    check_rejected(gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX(A): b\r\n\r\n")
+def test_invalid_header_name_char(gate, proto):
+    check_rejected_over(proto, gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX(A): b\r\n\r\n")
 
 
 def test_invalid_method_chars(gate):
@@ -135,23 +177,23 @@ def test_http10_without_host_is_fine(gate):
     assert gate.upstream.stats()["total"] == 1
 
 
-def test_oversized_head_one_header(gate):
-    check_rejected(gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: "
-                         + b"a" * (MAX_HEADER_BYTES + 100) + b"\r\n\r\n",
-                   (431, 400))
+def test_oversized_head_one_header(gate, proto):
+    check_rejected_over(proto, gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: "
+                        + b"a" * (MAX_HEADER_BYTES + 100) + b"\r\n\r\n",
+                        (431, 400))
 
 
-def test_oversized_head_many_headers(gate):
+def test_oversized_head_many_headers(gate, proto):
     hdrs = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 40) for i in range(60))
     assert len(hdrs) > MAX_HEADER_BYTES
-    check_rejected(gate, b"GET /echo HTTP/1.1\r\nHost: x\r\n" + hdrs + b"\r\n",
-                   (431, 400))
+    check_rejected_over(proto, gate, b"GET /echo HTTP/1.1\r\nHost: x\r\n" + hdrs + b"\r\n",
+                        (431, 400))
 
 
-def test_oversized_request_line(gate):
-    check_rejected(gate, b"GET /echo?" + b"a" * (MAX_HEADER_BYTES + 10)
-                         + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-                   (414, 431, 400))
+def test_oversized_request_line(gate, proto):
+    check_rejected_over(proto, gate, b"GET /echo?" + b"a" * (MAX_HEADER_BYTES + 10)
+                        + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        (414, 431, 400))
 
 
 def test_oversized_head_never_terminated(gate):
@@ -161,11 +203,11 @@ def test_oversized_head_never_terminated(gate):
                          + b"a" * (MAX_HEADER_BYTES * 4), (431, 400))
 
 
-def test_too_many_headers(gate):
+def test_too_many_headers(gate, proto):
     hdrs = b"".join(b"X-%d: 1\r\n" % i for i in range(101))
     data = b"GET /echo HTTP/1.1\r\nHost: x\r\n" + hdrs + b"\r\n"
     assert len(data) < MAX_HEADER_BYTES
-    check_rejected(gate, data, (431, 400))
+    check_rejected_over(proto, gate, data, (431, 400))
 
 
 def test_garbage_bytes(gate):
@@ -183,8 +225,8 @@ def test_tls_client_hello_on_plain_port(gate):
     assert gate.upstream.stats()["total"] == 0
 
 
-def test_nul_in_header_value(gate):
-    check_rejected(gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n")
+def test_nul_in_header_value(gate, proto):
+    check_rejected_over(proto, gate, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n")
 
 
 def test_chunked_bad_size(gate):

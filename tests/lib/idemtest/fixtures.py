@@ -4,7 +4,8 @@ redis-server), redis_servers (several, for one test), redis_tls (a
 private redis-server speaking TLS only, with its throwaway CA and a
 wrong one), redis_tls_servers (several speaking TLS only: a TLS cluster,
 a TLS sentinel group), store_cfg (the
-store settings, once per store: memory, then redis), idemgate (a factory),
+store settings, once per store: memory, then redis), proto (a
+proto.Proto, once per protocol: h1, then h2), idemgate (a factory),
 execup (the execution-logging upstream, a factory). Every one is stopped
 at teardown.
 """
@@ -16,6 +17,7 @@ import pytest
 from . import procs
 from .certs import make_certs
 from .config import STORES, store_config
+from .proto import PROTOS, Proto
 
 
 @pytest.fixture
@@ -86,6 +88,13 @@ def store_cfg(request):
     started only for "redis")."""
     redis = request.getfixturevalue("redis") if request.param == "redis" else None
     return store_config(request.param, redis)
+
+
+@pytest.fixture(params=PROTOS)
+def proto(request):
+    """A proto.Proto for each of PROTOS: the test sends its requests with
+    proto.post() / proto.request() over HTTP/1.1, then over HTTP/2."""
+    return Proto(request.param)
 
 
 @pytest.fixture

@@ -380,10 +380,11 @@ class H2Client:
     def request_headers(self, method, path, headers=(), authority=None,
                         scheme=None):
         """The header list of a request: the pseudo-headers, then headers
-        (a dict or pairs) with lowercase names, as bytes."""
+        (a dict or pairs) with lowercase names, as bytes. authority None:
+        the connection's (an empty one is sent as it is)."""
         out = [(b":method", _b(method)),
                (b":scheme", _b(scheme or ("https" if self.tls else "http"))),
-               (b":authority", _b(authority or self.authority)),
+               (b":authority", _b(self.authority if authority is None else authority)),
                (b":path", _b(path))]
         for k, v in header_items(headers):
             out.append((_b(k).lower(), _b(v)))
