@@ -179,11 +179,7 @@ static int parse_request_line(const char *s, const char *e, struct http1_head *h
     if (!sp2) return HTTP1_EBAD;
     h->method = (struct http1_slice){s, (size_t)(sp1 - s)};
     h->target = (struct http1_slice){t, (size_t)(sp2 - t)};
-    if (!all_tchar(h->method.p, h->method.n)) return HTTP1_EBAD;
-    /* Methods are case-sensitive (RFC 9110 9.1): "post" is not POST, and
-     * would slip past a policy for POST. nginx refuses them too. */
-    for (size_t i = 0; i < h->method.n; i++)
-        if ((unsigned char)(h->method.p[i] - 'a') < 26) return HTTP1_EBAD;
+    if (!http1_method_valid(h->method.p, h->method.n)) return HTTP1_EBAD;
     if (!all_visible(h->target.p, h->target.n)) return HTTP1_EBAD;
     return parse_version(sp2 + 1, (size_t)(e - sp2 - 1), &h->minor_version);
 }
@@ -545,6 +541,16 @@ bool http1_is_hop_by_hop(const struct http1_head *h, size_t i)
             for_each_element(hd->value.p, hd->value.n, match_token, &ts);
     }
     return ts.found;
+}
+
+bool http1_method_valid(const char *p, size_t n)
+{
+    if (n == 0 || !all_tchar(p, n)) return false;
+    /* Methods are case-sensitive (RFC 9110 9.1): "post" is not POST, and
+     * would slip past a policy for POST. nginx refuses them too. */
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)(p[i] - 'a') < 26) return false;
+    return true;
 }
 
 bool http1_is_tchar(unsigned char c)

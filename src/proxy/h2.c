@@ -354,7 +354,7 @@ static void h2_start(struct h2_stream *st)
         hd->host = authority;
         hd->headers[hd->n_headers++] = (struct http1_header){{"host", 4}, authority};
     }
-    if (!hd->method.p || !hd->target.p ||
+    if (!hd->method.p || !hd->target.p || !http1_method_valid(hd->method.p, hd->method.n) ||
         (hd->host.p && !target_host_valid(hd->host.p, hd->host.n))) {
         h2_refuse(st, ERR_BAD_REQUEST);
         return;

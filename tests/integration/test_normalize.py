@@ -66,10 +66,7 @@ def test_spellings_of_a_required_route_need_a_key(gate, upstream, proto, target)
     assert upstream.stats()["total"] == before  # nothing forwarded
 
 
-@pytest.mark.parametrize("proto", ["h1", pytest.param("h2", marks=pytest.mark.xfail(
-    strict=True, reason="HTTP/2 bug: a :method with lower-case letters is forwarded to the "
-    "upstream (src/proxy/h2.c h2_start lacks the check http1.c does on the request line)"))],
-    indirect=True)
+@pytest.mark.parametrize("proto", ["h1", "h2"], indirect=True)
 @pytest.mark.parametrize("method", ["post", "Post", "pOST"])
 def test_lower_case_method_is_400(gate, upstream, proto, method):
     assert_refused(send(proto, gate.port, method, "/req", body=b"{}"))

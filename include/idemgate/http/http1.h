@@ -86,6 +86,10 @@ long http1_parse_response(const char *buf, size_t len, size_t max_head, bool hea
 /* RFC 9110 character classes: a token character; a field-value byte
  * (HTAB, SP, VCHAR, obs-text). */
 bool http1_is_tchar(unsigned char c);
+/* A method idemgate accepts, over either protocol: a token without a
+ * lower-case letter ("post" is not POST, and would slip past a policy for
+ * POST). */
+bool http1_method_valid(const char *p, size_t n);
 bool http1_is_value_byte(unsigned char c);
 
 /* Case-insensitive comparison of a slice with a NUL-terminated name. */
