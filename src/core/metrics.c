@@ -34,10 +34,13 @@ METRICS_LABEL_SETS(LABEL_VALUES)
 #undef LABEL_VALUES
 #undef LABEL_VALUE
 
-/* One name per enum value: for the outcomes, OUT__COUNT names. */
+/* One name per enum value: for the outcomes, OUT__COUNT names; none for a
+ * state machine's set, named at start (metrics_state_names). */
 #define LABEL_CHECK(id, key, values, n)                                                            \
-    _Static_assert(sizeof(values_##id) / sizeof(values_##id[0]) == (size_t)(n) + 1,                \
-                   "label set " #id ": its names and its enum differ in count");
+    _Static_assert(                                                                                \
+        sizeof(values_##id) / sizeof(values_##id[0]) == (size_t)(n) + 1 ||                         \
+            ((n) == METRICS_STATES_MAX && sizeof(values_##id) / sizeof(values_##id[0]) == 1),      \
+        "label set " #id ": its names and its enum differ in count");
 METRICS_LABEL_SETS(LABEL_CHECK)
 #undef LABEL_CHECK
 _Static_assert(sizeof(values_OUTCOME) / sizeof(values_OUTCOME[0]) == OUT__COUNT + 1,
@@ -53,6 +56,24 @@ static const struct label_set_def label_sets[] = {
     METRICS_LABEL_SETS(LABEL_SET_DEF)
 #undef LABEL_SET_DEF
 };
+
+/* A state machine's set: the names its module gave (metrics_state_names).
+ * Written once at start, before any thread reads them. */
+static const char *const *state_names[sizeof(label_sets) / sizeof(label_sets[0])];
+static int state_n[sizeof(label_sets) / sizeof(label_sets[0])];
+
+/* The values of label set ls and how many: its list, or the names given
+ * at start for a state machine's set (none yet: 0). */
+static const char *const *set_values(enum label_set ls, int *n)
+{
+    const struct label_set_def *d = &label_sets[ls];
+    if (d->n > 0 && d->values[0] == NULL) {
+        *n = state_n[ls];
+        return state_names[ls];
+    }
+    *n = d->n;
+    return d->values;
+}
 
 /* ------------------------------------------------------- histograms */
 
@@ -108,7 +129,9 @@ static bool is_metric(enum metrics_id id)
 static atomic_llong *value_slot(enum metrics_id id, int label)
 {
     if (!is_metric(id) || defs[id].kind == KIND_HISTOGRAM) return NULL;
-    int n = label_sets[defs[id].labels].n;
+    int n;
+    set_values(defs[id].labels, &n);
+    if (n == 0) n = label_sets[defs[id].labels].n; /* a state gauge not named yet */
     if (label < 0 || label >= (n > 0 ? n : 1)) return NULL;
     return &rows[id][label];
 }
@@ -157,26 +180,24 @@ void metrics_state_move(enum metrics_gauge_set set, int from, int to)
 /* The name of value `label` of metric id's label set, "unknown" if none. */
 static const char *label_name(enum metrics_id id, int label)
 {
-    const struct label_set_def *ls = &label_sets[defs[id].labels];
-    if (label < 0 || label >= ls->n) return "unknown";
-    return ls->values[label];
+    int n;
+    const char *const *values = set_values(defs[id].labels, &n);
+    if (label < 0 || label >= n) return "unknown";
+    return values[label];
+}
+
+void metrics_state_names(enum metrics_gauge_set set, const char *const *names, int n)
+{
+    if ((unsigned)set >= (unsigned)METRICS_SET__COUNT || n < 0 || n > METRICS_STATES_MAX) abort();
+    enum label_set ls = defs[set_metric[set]].labels;
+    state_names[ls] = names;
+    state_n[ls] = n;
 }
 
 const char *metrics_state_name(enum metrics_gauge_set set, int state)
 {
     if ((unsigned)set >= (unsigned)METRICS_SET__COUNT) return "unknown";
     return label_name(set_metric[set], state);
-}
-
-int metrics_state_next(enum metrics_gauge_set set, const unsigned *transitions, int from, int to)
-{
-    if (!(transitions[from] & (1u << to))) {
-        log_msg(LOG_ERROR, "illegal %s transition %s -> %s", defs[set_metric[set]].name,
-                metrics_state_name(set, from), metrics_state_name(set, to));
-        abort();
-    }
-    metrics_state_move(set, from, to);
-    return to;
 }
 
 void metrics_outcome(enum metrics_outcome outcome)
@@ -229,8 +250,10 @@ static void render_histogram(struct buf *out, const char *name, const atomic_llo
 static void render_sample(struct buf *out, const struct metric_def *d, int label, long long v)
 {
     const struct label_set_def *ls = &label_sets[d->labels];
+    int n;
+    const char *const *values = set_values(d->labels, &n);
     buf_append_str(out, d->name);
-    if (ls->n > 0) buf_printf(out, "{%s=\"%s\"}", ls->key, ls->values[label]);
+    if (ls->n > 0) buf_printf(out, "{%s=\"%s\"}", ls->key, values[label]);
     if (d->kind == KIND_COUNTER)
         buf_printf(out, " %llu\n", (unsigned long long)v);
     else
@@ -256,7 +279,9 @@ static void render_metric(struct buf *out, enum metrics_id id)
         render_histogram(out, d->name, rows[id]);
         return;
     }
-    int n = label_sets[d->labels].n;
+    int n;
+    set_values(d->labels, &n);
+    if (n == 0 && label_sets[d->labels].n > 0) return; /* a state gauge not named yet */
     for (int i = 0; i < (n > 0 ? n : 1); i++)
         render_sample(out, d, i, load(&rows[id][i]));
 }

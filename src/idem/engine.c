@@ -18,6 +18,7 @@
 
 #include "idemgate/config/config.h"
 #include "idemgate/core/clock.h"
+#include "idemgate/core/fsm.h"
 #include "idemgate/core/log.h"
 #include "idemgate/http/http1.h"
 
@@ -38,9 +39,22 @@ static const unsigned idem_transitions[IDEM__COUNT] = {
 
 /* The one place the engine's state changes; an illegal move aborts (also
  * in release builds: it would be a double execution waiting to happen). */
+#define IDEM_STATE_NAME(id, name) name,
+static const char *const idem_state_names[] = {STATES_ENGINE(IDEM_STATE_NAME)};
+#undef IDEM_STATE_NAME
+
+static const struct fsm idem_fsm = {"engine", idem_state_names, IDEM__COUNT, idem_transitions,
+                                    METRICS_SET_ENGINE};
+
+/* Its gauge is named at load, before anything serves /metrics. */
+__attribute__((constructor)) static void idem_fsm_register(void)
+{
+    fsm_register(&idem_fsm);
+}
+
 static void idem_set_state(struct idem *e, enum idem_state to)
 {
-    e->state = metrics_state_next(METRICS_SET_ENGINE, idem_transitions, (int)e->state, (int)to);
+    e->state = fsm_next(&idem_fsm, (int)e->state, (int)to);
 }
 
 static void idem_acquire(struct idem *e);
@@ -95,7 +109,7 @@ void idem_init(struct idem *e, const struct idem_env *env, const struct idem_hos
     e->ops = ops;
     e->host = host;
     e->state = IDEM_NEW;
-    metrics_state_move(METRICS_SET_ENGINE, -1, IDEM_NEW);
+    fsm_enter(&idem_fsm, IDEM_NEW);
     buf_init(&e->rec);
 }
 
@@ -562,7 +576,7 @@ bool idem_scope_key(const struct idem *e, const char **scope, size_t *scope_len,
 void idem_free(struct idem *e)
 {
     if (!e->env) return; /* never initialized */
-    metrics_state_move(METRICS_SET_ENGINE, (int)e->state, -1);
+    fsm_leave(&idem_fsm, (int)e->state);
     idem_rec_drop(e);
     if (e->skey != e->skey_buf) free(e->skey);
     e->skey = NULL;

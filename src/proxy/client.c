@@ -15,6 +15,7 @@
 
 #include "idemgate/config/config.h"
 #include "idemgate/core/clock.h"
+#include "idemgate/core/fsm.h"
 #include "idemgate/core/log.h"
 #include "idemgate/core/metrics.h"
 #include "idemgate/http/target.h"
@@ -43,9 +44,22 @@ static const unsigned client_transitions[CLIENT__COUNT] = {
     [CLIENT_CLOSING] = 0,
 };
 
+#define CLIENT_STATE_NAME(id, name) name,
+static const char *const client_state_names[] = {STATES_CLIENT(CLIENT_STATE_NAME)};
+#undef CLIENT_STATE_NAME
+
+static const struct fsm client_fsm = {"client", client_state_names, CLIENT__COUNT,
+                                      client_transitions, METRICS_SET_CLIENT};
+
+/* Its gauge is named at load, before anything serves /metrics. */
+__attribute__((constructor)) static void client_fsm_register(void)
+{
+    fsm_register(&client_fsm);
+}
+
 void client_set_state(struct client *cl, enum client_state to)
 {
-    cl->state = metrics_state_next(METRICS_SET_CLIENT, client_transitions, (int)cl->state, (int)to);
+    cl->state = fsm_next(&client_fsm, (int)cl->state, (int)to);
 }
 
 /* ----------------------------------------------------------- lifecycle */
@@ -102,7 +116,7 @@ void client_accept(struct loop *l, int fd, const char *peer)
     }
     cl->timer = evtimer_new(l->base, client_timeout, cl);
     metrics_connections(1);
-    metrics_state_move(METRICS_SET_CLIENT, -1, CLIENT_IDLE);
+    fsm_enter(&client_fsm, CLIENT_IDLE);
     TAILQ_INSERT_HEAD(&l->clients, cl, link);
     client_arm_timer(cl);
 }
@@ -121,7 +135,7 @@ void client_close(struct client *cl)
     event_free(cl->timer);
     buf_free(&cl->chunked_body);
     buf_free(&cl->target);
-    metrics_state_move(METRICS_SET_CLIENT, (int)cl->state, -1);
+    fsm_leave(&client_fsm, (int)cl->state);
     free(cl);
     atomic_fetch_sub(l->connections, 1);
     metrics_connections(-1);

@@ -20,6 +20,7 @@
 
 #include "idemgate/config/config.h"
 #include "idemgate/core/clock.h"
+#include "idemgate/core/fsm.h"
 #include "idemgate/core/log.h"
 #include "idemgate/proxy/access.h"
 #include "idemgate/proxy/answer.h"
@@ -41,9 +42,22 @@ static const unsigned ex_transitions[EX__COUNT] = {
     [EX_DONE] = 0,
 };
 
+#define EX_STATE_NAME(id, name) name,
+static const char *const ex_state_names[] = {STATES_EXCHANGE(EX_STATE_NAME)};
+#undef EX_STATE_NAME
+
+static const struct fsm ex_fsm = {"exchange", ex_state_names, EX__COUNT, ex_transitions,
+                                  METRICS_SET_EXCHANGE};
+
+/* Its gauge is named at load, before anything serves /metrics. */
+__attribute__((constructor)) static void ex_fsm_register(void)
+{
+    fsm_register(&ex_fsm);
+}
+
 void exchange_set_state(struct exchange *ex, enum ex_state to)
 {
-    ex->state = metrics_state_next(METRICS_SET_EXCHANGE, ex_transitions, (int)ex->state, (int)to);
+    ex->state = fsm_next(&ex_fsm, (int)ex->state, (int)to);
 }
 
 /* --------------------------------------------------------- access line */
@@ -90,7 +104,7 @@ static void ex_free(struct exchange *ex)
     if (!ex->logged) ex_access_log(ex);
     if (ex->server && !ex->server_reported) upstream_report(ex->server, UPSTREAM_NEUTRAL);
     idem_free(&ex->idem);
-    metrics_state_move(METRICS_SET_EXCHANGE, (int)ex->state, -1);
+    fsm_leave(&ex_fsm, (int)ex->state);
     if (ex->idem_timer) evtimer_del(ex->idem_timer);
     if (ex->up_timer) evtimer_del(ex->up_timer);
     buf_free(&ex->req);
@@ -305,7 +319,9 @@ static void ex_take_request(struct exchange *ex, const struct front_request *req
            offsetof(struct http1_head, headers) + h->n_headers * sizeof(h->headers[0]));
     ex_take_target(ex, req);
     ex_drop_underscore_headers(&ex->head);
-    snprintf(ex->peer, sizeof(ex->peer), "%s", req->peer);
+    size_t pl = strnlen(req->peer, sizeof(ex->peer) - 1);
+    memcpy(ex->peer, req->peer, pl);
+    ex->peer[pl] = '\0';
     ex->front_tls = req->tls;
     ex->body = req->body;
     ex->body_len = req->body_len;
@@ -329,7 +345,7 @@ void exchange_start(struct loop *l, const struct front_request *req, const struc
     ex->front = front;
     ex->fops = ops;
     ex->state = EX_NEW;
-    metrics_state_move(METRICS_SET_EXCHANGE, -1, EX_NEW);
+    fsm_enter(&ex_fsm, EX_NEW);
     ex->start_ms = clock_now_ms();
     ex->gen = loop_gen_ref(l);
     ex->cfg = ex->gen->cfg;

@@ -4,8 +4,10 @@
  * (COUNTER, GAUGE, HISTOGRAM), group, Prometheus name, label set and help
  * text. It generates enum metrics_id, the names and the exposition, the
  * way twemproxy's STATS_POOL_CODEC does. Label sets are X-lists too
- * (OUTCOMES, STATES_EXCHANGE, ...), each generating its enum and names, so
- * an outcome or a state has its name in exactly one place.
+ * (OUTCOMES, RELOAD_RESULTS, ...), each generating its enum and names, so
+ * an outcome has its name in exactly one place. The state lists of the
+ * state machines live with their modules (core/fsm.h): their gauges get
+ * the names at start (metrics_state_names).
  *
  * Values are process-wide, updated with relaxed atomics from every thread
  * (counts, not synchronisation). Nothing here allocates; metrics_render
@@ -33,32 +35,6 @@
     X(OUT_STORE_ERROR, "store_error")                                                              \
     X(OUT_LOST, "lost") /* the upstream ran, its answer was lost: kept as lost */
 
-/* The state lists of the engine (idem/engine.h), the exchange's transport
- * (proxy/exchange.h) and client connections (proxy/client.h): the enums
- * those modules switch on are generated here with their label names, so a
- * state and its name cannot drift apart; each module's setter checks its
- * own transition table and moves the gauges. */
-#define STATES_ENGINE(X)                                                                           \
-    X(IDEM_NEW, "new")                                                                             \
-    X(IDEM_ACQUIRING, "acquiring")   /* store acquire in flight */                                 \
-    X(IDEM_WAITING, "waiting")       /* concurrent "wait": polling for the owner */                \
-    X(IDEM_FORWARDED, "forwarded")   /* the host forwards (owner, passthrough, fail-open) */       \
-    X(IDEM_COMPLETING, "completing") /* complete/release in flight */                              \
-    X(IDEM_DONE, "done")
-
-#define STATES_EXCHANGE(X)                                                                         \
-    X(EX_NEW, "new")               /* the engine decides (acquire, wait) */                        \
-    X(EX_FORWARDING, "forwarding") /* upstream request in flight, no response head yet */          \
-    X(EX_STREAMING, "streaming")   /* response head sent to the client, body flowing */            \
-    X(EX_ENDED, "ended")           /* the upstream side is over; the engine finishes */            \
-    X(EX_DONE, "done")             /* the engine is done too: only references are left */
-
-#define STATES_CLIENT(X)                                                                           \
-    X(CLIENT_IDLE, "idle")       /* waiting for (the rest of) a request */                         \
-    X(CLIENT_BUSY, "busy")       /* an exchange is attached and answering */                       \
-    X(CLIENT_HOLDING, "holding") /* the answer's last bytes wait for the store */                  \
-    X(CLIENT_CLOSING, "closing") /* flushing the last response, then close */
-
 /* A memory store entry: a lock or a completed record. */
 #define STATES_MEMORY_ENTRY(X)                                                                     \
     X(METRICS_ENTRY_IN_PROGRESS, "in_progress")                                                    \
@@ -71,24 +47,33 @@
 
 #define METRICS_LABEL_ID(id, value) id,
 enum metrics_outcome { OUTCOMES(METRICS_LABEL_ID) OUT__COUNT };
-enum idem_state { STATES_ENGINE(METRICS_LABEL_ID) IDEM__COUNT };
-enum ex_state { STATES_EXCHANGE(METRICS_LABEL_ID) EX__COUNT };
-enum client_state { STATES_CLIENT(METRICS_LABEL_ID) CLIENT__COUNT };
 enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__COUNT };
 enum metrics_reload_result { RELOAD_RESULTS(METRICS_LABEL_ID) METRICS_RELOAD__COUNT };
 #undef METRICS_LABEL_ID
 
-/* X(id, label name, values list, number of values); NONE: no label. */
+/* The most states a state machine's gauge may have (core/fsm.h). */
+#define METRICS_STATES_MAX 8
+
+/* X(id, label name, values list, number of values); NONE: no label. A
+ * state machine's set has no list here (METRICS_NO_VALUES) but room for
+ * METRICS_STATES_MAX values, named at start by its module. */
 #define METRICS_LABEL_SETS(X)                                                                      \
     X(NONE, NULL, METRICS_NO_VALUES, 0)                                                            \
     X(OUTCOME, "outcome", OUTCOMES, OUT__COUNT)                                                    \
-    X(ENGINE_STATE, "state", STATES_ENGINE, IDEM__COUNT)                                           \
-    X(EXCHANGE_STATE, "state", STATES_EXCHANGE, EX__COUNT)                                         \
-    X(CLIENT_STATE, "state", STATES_CLIENT, CLIENT__COUNT)                                         \
+    X(ENGINE_STATE, "state", METRICS_NO_VALUES, METRICS_STATES_MAX)                                \
+    X(EXCHANGE_STATE, "state", METRICS_NO_VALUES, METRICS_STATES_MAX)                              \
+    X(CLIENT_STATE, "state", METRICS_NO_VALUES, METRICS_STATES_MAX)                                \
     X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)                             \
     X(RELOAD_RESULT, "result", RELOAD_RESULTS, METRICS_RELOAD__COUNT)                              \
     X(SERIES, "upstream", METRICS_NO_VALUES, 0) /* upstream, server: from the series callback */
 #define METRICS_NO_VALUES(X)
+
+/* Where each state machine's list is (for scripts/check-docs and readers;
+ * never expanded by the compiler): X(label set, header, list). */
+#define METRICS_STATE_LISTS(X)                                                                     \
+    X(ENGINE_STATE, "include/idemgate/idem/engine.h", STATES_ENGINE)                               \
+    X(EXCHANGE_STATE, "include/idemgate/proxy/exchange.h", STATES_EXCHANGE)                        \
+    X(CLIENT_STATE, "include/idemgate/proxy/client.h", STATES_CLIENT)
 
 /* ------------------------------------------------------------ the list */
 
@@ -187,12 +172,10 @@ void metrics_observe(enum metrics_id id, uint64_t ms);
  * one just created, -1 as to for one being freed. The two counters move
  * one after the other, so a scrape may see the object in neither. */
 void metrics_state_move(enum metrics_gauge_set set, int from, int to);
-/* The one check of every state change (engine, exchange, client):
- * transitions[from] is the bitmask of the states `to` may be; an illegal
- * move is logged and aborts (also in release builds: a state machine that
- * went wrong is a double execution waiting to happen); a legal one moves
- * the gauges and returns to. */
-int metrics_state_next(enum metrics_gauge_set set, const unsigned *transitions, int from, int to);
+/* Names the n states of set's gauge (n at most METRICS_STATES_MAX; the
+ * array is borrowed for the process's life): core/fsm.h does it at start,
+ * before /metrics is served. Until then the gauge has no samples. */
+void metrics_state_names(enum metrics_gauge_set set, const char *const *names, int n);
 /* The label value of a state of set ("acquiring"), "unknown" if none. */
 const char *metrics_state_name(enum metrics_gauge_set set, int state);
 

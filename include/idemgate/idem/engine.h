@@ -40,10 +40,20 @@
 struct cfg_idem;
 struct http1_head;
 
-/* The engine's states (enum idem_state: IDEM_NEW .. IDEM_DONE) are
- * generated with their names from STATES_ENGINE in core/metrics.h;
- * idem_set_state is the one place they change, and it keeps the
- * idemgate_exchanges{state} gauges. */
+/* The engine's states, with their names (the idemgate_exchanges{state}
+ * gauge's label values); idem_set_state is the one place they change,
+ * checked by core/fsm.h against the table in engine.c. */
+#define STATES_ENGINE(X)                                                                           \
+    X(IDEM_NEW, "new")                                                                             \
+    X(IDEM_ACQUIRING, "acquiring")   /* store acquire in flight */                                 \
+    X(IDEM_WAITING, "waiting")       /* concurrent "wait": polling for the owner */                \
+    X(IDEM_FORWARDED, "forwarded")   /* the host forwards (owner, passthrough, fail-open) */       \
+    X(IDEM_COMPLETING, "completing") /* complete/release in flight */                              \
+    X(IDEM_DONE, "done")
+
+#define IDEM_STATE_ID(id, name) id,
+enum idem_state { STATES_ENGINE(IDEM_STATE_ID) IDEM__COUNT };
+#undef IDEM_STATE_ID
 
 /* What becomes of the response being forwarded, decided by its head. */
 enum idem_keep {

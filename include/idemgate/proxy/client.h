@@ -28,12 +28,19 @@ struct exchange;
 struct h2conn;
 struct front_ops;
 
-/* The client's transport state (enum client_state: CLIENT_IDLE, CLIENT_BUSY,
- * CLIENT_HOLDING — the answer is queued but for its last bytes, which wait
- * until the store has the key's outcome — and CLIENT_CLOSING) is generated
- * with its names from STATES_CLIENT in core/metrics.h; client_set_state is
- * the one place it changes (checked against a transition table, like
- * pgbouncer's change_client_state), and the per-state gauges follow it. */
+/* The client's transport state, with its names (the
+ * idemgate_client_connections{state} gauge's label values);
+ * client_set_state is the one place it changes, checked by core/fsm.h
+ * against the table in client.c. */
+#define STATES_CLIENT(X)                                                                           \
+    X(CLIENT_IDLE, "idle")       /* waiting for (the rest of) a request */                         \
+    X(CLIENT_BUSY, "busy")       /* an exchange is attached and answering */                       \
+    X(CLIENT_HOLDING, "holding") /* the answer's last bytes wait for the store */                  \
+    X(CLIENT_CLOSING, "closing") /* flushing the last response, then close */
+
+#define CLIENT_STATE_ID(id, name) id,
+enum client_state { STATES_CLIENT(CLIENT_STATE_ID) CLIENT__COUNT };
+#undef CLIENT_STATE_ID
 
 struct client {
     struct conn c;

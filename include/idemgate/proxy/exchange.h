@@ -38,10 +38,20 @@ struct upstream_group;
 struct loop_gen;
 struct upstream_server;
 
-/* The exchange's transport state (enum ex_state: EX_NEW, EX_FORWARDING,
- * EX_STREAMING, EX_ENDED, EX_DONE; the engine has its own) is generated
- * with its names from STATES_EXCHANGE in core/metrics.h; exchange_set_state
- * is the one place it changes. */
+/* The exchange's transport state (the engine has its own), with its names
+ * (the idemgate_exchanges_upstream{state} gauge's label values);
+ * exchange_set_state is the one place it changes, checked by core/fsm.h
+ * against the table in exchange.c. */
+#define STATES_EXCHANGE(X)                                                                         \
+    X(EX_NEW, "new")               /* the engine decides (acquire, wait) */                        \
+    X(EX_FORWARDING, "forwarding") /* upstream request in flight, no response head yet */          \
+    X(EX_STREAMING, "streaming")   /* response head sent to the client, body flowing */            \
+    X(EX_ENDED, "ended")           /* the upstream side is over; the engine finishes */            \
+    X(EX_DONE, "done")             /* the engine is done too: only references are left */
+
+#define EX_STATE_ID(id, name) id,
+enum ex_state { STATES_EXCHANGE(EX_STATE_ID) EX__COUNT };
+#undef EX_STATE_ID
 
 /* Servers one request may try (retries beyond this are not taken). */
 #define EXCHANGE_MAX_TRIES 16

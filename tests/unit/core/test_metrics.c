@@ -11,12 +11,46 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
 #include "idemgate/core/buf.h"
+#include "idemgate/core/fsm.h"
 #include "idemgate/core/metrics.h"
+/* the state lists live with their machines (core/fsm.h); only the lists
+ * are used here, so that the gauges get the product's names */
+#include "idemgate/idem/engine.h"
+#include "idemgate/proxy/client.h"
+#include "idemgate/proxy/exchange.h"
+
+#define STATE_NAME(id, name) name,
+static const char *const engine_names[] = {STATES_ENGINE(STATE_NAME)};
+static const char *const exchange_names[] = {STATES_EXCHANGE(STATE_NAME)};
+static const char *const client_names[] = {STATES_CLIENT(STATE_NAME)};
+#undef STATE_NAME
+
+/* Everything may move between any two states (the guard has a test of its
+ * own). */
+static const unsigned any[METRICS_STATES_MAX] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+static const struct fsm engine_fsm = {"engine", engine_names, IDEM__COUNT, any, METRICS_SET_ENGINE};
+static const struct fsm exchange_fsm = {"exchange", exchange_names, EX__COUNT, any,
+                                        METRICS_SET_EXCHANGE};
+static const struct fsm client_fsm = {"client", client_names, CLIENT__COUNT, any,
+                                      METRICS_SET_CLIENT};
+
+/* As the modules do at load. */
+static int name_states(void **state)
+{
+    (void)state;
+    fsm_register(&engine_fsm);
+    fsm_register(&exchange_fsm);
+    fsm_register(&client_fsm);
+    return 0;
+}
 
 #define ALL_GROUPS (METRICS_GROUP_ALWAYS | METRICS_GROUP_MEMORY_STORE)
 
@@ -441,7 +475,9 @@ static void test_state_moves(void **state)
         assert_int_equal(metrics_value(M_CLIENT_CONNECTIONS, i), 0);
 }
 
-/* metrics_state_next checks a move against its table and moves the gauge. */
+/* fsm_next checks a move against its machine's table and moves the
+ * gauge; fsm_enter and fsm_leave count objects in and out. (An illegal
+ * move aborts: that is checked from outside, test_fsm_abort below.) */
 static void test_state_next(void **state)
 {
     (void)state;
@@ -449,14 +485,34 @@ static void test_state_next(void **state)
         [CLIENT_IDLE] = 1u << CLIENT_BUSY,
         [CLIENT_BUSY] = 1u << CLIENT_CLOSING,
     };
+    const struct fsm m = {"client", client_names, CLIENT__COUNT, table, METRICS_SET_CLIENT};
     long long busy = metrics_value(M_CLIENT_CONNECTIONS, CLIENT_BUSY);
-    metrics_state_move(METRICS_SET_CLIENT, -1, CLIENT_IDLE);
-    int s = metrics_state_next(METRICS_SET_CLIENT, table, CLIENT_IDLE, CLIENT_BUSY);
+    fsm_enter(&m, CLIENT_IDLE);
+    int s = fsm_next(&m, CLIENT_IDLE, CLIENT_BUSY);
     assert_int_equal(s, CLIENT_BUSY);
     assert_int_equal(metrics_value(M_CLIENT_CONNECTIONS, CLIENT_BUSY), busy + 1);
-    s = metrics_state_next(METRICS_SET_CLIENT, table, s, CLIENT_CLOSING);
-    metrics_state_move(METRICS_SET_CLIENT, s, -1);
+    s = fsm_next(&m, s, CLIENT_CLOSING);
+    fsm_leave(&m, s);
     assert_int_equal(metrics_value(M_CLIENT_CONNECTIONS, CLIENT_BUSY), busy);
+}
+
+/* An illegal transition aborts the process (in a child here), in release
+ * builds too. */
+static void test_fsm_abort(void **state)
+{
+    (void)state;
+    static const unsigned table[CLIENT__COUNT] = {[CLIENT_IDLE] = 1u << CLIENT_BUSY};
+    const struct fsm m = {"client", client_names, CLIENT__COUNT, table, METRICS_SET_CLIENT};
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        fclose(stderr); /* the log line is expected */
+        fsm_next(&m, CLIENT_IDLE, CLIENT_CLOSING);
+        _exit(0);
+    }
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGABRT);
 }
 
 /* A state out of its set, or a set that is none, moves nothing. */
@@ -522,8 +578,9 @@ int main(void)
         cmocka_unit_test(test_state_names),
         cmocka_unit_test(test_state_moves),
         cmocka_unit_test(test_state_next),
+        cmocka_unit_test(test_fsm_abort),
         cmocka_unit_test(test_state_move_out_of_range),
         cmocka_unit_test(test_counters_gauges_histograms),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return cmocka_run_group_tests(tests, name_states, NULL);
 }
