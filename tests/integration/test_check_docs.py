@@ -146,7 +146,7 @@ def test_error_and_outcome_documented_but_not_in_code(tmp_path):
 
 def test_state_documented_but_not_in_code(tmp_path):
     root = copy_tree(tmp_path)
-    drops_line(root, "include/idemgate/core/metrics.h", 'X(CLIENT_HOLDING, "holding")')
+    drops_line(root, "include/idemgate/proxy/client.h", 'X(CLIENT_HOLDING, "holding")')
     fails_with(root, "state holding of idemgate_client_connections is not in the code")
 
 
