@@ -36,6 +36,26 @@ void store_ping(struct store *s, store_done_cb cb, void *arg)
     s->ops->ping(s, cb, arg);
 }
 
+void store_limit(struct store *s, const char *scope, size_t scope_len,
+                 const char token[STORE_TOKEN_LEN], const struct store_limit_args *a,
+                 store_limit_cb cb, void *arg)
+{
+    s->ops->limit(s, scope, scope_len, token, a, cb, arg);
+}
+
+void store_limit_release(struct store *s, const char *scope, size_t scope_len,
+                         const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg)
+{
+    s->ops->limit_release(s, scope, scope_len, token, cb, arg);
+}
+
+void store_limit_renew(struct store *s, const char *scope, size_t scope_len,
+                       const char token[STORE_TOKEN_LEN], uint32_t lease_ms, store_done_cb cb,
+                       void *arg)
+{
+    s->ops->limit_renew(s, scope, scope_len, token, lease_ms, cb, arg);
+}
+
 void store_free(struct store *s)
 {
     if (s) s->ops->free(s);

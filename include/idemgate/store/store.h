@@ -61,6 +61,34 @@ typedef void (*store_acquire_cb)(void *arg, const struct store_acquire_reply *re
  * owner's token), -1 store error or timeout. */
 typedef void (*store_done_cb)(void *arg, int status);
 
+/* The rate and concurrency limits of one scope (docs/configuration.md,
+ * ratelimit), checked in one atomic step in the store, so that any number
+ * of instances sharing it hold one limit. */
+struct store_limit_args {
+    uint32_t requests;  /* per window (GCRA: a burst of `requests`, then a smooth
+                           refill); 0: no rate limit */
+    uint32_t window_ms; /* at least 1000 */
+    uint32_t concurrent; /* slots; 0: no concurrency limit */
+    bool take_slot;      /* take a slot for the token (a lease of lease_ms) */
+    uint32_t lease_ms;   /* a slot's lease: renewed with store_limit_renew */
+};
+
+enum store_limit_verdict {
+    STORE_LIMIT_ALLOWED,    /* counted (and the slot taken, when asked) */
+    STORE_LIMIT_RATE,       /* over the rate: nothing counted, no slot */
+    STORE_LIMIT_CONCURRENCY, /* counted against the rate, but no slot free */
+    STORE_LIMIT_ERROR        /* unreachable, timed out, or a bad reply */
+};
+
+struct store_limit_reply {
+    enum store_limit_verdict verdict;
+    uint32_t remaining; /* requests still allowed right after this one (rate limit on) */
+    uint32_t reset_ms;  /* until the whole allowance of `requests` is back */
+    uint32_t retry_ms;  /* STORE_LIMIT_RATE: until the next request would pass */
+};
+
+typedef void (*store_limit_cb)(void *arg, const struct store_limit_reply *reply);
+
 struct store_ops {
     const char *name;
     void (*acquire)(struct store *s, const char *skey, size_t skey_len,
@@ -75,6 +103,21 @@ struct store_ops {
                   const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb, void *arg);
     /* status 1 when the backend answered, -1 otherwise. */
     void (*ping)(struct store *s, store_done_cb cb, void *arg);
+    /* The limits of scope (its "<scope>" as in skeys, bounded to 200
+     * bytes): first the rate (GCRA on the store's own clock: Redis TIME,
+     * or the process's monotonic clock for the memory store), then, when
+     * a->take_slot and a->concurrent, a slot: expired leases are dropped,
+     * and a free slot is leased to token for a->lease_ms. */
+    void (*limit)(struct store *s, const char *scope, size_t scope_len,
+                  const char token[STORE_TOKEN_LEN], const struct store_limit_args *a,
+                  store_limit_cb cb, void *arg);
+    /* Gives token's slot back (status 1), or finds none (0). */
+    void (*limit_release)(struct store *s, const char *scope, size_t scope_len,
+                          const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg);
+    /* Extends token's lease to lease_ms from now (1), or finds none (0). */
+    void (*limit_renew)(struct store *s, const char *scope, size_t scope_len,
+                        const char token[STORE_TOKEN_LEN], uint32_t lease_ms, store_done_cb cb,
+                        void *arg);
     /* Frees the store. Operations still in flight are dropped without
      * their callback: free a store only when its worker has no exchange
      * left (or the process is exiting). */
@@ -98,6 +141,14 @@ void store_release(struct store *s, const char *skey, size_t skey_len,
 void store_renew(struct store *s, const char *skey, size_t skey_len,
                  const char token[STORE_TOKEN_LEN], uint32_t lock_ms, store_done_cb cb, void *arg);
 void store_ping(struct store *s, store_done_cb cb, void *arg);
+void store_limit(struct store *s, const char *scope, size_t scope_len,
+                 const char token[STORE_TOKEN_LEN], const struct store_limit_args *a,
+                 store_limit_cb cb, void *arg);
+void store_limit_release(struct store *s, const char *scope, size_t scope_len,
+                         const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg);
+void store_limit_renew(struct store *s, const char *scope, size_t scope_len,
+                       const char token[STORE_TOKEN_LEN], uint32_t lease_ms, store_done_cb cb,
+                       void *arg);
 /* Frees s (NULL: nothing), through its ops table. */
 void store_free(struct store *s);
 
