@@ -148,6 +148,9 @@ static cJSON *routes_json(const struct cfg *c, bool redact)
                 idem, cfg_idem_route_opts[k].name,
                 opt_json(c, &cfg_idem_route_opts[k], (const char *)&r->idem, redact));
         cJSON_AddItemToObject(o, "idempotency", idem);
+        cJSON_AddItemToObject(o, "ratelimit",
+                              section_json(c, cfg_ratelimit_opts, cfg_n_ratelimit_opts,
+                                           (const char *)&r->ratelimit, redact));
         cJSON_AddItemToArray(arr, o);
     }
     return arr;

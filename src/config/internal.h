@@ -173,6 +173,8 @@ struct cfg_override {
  * inside struct cfg like any other's. */
 extern const struct cfg_section cfg_sections[];
 extern const size_t cfg_n_sections;
+extern const struct cfg_opt cfg_ratelimit_opts[];
+extern const size_t cfg_n_ratelimit_opts;
 extern const struct cfg_opt cfg_idem_opts[];
 extern const size_t cfg_n_idem_opts;
 extern const struct cfg_opt cfg_idem_route_opts[]; /* valid only inside routes[i] */

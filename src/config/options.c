@@ -34,6 +34,8 @@ static const char *const conc_names[] = {"reject", "wait", NULL};
 static const char *const unknown_names[] = {"release", "keep", NULL};
 static const char *const errfmt_names[] = {"json", "problem", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
+static const char *const rl_count_names[] = {"all", "covered", NULL};
+static const char *const rl_headers_names[] = {"legacy", "draft", "none", NULL};
 
 _Static_assert(sizeof(enum cfg_store) == sizeof(int), "enums are stored through int *");
 _Static_assert(sizeof(enum cfg_log_level) == sizeof(int), "enums are stored through int *");
@@ -105,6 +107,17 @@ static const struct cfg_opt limits_opts[] = {
     O_INT(struct cfg_limits, shutdown_grace_ms, 0, 3600000, "10000"),
 };
 
+/* Also the keys of routes[i].ratelimit (routes.c). */
+const struct cfg_opt cfg_ratelimit_opts[] = {
+    O_KIND("enabled", OPT_BOOL, struct cfg_ratelimit, enabled, "false"),
+    O_INT(struct cfg_ratelimit, requests, 0, 1000000, "120"),
+    O_INT(struct cfg_ratelimit, window_seconds, 1, 86400, "60"),
+    O_INT(struct cfg_ratelimit, concurrent, 0, 100000, "10"),
+    O_ENUM("count", struct cfg_ratelimit, count, rl_count_names, "all"),
+    O_ENUM("headers", struct cfg_ratelimit, headers, rl_headers_names, "legacy"),
+};
+const size_t cfg_n_ratelimit_opts = NOPTS(cfg_ratelimit_opts);
+
 static const struct cfg_opt http2_opts[] = {
     O_KIND("enabled", OPT_BOOL, struct cfg_http2, enabled, "true"),
     O_INT(struct cfg_http2, max_concurrent_streams, 1, 10000, "100"),
@@ -143,6 +156,7 @@ const struct cfg_section cfg_sections[] = {
     {"idempotency", offsetof(struct cfg, idem), cfg_idem_route_opts, NOPTS(cfg_idem_route_opts)},
     {"limits", offsetof(struct cfg, limits), limits_opts, NOPTS(limits_opts)},
     {"http2", offsetof(struct cfg, http2), http2_opts, NOPTS(http2_opts)},
+    {"ratelimit", offsetof(struct cfg, ratelimit), cfg_ratelimit_opts, NOPTS(cfg_ratelimit_opts)},
     {"admin", 0, admin_opts, NOPTS(admin_opts)},
     {"tls", 0, tls_opts, NOPTS(tls_opts)},
     /* nested: the "tls" member of the "redis" object (json.c) */

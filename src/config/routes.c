@@ -41,6 +41,12 @@ static int route_member(struct cfg_route *r, const cJSON *it, const char *path, 
         return cfg_apply_object(it, sub, (char *)&r->idem, cfg_idem_opts, cfg_n_idem_opts,
                                 cfg_idem_route_opts, cfg_n_idem_route_opts, e);
     }
+    if (strcmp(it->string, "ratelimit") == 0) {
+        char sub[CFG_PATH_LEN];
+        snprintf(sub, sizeof sub, "%.200s.ratelimit", path);
+        return cfg_apply_object(it, sub, (char *)&r->ratelimit, cfg_ratelimit_opts,
+                                cfg_n_ratelimit_opts, NULL, 0, e);
+    }
     return cfg_fail(e, where, "unknown key");
 }
 
@@ -55,6 +61,7 @@ static int build_route(const struct cfg *c, struct cfg_route *r, const cJSON *ob
     if (!cJSON_IsObject(obj)) return cfg_fail(e, where, "must be an object");
     cfg_idem_copy(&r->idem, &c->idem);
     r->idem.enabled = true;
+    r->ratelimit = c->ratelimit;
     const cJSON *it;
     cJSON_ArrayForEach (it, obj) {
         char kw[CFG_WHERE_LEN];

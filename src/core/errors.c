@@ -51,6 +51,13 @@ static const struct err_def err_defs[ERR__COUNT] = {
     [ERR_UPSTREAM_ANSWER_LOST] = {502, "api_error", "upstream_answer_lost", "Upstream answer lost",
                                   "The upstream ran this request but its answer was lost; it will "
                                   "not be executed again with this Idempotency-Key."},
+    [ERR_RATE_LIMITED] = {429, "rate_limit_error", "rate_limit_exceeded", "Rate limit exceeded",
+                          "Too many requests for this credential; retry after the time "
+                          "Retry-After gives."},
+    [ERR_CONCURRENCY_LIMITED] = {429, "rate_limit_error", "concurrency_limit_exceeded",
+                                 "Concurrency limit exceeded",
+                                 "Too many requests of this credential are running at once; "
+                                 "retry shortly."},
 };
 
 /* The messages of the errors that name a configured limit, said when the

@@ -86,6 +86,10 @@ static void idem_answer(struct idem *e, enum err_code e_code)
         case ERR_STORE_UNAVAILABLE:
             e->outcome = OUT_STORE_ERROR;
             break;
+        case ERR_RATE_LIMITED:
+        case ERR_CONCURRENCY_LIMITED:
+            e->outcome = OUT_RATE_LIMITED;
+            break;
         default:
             e->outcome = OUT_REJECTED;
             break;
@@ -101,6 +105,126 @@ static void idem_forward(struct idem *e)
     e->ops->forward(e->host);
 }
 
+/* ---- rate and concurrency limits (docs/configuration.md, Rate limits) */
+
+static void idem_new_token(char out[STORE_TOKEN_LEN + 1]);
+
+/* A store call in the background: it only holds the host. */
+static void idem_bg_done(void *arg, int status)
+{
+    (void)status;
+    struct idem *e = arg;
+    e->ops->release(e->host);
+}
+
+/* The limits' scope: the credential's hash as for keys, else the client's
+ * address (an anonymous client is limited on its own). */
+static void idem_rl_scope(struct idem *e)
+{
+    const struct cfg_idem *idem = e->cfg;
+    for (size_t i = 0; i < idem->scope_headers.n; i++) {
+        const struct http1_header *h =
+            http1_find_header(e->req.head, idem->scope_headers.v[i], NULL);
+        if (!h || h->value.n == 0) continue;
+        char out[SCOPE_HEX_LEN + 1];
+        scope_hash(idem->scope_secret, strlen(idem->scope_secret), h->value.p, h->value.n, out);
+        e->rl_scope_len = (size_t)snprintf(e->rl_scope, sizeof(e->rl_scope), "%s", out);
+        return;
+    }
+    int n = snprintf(e->rl_scope, sizeof(e->rl_scope), "ip:%s", e->req.peer ? e->req.peer : "");
+    e->rl_scope_len = n < (int)sizeof(e->rl_scope) ? (size_t)n : sizeof(e->rl_scope) - 1;
+}
+
+/* Whether the request counts against its limits (covered: it carries a
+ * key on a covered method); sets its scope. */
+static bool idem_rl_applies(struct idem *e, bool covered)
+{
+    const struct cfg_ratelimit *rl = e->req.rl;
+    if (!rl || !rl->enabled || (rl->requests == 0 && rl->concurrent == 0)) return false;
+    if (!covered && rl->count == CFG_RL_COUNT_COVERED) return false;
+    e->rl = rl;
+    idem_rl_scope(e);
+    return true;
+}
+
+static void idem_limited(void *arg, const struct store_limit_reply *r);
+
+/* Counts the request and asks for a slot (a lease of lock_seconds, under
+ * the request's token). */
+static void idem_limit(struct idem *e)
+{
+    if (!e->token[0]) idem_new_token(e->token);
+    struct store_limit_args a = {(uint32_t)e->rl->requests, (uint32_t)e->rl->window_seconds * 1000u,
+                                 (uint32_t)e->rl->concurrent, e->rl->concurrent > 0, lock_ms(e)};
+    e->pending++;
+    e->ops->hold(e->host);
+    store_limit(e->env->store, e->rl_scope, e->rl_scope_len, e->token, &a, idem_limited, e);
+}
+
+static void idem_slot_release(struct idem *e)
+{
+    if (!e->rl_slot) return;
+    e->rl_slot = false;
+    e->ops->hold(e->host);
+    store_limit_release(e->env->store, e->rl_scope, e->rl_scope_len, e->token, idem_bg_done, e);
+}
+
+/* 429: nothing forwarded, no key locked. */
+static void idem_refuse(struct idem *e, enum metrics_rl_reason why)
+{
+    metrics_add(M_RATELIMITED, (int)why, 1);
+    idem_answer(e, why == METRICS_RL_RATE ? ERR_RATE_LIMITED : ERR_CONCURRENCY_LIMITED);
+}
+
+/* A request that is not covered: forwarded, after its limit check when
+ * it counts. */
+static void idem_pass(struct idem *e)
+{
+    if (!idem_rl_applies(e, false)) {
+        idem_forward(e);
+        return;
+    }
+    idem_set_state(e, IDEM_ACQUIRING);
+    idem_limit(e);
+}
+
+static void idem_store_failed(struct idem *e);
+
+/* The verdict on a request that is not covered. */
+static void idem_pass_decide(struct idem *e)
+{
+    switch (e->rl_reply.verdict) {
+    case STORE_LIMIT_ALLOWED:
+        if (e->rl_slot) e->ops->timer_arm(e->host, lock_ms(e) / 3); /* the lease's renewal */
+        idem_forward(e);
+        break;
+    case STORE_LIMIT_RATE:
+        idem_refuse(e, METRICS_RL_RATE);
+        break;
+    case STORE_LIMIT_CONCURRENCY:
+        idem_refuse(e, METRICS_RL_CONCURRENCY);
+        break;
+    case STORE_LIMIT_ERROR:
+        e->rl = NULL; /* no headers: nothing was counted */
+        idem_store_failed(e);
+        break;
+    }
+}
+
+bool idem_ratelimit(const struct idem *e, struct idem_rl_info *info)
+{
+    if (!e->rl || !e->rl_answered || e->rl_reply.verdict == STORE_LIMIT_ERROR) return false;
+    const struct store_limit_reply *r = &e->rl_reply;
+    uint32_t window = (uint32_t)e->rl->window_seconds;
+    uint32_t reset = (r->reset_ms + 999) / 1000;
+    info->cfg = e->rl;
+    info->remaining = r->remaining;
+    info->reset_s = reset > window ? window : reset;
+    info->retry_s =
+        r->verdict == STORE_LIMIT_RATE && r->retry_ms > 1000 ? (r->retry_ms + 999) / 1000 : 1;
+    return true;
+}
+
 void idem_init(struct idem *e, const struct idem_env *env, const struct idem_host_ops *ops,
                void *host)
 {
@@ -111,6 +235,7 @@ void idem_init(struct idem *e, const struct idem_env *env, const struct idem_hos
     e->state = IDEM_NEW;
     fsm_enter(&idem_fsm, IDEM_NEW);
     buf_init(&e->rec);
+    buf_init(&e->acq_record);
 }
 
 /* Owner tokens need to be unique, not secret: a per-thread random 128-bit
@@ -208,7 +333,7 @@ static int idem_key(struct idem *e, char *key, size_t cap, size_t *key_len)
         if (e->cfg->required)
             idem_answer(e, ERR_KEY_REQUIRED);
         else
-            idem_forward(e);
+            idem_pass(e);
         return 1;
     }
     if (count > 1 || kh->value.n >= cap ||
@@ -225,9 +350,10 @@ void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mo
     e->cfg = cfg;
     e->req = *req;
     e->outcome = OUT_PASSTHROUGH;
+    e->failure_open = failure_open_mode;
     const struct http1_head *h = req->head;
     if (!cfg->enabled || !cfg_idem_covers_method(cfg, h->method.p, h->method.n)) {
-        idem_forward(e);
+        idem_pass(e);
         return;
     }
     /* Room for the longest valid key quoted with every byte escaped; any
@@ -238,15 +364,17 @@ void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mo
     char scope[SCOPE_HEX_LEN + 1];
     int sr = idem_scope(e, scope);
     if (sr != 0) {
-        if (sr > 0) idem_forward(e);
+        if (sr > 0) idem_pass(e);
         return;
     }
     idem_set_skey(e, scope, key, key_len);
     idem_fingerprint(e);
     idem_new_token(e->token);
     e->outcome = OUT_EXECUTED;
-    e->failure_open = failure_open_mode;
     e->wait_deadline_ms = clock_now_ms() + (uint64_t)cfg->wait_max_ms;
+    /* The limit check and the acquire go out together (one write to one
+     * Redis, or in parallel to two cluster nodes): no round trip added. */
+    if (idem_rl_applies(e, true)) idem_limit(e);
     idem_acquire(e);
 }
 
@@ -270,7 +398,16 @@ void idem_timer_fired(struct idem *e)
         idem_acquire(e);
         return;
     }
-    if (e->state != IDEM_FORWARDED || !e->owner) return;
+    if (e->state != IDEM_FORWARDED || !(e->owner || e->rl_slot)) return;
+    if (e->rl_slot) {
+        e->ops->hold(e->host);
+        store_limit_renew(e->env->store, e->rl_scope, e->rl_scope_len, e->token, lock_ms(e),
+                          idem_bg_done, e);
+        if (!e->owner) {
+            e->ops->timer_arm(e->host, lock_ms(e) / 3);
+            return;
+        }
+    }
     /* Renew every lock_seconds/3: two renewals can fail in a row before the
      * lock would lapse while the upstream still works. */
     e->ops->hold(e->host);
@@ -328,10 +465,85 @@ static void idem_in_progress(struct idem *e)
     e->ops->timer_arm(e->host, (uint32_t)(left < IDEM_WAIT_POLL_MS ? left : IDEM_WAIT_POLL_MS));
 }
 
+static void idem_on_acquire(struct idem *e, const struct store_acquire_reply *r);
+
+/* Both answers are in: the limit's verdict on what the acquire found. A
+ * key's lock taken for a refused request is given back at once; a slot
+ * taken for a request that is not executed (a replay, a 409) too. */
+static void idem_decide(struct idem *e, const struct store_acquire_reply *r)
+{
+    enum store_limit_verdict v = e->rl_reply.verdict;
+    bool locked = r->state == STORE_ACQ_LOCKED;
+    if (v == STORE_LIMIT_ERROR) {
+        e->rl = NULL; /* nothing was counted: no headers */
+        if (!e->failure_open) {
+            if (locked) {
+                e->ops->hold(e->host);
+                store_release(e->env->store, e->skey, e->skey_len, e->token, idem_bg_done, e);
+            }
+            idem_store_failed(e);
+            return;
+        }
+        /* failure_mode "open": the limit is skipped; the key as found */
+        metrics_inc(M_STORE_ERRORS);
+        idem_on_acquire(e, r);
+        return;
+    }
+    if (v == STORE_LIMIT_RATE || (v == STORE_LIMIT_CONCURRENCY && locked)) {
+        if (locked) {
+            e->ops->hold(e->host);
+            store_release(e->env->store, e->skey, e->skey_len, e->token, idem_bg_done, e);
+        }
+        idem_refuse(e, v == STORE_LIMIT_RATE ? METRICS_RL_RATE : METRICS_RL_CONCURRENCY);
+        return;
+    }
+    if (!locked) idem_slot_release(e);
+    idem_on_acquire(e, r);
+}
+
+static void idem_limited(void *arg, const struct store_limit_reply *r)
+{
+    struct idem *e = arg;
+    e->rl_reply = *r;
+    e->rl_answered = true;
+    e->rl_slot = r->verdict == STORE_LIMIT_ALLOWED && e->rl->concurrent > 0;
+    if (--e->pending == 0) {
+        if (!e->skey) {
+            idem_pass_decide(e);
+        } else {
+            struct store_acquire_reply a = {e->acq_state, (const uint8_t *)buf_data(&e->acq_record),
+                                            buf_size(&e->acq_record)};
+            e->acq_stashed = false;
+            idem_decide(e, &a);
+            buf_free(&e->acq_record);
+        }
+    }
+    e->ops->release(e->host);
+}
+
 static void idem_acquired(void *arg, const struct store_acquire_reply *r)
 {
     struct idem *e = arg;
     metrics_observe_store(clock_now_ms() - e->store_start_ms);
+    if (e->pending > 0) { /* the first acquire of a limited request */
+        if (--e->pending > 0) {
+            /* the limit's answer is still on its way: keep this one */
+            e->acq_stashed = true;
+            e->acq_state = r->state;
+            if (r->state == STORE_ACQ_COMPLETED)
+                buf_append(&e->acq_record, r->record, r->record_len);
+        } else {
+            idem_decide(e, r);
+        }
+        e->ops->release(e->host);
+        return;
+    }
+    idem_on_acquire(e, r);
+    e->ops->release(e->host);
+}
+
+static void idem_on_acquire(struct idem *e, const struct store_acquire_reply *r)
+{
     switch (r->state) {
     case STORE_ACQ_LOCKED:
         e->owner = true;
@@ -351,13 +563,13 @@ static void idem_acquired(void *arg, const struct store_acquire_reply *r)
         idem_store_failed(e);
         break;
     }
-    e->ops->release(e->host);
 }
 
 static void idem_acquire(struct idem *e)
 {
     if (e->state == IDEM_NEW) idem_set_state(e, IDEM_ACQUIRING);
     e->store_start_ms = clock_now_ms();
+    if (e->rl && !e->rl_answered) e->pending++; /* idem_limit went out just before */
     e->ops->hold(e->host);
     store_acquire(e->env->store, e->skey, e->skey_len, e->fp, e->token, lock_ms(e), idem_acquired,
                   e);
@@ -533,6 +745,7 @@ bool idem_would_keep(const struct idem *e)
 void idem_response_end(struct idem *e, enum idem_end how)
 {
     e->ops->timer_cancel(e->host);
+    idem_slot_release(e); /* the answer is over, kept or not */
     if (!e->owner) {
         idem_done(e);
         return;
@@ -578,6 +791,7 @@ void idem_free(struct idem *e)
     if (!e->env) return; /* never initialized */
     fsm_leave(&idem_fsm, (int)e->state);
     idem_rec_drop(e);
+    buf_free(&e->acq_record);
     if (e->skey != e->skey_buf) free(e->skey);
     e->skey = NULL;
     e->env = NULL;

@@ -4,6 +4,7 @@
  * held or let go is the exchange's business (exchange_answered). */
 #include "idemgate/proxy/answer.h"
 
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
@@ -45,12 +46,53 @@ int answer_error_head(const struct cfg *cfg, const struct cfg_idem *idem, enum e
     int status = err_status(e, idem ? idem->mismatch_status : 409);
     const char *ctype = answer_error_body(cfg, idem, e, status, body);
     hs[(*n)++] = (struct front_header){"Content-Type", 12, ctype, strlen(ctype)};
-    if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE)
+    if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE || e == ERR_CONCURRENCY_LIMITED)
         hs[(*n)++] = (struct front_header){"Retry-After", 11, "1", 1};
     const char *reason = http1_reason(status);
     *fh = (struct front_head){status,        reason, strlen(reason), hs, *n, FRONT_BODY_LENGTH,
                               buf_size(body)};
     return status;
+}
+
+bool answer_ratelimit_headers(const struct exchange *ex, struct front_header *hs, size_t *n,
+                              struct answer_rl *vals)
+{
+    struct idem_rl_info rl;
+    if (!idem_ratelimit(&ex->idem, &rl) || rl.cfg->requests == 0 ||
+        rl.cfg->headers == CFG_RL_HEADERS_NONE)
+        return false;
+    if (rl.cfg->headers == CFG_RL_HEADERS_LEGACY) {
+        int a = snprintf(vals->v[0], sizeof(vals->v[0]), "%d", rl.cfg->requests);
+        int b = snprintf(vals->v[1], sizeof(vals->v[1]), "%u", rl.remaining);
+        int c = snprintf(vals->v[2], sizeof(vals->v[2]), "%u", rl.reset_s);
+        hs[(*n)++] = (struct front_header){"RateLimit-Limit", 15, vals->v[0], (size_t)a};
+        hs[(*n)++] = (struct front_header){"RateLimit-Remaining", 19, vals->v[1], (size_t)b};
+        hs[(*n)++] = (struct front_header){"RateLimit-Reset", 15, vals->v[2], (size_t)c};
+        return true;
+    }
+    /* draft-ietf-httpapi-ratelimit-headers: structured fields */
+    int a = snprintf(vals->v[0], sizeof(vals->v[0]), "\"default\";q=%d;w=%d", rl.cfg->requests,
+                     rl.cfg->window_seconds);
+    int b =
+        snprintf(vals->v[1], sizeof(vals->v[1]), "\"default\";r=%u;t=%u", rl.remaining, rl.reset_s);
+    hs[(*n)++] = (struct front_header){"RateLimit-Policy", 16, vals->v[0], (size_t)a};
+    hs[(*n)++] = (struct front_header){"RateLimit", 9, vals->v[1], (size_t)b};
+    return true;
+}
+
+bool answer_replaces_header(const struct exchange *ex, const char *name, size_t len)
+{
+    static const char *const names[] = {"ratelimit-limit", "ratelimit-remaining",
+                                        "ratelimit-reset", "ratelimit-policy",
+                                        "ratelimit",       NULL};
+    struct idem_rl_info rl;
+    if (len < 9 || strncasecmp(name, "ratelimit", 9) != 0) return false;
+    if (!idem_ratelimit(&ex->idem, &rl) || rl.cfg->requests == 0 ||
+        rl.cfg->headers == CFG_RL_HEADERS_NONE)
+        return false;
+    for (const char *const *p = names; *p; p++)
+        if (strlen(*p) == len && strncasecmp(*p, name, len) == 0) return true;
+    return false;
 }
 
 /* Head and body to the front; the body held when the answer will be. */
@@ -64,10 +106,18 @@ static void answer_send(struct exchange *ex, const struct front_head *fh, const 
 
 void answer_error(struct exchange *ex, enum err_code e, bool replayed)
 {
-    struct front_header hs[4];
+    struct front_header hs[10];
     size_t n = 0;
+    struct answer_rl rlv;
+    char retry[16];
     hs[n++] = (struct front_header){"X-Request-Id", 12, ex->request_id, ex->request_id_len};
     if (replayed) hs[n++] = (struct front_header){"Idempotent-Replayed", 19, "true", 4};
+    answer_ratelimit_headers(ex, hs, &n, &rlv);
+    struct idem_rl_info rl;
+    if (e == ERR_RATE_LIMITED && idem_ratelimit(&ex->idem, &rl)) {
+        int l = snprintf(retry, sizeof(retry), "%u", rl.retry_s);
+        hs[n++] = (struct front_header){"Retry-After", 11, retry, (size_t)l};
+    }
     struct buf body;
     buf_init(&body);
     struct front_head fh;
@@ -80,14 +130,16 @@ void answer_replay(struct exchange *ex, const struct record *r)
 {
     ex->status = r->status;
     if (!ex->front) return;
-    struct front_header hs[RECORD_MAX_HEADERS + 4];
+    struct front_header hs[RECORD_MAX_HEADERS + 7];
     size_t n = 0;
     bool has_date = false;
+    struct answer_rl rlv;
     /* the stored headers, pseudo-headers left out; a Date when none was
      * kept (a stored one would be stale, so replays carry today's) */
     for (size_t i = 0; i < r->n_headers && n < RECORD_MAX_HEADERS; i++) {
         const struct record_header *h = &r->headers[i];
         if (h->name_len > 0 && h->name[0] == ':') continue;
+        if (answer_replaces_header(ex, h->name, h->name_len)) continue;
         if (h->name_len == 4 && strncasecmp(h->name, "date", 4) == 0) has_date = true;
         hs[n++] = (struct front_header){h->name, h->name_len, h->value, h->value_len};
     }
@@ -97,6 +149,7 @@ void answer_replay(struct exchange *ex, const struct record *r)
     }
     hs[n++] = (struct front_header){"X-Request-Id", 12, ex->request_id, ex->request_id_len};
     hs[n++] = (struct front_header){"Idempotent-Replayed", 19, "true", 4};
+    answer_ratelimit_headers(ex, hs, &n, &rlv);
     size_t reason_len = 0, length_len = 0;
     const char *reason = record_pseudo(r, RECORD_HDR_REASON, &reason_len);
     const char *length = record_pseudo(r, RECORD_HDR_LENGTH, &length_len);

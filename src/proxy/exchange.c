@@ -363,8 +363,10 @@ void exchange_start(struct loop *l, const struct front_request *req, const struc
     ex->server_reported = true;
     ex->server_addr = NULL;
     idem_init(&ex->idem, &ex->gen->idem_env, &ex_host_ops, ex);
-    struct idem_request ireq = {&ex->head, ex->body, ex->body_len, ex->request_id,
-                                ex->request_id_len};
+    struct idem_request ireq = {
+        &ex->head,      ex->body,           ex->body_len,
+        ex->request_id, ex->request_id_len, route ? &route->ratelimit : &cfg->ratelimit,
+        ex->peer};
     *slot = ex;
     idem_start(&ex->idem, ex->idem_cfg, cfg->redis.failure_mode == CFG_FAIL_OPEN, &ireq);
 }

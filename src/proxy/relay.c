@@ -260,9 +260,10 @@ static void ex_send_response_head(struct exchange *ex)
     const struct http1_head *rh = &ex->rhead;
     ex->status = rh->status;
     if (!ex->front) return;
-    struct front_header hs[HTTP1_MAX_HEADERS + 1];
+    struct front_header hs[HTTP1_MAX_HEADERS + 4];
     size_t n = 0;
     bool has_rid = false;
+    struct answer_rl rlv;
     for (size_t i = 0; i < rh->n_headers; i++) {
         const struct http1_header *hd = &rh->headers[i];
         if (http1_is_hop_by_hop(rh, i)) continue;
@@ -270,10 +271,12 @@ static void ex_send_response_head(struct exchange *ex)
         if (http1_slice_ieq(hd->name, "x-request-id")) has_rid = true;
         /* only idemgate says whether an answer is a replay (docs/headers.md) */
         if (http1_slice_ieq(hd->name, "idempotent-replayed")) continue;
+        if (answer_replaces_header(ex, hd->name.p, hd->name.n)) continue;
         hs[n++] = (struct front_header){hd->name.p, hd->name.n, hd->value.p, hd->value.n};
     }
     if (!has_rid)
         hs[n++] = (struct front_header){"X-Request-Id", 12, ex->request_id, ex->request_id_len};
+    answer_ratelimit_headers(ex, hs, &n, &rlv);
     struct front_head fh = {rh->status, rh->reason.p, rh->reason.n, hs, n, FRONT_BODY_NONE, 0};
     if (rh->body == HTTP1_BODY_LENGTH) {
         fh.body = FRONT_BODY_LENGTH;

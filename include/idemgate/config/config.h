@@ -92,6 +92,10 @@ enum cfg_log_level { CFG_LOG_DEBUG, CFG_LOG_INFO, CFG_LOG_WARN, CFG_LOG_ERROR };
 /* idempotency.unknown_outcome: what a request that was sent upstream but
  * never answered leaves behind (docs/requests.md). */
 enum cfg_unknown { CFG_UNKNOWN_RELEASE, CFG_UNKNOWN_KEEP };
+/* ratelimit.count: which requests of a scope count. */
+enum cfg_rl_count { CFG_RL_COUNT_ALL, CFG_RL_COUNT_COVERED };
+/* ratelimit.headers: the RateLimit-* headers added to answers. */
+enum cfg_rl_headers { CFG_RL_HEADERS_LEGACY, CFG_RL_HEADERS_DRAFT, CFG_RL_HEADERS_NONE };
 
 /* The redis section, with redis.url taken apart; owns its strings, the
  * nodes list, node_addrs and tls_client's strings.
@@ -162,6 +166,17 @@ struct cfg_limits {
     int shutdown_grace_ms;
 };
 
+/* The ratelimit section, globally and per route (docs/configuration.md,
+ * Rate limits): plain values, copied by value into each route. */
+struct cfg_ratelimit {
+    bool enabled;
+    int requests; /* per window; 0: no rate limit */
+    int window_seconds;
+    int concurrent; /* 0: no concurrency limit */
+    enum cfg_rl_count count;
+    enum cfg_rl_headers headers;
+};
+
 /* The http2 section: HTTP/2 from clients (docs/configuration.md). */
 struct cfg_http2 {
     bool enabled;
@@ -173,9 +188,10 @@ struct cfg_http2 {
 /* One entry of routes[]: owns prefix, its upstream and its idem copy. */
 struct cfg_route {
     char *prefix;
-    struct cfg_upstream upstream; /* the route's own, or a copy of the default */
-    bool upstream_own;            /* the route names its own upstream (its own group) */
-    struct cfg_idem idem;         /* resolved */
+    struct cfg_upstream upstream;   /* the route's own, or a copy of the default */
+    bool upstream_own;              /* the route names its own upstream (its own group) */
+    struct cfg_idem idem;           /* resolved */
+    struct cfg_ratelimit ratelimit; /* resolved: the global one, overridden key by key */
 };
 
 /* The whole configuration, every source applied and checked; see the
@@ -192,6 +208,7 @@ struct cfg {
     enum cfg_error_format error_format;
     struct cfg_limits limits;
     struct cfg_http2 http2;
+    struct cfg_ratelimit ratelimit;
     bool admin_enabled; /* false when admin.listen is "off" */
     struct cfg_addr admin_listen;
     char *admin_token; /* admin.token: NULL when none (then /keys answers loopback only) */

@@ -28,6 +28,8 @@ enum err_code {
     ERR_STORE_UNAVAILABLE,
     ERR_UPSTREAM_TIMEOUT,
     ERR_UPSTREAM_ANSWER_LOST,
+    ERR_RATE_LIMITED,        /* 429: the scope's rate limit (ratelimit.requests) */
+    ERR_CONCURRENCY_LIMITED, /* 429: the scope's concurrent executions (ratelimit.concurrent) */
     ERR__COUNT
 };
 

@@ -33,12 +33,18 @@
     X(OUT_REJECTED, "rejected")                                                                    \
     X(OUT_NOT_CACHED, "not_cached")                                                                \
     X(OUT_STORE_ERROR, "store_error")                                                              \
-    X(OUT_LOST, "lost") /* the upstream ran, its answer was lost: kept as lost */
+    X(OUT_LOST, "lost")                 /* the upstream ran, its answer was lost: kept as lost */  \
+    X(OUT_RATE_LIMITED, "rate_limited") /* 429: the scope's rate or concurrency limit */
 
 /* A memory store entry: a lock or a completed record. */
 #define STATES_MEMORY_ENTRY(X)                                                                     \
     X(METRICS_ENTRY_IN_PROGRESS, "in_progress")                                                    \
     X(METRICS_ENTRY_COMPLETED, "completed")
+
+/* Why a request was refused 429: idemgate_ratelimited_total{reason=...}. */
+#define RATELIMIT_REASONS(X)                                                                       \
+    X(METRICS_RL_RATE, "rate")                                                                     \
+    X(METRICS_RL_CONCURRENCY, "concurrency")
 
 /* How a reload went: idemgate_reloads_total{result=...}. */
 #define RELOAD_RESULTS(X)                                                                          \
@@ -49,6 +55,7 @@
 enum metrics_outcome { OUTCOMES(METRICS_LABEL_ID) OUT__COUNT };
 enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__COUNT };
 enum metrics_reload_result { RELOAD_RESULTS(METRICS_LABEL_ID) METRICS_RELOAD__COUNT };
+enum metrics_rl_reason { RATELIMIT_REASONS(METRICS_LABEL_ID) METRICS_RL__COUNT };
 #undef METRICS_LABEL_ID
 
 /* The most states a state machine's gauge may have (core/fsm.h). */
@@ -65,6 +72,7 @@ enum metrics_reload_result { RELOAD_RESULTS(METRICS_LABEL_ID) METRICS_RELOAD__CO
     X(CLIENT_STATE, "state", METRICS_NO_VALUES, METRICS_STATES_MAX)                                \
     X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)                             \
     X(RELOAD_RESULT, "result", RELOAD_RESULTS, METRICS_RELOAD__COUNT)                              \
+    X(RL_REASON, "reason", RATELIMIT_REASONS, METRICS_RL__COUNT)                                   \
     X(SERIES, "upstream", METRICS_NO_VALUES, 0) /* upstream, server: from the series callback */
 #define METRICS_NO_VALUES(X)
 
@@ -115,6 +123,8 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
     X(M_UPSTREAM_RETRIES, COUNTER, ALWAYS, "idemgate_upstream_retries_total", NONE,                \
       "Requests sent to another server of their group after a failure before any byte was "        \
       "written.")                                                                                  \
+    X(M_RATELIMITED, COUNTER, ALWAYS, "idemgate_ratelimited_total", RL_REASON,                     \
+      "Requests refused 429 by a scope's rate or concurrency limit, by reason.")                   \
     X(M_RELOADS, COUNTER, ALWAYS, "idemgate_reloads_total", RELOAD_RESULT,                         \
       "Configuration reloads (SIGHUP, POST /-/reload), by result.")                                \
     X(M_MEMORY_STORE_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_bytes", NONE,              \

@@ -38,6 +38,7 @@
 #include "idemgate/store/store.h"
 
 struct cfg_idem;
+struct cfg_ratelimit;
 struct http1_head;
 
 /* The engine's states, with their names (the idemgate_exchanges{state}
@@ -110,7 +111,22 @@ struct idem_request {
     size_t body_len;
     const char *id;
     size_t id_len;
+    const struct cfg_ratelimit *rl; /* the request's limits (docs/configuration.md) */
+    const char *peer;               /* the client's address: an anonymous request's scope */
 };
+
+/* The limit a request was counted against, for the RateLimit headers of
+ * its answer (idem_ratelimit). */
+struct idem_rl_info {
+    const struct cfg_ratelimit *cfg;
+    uint32_t remaining;
+    uint32_t reset_s; /* rounded up, at most window_seconds */
+    uint32_t retry_s; /* a 429: Retry-After */
+};
+
+/* The longest scope a limit is kept under: "ip:" and an address, or a
+ * scope hash. */
+#define IDEM_RL_SCOPE_MAX 80
 
 #define IDEM_SKEY_INLINE (SCOPE_HEX_LEN + 2 + 256)
 
@@ -132,7 +148,18 @@ struct idem {
     uint8_t fp[FP_LEN];
     uint64_t wait_deadline_ms;
     uint64_t store_start_ms;
-    struct buf rec; /* the record being written (pooled) */
+    /* the rate and concurrency limits (ratelimit) */
+    const struct cfg_ratelimit *rl; /* NULL when the request is not counted */
+    char rl_scope[IDEM_RL_SCOPE_MAX];
+    size_t rl_scope_len;
+    int pending;      /* store answers awaited before deciding (limit, acquire) */
+    bool rl_answered; /* the limit's answer is in rl_reply */
+    bool rl_slot;     /* we hold a concurrency slot (given back at the end) */
+    bool acq_stashed; /* the acquire answered first: its reply waits in acq */
+    struct store_limit_reply rl_reply;
+    enum store_acquire_state acq_state;
+    struct buf acq_record; /* a COMPLETED reply's record, copied while the limit is pending */
+    struct buf rec;        /* the record being written (pooled) */
     struct record_writer rw;
     uint64_t rec_body_len;
     char skey_buf[IDEM_SKEY_INLINE]; /* last: idem_init does not clear it */
@@ -166,6 +193,9 @@ enum idem_failure {
  * the answer the host queues next is logged as such). The host answers,
  * then calls idem_response_end with what this returned. */
 enum idem_end idem_response_failed(struct idem *e, enum idem_failure f);
+/* True, with info, when the request was counted against a rate limit:
+ * its answer carries the RateLimit headers (ratelimit.headers). */
+bool idem_ratelimit(const struct idem *e, struct idem_rl_info *info);
 /* Read-only views for the host: whether this request holds the key's
  * lock (its answer is then held until the store has the outcome), whether
  * the engine is done, and the outcome so far (the access line's). */

@@ -25,6 +25,20 @@ void answer_error(struct exchange *ex, enum err_code e, bool replayed);
 /* A stored record as the exchange's answer. */
 void answer_replay(struct exchange *ex, const struct record *r);
 
+/* The values of the RateLimit headers of one answer. */
+struct answer_rl {
+    char v[3][64];
+};
+/* The RateLimit headers of ex's answer (ratelimit.headers: legacy
+ * RateLimit-Limit/-Remaining/-Reset, or draft RateLimit-Policy and
+ * RateLimit), appended to hs[*n] (room for 3), their values in vals; none
+ * when the request was not counted. Returns true when it added any. */
+bool answer_ratelimit_headers(const struct exchange *ex, struct front_header *hs, size_t *n,
+                              struct answer_rl *vals);
+/* One of the names those headers replace on an upstream's or a stored
+ * answer (true only when ex's answer carries its own). */
+bool answer_replaces_header(const struct exchange *ex, const char *name, size_t len);
+
 /* The body of error e with status (into body) and its content type; the
  * limit it names comes from cfg and idem (NULL: the global policy). */
 const char *answer_error_body(const struct cfg *cfg, const struct cfg_idem *idem, enum err_code e,

@@ -65,17 +65,17 @@ typedef void (*store_done_cb)(void *arg, int status);
  * ratelimit), checked in one atomic step in the store, so that any number
  * of instances sharing it hold one limit. */
 struct store_limit_args {
-    uint32_t requests;  /* per window (GCRA: a burst of `requests`, then a smooth
-                           refill); 0: no rate limit */
-    uint32_t window_ms; /* at least 1000 */
+    uint32_t requests;   /* per window (GCRA: a burst of `requests`, then a smooth
+                            refill); 0: no rate limit */
+    uint32_t window_ms;  /* at least 1000 */
     uint32_t concurrent; /* slots; 0: no concurrency limit */
     bool take_slot;      /* take a slot for the token (a lease of lease_ms) */
     uint32_t lease_ms;   /* a slot's lease: renewed with store_limit_renew */
 };
 
 enum store_limit_verdict {
-    STORE_LIMIT_ALLOWED,    /* counted (and the slot taken, when asked) */
-    STORE_LIMIT_RATE,       /* over the rate: nothing counted, no slot */
+    STORE_LIMIT_ALLOWED,     /* counted (and the slot taken, when asked) */
+    STORE_LIMIT_RATE,        /* over the rate: nothing counted, no slot */
     STORE_LIMIT_CONCURRENCY, /* counted against the rate, but no slot free */
     STORE_LIMIT_ERROR        /* unreachable, timed out, or a bad reply */
 };

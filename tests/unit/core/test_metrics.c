@@ -317,6 +317,7 @@ static void test_family_names_and_kinds(void **state)
         {"idemgate_upstream_server_up", "gauge"},
         {"idemgate_upstream_failures_total", "counter"},
         {"idemgate_upstream_retries_total", "counter"},
+        {"idemgate_ratelimited_total", "counter"},
         {"idemgate_reloads_total", "counter"},
         {"idemgate_memory_store_bytes", "gauge"},
         {"idemgate_memory_store_max_bytes", "gauge"},
@@ -375,9 +376,9 @@ static void test_groups(void **state)
 static void test_outcomes(void **state)
 {
     (void)state;
-    static const char *const spec[] = {"passthrough", "executed",    "replayed",
-                                       "in_progress", "mismatch",    "rejected",
-                                       "not_cached",  "store_error", "lost"};
+    static const char *const spec[] = {"passthrough", "executed",    "replayed",   "in_progress",
+                                       "mismatch",    "rejected",    "not_cached", "store_error",
+                                       "lost",        "rate_limited"};
     assert_int_equal(OUT__COUNT, sizeof(spec) / sizeof(spec[0]));
     assert_int_equal(OUT_PASSTHROUGH, 0);
     assert_int_equal(OUT_LOST, 8);
