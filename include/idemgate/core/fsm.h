@@ -16,9 +16,9 @@
 #include "idemgate/core/metrics.h"
 
 struct fsm {
-    const char *name;           /* "exchange": in the abort message */
-    const char *const *states;  /* the names, by state (the gauge's label values) */
-    int n_states;               /* at most METRICS_STATES_MAX */
+    const char *name;            /* "exchange": in the abort message */
+    const char *const *states;   /* the names, by state (the gauge's label values) */
+    int n_states;                /* at most METRICS_STATES_MAX */
     const unsigned *transitions; /* [from]: bitmask of the states `to` may be */
     enum metrics_gauge_set gauge;
 };
