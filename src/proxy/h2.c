@@ -96,6 +96,7 @@ struct h2conn {
     unsigned n_streams;    /* in streams: open or half-closed, as RFC 9113 5.1.2 counts */
     bool settings_patched; /* our first SETTINGS carries MAX_CONCURRENT_STREAMS */
     bool in_recv;          /* inside mem_recv: nghttp2 forbids mem_send */
+    bool send_soon;        /* h2_send is due from the connection's event */
     bool sending;
     bool dead; /* to close once the callbacks unwind */
     uint64_t reset_window_ms;
@@ -234,10 +235,20 @@ static void h2_body(void *front, const char *p, size_t n, bool hold)
     nghttp2_session_resume_data(st->h->s, st->id);
 }
 
+/* Frames go out from the connection's own event, after the callbacks of
+ * this turn of the loop: the answers of many streams that end together
+ * (one upstream read each) leave in one write, not one write each. */
+static void h2_send_soon(struct h2conn *h)
+{
+    if (h->send_soon || h->dead) return;
+    h->send_soon = true;
+    event_active(h->cl->c.ev, EV_WRITE, 0);
+}
+
 static void h2_flush(void *front)
 {
     struct h2_stream *st = front;
-    h2_send(st->h);
+    h2_send_soon(st->h);
 }
 
 static void h2_end(void *front, enum front_end how)
@@ -245,7 +256,7 @@ static void h2_end(void *front, enum front_end how)
     struct h2_stream *st = front;
     struct h2conn *h = st->h;
     if (how == FRONT_END_HOLD) {
-        h2_send(h);
+        h2_send_soon(h);
         return;
     }
     st->ex = NULL; /* the exchange let us go */
@@ -255,7 +266,7 @@ static void h2_end(void *front, enum front_end how)
         st->ended = true;
         nghttp2_session_resume_data(h->s, st->id);
     }
-    h2_send(h);
+    h2_send_soon(h);
 }
 
 static bool h2_backlogged(const void *front)
@@ -633,6 +644,7 @@ static void h2_arm_timer(struct h2conn *h)
 void h2_conn_event(struct h2conn *h, short what)
 {
     struct conn *c = &h->cl->c;
+    h->send_soon = false;
     if (what & EV_WRITE) h2_send(h);
     while (!h->dead && (c->rd_ready || buf_size(&c->in) > 0)) {
         conn_fill(c, H2_FILL);
