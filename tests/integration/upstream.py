@@ -6,6 +6,10 @@ Run as its own process: `/usr/bin/python3 upstream.py --port N`
 HTTP/1.1 with keep-alive, one daemon thread per connection. Every request
 except GET /__stats and POST /__reset is counted (total, by Idempotency-Key,
 by path without query), including requests the server could not parse.
+Every parsed request but those two is also *in flight* from the moment its
+head is read until its answer is written (or the write fails): the stats
+report how many are in flight now and the most there ever were at once
+(a ?ms=N hold of /count or /slow keeps a request in flight that long).
 
 Endpoints (any method unless noted):
   /echo                 200 JSON {method, path (raw target, with query),
@@ -25,8 +29,10 @@ Endpoints (any method unless noted):
   /drop                 closes the connection without an answer.
   /headers?set=Name:Value&set=...
                         200 with those response headers.
-  GET /__stats          {by_key, by_path, total, connections}
-  POST /__reset         resets the counters (not the connection count).
+  GET /__stats          {by_key, by_path, total, connections, in_flight,
+                        max_in_flight}
+  POST /__reset         resets the counters (not the connection count);
+                        max_in_flight restarts from the requests in flight.
 """
 
 import argparse
@@ -41,7 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 LOCK = threading.Lock()
-STATS = {"by_key": {}, "by_path": {}, "total": 0, "connections": 0}
+STATS = {"by_key": {}, "by_path": {}, "total": 0, "connections": 0,
+         "in_flight": 0, "max_in_flight": 0}
 
 
 def big_body(n):
@@ -56,6 +63,14 @@ def count(key, path):
         STATS["by_key"][key] = STATS["by_key"].get(key, 0) + 1
         STATS["by_path"][path] = STATS["by_path"].get(path, 0) + 1
         return STATS["by_key"][key], STATS["by_path"][path]
+
+
+def in_flight(delta):
+    """One request more (+1) or fewer (-1) in flight; keeps the highest."""
+    with LOCK:
+        STATS["in_flight"] += delta
+        if STATS["in_flight"] > STATS["max_in_flight"]:
+            STATS["max_in_flight"] = STATS["in_flight"]
 
 
 class Server(ThreadingHTTPServer):
@@ -164,13 +179,21 @@ class Handler(BaseHTTPRequestHandler):
                     STATS["by_key"] = {}
                     STATS["by_path"] = {}
                     STATS["total"] = 0
+                    STATS["max_in_flight"] = STATS["in_flight"]
                 return self.reply_json(200, {"ok": True})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        in_flight(+1)
+        try:
             body = self.read_body()
             key = self.headers.get("Idempotency-Key", "-")
             n, _ = count(key, path)
             self.route(path, query, body, key, n)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            in_flight(-1)
 
     def route(self, path, query, body, key, n):
         def q(name, default):

@@ -25,6 +25,8 @@ ERROR_TYPES = {
     "store_unavailable": "api_error",
     "upstream_timeout": "api_error",
     "upstream_answer_lost": "api_error",
+    "rate_limit_exceeded": "rate_limit_error",
+    "concurrency_limit_exceeded": "rate_limit_error",
 }
 
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding",

@@ -232,6 +232,15 @@ class Upstream:
     def count(self, key):
         return self.stats()["by_key"].get(key, 0)
 
+    def in_flight(self):
+        """Requests it is working on now (head read, answer not written)."""
+        return self.stats()["in_flight"]
+
+    def max_in_flight(self):
+        """The most requests it had in flight at once (since the start or
+        the last reset())."""
+        return self.stats()["max_in_flight"]
+
     def reset(self):
         self._get("POST", "/__reset")
 
