@@ -182,3 +182,52 @@ int stl_ping(struct event_base *base, struct store *st)
     store_ping(st, done_cb, &res);
     return finish_done(base, &res);
 }
+
+void limit_cb(void *arg, const struct store_limit_reply *r)
+{
+    struct limit_res *res = arg;
+    res->done = true;
+    res->sync = in_call;
+    res->calls++;
+    res->reply = *r;
+}
+
+struct store_limit_reply stl_limit(struct event_base *base, struct store *st, const char *scope,
+                                   const char *token, uint32_t requests, uint32_t window_ms,
+                                   uint32_t concurrent, bool take_slot, uint32_t lease_ms)
+{
+    struct limit_res res = {0};
+    struct store_limit_args a = {.requests = requests,
+                                 .window_ms = window_ms,
+                                 .concurrent = concurrent,
+                                 .take_slot = take_slot,
+                                 .lease_ms = lease_ms};
+    in_call = true;
+    store_limit(st, scope, strlen(scope), token, &a, limit_cb, &res);
+    in_call = false;
+    assert_false(res.done); /* never synchronous */
+    stl_run_until(base, &res.done, WAIT_MS);
+    assert_true(res.done);
+    assert_false(res.sync);
+    event_base_loop(base, EVLOOP_NONBLOCK);
+    assert_int_equal(res.calls, 1);
+    return res.reply;
+}
+
+int stl_limit_release(struct event_base *base, struct store *st, const char *scope,
+                      const char *token)
+{
+    struct done_res res = {0};
+    in_call = true;
+    store_limit_release(st, scope, strlen(scope), token, done_cb, &res);
+    return finish_done(base, &res);
+}
+
+int stl_limit_renew(struct event_base *base, struct store *st, const char *scope, const char *token,
+                    uint32_t lease_ms)
+{
+    struct done_res res = {0};
+    in_call = true;
+    store_limit_renew(st, scope, strlen(scope), token, lease_ms, done_cb, &res);
+    return finish_done(base, &res);
+}

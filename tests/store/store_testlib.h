@@ -73,4 +73,22 @@ int stl_renew(struct event_base *base, struct store *st, const char *skey, const
               uint32_t lock_ms);
 int stl_ping(struct event_base *base, struct store *st);
 
+struct limit_res {
+    bool done;
+    bool sync;
+    int calls;
+    struct store_limit_reply reply;
+};
+
+void limit_cb(void *arg, const struct store_limit_reply *r);
+
+/* store_limit with these arguments, driven to its answer. */
+struct store_limit_reply stl_limit(struct event_base *base, struct store *st, const char *scope,
+                                   const char *token, uint32_t requests, uint32_t window_ms,
+                                   uint32_t concurrent, bool take_slot, uint32_t lease_ms);
+int stl_limit_release(struct event_base *base, struct store *st, const char *scope,
+                      const char *token);
+int stl_limit_renew(struct event_base *base, struct store *st, const char *scope, const char *token,
+                    uint32_t lease_ms);
+
 #endif

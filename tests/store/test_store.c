@@ -461,6 +461,214 @@ static void test_free_inside_callback(void **state)
     assert_null(f.st);
 }
 
+/* ---- the contract: limits (store_limit), both backends ---- */
+
+static const char TOKEN_C[STORE_TOKEN_LEN + 1] = "cccccccccccccccccccccccccccccccc";
+
+/* A scope never used before by this process (nor by another pid). */
+static void unique_scope(char *out, size_t n, const char *what)
+{
+    char k[64];
+    unique_skey(k, sizeof(k), what);
+    snprintf(out, n, "rl-%s", k);
+}
+
+static struct store_limit_reply lim_rate(struct ctx *c, struct store *st, const char *scope,
+                                         uint32_t requests, uint32_t window_ms)
+{
+    return stl_limit(c->base, st, scope, TOKEN_A, requests, window_ms, 0, false, 0);
+}
+
+static struct store_limit_reply lim_slot(struct ctx *c, struct store *st, const char *scope,
+                                         const char *token, uint32_t concurrent, uint32_t lease_ms)
+{
+    return stl_limit(c->base, st, scope, token, 0, 1000, concurrent, true, lease_ms);
+}
+
+/* 10 a second (T = 100 ms): a burst of 10 passes, counting down; the 11th
+ * waits for at most T; refused requests are not counted; after the wait
+ * one (and only one) more passes. */
+static void test_limit_rate_burst(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "burst");
+    for (uint32_t i = 0; i < 10; i++) {
+        struct store_limit_reply r = lim_rate(c, c->st, s, 10, 1000);
+        assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+        assert_int_equal(r.remaining, 9 - i);
+        assert_true(r.reset_ms > 0 && r.reset_ms <= (i + 1) * 100);
+        assert_int_equal(r.retry_ms, 0);
+    }
+    struct store_limit_reply r = lim_rate(c, c->st, s, 10, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_RATE);
+    assert_int_equal(r.remaining, 0);
+    assert_true(r.retry_ms > 0 && r.retry_ms <= 100);
+    assert_true(r.reset_ms > 0 && r.reset_ms <= 1000);
+    /* refused ones count for nothing: the wait does not grow */
+    uint32_t retry = r.retry_ms;
+    for (int i = 0; i < 3; i++) {
+        r = lim_rate(c, c->st, s, 10, 1000);
+        assert_int_equal(r.verdict, STORE_LIMIT_RATE);
+        assert_true(r.retry_ms > 0 && r.retry_ms <= retry);
+        retry = r.retry_ms;
+    }
+    run_for(c, (int)retry + 10);
+    r = lim_rate(c, c->st, s, 10, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(r.remaining, 0);
+    r = lim_rate(c, c->st, s, 10, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_RATE);
+    assert_true(r.retry_ms > 0 && r.retry_ms <= 100);
+}
+
+/* Two slots: two tokens get one each, a third waits until one is given
+ * back; giving back twice, or what was never taken, finds nothing. */
+static void test_limit_concurrency(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "slots");
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 0);
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_A, 1000), 0);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_A, 2, 10000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_B, 2, 10000).verdict, STORE_LIMIT_ALLOWED);
+    struct store_limit_reply r = lim_slot(c, c->st, s, TOKEN_C, 2, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_CONCURRENCY);
+    assert_int_equal(r.remaining, 0); /* no rate limit: nothing to count */
+    assert_int_equal(r.reset_ms, 0);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_C), 0);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 1);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 0);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_C, 2, 10000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_A, 2, 10000).verdict, STORE_LIMIT_CONCURRENCY);
+    /* without take_slot, only the rate is checked: no slot needed */
+    r = stl_limit(c->base, c->st, s, TOKEN_A, 0, 1000, 2, false, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_B), 1);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_C), 1);
+}
+
+/* A request refused for want of a slot still counts against the rate. */
+static void test_limit_concurrency_counts_rate(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "slots-rate");
+    struct store_limit_reply r = stl_limit(c->base, c->st, s, TOKEN_A, 3, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(r.remaining, 2);
+    r = stl_limit(c->base, c->st, s, TOKEN_B, 3, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_CONCURRENCY);
+    assert_int_equal(r.remaining, 1);
+    assert_true(r.reset_ms > 0 && r.reset_ms <= 40000);
+    r = stl_limit(c->base, c->st, s, TOKEN_B, 3, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_CONCURRENCY);
+    assert_int_equal(r.remaining, 0);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 1);
+    /* a free slot, but the rate is spent: no slot taken */
+    r = stl_limit(c->base, c->st, s, TOKEN_B, 3, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_RATE);
+    assert_true(r.retry_ms > 19000 && r.retry_ms <= 20000);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_B), 0);
+}
+
+/* A slot not renewed frees itself when its lease lapses; its owner can
+ * then neither renew nor give it back. */
+static void test_limit_lease_expiry(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "lease");
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_A, 1, 200).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_B, 1, 200).verdict, STORE_LIMIT_CONCURRENCY);
+    run_for(c, 400);
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_A, 10000), 0);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 0);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_B, 1, 10000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_B), 1);
+}
+
+/* A renewed slot outlives its first lease. */
+static void test_limit_renew(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "lease-renew");
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_A, 1, 300).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_B, 10000), 0);
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_A, 10000), 1);
+    run_for(c, 600);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_B, 1, 300).verdict, STORE_LIMIT_CONCURRENCY);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 1);
+    assert_int_equal(lim_slot(c, c->st, s, TOKEN_B, 1, 300).verdict, STORE_LIMIT_ALLOWED);
+}
+
+static void test_limit_scopes_are_independent(void **state)
+{
+    struct ctx *c = *state;
+    char s1[96], s2[96];
+    unique_scope(s1, sizeof(s1), "indep");
+    unique_scope(s2, sizeof(s2), "indep");
+    assert_int_equal(lim_rate(c, c->st, s1, 1, 60000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_rate(c, c->st, s1, 1, 60000).verdict, STORE_LIMIT_RATE);
+    assert_int_equal(lim_rate(c, c->st, s2, 1, 60000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_slot(c, c->st, s1, TOKEN_A, 1, 10000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_slot(c, c->st, s2, TOKEN_B, 1, 10000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(stl_limit_release(c->base, c->st, s2, TOKEN_A), 0);
+    assert_int_equal(stl_limit_release(c->base, c->st, s1, TOKEN_A), 1);
+    assert_int_equal(stl_limit_release(c->base, c->st, s2, TOKEN_B), 1);
+}
+
+/* Both limits off: allowed, nothing counted; a scope past 200 bytes is a
+ * store error. */
+static void test_limit_off_and_long_scope(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "off");
+    for (int i = 0; i < 3; i++) {
+        struct store_limit_reply r = stl_limit(c->base, c->st, s, TOKEN_A, 0, 1000, 0, true, 100);
+        assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+        assert_int_equal(r.remaining, 0);
+        assert_int_equal(r.reset_ms, 0);
+        assert_int_equal(r.retry_ms, 0);
+    }
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 0);
+    char big[202];
+    memset(big, 'x', 201);
+    big[201] = '\0';
+    assert_int_equal(lim_rate(c, c->st, big, 10, 1000).verdict, STORE_LIMIT_ERROR);
+    assert_int_equal(stl_limit_release(c->base, c->st, big, TOKEN_A), -1);
+    assert_int_equal(stl_limit_renew(c->base, c->st, big, TOKEN_A, 100), -1);
+    big[200] = '\0'; /* 200 bytes: fine */
+    assert_int_equal(lim_rate(c, c->st, big, 10, 1000).verdict, STORE_LIMIT_ALLOWED);
+}
+
+/* Two instances (two stores on one Redis, or two workers on one memory
+ * table) hold one limit between them. */
+static void test_limit_shared_by_two_stores(void **state)
+{
+    struct ctx *c = *state;
+    char s[96];
+    unique_scope(s, sizeof(s), "shared");
+    struct store *other = ctx_new_store(c);
+    struct store *st[2] = {c->st, other};
+    for (uint32_t i = 0; i < 4; i++) {
+        struct store_limit_reply r = lim_rate(c, st[i % 2], s, 4, 60000);
+        assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+        assert_int_equal(r.remaining, 3 - i);
+    }
+    assert_int_equal(lim_rate(c, st[0], s, 4, 60000).verdict, STORE_LIMIT_RATE);
+    assert_int_equal(lim_rate(c, st[1], s, 4, 60000).verdict, STORE_LIMIT_RATE);
+    assert_int_equal(lim_slot(c, st[0], s, TOKEN_A, 1, 10000).verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(lim_slot(c, st[1], s, TOKEN_B, 1, 10000).verdict, STORE_LIMIT_CONCURRENCY);
+    assert_int_equal(stl_limit_renew(c->base, st[1], s, TOKEN_A, 10000), 1);
+    assert_int_equal(stl_limit_release(c->base, st[1], s, TOKEN_A), 1);
+    assert_int_equal(lim_slot(c, st[1], s, TOKEN_B, 1, 10000).verdict, STORE_LIMIT_ALLOWED);
+    store_free(other);
+}
+
 /* ---- memory only ---- */
 
 struct race {
@@ -1137,6 +1345,56 @@ static void test_memory_scope_bookkeeping_freed(void **state)
     assert_int_equal(st.evictions, 0);
 }
 
+/* ---- memory only: limits ---- */
+
+/* Limits are charged to the store and given back once they lapse (the
+ * store's own timer, no request needed); when locks leave no room for a
+ * new one, the limit is a store error and nothing is taken from them. */
+static void test_memory_limit_accounting(void **state)
+{
+    struct ctx *c = *state;
+    use_bounded(c, 64ull * 1024 * 1024);
+    struct store_memory_stats empty = mstats(c);
+    char s[64];
+    for (int i = 0; i < 300; i++) {
+        snprintf(s, sizeof(s), "acct-%04d", i);
+        struct store_limit_reply r = stl_limit(c->base, c->st, s, TOKEN_A, 10, 1000, 2, true, 200);
+        assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    }
+    struct store_memory_stats full = mstats(c);
+    assert_true(full.bytes > empty.bytes + 300 * 64);
+    assert_int_equal(full.entries, 0); /* not entries of the key table */
+    /* the rate states lapse after 100 ms, the leases after 200 ms */
+    uint64_t end = now_ms() + 5000;
+    while (mstats(c).bytes != empty.bytes + 64 * sizeof(void *) && now_ms() < end)
+        run_for(c, 50);
+    assert_int_equal(mstats(c).bytes, empty.bytes + 64 * sizeof(void *));
+
+    use_bounded(c, 16 * 1024);
+    char k[64];
+    int locked = 0;
+    while (locked < 2000) {
+        mem_skey(k, sizeof(k), "limit-locks", locked);
+        if (acquire(c, k, FP_1, TOKEN_A, 60000) != STORE_ACQ_LOCKED) break;
+        locked++;
+    }
+    assert_true(locked > 10 && locked < 2000);
+    struct store_limit_reply r =
+        stl_limit(c->base, c->st, "full", TOKEN_A, 10, 1000, 2, true, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ERROR);
+    /* both limits off: nothing to store, no room needed */
+    r = stl_limit(c->base, c->st, "full", TOKEN_A, 0, 1000, 0, true, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(mstats(c).locks, (size_t)locked);
+    for (int i = 0; i < 20; i++) {
+        mem_skey(k, sizeof(k), "limit-locks", i);
+        assert_int_equal(release(c, k, TOKEN_A), 1);
+    }
+    r = stl_limit(c->base, c->st, "full", TOKEN_A, 10, 1000, 2, true, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_true(mstats(c).bytes <= 16 * 1024);
+}
+
 /* ---- redis only ---- */
 
 static redisReply *sync_cmd(redisContext *rc, const char *fmt, ...)
@@ -1539,6 +1797,76 @@ static void test_redis_down_at_start(void **state)
     assert_int_equal(ping(c), -1);
 }
 
+/* The limit keys: the rate state and the slots zset under one hash tag,
+ * each expiring by itself; the limit scripts reloaded after NOSCRIPT. */
+static void test_redis_limit_keys(void **state)
+{
+    struct ctx *c = *state;
+    char s[96], rate[160], slots[160];
+    unique_scope(s, sizeof(s), "keys");
+    snprintf(rate, sizeof(rate), PREFIX "{rl:%s}", s);
+    snprintf(slots, sizeof(slots), PREFIX "{rl:%s}:s", s);
+    redisContext *rc = redis_sync();
+    assert_non_null(rc);
+    struct store_limit_reply r = stl_limit(c->base, c->st, s, TOKEN_A, 10, 1000, 2, true, 5000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    redisReply *t = sync_cmd(rc, "TYPE %s", rate);
+    assert_string_equal(t->str, "string");
+    freeReplyObject(t);
+    long long pttl = sync_int(rc, "PTTL %s", rate);
+    assert_true(pttl > 0 && pttl <= 100); /* until the whole allowance is back */
+    t = sync_cmd(rc, "TYPE %s", slots);
+    assert_string_equal(t->str, "zset");
+    freeReplyObject(t);
+    pttl = sync_int(rc, "PTTL %s", slots);
+    assert_true(pttl > 0 && pttl <= 5000);
+    t = sync_cmd(rc,
+                 "ZSCORE %s "
+                 "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                 slots);
+    assert_int_equal(t->type, REDIS_REPLY_STRING);
+    freeReplyObject(t);
+    char pattern[160];
+    snprintf(pattern, sizeof(pattern), PREFIX "*%s*", s);
+    t = sync_cmd(rc, "KEYS %s", pattern);
+    assert_int_equal(t->elements, 2);
+    freeReplyObject(t);
+
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    r = stl_limit(c->base, c->st, s, TOKEN_B, 10, 1000, 2, true, 5000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(r.remaining, 8);
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_A, 5000), 1);
+    freeReplyObject(sync_cmd(rc, "SCRIPT FLUSH"));
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 1);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_B), 1);
+    assert_int_equal(sync_int(rc, "EXISTS %s", slots), 0); /* no lease left: gone */
+    redisFree(rc);
+}
+
+/* Redis unreachable: every limit operation answers an error, never
+ * silence (both limits off included: it is still one script). */
+static void test_redis_limit_down(void **state)
+{
+    struct ctx *c = *state;
+    store_free(c->st);
+    c->cfg.redis.port = free_port(); /* nobody listens there */
+    c->cfg.redis.timeout_ms = 300;
+    c->st = ctx_new_store(c);
+    char s[96];
+    unique_scope(s, sizeof(s), "down");
+    struct store_limit_reply r = stl_limit(c->base, c->st, s, TOKEN_A, 10, 1000, 2, true, 1000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ERROR);
+    assert_int_equal(r.remaining, 0);
+    assert_int_equal(r.reset_ms, 0);
+    assert_int_equal(r.retry_ms, 0);
+    assert_int_equal(stl_limit(c->base, c->st, s, TOKEN_A, 0, 1000, 0, false, 0).verdict,
+                     STORE_LIMIT_ERROR);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), -1);
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_A, 1000), -1);
+}
+
 /* ---- rediss:// with replies that arrive a few bytes at a time ---- */
 
 /* A TCP proxy that hands the server's bytes to the client 64 at a time, so
@@ -1713,6 +2041,14 @@ int main(void)
         BOTH(test_arguments_copied),
         BOTH(test_free_drops_inflight),
         BOTH(test_free_inside_callback),
+        BOTH(test_limit_rate_burst),
+        BOTH(test_limit_concurrency),
+        BOTH(test_limit_concurrency_counts_rate),
+        BOTH(test_limit_lease_expiry),
+        BOTH(test_limit_renew),
+        BOTH(test_limit_scopes_are_independent),
+        BOTH(test_limit_off_and_long_scope),
+        BOTH(test_limit_shared_by_two_stores),
         MEMORY(test_memory_shared_across_threads),
         MEMORY(test_memory_many_keys),
         MEMORY(test_memory_evicts_oldest_first),
@@ -1728,6 +2064,7 @@ int main(void)
         MEMORY(test_memory_largest_scope_first),
         MEMORY(test_memory_evicts_from_largest_randomized),
         MEMORY(test_memory_scope_bookkeeping_freed),
+        MEMORY(test_memory_limit_accounting),
         REDIS(test_redis_key_layout),
         REDIS(test_redis_acquire_is_one_command),
         REDIS(test_redis_acquire_script_without_version),
@@ -1737,6 +2074,8 @@ int main(void)
         REDIS(test_redis_auth_and_select),
         REDIS(test_redis_wait_replicas_unmet),
         REDIS(test_redis_down_at_start),
+        REDIS(test_redis_limit_keys),
+        REDIS(test_redis_limit_down),
         REDIS(test_redis_deadline_on_stuck_server),
         REDIS(test_redis_killed_and_restarted),
         REDIS(test_redis_tls_fragmented_records),

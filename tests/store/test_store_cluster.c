@@ -2,8 +2,9 @@
  * against real redis-server processes on free 127.0.0.1 ports:
  *  - cluster: three masters (redis-cli --cluster create); the store
  *    contract over keys spread on all nodes with no redirect once the slot
- *    map is known, a slot migrated (MOVED followed, map updated), a slot
- *    mid-migration (ASK followed, map kept), a node killed;
+ *    map is known, a slot migrated (MOVED followed, map updated; a
+ *    scope's limit keys with it), a slot mid-migration (ASK followed,
+ *    map kept), a node killed;
  *  - sentinel: a master, a replica and one sentinel; the contract (the
  *    first listed sentinel is down), then a failover followed by the same
  *    store, then a failover followed as the sentinel announces it
@@ -535,6 +536,44 @@ static void test_cluster_moved(void **state)
     ctx_free(c);
 }
 
+/* A scope's limit keys (the rate state and the slots) share one slot:
+ * the two-key script runs there, and follows MOVED with them when the
+ * slot moves (the count goes on where it was). */
+static void test_cluster_limit_moved(void **state)
+{
+    (void)state;
+    struct ctx *c = cluster_ctx();
+    char k[64], s[80], rate[128], slots[160];
+    unique_skey(k, sizeof(k), "limit");
+    snprintf(s, sizeof(s), "rl-%s", k);
+    snprintf(rate, sizeof(rate), PREFIX "{rl:%s}", s);
+    snprintf(slots, sizeof(slots), PREFIX "{rl:%s}:s", s);
+    struct store_limit_reply r = stl_limit(c->base, c->st, s, TOKEN_A, 5, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(r.remaining, 4);
+    int slot = key_slot(rate);
+    assert_int_equal(key_slot(slots), slot);
+    int from = slot_owner(slot);
+    assert_in_range(from, 0, NCLUSTER - 1);
+    assert_int_equal(rint_or(cl_port[from], -1, "EXISTS %s", rate), 1);
+    assert_int_equal(rint_or(cl_port[from], -1, "EXISTS %s", slots), 1);
+    int to = (from + 1) % NCLUSTER;
+    migrate_slot(slot, from, to);
+    reset_stats();
+    r = stl_limit(c->base, c->st, s, TOKEN_B, 5, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_CONCURRENCY);
+    assert_int_equal(r.remaining, 3);
+    assert_int_equal(errorstat(cl_port[from], "MOVED"), 1);
+    assert_int_equal(stl_limit_renew(c->base, c->st, s, TOKEN_A, 10000), 1);
+    assert_int_equal(stl_limit_release(c->base, c->st, s, TOKEN_A), 1);
+    r = stl_limit(c->base, c->st, s, TOKEN_B, 5, 60000, 1, true, 10000);
+    assert_int_equal(r.verdict, STORE_LIMIT_ALLOWED);
+    assert_int_equal(r.remaining, 2);
+    assert_int_equal(errorstat(cl_port[from], "MOVED"), 1);
+    assert_int_equal(rint_or(cl_port[to], -1, "EXISTS %s", slots), 1);
+    ctx_free(c);
+}
+
 static void test_cluster_ask(void **state)
 {
     (void)state;
@@ -933,6 +972,7 @@ int main(void)
         cmocka_unit_test(test_cluster_contract_spread),
         cmocka_unit_test(test_cluster_moved),
         cmocka_unit_test(test_cluster_ask),
+        cmocka_unit_test(test_cluster_limit_moved),
         cmocka_unit_test(test_cluster_free_with_ops_in_flight),
         cmocka_unit_test(test_cluster_node_killed),
     };

@@ -15,6 +15,8 @@
  *   scopes.c  per-scope accounting, the heap of scopes, eviction
  *   shared.c  struct store_memory_shared: creation, stats, freeing, and
  *             the mutex around every operation
+ *   limits.c  the limits table: each scope's rate state (GCRA) and
+ *             concurrency slots (store_limit), their expiry
  *   ops.c     struct store_memory (one per worker): the ops table,
  *             callbacks deferred onto the worker's base, recycled ops
  *
@@ -119,6 +121,31 @@ struct mem_scope {
     char name[];
 };
 
+/* One slot of a scope's concurrency limit: leased to token until
+ * expires_ms (monotonic). */
+struct mem_lease {
+    char token[STORE_TOKEN_LEN];
+    uint64_t expires_ms;
+};
+
+/* The limits of one scope (store_limit): its rate state and its slots,
+ * while either is live. The rate state is the GCRA's theoretical arrival
+ * time, kept exact as TAT = rate_t0 + rate_d / rate_n ms (rate_d counts
+ * units of 1/rate_n ms: a request adds window_ms of them). Owned by
+ * sh->limits (the struct with its name); owns its leases array. */
+struct mem_limit {
+    struct mem_node node; /* first: in sh->limits */
+    uint64_t rate_t0;     /* when rate_d was computed */
+    uint64_t rate_d;      /* TAT - rate_t0, in 1/rate_n ms */
+    uint64_t rate_until;  /* the rate state is dead from then on (TAT); 0: none */
+    uint32_t rate_n;      /* the requests it was computed for */
+    uint32_t n_leases, cap_leases;
+    struct mem_lease *leases; /* n_leases live or lapsed, unordered */
+    uint64_t bytes;           /* charged: the struct, its name, its leases array */
+    size_t name_len;
+    char name[];
+};
+
 /* Max-heap of the scopes that hold a completed record, by bytes. Owns its
  * chunks, not the scopes. */
 struct mem_heap {
@@ -149,6 +176,11 @@ struct store_memory_shared {
     uint64_t evict_logged_ms, scope_evict_logged_ms, refuse_logged_ms; /* 0: never */
     char *kbuf; /* the full key of the operation in hand (under mu) */
     size_t kbuf_cap;
+    /* "<scope>" -> mem_limit; its buckets are allocated by the first
+     * limit (size 0 until then), then charged like the others */
+    struct mem_dict limits;
+    size_t limit_sweep_pos;
+    uint64_t limit_bytes; /* every mem_limit's bytes */
 };
 
 /* An operation's skey, hashed before the mutex is taken (the seed never
@@ -204,7 +236,8 @@ static inline uint64_t mem_heap_bytes(const struct mem_heap *h)
 static inline uint64_t mem_total_bytes(const struct store_memory_shared *sh)
 {
     return sh->entry_bytes + sh->scope_bytes + mem_dict_bytes(&sh->keys) +
-           mem_dict_bytes(&sh->scopes) + mem_heap_bytes(&sh->heap);
+           mem_dict_bytes(&sh->scopes) + mem_heap_bytes(&sh->heap) + sh->limit_bytes +
+           mem_dict_bytes(&sh->limits);
 }
 
 /* True when need more bytes fit under max_bytes as things stand. */
@@ -317,9 +350,12 @@ void mem_expire(struct store_memory_shared *sh, struct mem_entry *e);
  * the last try before room is refused. */
 void mem_sweep_more(struct store_memory_shared *sh, uint64_t now);
 /* A store's periodic slice of background work (MEM_TICK_*: rehash steps,
- * a sweep, expired records off the oldest end, a resize when due); each
- * operation does a smaller one in mem_lookup. */
+ * a sweep, expired records off the oldest end, a resize when due, and the
+ * limits table's share); each operation does a smaller one in mem_lookup. */
 void mem_maintain_tick(struct store_memory_shared *sh, uint64_t now);
+/* Up to rehash buckets of d's incremental rehash, then a resize when one
+ * is due (a growth charged, and made room for, like everything else). */
+void mem_dict_step(struct store_memory_shared *sh, struct mem_dict *d, size_t rehash, uint64_t now);
 
 /* ---- scopes.c: scopes, their heap, eviction ---- */
 
@@ -351,6 +387,23 @@ bool mem_evict_for(struct store_memory_shared *sh, uint64_t need, uint64_t now);
 int mem_make_room(struct store_memory_shared *sh, struct mem_scope *sc, uint64_t need,
                   uint64_t need_all, uint64_t now);
 
+/* ---- limits.c: the limits table ---- */
+
+/* The limit decision for scope (hash h) at now: fills reply. */
+void mem_limit_locked(struct store_memory_shared *sh, const char *scope, size_t len, uint64_t h,
+                      const char *token, const struct store_limit_args *a,
+                      struct store_limit_reply *reply, uint64_t now);
+/* limit_release (lease_ms unused) or limit_renew of token's slot: 1 when
+ * it held a live lease, else 0. */
+int mem_limit_lease_locked(struct store_memory_shared *sh, const char *scope, size_t len,
+                           uint64_t h, const char *token, bool renew, uint32_t lease_ms,
+                           uint64_t now);
+/* A bounded slice of the limits table's upkeep: rehash, resize, and the
+ * dead entries of sweep buckets. */
+void mem_limits_maintain(struct store_memory_shared *sh, uint64_t now, size_t rehash, size_t sweep);
+/* Frees every mem_limit and the table's buckets. */
+void mem_limits_free(struct store_memory_shared *sh);
+
 /* ---- shared.c: the operations, each under sh->mu ---- */
 
 /* The acquire decision for skey (all arguments borrowed for the call).
@@ -364,6 +417,13 @@ void mem_shared_acquire(struct store_memory_shared *sh, const char *skey, size_t
 int mem_shared_owned(struct store_memory_shared *sh, enum mem_owned_action action, const char *skey,
                      size_t skey_len, const char *token, const uint8_t *record, size_t record_len,
                      uint64_t expire_after_ms);
+/* The limits of scope (store_limit), under sh->mu: fills reply. */
+void mem_shared_limit(struct store_memory_shared *sh, const char *scope, size_t scope_len,
+                      const char *token, const struct store_limit_args *a,
+                      struct store_limit_reply *reply);
+/* limit_release (renew false) or limit_renew: 1, 0 (no live lease). */
+int mem_shared_limit_lease(struct store_memory_shared *sh, const char *scope, size_t scope_len,
+                           const char *token, bool renew, uint32_t lease_ms);
 /* A store's periodic slice of background work (MEM_TICK_*). */
 void mem_shared_tick(struct store_memory_shared *sh);
 

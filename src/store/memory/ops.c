@@ -19,17 +19,22 @@
 /* Finished ops kept per store, with their event, for the next ones. */
 #define MEM_OP_CACHE 64
 
+/* Which callback an op answers with. */
+enum mem_op_kind { MEM_OP_DONE, MEM_OP_ACQUIRE, MEM_OP_LIMIT };
+
 /* One operation waiting for its deferred callback. Owned by its store:
  * listed in s->ops while pending, in s->free_ops once recycled. */
 struct mem_op {
     TAILQ_ENTRY(mem_op) link; /* in s->ops, or in s->free_ops */
     struct store_memory *s;
     struct event *ev;
-    bool is_acquire;
+    enum mem_op_kind kind;
     store_acquire_cb acq_cb;
     store_done_cb done_cb;
+    store_limit_cb limit_cb;
     void *arg;
     struct store_acquire_reply reply;
+    struct store_limit_reply limit;
     uint8_t *record; /* owned copy behind reply.record */
     int status;
 };
@@ -103,10 +108,17 @@ static void mem_op_fire(evutil_socket_t fd, short what, void *arg)
     mem_op_unlink(op);
     struct store_memory *s = op->s;
     s->firing++;
-    if (op->is_acquire)
+    switch (op->kind) {
+    case MEM_OP_ACQUIRE:
         op->acq_cb(op->arg, &op->reply);
-    else
+        break;
+    case MEM_OP_LIMIT:
+        op->limit_cb(op->arg, &op->limit);
+        break;
+    case MEM_OP_DONE:
         op->done_cb(op->arg, op->status);
+        break;
+    }
     s->firing--;
     if (s->dead) {
         mem_op_free(op);
@@ -146,7 +158,7 @@ static void mem_acquire(struct store *base, const char *skey, size_t skey_len,
 {
     struct store_memory *s = (struct store_memory *)base;
     struct mem_op *op = mem_op_new(s);
-    op->is_acquire = true;
+    op->kind = MEM_OP_ACQUIRE;
     op->acq_cb = cb;
     op->arg = arg;
     mem_shared_acquire(s->sh, skey, skey_len, fp, token, lock_ms, &op->reply, &op->record);
@@ -197,6 +209,43 @@ static void mem_ping(struct store *base, store_done_cb cb, void *arg)
     mem_op_defer(op);
 }
 
+static void mem_limit(struct store *base, const char *scope, size_t scope_len,
+                      const char token[STORE_TOKEN_LEN], const struct store_limit_args *a,
+                      store_limit_cb cb, void *arg)
+{
+    struct store_memory *s = (struct store_memory *)base;
+    struct mem_op *op = mem_op_new(s);
+    op->kind = MEM_OP_LIMIT;
+    op->limit_cb = cb;
+    op->arg = arg;
+    mem_shared_limit(s->sh, scope, scope_len, token, a, &op->limit);
+    mem_op_defer(op);
+}
+
+static void mem_limit_lease(struct store_memory *s, const char *scope, size_t scope_len,
+                            const char *token, bool renew, uint32_t lease_ms, store_done_cb cb,
+                            void *arg)
+{
+    struct mem_op *op = mem_op_new(s);
+    op->done_cb = cb;
+    op->arg = arg;
+    op->status = mem_shared_limit_lease(s->sh, scope, scope_len, token, renew, lease_ms);
+    mem_op_defer(op);
+}
+
+static void mem_limit_release(struct store *base, const char *scope, size_t scope_len,
+                              const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg)
+{
+    mem_limit_lease((struct store_memory *)base, scope, scope_len, token, false, 0, cb, arg);
+}
+
+static void mem_limit_renew(struct store *base, const char *scope, size_t scope_len,
+                            const char token[STORE_TOKEN_LEN], uint32_t lease_ms, store_done_cb cb,
+                            void *arg)
+{
+    mem_limit_lease((struct store_memory *)base, scope, scope_len, token, true, lease_ms, cb, arg);
+}
+
 /* Pending callbacks are dropped; one that is running right now (store_free
  * called from inside it) is no longer listed and mem_op_fire frees it. */
 static void mem_free(struct store *base)
@@ -221,6 +270,9 @@ static const struct store_ops mem_ops = {
     .release = mem_release,
     .renew = mem_renew,
     .ping = mem_ping,
+    .limit = mem_limit,
+    .limit_release = mem_limit_release,
+    .limit_renew = mem_limit_renew,
     .free = mem_free,
 };
 

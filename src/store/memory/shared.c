@@ -18,6 +18,8 @@
  *     heap:   the scopes holding a completed record, by bytes (max-heap;
  *             each scope knows its index)
  *     oldest/newest: every completed record, by completion (for expiry)
+ *     limits: dict  "<scope>" -> mem_limit: a scope's rate state and
+ *             concurrency slots (limits.c), charged to the store only
  *
  * Memory is bounded and counted honestly: every entry is charged its
  * struct, its key, its record and the allocator's per-chunk overhead, to
@@ -89,6 +91,7 @@ void store_memory_shared_free(struct store_memory_shared *sh)
 {
     if (!sh) return;
     free(sh->kbuf);
+    mem_limits_free(sh);
     mem_dict_free(&sh->keys);
     mem_dict_free(&sh->scopes);
     mem_heap_free(&sh->heap);
@@ -148,6 +151,27 @@ int mem_shared_owned(struct store_memory_shared *sh, enum mem_owned_action actio
     mem_skey_hash(sh, &k, skey, skey_len, false);
     pthread_mutex_lock(&sh->mu);
     int status = mem_owned_locked(sh, action, &k, token, record, record_len, expire_after_ms);
+    pthread_mutex_unlock(&sh->mu);
+    return status;
+}
+
+void mem_shared_limit(struct store_memory_shared *sh, const char *scope, size_t scope_len,
+                      const char *token, const struct store_limit_args *a,
+                      struct store_limit_reply *reply)
+{
+    uint64_t h = siphash13(sh->seed, scope, scope_len);
+    pthread_mutex_lock(&sh->mu);
+    mem_limit_locked(sh, scope, scope_len, h, token, a, reply, mem_now_ms());
+    pthread_mutex_unlock(&sh->mu);
+}
+
+int mem_shared_limit_lease(struct store_memory_shared *sh, const char *scope, size_t scope_len,
+                           const char *token, bool renew, uint32_t lease_ms)
+{
+    uint64_t h = siphash13(sh->seed, scope, scope_len);
+    pthread_mutex_lock(&sh->mu);
+    int status =
+        mem_limit_lease_locked(sh, scope, scope_len, h, token, renew, lease_ms, mem_now_ms());
     pthread_mutex_unlock(&sh->mu);
     return status;
 }

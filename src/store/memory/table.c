@@ -6,10 +6,11 @@
  * on lookup, a bounded sweep of buckets, the oldest end of the FIFO).
  *
  * Owns the dict mechanism (struct mem_dict: init, rehash, resize, free),
- * used for the scopes too, and every struct mem_entry. Does not own the
- * scopes an entry is charged to, the heap or the eviction order
- * (scopes.c), the struct and its mutex (shared.c), nor anything of a
- * worker (ops.c). Everything here runs under sh->mu, taken by shared.c. */
+ * used for the scopes and the limits too, and every struct mem_entry.
+ * Does not own the scopes an entry is charged to, the heap or the
+ * eviction order (scopes.c), the limits (limits.c), the struct and its
+ * mutex (shared.c), nor anything of a worker (ops.c). Everything here runs under sh->mu, taken by
+ * shared.c. */
 #include "internal.h"
 
 #include <string.h>
@@ -213,6 +214,13 @@ static void mem_maintain(struct store_memory_shared *sh, uint64_t now, size_t re
 void mem_maintain_tick(struct store_memory_shared *sh, uint64_t now)
 {
     mem_maintain(sh, now, MEM_TICK_REHASH, MEM_TICK_SWEEP, MEM_TICK_POP);
+    mem_limits_maintain(sh, now, MEM_TICK_REHASH, MEM_TICK_SWEEP);
+}
+
+void mem_dict_step(struct store_memory_shared *sh, struct mem_dict *d, size_t rehash, uint64_t now)
+{
+    mem_rehash_step(sh, d, rehash, now);
+    mem_maybe_resize(sh, d, now);
 }
 
 void mem_sweep_more(struct store_memory_shared *sh, uint64_t now)

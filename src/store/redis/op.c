@@ -58,9 +58,10 @@ void rop_free_all(struct store_redis *s)
 }
 
 /* Fires the user callback (once) and frees the op when nothing else
- * references it. A ROP_KEY gets key (NULL: found -1). */
+ * references it. A ROP_KEY gets key (NULL: found -1), a ROP_LIMIT lim
+ * (NULL: STORE_LIMIT_ERROR). */
 static void rop_finish_with(struct rop *op, const struct store_acquire_reply *acq, int status,
-                            const struct store_key_info *key)
+                            const struct store_key_info *key, const struct store_limit_reply *lim)
 {
     if (op->state == ROP_DONE) return;
     op->state = ROP_DONE;
@@ -69,6 +70,9 @@ static void rop_finish_with(struct rop *op, const struct store_acquire_reply *ac
     } else if (op->kind == ROP_KEY) {
         struct store_key_info failed = {.found = -1, .ttl_ms = -1};
         op->key_cb(op->arg, key ? key : &failed);
+    } else if (op->kind == ROP_LIMIT) {
+        struct store_limit_reply failed = {.verdict = STORE_LIMIT_ERROR};
+        op->limit_cb(op->arg, lim ? lim : &failed);
     } else {
         op->done_cb(op->arg, status);
     }
@@ -77,7 +81,7 @@ static void rop_finish_with(struct rop *op, const struct store_acquire_reply *ac
 
 static void rop_finish(struct rop *op, const struct store_acquire_reply *acq, int status)
 {
-    rop_finish_with(op, acq, status, NULL);
+    rop_finish_with(op, acq, status, NULL, NULL);
 }
 
 /* The caller is told STORE_ACQ_ERROR / -1; an acquire that may hold the
@@ -176,7 +180,7 @@ static int rop_send_script(struct rop *op, enum rs_script script, int argc, cons
     argvlen[0] = 7;
     argv[1] = op->s->sha[script];
     argvlen[1] = 40;
-    argv[2] = "1";
+    argv[2] = rs_script_numkeys(script);
     argvlen[2] = 1;
     for (int i = 0; i < argc; i++) {
         argv[3 + i] = args[i];
@@ -376,7 +380,7 @@ static void rop_on_inspect(struct rop *op, const struct rreply *r)
 {
     struct store_key_info k = {.found = 0, .ttl_ms = -1};
     if (r->type == RREPLY_NIL) {
-        rop_finish_with(op, NULL, 0, &k);
+        rop_finish_with(op, NULL, 0, &k, NULL);
         return;
     }
     const struct rreply *v = r->type == RREPLY_ARRAY && r->elements == 2 ? &r->element[0] : NULL;
@@ -398,7 +402,30 @@ static void rop_on_inspect(struct rop *op, const struct rreply *r)
     size_t plen = strlen(op->s->prefix);
     k.skey = (char *)op->argv[0] + plen + 1;
     k.skey_len = op->argvlen[0] - plen - 2;
-    rop_finish_with(op, NULL, 0, &k);
+    rop_finish_with(op, NULL, 0, &k, NULL);
+}
+
+/* The limit script's answer: {verdict, remaining, reset_ms, retry_ms}. */
+static void rop_on_limit(struct rop *op, const struct rreply *r)
+{
+    static const enum store_limit_verdict verdicts[] = {STORE_LIMIT_ALLOWED, STORE_LIMIT_RATE,
+                                                        STORE_LIMIT_CONCURRENCY};
+    bool ok = r->type == RREPLY_ARRAY && r->elements == 4;
+    for (size_t i = 0; ok && i < 4; i++)
+        ok = r->element[i].type == RREPLY_INTEGER && r->element[i].integer >= 0 &&
+             r->element[i].integer <= (i == 0 ? 2 : UINT32_MAX);
+    if (!ok) {
+        rs_log_bad_reply(op->conn, r);
+        rop_fail(op);
+        return;
+    }
+    struct store_limit_reply out = {
+        .verdict = verdicts[r->element[0].integer],
+        .remaining = (uint32_t)r->element[1].integer,
+        .reset_ms = (uint32_t)r->element[2].integer,
+        .retry_ms = (uint32_t)r->element[3].integer,
+    };
+    rop_finish_with(op, NULL, 0, NULL, &out);
 }
 
 /* Replaces the op's first argument (the SCAN pattern by the key found);
@@ -474,7 +501,7 @@ static void rop_on_scan(struct rop *op, const struct rreply *r)
         struct rconn *next = rop_next_scan_conn(op);
         if (!next) {
             struct store_key_info k = {.found = 0, .ttl_ms = -1};
-            rop_finish_with(op, NULL, 0, &k);
+            rop_finish_with(op, NULL, 0, &k, NULL);
             return;
         }
         op->conn = next;
@@ -520,6 +547,8 @@ static void rop_reply_cb(struct rconn *c, const struct rreply *r, void *priv)
         rop_on_wait(op, r);
     } else if (op->kind == ROP_ACQUIRE) {
         rop_on_acquire_main(op, r);
+    } else if (op->kind == ROP_LIMIT) {
+        rop_on_limit(op, r);
     } else if (op->kind == ROP_KEY) {
         if (op->stage == ROP_SCAN)
             rop_on_scan(op, r);

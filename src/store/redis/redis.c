@@ -1,10 +1,12 @@
 /* redis.c — the Redis store's public face (store_redis_new in store.h).
  *
  * Owns struct store_redis: the store_ops table (acquire, complete,
- * release, renew, ping, free, and the deferred free of rs_enter/rs_leave), turning a store key into
- * the Redis key
- * "<prefix>{<skey>}" and the script arguments, and store_redis_new, the
- * one place that reads redis.mode: it picks the topology table once. Also
+ * release, renew, ping, limit, limit_release, limit_renew, free, and the
+ * deferred free of rs_enter/rs_leave), turning a store key into the Redis
+ * key "<prefix>{<skey>}", a scope into its limit keys
+ * "<prefix>{rl:<scope>}" and "<prefix>{rl:<scope>}:s", and the script
+ * arguments, and store_redis_new, the one place that reads redis.mode: it
+ * picks the topology table once. Also
  * the small helpers every file of the backend uses. Does not own the
  * connections (conn.c), the operations (op.c) or the routing (standalone.c,
  * cluster.c, sentinel.c); the overview is in redis_internal.h. */
@@ -145,6 +147,112 @@ static void rs_renew(struct store *base, const char *skey, size_t skey_len,
              cb, arg);
 }
 
+/* The longest scope a limit takes (store.h); longer: a store error. */
+#define RS_LIMIT_SCOPE_MAX 200
+
+/* The two keys of scope's limits, "<prefix>{rl:<scope>}" (the rate
+ * state) and the same with ":s" (the slots), in one fresh buffer (the
+ * caller frees it): *len is the first one's length, the second one starts
+ * right after it and is 2 bytes longer. */
+static char *rs_limit_keys(const struct store_redis *s, const char *scope, size_t scope_len,
+                           size_t *len)
+{
+    size_t plen = strlen(s->prefix);
+    *len = plen + 3 + scope_len + 2;
+    char *k = rs_alloc(2 * *len + 2);
+    memcpy(k, s->prefix, plen);
+    memcpy(k + plen, "{rl:", 4);
+    memcpy(k + plen + 4, scope, scope_len);
+    k[*len - 1] = '}';
+    memcpy(k + *len, k, *len);
+    memcpy(k + 2 * *len, ":s", 2);
+    return k;
+}
+
+/* A limit op on scope that fails from the loop: its scope is too long. */
+static bool rs_limit_refused(struct rop *op, size_t scope_len)
+{
+    if (scope_len <= RS_LIMIT_SCOPE_MAX) return false;
+    rop_start_on(op, NULL);
+    return true;
+}
+
+/* One script on scope's limit keys: the rate key (with_rate) and the
+ * slots key, then token and the extra arguments. */
+static struct rop *rs_limit_op(struct store_redis *s, enum rop_kind kind, enum rs_script script,
+                               bool with_rate, const char *scope, size_t scope_len,
+                               const char *token, int nextra, const char **extra,
+                               const size_t *extra_lens)
+{
+    if (scope_len > RS_LIMIT_SCOPE_MAX) return rop_new(s, kind, script, 0, NULL, NULL);
+    size_t klen;
+    char *keys = rs_limit_keys(s, scope, scope_len, &klen);
+    const char *args[RS_MAX_ARGS];
+    size_t lens[RS_MAX_ARGS];
+    int argc = 0;
+    if (with_rate) {
+        args[argc] = keys;
+        lens[argc++] = klen;
+    }
+    args[argc] = keys + klen;
+    lens[argc++] = klen + 2;
+    args[argc] = token;
+    lens[argc++] = STORE_TOKEN_LEN;
+    for (int i = 0; i < nextra; i++) {
+        args[argc] = extra[i];
+        lens[argc++] = extra_lens[i];
+    }
+    struct rop *op = rop_new(s, kind, script, argc, args, lens);
+    free(keys);
+    return op;
+}
+
+/* Always one script, even with both limits off (it then answers
+ * allowed at once): an unreachable Redis answers STORE_LIMIT_ERROR. */
+static void rs_limit(struct store *base, const char *scope, size_t scope_len,
+                     const char token[STORE_TOKEN_LEN], const struct store_limit_args *a,
+                     store_limit_cb cb, void *arg)
+{
+    struct store_redis *s = (struct store_redis *)base;
+    char n[16], w[16], c[16], lease[16];
+    snprintf(n, sizeof(n), "%u", a->requests);
+    snprintf(w, sizeof(w), "%u", a->window_ms ? a->window_ms : 1);
+    snprintf(c, sizeof(c), "%u", a->take_slot ? a->concurrent : 0);
+    snprintf(lease, sizeof(lease), "%u", a->lease_ms);
+    const char *extra[4] = {n, w, c, lease};
+    size_t lens[4] = {strlen(n), strlen(w), strlen(c), strlen(lease)};
+    struct rop *op =
+        rs_limit_op(s, ROP_LIMIT, RS_LIMIT, true, scope, scope_len, token, 4, extra, lens);
+    op->limit_cb = cb;
+    op->arg = arg;
+    if (!rs_limit_refused(op, scope_len)) rop_start(op);
+}
+
+static void rs_limit_release(struct store *base, const char *scope, size_t scope_len,
+                             const char token[STORE_TOKEN_LEN], store_done_cb cb, void *arg)
+{
+    struct rop *op = rs_limit_op((struct store_redis *)base, ROP_RELEASE, RS_LIMIT_RELEASE, false,
+                                 scope, scope_len, token, 0, NULL, NULL);
+    op->done_cb = cb;
+    op->arg = arg;
+    if (!rs_limit_refused(op, scope_len)) rop_start(op);
+}
+
+static void rs_limit_renew(struct store *base, const char *scope, size_t scope_len,
+                           const char token[STORE_TOKEN_LEN], uint32_t lease_ms, store_done_cb cb,
+                           void *arg)
+{
+    char ms[16];
+    snprintf(ms, sizeof(ms), "%u", lease_ms);
+    const char *extra[1] = {ms};
+    size_t lens[1] = {strlen(ms)};
+    struct rop *op = rs_limit_op((struct store_redis *)base, ROP_RENEW, RS_LIMIT_RENEW, false,
+                                 scope, scope_len, token, 1, extra, lens);
+    op->done_cb = cb;
+    op->arg = arg;
+    if (!rs_limit_refused(op, scope_len)) rop_start(op);
+}
+
 /* A glob pattern matching text literally (SCAN MATCH). */
 static void rs_glob_escape(struct buf *out, const char *p, size_t n)
 {
@@ -274,6 +382,9 @@ static const struct store_ops rs_ops = {
     .release = rs_release,
     .renew = rs_renew,
     .ping = rs_ping,
+    .limit = rs_limit,
+    .limit_release = rs_limit_release,
+    .limit_renew = rs_limit_renew,
     .free = rs_free,
 };
 

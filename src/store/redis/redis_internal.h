@@ -51,6 +51,14 @@
  * The acquire script (for servers older than 7.0, and for the connections
  * whose version is not known yet) answers like SET NX GET.
  *
+ * The limits of a scope (store_limit) live apart from its keys, under one
+ * hash tag: "<prefix>{rl:<scope>}" holds the rate state (a string
+ * "<t0 ms> <d> <n>": the GCRA's TAT is t0 + d / n ms, exact in integers),
+ * expiring when the TAT is reached; "<prefix>{rl:<scope>}:s" is a zset of
+ * slots, token -> lease expiry (ms), expiring with its longest lease.
+ * Each operation is one script on the server's clock (TIME), so any
+ * number of instances sharing the Redis hold one limit.
+ *
  * Older idemgates kept a hash (s, t, f, r) at the same key. A key of that
  * layout answers SET NX GET with WRONGTYPE; the acquire script then reads
  * it into this layout (a replay, a 409 or a mismatch as before), so an
@@ -103,9 +111,22 @@
 #define RS_VAL_MAGIC "IG1"   /* the value layout (see above) */
 #define RS_VAL_HDR 60        /* magic 3, state 1, token 32, fingerprint 16, created-at 8 */
 
-enum rs_script { RS_ACQUIRE, RS_COMPLETE, RS_RELEASE, RS_RENEW, RS_INSPECT, RS_NSCRIPTS };
+enum rs_script {
+    RS_ACQUIRE,
+    RS_COMPLETE,
+    RS_RELEASE,
+    RS_RENEW,
+    RS_INSPECT,
+    RS_LIMIT,         /* KEYS: the rate state, the slots */
+    RS_LIMIT_RELEASE, /* KEYS: the slots */
+    RS_LIMIT_RENEW,   /* KEYS: the slots */
+    RS_NSCRIPTS
+};
 
-enum rop_kind { ROP_ACQUIRE, ROP_COMPLETE, ROP_RELEASE, ROP_RENEW, ROP_PING, ROP_KEY };
+/* What an op answers with: ROP_LIMIT a store_limit_reply; the others
+ * done_cb's status (limit_release and limit_renew run as ROP_RELEASE and
+ * ROP_RENEW with their own scripts), except acquire and key. */
+enum rop_kind { ROP_ACQUIRE, ROP_COMPLETE, ROP_RELEASE, ROP_RENEW, ROP_PING, ROP_KEY, ROP_LIMIT };
 
 /* An acquire that took the lock may go on: WAIT for replicas, then give
  * the lock back (UNDO) when too few acknowledged. */
@@ -210,10 +231,13 @@ struct rop {
     store_acquire_cb acq_cb;
     store_done_cb done_cb;
     store_key_cb key_cb;
+    store_limit_cb limit_cb;
     char cursor[24]; /* ROP_SCAN: SCAN's cursor on conn */
     void *arg;
     uint64_t deadline_ms; /* clock_now_ms() */
-    int argc;             /* the arguments (acquire: key fp token ms lock-value) */
+    /* the arguments (acquire: key fp token ms lock-value; limit: rate key,
+     * slots key, token requests window slots lease) */
+    int argc;
     const char *argv[RS_MAX_ARGS];
     size_t argvlen[RS_MAX_ARGS];
     char *buf; /* owns the bytes argv points into */
@@ -349,6 +373,8 @@ int rc_send_auth(struct rconn *c, rc_reply_fn *fn, void *priv);
 
 /* scripts.c */
 void rs_scripts_hash(char sha[RS_NSCRIPTS][41]);
+/* EVALSHA's numkeys for script i: how many of its arguments are keys. */
+const char *rs_script_numkeys(enum rs_script i);
 bool rs_script_loaded(const struct store_redis *s, const struct rreply *r, intptr_t i);
 int rs_scripts_load(struct rconn *c, rc_reply_fn *fn);
 int rs_scripts_reload(struct rconn *c);

@@ -1,13 +1,14 @@
 /* scripts.c — the Redis store's Lua scripts (see redis_internal.h).
  *
  * Owns the layout of a key's value (rs_lock_value, rs_parse_value), the
- * text of the scripts (acquire, complete, release, renew, and the admin
- * API's inspect), their
- * SHA1s, and queueing SCRIPT LOAD for them on a connection: as part
- * of its handshake (the answers are checked there, in conn.c) or again
- * after a NOSCRIPT reply (checked here). Does not own connections, nor
- * call a script: op.c sends EVALSHA with the SHA1s in struct store_redis,
- * or, to acquire on Redis 7.0 and later, SET NX PX GET. */
+ * text of the scripts (acquire, complete, release, renew, the admin API's
+ * inspect, and the limits: limit, limit release, limit renew), how many
+ * keys each names, their SHA1s, and queueing SCRIPT LOAD for them on a
+ * connection: as part of its handshake (the answers are checked there, in
+ * conn.c) or again after a NOSCRIPT reply (checked here). Does not own
+ * connections, nor call a script: op.c sends EVALSHA with the SHA1s in
+ * struct store_redis, or, to acquire on Redis 7.0 and later, SET NX PX
+ * GET. */
 #include "redis_internal.h"
 
 #include "idemgate/core/log.h"
@@ -27,6 +28,23 @@
     "local v = redis.call('GET', KEYS[1])\n"                                                       \
     "if not v or #v ~= " RS_STR(RS_VAL_HDR) " or string.sub(v, 1, 36) ~= '" RS_VAL_MAGIC           \
                                             "p' .. ARGV[1] then return 0 end\n"
+
+/* The limit scripts' clock: the server's TIME in whole milliseconds (a
+ * write after TIME needs effects replication, the default from Redis 5:
+ * asked for explicitly for older servers). */
+#define RS_LIMIT_NOW                                                                               \
+    "redis.replicate_commands()\n"                                                                 \
+    "local t = redis.call('TIME')\n"                                                               \
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+
+/* A lease of ARGV[lease] ms for ARGV[1] in the slots zset KEYS[k] (its
+ * expiry the score); the zset lives as long as its longest lease. */
+#define RS_LIMIT_LEASE(k, lease)                                                                   \
+    "local lease = tonumber(ARGV[" #lease "])\n"                                                   \
+    "redis.call('ZADD', KEYS[" #k "], now + lease, ARGV[1])\n"                                     \
+    "if redis.call('PTTL', KEYS[" #k "]) < lease then\n"                                           \
+    "  redis.call('PEXPIRE', KEYS[" #k "], lease)\n"                                               \
+    "end\n"
 
 /* The scripts (values: "<magic>" state token fingerprint created-at
  * record, see redis_internal.h). Acquire answers like SET NX GET: nil
@@ -69,7 +87,72 @@ static const char *const rs_scripts[RS_NSCRIPTS] = {
                    "local ttl = redis.call('PTTL', KEYS[1])\n"
                    "if ARGV[1] == '1' then redis.call('DEL', KEYS[1]) end\n"
                    "return {v, ttl}\n",
+    /* The limits of a scope (store_limit; the memory store's limits.c
+     * decides the same): KEYS the rate state and the slots; ARGV token,
+     * requests (0: no rate), window_ms, slots (0: none to take),
+     * lease_ms. The rate is a GCRA kept exact in integers: the state
+     * "<t0> <d> <n>" says TAT = t0 + d / n ms; a request adds window_ms
+     * to d and passes when, after it, TAT - now <= window_ms. Answers
+     * {verdict (0 allowed, 1 rate, 2 concurrency), remaining, reset_ms,
+     * retry_ms}. */
+    /* clang-format off */
+    [RS_LIMIT] =
+        RS_LIMIT_NOW
+        "local n, w, c = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+        "local left, reset = 0, 0\n"
+        "if n > 0 then\n"
+        "  local d = 0\n"
+        "  local v = redis.call('GET', KEYS[1])\n"
+        "  local t0, d0, n0\n"
+        "  if v then t0, d0, n0 = string.match(v, '^(%d+) (%d+) (%d+)$') end\n"
+        "  if t0 then\n"
+        "    t0, d0, n0 = tonumber(t0), tonumber(d0), tonumber(n0)\n"
+        "    if n0 ~= n then d0 = math.ceil(d0 * n / n0) end\n"
+        "    local el = math.max(now - t0, 0)\n"
+        "    if el < math.ceil(d0 / n) then d = d0 - el * n end\n"
+        "  end\n"
+        "  local d1 = d + w\n"
+        "  if d1 > w * n then\n"
+        "    return {1, 0, math.ceil(d / n), math.ceil((d1 - w * n) / n)}\n"
+        "  end\n"
+        "  left = math.floor((w * n - d1) / w)\n"
+        "  reset = math.ceil(d1 / n)\n"
+        "  redis.call('SET', KEYS[1], string.format('%d %d %d', now, d1, n), 'PX', reset)\n"
+        "end\n"
+        "if c > 0 then\n"
+        "  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)\n"
+        "  if redis.call('ZCARD', KEYS[2]) >= c then return {2, left, reset, 0} end\n"
+        RS_LIMIT_LEASE(2, 5)
+        "end\n"
+        "return {0, left, reset, 0}\n",
+    /* KEYS the slots, ARGV token: 1 when it held a live lease (gone now). */
+    [RS_LIMIT_RELEASE] =
+        RS_LIMIT_NOW
+        "local e = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
+        "if not e then return 0 end\n"
+        "redis.call('ZREM', KEYS[1], ARGV[1])\n"
+        "if tonumber(e) > now then return 1 end\n"
+        "return 0\n",
+    /* KEYS the slots, ARGV token, lease_ms: 1 when it held a live lease
+     * (now lease_ms from now). */
+    [RS_LIMIT_RENEW] =
+        RS_LIMIT_NOW
+        "local e = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
+        "if not e then return 0 end\n"
+        "if tonumber(e) <= now then\n"
+        "  redis.call('ZREM', KEYS[1], ARGV[1])\n"
+        "  return 0\n"
+        "end\n"
+        RS_LIMIT_LEASE(1, 2)
+        "return 1\n",
+    /* clang-format on */
 };
+
+/* The scripts that name two keys; the others name one. */
+const char *rs_script_numkeys(enum rs_script i)
+{
+    return i == RS_LIMIT ? "2" : "1";
+}
 
 /* The value of a new lock: header, no record. */
 void rs_lock_value(char out[RS_VAL_HDR], const uint8_t fp[STORE_FP_LEN],
