@@ -96,7 +96,8 @@ static void batch(struct worker *w, struct store *st, struct event_base *base, c
         if (complete)
             store_complete(st, k, kl, TOKEN, rec, w->rec_len, 86400, done_cb, &p);
         else
-            store_acquire(st, k, kl, FP, TOKEN, 30000, acq_cb, &p);
+            store_acquire(st, &(struct store_acquire_req){k, kl, FP, TOKEN, 30000, NULL, NULL, 0},
+                          acq_cb, &p);
     }
     while (p.left > 0)
         event_base_loop(base, EVLOOP_ONCE);

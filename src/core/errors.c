@@ -10,6 +10,7 @@ struct err_def {
     const char *code;
     const char *title;
     const char *message;
+    enum err_retry retry; /* the Retry-After it carries */
 };
 
 static const struct err_def err_defs[ERR__COUNT] = {
@@ -27,7 +28,8 @@ static const struct err_def err_defs[ERR__COUNT] = {
                                   "Requests with an Idempotency-Key must carry credentials."},
     [ERR_IN_PROGRESS] = {409, "idempotency_error", "request_in_progress", "Request in progress",
                          "A request with this Idempotency-Key is still being processed; retry "
-                         "shortly."},
+                         "shortly.",
+                         ERR_RETRY_1S},
     [ERR_KEY_REUSE] = {409, "idempotency_error", "idempotency_key_reuse", "Idempotency-Key reused",
                        "This Idempotency-Key was already used with a different request."},
     [ERR_PAYLOAD_TOO_LARGE] = {413, "invalid_request_error", "payload_too_large",
@@ -45,7 +47,8 @@ static const struct err_def err_defs[ERR__COUNT] = {
     [ERR_UPSTREAM_UNAVAILABLE] = {502, "api_error", "upstream_unavailable", "Upstream unavailable",
                                   "The upstream could not be reached."},
     [ERR_STORE_UNAVAILABLE] = {503, "api_error", "store_unavailable", "Store unavailable",
-                               "The idempotency store is unavailable; retry shortly."},
+                               "The idempotency store is unavailable; retry shortly.",
+                               ERR_RETRY_1S},
     [ERR_UPSTREAM_TIMEOUT] = {504, "api_error", "upstream_timeout", "Upstream timeout",
                               "The upstream did not answer in time."},
     [ERR_UPSTREAM_ANSWER_LOST] = {502, "api_error", "upstream_answer_lost", "Upstream answer lost",
@@ -53,11 +56,13 @@ static const struct err_def err_defs[ERR__COUNT] = {
                                   "not be executed again with this Idempotency-Key."},
     [ERR_RATE_LIMITED] = {429, "rate_limit_error", "rate_limit_exceeded", "Rate limit exceeded",
                           "Too many requests for this credential; retry after the time "
-                          "Retry-After gives."},
+                          "Retry-After gives.",
+                          ERR_RETRY_COMPUTED},
     [ERR_CONCURRENCY_LIMITED] = {429, "rate_limit_error", "concurrency_limit_exceeded",
                                  "Concurrency limit exceeded",
                                  "Too many requests of this credential are running at once; "
-                                 "retry shortly."},
+                                 "retry shortly.",
+                                 ERR_RETRY_1S},
 };
 
 /* The messages of the errors that name a configured limit, said when the
@@ -76,6 +81,11 @@ int err_status(enum err_code e, int mismatch_status)
 {
     if (e == ERR_KEY_REUSE && mismatch_status) return mismatch_status;
     return err_defs[e].status;
+}
+
+enum err_retry err_retry_after(enum err_code e)
+{
+    return (unsigned)e < ERR__COUNT ? err_defs[e].retry : ERR_RETRY_NONE;
 }
 
 const char *err_code_name(enum err_code e)

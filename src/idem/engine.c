@@ -95,7 +95,9 @@ static void idem_answer(struct idem *e, enum err_code e_code)
             break;
         }
     }
-    e->ops->answer(e->host, e_code, e->replayed);
+    struct idem_rl_info rl;
+    uint32_t retry_s = e_code == ERR_RATE_LIMITED && idem_ratelimit(e, &rl) ? rl.retry_s : 0;
+    e->ops->answer(e->host, e_code, e->replayed, retry_s);
     idem_done(e);
 }
 
@@ -149,14 +151,20 @@ static bool idem_rl_applies(struct idem *e, bool covered)
 
 static void idem_limited(void *arg, const struct store_limit_reply *r);
 
-/* Counts the request and asks for a slot (a lease of lock_seconds, under
- * the request's token). */
+/* The request's limits: counted, and a slot asked for (a lease of
+ * lock_seconds under the request's token). */
+static struct store_limit_args idem_limit_args(const struct idem *e)
+{
+    return (struct store_limit_args){
+        (uint32_t)e->rl->requests, (uint32_t)e->rl->window_seconds * 1000u,
+        (uint32_t)e->rl->concurrent, e->rl->concurrent > 0, lock_ms(e)};
+}
+
+/* An uncovered request's check: one round trip of its own. */
 static void idem_limit(struct idem *e)
 {
     if (!e->token[0]) idem_new_token(e->token);
-    struct store_limit_args a = {(uint32_t)e->rl->requests, (uint32_t)e->rl->window_seconds * 1000u,
-                                 (uint32_t)e->rl->concurrent, e->rl->concurrent > 0, lock_ms(e)};
-    e->pending++;
+    struct store_limit_args a = idem_limit_args(e);
     e->ops->hold(e->host);
     store_limit(e->env->store, e->rl_scope, e->rl_scope_len, e->token, &a, idem_limited, e);
 }
@@ -235,7 +243,6 @@ void idem_init(struct idem *e, const struct idem_env *env, const struct idem_hos
     e->state = IDEM_NEW;
     fsm_enter(&idem_fsm, IDEM_NEW);
     buf_init(&e->rec);
-    buf_init(&e->acq_record);
 }
 
 /* Owner tokens need to be unique, not secret: a per-thread random 128-bit
@@ -372,9 +379,9 @@ void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mo
     idem_new_token(e->token);
     e->outcome = OUT_EXECUTED;
     e->wait_deadline_ms = clock_now_ms() + (uint64_t)cfg->wait_max_ms;
-    /* The limit check and the acquire go out together (one write to one
+    /* The limits go out with the acquire (store_acquire: one write to one
      * Redis, or in parallel to two cluster nodes): no round trip added. */
-    if (idem_rl_applies(e, true)) idem_limit(e);
+    idem_rl_applies(e, true);
     idem_acquire(e);
 }
 
@@ -501,23 +508,18 @@ static void idem_decide(struct idem *e, const struct store_acquire_reply *r)
     idem_on_acquire(e, r);
 }
 
-static void idem_limited(void *arg, const struct store_limit_reply *r)
+static void idem_limit_answered(struct idem *e, const struct store_limit_reply *r)
 {
-    struct idem *e = arg;
     e->rl_reply = *r;
     e->rl_answered = true;
     e->rl_slot = r->verdict == STORE_LIMIT_ALLOWED && e->rl->concurrent > 0;
-    if (--e->pending == 0) {
-        if (!e->skey) {
-            idem_pass_decide(e);
-        } else {
-            struct store_acquire_reply a = {e->acq_state, (const uint8_t *)buf_data(&e->acq_record),
-                                            buf_size(&e->acq_record)};
-            e->acq_stashed = false;
-            idem_decide(e, &a);
-            buf_free(&e->acq_record);
-        }
-    }
+}
+
+static void idem_limited(void *arg, const struct store_limit_reply *r)
+{
+    struct idem *e = arg;
+    idem_limit_answered(e, r);
+    idem_pass_decide(e);
     e->ops->release(e->host);
 }
 
@@ -525,20 +527,12 @@ static void idem_acquired(void *arg, const struct store_acquire_reply *r)
 {
     struct idem *e = arg;
     metrics_observe_store(clock_now_ms() - e->store_start_ms);
-    if (e->pending > 0) { /* the first acquire of a limited request */
-        if (--e->pending > 0) {
-            /* the limit's answer is still on its way: keep this one */
-            e->acq_stashed = true;
-            e->acq_state = r->state;
-            if (r->state == STORE_ACQ_COMPLETED)
-                buf_append(&e->acq_record, r->record, r->record_len);
-        } else {
-            idem_decide(e, r);
-        }
-        e->ops->release(e->host);
-        return;
+    if (e->rl && !e->rl_answered) { /* the first acquire carried the limits */
+        idem_limit_answered(e, &r->limit);
+        idem_decide(e, r);
+    } else {
+        idem_on_acquire(e, r);
     }
-    idem_on_acquire(e, r);
     e->ops->release(e->host);
 }
 
@@ -569,10 +563,15 @@ static void idem_acquire(struct idem *e)
 {
     if (e->state == IDEM_NEW) idem_set_state(e, IDEM_ACQUIRING);
     e->store_start_ms = clock_now_ms();
-    if (e->rl && !e->rl_answered) e->pending++; /* idem_limit went out just before */
     e->ops->hold(e->host);
-    store_acquire(e->env->store, e->skey, e->skey_len, e->fp, e->token, lock_ms(e), idem_acquired,
-                  e);
+    struct store_acquire_req req = {e->skey,    e->skey_len, e->fp,       e->token,
+                                    lock_ms(e), NULL,        e->rl_scope, e->rl_scope_len};
+    struct store_limit_args limits;
+    if (e->rl && !e->rl_answered) { /* the first acquire: the limits ride with it */
+        limits = idem_limit_args(e);
+        req.limits = &limits;
+    }
+    store_acquire(e->env->store, &req, idem_acquired, e);
 }
 
 static bool idem_status_keepable(const struct cfg_idem *idem, int status)
@@ -791,7 +790,6 @@ void idem_free(struct idem *e)
     if (!e->env) return; /* never initialized */
     fsm_leave(&idem_fsm, (int)e->state);
     idem_rec_drop(e);
-    buf_free(&e->acq_record);
     if (e->skey != e->skey_buf) free(e->skey);
     e->skey = NULL;
     e->env = NULL;

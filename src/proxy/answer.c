@@ -41,13 +41,25 @@ const char *answer_error_body(const struct cfg *cfg, const struct cfg_idem *idem
 }
 
 int answer_error_head(const struct cfg *cfg, const struct cfg_idem *idem, enum err_code e,
-                      struct buf *body, struct front_header *hs, size_t *n, struct front_head *fh)
+                      uint32_t retry_s, char retry_buf[12], struct buf *body,
+                      struct front_header *hs, size_t *n, struct front_head *fh)
 {
     int status = err_status(e, idem ? idem->mismatch_status : 409);
     const char *ctype = answer_error_body(cfg, idem, e, status, body);
     hs[(*n)++] = (struct front_header){"Content-Type", 12, ctype, strlen(ctype)};
-    if (e == ERR_IN_PROGRESS || e == ERR_STORE_UNAVAILABLE || e == ERR_CONCURRENCY_LIMITED)
+    /* the error's row says which Retry-After it carries */
+    switch (err_retry_after(e)) {
+    case ERR_RETRY_1S:
         hs[(*n)++] = (struct front_header){"Retry-After", 11, "1", 1};
+        break;
+    case ERR_RETRY_COMPUTED: {
+        int l = snprintf(retry_buf, 12, "%u", retry_s > 0 ? retry_s : 1u);
+        hs[(*n)++] = (struct front_header){"Retry-After", 11, retry_buf, (size_t)l};
+        break;
+    }
+    case ERR_RETRY_NONE:
+        break;
+    }
     const char *reason = http1_reason(status);
     *fh = (struct front_head){status,        reason, strlen(reason), hs, *n, FRONT_BODY_LENGTH,
                               buf_size(body)};
@@ -104,24 +116,19 @@ static void answer_send(struct exchange *ex, const struct front_head *fh, const 
     exchange_answered(ex);
 }
 
-void answer_error(struct exchange *ex, enum err_code e, bool replayed)
+void answer_error(struct exchange *ex, enum err_code e, bool replayed, uint32_t retry_s)
 {
     struct front_header hs[10];
     size_t n = 0;
     struct answer_rl rlv;
-    char retry[16];
+    char retry[12];
     hs[n++] = (struct front_header){"X-Request-Id", 12, ex->request_id, ex->request_id_len};
     if (replayed) hs[n++] = (struct front_header){"Idempotent-Replayed", 19, "true", 4};
     answer_ratelimit_headers(ex, hs, &n, &rlv);
-    struct idem_rl_info rl;
-    if (e == ERR_RATE_LIMITED && idem_ratelimit(&ex->idem, &rl)) {
-        int l = snprintf(retry, sizeof(retry), "%u", rl.retry_s);
-        hs[n++] = (struct front_header){"Retry-After", 11, retry, (size_t)l};
-    }
     struct buf body;
     buf_init(&body);
     struct front_head fh;
-    ex->status = answer_error_head(ex->cfg, ex->idem_cfg, e, &body, hs, &n, &fh);
+    ex->status = answer_error_head(ex->cfg, ex->idem_cfg, e, retry_s, retry, &body, hs, &n, &fh);
     if (ex->front) answer_send(ex, &fh, buf_data(&body), buf_size(&body));
     buf_free(&body);
 }

@@ -197,9 +197,9 @@ static void host_forward(void *host)
     relay_forward(host);
 }
 
-static void host_answer(void *host, enum err_code e, bool replayed)
+static void host_answer(void *host, enum err_code e, bool replayed, uint32_t retry_s)
 {
-    answer_error(host, e, replayed);
+    answer_error(host, e, replayed, retry_s);
 }
 
 static void host_replay(void *host, const struct record *r)

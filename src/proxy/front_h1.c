@@ -126,7 +126,8 @@ int client_queue_error(struct client *cl, enum err_code e, const char *request_i
     struct buf body;
     buf_init(&body);
     struct front_head fh;
-    int status = answer_error_head(cl->loop->cfg, NULL, e, &body, hs, &n, &fh);
+    char retry[12];
+    int status = answer_error_head(cl->loop->cfg, NULL, e, 0, retry, &body, hs, &n, &fh);
     cl->close_after = true;
     h1_write_head(cl, &fh);
     buf_append(conn_outbuf(&cl->c), buf_data(&body), buf_size(&body));

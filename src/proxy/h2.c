@@ -299,7 +299,8 @@ static void h2_refuse(struct h2_stream *st, enum err_code e)
     struct buf body;
     buf_init(&body);
     struct front_head fh;
-    int status = answer_error_head(l->cfg, NULL, e, &body, hs, &n, &fh);
+    char retry[12];
+    int status = answer_error_head(l->cfg, NULL, e, 0, retry, &body, hs, &n, &fh);
     h2_submit(st, &fh);
     buf_append(&st->out, buf_data(&body), buf_size(&body));
     st->ended = true;

@@ -234,7 +234,7 @@ static void ex_upstream_failed(struct exchange *ex, enum err_code e, const char 
         ex->front_abort = true;
         exchange_answered(ex);
     } else {
-        answer_error(ex, e, false);
+        answer_error(ex, e, false, 0);
     }
     exchange_set_state(ex, EX_ENDED);
     idem_response_end(&ex->idem, how);

@@ -1,15 +1,72 @@
-/* store.c — the thin wrappers over a store's ops table (store.h). Owns
- * nothing: each backend lives in its own file (store_redis.c,
- * store_memory.c). */
+/* store.c — the wrappers over a store's ops table (store.h), and the one
+ * thing they add: an acquire with limits is the backend's lock and limit
+ * operations sent together and answered as one (struct store_acq_join,
+ * owned from the call to its callback). Each backend lives in its own
+ * folder (memory/, redis/). */
 #include "idemgate/store/store.h"
 
 #include <stdlib.h>
+#include <string.h>
 
-void store_acquire(struct store *s, const char *skey, size_t skey_len,
-                   const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
-                   uint32_t lock_ms, store_acquire_cb cb, void *arg)
+#include "idemgate/core/buf.h"
+
+/* An acquire with limits: both answers, whichever comes first. */
+struct store_acq_join {
+    store_acquire_cb cb;
+    void *arg;
+    int pending;
+    struct store_limit_reply limit;
+    enum store_acquire_state state; /* the lock's answer when it came first */
+    struct buf record;              /* ... and its record, copied */
+};
+
+static void join_done(struct store_acq_join *j, const struct store_acquire_reply *lock)
 {
-    s->ops->acquire(s, skey, skey_len, fp, token, lock_ms, cb, arg);
+    struct store_acquire_reply r = *lock;
+    r.limit = j->limit;
+    j->cb(j->arg, &r);
+    buf_free(&j->record);
+    free(j);
+}
+
+static void join_acquired(void *arg, const struct store_acquire_reply *r)
+{
+    struct store_acq_join *j = arg;
+    if (--j->pending == 0) {
+        join_done(j, r);
+        return;
+    }
+    j->state = r->state;
+    if (r->state == STORE_ACQ_COMPLETED) buf_append(&j->record, r->record, r->record_len);
+}
+
+static void join_limited(void *arg, const struct store_limit_reply *l)
+{
+    struct store_acq_join *j = arg;
+    j->limit = *l;
+    if (--j->pending > 0) return;
+    struct store_acquire_reply r = {
+        j->state, (const uint8_t *)buf_data(&j->record), buf_size(&j->record), {0}};
+    join_done(j, &r);
+}
+
+void store_acquire(struct store *s, const struct store_acquire_req *req, store_acquire_cb cb,
+                   void *arg)
+{
+    if (!req->limits) {
+        s->ops->acquire(s, req, cb, arg);
+        return;
+    }
+    struct store_acq_join *j = calloc(1, sizeof(*j));
+    if (!j) abort();
+    j->cb = cb;
+    j->arg = arg;
+    j->pending = 2;
+    buf_init(&j->record);
+    /* the limit first: on one connection its answer comes first, and the
+     * lock's record need not be copied */
+    s->ops->limit(s, req->scope, req->scope_len, req->token, req->limits, join_limited, j);
+    s->ops->acquire(s, req, join_acquired, j);
 }
 
 void store_complete(struct store *s, const char *skey, size_t skey_len,

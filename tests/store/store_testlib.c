@@ -122,7 +122,9 @@ enum store_acquire_state stl_acquire(struct event_base *base, struct store *st, 
 {
     memset(res, 0, sizeof(*res));
     in_call = true;
-    store_acquire(st, skey, strlen(skey), fp, token, lock_ms, acq_cb, res);
+    store_acquire(
+        st, &(struct store_acquire_req){skey, strlen(skey), fp, token, lock_ms, NULL, NULL, 0},
+        acq_cb, res);
     in_call = false;
     assert_false(res->done); /* never synchronous */
     stl_run_until(base, &res->done, WAIT_MS);

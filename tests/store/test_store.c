@@ -363,7 +363,9 @@ static void test_never_synchronous(void **state)
     memset(&a, 0, sizeof(a));
     memset(d, 0, sizeof(d));
     in_call = true;
-    store_acquire(c->st, k, strlen(k), FP_1, TOKEN_A, 10000, acq_cb, &a);
+    store_acquire(c->st,
+                  &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_A, 10000, NULL, NULL, 0},
+                  acq_cb, &a);
     store_renew(c->st, k, strlen(k), TOKEN_A, 10000, done_cb, &d[0]);
     store_complete(c->st, k, strlen(k), TOKEN_A, (const uint8_t *)"r", 1, 60, done_cb, &d[1]);
     store_release(c->st, k, strlen(k), TOKEN_A, done_cb, &d[2]);
@@ -394,7 +396,8 @@ static void test_arguments_copied(void **state)
     memcpy(fp, FP_1, sizeof(fp));
     memcpy(tok, TOKEN_A, sizeof(tok));
     struct acq_res a = {0};
-    store_acquire(c->st, k, strlen(k), fp, tok, 10000, acq_cb, &a);
+    store_acquire(c->st, &(struct store_acquire_req){k, strlen(k), fp, tok, 10000, NULL, NULL, 0},
+                  acq_cb, &a);
     memset(k, 'z', strlen(k));
     memset(fp, 0xee, sizeof(fp));
     memset(tok, 'q', sizeof(tok));
@@ -421,7 +424,9 @@ static void test_free_drops_inflight(void **state)
     struct store *st = ctx_new_store(c);
     run_for(c, 100);
     for (int i = 0; i < 3; i++)
-        store_acquire(st, k, strlen(k), FP_1, TOKEN_A, 10000, never_cb, &called);
+        store_acquire(
+            st, &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_A, 10000, NULL, NULL, 0},
+            never_cb, &called);
     store_free(st);
     run_for(c, 300);
     assert_false(called);
@@ -451,8 +456,12 @@ static void test_free_inside_callback(void **state)
     char k[64];
     unique_skey(k, sizeof(k), "free-in-cb");
     struct free_in_cb f = {.st = ctx_new_store(c)};
-    store_acquire(f.st, k, strlen(k), FP_1, TOKEN_A, 10000, free_in_cb, &f);
-    store_acquire(f.st, k, strlen(k), FP_1, TOKEN_B, 10000, free_in_cb, &f);
+    store_acquire(f.st,
+                  &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_A, 10000, NULL, NULL, 0},
+                  free_in_cb, &f);
+    store_acquire(f.st,
+                  &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_B, 10000, NULL, NULL, 0},
+                  free_in_cb, &f);
     uint64_t end = now_ms() + WAIT_MS;
     while (f.calls == 0 && now_ms() < end)
         event_base_loop(c->base, EVLOOP_ONCE);
@@ -688,7 +697,10 @@ static void *race_thread(void *arg)
         struct acq_res a = {0};
         char tok[STORE_TOKEN_LEN];
         memset(tok, 'a' + (i % 26), sizeof(tok));
-        store_acquire(st, r->skey, strlen(r->skey), FP_1, tok, 10000, acq_cb, &a);
+        store_acquire(
+            st,
+            &(struct store_acquire_req){r->skey, strlen(r->skey), FP_1, tok, 10000, NULL, NULL, 0},
+            acq_cb, &a);
         while (!a.done)
             event_base_loop(base, EVLOOP_ONCE);
         mine_locked += a.state == STORE_ACQ_LOCKED;
@@ -1027,7 +1039,9 @@ static void *bounded_thread(void *arg)
         char k[64];
         snprintf(k, sizeof(k), "memscope:thread%d-%06d", w->id, i);
         struct acq_res a = {0};
-        store_acquire(st, k, strlen(k), FP_1, TOKEN_A, 60000, acq_cb, &a);
+        store_acquire(
+            st, &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_A, 60000, NULL, NULL, 0},
+            acq_cb, &a);
         while (!a.done)
             event_base_loop(base, EVLOOP_ONCE);
         if (a.state != STORE_ACQ_LOCKED) continue;

@@ -626,7 +626,10 @@ static void test_cluster_free_with_ops_in_flight(void **state)
         for (int i = 0; i < 10; i++) {
             char k[64];
             unique_skey(k, sizeof(k), "free");
-            store_acquire(c->st, k, strlen(k), FP_1, TOKEN_A, 10000, never_cb, &calls);
+            store_acquire(
+                c->st,
+                &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_A, 10000, NULL, NULL, 0},
+                never_cb, &calls);
         }
         if (wait) event_base_loop(c->base, EVLOOP_NONBLOCK);
         int before = calls;
@@ -800,7 +803,9 @@ static void test_sentinel_free_with_parked_ops(void **state)
     for (int i = 0; i < 5; i++) {
         char k[64];
         unique_skey(k, sizeof(k), "s-free");
-        store_acquire(c->st, k, strlen(k), FP_1, TOKEN_A, 10000, never_cb, &calls);
+        store_acquire(
+            c->st, &(struct store_acquire_req){k, strlen(k), FP_1, TOKEN_A, 10000, NULL, NULL, 0},
+            never_cb, &calls);
     }
     ctx_free(c);
     assert_int_equal(calls, 0);

@@ -33,6 +33,14 @@ enum err_code {
     ERR__COUNT
 };
 
+/* The Retry-After an error's answer carries (its row in the table). */
+enum err_retry {
+    ERR_RETRY_NONE,
+    ERR_RETRY_1S,      /* "Retry-After: 1" */
+    ERR_RETRY_COMPUTED /* the seconds the caller computed (a rate limit's) */
+};
+enum err_retry err_retry_after(enum err_code e);
+
 /* The HTTP status for an error; ERR_KEY_REUSE uses mismatch_status. */
 int err_status(enum err_code e, int mismatch_status);
 const char *err_code_name(enum err_code e);

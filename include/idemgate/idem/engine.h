@@ -79,8 +79,9 @@ struct idem_host_ops {
      * idem_response_head/_body/_end. */
     void (*forward)(void *host);
     /* Answer with one of our errors (replayed: a stored lost answer, marked
-     * Idempotent-Replayed). */
-    void (*answer)(void *host, enum err_code e, bool replayed);
+     * Idempotent-Replayed; retry_s: the Retry-After the engine computed, for
+     * an error whose row asks for one: a rate limit's). */
+    void (*answer)(void *host, enum err_code e, bool replayed, uint32_t retry_s);
     /* Replay a stored response (r borrowed until the call returns). */
     void (*replay)(void *host, const struct record *r);
     /* The engine is finished (its store work is over): called exactly once,
@@ -152,14 +153,10 @@ struct idem {
     const struct cfg_ratelimit *rl; /* NULL when the request is not counted */
     char rl_scope[IDEM_RL_SCOPE_MAX];
     size_t rl_scope_len;
-    int pending;      /* store answers awaited before deciding (limit, acquire) */
-    bool rl_answered; /* the limit's answer is in rl_reply */
+    bool rl_answered; /* the limits' answer is in rl_reply */
     bool rl_slot;     /* we hold a concurrency slot (given back at the end) */
-    bool acq_stashed; /* the acquire answered first: its reply waits in acq */
     struct store_limit_reply rl_reply;
-    enum store_acquire_state acq_state;
-    struct buf acq_record; /* a COMPLETED reply's record, copied while the limit is pending */
-    struct buf rec;        /* the record being written (pooled) */
+    struct buf rec; /* the record being written (pooled) */
     struct record_writer rw;
     uint64_t rec_body_len;
     char skey_buf[IDEM_SKEY_INLINE]; /* last: idem_init does not clear it */

@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "idemgate/core/buf.h"
 #include "idemgate/core/errors.h"
@@ -20,8 +21,9 @@ struct front_header;
 struct front_head;
 
 /* Our error e as the exchange's answer (replayed: a lost answer replayed
- * to a retry); nothing but its status when the front is gone. */
-void answer_error(struct exchange *ex, enum err_code e, bool replayed);
+ * to a retry; retry_s: a computed Retry-After, for the errors whose row
+ * says so); nothing but its status when the front is gone. */
+void answer_error(struct exchange *ex, enum err_code e, bool replayed, uint32_t retry_s);
 /* A stored record as the exchange's answer. */
 void answer_replay(struct exchange *ex, const struct record *r);
 
@@ -48,6 +50,7 @@ const char *answer_error_body(const struct cfg *cfg, const struct cfg_idem *idem
  * hs). Returns the status. For answers outside an exchange too (a front
  * refusing a request before one exists). */
 int answer_error_head(const struct cfg *cfg, const struct cfg_idem *idem, enum err_code e,
-                      struct buf *body, struct front_header *hs, size_t *n, struct front_head *fh);
+                      uint32_t retry_s, char retry_buf[12], struct buf *body,
+                      struct front_header *hs, size_t *n, struct front_head *fh);
 
 #endif

@@ -48,19 +48,6 @@ enum store_acquire_state {
     STORE_ACQ_ERROR        /* unreachable, timed out, or a bad reply */
 };
 
-struct store_acquire_reply {
-    enum store_acquire_state state;
-    /* COMPLETED only: the encoded record, borrowed until the callback
-     * returns (copy it to keep it). */
-    const uint8_t *record;
-    size_t record_len;
-};
-
-typedef void (*store_acquire_cb)(void *arg, const struct store_acquire_reply *reply);
-/* status: 1 done (the token matched), 0 not done (no such key or another
- * owner's token), -1 store error or timeout. */
-typedef void (*store_done_cb)(void *arg, int status);
-
 /* The rate and concurrency limits of one scope (docs/configuration.md,
  * ratelimit), checked in one atomic step in the store, so that any number
  * of instances sharing it hold one limit. */
@@ -89,11 +76,42 @@ struct store_limit_reply {
 
 typedef void (*store_limit_cb)(void *arg, const struct store_limit_reply *reply);
 
+/* One acquire: the key's lock and, when limits are given, the scope's
+ * rate and concurrency limits checked with it (store_acquire sends both at
+ * once: in one write to a standalone Redis, to their two nodes at the same
+ * time on a cluster, whose slots differ). Borrowed for the call. */
+struct store_acquire_req {
+    const char *skey; /* "<scope>:<key>" */
+    size_t skey_len;
+    const uint8_t *fp; /* STORE_FP_LEN bytes */
+    const char *token; /* STORE_TOKEN_LEN chars: the lock's owner, and the slot's */
+    uint32_t lock_ms;
+    const struct store_limit_args *limits; /* NULL: none */
+    const char *scope;                     /* the limits' scope */
+    size_t scope_len;
+};
+
+struct store_acquire_reply {
+    enum store_acquire_state state;
+    /* COMPLETED only: the encoded record, borrowed until the callback
+     * returns (copy it to keep it). */
+    const uint8_t *record;
+    size_t record_len;
+    /* the limits' verdict (the request's limits; ALLOWED, zeros, without) */
+    struct store_limit_reply limit;
+};
+
+typedef void (*store_acquire_cb)(void *arg, const struct store_acquire_reply *reply);
+/* status: 1 done (the token matched), 0 not done (no such key or another
+ * owner's token), -1 store error or timeout. */
+typedef void (*store_done_cb)(void *arg, int status);
+
 struct store_ops {
     const char *name;
-    void (*acquire)(struct store *s, const char *skey, size_t skey_len,
-                    const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
-                    uint32_t lock_ms, store_acquire_cb cb, void *arg);
+    /* The lock only: store_acquire adds the limits (req->limits is not
+     * read here). */
+    void (*acquire)(struct store *s, const struct store_acquire_req *req, store_acquire_cb cb,
+                    void *arg);
     void (*complete)(struct store *s, const char *skey, size_t skey_len,
                      const char token[STORE_TOKEN_LEN], const uint8_t *record, size_t record_len,
                      uint32_t ttl_seconds, store_done_cb cb, void *arg);
@@ -130,9 +148,10 @@ struct store {
 };
 
 /* Thin wrappers over the ops table. */
-void store_acquire(struct store *s, const char *skey, size_t skey_len,
-                   const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
-                   uint32_t lock_ms, store_acquire_cb cb, void *arg);
+/* The lock, and the limits with it when req->limits: one callback with
+ * both answers (the record borrowed as for the lock alone). */
+void store_acquire(struct store *s, const struct store_acquire_req *req, store_acquire_cb cb,
+                   void *arg);
 void store_complete(struct store *s, const char *skey, size_t skey_len,
                     const char token[STORE_TOKEN_LEN], const uint8_t *record, size_t record_len,
                     uint32_t ttl_seconds, store_done_cb cb, void *arg);

@@ -152,10 +152,13 @@ static void mem_op_defer(struct mem_op *op)
 
 /* ---- operations ---- */
 
-static void mem_acquire(struct store *base, const char *skey, size_t skey_len,
-                        const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
-                        uint32_t lock_ms, store_acquire_cb cb, void *arg)
+static void mem_acquire(struct store *base, const struct store_acquire_req *req,
+                        store_acquire_cb cb, void *arg)
 {
+    const char *skey = req->skey, *token = req->token;
+    size_t skey_len = req->skey_len;
+    const uint8_t *fp = req->fp;
+    uint32_t lock_ms = req->lock_ms;
     struct store_memory *s = (struct store_memory *)base;
     struct mem_op *op = mem_op_new(s);
     op->kind = MEM_OP_ACQUIRE;

@@ -76,10 +76,13 @@ static char *rs_key(const struct store_redis *s, const char *skey, size_t skey_l
     return k;
 }
 
-static void rs_acquire(struct store *base, const char *skey, size_t skey_len,
-                       const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
-                       uint32_t lock_ms, store_acquire_cb cb, void *arg)
+static void rs_acquire(struct store *base, const struct store_acquire_req *req, store_acquire_cb cb,
+                       void *arg)
 {
+    const char *skey = req->skey, *token = req->token;
+    size_t skey_len = req->skey_len;
+    const uint8_t *fp = req->fp;
+    uint32_t lock_ms = req->lock_ms;
     struct store_redis *s = (struct store_redis *)base;
     size_t klen;
     char *key = rs_key(s, skey, skey_len, &klen);

@@ -99,7 +99,7 @@ static void fake_fire(evutil_socket_t fd, short what, void *arg)
     struct fake_op *op = arg;
     op->fs->pending--;
     if (op->acq_cb) {
-        struct store_acquire_reply r = {op->state, NULL, 0};
+        struct store_acquire_reply r = {.state = op->state};
         if (op->state == STORE_ACQ_COMPLETED) {
             /* Borrowed only for the callback: a copy catches a late use. */
             size_t n = buf_size(&op->fs->reply_record);
@@ -154,10 +154,13 @@ static void fake_check_owner(struct fake_store *fs, const char *skey, size_t ske
         fs->foreign_ops++;
 }
 
-static void fake_acquire(struct store *s, const char *skey, size_t skey_len,
-                         const uint8_t fp[STORE_FP_LEN], const char token[STORE_TOKEN_LEN],
-                         uint32_t lock_ms, store_acquire_cb cb, void *arg)
+static void fake_acquire(struct store *s, const struct store_acquire_req *req, store_acquire_cb cb,
+                         void *arg)
 {
+    const char *skey = req->skey, *token = req->token;
+    size_t skey_len = req->skey_len;
+    const uint8_t *fp = req->fp;
+    uint32_t lock_ms = req->lock_ms;
     struct fake_store *fs = (struct fake_store *)s;
     assert_true(fs->n_script > 0);
     assert_true(skey_len < sizeof(fs->skey));
@@ -313,9 +316,10 @@ static void op_forward(void *host)
     host_ref(host);
 }
 
-static void op_answer(void *host, enum err_code e, bool replayed)
+static void op_answer(void *host, enum err_code e, bool replayed, uint32_t retry_s)
 {
     (void)host;
+    (void)retry_s;
     calls.errors++;
     calls.last_error = e;
     calls.last_replayed = replayed;
