@@ -29,8 +29,9 @@ import pytest
 
 from idemtest.assertions import assert_in_progress, assert_lost_replay, wait_until
 from idemtest.config import gate_config
-from idemtest.http import post, post_bytes, raw_closed, request
-from idemtest.procs import RawServer, free_port, have_ipv6_loopback, wait_port
+from idemtest.http import post, post_bytes, raw_closed, read_request, request
+from idemtest.procs import (RawServer, free_port, have_ipv6_loopback, non_loopback_ipv4,
+                            wait_port)
 from idemtest.resp import RespClient, call
 
 CRED = "Bearer k1"  # what post(..., api_key="k1") sends as Authorization
@@ -73,25 +74,12 @@ class KeysUpstream(RawServer):
 
     @staticmethod
     def _read(c, buf):
-        while b"\r\n\r\n" not in buf:
-            chunk = c.recv(65536)
-            if not chunk:
-                return None, buf
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        path = lines[0].split(" ")[1].split("?")[0]
-        hdrs = {}
-        for ln in lines[1:]:
-            k, _, v = ln.partition(":")
-            hdrs[k.strip().lower()] = v.strip()
-        n = int(hdrs.get("content-length", "0"))
-        while len(rest) < n:
-            chunk = c.recv(65536)
-            if not chunk:
-                return None, b""
-            rest += chunk
-        return (path, hdrs.get("idempotency-key")), rest[n:]
+        """(path, Idempotency-Key) of the next request, or None."""
+        req, rest = read_request(c, buf)
+        if req is None:
+            return None, rest
+        _, target, hdrs = req
+        return (target.split("?")[0], hdrs.get("idempotency-key")), rest
 
     def _serve(self, c):
         buf = b""
@@ -527,19 +515,6 @@ def test_admin_token_from_env(gate, store_cfg):
 def test_admin_token_env_overrides_config(gate, store_cfg):
     g, admin = gate(admin={"token": "file-token"}, env={"IDEMGATE_ADMIN_TOKEN": "env-t0ken"})
     check_token(g, admin, "env-t0ken")
-
-
-def non_loopback_ipv4():
-    """An IPv4 address of this host that is not loopback, or None."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.connect(("192.0.2.1", 9))  # no packet is sent
-        addr = s.getsockname()[0]
-    except OSError:
-        return None
-    finally:
-        s.close()
-    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
 
 
 @pytest.mark.parametrize("store_cfg", ["memory"], indirect=True)

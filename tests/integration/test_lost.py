@@ -22,7 +22,7 @@ import pytest
 from idemtest.assertions import assert_error, assert_lost_replay, wait_until
 from idemtest.config import gate_config
 from idemtest.h2 import H2Client
-from idemtest.http import connection, post, post_bytes, raw_closed, split_head
+from idemtest.http import connection, post, post_bytes, raw_closed, read_request, split_head
 from idemtest.procs import RawServer, free_port
 
 SCRIPTS = {
@@ -60,33 +60,11 @@ class ScriptedUpstream(RawServer):
         with self.lock:
             return sum(1 for _, p, k in self.log if p == path and (key is None or k == key))
 
-    @staticmethod
-    def _read_request(c, buf):
-        while b"\r\n\r\n" not in buf:
-            chunk = c.recv(65536)
-            if not chunk:
-                return None, buf
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = lines[0].split(" ", 2)
-        hdrs = {}
-        for ln in lines[1:]:
-            k, _, v = ln.partition(":")
-            hdrs[k.strip().lower()] = v.strip()
-        n = int(hdrs.get("content-length", "0"))
-        while len(rest) < n:
-            chunk = c.recv(65536)
-            if not chunk:
-                return None, b""
-            rest += chunk
-        return (method, path, hdrs), rest[n:]
-
     def _serve(self, c):
         buf = b""
         try:
             while True:
-                req, buf = self._read_request(c, buf)
+                req, buf = read_request(c, buf)
                 if req is None:
                     return
                 method, path, hdrs = req

@@ -53,7 +53,7 @@ from idemtest.assertions import (after_release, assert_error, assert_replay_of,
                                  first_answer, wait_until)
 from idemtest.certs import make_certs
 from idemtest.config import merge
-from idemtest.http import Client, metrics, post, request
+from idemtest.http import Client, metrics, post, read_request, request
 from idemtest.procs import RawServer, free_port, non_loopback_ipv4, port_open, wait_port
 
 HOWS = ["sighup", "post"]
@@ -212,25 +212,12 @@ class Backend(RawServer):
 
     @staticmethod
     def _read(c, buf):
-        while b"\r\n\r\n" not in buf:
-            chunk = c.recv(65536)
-            if not chunk:
-                return None, buf
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        path = lines[0].split(" ")[1].split("?")[0]
-        hdrs = {}
-        for ln in lines[1:]:
-            k, _, v = ln.partition(":")
-            hdrs[k.strip().lower()] = v.strip()
-        n = int(hdrs.get("content-length", "0"))
-        while len(rest) < n:
-            chunk = c.recv(65536)
-            if not chunk:
-                return None, b""
-            rest += chunk
-        return (path, hdrs.get("idempotency-key")), rest[n:]
+        """(path, Idempotency-Key) of the next request, or None."""
+        req, rest = read_request(c, buf)
+        if req is None:
+            return None, rest
+        _, target, hdrs = req
+        return (target.split("?")[0], hdrs.get("idempotency-key")), rest
 
     def _serve(self, c):
         buf = b""

@@ -338,6 +338,32 @@ def _framing_done(resp, data):
     return False, data  # ends at close
 
 
+def read_request(sock, buf):
+    """One request with a Content-Length body from a test upstream's socket
+    (buf: bytes already read). Returns ((method, target, headers), rest),
+    headers a dict with lower-case names; (None, buf) when the peer closed
+    first."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, buf
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    hdrs = {}
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    n = int(hdrs.get("content-length", "0"))
+    while len(rest) < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, b""
+        rest += chunk
+    return (method, target, hdrs), rest[n:]
+
+
 def read_response(sock, deadline):
     """Reads one response from sock until deadline (time.monotonic()).
     Returns (kind, Resp or None, body): kind "answer" (complete), "cut" (a
