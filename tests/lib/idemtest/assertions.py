@@ -18,6 +18,7 @@ ERROR_TYPES = {
     "invalid_idempotency_key": "invalid_request_error",
     "bad_request": "invalid_request_error",
     "credentials_required": "invalid_request_error",
+    "invalid_signature": "invalid_request_error",
     "request_in_progress": "idempotency_error",
     "idempotency_key_reuse": "idempotency_error",
     "payload_too_large": "invalid_request_error",
