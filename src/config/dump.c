@@ -106,6 +106,16 @@ static cJSON *opt_json(const struct cfg *c, const struct cfg_opt *o, const char 
     case OPT_TOKENS:
     case OPT_METHODS:
         return list_json(field);
+    case OPT_SECRETS: {
+        /* "env:NAME" names a secret without holding it: kept. */
+        const struct cfg_strlist *l = field;
+        cJSON *a = cJSON_CreateArray();
+        for (size_t i = 0; i < l->n; i++)
+            cJSON_AddItemToArray(a, cJSON_CreateString(redact && strncmp(l->v[i], "env:", 4) != 0
+                                                           ? CFG_REDACTED
+                                                           : l->v[i]));
+        return a;
+    }
     case OPT_NODES:
         return list_json(&((const struct cfg_redis *)base)->nodes);
     case OPT_ADDR:
@@ -151,6 +161,10 @@ static cJSON *routes_json(const struct cfg *c, bool redact)
         cJSON_AddItemToObject(o, "ratelimit",
                               section_json(c, cfg_ratelimit_opts, cfg_n_ratelimit_opts,
                                            (const char *)&r->ratelimit, redact));
+        if (r->webhook.enabled)
+            cJSON_AddItemToObject(o, "webhook",
+                                  section_json(c, cfg_webhook_opts, cfg_n_webhook_opts,
+                                               (const char *)&r->webhook, redact));
         cJSON_AddItemToArray(arr, o);
     }
     return arr;

@@ -57,6 +57,7 @@ void cfg_addr_free(struct cfg_addr *a);
 void cfg_tls_client_free(struct cfg_tls_client *t);
 void cfg_idem_free(struct cfg_idem *m);
 void cfg_idem_copy(struct cfg_idem *dst, const struct cfg_idem *src); /* dst: uninitialized */
+void cfg_webhook_free(struct cfg_webhook *w);                         /* webhook.c */
 
 /* ---------------------------------------------------------------- values.c: errors */
 
@@ -134,7 +135,8 @@ enum cfg_opt_kind {
     OPT_UPSTREAM,  /* http(s)://host[:port], or a group object (struct cfg_upstream) */
     OPT_REDIS_URL, /* the whole struct cfg_redis target (struct cfg_redis base only) */
     OPT_STATUS,    /* 409 | 422 */
-    OPT_KEYPREFIX  /* a string without hash-tag braces */
+    OPT_KEYPREFIX, /* a string without hash-tag braces */
+    OPT_SECRETS    /* a list of non-empty strings, redacted by -T (routes[].webhook) */
 };
 
 /* One key of a section: where it is stored, how it is checked, and its
@@ -175,6 +177,8 @@ extern const struct cfg_section cfg_sections[];
 extern const size_t cfg_n_sections;
 extern const struct cfg_opt cfg_ratelimit_opts[];
 extern const size_t cfg_n_ratelimit_opts;
+extern const struct cfg_opt cfg_webhook_opts[]; /* routes[i].webhook */
+extern const size_t cfg_n_webhook_opts;
 extern const struct cfg_opt cfg_idem_opts[];
 extern const size_t cfg_n_idem_opts;
 extern const struct cfg_opt cfg_idem_route_opts[]; /* valid only inside routes[i] */
@@ -211,6 +215,12 @@ int cfg_set_upstream(void *field, const struct cfg_val *v, const char *where, st
 void cfg_upstream_free(struct cfg_upstream *u);
 void cfg_upstream_copy(struct cfg_upstream *dst,
                        const struct cfg_upstream *src); /* dst: uninitialized */
+
+/* ---------------------------------------------------------------- webhook.c */
+
+/* routes[i].webhook from its object (path "routes[i].webhook"): defaults,
+ * the object's keys, then the secrets and the key's source resolved. */
+int cfg_build_webhook(struct cfg_webhook *w, const cJSON *obj, const char *path, struct cfg_err *e);
 
 /* ---------------------------------------------------------------- json.c */
 

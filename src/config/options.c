@@ -36,6 +36,8 @@ static const char *const errfmt_names[] = {"json", "problem", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const rl_count_names[] = {"all", "covered", NULL};
 static const char *const rl_headers_names[] = {"legacy", "draft", "none", NULL};
+static const char *const wh_sig_names[] = {"standard", "hmac-sha256", "none", NULL};
+static const char *const wh_enc_names[] = {"hex", "base64", NULL};
 
 _Static_assert(sizeof(enum cfg_store) == sizeof(int), "enums are stored through int *");
 _Static_assert(sizeof(enum cfg_log_level) == sizeof(int), "enums are stored through int *");
@@ -96,6 +98,18 @@ const struct cfg_opt cfg_idem_route_opts[] = {
     O_KIND("enabled", OPT_BOOL, struct cfg_idem, enabled, "true"),
 };
 const size_t cfg_n_idem_route_opts = NOPTS(cfg_idem_route_opts);
+
+/* The keys of routes[i].webhook (routes.c; webhook.c resolves them). */
+const struct cfg_opt cfg_webhook_opts[] = {
+    O_ENUM("signature", struct cfg_webhook, signature, wh_sig_names, "standard"),
+    O_KIND("header", OPT_OPTSTR, struct cfg_webhook, header, ""),
+    O_KIND("prefix", OPT_OPTSTR, struct cfg_webhook, prefix, ""),
+    O_ENUM("encoding", struct cfg_webhook, encoding, wh_enc_names, "hex"),
+    O_KIND("secrets", OPT_SECRETS, struct cfg_webhook, secrets, ""),
+    O_KIND("key", OPT_OPTSTR, struct cfg_webhook, key, ""),
+    O_INT(struct cfg_webhook, tolerance_seconds, 1, 86400, "300"),
+};
+const size_t cfg_n_webhook_opts = NOPTS(cfg_webhook_opts);
 
 static const struct cfg_opt limits_opts[] = {
     O_U64(struct cfg_limits, max_request_body_bytes, 0, 4294967296LL, "10485760"),

@@ -137,6 +137,7 @@ void cfg_free(struct cfg *c)
         free(c->routes[i].prefix);
         cfg_upstream_free(&c->routes[i].upstream);
         cfg_idem_free(&c->routes[i].idem);
+        cfg_webhook_free(&c->routes[i].webhook);
     }
     free(c->routes);
     memset(c, 0, sizeof *c);

@@ -47,6 +47,12 @@ static int route_member(struct cfg_route *r, const cJSON *it, const char *path, 
         return cfg_apply_object(it, sub, (char *)&r->ratelimit, cfg_ratelimit_opts,
                                 cfg_n_ratelimit_opts, NULL, 0, e);
     }
+    if (strcmp(it->string, "webhook") == 0) {
+        char sub[CFG_PATH_LEN];
+        snprintf(sub, sizeof sub, "%.200s.webhook", path);
+        if (!cJSON_IsObject(it)) return cfg_fail(e, where, "must be an object");
+        return cfg_build_webhook(&r->webhook, it, sub, e);
+    }
     return cfg_fail(e, where, "unknown key");
 }
 

@@ -210,6 +210,22 @@ static int set_list(const struct cfg_opt *o, void *field, const struct cfg_val *
     return 0;
 }
 
+/* A list of secrets: strings, none empty. */
+static int set_secrets(void *field, const struct cfg_val *v, const char *where, struct cfg_err *e)
+{
+    struct cfg_strlist l;
+    if (val_list(v, &l) < 0) return cfg_fail(e, where, "must be an array of strings");
+    for (size_t i = 0; i < l.n; i++) {
+        if (!l.v[i][0]) {
+            cfg_strlist_free(&l);
+            return cfg_fail(e, where, "must not hold an empty string");
+        }
+    }
+    cfg_strlist_free(field);
+    *(struct cfg_strlist *)field = l;
+    return 0;
+}
+
 /* redis.nodes: each entry is parsed where it is checked and kept both as
  * given (for messages) and parsed (the store never parses it again). */
 static int set_nodes(char *base, const struct cfg_val *v, const char *where, struct cfg_err *e)
@@ -305,6 +321,8 @@ int cfg_opt_set(const struct cfg_opt *o, char *base, const struct cfg_val *v, co
     case OPT_TOKENS:
     case OPT_METHODS:
         return set_list(o, field, v, where, e);
+    case OPT_SECRETS:
+        return set_secrets(field, v, where, e);
     case OPT_NODES:
         return set_nodes(base, v, where, e);
     case OPT_ADDR:

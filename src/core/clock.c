@@ -6,6 +6,7 @@
 #include <time.h>
 
 static const uint64_t *fake_now;
+static const int64_t *fake_wall;
 
 uint64_t clock_now_ms(void)
 {
@@ -18,4 +19,17 @@ uint64_t clock_now_ms(void)
 void clock_set_fake(const uint64_t *now)
 {
     fake_now = now;
+}
+
+int64_t clock_wall_s(void)
+{
+    if (fake_wall) return *fake_wall;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec;
+}
+
+void clock_set_fake_wall(const int64_t *now)
+{
+    fake_wall = now;
 }

@@ -28,6 +28,20 @@ static const struct err_def err_defs[ERR__COUNT] = {
                                   "Credentials required",
                                   "Requests with an Idempotency-Key must carry credentials.",
                                   ERR_RETRY_NONE},
+    [ERR_INVALID_SIGNATURE] = {401, "invalid_request_error", "invalid_signature",
+                               "Invalid signature",
+                               "The webhook delivery's signature is missing, wrong or too old.",
+                               ERR_RETRY_NONE},
+    [ERR_WEBHOOK_KEY_REQUIRED] = {400, "invalid_request_error", "idempotency_key_required",
+                                  "Webhook key required",
+                                  "The delivery lacks the header its idempotency key comes from.",
+                                  ERR_RETRY_NONE},
+    [ERR_WEBHOOK_KEY_INVALID] = {400, "invalid_request_error", "invalid_idempotency_key",
+                                 "Invalid webhook key",
+                                 "The delivery's idempotency key is missing from its body, not a "
+                                 "string or an integer, or not 1 to the maximum length of visible "
+                                 "ASCII characters.",
+                                 ERR_RETRY_NONE},
     [ERR_IN_PROGRESS] = {409, "idempotency_error", "request_in_progress", "Request in progress",
                          "A request with this Idempotency-Key is still being processed; retry "
                          "shortly.",

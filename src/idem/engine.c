@@ -351,6 +351,23 @@ static int idem_key(struct idem *e, char *key, size_t cap, size_t *key_len)
     return 0;
 }
 
+/* A key a request check gave, validated as a header's would be: 0 with
+ * key set, -1 after answering 400. */
+static int idem_given_key(struct idem *e, const struct idem_given *g, char *key, size_t cap,
+                          size_t *key_len)
+{
+    if (!g->key) {
+        idem_answer(e, g->error);
+        return -1;
+    }
+    if (g->key_len >= cap ||
+        idem_key_parse(g->key, g->key_len, (size_t)e->cfg->key_max_length, key, key_len)) {
+        idem_answer(e, ERR_WEBHOOK_KEY_INVALID);
+        return -1;
+    }
+    return 0;
+}
+
 void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mode,
                 const struct idem_request *req)
 {
@@ -359,6 +376,10 @@ void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mo
     e->outcome = OUT_PASSTHROUGH;
     e->failure_open = failure_open_mode;
     const struct http1_head *h = req->head;
+    if (req->refused) {
+        idem_answer(e, req->refusal);
+        return;
+    }
     if (!cfg->enabled || !cfg_idem_covers_method(cfg, h->method.p, h->method.n)) {
         idem_pass(e);
         return;
@@ -367,12 +388,17 @@ void idem_start(struct idem *e, const struct cfg_idem *cfg, bool failure_open_mo
      * longer value cannot be valid. */
     char key[2 * IDEM_KEY_MAX + 3];
     size_t key_len = 0;
-    if (idem_key(e, key, sizeof(key), &key_len) != 0) return;
     char scope[SCOPE_HEX_LEN + 1];
-    int sr = idem_scope(e, scope);
-    if (sr != 0) {
-        if (sr > 0) idem_pass(e);
-        return;
+    if (req->given) {
+        if (idem_given_key(e, req->given, key, sizeof(key), &key_len) != 0) return;
+        memcpy(scope, req->given->scope, sizeof(scope));
+    } else {
+        if (idem_key(e, key, sizeof(key), &key_len) != 0) return;
+        int sr = idem_scope(e, scope);
+        if (sr != 0) {
+            if (sr > 0) idem_pass(e);
+            return;
+        }
     }
     idem_set_skey(e, scope, key, key_len);
     idem_fingerprint(e);

@@ -24,6 +24,7 @@
 #include "idemgate/core/log.h"
 #include "idemgate/proxy/access.h"
 #include "idemgate/proxy/answer.h"
+#include "idemgate/proxy/checks.h"
 #include "idemgate/proxy/loop.h"
 #include "idemgate/proxy/relay.h"
 #include "idemgate/proxy/upstream.h"
@@ -364,9 +365,20 @@ void exchange_start(struct loop *l, const struct front_request *req, const struc
     ex->server_addr = NULL;
     idem_init(&ex->idem, &ex->gen->idem_env, &ex_host_ops, ex);
     struct idem_request ireq = {
-        &ex->head,      ex->body,           ex->body_len,
-        ex->request_id, ex->request_id_len, route ? &route->ratelimit : &cfg->ratelimit,
-        ex->peer};
+        .head = &ex->head,
+        .body = ex->body,
+        .body_len = ex->body_len,
+        .id = ex->request_id,
+        .id_len = ex->request_id_len,
+        .rl = route ? &route->ratelimit : &cfg->ratelimit,
+        .peer = ex->peer,
+    };
+    /* The route's checks (a webhook's signature and key) see the target
+     * as sent, next to the normalized one. */
+    struct check_request creq = {&ex->head, req->head->target, ex->body, ex->body_len};
+    struct check_out cout;
+    checks_run(route, &creq, &ireq, &cout);
     *slot = ex;
     idem_start(&ex->idem, ex->idem_cfg, cfg->redis.failure_mode == CFG_FAIL_OPEN, &ireq);
+    ex->idem.req.given = NULL; /* it pointed at cout */
 }

@@ -185,6 +185,35 @@ struct cfg_http2 {
     int max_resets_per_second;
 };
 
+/* routes[].webhook.signature and .encoding (docs/webhooks.md). */
+enum cfg_wh_sig { CFG_WH_STANDARD, CFG_WH_HMAC_SHA256, CFG_WH_NONE };
+enum cfg_wh_enc { CFG_WH_HEX, CFG_WH_BASE64 };
+
+/* One webhook secret as the HMAC key it is: owns v. */
+struct cfg_secret {
+    unsigned char *v;
+    size_t n;
+};
+
+/* routes[].webhook (docs/webhooks.md): how a delivery on the route is
+ * verified and where its idempotency key comes from. Owns its strings,
+ * lists and keys. */
+struct cfg_webhook {
+    bool enabled; /* the route has a webhook object */
+    enum cfg_wh_sig signature;
+    char *header; /* hmac-sha256: the header holding the signature */
+    char *prefix; /* hmac-sha256: what comes before it ("sha256="); NULL: none */
+    enum cfg_wh_enc encoding;
+    struct cfg_strlist secrets; /* as written ("env:NAME" kept so, for -T) */
+    char *key;                  /* as written; NULL: the scheme's default */
+    int tolerance_seconds;      /* standard: webhook-timestamp's distance from now */
+    /* resolved at load: */
+    struct cfg_secret *keys; /* secrets.n HMAC keys (a standard secret base64-decoded) */
+    size_t n_keys;
+    bool key_json;    /* the key is a JSON pointer into the body, else a header */
+    char *key_source; /* the header's name, or the pointer ("" is the whole body) */
+};
+
 /* One entry of routes[]: owns prefix, its upstream and its idem copy. */
 struct cfg_route {
     char *prefix;
@@ -192,6 +221,7 @@ struct cfg_route {
     bool upstream_own;              /* the route names its own upstream (its own group) */
     struct cfg_idem idem;           /* resolved */
     struct cfg_ratelimit ratelimit; /* resolved: the global one, overridden key by key */
+    struct cfg_webhook webhook;     /* enabled when the route has one */
 };
 
 /* The whole configuration, every source applied and checked; see the

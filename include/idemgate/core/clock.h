@@ -4,7 +4,9 @@
  * renewals, pool idle times, request durations) comes from clock_now_ms.
  * Tests replace it with a fake they advance themselves, so nothing that
  * depends on time needs to sleep. Wall-clock time (log lines, record
- * creation dates, HTTP Date) is not this clock's business. */
+ * creation dates, HTTP Date) is not this clock's business, except where
+ * it is compared with a time someone else wrote (a webhook's timestamp):
+ * clock_wall_s, fakeable the same way. */
 #ifndef IDEMGATE_CORE_CLOCK_H
 #define IDEMGATE_CORE_CLOCK_H
 
@@ -18,6 +20,11 @@ uint64_t clock_now_ms(void);
  * must stay valid until clock_set_fake(NULL)). Not thread-safe: set it
  * before any thread reads the clock. */
 void clock_set_fake(const uint64_t *now);
+
+/* CLOCK_REALTIME in whole seconds since the epoch, or the fake's value
+ * while one is set (clock_set_fake_wall, as clock_set_fake). */
+int64_t clock_wall_s(void);
+void clock_set_fake_wall(const int64_t *now);
 
 /* A duration in ms as the struct timeval libevent's timers take. */
 static inline struct timeval clock_tv(uint64_t ms)

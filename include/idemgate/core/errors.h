@@ -17,6 +17,9 @@ enum err_code {
     ERR_INVALID_KEY,
     ERR_BAD_REQUEST,
     ERR_CREDENTIALS_REQUIRED,
+    ERR_INVALID_SIGNATURE,    /* 401: a webhook route's signature check failed */
+    ERR_WEBHOOK_KEY_REQUIRED, /* 400: a webhook delivery without its key's header */
+    ERR_WEBHOOK_KEY_INVALID,  /* 400: a webhook delivery's key: absent from the body, or bad */
     ERR_IN_PROGRESS,
     ERR_KEY_REUSE,
     ERR_PAYLOAD_TOO_LARGE,

@@ -51,11 +51,18 @@
     X(METRICS_RELOAD_OK, "ok")                                                                     \
     X(METRICS_RELOAD_FAILED, "failed")
 
+/* What a webhook route's signature check found:
+ * idemgate_webhook_verifications_total{result=...}. */
+#define WEBHOOK_RESULTS(X)                                                                         \
+    X(METRICS_WEBHOOK_VALID, "valid")                                                              \
+    X(METRICS_WEBHOOK_INVALID, "invalid")
+
 #define METRICS_LABEL_ID(id, value) id,
 enum metrics_outcome { OUTCOMES(METRICS_LABEL_ID) OUT__COUNT };
 enum metrics_entry_state { STATES_MEMORY_ENTRY(METRICS_LABEL_ID) METRICS_ENTRY__COUNT };
 enum metrics_reload_result { RELOAD_RESULTS(METRICS_LABEL_ID) METRICS_RELOAD__COUNT };
 enum metrics_rl_reason { RATELIMIT_REASONS(METRICS_LABEL_ID) METRICS_RL__COUNT };
+enum metrics_webhook_result { WEBHOOK_RESULTS(METRICS_LABEL_ID) METRICS_WEBHOOK__COUNT };
 #undef METRICS_LABEL_ID
 
 /* The most states a state machine's gauge may have (core/fsm.h). */
@@ -73,6 +80,7 @@ enum metrics_rl_reason { RATELIMIT_REASONS(METRICS_LABEL_ID) METRICS_RL__COUNT }
     X(ENTRY_STATE, "state", STATES_MEMORY_ENTRY, METRICS_ENTRY__COUNT)                             \
     X(RELOAD_RESULT, "result", RELOAD_RESULTS, METRICS_RELOAD__COUNT)                              \
     X(RL_REASON, "reason", RATELIMIT_REASONS, METRICS_RL__COUNT)                                   \
+    X(WEBHOOK_RESULT, "result", WEBHOOK_RESULTS, METRICS_WEBHOOK__COUNT)                           \
     X(SERIES, "upstream", METRICS_NO_VALUES, 0) /* upstream, server: from the series callback */
 #define METRICS_NO_VALUES(X)
 
@@ -127,6 +135,8 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
       "Requests refused 429 by a scope's rate or concurrency limit, by reason.")                   \
     X(M_RELOADS, COUNTER, ALWAYS, "idemgate_reloads_total", RELOAD_RESULT,                         \
       "Configuration reloads (SIGHUP, POST /-/reload), by result.")                                \
+    X(M_WEBHOOK_VERIFICATIONS, COUNTER, ALWAYS, "idemgate_webhook_verifications_total",            \
+      WEBHOOK_RESULT, "Signature checks of requests on webhook routes, by result.")                \
     X(M_MEMORY_STORE_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_bytes", NONE,              \
       "Bytes charged to the memory store.")                                                        \
     X(M_MEMORY_STORE_MAX_BYTES, GAUGE, MEMORY_STORE, "idemgate_memory_store_max_bytes", NONE,      \

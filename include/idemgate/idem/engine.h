@@ -103,6 +103,16 @@ struct idem_env {
     struct buf_pool *bufs; /* the record buffer comes from here */
 };
 
+/* The key and scope a request check gave (a webhook delivery's, from the
+ * delivery itself and its route: proxy/checks.c), used instead of the key
+ * header and scope_headers. key NULL: there is none, answer error. */
+struct idem_given {
+    const char *key;
+    size_t key_len;
+    enum err_code error;
+    char scope[SCOPE_HEX_LEN + 1];
+};
+
 /* The request, borrowed from the host for the engine's life: the parsed
  * head (its target already normalized), the body, and the request id for
  * log lines. */
@@ -114,6 +124,11 @@ struct idem_request {
     size_t id_len;
     const struct cfg_ratelimit *rl; /* the request's limits (docs/configuration.md) */
     const char *peer;               /* the client's address: an anonymous request's scope */
+    /* What the route's request checks found: a refusal, answered at once
+     * whatever the method; a key given (NULL: the key header). */
+    bool refused;
+    enum err_code refusal;
+    const struct idem_given *given;
 };
 
 /* The limit a request was counted against, for the RateLimit headers of

@@ -319,6 +319,7 @@ static void test_family_names_and_kinds(void **state)
         {"idemgate_upstream_retries_total", "counter"},
         {"idemgate_ratelimited_total", "counter"},
         {"idemgate_reloads_total", "counter"},
+        {"idemgate_webhook_verifications_total", "counter"},
         {"idemgate_memory_store_bytes", "gauge"},
         {"idemgate_memory_store_max_bytes", "gauge"},
         {"idemgate_memory_store_entries", "gauge"},
@@ -338,6 +339,8 @@ static void test_family_names_and_kinds(void **state)
     /* both results from the start, so that increase() sees the first one */
     assert_non_null(strstr(text, "\nidemgate_reloads_total{result=\"ok\"} "));
     assert_non_null(strstr(text, "\nidemgate_reloads_total{result=\"failed\"} "));
+    assert_non_null(strstr(text, "\nidemgate_webhook_verifications_total{result=\"valid\"} 0\n"));
+    assert_non_null(strstr(text, "\nidemgate_webhook_verifications_total{result=\"invalid\"} 0\n"));
     free(text);
 }
 

@@ -465,8 +465,12 @@ static struct host *fx_exchange(struct fixture *fx, const char *request)
 /* Starts the engine on the host's request. */
 static void host_start(struct host *h)
 {
-    struct idem_request req = {&h->head,          h->body, h->body_len, h->request_id,
-                               h->request_id_len, NULL,    "127.0.0.1"};
+    struct idem_request req = {.head = &h->head,
+                               .body = h->body,
+                               .body_len = h->body_len,
+                               .id = h->request_id,
+                               .id_len = h->request_id_len,
+                               .peer = "127.0.0.1"};
     idem_start(&h->idem, h->cfg, h->fx->cfg.redis.failure_mode == CFG_FAIL_OPEN, &req);
 }
 
