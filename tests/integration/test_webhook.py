@@ -385,6 +385,22 @@ def test_standard_timestamp_tolerance(gate, upstream, signers):
     assert execs(upstream, "/hooks/default/a") == 2
 
 
+def test_standard_timestamp_tolerance_bounds(gate, upstream, signers):
+    # only "more than tolerance_seconds away" is refused. Exact without a
+    # race: a timestamp signed tolerance seconds ahead can only come closer
+    # while the delivery travels, one signed tolerance + 1 seconds behind
+    # only farther.
+    g = gate([route("/hooks/short", upstream.url,
+                    {"secrets": [SECRET1], "tolerance_seconds": 60})])
+    t = now()
+    ahead, behind = signers.standard_many([(SECRET1, "m1", t + 60, body_of("m1")),
+                                           (SECRET1, "m2", t - 61, body_of("m2"))])
+    r = deliver(g, "/hooks/short/a", ahead, body_of("m1"))
+    assert r.status == 200 and not r.replayed, r
+    rejected(deliver(g, "/hooks/short/a", behind, body_of("m2")))
+    assert execs(upstream, "/hooks/short/a") == 1
+
+
 @pytest.mark.parametrize("ts", ["not-a-number", "", "1.7e9", "%d.5", "%dx",
                                 "0x10"])
 def test_standard_timestamp_not_an_integer_is_401(gate, upstream, ts):
