@@ -63,6 +63,7 @@ from idemtest.config import merge
 from idemtest.http import metrics, read_request, request
 from idemtest.procs import (TESTS, RawServer, free_port, idemgate_bin,
                             run_idemgate)
+from idemtest.proto import Proto
 from idemtest.storm import Bg, storm_each
 
 NODE_SRC = os.path.join(TESTS, "node")
@@ -690,6 +691,29 @@ def test_redelivery_after_the_answer_is_replayed(gate, upstream, signers):
     assert again.body == first.body
     # the very same delivery again (a sender retrying verbatim)
     assert_replay_of(deliver(g, "/hooks/std/a", h1, body), first)
+    assert execs(upstream, "/hooks/std/a") == 1
+
+
+def test_deliveries_over_http2_and_chunked(gate, upstream, signers):
+    # the signature is over the body as sent, whatever its framing: a
+    # delivery over HTTP/2 (h2c), its redeliveries chunked and over HTTP/1.1
+    g = std_gate(gate, upstream)
+    body = body_of("evt_h2", note="x" * 300)
+    ts = now()
+    h1, h2, h3 = signers.standard_many([(SECRET1, "msg_h2", ts + i, body) for i in range(3)])
+    first = Proto("h2").request(g.port, "POST", "/hooks/std/a",
+                                [("content-type", "application/json")] + h1, body)
+    assert first.status == 200 and not first.replayed, first
+    assert echoed_body(first) == body
+    half = len(body) // 2
+    chunked = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        half, body[:half], len(body) - half, body[half:])
+    again = request(g.port, "POST", "/hooks/std/a",
+                    [JSON_CT, ("Transfer-Encoding", "chunked")] + h2, chunked)
+    assert again.status == 200 and again.replayed, again
+    assert again.body == first.body
+    rejected(Proto("h2").request(g.port, "POST", "/hooks/std/a",
+                                 [("content-type", "application/json")] + h3, body + b" "))
     assert execs(upstream, "/hooks/std/a") == 1
 
 
