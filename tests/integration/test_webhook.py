@@ -452,6 +452,18 @@ def test_standard_missing_header_is_401(gate, upstream, signers, missing):
     assert total(upstream) == 0
 
 
+def test_standard_webhook_id_validated_as_a_key(gate, upstream, signers):
+    # signed right, but the id is no valid key: a space, over key_max_length
+    g = std_gate(gate, upstream)
+    ts = now()
+    ids = ["msg 1", "m" * 256, "m" * 255]
+    heads = signers.standard_many([(SECRET1, i, ts, b"{}") for i in ids])
+    assert_error(deliver(g, "/hooks/std/a", heads[0], b"{}"), 400, "invalid_idempotency_key")
+    assert_error(deliver(g, "/hooks/std/a", heads[1], b"{}"), 400, "invalid_idempotency_key")
+    assert total(upstream) == 0
+    assert deliver(g, "/hooks/std/a", heads[2], b"{}").status == 200
+
+
 def test_every_method_is_verified(gate, upstream, signers):
     g = std_gate(gate, upstream)
     for method in ("GET", "PUT", "DELETE", "PATCH", "POST", "HEAD", "OPTIONS"):
