@@ -3,6 +3,8 @@
  * validation (see fingerprint.h). Does not decide what to do with them. */
 #include "idemgate/idem/fingerprint.h"
 
+#include "idemgate/core/hmac.h"
+
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,16 +96,12 @@ void scope_hash(const char *secret, size_t secret_len, const char *cred, size_t 
                 char out[SCOPE_HEX_LEN + 1])
 {
     static const char hex[] = "0123456789abcdef";
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int md_len = 0;
-    int ok;
+    uint8_t md[HMAC_SHA256_LEN];
+    unsigned int md_len = HMAC_SHA256_LEN;
     if (!cred) cred = "";
-    if (secret_len > 0) {
-        ok = HMAC(EVP_sha256(), secret, (int)secret_len, (const unsigned char *)cred, cred_len, md,
-                  &md_len) != NULL;
-    } else {
-        ok = EVP_Digest(cred, cred_len, md, &md_len, EVP_sha256(), NULL);
-    }
+    const struct hmac_part part = {cred, cred_len};
+    bool ok =
+        secret_len > 0 ? hmac_sha256(secret, secret_len, &part, 1, md) : sha256(cred, cred_len, md);
     /* Without a scope the store would mix credentials: never go on. */
     if (!ok || md_len != SCOPE_HEX_LEN / 2) abort();
     for (unsigned int i = 0; i < md_len; i++) {

@@ -4,6 +4,7 @@
  * scope handed to the engine. */
 #include "idemgate/proxy/checks.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "idemgate/config/config.h"
@@ -25,17 +26,44 @@ static bool webhook_applies(const struct cfg_route *r)
 }
 
 /* A webhook route's scope: the route itself (its prefix, hashed as a
- * credential would be), so one route's events never meet another's. */
+ * credential would be, under the route's scope_secret), so one route's
+ * events never meet another's. Remembered per thread by the strings it
+ * comes from (never by a pointer, which a reload may reuse). */
+#define SCOPE_MEMO 4
+#define SCOPE_MEMO_STR 128
+
+struct scope_memo {
+    char prefix[SCOPE_MEMO_STR];
+    char secret[SCOPE_MEMO_STR];
+    char scope[SCOPE_HEX_LEN + 1];
+};
+
+static __thread struct scope_memo scope_memo[SCOPE_MEMO];
+static __thread unsigned scope_memo_next;
+
 static void webhook_scope(const struct cfg_route *r, char out[SCOPE_HEX_LEN + 1])
 {
     static const char tag[] = "webhook:";
+    const char *secret = r->idem.scope_secret ? r->idem.scope_secret : "";
+    bool fits = strlen(r->prefix) < SCOPE_MEMO_STR && strlen(secret) < SCOPE_MEMO_STR;
+    for (int i = 0; fits && i < SCOPE_MEMO; i++) {
+        const struct scope_memo *m = &scope_memo[i];
+        if (m->scope[0] && strcmp(m->prefix, r->prefix) == 0 && strcmp(m->secret, secret) == 0) {
+            memcpy(out, m->scope, SCOPE_HEX_LEN + 1);
+            return;
+        }
+    }
     char name[512];
     size_t plen = strlen(r->prefix);
     if (plen > sizeof(name) - sizeof(tag)) plen = sizeof(name) - sizeof(tag);
     memcpy(name, tag, sizeof(tag) - 1);
     memcpy(name + sizeof(tag) - 1, r->prefix, plen);
-    const char *secret = r->idem.scope_secret ? r->idem.scope_secret : "";
     scope_hash(secret, strlen(secret), name, sizeof(tag) - 1 + plen, out);
+    if (!fits) return;
+    struct scope_memo *m = &scope_memo[scope_memo_next++ % SCOPE_MEMO];
+    snprintf(m->prefix, sizeof(m->prefix), "%s", r->prefix);
+    snprintf(m->secret, sizeof(m->secret), "%s", secret);
+    memcpy(m->scope, out, SCOPE_HEX_LEN + 1);
 }
 
 static bool webhook_run(const struct cfg_route *r, const struct check_request *req,

@@ -7,49 +7,19 @@
 #include <string.h>
 
 #include <cjson/cJSON.h>
-#include <openssl/core_names.h>
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/params.h>
 
 #include "idemgate/config/config.h"
 #include "idemgate/core/base64.h"
 #include "idemgate/core/clock.h"
+#include "idemgate/core/hmac.h"
 #include "idemgate/http/http1.h"
 
-#define MAC_LEN 32 /* SHA-256 */
+#define MAC_LEN HMAC_SHA256_LEN
 /* At most this many secrets are tried (rotation needs two or three). */
 #define MAX_SECRETS 16
 
 /* ------------------------------------------------------------ HMAC */
-
-/* One HMAC-SHA256 over up to three parts. The EVP_MAC is fetched once
- * per thread; a context per call (cheap next to the hash itself). */
-static __thread EVP_MAC *hmac_alg;
-
-struct part {
-    const void *p;
-    size_t n;
-};
-
-static bool hmac_sha256(const struct cfg_secret *key, const struct part *parts, size_t n_parts,
-                        uint8_t out[MAC_LEN])
-{
-    if (!hmac_alg) hmac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    if (!hmac_alg) return false;
-    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(hmac_alg);
-    if (!ctx) return false;
-    char digest[] = "SHA256";
-    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
-                           OSSL_PARAM_construct_end()};
-    size_t len = 0;
-    bool ok = EVP_MAC_init(ctx, key->v, key->n, params) == 1;
-    for (size_t i = 0; ok && i < n_parts; i++)
-        ok = EVP_MAC_update(ctx, parts[i].p, parts[i].n) == 1;
-    ok = ok && EVP_MAC_final(ctx, out, &len, MAC_LEN) == 1 && len == MAC_LEN;
-    EVP_MAC_CTX_free(ctx);
-    return ok;
-}
 
 /* Whether sig (MAC_LEN bytes) equals any of the macs: every one is
  * compared, in constant time. */
@@ -61,12 +31,12 @@ static bool any_equal(const uint8_t *sig, uint8_t macs[][MAC_LEN], size_t n)
     return found != 0;
 }
 
-static size_t secrets_macs(const struct cfg_webhook *w, const struct part *parts, size_t n_parts,
-                           uint8_t macs[][MAC_LEN])
+static size_t secrets_macs(const struct cfg_webhook *w, const struct hmac_part *parts,
+                           size_t n_parts, uint8_t macs[][MAC_LEN])
 {
     size_t n = 0;
     for (size_t i = 0; i < w->n_keys && n < MAX_SECRETS; i++)
-        if (hmac_sha256(&w->keys[i], parts, n_parts, macs[n])) n++;
+        if (hmac_sha256(w->keys[i].v, w->keys[i].n, parts, n_parts, macs[n])) n++;
     return n;
 }
 
@@ -99,11 +69,11 @@ static bool verify_standard(const struct cfg_webhook *w, const struct http1_head
     const struct http1_header *ts = one_header(h, "webhook-timestamp");
     const struct http1_header *sig = one_header(h, "webhook-signature");
     if (!id || !ts || !sig || !timestamp_fresh(&ts->value, w->tolerance_seconds)) return false;
-    const struct part parts[] = {{id->value.p, id->value.n},
-                                 {".", 1},
-                                 {ts->value.p, ts->value.n},
-                                 {".", 1},
-                                 {body, body_len}};
+    const struct hmac_part parts[] = {{id->value.p, id->value.n},
+                                      {".", 1},
+                                      {ts->value.p, ts->value.n},
+                                      {".", 1},
+                                      {body, body_len}};
     uint8_t macs[MAX_SECRETS][MAC_LEN];
     size_t n = secrets_macs(w, parts, sizeof(parts) / sizeof(parts[0]), macs);
     /* Space-separated "<version>,<base64>": only v1 is ours to check. */
@@ -160,7 +130,7 @@ static bool verify_hmac(const struct cfg_webhook *w, const struct http1_head *h,
         return false;
     uint8_t got[MAC_LEN];
     if (!decode_mac(w->encoding, f->value.p + plen, f->value.n - plen, got)) return false;
-    const struct part part = {body, body_len};
+    const struct hmac_part part = {body, body_len};
     uint8_t macs[MAX_SECRETS][MAC_LEN];
     size_t n = secrets_macs(w, &part, 1, macs);
     return any_equal(got, macs, n);

@@ -269,6 +269,10 @@ struct host {
     char request_id[64];
     size_t request_id_len;
     const struct cfg_idem *cfg;
+    /* what a route's request checks found (proxy/checks.c) */
+    bool refused;
+    enum err_code refusal;
+    const struct idem_given *given;
     bool done;        /* ops->done came */
     bool timer_armed; /* the engine's timer, due at timer_due on the fake clock */
     uint64_t timer_due;
@@ -470,7 +474,10 @@ static void host_start(struct host *h)
                                .body_len = h->body_len,
                                .id = h->request_id,
                                .id_len = h->request_id_len,
-                               .peer = "127.0.0.1"};
+                               .peer = "127.0.0.1",
+                               .refused = h->refused,
+                               .refusal = h->refusal,
+                               .given = h->given};
     idem_start(&h->idem, h->cfg, h->fx->cfg.redis.failure_mode == CFG_FAIL_OPEN, &req);
 }
 
@@ -768,6 +775,65 @@ static void test_anonymous_shared(void **state)
     upstream_fail(ex);
     fx_end(fx, ex);
     assert_int_equal(fx->fs.releases, 1);
+}
+
+/* -------------------------------- a route's request checks (a webhook's) */
+
+/* A refusal is answered whatever the method, before any key is read. */
+static void test_check_refusal(void **state)
+{
+    struct fixture *fx = *state;
+    fake_script(&fx->fs, 1, LOCKED);
+    struct host *ex = fx_exchange(fx, "GET /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
+    ex->refused = true;
+    ex->refusal = ERR_INVALID_SIGNATURE;
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_REJECTED);
+    expect_error(fx, ex, ERR_INVALID_SIGNATURE, 0);
+    assert_int_equal(fx->fs.acquires, 0);
+}
+
+/* A given key and scope replace the key header and scope_headers. */
+static void test_check_given_key(void **state)
+{
+    struct fixture *fx = *state;
+    fake_script(&fx->fs, 1, LOCKED);
+    struct idem_given g = {.key = "evt_1", .key_len = 5};
+    snprintf(g.scope, sizeof(g.scope), "%s", "0123456789abcdef");
+    struct host *ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n"
+                                      "Authorization: Bearer t\r\n\r\n");
+    ex->given = &g;
+    host_start(ex);
+    expect_owner_forward(fx, ex);
+    assert_string_equal(fx->fs.skey, "0123456789abcdef:evt_1");
+    upstream_fail(ex);
+    fx_end(fx, ex);
+}
+
+/* No key (the header missing), or one that is not a valid key: 400 with
+ * the check's error; a method that is not covered passes through. */
+static void test_check_given_key_errors(void **state)
+{
+    struct fixture *fx = *state;
+    fake_script(&fx->fs, 1, LOCKED);
+    struct idem_given none = {.key = NULL, .error = ERR_WEBHOOK_KEY_REQUIRED};
+    struct host *ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n\r\n");
+    ex->given = &none;
+    host_start(ex);
+    expect_error(fx, ex, ERR_WEBHOOK_KEY_REQUIRED, 0);
+    calls_reset();
+    struct idem_given bad = {.key = "a b", .key_len = 3};
+    ex = fx_exchange(fx, "POST /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    ex->given = &bad;
+    host_start(ex);
+    expect_error(fx, ex, ERR_WEBHOOK_KEY_INVALID, 0);
+    calls_reset();
+    ex = fx_exchange(fx, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+    ex->given = &none;
+    host_start(ex);
+    assert_int_equal(ex->idem.outcome, OUT_PASSTHROUGH);
+    expect_unlocked_forward(fx, ex);
+    assert_int_equal(fx->fs.acquires, 0);
 }
 
 /* ------------------------------------------------------- owner: complete */
@@ -1511,6 +1577,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_quoted_key, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_anonymous_reject, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_anonymous_bypass, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_check_refusal, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_check_given_key, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_check_given_key_errors, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_anonymous_shared, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_locked_201_completes, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_body_at_limit_completes, fx_setup, fx_teardown),
