@@ -1,4 +1,4 @@
-/* dump.c — the effective configuration as JSON (-T, SPEC section 1): what
+/* dump.c — the effective configuration as JSON (-T, docs/configuration.md): what
  * every source merged into a struct cfg, written back in the file's own
  * shape, so that the text loads again with -c.
  *

@@ -244,9 +244,9 @@ static struct http1_slice client_log_target(struct client *cl, struct http1_slic
     return n < 0 ? none : (struct http1_slice){out, (size_t)n};
 }
 
-/* Answers a request refused before any exchange existed (SPEC 5 and 6:
+/* Answers a request refused before any exchange existed (docs/errors.md:
  * 400, 408, 413, 431, 501, 505) and gives it what every answer has
- * (SPEC 7 and 8): an X-Request-Id (the client's, else a new one), one
+ * (docs/headers.md, docs/logs.md): an X-Request-Id (the client's, else a new one), one
  * access line and one count, outcome "rejected". The head is parsed again
  * when it can be (a body refused later, a target refused after the
  * parse), else its request line is guessed at. */

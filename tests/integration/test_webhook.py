@@ -1,4 +1,4 @@
-"""Receiving webhooks (SPEC section 4b, docs/webhooks.md): a route's
+"""Receiving webhooks (docs/webhooks.md): a route's
 `webhook` object verifies every delivery and takes the idempotency key
 from it, so a sender's redeliveries execute the consumer once.
 
@@ -899,7 +899,7 @@ def check(tmp_path, webhook, env=None):
       "key": "json:/id", "tolerance_seconds": 86400}, None),
     ({"secrets": ["env:IDEMGATE_TEST_HOOK_SECRET"], "tolerance_seconds": 1},
      {"IDEMGATE_TEST_HOOK_SECRET": SECRET1}),
-    # SPEC section 4b's example, as written there
+    # the contract's own example, as written there
     ({"signature": "hmac-sha256", "header": "X-Clipia-Signature", "prefix": "",
       "encoding": "hex", "secrets": ["..."], "key": "json:/request_id",
       "tolerance_seconds": 300}, None),
