@@ -22,16 +22,18 @@
 #include "idemgate/core/log.h"
 #include "idemgate/proxy/gen.h"
 #include "idemgate/proxy/server.h"
+#include "idemgate/store/store.h"
 
 static const char usage_text[] =
-    "usage: idemgate [-c FILE] [--listen ADDR] [--upstream URL] [--store redis|memory]\n"
+    "usage: idemgate [-c FILE] [--listen ADDR] [--upstream URL] [--store redis|memory|lmdb]\n"
     "                [--redis URL] [--workers N] [--admin ADDR] [-t] [-T] [--version] [-h]\n"
     "       idemgate [-c FILE] --healthcheck [ADDR]\n"
     "\n"
     "  -c, --config FILE     JSON config file (defaults + env + flags without it)\n"
     "      --listen ADDR     host:port to listen on ([::1]:8080 for IPv6)\n"
     "      --upstream URL    default upstream, http://host:port or https://host:port\n"
-    "      --store KIND      redis (shared, production) or memory (one instance)\n"
+    "      --store KIND      redis (shared, production), memory (one instance) or lmdb\n"
+    "                        (a file on this host, shared by its instances, kept)\n"
     "      --redis URL       redis://[[user]:password@]host[:port][/db], rediss://... (TLS)\n"
     "                        or unix:///path.sock\n"
     "      --workers N       event-loop threads; 0 = one per CPU\n"
@@ -84,6 +86,11 @@ struct cli_mode {
 };
 
 /* Returns -1 to go on, or the exit status. */
+static const char *store_kind_name(enum cfg_store s)
+{
+    return s == CFG_STORE_MEMORY ? "memory" : s == CFG_STORE_LMDB ? "lmdb" : "redis";
+}
+
 static int parse_args(int argc, char **argv, struct cfg_flags *f, struct cli_mode *m)
 {
     int opt;
@@ -322,6 +329,12 @@ int main(int argc, char **argv)
             fputs(text, stdout);
             free(text);
         } else {
+            if (cfg.store == CFG_STORE_LMDB &&
+                store_lmdb_check_path(cfg.lmdb_path, err, sizeof(err)) < 0) {
+                fprintf(stderr, "config: lmdb.path: %s\n", err);
+                cfg_free(&cfg);
+                return 2;
+            }
             printf("configuration ok\n");
         }
         cfg_free(&cfg);
@@ -367,7 +380,7 @@ int main(int argc, char **argv)
         return 1;
     }
     struct admin *admin = NULL;
-    if (admin_on && !(admin = admin_start(admin_fd, srv.mem, main_reload, &srv))) {
+    if (admin_on && !(admin = admin_start(admin_fd, srv.mem, srv.lmdb, main_reload, &srv))) {
         server_stop(&srv);
         server_free(&srv);
         gen_unref(g);
@@ -376,7 +389,7 @@ int main(int argc, char **argv)
     log_msg(LOG_INFO, "idemgate %s listening on %s, upstream %s%s, store %s, %d worker(s)",
             IDEMGATE_VERSION, cfg->listen.text, cfg->upstream.servers[0].url.text,
             cfg->upstream.n > 1 ? " (a group)" : "",
-            cfg->store == CFG_STORE_MEMORY ? "memory" : "redis", srv.n_workers);
+            store_kind_name(cfg->store), srv.n_workers);
     gen_unref(g); /* the loops, the admin and the server hold theirs */
     g = NULL;
     cfg = NULL;

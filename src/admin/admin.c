@@ -44,6 +44,7 @@ struct admin {
     admin_reload_fn *reload;
     void *reload_arg;
     struct store_memory_shared *mem; /* borrowed; NULL with the Redis store */
+    struct store_lmdb_env *lmdb;     /* borrowed; NULL unless the LMDB store */
     struct event *stop_ev;
     int stop_fd;
     pthread_t thread;
@@ -78,7 +79,7 @@ static void admin_refresh(struct admin *a)
     gen_unref(a->gen);
     a->gen = g;
     a->cfg = &g->cfg;
-    if (a->mem || a->inflight > 0 || cfg_section_equal(&a->store_gen->cfg, &g->cfg, "redis"))
+    if (a->mem || a->lmdb || a->inflight > 0 || cfg_section_equal(&a->store_gen->cfg, &g->cfg, "redis"))
         return;
     store_free(a->store);
     gen_unref(a->store_gen);
@@ -131,6 +132,20 @@ static void publish_memory_store(struct store_memory_shared *mem)
     metrics_set(M_MEMORY_STORE_SCOPES, 0, (long long)st.scopes);
 }
 
+/* The LMDB store's (its environment's, shared by every process on it). */
+static void publish_lmdb_store(struct store_lmdb_env *env)
+{
+    struct store_lmdb_stats st;
+    store_lmdb_stats(env, &st);
+    metrics_set(M_LMDB_STORE_BYTES, 0, (long long)st.bytes);
+    metrics_set(M_LMDB_STORE_FILE_BYTES, 0, (long long)st.file_bytes);
+    metrics_set(M_LMDB_STORE_MAX_BYTES, 0, (long long)st.max_bytes);
+    metrics_set(M_LMDB_STORE_ENTRIES, METRICS_ENTRY_IN_PROGRESS, (long long)st.locks);
+    metrics_set(M_LMDB_STORE_ENTRIES, METRICS_ENTRY_COMPLETED, (long long)st.completed);
+    metrics_set(M_LMDB_STORE_REFUSED, 0, (long long)st.refused);
+    metrics_set(M_LMDB_STORE_SCOPES, 0, (long long)st.scopes);
+}
+
 static void on_metrics(struct evhttp_request *req, void *arg)
 {
     struct admin *a = arg;
@@ -140,6 +155,10 @@ static void on_metrics(struct evhttp_request *req, void *arg)
     if (a->mem) {
         publish_memory_store(a->mem);
         groups |= METRICS_GROUP_MEMORY_STORE;
+    }
+    if (a->lmdb) {
+        publish_lmdb_store(a->lmdb);
+        groups |= METRICS_GROUP_LMDB_STORE;
     }
     metrics_render_groups(&b, groups);
     reply_text(req, 200, "OK", "text/plain; version=0.0.4", buf_data(&b), buf_size(&b));
@@ -374,9 +393,12 @@ static void on_keys(struct evhttp_request *req, void *arg)
     kc->forget = cmd == EVHTTP_REQ_DELETE;
     int sl = snprintf(kc->key, sizeof(kc->key), "%s:%.*s", scope, (int)klen, key);
     free(key);
-    if (a->mem) {
+    if (a->mem || a->lmdb) {
         struct store_key_info k;
-        store_memory_shared_key(a->mem, kc->key, (size_t)sl, prefix, kc->forget, &k);
+        if (a->mem)
+            store_memory_shared_key(a->mem, kc->key, (size_t)sl, prefix, kc->forget, &k);
+        else
+            store_lmdb_key(a->lmdb, kc->key, (size_t)sl, prefix, kc->forget, &k);
         keys_answer(kc, &k);
         store_key_info_free(&k);
         free(kc);
@@ -459,13 +481,14 @@ int admin_listen(const struct cfg *cfg)
     return fd;
 }
 
-struct admin *admin_start(int listen_fd, struct store_memory_shared *mem, admin_reload_fn *reload,
-                          void *reload_arg)
+struct admin *admin_start(int listen_fd, struct store_memory_shared *mem,
+                          struct store_lmdb_env *lmdb, admin_reload_fn *reload, void *reload_arg)
 {
     struct admin *a = calloc(1, sizeof(*a));
     if (!a) abort();
     a->stop_fd = -1;
     a->mem = mem;
+    a->lmdb = lmdb;
     a->reload = reload;
     a->reload_arg = reload_arg;
     a->gen = gen_current();
@@ -494,9 +517,12 @@ struct admin *admin_start(int listen_fd, struct store_memory_shared *mem, admin_
     evhttp_set_gencb(a->http, on_keys, a);
     gen_ref(a->gen);
     a->store_gen = a->gen;
-    a->store = cfg->store == CFG_STORE_MEMORY
-                   ? store_memory_new(a->base, mem, cfg->redis.timeout_ms)
-                   : store_redis_new(a->base, cfg, a->gen->tls);
+    if (cfg->store == CFG_STORE_MEMORY)
+        a->store = store_memory_new(a->base, mem, cfg->redis.timeout_ms);
+    else if (cfg->store == CFG_STORE_LMDB)
+        a->store = store_lmdb_new(a->base, lmdb);
+    else
+        a->store = store_redis_new(a->base, cfg, a->gen->tls);
     a->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     a->stop_ev = event_new(a->base, a->stop_fd, EV_READ | EV_PERSIST, on_stop, a);
     event_add(a->stop_ev, NULL);

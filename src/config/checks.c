@@ -113,6 +113,8 @@ int cfg_check_cross(const struct cfg *c, struct cfg_err *e)
         return cfg_fail(e, "config: tls.cert_file", "is required when tls.key_file is set");
     if (c->tls_cert_file && cfg_check_server_tls(c, e) < 0) return -1;
     if (cfg_check_redacted(c, e) < 0) return -1;
+    if (c->store == CFG_STORE_LMDB && !c->lmdb_path[0])
+        return cfg_fail(e, "config: lmdb.path", "must name a directory");
     /* Read only when the store will read it: redis store, rediss://, and
      * verify (without it, tls_set_new never opens the file). */
     const struct cfg_tls_client *t = &r->tls_client;

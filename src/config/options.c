@@ -26,7 +26,8 @@
     }
 #define O_ENUM(n, s, f, ch, d) OPT(n, OPT_ENUM, s, f, 0, 0, ch, d)
 
-static const char *const store_names[] = {"redis", "memory", NULL};
+static const char *const store_names[] = {"redis", "memory", "lmdb", NULL};
+static const char *const lmdb_sync_names[] = {"os", "fsync", NULL};
 const char *const cfg_mode_names[] = {"standalone", "cluster", "sentinel", NULL};
 static const char *const failure_names[] = {"closed", "open", NULL};
 static const char *const anon_names[] = {"shared", "reject", "bypass", NULL};
@@ -40,6 +41,7 @@ static const char *const wh_sig_names[] = {"standard", "hmac-sha256", "none", NU
 static const char *const wh_enc_names[] = {"hex", "base64", NULL};
 
 _Static_assert(sizeof(enum cfg_store) == sizeof(int), "enums are stored through int *");
+_Static_assert(sizeof(enum cfg_lmdb_sync) == sizeof(int), "enums are stored through int *");
 _Static_assert(sizeof(enum cfg_log_level) == sizeof(int), "enums are stored through int *");
 _Static_assert(sizeof(enum cfg_unknown) == sizeof(int), "enums are stored through int *");
 
@@ -69,6 +71,17 @@ static const struct cfg_opt memory_opts[] = {
      * it binds no tighter than max_bytes */
     OPT("max_scope_bytes", OPT_U64, struct cfg, memory_max_scope_bytes, 0, 68719476736LL, NULL,
         "33554432"),
+};
+
+/* path, max_bytes (the map size every process on the path shares) and
+ * sync (how the environment is opened) are fixed at start. */
+static const struct cfg_opt lmdb_opts[] = {
+    RESTART("path", OPT_STR, struct cfg, lmdb_path, 0, 0, NULL, "/var/lib/idemgate"),
+    RESTART("max_bytes", OPT_U64, struct cfg, lmdb_max_bytes, 1048576, 1099511627776LL, NULL,
+            "1073741824"),
+    OPT("max_scope_bytes", OPT_U64, struct cfg, lmdb_max_scope_bytes, 0, 1099511627776LL, NULL,
+        "33554432"),
+    RESTART("sync", OPT_ENUM, struct cfg, lmdb_sync, 0, 0, lmdb_sync_names, "os"),
 };
 
 const struct cfg_opt cfg_idem_opts[] = {
@@ -166,6 +179,7 @@ const struct cfg_section cfg_sections[] = {
     {"", 0, top_opts, NOPTS(top_opts)},
     {"redis", offsetof(struct cfg, redis), redis_opts, NOPTS(redis_opts)},
     {"memory", 0, memory_opts, NOPTS(memory_opts)},
+    {"lmdb", 0, lmdb_opts, NOPTS(lmdb_opts)},
     {"idempotency", offsetof(struct cfg, idem), cfg_idem_opts, NOPTS(cfg_idem_opts)},
     {"idempotency", offsetof(struct cfg, idem), cfg_idem_route_opts, NOPTS(cfg_idem_route_opts)},
     {"limits", offsetof(struct cfg, limits), limits_opts, NOPTS(limits_opts)},
@@ -191,6 +205,7 @@ const struct cfg_override cfg_env_vars[] = {
     {"IDEMGATE_ADMIN_TOKEN", "admin", "token", 0},
     {"IDEMGATE_SCOPE_SECRET", "idempotency", "scope_secret", 0},
     {"IDEMGATE_LOG_LEVEL", "log", "level", 0},
+    {"IDEMGATE_LMDB_PATH", "lmdb", "path", 0},
     {"IDEMPOTENCY_TTL_SECONDS", "idempotency", "ttl_seconds", 0},
 };
 const size_t cfg_n_env_vars = NOPTS(cfg_env_vars);

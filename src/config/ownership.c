@@ -129,6 +129,7 @@ void cfg_free(struct cfg *c)
     redis_free(&c->redis);
     cfg_idem_free(&c->idem);
     cfg_addr_free(&c->admin_listen);
+    free(c->lmdb_path);
     free(c->tls_cert_file);
     free(c->tls_key_file);
     free(c->admin_token);

@@ -17,11 +17,11 @@
 #include "idemgate/store/store.h"
 
 /* The store for generation g: prev's when its settings are the same (the
- * memory store is one table for the process: always the same), else a
- * new one with new connections. */
+ * memory store is one table for the process, the LMDB store one
+ * environment: always the same), else a new one with new connections. */
 static struct loop_store *loop_store_for(struct loop *l, struct gen *g, struct loop_store *prev)
 {
-    if (prev && (l->mem || cfg_section_equal(&prev->gen->cfg, &g->cfg, "redis"))) {
+    if (prev && (l->mem || l->lmdb || cfg_section_equal(&prev->gen->cfg, &g->cfg, "redis"))) {
         prev->refs++;
         return prev;
     }
@@ -30,8 +30,12 @@ static struct loop_store *loop_store_for(struct loop *l, struct gen *g, struct l
     ls->refs = 1;
     gen_ref(g);
     ls->gen = g;
-    ls->store = l->mem ? store_memory_new(l->base, l->mem, g->cfg.redis.timeout_ms)
-                       : store_redis_new(l->base, &g->cfg, g->tls);
+    if (l->mem)
+        ls->store = store_memory_new(l->base, l->mem, g->cfg.redis.timeout_ms);
+    else if (l->lmdb)
+        ls->store = store_lmdb_new(l->base, l->lmdb);
+    else
+        ls->store = store_redis_new(l->base, &g->cfg, g->tls);
     if (prev && l->id == 0)
         log_msg(LOG_INFO, "reload: redis settings changed: new store connections");
     return ls;
@@ -92,7 +96,8 @@ static void loop_retire(evutil_socket_t fd, short what, void *arg)
 }
 
 void loop_init(struct loop *l, int id, uint32_t boot_id, struct gen *g, struct event_base *base,
-               struct store_memory_shared *mem, atomic_int *connections)
+               struct store_memory_shared *mem, struct store_lmdb_env *lmdb,
+               atomic_int *connections)
 {
     l->id = id;
     TAILQ_INIT(&l->clients);
@@ -100,6 +105,7 @@ void loop_init(struct loop *l, int id, uint32_t boot_id, struct gen *g, struct e
     l->boot_id = boot_id;
     l->base = base;
     l->mem = mem;
+    l->lmdb = lmdb;
     l->connections = connections;
     buf_pool_init(&l->bufs, 16384, 256);
     l->scratch = malloc(sizeof(*l->scratch));

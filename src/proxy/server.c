@@ -1,7 +1,7 @@
 /* server.c — listeners and worker threads. Each worker has its own
  * event_base, its own listening socket, its own store connection and
  * upstream pools: workers share nothing mutable but atomic counters. With
- * a shared store (Redis) each worker's socket is its own SO_REUSEPORT one
+ * a shared store (Redis, LMDB) each worker's socket is its own SO_REUSEPORT one
  * (the kernel spreads connections, and another process on the same store
  * may join: a rolling restart); with the memory store the workers hold
  * dups of one socket without SO_REUSEPORT, so no other process can join
@@ -198,7 +198,7 @@ static int worker_init(struct server *srv, struct worker *w, int id, int listen_
     w->reload_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     w->reload_ev = event_new(base, w->reload_fd, EV_READ | EV_PERSIST, worker_reload, w);
     event_add(w->reload_ev, NULL);
-    loop_init(&w->loop, id, srv->boot_id, srv->gen, base, srv->mem, &srv->connections);
+    loop_init(&w->loop, id, srv->boot_id, srv->gen, base, srv->mem, srv->lmdb, &srv->connections);
     w->loop.on_idle = worker_idle;
     w->loop.idle_arg = w;
     return 0;
@@ -220,6 +220,14 @@ int server_init(struct server *srv, struct gen *g, const struct cfg_flags *flags
     if (cfg->store == CFG_STORE_MEMORY)
         srv->mem = store_memory_shared_new_bounded(cfg->redis.key_prefix, cfg->memory_max_bytes,
                                                    cfg->memory_max_scope_bytes);
+    if (cfg->store == CFG_STORE_LMDB) {
+        struct store_lmdb_opts o = {cfg->lmdb_path, cfg->lmdb_max_bytes, cfg->lmdb_max_scope_bytes,
+                                    cfg->lmdb_sync == CFG_LMDB_SYNC_FSYNC};
+        if (store_lmdb_env_open(&o, &srv->lmdb, err, sizeof(err)) < 0) {
+            log_msg(LOG_ERROR, "%s", err);
+            return -1;
+        }
+    }
     int n = cfg->workers > 0 ? cfg->workers : 1;
     srv->workers = calloc((size_t)n, sizeof(*srv->workers));
     if (!srv->workers) abort();
@@ -233,8 +241,10 @@ int server_init(struct server *srv, struct gen *g, const struct cfg_flags *flags
     }
     bool memory = cfg->store == CFG_STORE_MEMORY;
     /* Every store kind this binary has, to name the holder of an address. */
-    static const char *const kinds[] = {"memory", "redis", NULL};
+    static const char *const kinds[] = {"memory", "redis", "lmdb", NULL};
     struct listen_store_id id = {memory ? "memory" : "redis", NULL, memory};
+    if (srv->lmdb) /* shared by the processes naming the same environment */
+        id = (struct listen_store_id){"lmdb", store_lmdb_env_path(srv->lmdb), false};
     srv->claim = listen_claim_take((struct sockaddr *)&ss, &id, kinds, err, sizeof(err));
     if (!srv->claim) {
         log_msg(LOG_ERROR, "cannot listen on %s: %s", a->text, err);
@@ -330,11 +340,13 @@ bool server_free(struct server *srv)
     free(srv->workers);
     listen_claim_free(srv->claim);
     if (srv->mem) store_memory_shared_free(srv->mem);
+    store_lmdb_env_free(srv->lmdb);
     return true;
 }
 
 /* The restart-only keys keep their start values: the memory store's
- * table, the listeners and the workers stay as they are. */
+ * table, the LMDB environment, the listeners and the workers stay as they
+ * are. */
 int server_reload(struct server *srv, char *err, size_t errlen, unsigned long *id)
 {
     pthread_mutex_lock(&srv->reload_mu);
@@ -356,6 +368,7 @@ int server_reload(struct server *srv, char *err, size_t errlen, unsigned long *i
     if (srv->mem)
         store_memory_shared_set_bounds(srv->mem, g->cfg.memory_max_bytes,
                                        g->cfg.memory_max_scope_bytes);
+    if (srv->lmdb) store_lmdb_env_set_scope_bound(srv->lmdb, g->cfg.lmdb_max_scope_bytes);
     gen_publish(g);
     srv->gen = g;
     pthread_mutex_lock(&srv->ack_mu);

@@ -511,7 +511,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         cfg->redis.key_prefix, cfg->memory_max_bytes, cfg->memory_max_scope_bytes);
     struct loop loop;
     memset(&loop, 0, sizeof(loop));
-    loop_init(&loop, 0, 0x5eed, gen, base, mem, &connections);
+    loop_init(&loop, 0, 0x5eed, gen, base, mem, NULL, &connections);
 
     int fds[2];
     CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) == 0);

@@ -9,6 +9,7 @@
 
 struct cfg;
 struct store_memory_shared;
+struct store_lmdb_env;
 struct admin;
 
 /* Binds admin.listen: the listening socket, or -1 after logging why
@@ -23,10 +24,10 @@ typedef int admin_reload_fn(void *arg, char *err, size_t errlen, unsigned long *
 /* Starts the thread on listen_fd (from admin_listen; taken over, closed
  * even on failure), serving the current configuration generation
  * (proxy/gen.h: one must be published). Returns NULL after logging when it
- * cannot start. mem is borrowed (memory store) and may be NULL; reload
- * (with reload_arg) serves POST /-/reload. */
-struct admin *admin_start(int listen_fd, struct store_memory_shared *mem, admin_reload_fn *reload,
-                          void *reload_arg);
+ * cannot start. mem (memory store) and lmdb (LMDB store) are borrowed
+ * and may be NULL; reload (with reload_arg) serves POST /-/reload. */
+struct admin *admin_start(int listen_fd, struct store_memory_shared *mem,
+                          struct store_lmdb_env *lmdb, admin_reload_fn *reload, void *reload_arg);
 /* Stops the thread and frees everything. Tolerates NULL. */
 void admin_stop(struct admin *a);
 

@@ -82,7 +82,8 @@ struct cfg_tls_client {
                         * each connection's own host */
 };
 
-enum cfg_store { CFG_STORE_REDIS, CFG_STORE_MEMORY };
+enum cfg_store { CFG_STORE_REDIS, CFG_STORE_MEMORY, CFG_STORE_LMDB };
+enum cfg_lmdb_sync { CFG_LMDB_SYNC_OS, CFG_LMDB_SYNC_FSYNC };
 enum cfg_redis_mode { CFG_REDIS_STANDALONE, CFG_REDIS_CLUSTER, CFG_REDIS_SENTINEL };
 enum cfg_failure_mode { CFG_FAIL_CLOSED, CFG_FAIL_OPEN };
 enum cfg_anonymous { CFG_ANON_SHARED, CFG_ANON_REJECT, CFG_ANON_BYPASS };
@@ -234,6 +235,10 @@ struct cfg {
     struct cfg_redis redis;
     uint64_t memory_max_bytes;       /* memory.max_bytes: the memory store's bound */
     uint64_t memory_max_scope_bytes; /* memory.max_scope_bytes: one scope's bound, 0 = none */
+    char *lmdb_path;                 /* lmdb.path: the LMDB environment's directory */
+    uint64_t lmdb_max_bytes;         /* lmdb.max_bytes: the map size (the file's bound) */
+    uint64_t lmdb_max_scope_bytes;   /* lmdb.max_scope_bytes: one scope's bound, 0 = none */
+    enum cfg_lmdb_sync lmdb_sync;    /* lmdb.sync */
     struct cfg_idem idem;
     enum cfg_error_format error_format;
     struct cfg_limits limits;
@@ -271,7 +276,8 @@ struct cfg_flags {
  * "flag --workers: must be an integer >= 0"; c is then freed already.
  * Env variables: IDEMGATE_LISTEN, IDEMGATE_UPSTREAM, IDEMGATE_STORE,
  * IDEMGATE_REDIS_URL, IDEMGATE_WORKERS, IDEMGATE_ADMIN_LISTEN,
- * IDEMGATE_SCOPE_SECRET, IDEMGATE_LOG_LEVEL, IDEMPOTENCY_TTL_SECONDS (an
+ * IDEMGATE_SCOPE_SECRET, IDEMGATE_LOG_LEVEL, IDEMGATE_LMDB_PATH,
+ * IDEMPOTENCY_TTL_SECONDS (an
  * env error names the variable: "env IDEMGATE_WORKERS: must be ...").
  * Ownership: c need not be initialized (it is overwritten); on 0 it owns
  * everything it points to and the caller frees it with cfg_free; on -1 it

@@ -94,9 +94,14 @@ enum metrics_webhook_result { WEBHOOK_RESULTS(METRICS_LABEL_ID) METRICS_WEBHOOK_
 /* ------------------------------------------------------------ the list */
 
 /* Groups: ALWAYS is rendered by metrics_render; MEMORY_STORE rows are the
- * memory store's table, set (metrics_set) and rendered by the admin
- * listener only when that store is in use. */
-enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE = 1u << 1 };
+ * memory store's table and LMDB_STORE rows the LMDB store's environment,
+ * set (metrics_set) and rendered by the admin listener only when that
+ * store is in use. */
+enum metrics_group {
+    METRICS_GROUP_ALWAYS = 1u << 0,
+    METRICS_GROUP_MEMORY_STORE = 1u << 1,
+    METRICS_GROUP_LMDB_STORE = 1u << 2
+};
 
 /* X(id, kind, group, name, label set, help), in exposition order. */
 #define METRICS(X)                                                                                 \
@@ -109,7 +114,7 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
     X(M_OPEN_FORWARDS, COUNTER, ALWAYS, "idemgate_store_failopen_total", NONE,                     \
       "Requests forwarded without idempotency because the store failed (failure_mode open).")      \
     X(M_STORE_EVICTIONS, COUNTER, ALWAYS, "idemgate_store_evictions_total", NONE,                  \
-      "Completed records evicted from the memory store to make room.")                             \
+      "Completed records evicted from the memory or LMDB store to make room.")                             \
     X(M_CONNECTIONS_ACTIVE, GAUGE, ALWAYS, "idemgate_connections_active", NONE,                    \
       "Open client connections.")                                                                  \
     X(M_CLIENT_CONNECTIONS, GAUGE, ALWAYS, "idemgate_client_connections", CLIENT_STATE,            \
@@ -148,7 +153,19 @@ enum metrics_group { METRICS_GROUP_ALWAYS = 1u << 0, METRICS_GROUP_MEMORY_STORE 
     X(M_MEMORY_STORE_MAX_SCOPE_BYTES, GAUGE, MEMORY_STORE,                                         \
       "idemgate_memory_store_max_scope_bytes", NONE, "memory.max_scope_bytes (0: none).")          \
     X(M_MEMORY_STORE_SCOPES, GAUGE, MEMORY_STORE, "idemgate_memory_store_scopes", NONE,            \
-      "Scopes (credentials) holding an entry.")
+      "Scopes (credentials) holding an entry.")                                                    \
+    X(M_LMDB_STORE_BYTES, GAUGE, LMDB_STORE, "idemgate_lmdb_store_bytes", NONE,                    \
+      "Bytes charged to the LMDB store (every process on its path).")                              \
+    X(M_LMDB_STORE_FILE_BYTES, GAUGE, LMDB_STORE, "idemgate_lmdb_store_file_bytes", NONE,          \
+      "Bytes of LMDB pages in use, up to the last page written.")                                  \
+    X(M_LMDB_STORE_MAX_BYTES, GAUGE, LMDB_STORE, "idemgate_lmdb_store_max_bytes", NONE,            \
+      "lmdb.max_bytes: the LMDB map size.")                                                        \
+    X(M_LMDB_STORE_ENTRIES, GAUGE, LMDB_STORE, "idemgate_lmdb_store_entries", ENTRY_STATE,         \
+      "Keys held in the LMDB store, by state.")                                                    \
+    X(M_LMDB_STORE_REFUSED, COUNTER, LMDB_STORE, "idemgate_lmdb_store_refused_total", NONE,        \
+      "LMDB store operations refused: only locks left (every process on its path).")               \
+    X(M_LMDB_STORE_SCOPES, GAUGE, LMDB_STORE, "idemgate_lmdb_store_scopes", NONE,                  \
+      "Scopes (credentials) holding an entry in the LMDB store.")
 
 enum metrics_id {
 #define METRICS_ID(id, kind, group, name, labels, help) id,

@@ -37,6 +37,7 @@ struct event_base;
 struct gen;
 struct store;
 struct store_memory_shared;
+struct store_lmdb_env;
 struct upstream_group;
 struct client;
 struct exchange;
@@ -70,6 +71,7 @@ struct loop {
     const struct cfg *cfg; /* gen->cfg */
     struct event_base *base;
     struct store_memory_shared *mem; /* the memory store's table, or NULL (borrowed) */
+    struct store_lmdb_env *lmdb;     /* the LMDB store's environment, or NULL (borrowed) */
     TAILQ_HEAD(, loop_gen) retiring; /* replaced, with exchanges still on them */
     struct event *retire_ev;         /* frees the retiring ones left without any */
     struct buf_pool bufs;            /* connection and record buffers while idle */
@@ -88,9 +90,10 @@ struct loop {
 
 /* Sets up l on base for generation g (a reference of its own is taken):
  * its groups, and its store (the memory one on mem when mem is not NULL,
- * else a Redis one). */
+ * the LMDB one on lmdb when that is not NULL, else a Redis one). */
 void loop_init(struct loop *l, int id, uint32_t boot_id, struct gen *g, struct event_base *base,
-               struct store_memory_shared *mem, atomic_int *connections);
+               struct store_memory_shared *mem, struct store_lmdb_env *lmdb,
+               atomic_int *connections);
 /* A reload: new requests of l get generation g from now on (no-op when g
  * is already current); exchanges already started keep theirs. */
 void loop_set_gen(struct loop *l, struct gen *g);

@@ -26,6 +26,7 @@ struct event_base;
 struct event;
 struct store;
 struct store_memory_shared;
+struct store_lmdb_env;
 struct listen_claim;
 struct upstream_pool;
 struct client;
@@ -60,6 +61,7 @@ struct server {
     int n_workers;
     atomic_int connections; /* open client connections, all workers */
     struct store_memory_shared *mem;
+    struct store_lmdb_env *lmdb; /* the LMDB store's environment, or NULL */
     uint32_t boot_id;           /* random per process: prefix of generated request ids */
     struct listen_claim *claim; /* held while the process listens (net/listen.h) */
 };

@@ -1,5 +1,5 @@
 /* store.h — the idempotency state store: an interface of asynchronous
- * operations, with two backends (Redis, memory) behind a table of function
+ * operations, with three backends (Redis, memory, LMDB) behind a table of function
  * pointers (as Redis does with ConnectionType).
  *
  * One struct store per worker thread, bound to that worker's event_base.
@@ -270,6 +270,65 @@ uint64_t store_memory_shared_scope_bytes(struct store_memory_shared *sh, const c
  * kept for parity with Redis: every answer here is immediate. */
 struct store *store_memory_new(struct event_base *base, struct store_memory_shared *sh,
                                int timeout_ms);
+
+/* LMDB backend (src/store/lmdb/; its internal.h says which file does
+ * what; docs/stores.md the layout): one environment (a directory holding
+ * data.mdb and lock.mdb) opened once per process and shared by every
+ * process that names the same path: records, locks and limits live in
+ * the file, on the wall clock, and outlive the process. One struct store
+ * per worker runs each operation in one short LMDB write transaction on
+ * the worker's thread (LMDB serializes writers across threads and
+ * processes) and defers its callback onto the worker's base.
+ *
+ * Bounds and eviction are the memory store's (see above), with
+ * max_bytes the LMDB map size: what entries and limits are charged is
+ * kept under half of it, the rest is left to LMDB's own pages (B-tree
+ * slack, copy-on-write, free pages); should LMDB still find its map full,
+ * the largest scopes' oldest completed records are evicted and the
+ * operation is run once more. */
+struct store_lmdb_env;
+struct store_lmdb_opts {
+    const char *path;         /* the directory (created when missing) */
+    uint64_t max_bytes;       /* the map size */
+    uint64_t max_scope_bytes; /* 0: no bound of its own */
+    bool fsync;               /* flush every commit (else MDB_NOSYNC: the OS's page cache) */
+};
+/* Opens (creating when missing) the environment at o->path: 0 with *out
+ * (the caller frees it with store_lmdb_env_free), or -1 with one line in
+ * err naming lmdb.path (a directory that cannot be made, a file that is
+ * not an LMDB environment or holds another program's databases, data
+ * above max_bytes). o is borrowed for the call. */
+int store_lmdb_env_open(const struct store_lmdb_opts *o, struct store_lmdb_env **out, char *err,
+                        size_t errlen);
+/* -t's check: path can be created (it is, when missing) and written: 0,
+ * or -1 with "cannot ...: why" in err. */
+int store_lmdb_check_path(const char *path, char *err, size_t errlen);
+/* The environment's directory, resolved (realpath): borrowed from env. */
+const char *store_lmdb_env_path(const struct store_lmdb_env *env);
+/* A reload's new per-scope bound. Any thread. */
+void store_lmdb_env_set_scope_bound(struct store_lmdb_env *env, uint64_t max_scope_bytes);
+/* Frees env (NULL: nothing); free every store made on it first. */
+void store_lmdb_env_free(struct store_lmdb_env *env);
+/* One worker's store on env (borrowed: it must outlive the store); the
+ * caller owns it and frees it with store_free on base's thread. */
+struct store *store_lmdb_new(struct event_base *base, struct store_lmdb_env *env);
+/* The admin API on the environment, from any thread, as
+ * store_memory_shared_key (a scope prefix walks every entry). */
+void store_lmdb_key(struct store_lmdb_env *env, const char *skey, size_t skey_len,
+                    bool scope_prefix, bool forget, struct store_key_info *out);
+/* What the environment holds (every process's), read in one read
+ * transaction. */
+struct store_lmdb_stats {
+    uint64_t max_bytes;       /* the map size */
+    uint64_t max_scope_bytes; /* 0 = none */
+    uint64_t bytes;           /* charged: entries and limits */
+    uint64_t file_bytes;      /* LMDB's pages in use (up to the last page written) */
+    size_t entries, locks, completed, scopes;
+    uint64_t evictions, expired, refused;
+};
+void store_lmdb_stats(struct store_lmdb_env *env, struct store_lmdb_stats *out);
+/* The bytes charged to one scope (0 when it holds nothing). */
+uint64_t store_lmdb_scope_bytes(struct store_lmdb_env *env, const char *scope, size_t len);
 
 /* Redis backend: its own connections on base (net/conn, TLS for
  * rediss://), one native SET NX PX GET per acquire, short scripts for the
