@@ -4,7 +4,7 @@ FROM debian:12 AS build
 # links it.
 RUN apt-get update && apt-get install -y --no-install-recommends \
       build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev \
-      libcjson-dev libxxhash-dev libnghttp2-dev libcmocka-dev \
+      libcjson-dev libxxhash-dev libnghttp2-dev liblmdb-dev libcmocka-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -14,10 +14,10 @@ RUN cmake -S . -B /build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DIDEMGATE_TESTS=OFF 
 
 FROM debian:12-slim
 # What the binary links, and nothing else (scripts/container-test.sh checks
-# ldd inside the image both ways): libevent, OpenSSL, cJSON, xxHash, nghttp2; and
+# ldd inside the image both ways): libevent, OpenSSL, cJSON, xxHash, nghttp2, LMDB; and
 # ca-certificates for upstream_tls and rediss://.
 RUN apt-get update && apt-get install -y --no-install-recommends \
-      libevent-2.1-7 libssl3 libcjson1 libxxhash0 libnghttp2-14 ca-certificates \
+      libevent-2.1-7 libssl3 libcjson1 libxxhash0 libnghttp2-14 liblmdb0 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /build/idemgate /usr/local/bin/idemgate
 # config/container.json: the memory store (works with nothing else running;

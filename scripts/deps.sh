@@ -5,8 +5,8 @@
 # Skips what is already installed; needs root (or sudo) only when something is missing.
 set -euo pipefail
 PKGS=(build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev libcjson-dev
-      libxxhash-dev libnghttp2-dev libcmocka-dev redis-server python3 python3-pytest python3-h2
-      curl clang-format nodejs npm)
+      libxxhash-dev libnghttp2-dev liblmdb-dev libcmocka-dev redis-server python3 python3-pytest
+      python3-h2 curl clang-format nodejs npm)
 # --bench: the load harness (bench/run); nghttp2-client (h2load) and h2o for
 # its HTTP/2 rows.
 if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy nghttp2-client h2o); fi

@@ -388,8 +388,7 @@ int main(int argc, char **argv)
     }
     log_msg(LOG_INFO, "idemgate %s listening on %s, upstream %s%s, store %s, %d worker(s)",
             IDEMGATE_VERSION, cfg->listen.text, cfg->upstream.servers[0].url.text,
-            cfg->upstream.n > 1 ? " (a group)" : "",
-            store_kind_name(cfg->store), srv.n_workers);
+            cfg->upstream.n > 1 ? " (a group)" : "", store_kind_name(cfg->store), srv.n_workers);
     gen_unref(g); /* the loops, the admin and the server hold theirs */
     g = NULL;
     cfg = NULL;

@@ -79,7 +79,8 @@ static void admin_refresh(struct admin *a)
     gen_unref(a->gen);
     a->gen = g;
     a->cfg = &g->cfg;
-    if (a->mem || a->lmdb || a->inflight > 0 || cfg_section_equal(&a->store_gen->cfg, &g->cfg, "redis"))
+    if (a->mem || a->lmdb || a->inflight > 0 ||
+        cfg_section_equal(&a->store_gen->cfg, &g->cfg, "redis"))
         return;
     store_free(a->store);
     gen_unref(a->store_gen);

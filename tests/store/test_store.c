@@ -134,7 +134,7 @@ struct ctx {
     struct cfg cfg;
     struct store_memory_shared *sh;
     struct store *st;
-    struct tls_set *tls; /* rediss:// cases only */
+    struct tls_set *tls;         /* rediss:// cases only */
     struct store_lmdb_env *lmdb; /* the LMDB cases: in lmdb_dir */
     char lmdb_dir[64];
 };

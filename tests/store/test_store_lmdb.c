@@ -161,8 +161,7 @@ static void test_two_environments_share(void **state)
     assert_int_equal(acquire(c, st2, "s:k", FP_1, TOKEN_B, 30000), STORE_ACQ_IN_PROGRESS);
     assert_int_equal(acquire(c, st2, "s:k", FP_2, TOKEN_B, 30000), STORE_ACQ_MISMATCH);
     assert_int_equal(stl_release(c->base, st2, "s:k", TOKEN_B), 0); /* fenced */
-    assert_int_equal(stl_complete(c->base, c->st, "s:k", TOKEN_A, (const uint8_t *)"ok", 2, 60),
-                     1);
+    assert_int_equal(stl_complete(c->base, c->st, "s:k", TOKEN_A, (const uint8_t *)"ok", 2, 60), 1);
     struct acq_res res;
     assert_int_equal(stl_acquire(c->base, st2, "s:k", FP_1, TOKEN_B, 1000, &res),
                      STORE_ACQ_COMPLETED);
@@ -296,7 +295,8 @@ static void test_scope_full_of_locks(void **state)
     for (int i = 0; i < 40; i++) {
         snprintf(k, sizeof(k), "locker:%d", i);
         enum store_acquire_state s = acquire(c, c->st, k, FP_1, TOKEN_A, 30000);
-        if (s == STORE_ACQ_LOCKED) locked++;
+        if (s == STORE_ACQ_LOCKED)
+            locked++;
         else
             assert_int_equal(s, STORE_ACQ_ERROR);
     }

@@ -114,7 +114,7 @@ enum metrics_group {
     X(M_OPEN_FORWARDS, COUNTER, ALWAYS, "idemgate_store_failopen_total", NONE,                     \
       "Requests forwarded without idempotency because the store failed (failure_mode open).")      \
     X(M_STORE_EVICTIONS, COUNTER, ALWAYS, "idemgate_store_evictions_total", NONE,                  \
-      "Completed records evicted from the memory or LMDB store to make room.")                             \
+      "Completed records evicted from the memory or LMDB store to make room.")                     \
     X(M_CONNECTIONS_ACTIVE, GAUGE, ALWAYS, "idemgate_connections_active", NONE,                    \
       "Open client connections.")                                                                  \
     X(M_CLIENT_CONNECTIONS, GAUGE, ALWAYS, "idemgate_client_connections", CLIENT_STATE,            \

@@ -62,8 +62,8 @@ struct server {
     atomic_int connections; /* open client connections, all workers */
     struct store_memory_shared *mem;
     struct store_lmdb_env *lmdb; /* the LMDB store's environment, or NULL */
-    uint32_t boot_id;           /* random per process: prefix of generated request ids */
-    struct listen_claim *claim; /* held while the process listens (net/listen.h) */
+    uint32_t boot_id;            /* random per process: prefix of generated request ids */
+    struct listen_claim *claim;  /* held while the process listens (net/listen.h) */
 };
 
 /* Creates listeners and workers (no threads yet) for generation g (the

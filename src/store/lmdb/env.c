@@ -129,7 +129,8 @@ static int lm_open_dbs(struct store_lmdb_env *e, char *err, size_t errlen)
             return -1;
         }
     }
-    if (!rc) rc = mdb_txn_commit(t);
+    if (!rc)
+        rc = mdb_txn_commit(t);
     else
         mdb_txn_abort(t);
     if (rc) {

@@ -106,9 +106,9 @@ struct lm_txn {
     struct store_lmdb_env *e;
     MDB_txn *t;
     struct lm_totals tot;
-    uint64_t now; /* wall clock ms */
-    bool dirty;   /* something was written: commit, else abort */
-    int err;      /* the first LMDB error (MDB_MAP_FULL makes room and retries) */
+    uint64_t now;     /* wall clock ms */
+    bool dirty;       /* something was written: commit, else abort */
+    int err;          /* the first LMDB error (MDB_MAP_FULL makes room and retries) */
     uint64_t evicted; /* by this transaction */
 };
 
@@ -142,8 +142,8 @@ size_t lm_entry_key(const char *skey, size_t len, char *out);
 /* The live entry of skey (an expired one is removed first): 1, 0 none. */
 int lm_entry_find(struct lm_txn *x, const char *skey, size_t len, struct lm_entry *out);
 /* Writes an entry (key, header, skey, record) and its expiry index. */
-int lm_entry_put(struct lm_txn *x, const struct lm_entry *en, const char *skey,
-                 const uint8_t *rec, size_t rec_len);
+int lm_entry_put(struct lm_txn *x, const struct lm_entry *en, const char *skey, const uint8_t *rec,
+                 size_t rec_len);
 /* A completed record's place in its scope's order of completions. */
 void lm_done_put(struct lm_txn *x, const char *scope, size_t slen, uint64_t seq, const char *key,
                  size_t klen);
@@ -203,7 +203,7 @@ struct lm_limit_args {
     const char *scope;
     size_t scope_len;
     const char *token;
-    const struct store_limit_args *a;   /* NULL: a lease (release or renew) */
+    const struct store_limit_args *a; /* NULL: a lease (release or renew) */
     bool renew;
     uint32_t lease_ms;
     struct store_limit_reply reply;

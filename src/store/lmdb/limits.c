@@ -45,7 +45,8 @@ static uint64_t lm_ceil_div(uint64_t a, uint64_t b)
 
 static uint64_t lm_lim_cost(size_t len, uint32_t n)
 {
-    return LM_LIMIT_OVERHEAD + len + sizeof(struct lm_lim_hdr) + (uint64_t)n * sizeof(struct lm_lease);
+    return LM_LIMIT_OVERHEAD + len + sizeof(struct lm_lim_hdr) +
+           (uint64_t)n * sizeof(struct lm_lease);
 }
 
 static uint64_t lm_lim_dead(const struct lm_lim *l)

@@ -154,8 +154,8 @@ static void lm_failed(struct store_lmdb *s, const char *what, int rc)
 
 /* ---- operations ---- */
 
-static void lm_acquire(struct store *base, const struct store_acquire_req *req,
-                       store_acquire_cb cb, void *arg)
+static void lm_acquire(struct store *base, const struct store_acquire_req *req, store_acquire_cb cb,
+                       void *arg)
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
     struct lm_op *op = lm_op_new(s);

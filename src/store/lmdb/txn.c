@@ -295,8 +295,8 @@ int lm_entry_find(struct lm_txn *x, const char *skey, size_t len, struct lm_entr
     return 0;
 }
 
-int lm_entry_put(struct lm_txn *x, const struct lm_entry *en, const char *skey,
-                 const uint8_t *rec, size_t rec_len)
+int lm_entry_put(struct lm_txn *x, const struct lm_entry *en, const char *skey, const uint8_t *rec,
+                 size_t rec_len)
 {
     size_t n = sizeof(struct lm_hdr) + en->h.skey_len + rec_len;
     MDB_val k = {en->key_len, (void *)en->key}, v = {n, NULL};
