@@ -386,24 +386,19 @@ static int lm_evict_largest(struct lm_txn *x)
     if (mdb_cursor_open(x->t, x->e->heap, &c)) return -1;
     MDB_val k, v;
     int rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
-    char scope[LM_SCOPE_MAX];
-    size_t slen = 0;
-    if (rc == 0 && k.mv_size >= 8 && k.mv_size - 8 <= LM_SCOPE_MAX) {
-        slen = k.mv_size - 8;
-        memcpy(scope, (const uint8_t *)k.mv_data + 8, slen);
+    uint8_t hk[8 + LM_SCOPE_MAX];
+    size_t hklen = 0;
+    if (rc == 0 && k.mv_size >= 8 && k.mv_size <= sizeof(hk)) {
+        hklen = k.mv_size;
+        memcpy(hk, k.mv_data, hklen);
     }
     mdb_cursor_close(c);
     if (rc) return -1;
-    int r = lm_evict_oldest(x, scope, slen);
-    if (r < 0) { /* a scope in the heap without a completed record: fix it */
-        MDB_val d = {k.mv_size, NULL};
-        uint8_t hk[8 + LM_SCOPE_MAX];
-        struct lm_scope sc;
-        lm_scope_get(x, scope, slen, &sc);
-        d.mv_data = hk;
-        d.mv_size = lm_heap_key(hk, scope, slen, sc.bytes);
+    int r = hklen ? lm_evict_oldest(x, (const char *)hk + 8, hklen - 8) : -1;
+    if (r < 0) { /* a heap key without a completed record behind it: drop it */
+        MDB_val d = {hklen ? hklen : k.mv_size, hklen ? (void *)hk : k.mv_data};
         lm_note(x, mdb_del(x->t, x->e->heap, &d, NULL));
-        return 0;
+        return x->err ? -1 : 0;
     }
     return r;
 }

@@ -735,8 +735,8 @@ static void test_string_type(void **state)
 static void test_enums(void **state)
 {
     (void)state;
-    expect_error("{\"store\": \"mongo\"}", "config: store: must be redis or memory");
-    expect_error("{\"store\": 1}", "config: store: must be redis or memory");
+    expect_error("{\"store\": \"mongo\"}", "config: store: must be redis, memory or lmdb");
+    expect_error("{\"store\": 1}", "config: store: must be redis, memory or lmdb");
     expect_error("{\"redis\": {\"mode\": \"replica\"}}",
                  "config: redis.mode: must be standalone, cluster or sentinel");
     expect_error("{\"redis\": {\"failure_mode\": \"Open\"}}",
@@ -1702,7 +1702,7 @@ static void test_env_errors(void **state)
         {"IDEMGATE_LISTEN", "8080", "env IDEMGATE_LISTEN: must be host:port"},
         {"IDEMGATE_UPSTREAM", "tcp://x",
          "env IDEMGATE_UPSTREAM: must be an http:// or https:// URL with a host"},
-        {"IDEMGATE_STORE", "disk", "env IDEMGATE_STORE: must be redis or memory"},
+        {"IDEMGATE_STORE", "disk", "env IDEMGATE_STORE: must be redis, memory or lmdb"},
         {"IDEMGATE_REDIS_URL", "redis://h/x99",
          "env IDEMGATE_REDIS_URL: must be redis[s]://[[user]:password@]host[:port][/db] or "
          "unix:///path"},
@@ -1849,7 +1849,7 @@ static void test_flags_errors(void **state)
     expect_error_with("{}", false, &fl,
                       "flag --upstream: must be an http:// or https:// URL with a host");
     fl = (struct cfg_flags){.store = "Redis"};
-    expect_error_with("{}", false, &fl, "flag --store: must be redis or memory");
+    expect_error_with("{}", false, &fl, "flag --store: must be redis, memory or lmdb");
     fl = (struct cfg_flags){.redis = "127.0.0.1:6379"};
     expect_error_with("{}", false, &fl,
                       "flag --redis: must be redis[s]://[[user]:password@]host[:port][/db] or "

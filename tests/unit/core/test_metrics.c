@@ -52,7 +52,7 @@ static int name_states(void **state)
     return 0;
 }
 
-#define ALL_GROUPS (METRICS_GROUP_ALWAYS | METRICS_GROUP_MEMORY_STORE)
+#define ALL_GROUPS (METRICS_GROUP_ALWAYS | METRICS_GROUP_MEMORY_STORE | METRICS_GROUP_LMDB_STORE)
 
 /* The exposition as a NUL-terminated string; the caller frees it. */
 static char *render(unsigned groups)
@@ -326,6 +326,12 @@ static void test_family_names_and_kinds(void **state)
         {"idemgate_memory_store_refused_total", "counter"},
         {"idemgate_memory_store_max_scope_bytes", "gauge"},
         {"idemgate_memory_store_scopes", "gauge"},
+        {"idemgate_lmdb_store_bytes", "gauge"},
+        {"idemgate_lmdb_store_file_bytes", "gauge"},
+        {"idemgate_lmdb_store_max_bytes", "gauge"},
+        {"idemgate_lmdb_store_entries", "gauge"},
+        {"idemgate_lmdb_store_refused_total", "counter"},
+        {"idemgate_lmdb_store_scopes", "gauge"},
     };
     size_t n = sizeof(want) / sizeof(want[0]);
     struct checker c;
@@ -372,6 +378,14 @@ static void test_groups(void **state)
     assert_true(sample(text, "idemgate_memory_store_bytes") == 12345);
     assert_true(sample(text, "idemgate_memory_store_entries{state=\"completed\"}") == 7);
     assert_true(sample(text, "idemgate_memory_store_entries{state=\"in_progress\"}") == 0);
+    assert_null(kind_of(&c, "idemgate_lmdb_store_bytes"));
+    free(text);
+
+    metrics_set(M_LMDB_STORE_ENTRIES, METRICS_ENTRY_IN_PROGRESS, 3);
+    text = render(METRICS_GROUP_LMDB_STORE);
+    check_exposition(&c, text);
+    assert_null(kind_of(&c, "idemgate_memory_store_bytes"));
+    assert_true(sample(text, "idemgate_lmdb_store_entries{state=\"in_progress\"}") == 3);
     free(text);
 }
 
