@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages idemgate needs to build, run and test
 # (clang-format too, for make fmt and make fmt-check; nodejs and npm for the
-# webhook test's signers, tests/node).
+# webhook test's signers, tests/node; lmdb-utils: mdb_stat and mdb_dump, with
+# which tests/faults/test_lmdb_kill.py reads the LMDB environment).
 # Skips what is already installed; needs root (or sudo) only when something is missing.
 set -euo pipefail
 PKGS=(build-essential cmake pkg-config libevent-dev libssl-dev libhiredis-dev libcjson-dev
-      libxxhash-dev libnghttp2-dev liblmdb-dev libcmocka-dev redis-server python3 python3-pytest
-      python3-h2 curl clang-format nodejs npm)
+      libxxhash-dev libnghttp2-dev liblmdb-dev lmdb-utils libcmocka-dev redis-server python3
+      python3-pytest python3-h2 curl clang-format nodejs npm)
 # --bench: the load harness (bench/run); nghttp2-client (h2load) and h2o for
 # its HTTP/2 rows.
 if [ "${1:-}" = "--bench" ]; then PKGS+=(wrk nginx haproxy nghttp2-client h2o); fi
