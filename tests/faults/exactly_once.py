@@ -40,6 +40,13 @@ in redis.mode sentinel (redis.nodes: the sentinels, the one that runs the
 failovers first); redis_pause and redis_restart are refused there (which
 server would they hit after a failover?), and `all` means the other
 faults.
+--store lmdb puts the instances on one LMDB environment (lmdb.path in the
+work directory, sync "os") and ONE listen address (what a rolling restart
+on one host does; the kernel spreads the connections), with no Redis at
+all; each instance still forwards through its own upstream port, so the
+log says which one executed a key. The faults that need Redis are refused
+there (`all` means the others); idemgate_kill SIGKILLs one of the two
+processes on the shared address and starts it again on the same path.
 Afterwards every answer the clients got is held against the upstream's
 execution log, and ONE summary line is printed (last, on stdout):
   exactly-once: keys=.. requests=.. executions=.. duplicates=.. ...
@@ -80,6 +87,11 @@ Definitions (idemtest.invariant.analyze computes them):
                 after lock_seconds, then the key is free (docs/requests.md).
                 A key is excluded when it sent an attempt to the killed
                 instance before the kill and was still active at the kill.
+                With --store lmdb the instances share one address, so the
+                attempts do not say which instance got them: a key is
+                excluded when the killed instance forwarded it (its
+                upstream port logged an execution) before the kill and the
+                key was still active at the kill.
               - upstream_kill: a request the killed server executed (logged)
                 but never answered is released by unknown_outcome "release"
                 (the client gets a 502), and the client's retry executes it
@@ -154,6 +166,8 @@ OFFSETS = {"redis_pause": 0.05, "upstream_slow": 0.20, "idemgate_kill": 0.42,
 # Faults that need one Redis (standalone) / the sentinel topology.
 STANDALONE_ONLY = {"redis_pause", "redis_restart"}
 SENTINEL_ONLY = {"sentinel_failover"}
+# Faults that need Redis (not with --store lmdb).
+REDIS_ONLY = STANDALONE_ONLY | SENTINEL_ONLY
 # Faults that need an upstream group (--upstreams 2 or more).
 GROUP_ONLY = {"upstream_kill"}
 UPSTREAM_KILL_DOWN_S = 2.0
@@ -175,6 +189,9 @@ def parse_args(argv):
     ap.add_argument("--upstreams", type=int, default=1,
                     help="upstream servers (execup.py processes); 2 or more: each instance's "
                     "upstream is a group of them (default 1: one URL)")
+    ap.add_argument("--store", choices=["redis", "lmdb"], default="redis",
+                    help="redis (default), or lmdb: the instances on one LMDB path and one "
+                    "listen address, no Redis")
     ap.add_argument("--topology", choices=["standalone", "sentinel"], default="standalone",
                     help="one Redis (default), or a primary, a replica and 3 sentinels")
     ap.add_argument("--lock-seconds", type=int, default=30,
@@ -191,7 +208,11 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.upstreams < 1:
         ap.error("--upstreams must be >= 1")
+    if args.store == "lmdb" and args.topology != "standalone":
+        ap.error("--store lmdb has no Redis topology")
     unfit = set(STANDALONE_ONLY if args.topology == "sentinel" else SENTINEL_ONLY)
+    if args.store == "lmdb":
+        unfit |= REDIS_ONLY
     if args.upstreams < 2:
         unfit |= GROUP_ONLY
     if args.faults == "all":
@@ -205,8 +226,8 @@ def parse_args(argv):
             ap.error("unknown fault(s): %s" % ",".join(bad))
         bad = [f for f in args.fault_list if f in unfit]
         if bad:
-            ap.error("fault(s) %s do not fit --topology %s --upstreams %d"
-                     % (",".join(bad), args.topology, args.upstreams))
+            ap.error("fault(s) %s do not fit --store %s --topology %s --upstreams %d"
+                     % (",".join(bad), args.store, args.topology, args.upstreams))
     return args
 
 
@@ -258,6 +279,7 @@ class Rig:
         self.workdir = workdir
         self.redis_stopped = False
         self.redis = self.up = self.servers = None
+        self.lmdb = False
         self.sentinels = []
         self.gates = []
         try:
@@ -267,23 +289,27 @@ class Rig:
             raise
 
     def start(self, args):
-        if args.topology == "sentinel":
-            redis_cfg = self.start_sentinels()
+        self.lmdb = args.store == "lmdb"
+        if self.lmdb:
+            store = {"store": "lmdb", "lmdb": {"path": os.path.join(self.workdir, "lmdb"),
+                                               "max_bytes": 256 << 20, "sync": "os"}}
+        elif args.topology == "sentinel":
+            store = {"store": "redis", "redis": self.start_sentinels()}
         else:
             self.redis = RedisServer()
-            redis_cfg = {"url": self.redis.url, "timeout_ms": 1000}
+            store = {"store": "redis", "redis": {"url": self.redis.url, "timeout_ms": 1000}}
         self.up = UpstreamServers(os.path.join(self.workdir, "exec.log"), args.instances,
                                   args.upstreams)
-        self.cfgs = [{
-            "listen": "127.0.0.1:%d" % free_port(), "workers": 1,
-            "admin": {"listen": "off"}, "upstream": up, "store": "redis",
-            "redis": dict(redis_cfg),
+        shared = "127.0.0.1:%d" % free_port()  # --store lmdb: one address
+        self.cfgs = [dict({
+            "listen": shared if self.lmdb else "127.0.0.1:%d" % free_port(), "workers": 1,
+            "admin": {"listen": "off"}, "upstream": up,
             "idempotency": {"lock_seconds": args.lock_seconds},
             "limits": {"upstream_timeout_ms": 15000},
-        } for up in self.up.upstreams()]
+        }, **json.loads(json.dumps(store))) for up in self.up.upstreams()]
         for i in range(args.instances):
             self.gates.append(self.start_gate(i))
-        self.ports = [g.port for g in self.gates]
+        self.ports = sorted({g.port for g in self.gates})
 
     def start_sentinels(self):
         """A primary, its replica, 3 sentinels; the instances' redis config."""
@@ -310,7 +336,22 @@ class Rig:
         return int(r[1]) if r else None
 
     def start_gate(self, i):
-        return Idemgate(self.workdir, self.cfgs[i], base=False)
+        g = Idemgate(self.workdir, self.cfgs[i], base=False, wait=not self.lmdb)
+        if self.lmdb:
+            # the port answers already (the other instance holds it): wait
+            # for this one's own "listening on"
+            deadline = time.time() + 15
+            while "listening on" not in g.stderr():
+                if not g.alive() or time.time() > deadline:
+                    g.kill()
+                    raise RuntimeError("idemgate %d did not start on the LMDB path (exit %r): %s"
+                                       % (i, g.proc.poll(), g.stderr()[-2000:]))
+                time.sleep(0.02)
+        return g
+
+    def upstream_ports(self, i):
+        """The upstream ports instance i forwards to (one per server)."""
+        return [s.ports[i] for s in self.up.servers]
 
     def stop(self):
         if self.redis_stopped:
@@ -397,7 +438,8 @@ class Injector:
         self.rig.gates[i].kill()
         time.sleep(1)
         self.rig.gates[i] = self.rig.start_gate(i)
-        self.record("idemgate_kill", t0, self.rig.ports[i])
+        self.record("idemgate_kill", t0, self.rig.gates[i].port,
+                    upstream_ports=self.rig.upstream_ports(i) if self.rig.lmdb else None)
 
     def upstream_kill(self, cycle):
         """One upstream server SIGKILLed, started again on its ports
@@ -526,8 +568,13 @@ def exclusions(attempts, events, execs=()):
                 out[key] = "redis_restart"
             elif ev["fault"] == "sentinel_failover" and lo <= ev["t1"] and hi >= ev["t0"]:
                 out[key] = "sentinel_failover"
-            elif ev["fault"] == "idemgate_kill" and lo <= ev["t0"] <= hi and any(
-                    p == ev["port"] and t0 <= ev["t0"] for p, t0 in ports[key]):
+            elif ev["fault"] == "idemgate_kill" and ev.get("upstream_ports") and \
+                    lo <= ev["t0"] <= hi and any(p in ev["upstream_ports"] and t <= ev["t0"]
+                                                 for p, t in killed.get(key, ())):
+                out[key] = "idemgate_kill"  # one shared address (--store lmdb)
+            elif ev["fault"] == "idemgate_kill" and not ev.get("upstream_ports") and \
+                    lo <= ev["t0"] <= hi and any(p == ev["port"] and t0 <= ev["t0"]
+                                                 for p, t0 in ports[key]):
                 out[key] = "idemgate_kill"
             elif ev["fault"] == "upstream_kill" and lo <= ev["t0"] <= hi and any(
                     p in ev["ports"] and t <= ev["t0"] for p, t in killed.get(key, ())):
@@ -639,7 +686,8 @@ def main(argv=None):
     rss = RssSampler(rig, args.rss_interval, t_start) if args.rss_interval > 0 else None
     log("exactly-once: %d clients, %d instances, %d upstream server(s), %s, faults=%s, %.0fs, "
         "seed %d, work dir %s"
-        % (args.clients, args.instances, args.upstreams, args.topology,
+        % (args.clients, args.instances, args.upstreams,
+           "lmdb, one address" if args.store == "lmdb" else args.topology,
            ",".join(args.fault_list) or "none",
            args.duration, args.seed, workdir))
     threads = [threading.Thread(target=client_loop,
@@ -691,11 +739,12 @@ def main(argv=None):
         print(line)
     if args.upstreams > 1:
         print("upstream_group: safe_retries=%d" % safe_retries(workdir))
-    print("exactly-once: %s faults=%s duration=%.0fs clients=%d instances=%d%s health=%s"
+    print("exactly-once: %s faults=%s duration=%.0fs clients=%d instances=%d%s%s health=%s"
           % (rep.line(), ",".join("%s:%d" % (f, sum(1 for e in inj.events if e["fault"] == f))
                                   for f in args.fault_list) or "none",
              args.duration, args.clients, args.instances,
              " upstreams=%d" % args.upstreams if args.upstreams > 1 else "",
+             " store=lmdb" if args.store == "lmdb" else "",
              "ok" if not health else "FAILED"))
     sys.stdout.flush()
     if args.keep:

@@ -3,8 +3,11 @@ ctest: 40 s of load from 12 clients on two instances with every fault
 (Redis paused and restarted empty, an instance SIGKILLed, the upstream slow
 and cutting answers), about a minute in all; then 12 s behind upstream
 groups of two servers, one of them SIGKILLed and back 2 s later (about
-15 s). Longer runs: make soak, or exactly_once.py
---duration/--clients/--keys/--faults/--upstreams."""
+15 s); then the LMDB variant: two processes on one LMDB path and one
+listen address, no Redis, one of them SIGKILLed and started again on the
+same path mid-run, the upstream slow and cutting answers (about 40 s).
+Longer runs: make soak, or exactly_once.py
+--duration/--clients/--keys/--faults/--upstreams/--store."""
 
 import os
 import subprocess
@@ -42,3 +45,18 @@ def test_exactly_once_upstream_group_kill():
     # fail_timeout_ms 500: the killed server is tried, refuses, and the
     # request goes to the other, several times in its 2 s away.
     assert retries and int(retries[0].rpartition("=")[2]) > 0, lines
+
+
+@pytest.mark.hard_timeout(120)
+def test_exactly_once_lmdb_two_processes_one_address():
+    """--store lmdb: both instances on one LMDB path and one address; about
+    10 s in (after the slow upstream's 6 s) one is SIGKILLed and started again 1 s later on the same path.
+    Its in-flight keys keep their locks (409 until lock_seconds 30, longer
+    than the clients try); nothing executes twice, every 2xx is its key's
+    one execution, and both serve at the end."""
+    lines = run_checker(["--store", "lmdb", "--duration", "20", "--clients", "8",
+                         "--faults", "idemgate_kill,upstream_slow,upstream_cut",
+                         "--seed", "19"], 100)
+    assert " store=lmdb " in lines[-1], lines[-1]
+    assert " faults=idemgate_kill:1," in lines[-1], lines[-1]
+    assert " duplicates=0 " in lines[-1], lines[-1]
