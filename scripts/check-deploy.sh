@@ -81,6 +81,14 @@ expect_caught $gw 's|^apiVersion: policy/v1$|apiVersion: policy/v1beta2|' "unkno
 expect_caught $gw 's|targetPort: http|targetPort: web|' "names no container port" k8s @
 expect_caught $gw 's|command: \["/bin/sleep", "5"\]|command: []|' "exec.command must be" k8s @
 
+lm=deploy/kubernetes/sidecar-lmdb.yaml
+expect_caught $lm 's|mountPath: /var/lib/idemgate$|mountPath: /var/lib/idemgate-x|' \
+  "lmdb.path /var/lib/idemgate is on no volume" k8s @
+expect_caught $lm '/mountPath: \/var\/lib\/idemgate$/a\              readOnly: true' \
+  "which is not writable" k8s @
+expect_caught $lm 's/sizeLimit: 320Mi/sizeLimit: 320MB/' "is not a resource quantity" k8s @
+expect_caught $lm 's/"sync": "os"/"sync": "always"/' "idemgate -t:" k8s @
+
 echo "-- systemd: systemd-analyze verify and security --offline, in a temporary root"
 unit=deploy/systemd/idemgate.service
 root="$tmp/root"
@@ -107,6 +115,39 @@ expect_caught $unit 's/^ProtectSystem=strict/ProtectSytem=strict/' "Unknown key"
 expect_caught $unit 's/AF_UNIX$/AF_UNIX AF_BOGUS/' "Failed to parse address family" verify_unit @
 expect_caught $unit 's|^ExecStart=/usr/local/bin/idemgate|ExecStart=/usr/local/bin/idemgated|' \
   "is not executable" verify_unit @
+# The LMDB drop-in, with the unit: verify, then -t with its environment
+# (lmdb.path moved into $tmp: -t creates and writes the directory).
+dropin=deploy/systemd/idemgate.service.d/lmdb.conf
+verify_dropin() { # drop-in file
+  mkdir -p "$root/etc/systemd/system/idemgate.service.d"
+  cp "$1" "$root/etc/systemd/system/idemgate.service.d/lmdb.conf"
+  local rc=0
+  verify_unit $unit || rc=1
+  rm -rf "$root/etc/systemd/system/idemgate.service.d"
+  return $rc
+}
+verify_dropin $dropin || fail "systemd-analyze verify $unit + $dropin"
+echo "  systemd-analyze verify with $dropin: clean"
+expect_caught $dropin 's/^StateDirectory=idemgate/StateDirecotry=idemgate/' "Unknown key" \
+  verify_dropin @
+for d in 'StateDirectory=idemgate' 'Environment=IDEMGATE_STORE=lmdb' \
+  'Environment=IDEMGATE_LMDB_PATH=/var/lib/idemgate'; do
+  grep -qxF "$d" $dropin || fail "$dropin: no line $d"
+done
+store=$(sed -n 's/^Environment=IDEMGATE_STORE=//p' $dropin)
+lpath=$(sed -n 's/^Environment=IDEMGATE_LMDB_PATH=//p' $dropin)
+[ "$lpath" = "/var/lib/$(sed -n 's/^StateDirectory=//p' $dropin)" ] ||
+  fail "$dropin: IDEMGATE_LMDB_PATH $lpath is not the StateDirectory"
+out=$(IDEMGATE_STORE=$store IDEMGATE_LMDB_PATH="$tmp/state$lpath" "$BIN" -t -c config/idemgate.json 2>&1) ||
+  fail "idemgate -t -c config/idemgate.json with $dropin's environment: $out"
+echo "  idemgate -t with $dropin's environment: $out"
+mkdir -p "$root/etc/systemd/system/idemgate.service.d"
+cp $dropin "$root/etc/systemd/system/idemgate.service.d/lmdb.conf"
+secl=$(systemd-analyze security --offline=yes --root="$root" --threshold=20 idemgate.service 2>&1) ||
+  fail "exposure above 2.0 with $dropin: $(tail -n 1 <<<"$secl")"
+echo "  systemd-analyze security with $dropin: $(grep -o 'Overall exposure level.*' <<<"$secl")"
+rm -rf "$root/etc/systemd/system/idemgate.service.d"
+
 cp $unit "$root/etc/systemd/system/idemgate.service"
 sec=$(systemd-analyze security --offline=yes --root="$root" --threshold=20 idemgate.service 2>&1) ||
   fail "exposure above 2.0: $(tail -n 1 <<<"$sec")"

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,13 @@ F_ENV = {"name", "value", "valueFrom"}
 F_VALUEFROM = {"secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef"}
 F_KEYREF = {"name", "key", "optional"}
 F_MOUNT = {"name", "mountPath", "readOnly", "subPath", "subPathExpr", "mountPropagation"}
-F_VOLUME = {"name", "configMap", "secret", "emptyDir", "projected", "persistentVolumeClaim"}
+F_VOLUME = {"name", "configMap", "secret", "emptyDir", "projected", "persistentVolumeClaim",
+            "hostPath"}
+F_EMPTYDIR = {"medium", "sizeLimit"}
+F_PVC_SOURCE = {"claimName", "readOnly"}
+F_HOSTPATH = {"path", "type"}
+# Volume sources a container can write to (an LMDB directory must be on one).
+WRITABLE_VOLUMES = ("emptyDir", "persistentVolumeClaim", "hostPath")
 F_SECCTX = {"runAsNonRoot", "runAsUser", "runAsGroup", "allowPrivilegeEscalation",
             "readOnlyRootFilesystem", "capabilities", "privileged", "seccompProfile"}
 F_SERVICE_SPEC = {"type", "selector", "ports", "clusterIP", "sessionAffinity",
@@ -356,6 +363,19 @@ def check_pod_spec(c, where, spec):
         if "configMap" in v:
             c.need(vw + ".configMap", v["configMap"], "name")
             c.refs.append(("configMap", v["configMap"].get("name"), None, vw))
+        if "emptyDir" in v and c.fields(vw + ".emptyDir", v["emptyDir"] or {}, F_EMPTYDIR):
+            ed = v["emptyDir"] or {}
+            if ed.get("medium") not in (None, "", "Memory"):
+                c.err(vw, "emptyDir.medium must be \"\" or Memory")
+            if "sizeLimit" in ed:
+                q = ed["sizeLimit"]
+                if quantity(q) is None or isinstance(q, bool):
+                    c.err(vw + ".emptyDir.sizeLimit", "%r is not a resource quantity" % (q,))
+        if "persistentVolumeClaim" in v and c.fields(vw + ".persistentVolumeClaim",
+                                                     v["persistentVolumeClaim"], F_PVC_SOURCE):
+            c.need(vw + ".persistentVolumeClaim", v["persistentVolumeClaim"], "claimName")
+        if "hostPath" in v and c.fields(vw + ".hostPath", v["hostPath"], F_HOSTPATH):
+            c.need(vw + ".hostPath", v["hostPath"], "path")
     cts = spec.get("containers")
     if not isinstance(cts, list) or not cts:
         c.err(where, "containers must be a non-empty list")
@@ -511,6 +531,47 @@ def cross_checks(c):
                 c.err(where, "Secret %s has no key %r" % (name, key))
 
 
+def lmdb_on_volume(c, where, text, env, ct, volumes, scratch):
+    """With the LMDB store (the config's, or IDEMGATE_STORE's), lmdb.path
+    (or IDEMGATE_LMDB_PATH) must be on a writable volume mounted in the
+    container (emptyDir, persistentVolumeClaim, hostPath; not readOnly): a
+    read-only root filesystem refuses it, and the container's own layer
+    would lose the records at every container restart. `-t` creates and
+    writes the directory, so it runs on a copy under scratch, not on this
+    machine's path. Returns (config text, env) as `-t` gets them."""
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return text, env  # -t says what is wrong with it
+    if not isinstance(cfg, dict) or env.get("IDEMGATE_STORE", cfg.get("store")) != "lmdb":
+        return text, env
+    lm = cfg.get("lmdb") if isinstance(cfg.get("lmdb"), dict) else {}
+    path = env.get("IDEMGATE_LMDB_PATH", lm.get("path", "/var/lib/idemgate"))
+    if not isinstance(path, str) or not path.startswith("/"):
+        return text, env
+    on = None
+    for m in ct.get("volumeMounts") or []:
+        mp = str(m.get("mountPath", "")).rstrip("/")
+        if mp and (path == mp or path.startswith(mp + "/")):
+            on = m
+    vol = volumes.get(on.get("name")) or {} if on else {}
+    if on is None:
+        c.err(where, "lmdb.path %s is on no volume of the container (readOnlyRootFilesystem "
+              "refuses it; a container restart would lose its records)" % path)
+    elif on.get("readOnly") or not any(k in vol for k in WRITABLE_VOLUMES) \
+            or (vol.get("persistentVolumeClaim") or {}).get("readOnly"):
+        c.err(where, "lmdb.path %s is on volume %r, which is not writable (mount it from "
+              "an emptyDir, a persistentVolumeClaim or a hostPath, not readOnly)"
+              % (path, on.get("name")))
+    local = os.path.join(scratch, "lmdb" + path)
+    if "IDEMGATE_LMDB_PATH" in env:
+        env = dict(env, IDEMGATE_LMDB_PATH=local)
+    else:
+        cfg["lmdb"] = dict(lm, path=local)
+        text = json.dumps(cfg)
+    return text, env
+
+
 def idemgate_configs(c, binary):
     """`BIN -t -c` on the config each idemgate container reads; the pod's
     timing and ports against that config."""
@@ -533,20 +594,22 @@ def idemgate_configs(c, binary):
             if text is None:
                 c.err(cw, "-c %s is not a key of a ConfigMap mounted in the container" % path)
                 continue
-            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-                f.write(text)
+            # The environment the container sets (literal values only)
+            # takes part, as it does in the pod.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("IDEM")}
+            for e in ct.get("env") or []:
+                if isinstance(e, dict) and isinstance(e.get("name"), str) \
+                        and isinstance(e.get("value"), str):
+                    env[e["name"]] = e["value"]
+            scratch = tempfile.mkdtemp(prefix="check-k8s-")
             try:
-                # The environment the container sets (literal values only)
-                # takes part, as it does in the pod.
-                env = {k: v for k, v in os.environ.items() if not k.startswith("IDEM")}
-                for e in ct.get("env") or []:
-                    if isinstance(e, dict) and isinstance(e.get("name"), str) \
-                            and isinstance(e.get("value"), str):
-                        env[e["name"]] = e["value"]
+                text, env = lmdb_on_volume(c, cw, text, env, ct, volumes, scratch)
+                with open(os.path.join(scratch, "idemgate.json"), "w") as f:
+                    f.write(text)
                 r = subprocess.run([binary, "-t", "-c", f.name], capture_output=True, text=True,
                                    env=env, timeout=30)
             finally:
-                os.unlink(f.name)
+                shutil.rmtree(scratch, ignore_errors=True)
             out = (r.stdout + r.stderr).strip()
             if r.returncode != 0:
                 c.err(cw, "idemgate -t: %s (exit %d)" % (out, r.returncode))
