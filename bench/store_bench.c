@@ -7,7 +7,10 @@
  * eviction goes through the heap of scopes. Prints numbers; asserts
  * nothing.
  *
- * Usage: store_bench [records (default 100000)] [record bytes (default 200)] */
+ * Usage: store_bench [records (default 100000)] [record bytes (default 200)]
+ *        store_bench lmdb DIR [records] [record bytes]: the same three
+ *        operations on the memory store and on an LMDB store in DIR (sync
+ *        "os", then "fsync" on a tenth of the records), one thread. */
 #include "idemgate/store/store.h"
 
 #include <event2/event.h>
@@ -76,6 +79,7 @@ enum phase { PH_ACQUIRE, PH_COMPLETE, PH_REPLAY, PH_CYCLE };
 
 struct worker {
     struct store_memory_shared *sh;
+    struct store_lmdb_env *lenv; /* set: the LMDB store instead */
     int id;
     long n;
     size_t rec_len;
@@ -109,7 +113,8 @@ static void *worker_run(void *arg)
 {
     struct worker *w = arg;
     struct event_base *base = event_base_new();
-    struct store *st = store_memory_new(base, w->sh, 1000);
+    struct store *st =
+        w->lenv ? store_lmdb_new(base, w->lenv) : store_memory_new(base, w->sh, 1000);
     uint8_t *rec = malloc(w->rec_len ? w->rec_len : 1);
     memset(rec, 'r', w->rec_len);
     for (long i = 0; i < w->n; i += BATCH) {
@@ -130,7 +135,7 @@ static double run_phase_scoped(struct store_memory_shared *sh, int nthreads, lon
     pthread_t th[8];
     double t0 = now_s();
     for (int i = 0; i < nthreads; i++) {
-        w[i] = (struct worker){sh, id_base + i, n / nthreads, rec_len, ph, scopes, 0};
+        w[i] = (struct worker){sh, NULL, id_base + i, n / nthreads, rec_len, ph, scopes, 0};
         if (pthread_create(&th[i], NULL, worker_run, &w[i]) != 0) abort();
     }
     int bad = 0;
@@ -176,8 +181,47 @@ static void bench_evicting(long n, size_t rec_len, long scopes)
     store_memory_shared_free(sh);
 }
 
+/* One thread's acquire (new keys), complete, acquire (replays) on the
+ * LMDB store in dir, next to the memory store's. */
+static void lmdb_phases(const char *name, struct store_lmdb_env *env, long n, size_t rec_len)
+{
+    double r[3];
+    enum phase ph[3] = {PH_ACQUIRE, PH_COMPLETE, PH_REPLAY};
+    for (int i = 0; i < 3; i++) {
+        struct worker w = {NULL, env, 400, n, rec_len, ph[i], 1, 0};
+        double t0 = now_s();
+        worker_run(&w);
+        r[i] = (double)n / (now_s() - t0);
+        if (w.bad) fprintf(stderr, "store_bench: %d operations did not succeed\n", w.bad);
+    }
+    printf("%-12s acquire (new key) %9.0f ops/s   complete %9.0f ops/s   acquire (replay) %9.0f "
+           "ops/s\n",
+           name, r[0], r[1], r[2]);
+}
+
+static int bench_lmdb(const char *dir, long n, size_t rec_len)
+{
+    bench_threads(1, n, rec_len);
+    for (int fsync = 0; fsync < 2; fsync++) {
+        char path[512], err[512];
+        snprintf(path, sizeof(path), "%s/%s", dir, fsync ? "fsync" : "os");
+        struct store_lmdb_opts o = {path, 1ull << 30, 0, fsync == 1};
+        struct store_lmdb_env *env;
+        if (store_lmdb_env_open(&o, &env, err, sizeof(err)) < 0) {
+            fprintf(stderr, "store_bench: %s\n", err);
+            return 1;
+        }
+        lmdb_phases(fsync ? "lmdb fsync:" : "lmdb os:", env, fsync ? n / 10 : n, rec_len);
+        store_lmdb_env_free(env);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 2 && strcmp(argv[1], "lmdb") == 0)
+        return bench_lmdb(argv[2], argc > 3 ? atol(argv[3]) : 100000,
+                          argc > 4 ? (size_t)atol(argv[4]) : 200);
     long n = argc > 1 ? atol(argv[1]) : 100000;
     size_t rec_len = argc > 2 ? (size_t)atol(argv[2]) : 200;
     if (n <= 0) n = 100000;

@@ -16,6 +16,7 @@
  * not own the environment (borrowed: it must outlive the store). */
 #include "internal.h"
 
+#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
 
 #include <event2/event.h>
@@ -326,11 +327,7 @@ static void lm_tick(evutil_socket_t fd, short what, void *arg)
     if (rc) lm_failed(s, "the expiry sweep", rc);
     int dead = 0;
     mdb_reader_check(s->env->env, &dead);
-    struct timeval tv = {0, (n >= LM_SWEEP_BATCH ? 10 : LM_TICK_MS) * 1000};
-    if (tv.tv_usec >= 1000000) {
-        tv.tv_sec = tv.tv_usec / 1000000;
-        tv.tv_usec %= 1000000;
-    }
+    struct timeval tv = clock_tv(n >= LM_SWEEP_BATCH ? 10 : LM_TICK_MS);
     event_add(s->tick, &tv);
 }
 
@@ -344,11 +341,7 @@ struct store *store_lmdb_new(struct event_base *base, struct store_lmdb_env *env
     s->env = env;
     s->tick = event_new(base, -1, 0, lm_tick, s);
     if (!s->tick) abort();
-    struct timeval tv = {0, LM_TICK_MS * 1000};
-    if (tv.tv_usec >= 1000000) {
-        tv.tv_sec = tv.tv_usec / 1000000;
-        tv.tv_usec %= 1000000;
-    }
+    struct timeval tv = clock_tv(LM_TICK_MS);
     event_add(s->tick, &tv);
     return &s->base;
 }
