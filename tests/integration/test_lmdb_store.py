@@ -19,9 +19,9 @@ from idemtest.procs import exit_code, free_port, run_idemgate
 from idemtest.storm import storm
 
 
-def lmdb_cfg(upstream, path, **top):
+def lmdb_cfg(upstream, path, sync="os", **top):
     cfg = {"store": "lmdb", "upstream": upstream.url,
-           "lmdb": {"path": str(path), "max_bytes": 16 << 20}}
+           "lmdb": {"path": str(path), "max_bytes": 16 << 20, "sync": sync}}
     cfg.update(top)
     return cfg
 
@@ -34,8 +34,10 @@ def post(g, key, path="/count", api_key="k1", body=b'{"a": 1}'):
     return request(g.port, "POST", path, hdrs(key, api_key), body)
 
 
-def test_replay_byte_for_byte(idemgate, upstream, tmp_path):
-    g = idemgate(lmdb_cfg(upstream, tmp_path / "db"))
+# "fsync": every write goes through the writer thread's group commit.
+@pytest.mark.parametrize("sync", ["os", "fsync"])
+def test_replay_byte_for_byte(idemgate, upstream, tmp_path, sync):
+    g = idemgate(lmdb_cfg(upstream, tmp_path / "db", sync))
     first = post(g, "replay-1")
     assert first.status == 201, first
     again = post(g, "replay-1")
@@ -49,9 +51,10 @@ def test_replay_byte_for_byte(idemgate, upstream, tmp_path):
     assert os.path.exists(tmp_path / "db" / "data.mdb")
 
 
+@pytest.mark.parametrize("sync", ["os", "fsync"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_restart_keeps_records(idemgate, upstream, tmp_path, sig):
-    cfg = lmdb_cfg(upstream, tmp_path / "db")
+def test_restart_keeps_records(idemgate, upstream, tmp_path, sig, sync):
+    cfg = lmdb_cfg(upstream, tmp_path / "db", sync)
     g = idemgate(cfg)
     first = post(g, "kept")
     assert first.status == 201
@@ -67,9 +70,10 @@ def test_restart_keeps_records(idemgate, upstream, tmp_path, sig):
     assert upstream.count("kept") == 1
 
 
-def test_two_processes_share_one_path_and_address(idemgate, upstream, tmp_path):
+@pytest.mark.parametrize("sync", ["os", "fsync"])
+def test_two_processes_share_one_path_and_address(idemgate, upstream, tmp_path, sync):
     listen = "127.0.0.1:%d" % free_port()
-    cfg = lmdb_cfg(upstream, tmp_path / "db", listen=listen, workers=2)
+    cfg = lmdb_cfg(upstream, tmp_path / "db", sync, listen=listen, workers=2)
     a = idemgate(cfg)
     b = idemgate(cfg, wait=False)
     assert wait_until(lambda: any(m and "listening on" in m for m in log_msgs(b))

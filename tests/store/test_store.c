@@ -121,11 +121,13 @@ struct backend {
     const char *name;
     bool redis;
     bool lmdb;
+    bool fsync; /* lmdb.sync "fsync": the writer thread's group commits */
 };
 
-static const struct backend be_memory = {"memory", false, false};
-static const struct backend be_redis = {"redis", true, false};
-static const struct backend be_lmdb = {"lmdb", false, true};
+static const struct backend be_memory = {"memory", false, false, false};
+static const struct backend be_redis = {"redis", true, false, false};
+static const struct backend be_lmdb = {"lmdb", false, true, false};
+static const struct backend be_lmdb_fsync = {"lmdb-fsync", false, true, true};
 
 struct ctx {
     const struct backend *be;
@@ -168,7 +170,7 @@ static int ctx_setup(void **state)
     if (c->be->lmdb) {
         snprintf(c->lmdb_dir, sizeof(c->lmdb_dir), "/tmp/idemgate-test-lmdb-XXXXXX");
         if (!mkdtemp(c->lmdb_dir)) return -1;
-        struct store_lmdb_opts o = {c->lmdb_dir, 64u << 20, 0, false};
+        struct store_lmdb_opts o = {c->lmdb_dir, 64u << 20, 0, c->be->fsync};
         char err[256];
         if (store_lmdb_env_open(&o, &c->lmdb, err, sizeof(err)) < 0) {
             fprintf(stderr, "%s\n", err);
@@ -2057,7 +2059,9 @@ static void test_redis_tls_fragmented_records(void **state)
 #define BOTH(f)                                                                                    \
     cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_memory),      \
         cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_redis),   \
-        cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_lmdb)
+        cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_lmdb),    \
+        cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown,                       \
+                                                 (void *)&be_lmdb_fsync)
 #define MEMORY(f)                                                                                  \
     cmocka_unit_test_prestate_setup_teardown(f, ctx_setup, ctx_teardown, (void *)&be_memory)
 #define REDIS(f)                                                                                   \

@@ -13,21 +13,26 @@
  *   limits.c  the limits (store_limit): GCRA and leased slots per scope
  *   ops.c     struct store_lmdb (one per loop): the ops table, callbacks
  *             deferred onto the loop's base, the sweep timer
+ *   writer.c  the writer thread of sync "fsync": group commit
  *
- * Threads: every worker runs its own transactions; LMDB serializes the
- * writers (across processes too) and lets readers run beside them. Owns
- * nothing. */
+ * Threads: with sync "os" every worker runs its own transactions; LMDB
+ * serializes the writers (across processes too) and lets readers run
+ * beside them. With sync "fsync" the operations go to the process's one
+ * writer thread instead, which runs all that queued up meanwhile in one
+ * transaction and one flush (docs/stores.md). Owns nothing. */
 #ifndef IDEMGATE_STORE_LMDB_INTERNAL_H
 #define IDEMGATE_STORE_LMDB_INTERNAL_H
 
 #include "idemgate/store/store.h"
 
 #include <lmdb.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <sys/queue.h>
 
 /* The layout's name, kept in the meta database: another one is refused. */
 #define LM_LAYOUT "idemgate-lmdb-1"
@@ -50,6 +55,10 @@
 #define LM_TICK_MS 1000
 #define LM_WARN_EVERY_MS 10000
 
+struct lm_txn;
+struct lm_job;
+struct lm_acq_args;
+
 /* The process's handle on one environment (store.h). Created by
  * store_lmdb_env_open, freed by store_lmdb_env_free after every store on
  * it. Owns the MDB_env and the path. */
@@ -63,7 +72,37 @@ struct store_lmdb_env {
     bool fsync;
     /* this process's counts (the shared ones are in the totals) */
     _Atomic uint64_t evict_logged_ms, refuse_logged_ms;
+    /* the writer thread (sync "fsync"; writer.c): its queue under mu */
+    bool threaded;
+    bool writer_started;
+    _Atomic bool unsynced; /* a commit since the writer's last flush */
+    pthread_t writer;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    TAILQ_HEAD(, lm_job) jobs;
+    bool stop;
 };
+
+/* One operation handed to the writer thread: fn runs on args in the
+ * batch's transaction (or alone, again, when the batch failed); rc is its
+ * result once committed (and flushed); land is then called, on the writer
+ * thread, to hand it back to its loop. */
+struct lm_job {
+    TAILQ_ENTRY(lm_job) link;
+    int (*fn)(struct lm_txn *x, void *arg);
+    void *args;
+    int rc;
+    void (*land)(struct lm_job *j);
+};
+
+/* ---- writer.c ---- */
+
+/* Starts e's writer thread (e->threaded): 0, or an errno. */
+int lm_writer_start(struct store_lmdb_env *e);
+/* Runs every job queued, then stops and joins the thread. */
+void lm_writer_stop(struct store_lmdb_env *e);
+/* Queues j; its land is called once it is committed and flushed. */
+void lm_writer_submit(struct store_lmdb_env *e, struct lm_job *j);
 
 /* The value of an entry: this header, the skey, then the record. */
 struct lm_hdr {
@@ -101,6 +140,8 @@ struct lm_totals {
     uint64_t limit_bytes;
 };
 
+TAILQ_HEAD(lm_jobq, lm_job);
+
 /* One write transaction with the totals read at its start. */
 struct lm_txn {
     struct store_lmdb_env *e;
@@ -137,8 +178,14 @@ size_t lm_scope_len(const char *skey, size_t len);
  * 0, or an LMDB error. When LMDB's map is full, evicts the oldest
  * completed records of the largest scopes and runs fn once more. */
 int lm_run(struct store_lmdb_env *e, int (*fn)(struct lm_txn *x, void *arg), void *arg);
+/* Runs every job of q in one write transaction (committed when one
+ * wrote something); when that fails (an LMDB error, a full map), each
+ * job again in its own (lm_run). Sets each job's rc. */
+void lm_run_batch(struct store_lmdb_env *e, struct lm_jobq *q);
 /* The entry key of skey into out (LM_KEY_MAX + 1 bytes); its length. */
 size_t lm_entry_key(const char *skey, size_t len, char *out);
+/* The entry at key as stored (live or not): 1, 0 none, -1 an error. */
+int lm_entry_raw(struct lm_txn *x, const char *key, size_t klen, struct lm_entry *out);
 /* The live entry of skey (an expired one is removed first): 1, 0 none. */
 int lm_entry_find(struct lm_txn *x, const char *skey, size_t len, struct lm_entry *out);
 /* Writes an entry (key, header, skey, record) and its expiry index. */
@@ -171,6 +218,11 @@ void lm_note(struct lm_txn *x, int rc);
 /* ---- keys.c ---- */
 
 int lm_acquire_txn(struct lm_txn *x, void *arg);
+/* An acquire answered by a look in the read transaction t (lock-free, no
+ * write, no flush): 1 when skey holds a live entry (completed, in
+ * progress, or another fingerprint's), with a->reply filled; 0 when only
+ * a write can decide (absent or expired), or on an error. */
+int lm_acquire_peek(struct store_lmdb_env *e, MDB_txn *t, struct lm_acq_args *a);
 int lm_owned_txn(struct lm_txn *x, void *arg);
 
 /* The arguments and answer of an acquire (keys.c). */

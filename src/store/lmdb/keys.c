@@ -10,6 +10,25 @@
 
 #include <string.h>
 
+/* An acquire's answer on a live entry: another fingerprint's, in
+ * progress, or completed (the record copied: the map may change). */
+static void lm_acquire_found(struct lm_acq_args *a, const struct lm_entry *en)
+{
+    if (memcmp(en->h.fp, a->fp, STORE_FP_LEN) != 0) {
+        a->reply.state = STORE_ACQ_MISMATCH;
+    } else if (!en->h.completed) {
+        a->reply.state = STORE_ACQ_IN_PROGRESS;
+    } else {
+        size_t off = sizeof(struct lm_hdr) + en->h.skey_len;
+        size_t n = en->val_len - off;
+        a->record = lm_alloc(n);
+        memcpy(a->record, en->val + off, n);
+        a->reply.state = STORE_ACQ_COMPLETED;
+        a->reply.record = a->record;
+        a->reply.record_len = n;
+    }
+}
+
 int lm_acquire_txn(struct lm_txn *x, void *arg)
 {
     struct lm_acq_args *a = arg;
@@ -34,20 +53,31 @@ int lm_acquire_txn(struct lm_txn *x, void *arg)
         if (lm_entry_put(x, &en, a->skey, NULL, 0)) return x->err;
         lm_charge(x, a->skey, slen, (int64_t)cost, 0, 1, 0);
         a->reply.state = STORE_ACQ_LOCKED;
-    } else if (memcmp(en.h.fp, a->fp, STORE_FP_LEN) != 0) {
-        a->reply.state = STORE_ACQ_MISMATCH;
-    } else if (!en.h.completed) {
-        a->reply.state = STORE_ACQ_IN_PROGRESS;
     } else {
-        size_t off = sizeof(struct lm_hdr) + en.h.skey_len;
-        size_t n = en.val_len - off;
-        a->record = lm_alloc(n);
-        memcpy(a->record, en.val + off, n);
-        a->reply.state = STORE_ACQ_COMPLETED;
-        a->reply.record = a->record;
-        a->reply.record_len = n;
+        lm_acquire_found(a, &en);
     }
     return 0;
+}
+
+int lm_acquire_peek(struct store_lmdb_env *e, MDB_txn *t, struct lm_acq_args *a)
+{
+    struct lm_txn x;
+    memset(&x, 0, sizeof(x));
+    x.e = e;
+    x.t = t;
+    struct lm_entry en;
+    char key[LM_KEY_MAX + 1];
+    size_t klen = lm_entry_key(a->skey, a->skey_len, key);
+    if (lm_entry_raw(&x, key, klen, &en) <= 0) return 0;
+    const char *stored = (const char *)en.val + sizeof(struct lm_hdr);
+    if (en.h.skey_len != a->skey_len || memcmp(stored, a->skey, a->skey_len) != 0 ||
+        en.h.expires_ms <= lm_wall_ms())
+        return 0;
+    free(a->record);
+    a->record = NULL;
+    memset(&a->reply, 0, sizeof(a->reply));
+    lm_acquire_found(a, &en);
+    return 1;
 }
 
 /* The lock becomes a completed record: -1 when there is no room for it

@@ -20,15 +20,20 @@
 #include "idemgate/core/log.h"
 
 #include <event2/event.h>
+#include <stddef.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/queue.h>
+#include <unistd.h>
 
 #define LM_OP_CACHE 64
 
 enum lm_op_kind { LM_OP_DONE, LM_OP_ACQUIRE, LM_OP_LIMIT };
 
-/* One operation waiting for its deferred callback. Owned by its store:
- * in s->ops while pending, in s->free_ops once recycled. */
+/* One operation: its arguments, its run (inline, or on the writer
+ * thread), then its deferred callback. Owned by its store: in s->ops
+ * while its callback is pending, in s->free_ops once recycled; with the
+ * writer thread, counted in s->in_writer until it lands in s->landed. */
 struct lm_op {
     TAILQ_ENTRY(lm_op) link;
     struct store_lmdb *s;
@@ -42,10 +47,24 @@ struct lm_op {
     struct store_limit_reply limit;
     uint8_t *record; /* owned copy behind reply.record */
     int status;
+    /* the run: its arguments, what makes the answer of its result */
+    union {
+        struct lm_acq_args acq;
+        struct lm_owned_args owned;
+        struct lm_limit_args lim;
+    } a;
+    struct store_limit_args limit_args;
+    void (*finish)(struct lm_op *op, int rc);
+    struct lm_job job;
+    /* the writer thread's copies of the caller's strings (kept across
+     * recycling) */
+    uint8_t *bytes;
+    size_t bytes_cap;
 };
 
 /* The LMDB backend's struct store, one per worker, used on its thread
- * only. Created by store_lmdb_new, freed by store_free. */
+ * only (but for landed, in_writer and wake_fd, which the writer thread
+ * reaches under mu). Created by store_lmdb_new, freed by store_free. */
 struct store_lmdb {
     struct store base; /* first */
     struct event_base *evb;
@@ -57,12 +76,21 @@ struct store_lmdb {
     int firing;
     bool dead;
     uint64_t error_logged_ms;
+    /* the writer thread's answers (sync "fsync") */
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* in_writer came down to 0 */
+    TAILQ_HEAD(, lm_op) landed;
+    unsigned in_writer;
+    int wake_fd; /* an eventfd: something landed */
+    struct event *wake;
+    MDB_txn *rtxn; /* reset between uses */
 };
 
 static void lm_op_free(struct lm_op *op)
 {
     if (op->ev) event_free(op->ev);
     free(op->record);
+    free(op->bytes);
     free(op);
 }
 
@@ -75,9 +103,13 @@ static void lm_op_recycle(struct lm_op *op)
     }
     free(op->record);
     struct event *ev = op->ev;
+    uint8_t *bytes = op->bytes;
+    size_t cap = op->bytes_cap;
     memset(op, 0, sizeof(*op));
     op->s = s;
     op->ev = ev;
+    op->bytes = bytes;
+    op->bytes_cap = cap;
     TAILQ_INSERT_HEAD(&s->free_ops, op, link);
     s->n_free_ops++;
 }
@@ -90,6 +122,11 @@ static void lm_store_destroy(struct store_lmdb *s)
         lm_op_free(op);
     }
     event_free(s->tick);
+    if (s->wake) event_free(s->wake);
+    if (s->rtxn) mdb_txn_abort(s->rtxn);
+    if (s->wake_fd >= 0) close(s->wake_fd);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
     free(s);
 }
 
@@ -153,7 +190,107 @@ static void lm_failed(struct store_lmdb *s, const char *what, int rc)
             s->env->path);
 }
 
+/* ---- running an operation ---- */
+
+/* Room for n bytes of copies in op (what the caller lent is copied there
+ * when the operation outlives the call: the writer thread). */
+static uint8_t *lm_op_bytes(struct lm_op *op, size_t n)
+{
+    if (n > op->bytes_cap) {
+        free(op->bytes);
+        op->bytes = lm_alloc(n);
+        op->bytes_cap = n;
+    }
+    return op->bytes;
+}
+
+/* On the writer thread: the operation is committed (and flushed); its
+ * loop is woken to answer it. Under mu, so that a store being freed
+ * (lm_free waits for in_writer to reach 0) is never written to after. */
+static void lm_op_land(struct lm_job *j)
+{
+    struct lm_op *op = (struct lm_op *)(void *)((char *)j - offsetof(struct lm_op, job));
+    struct store_lmdb *s = op->s;
+    pthread_mutex_lock(&s->mu);
+    bool first = TAILQ_EMPTY(&s->landed);
+    TAILQ_INSERT_TAIL(&s->landed, op, link);
+    if (first) {
+        uint64_t one = 1;
+        if (write(s->wake_fd, &one, sizeof(one)) < 0) { /* the counter is already set */
+        }
+    }
+    if (--s->in_writer == 0) pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* On the loop: what landed is answered (deferred like any answer). */
+static void lm_wake(evutil_socket_t fd, short what, void *arg)
+{
+    (void)what;
+    struct store_lmdb *s = arg;
+    uint64_t n;
+    if (read(fd, &n, sizeof(n)) < 0) { /* nothing to read: woken twice */
+    }
+    TAILQ_HEAD(, lm_op) q = TAILQ_HEAD_INITIALIZER(q);
+    pthread_mutex_lock(&s->mu);
+    TAILQ_CONCAT(&q, &s->landed, link);
+    pthread_mutex_unlock(&s->mu);
+    struct lm_op *op;
+    while ((op = TAILQ_FIRST(&q))) {
+        TAILQ_REMOVE(&q, op, link);
+        op->finish(op, op->job.rc);
+        lm_op_defer(op);
+    }
+}
+
+/* Runs fn on op's arguments: at once in its own transaction (sync "os":
+ * a few microseconds), or queued for the writer thread (sync "fsync"),
+ * whose flush would otherwise stop this loop; then finish makes the
+ * answer of fn's result and the callback is deferred. */
+static void lm_op_run(struct lm_op *op, int (*fn)(struct lm_txn *x, void *arg), void *args,
+                      void (*finish)(struct lm_op *op, int rc))
+{
+    struct store_lmdb *s = op->s;
+    op->finish = finish;
+    if (!s->env->threaded) {
+        finish(op, lm_run(s->env, fn, args));
+        lm_op_defer(op);
+        return;
+    }
+    op->job.fn = fn;
+    op->job.args = args;
+    op->job.land = lm_op_land;
+    pthread_mutex_lock(&s->mu);
+    s->in_writer++;
+    pthread_mutex_unlock(&s->mu);
+    lm_writer_submit(s->env, &op->job);
+}
+
 /* ---- operations ---- */
+
+/* The store's read transaction, renewed (its reader slot kept between
+ * uses): NULL when LMDB refused one. */
+static bool lm_read_txn(struct store_lmdb *s)
+{
+    if (s->rtxn) return mdb_txn_renew(s->rtxn) == 0;
+    if (mdb_txn_begin(s->env->env, NULL, MDB_RDONLY, &s->rtxn) == 0) return true;
+    s->rtxn = NULL;
+    return false;
+}
+
+static void lm_acquire_finish(struct lm_op *op, int rc)
+{
+    struct lm_acq_args *a = &op->a.acq;
+    if (rc) {
+        lm_failed(op->s, "acquire", rc);
+        free(a->record);
+        memset(&a->reply, 0, sizeof(a->reply));
+        a->reply.state = STORE_ACQ_ERROR;
+        a->record = NULL;
+    }
+    op->reply = a->reply;
+    op->record = a->record;
+}
 
 static void lm_acquire(struct store *base, const struct store_acquire_req *req, store_acquire_cb cb,
                        void *arg)
@@ -163,18 +300,40 @@ static void lm_acquire(struct store *base, const struct store_acquire_req *req, 
     op->kind = LM_OP_ACQUIRE;
     op->acq_cb = cb;
     op->arg = arg;
-    struct lm_acq_args a = {req->skey, req->skey_len, req->fp, req->token, req->lock_ms, {0}, NULL};
-    int rc = lm_run(s->env, lm_acquire_txn, &a);
-    if (rc) {
-        lm_failed(s, "acquire", rc);
-        free(a.record);
-        memset(&a.reply, 0, sizeof(a.reply));
-        a.reply.state = STORE_ACQ_ERROR;
-        a.record = NULL;
+    struct lm_acq_args *a = &op->a.acq;
+    *a = (struct lm_acq_args){req->skey,    req->skey_len, req->fp, req->token,
+                              req->lock_ms, {0},           NULL};
+    /* A replay, a 409 or a mismatch is read, lock-free, on this loop:
+     * only an acquire that may write takes LMDB's one writer lock (and,
+     * with sync "fsync", goes to the writer thread). */
+    if (lm_read_txn(s)) {
+        int found = lm_acquire_peek(s->env, s->rtxn, a);
+        mdb_txn_reset(s->rtxn);
+        if (found) {
+            lm_acquire_finish(op, 0);
+            lm_op_defer(op);
+            return;
+        }
     }
-    op->reply = a.reply;
-    op->record = a.record;
-    lm_op_defer(op);
+    if (s->env->threaded) {
+        uint8_t *b = lm_op_bytes(op, req->skey_len + STORE_FP_LEN + STORE_TOKEN_LEN);
+        memcpy(b, req->skey, req->skey_len);
+        memcpy(b + req->skey_len, req->fp, STORE_FP_LEN);
+        memcpy(b + req->skey_len + STORE_FP_LEN, req->token, STORE_TOKEN_LEN);
+        a->skey = (const char *)b;
+        a->fp = b + req->skey_len;
+        a->token = (const char *)b + req->skey_len + STORE_FP_LEN;
+    }
+    lm_op_run(op, lm_acquire_txn, a, lm_acquire_finish);
+}
+
+static void lm_owned_finish(struct lm_op *op, int rc)
+{
+    if (rc) {
+        lm_failed(op->s, "a lock's update", rc);
+        op->a.owned.status = -1;
+    }
+    op->status = op->a.owned.status;
 }
 
 static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const char *skey,
@@ -184,14 +343,18 @@ static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const ch
     struct lm_op *op = lm_op_new(s);
     op->done_cb = cb;
     op->arg = arg;
-    struct lm_owned_args a = {action, skey, skey_len, token, record, record_len, after_ms, -1};
-    int rc = lm_run(s->env, lm_owned_txn, &a);
-    if (rc) {
-        lm_failed(s, "a lock's update", rc);
-        a.status = -1;
+    struct lm_owned_args *a = &op->a.owned;
+    *a = (struct lm_owned_args){action, skey, skey_len, token, record, record_len, after_ms, -1};
+    if (s->env->threaded) {
+        uint8_t *b = lm_op_bytes(op, skey_len + STORE_TOKEN_LEN + record_len);
+        memcpy(b, skey, skey_len);
+        memcpy(b + skey_len, token, STORE_TOKEN_LEN);
+        if (record_len) memcpy(b + skey_len + STORE_TOKEN_LEN, record, record_len);
+        a->skey = (const char *)b;
+        a->token = (const char *)b + skey_len;
+        a->record = b + skey_len + STORE_TOKEN_LEN;
     }
-    op->status = a.status;
-    lm_op_defer(op);
+    lm_op_run(op, lm_owned_txn, a, lm_owned_finish);
 }
 
 static void lm_complete(struct store *base, const char *skey, size_t skey_len,
@@ -229,6 +392,42 @@ static void lm_ping(struct store *base, store_done_cb cb, void *arg)
     lm_op_defer(op);
 }
 
+static void lm_limit_finish(struct lm_op *op, int rc)
+{
+    if (rc) {
+        lm_failed(op->s, "limit", rc);
+        memset(&op->a.lim.reply, 0, sizeof(op->a.lim.reply));
+        op->a.lim.reply.verdict = STORE_LIMIT_ERROR;
+    }
+    op->limit = op->a.lim.reply;
+}
+
+static void lm_lease_finish(struct lm_op *op, int rc)
+{
+    if (rc) {
+        lm_failed(op->s, "a slot's update", rc);
+        op->a.lim.status = -1;
+    }
+    op->status = op->a.lim.status;
+}
+
+/* The limit's arguments in op (the scope and token copied for the writer
+ * thread). */
+static struct lm_limit_args *lm_limit_args(struct lm_op *op, const char *scope, size_t scope_len,
+                                           const char *token)
+{
+    struct lm_limit_args *la = &op->a.lim;
+    *la = (struct lm_limit_args){scope, scope_len, token, NULL, false, 0, {0}, 0};
+    if (op->s->env->threaded) {
+        uint8_t *b = lm_op_bytes(op, scope_len + STORE_TOKEN_LEN);
+        memcpy(b, scope, scope_len);
+        memcpy(b + scope_len, token, STORE_TOKEN_LEN);
+        la->scope = (const char *)b;
+        la->token = (const char *)b + scope_len;
+    }
+    return la;
+}
+
 static void lm_limit(struct store *base, const char *scope, size_t scope_len,
                      const char token[STORE_TOKEN_LEN], const struct store_limit_args *a,
                      store_limit_cb cb, void *arg)
@@ -238,15 +437,10 @@ static void lm_limit(struct store *base, const char *scope, size_t scope_len,
     op->kind = LM_OP_LIMIT;
     op->limit_cb = cb;
     op->arg = arg;
-    struct lm_limit_args la = {scope, scope_len, token, a, false, 0, {0}, 0};
-    int rc = lm_run(s->env, lm_limit_txn, &la);
-    if (rc) {
-        lm_failed(s, "limit", rc);
-        memset(&la.reply, 0, sizeof(la.reply));
-        la.reply.verdict = STORE_LIMIT_ERROR;
-    }
-    op->limit = la.reply;
-    lm_op_defer(op);
+    struct lm_limit_args *la = lm_limit_args(op, scope, scope_len, token);
+    op->limit_args = *a;
+    la->a = &op->limit_args;
+    lm_op_run(op, lm_limit_txn, la, lm_limit_finish);
 }
 
 static void lm_lease(struct store_lmdb *s, const char *scope, size_t scope_len, const char *token,
@@ -255,14 +449,10 @@ static void lm_lease(struct store_lmdb *s, const char *scope, size_t scope_len, 
     struct lm_op *op = lm_op_new(s);
     op->done_cb = cb;
     op->arg = arg;
-    struct lm_limit_args la = {scope, scope_len, token, NULL, renew, lease_ms, {0}, 0};
-    int rc = lm_run(s->env, lm_lease_txn, &la);
-    if (rc) {
-        lm_failed(s, "a slot's update", rc);
-        la.status = -1;
-    }
-    op->status = la.status;
-    lm_op_defer(op);
+    struct lm_limit_args *la = lm_limit_args(op, scope, scope_len, token);
+    la->renew = renew;
+    la->lease_ms = lease_ms;
+    lm_op_run(op, lm_lease_txn, la, lm_lease_finish);
 }
 
 static void lm_limit_release(struct store *base, const char *scope, size_t scope_len,
@@ -282,6 +472,12 @@ static void lm_free(struct store *base)
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
     struct lm_op *op;
+    /* What the writer thread holds lands first (at most one batch). */
+    pthread_mutex_lock(&s->mu);
+    while (s->in_writer > 0)
+        pthread_cond_wait(&s->cv, &s->mu);
+    TAILQ_CONCAT(&s->ops, &s->landed, link);
+    pthread_mutex_unlock(&s->mu);
     while ((op = TAILQ_FIRST(&s->ops))) {
         TAILQ_REMOVE(&s->ops, op, link);
         lm_op_free(op);
@@ -339,6 +535,16 @@ struct store *store_lmdb_new(struct event_base *base, struct store_lmdb_env *env
     TAILQ_INIT(&s->free_ops);
     s->evb = base;
     s->env = env;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    TAILQ_INIT(&s->landed);
+    s->wake_fd = -1;
+    if (env->threaded) {
+        s->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->wake_fd < 0) abort();
+        s->wake = event_new(base, s->wake_fd, EV_READ | EV_PERSIST, lm_wake, s);
+        if (!s->wake || event_add(s->wake, NULL) < 0) abort();
+    }
     s->tick = event_new(base, -1, 0, lm_tick, s);
     if (!s->tick) abort();
     struct timeval tv = clock_tv(LM_TICK_MS);

@@ -159,6 +159,7 @@ static int lm_end(struct lm_txn *x, int rc)
         return rc;
     }
     rc = mdb_txn_commit(x->t);
+    if (!rc) atomic_store(&x->e->unsynced, true);
     if (!rc && x->evicted) metrics_add(M_STORE_EVICTIONS, 0, (long long)x->evicted);
     return rc;
 }
@@ -191,6 +192,24 @@ int lm_run(struct store_lmdb_env *e, int (*fn)(struct lm_txn *x, void *arg), voi
         if (rc != MDB_MAP_FULL || attempt > 0) return rc;
         lm_relieve(e);
     }
+}
+
+void lm_run_batch(struct store_lmdb_env *e, struct lm_jobq *q)
+{
+    struct lm_txn x;
+    struct lm_job *j;
+    int rc = lm_begin(e, &x);
+    if (!rc) {
+        TAILQ_FOREACH (j, q, link) {
+            rc = j->fn(&x, j->args);
+            if (!rc) rc = x.err;
+            if (rc) break;
+        }
+        rc = lm_end(&x, rc);
+    }
+    /* Every job's answer is filled again by its run alone. */
+    TAILQ_FOREACH (j, q, link)
+        j->rc = rc ? lm_run(e, j->fn, j->args) : 0;
 }
 
 /* ---- scopes ---- */
@@ -251,7 +270,7 @@ uint64_t lm_entry_cost(size_t key_len, size_t skey_len, size_t rec_len, bool com
 }
 
 /* The entry under key, live or not: 1, 0 none (or unreadable: removed). */
-static int lm_entry_raw(struct lm_txn *x, const char *key, size_t klen, struct lm_entry *out)
+int lm_entry_raw(struct lm_txn *x, const char *key, size_t klen, struct lm_entry *out)
 {
     MDB_val k = {klen, (void *)key}, v;
     int rc = mdb_get(x->t, x->e->entries, &k, &v);
