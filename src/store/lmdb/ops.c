@@ -1,23 +1,20 @@
 /* ops.c — the LMDB store as seen by one worker (struct store_lmdb,
- * store.h): the struct store_ops table, each operation run in one short
- * write transaction on the worker's thread and its answer deferred onto
- * the worker's event_base through a zero-delay event (callbacks never
- * fire from inside the call that started them), the recycling of
- * finished ops, and the periodic timer that sweeps expired entries in
- * small bounded transactions.
+ * store.h): the struct store_ops table; each acquire first looked at in a
+ * read transaction (a replay, a 409, a mismatch answered lock-free);
+ * each write run in one short write transaction on the worker's thread
+ * (sync "os": microseconds) or handed to the writer thread (sync "fsync",
+ * writer.c: its flush would stop this loop); each answer deferred onto
+ * the worker's event_base (store/answers.h: callbacks never fire from
+ * inside the call that started them); and the periodic timer that sweeps
+ * expired entries in small bounded transactions (docs/stores.md).
  *
- * Why on the worker's thread: a transaction here is a few B-tree pages
- * touched in memory (microseconds); with lmdb.sync "fsync" its commit
- * also waits for the disk, which is the price that setting asks for
- * (docs/stores.md has the numbers).
- *
- * Owns the struct store_lmdb, its pending and cached ops with their
- * events, and a replayed record's copy until its callback returns. Does
- * not own the environment (borrowed: it must outlive the store). */
+ * Owns the struct store_lmdb and its operations (through its answers).
+ * Does not own the environment (borrowed: it must outlive the store). */
 #include "internal.h"
 
 #include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
+#include "idemgate/store/answers.h"
 
 #include <event2/event.h>
 #include <stddef.h>
@@ -26,27 +23,12 @@
 #include <sys/queue.h>
 #include <unistd.h>
 
-#define LM_OP_CACHE 64
-
-enum lm_op_kind { LM_OP_DONE, LM_OP_ACQUIRE, LM_OP_LIMIT };
-
-/* One operation: its arguments, its run (inline, or on the writer
- * thread), then its deferred callback. Owned by its store: in s->ops
- * while its callback is pending, in s->free_ops once recycled; with the
- * writer thread, counted in s->in_writer until it lands in s->landed. */
+/* One operation: its answer (first), its arguments, its run (inline, or
+ * on the writer thread). Owned by its store's answers (store/answers.h);
+ * with the writer thread, counted in s->in_writer until it lands in
+ * s->landed. */
 struct lm_op {
-    TAILQ_ENTRY(lm_op) link;
-    struct store_lmdb *s;
-    struct event *ev;
-    enum lm_op_kind kind;
-    store_acquire_cb acq_cb;
-    store_done_cb done_cb;
-    store_limit_cb limit_cb;
-    void *arg;
-    struct store_acquire_reply reply;
-    struct store_limit_reply limit;
-    uint8_t *record; /* owned copy behind reply.record */
-    int status;
+    struct store_answer ans; /* first */
     /* the run: its arguments, what makes the answer of its result */
     union {
         struct lm_acq_args acq;
@@ -56,8 +38,8 @@ struct lm_op {
     struct store_limit_args limit_args;
     void (*finish)(struct lm_op *op, int rc);
     struct lm_job job;
-    /* the writer thread's copies of the caller's strings (kept across
-     * recycling) */
+    /* the writer thread's copies of the caller's strings (kept while the
+     * answer is kept for the next operation) */
     uint8_t *bytes;
     size_t bytes_cap;
 };
@@ -70,57 +52,31 @@ struct store_lmdb {
     struct event_base *evb;
     struct store_lmdb_env *env;
     struct event *tick;
-    TAILQ_HEAD(, lm_op) ops;
-    TAILQ_HEAD(, lm_op) free_ops;
-    unsigned n_free_ops;
-    int firing;
-    bool dead;
+    struct store_answers answers;
     uint64_t error_logged_ms;
     /* the writer thread's answers (sync "fsync") */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* in_writer came down to 0 */
-    TAILQ_HEAD(, lm_op) landed;
+    struct store_answer_list landed;
     unsigned in_writer;
     int wake_fd; /* an eventfd: something landed */
     struct event *wake;
     MDB_txn *rtxn; /* reset between uses */
 };
 
-static void lm_op_free(struct lm_op *op)
+static struct store_lmdb *lm_store_of(const struct lm_op *op)
 {
-    if (op->ev) event_free(op->ev);
-    free(op->record);
-    free(op->bytes);
-    free(op);
+    return (struct store_lmdb *)(void *)((char *)op->ans.q - offsetof(struct store_lmdb, answers));
 }
 
-static void lm_op_recycle(struct lm_op *op)
+static void lm_op_free_bytes(struct store_answer *a)
 {
-    struct store_lmdb *s = op->s;
-    if (s->n_free_ops >= LM_OP_CACHE) {
-        lm_op_free(op);
-        return;
-    }
-    free(op->record);
-    struct event *ev = op->ev;
-    uint8_t *bytes = op->bytes;
-    size_t cap = op->bytes_cap;
-    memset(op, 0, sizeof(*op));
-    op->s = s;
-    op->ev = ev;
-    op->bytes = bytes;
-    op->bytes_cap = cap;
-    TAILQ_INSERT_HEAD(&s->free_ops, op, link);
-    s->n_free_ops++;
+    free(((struct lm_op *)(void *)a)->bytes);
 }
 
 static void lm_store_destroy(struct store_lmdb *s)
 {
-    struct lm_op *op;
-    while ((op = TAILQ_FIRST(&s->free_ops))) {
-        TAILQ_REMOVE(&s->free_ops, op, link);
-        lm_op_free(op);
-    }
+    store_answers_free(&s->answers);
     event_free(s->tick);
     if (s->wake) event_free(s->wake);
     if (s->rtxn) mdb_txn_abort(s->rtxn);
@@ -130,53 +86,21 @@ static void lm_store_destroy(struct store_lmdb *s)
     free(s);
 }
 
-static void lm_op_fire(evutil_socket_t fd, short what, void *arg)
+/* The store was freed from inside a callback: now the last one returned. */
+static void lm_answers_closed(struct store_answers *q)
 {
-    (void)fd;
-    (void)what;
-    struct lm_op *op = arg;
-    struct store_lmdb *s = op->s;
-    TAILQ_REMOVE(&s->ops, op, link); /* first: a store_free inside must not see it */
-    s->firing++;
-    switch (op->kind) {
-    case LM_OP_ACQUIRE:
-        op->acq_cb(op->arg, &op->reply);
-        break;
-    case LM_OP_LIMIT:
-        op->limit_cb(op->arg, &op->limit);
-        break;
-    case LM_OP_DONE:
-        op->done_cb(op->arg, op->status);
-        break;
-    }
-    s->firing--;
-    if (s->dead) {
-        lm_op_free(op);
-        if (s->firing == 0) lm_store_destroy(s);
-        return;
-    }
-    lm_op_recycle(op);
+    lm_store_destroy(
+        (struct store_lmdb *)(void *)((char *)q - offsetof(struct store_lmdb, answers)));
 }
 
 static struct lm_op *lm_op_new(struct store_lmdb *s)
 {
-    struct lm_op *op = TAILQ_FIRST(&s->free_ops);
-    if (op) {
-        TAILQ_REMOVE(&s->free_ops, op, link);
-        s->n_free_ops--;
-        return op;
-    }
-    op = lm_alloc(sizeof(*op));
-    op->s = s;
-    op->ev = event_new(s->evb, -1, 0, lm_op_fire, op);
-    if (!op->ev) abort();
-    return op;
+    return (struct lm_op *)(void *)store_answer_new(&s->answers);
 }
 
 static void lm_op_defer(struct lm_op *op)
 {
-    TAILQ_INSERT_TAIL(&op->s->ops, op, link);
-    event_active(op->ev, EV_TIMEOUT, 1);
+    store_answer_defer(&op->ans);
 }
 
 /* An LMDB error: logged at most every 10 s per worker, and the operation
@@ -210,10 +134,10 @@ static uint8_t *lm_op_bytes(struct lm_op *op, size_t n)
 static void lm_op_land(struct lm_job *j)
 {
     struct lm_op *op = (struct lm_op *)(void *)((char *)j - offsetof(struct lm_op, job));
-    struct store_lmdb *s = op->s;
+    struct store_lmdb *s = lm_store_of(op);
     pthread_mutex_lock(&s->mu);
     bool first = TAILQ_EMPTY(&s->landed);
-    TAILQ_INSERT_TAIL(&s->landed, op, link);
+    TAILQ_INSERT_TAIL(&s->landed, &op->ans, link);
     if (first) {
         uint64_t one = 1;
         if (write(s->wake_fd, &one, sizeof(one)) < 0) { /* the counter is already set */
@@ -231,13 +155,14 @@ static void lm_wake(evutil_socket_t fd, short what, void *arg)
     uint64_t n;
     if (read(fd, &n, sizeof(n)) < 0) { /* nothing to read: woken twice */
     }
-    TAILQ_HEAD(, lm_op) q = TAILQ_HEAD_INITIALIZER(q);
+    struct store_answer_list q = TAILQ_HEAD_INITIALIZER(q);
     pthread_mutex_lock(&s->mu);
     TAILQ_CONCAT(&q, &s->landed, link);
     pthread_mutex_unlock(&s->mu);
-    struct lm_op *op;
-    while ((op = TAILQ_FIRST(&q))) {
-        TAILQ_REMOVE(&q, op, link);
+    struct store_answer *a;
+    while ((a = TAILQ_FIRST(&q))) {
+        TAILQ_REMOVE(&q, a, link);
+        struct lm_op *op = (struct lm_op *)(void *)a;
         op->finish(op, op->job.rc);
         lm_op_defer(op);
     }
@@ -250,7 +175,7 @@ static void lm_wake(evutil_socket_t fd, short what, void *arg)
 static void lm_op_run(struct lm_op *op, int (*fn)(struct lm_txn *x, void *arg), void *args,
                       void (*finish)(struct lm_op *op, int rc))
 {
-    struct store_lmdb *s = op->s;
+    struct store_lmdb *s = lm_store_of(op);
     op->finish = finish;
     if (!s->env->threaded) {
         finish(op, lm_run(s->env, fn, args));
@@ -282,14 +207,14 @@ static void lm_acquire_finish(struct lm_op *op, int rc)
 {
     struct lm_acq_args *a = &op->a.acq;
     if (rc) {
-        lm_failed(op->s, "acquire", rc);
+        lm_failed(lm_store_of(op), "acquire", rc);
         free(a->record);
         memset(&a->reply, 0, sizeof(a->reply));
         a->reply.state = STORE_ACQ_ERROR;
         a->record = NULL;
     }
-    op->reply = a->reply;
-    op->record = a->record;
+    op->ans.reply = a->reply;
+    op->ans.record = a->record;
 }
 
 static void lm_acquire(struct store *base, const struct store_acquire_req *req, store_acquire_cb cb,
@@ -297,9 +222,9 @@ static void lm_acquire(struct store *base, const struct store_acquire_req *req, 
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
     struct lm_op *op = lm_op_new(s);
-    op->kind = LM_OP_ACQUIRE;
-    op->acq_cb = cb;
-    op->arg = arg;
+    op->ans.kind = STORE_ANSWER_ACQUIRE;
+    op->ans.acq_cb = cb;
+    op->ans.arg = arg;
     struct lm_acq_args *a = &op->a.acq;
     *a = (struct lm_acq_args){req->skey,    req->skey_len, req->fp, req->token,
                               req->lock_ms, {0},           NULL};
@@ -330,10 +255,10 @@ static void lm_acquire(struct store *base, const struct store_acquire_req *req, 
 static void lm_owned_finish(struct lm_op *op, int rc)
 {
     if (rc) {
-        lm_failed(op->s, "a lock's update", rc);
+        lm_failed(lm_store_of(op), "a lock's update", rc);
         op->a.owned.status = -1;
     }
-    op->status = op->a.owned.status;
+    op->ans.status = op->a.owned.status;
 }
 
 static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const char *skey,
@@ -341,8 +266,8 @@ static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const ch
                      uint64_t after_ms, store_done_cb cb, void *arg)
 {
     struct lm_op *op = lm_op_new(s);
-    op->done_cb = cb;
-    op->arg = arg;
+    op->ans.done_cb = cb;
+    op->ans.arg = arg;
     struct lm_owned_args *a = &op->a.owned;
     *a = (struct lm_owned_args){action, skey, skey_len, token, record, record_len, after_ms, -1};
     if (s->env->threaded) {
@@ -383,32 +308,32 @@ static void lm_ping(struct store *base, store_done_cb cb, void *arg)
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
     struct lm_op *op = lm_op_new(s);
-    op->done_cb = cb;
-    op->arg = arg;
+    op->ans.done_cb = cb;
+    op->ans.arg = arg;
     MDB_txn *t;
     int rc = mdb_txn_begin(s->env->env, NULL, MDB_RDONLY, &t);
     if (!rc) mdb_txn_abort(t);
-    op->status = rc ? -1 : 1;
+    op->ans.status = rc ? -1 : 1;
     lm_op_defer(op);
 }
 
 static void lm_limit_finish(struct lm_op *op, int rc)
 {
     if (rc) {
-        lm_failed(op->s, "limit", rc);
+        lm_failed(lm_store_of(op), "limit", rc);
         memset(&op->a.lim.reply, 0, sizeof(op->a.lim.reply));
         op->a.lim.reply.verdict = STORE_LIMIT_ERROR;
     }
-    op->limit = op->a.lim.reply;
+    op->ans.limit = op->a.lim.reply;
 }
 
 static void lm_lease_finish(struct lm_op *op, int rc)
 {
     if (rc) {
-        lm_failed(op->s, "a slot's update", rc);
+        lm_failed(lm_store_of(op), "a slot's update", rc);
         op->a.lim.status = -1;
     }
-    op->status = op->a.lim.status;
+    op->ans.status = op->a.lim.status;
 }
 
 /* The limit's arguments in op (the scope and token copied for the writer
@@ -418,7 +343,7 @@ static struct lm_limit_args *lm_limit_args(struct lm_op *op, const char *scope, 
 {
     struct lm_limit_args *la = &op->a.lim;
     *la = (struct lm_limit_args){scope, scope_len, token, NULL, false, 0, {0}, 0};
-    if (op->s->env->threaded) {
+    if (lm_store_of(op)->env->threaded) {
         uint8_t *b = lm_op_bytes(op, scope_len + STORE_TOKEN_LEN);
         memcpy(b, scope, scope_len);
         memcpy(b + scope_len, token, STORE_TOKEN_LEN);
@@ -434,9 +359,9 @@ static void lm_limit(struct store *base, const char *scope, size_t scope_len,
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
     struct lm_op *op = lm_op_new(s);
-    op->kind = LM_OP_LIMIT;
-    op->limit_cb = cb;
-    op->arg = arg;
+    op->ans.kind = STORE_ANSWER_LIMIT;
+    op->ans.limit_cb = cb;
+    op->ans.arg = arg;
     struct lm_limit_args *la = lm_limit_args(op, scope, scope_len, token);
     op->limit_args = *a;
     la->a = &op->limit_args;
@@ -447,8 +372,8 @@ static void lm_lease(struct store_lmdb *s, const char *scope, size_t scope_len, 
                      bool renew, uint32_t lease_ms, store_done_cb cb, void *arg)
 {
     struct lm_op *op = lm_op_new(s);
-    op->done_cb = cb;
-    op->arg = arg;
+    op->ans.done_cb = cb;
+    op->ans.arg = arg;
     struct lm_limit_args *la = lm_limit_args(op, scope, scope_len, token);
     la->renew = renew;
     la->lease_ms = lease_ms;
@@ -471,22 +396,15 @@ static void lm_limit_renew(struct store *base, const char *scope, size_t scope_l
 static void lm_free(struct store *base)
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
-    struct lm_op *op;
-    /* What the writer thread holds lands first (at most one batch). */
+    /* What the writer thread holds lands first (at most one batch), and
+     * is dropped with the rest of what is pending. */
     pthread_mutex_lock(&s->mu);
     while (s->in_writer > 0)
         pthread_cond_wait(&s->cv, &s->mu);
-    TAILQ_CONCAT(&s->ops, &s->landed, link);
+    TAILQ_CONCAT(&s->answers.pending, &s->landed, link);
     pthread_mutex_unlock(&s->mu);
-    while ((op = TAILQ_FIRST(&s->ops))) {
-        TAILQ_REMOVE(&s->ops, op, link);
-        lm_op_free(op);
-    }
-    if (s->firing > 0) {
-        s->dead = true;
-        return;
-    }
-    lm_store_destroy(s);
+    /* From inside a callback: freed when it returns (lm_answers_closed). */
+    if (store_answers_close(&s->answers)) lm_store_destroy(s);
 }
 
 static const struct store_ops lm_ops = {
@@ -531,10 +449,10 @@ struct store *store_lmdb_new(struct event_base *base, struct store_lmdb_env *env
 {
     struct store_lmdb *s = lm_alloc(sizeof(*s));
     s->base.ops = &lm_ops;
-    TAILQ_INIT(&s->ops);
-    TAILQ_INIT(&s->free_ops);
     s->evb = base;
     s->env = env;
+    store_answers_init(&s->answers, base, sizeof(struct lm_op), lm_op_free_bytes,
+                       lm_answers_closed);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     TAILQ_INIT(&s->landed);
