@@ -13,15 +13,14 @@
  * scope's, as in the memory store. Owns nothing beyond the call. */
 #include "internal.h"
 
+#include "idemgate/store/gcra.h"
+
 #include <string.h>
 
 #define LM_LIMIT_SCOPE_MAX 200
 
 struct lm_lim_hdr {
-    uint64_t rate_t0;    /* when rate_d was computed */
-    uint64_t rate_d;     /* TAT - rate_t0, in 1/rate_n ms */
-    uint64_t rate_until; /* the rate state is dead from then on; 0: none */
-    uint32_t rate_n;
+    struct gcra rate; /* store/gcra.h; all zero: none */
     uint32_t n_leases;
 };
 
@@ -38,11 +37,6 @@ struct lm_lim {
     struct lm_lease *leases;
 };
 
-static uint64_t lm_ceil_div(uint64_t a, uint64_t b)
-{
-    return a / b + (a % b != 0);
-}
-
 static uint64_t lm_lim_cost(size_t len, uint32_t n)
 {
     return LM_LIMIT_OVERHEAD + len + sizeof(struct lm_lim_hdr) +
@@ -51,7 +45,7 @@ static uint64_t lm_lim_cost(size_t len, uint32_t n)
 
 static uint64_t lm_lim_dead(const struct lm_lim *l)
 {
-    uint64_t d = l->h.rate_until;
+    uint64_t d = l->h.rate.until;
     for (uint32_t i = 0; i < l->h.n_leases; i++)
         if (l->leases[i].expires_ms > d) d = l->leases[i].expires_ms;
     return d;
@@ -65,7 +59,7 @@ static void lm_lim_purge(struct lm_lim *l, uint64_t now)
         else
             i++;
     }
-    if (l->h.rate_until <= now) memset(&l->h, 0, offsetof(struct lm_lim_hdr, n_leases));
+    if (l->h.rate.until <= now) memset(&l->h, 0, offsetof(struct lm_lim_hdr, n_leases));
 }
 
 static void lm_lim_load(struct lm_txn *x, const char *scope, size_t len, struct lm_lim *l)
@@ -122,49 +116,14 @@ static struct lm_lease *lm_lease_find(struct lm_lim *l, const char *token)
     return NULL;
 }
 
-/* TAT - now in 1/n ms (0: the whole allowance is there), rescaled when it
- * was computed for another n (a reload). */
-static uint64_t lm_rate_debt(const struct lm_lim_hdr *h, uint64_t n, uint64_t now)
-{
-    if (h->rate_until <= now || !h->rate_n) return 0;
-    uint64_t d0 = h->rate_d;
-    if (h->rate_n != n) {
-        unsigned __int128 r = ((unsigned __int128)d0 * n + h->rate_n - 1) / h->rate_n;
-        d0 = r > UINT64_MAX / 2 ? UINT64_MAX / 2 : (uint64_t)r;
-    }
-    uint64_t el = now > h->rate_t0 ? now - h->rate_t0 : 0;
-    if (el >= lm_ceil_div(d0, n)) return 0;
-    return d0 - el * n;
-}
-
-/* The rate's verdict for one more request: false (refused: reply says
- * when to retry) or true with the new debt in *d1. */
-static bool lm_rate_check(const struct lm_lim *l, const struct store_limit_args *a, uint64_t now,
-                          struct store_limit_reply *reply, uint64_t *d1)
-{
-    uint64_t n = a->requests, w = a->window_ms ? a->window_ms : 1;
-    uint64_t d = lm_rate_debt(&l->h, n, now);
-    uint64_t cap = w * n;
-    *d1 = d + w;
-    if (*d1 > cap) {
-        reply->verdict = STORE_LIMIT_RATE;
-        reply->reset_ms = (uint32_t)lm_ceil_div(d, n);
-        reply->retry_ms = (uint32_t)lm_ceil_div(*d1 - cap, n);
-        return false;
-    }
-    reply->remaining = (uint32_t)((cap - *d1) / w);
-    reply->reset_ms = (uint32_t)lm_ceil_div(*d1, n);
-    return true;
-}
-
 static void lm_limit_decide(struct lm_txn *x, struct lm_limit_args *la, struct lm_lim *l)
 {
     const struct store_limit_args *a = la->a;
     struct store_limit_reply *reply = &la->reply;
     bool rate = a->requests > 0;
     bool slot = a->take_slot && a->concurrent > 0;
-    uint64_t d1 = 0;
-    if (rate && !lm_rate_check(l, a, x->now, reply, &d1)) return;
+    struct gcra next;
+    if (rate && !gcra_take(&l->h.rate, a, x->now, reply, &next)) return;
     struct lm_lease *mine = slot ? lm_lease_find(l, la->token) : NULL;
     bool take = slot && l->h.n_leases < a->concurrent;
     if (!rate && !take) {
@@ -178,12 +137,7 @@ static void lm_limit_decide(struct lm_txn *x, struct lm_limit_args *la, struct l
         reply->verdict = STORE_LIMIT_ERROR;
         return;
     }
-    if (rate) {
-        l->h.rate_t0 = x->now;
-        l->h.rate_d = d1;
-        l->h.rate_n = a->requests;
-        l->h.rate_until = x->now + reply->reset_ms;
-    }
+    if (rate) l->h.rate = next;
     if (take) {
         if (!mine) {
             mine = &l->leases[l->h.n_leases++];

@@ -30,6 +30,7 @@
 
 #include "idemgate/core/clock.h"
 #include "idemgate/core/siphash.h"
+#include "idemgate/store/gcra.h"
 #include "idemgate/store/store.h"
 
 #include <pthread.h>
@@ -128,17 +129,12 @@ struct mem_lease {
     uint64_t expires_ms;
 };
 
-/* The limits of one scope (store_limit): its rate state and its slots,
- * while either is live. The rate state is the GCRA's theoretical arrival
- * time, kept exact as TAT = rate_t0 + rate_d / rate_n ms (rate_d counts
- * units of 1/rate_n ms: a request adds window_ms of them). Owned by
+/* The limits of one scope (store_limit): its rate state (store/gcra.h)
+ * and its slots, while either is live. Owned by
  * sh->limits (the struct with its name); owns its leases array. */
 struct mem_limit {
     struct mem_node node; /* first: in sh->limits */
-    uint64_t rate_t0;     /* when rate_d was computed */
-    uint64_t rate_d;      /* TAT - rate_t0, in 1/rate_n ms */
-    uint64_t rate_until;  /* the rate state is dead from then on (TAT); 0: none */
-    uint32_t rate_n;      /* the requests it was computed for */
+    struct gcra rate;     /* all zero: none */
     uint32_t n_leases, cap_leases;
     struct mem_lease *leases; /* n_leases live or lapsed, unordered */
     uint64_t bytes;           /* charged: the struct, its name, its leases array */

@@ -4,13 +4,12 @@
  * limit_release and limit_renew on it: the same as the Redis limit
  * scripts (scripts.c), on the process's monotonic clock instead of TIME.
  *
- * The rate is a GCRA kept exact in integers: the theoretical arrival time
- * TAT is rate_t0 + rate_d / n ms, a request adds window_ms to rate_d (an
- * emission interval of window_ms / n ms), and it passes when TAT - now,
- * after it, is at most window_ms (so a burst of n passes at once). The
- * rate state dies at TAT (then it equals no state); a slot dies when its
- * lease lapses; an entry holding neither is dropped, lazily on lookup and
- * by a bounded sweep on every operation and every tick.
+ * The rate is a GCRA kept exact in integers (store/gcra.h): a request
+ * adds an emission interval of window_ms / n ms to the theoretical arrival
+ * time TAT, and it passes when TAT - now, after it, is at most window_ms
+ * (so a burst of n passes at once). The rate state dies at TAT (then it equals no state); a slot
+ * dies when its lease lapses; an entry holding neither is dropped, lazily on lookup and by a
+ * bounded sweep on every operation and every tick.
  *
  * Owns every struct mem_limit and its leases array; each is charged to
  * the store's bytes (limit_bytes, and the table's buckets), not to a
@@ -27,11 +26,6 @@
 #define MEM_LIMIT_SCOPE_MAX 200
 /* The first leases array of a scope, in slots. */
 #define MEM_LEASES_MIN 4
-
-static uint64_t mem_ceil_div(uint64_t a, uint64_t b)
-{
-    return a / b + (a % b != 0);
-}
 
 static uint64_t mem_leases_cost(uint32_t cap)
 {
@@ -80,7 +74,7 @@ static void mem_limit_drop(struct store_memory_shared *sh, struct mem_limit *l)
 static bool mem_limit_reap(struct store_memory_shared *sh, struct mem_limit *l, uint64_t now)
 {
     mem_leases_purge(l, now);
-    if (l->n_leases > 0 || l->rate_until > now) return false;
+    if (l->n_leases > 0 || l->rate.until > now) return false;
     mem_limit_drop(sh, l);
     return true;
 }
@@ -114,21 +108,6 @@ static struct mem_limit *mem_limit_new(struct store_memory_shared *sh, const cha
     return l;
 }
 
-/* TAT - now in 1/n ms (0: the whole allowance is there), from l's rate
- * state: rescaled when it was computed for another n (a reload). */
-static uint64_t mem_rate_debt(const struct mem_limit *l, uint64_t n, uint64_t now)
-{
-    if (l->rate_until <= now || !l->rate_n) return 0;
-    uint64_t d0 = l->rate_d;
-    if (l->rate_n != n) {
-        unsigned __int128 r = ((unsigned __int128)d0 * n + l->rate_n - 1) / l->rate_n;
-        d0 = r > UINT64_MAX / 2 ? UINT64_MAX / 2 : (uint64_t)r;
-    }
-    uint64_t el = now > l->rate_t0 ? now - l->rate_t0 : 0;
-    if (el >= mem_ceil_div(d0, n)) return 0;
-    return d0 - el * n;
-}
-
 /* The leases array's next size when one more is needed (concurrent >
  * n_leases == cap_leases). */
 static uint32_t mem_leases_grown(uint32_t cap, uint32_t concurrent)
@@ -154,20 +133,9 @@ void mem_limit_locked(struct store_memory_shared *sh, const char *scope, size_t 
     struct mem_limit *l = mem_limit_find(sh, scope, len, h, now);
 
     /* the rate: refused, nothing is stored */
-    uint64_t n = a->requests, w = a->window_ms ? a->window_ms : 1, d1 = 0;
-    if (rate) {
-        uint64_t d = l ? mem_rate_debt(l, n, now) : 0;
-        uint64_t cap = w * n;
-        d1 = d + w;
-        if (d1 > cap) {
-            reply->verdict = STORE_LIMIT_RATE;
-            reply->reset_ms = (uint32_t)mem_ceil_div(d, n);
-            reply->retry_ms = (uint32_t)mem_ceil_div(d1 - cap, n);
-            return;
-        }
-        reply->remaining = (uint32_t)((cap - d1) / w);
-        reply->reset_ms = (uint32_t)mem_ceil_div(d1, n);
-    }
+    static const struct gcra none;
+    struct gcra next;
+    if (rate && !gcra_take(l ? &l->rate : &none, a, now, reply, &next)) return;
 
     /* the slot: token's own lease is overwritten, else a free one taken */
     struct mem_lease *mine = slot && l ? mem_lease_find(l, token) : NULL;
@@ -192,12 +160,7 @@ void mem_limit_locked(struct store_memory_shared *sh, const char *scope, size_t 
         return;
     }
     if (!l) l = mem_limit_new(sh, scope, len, h);
-    if (rate) {
-        l->rate_t0 = now;
-        l->rate_d = d1;
-        l->rate_n = (uint32_t)n;
-        l->rate_until = now + reply->reset_ms;
-    }
+    if (rate) l->rate = next;
     if (!take) {
         if (slot) reply->verdict = STORE_LIMIT_CONCURRENCY; /* the request still counted */
         return;
