@@ -197,7 +197,7 @@ def parse_args(argv):
     ap.add_argument("--lock-seconds", type=int, default=30,
                     help="idempotency.lock_seconds (default 30; keep it above the clients' "
                     "20 s budget, or a lock left by a failed write expires while its key is "
-                    "still retried and executes again, which SPEC allows)")
+                    "still retried and executes again, as docs/stores.md allows)")
     ap.add_argument("--think-ms", type=float, default=20, help="mean pause between keys")
     ap.add_argument("--rss-interval", type=float, default=0)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)

@@ -19,7 +19,7 @@ Why nothing may run twice even though orphaned locks expire: every session
 of a cycle starts together and gives up BUDGET seconds after it started,
 BUDGET below LOCK_SECONDS, so no client of a key is still retrying when
 the lock a killed process left on it runs out (a retry after that may run
-the key again, which SPEC allows; the last check does exactly that, apart).
+the key again, as docs/stores.md says; the last check does exactly that, apart).
 
 Each cycle: fresh keys (every fourth sent by two clients at once) plus
 keys completed in earlier cycles sent again (they must replay through the

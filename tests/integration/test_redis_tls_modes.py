@@ -1,4 +1,4 @@
-"""rediss:// in cluster and sentinel mode (SPEC section 2, redis.mode and
+"""rediss:// in cluster and sentinel mode (docs/configuration.md, redis.mode and
 redis.tls): every connection of the store is TLS, so idemgate works with
 Redis processes that speak nothing else.
 

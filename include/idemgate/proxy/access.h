@@ -1,5 +1,5 @@
-/* access.h — the access line and the requests counter (SPEC sections 7
- * and 8): one line and one idemgate_requests_total{outcome} count per
+/* access.h — the access line and the requests counter (docs/logs.md,
+ * docs/metrics.md): one line and one idemgate_requests_total{outcome} count per
  * answer idemgate gives, whether an exchange gave it (exchange.c) or the
  * client refused a request before any exchange existed (client.c: 400,
  * 408, 413, 431, 501, 505, outcome "rejected"); and the request ids of
