@@ -614,8 +614,12 @@ static void h2_send(struct h2conn *h)
         h->sending = true;
     }
     /* Over, or broken: closed from the connection's own event, never from
-     * inside an exchange's call. */
-    if (h->dead || (!nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s)))
+     * inside an exchange's call. Over with bytes still to write: the
+     * socket's own write event comes when it can take them (activating
+     * the event meanwhile would spin the loop while the client does not
+     * read). */
+    if (h->dead || (!nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s) &&
+                    buf_size(&c->out) == 0))
         event_active(c->ev, EV_WRITE, 0);
 }
 
