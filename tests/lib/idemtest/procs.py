@@ -17,6 +17,7 @@ fd_count() from /proc.
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,21 +60,55 @@ def idemgate_bin():
 _handed_out = set()
 
 
+def _ephemeral_low():
+    """The first port the kernel hands out to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def free_port():
     """A port nothing listens on now, never one this process handed out
     before: two asked for in a row (an admin port, then the listen port)
-    must differ, and the kernel may offer a just-closed port again."""
-    for _ in range(100):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        finally:
-            s.close()
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no fresh free port in 100 tries")
+    must differ, and the kernel may offer a just-closed port again.
+
+    Taken below the kernel's ephemeral range when there is room (10,000
+    ports under it): a port from that range, free when asked for, could
+    become the local port of any outgoing connection (the tests make
+    thousands) before the server meant to listen on it binds, and the
+    server would then fail to start."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        if low >= 11024:
+            port = rng.randrange(low - 10000, low)
+            if port in _handed_out or not _bindable(port):
+                continue
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            finally:
+                s.close()
+            if port in _handed_out:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no fresh free port in 1000 tries")
 
 
 def free_cluster_port():
