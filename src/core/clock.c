@@ -29,6 +29,14 @@ int64_t clock_wall_s(void)
     return (int64_t)ts.tv_sec;
 }
 
+uint64_t clock_wall_ms(void)
+{
+    if (fake_wall) return (uint64_t)*fake_wall * 1000u;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
 void clock_set_fake_wall(const int64_t *now)
 {
     fake_wall = now;

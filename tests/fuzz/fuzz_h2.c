@@ -61,15 +61,9 @@
 #include "idemgate/proxy/upstream.h"
 #include "idemgate/store/store.h"
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+#include "fuzz_check.h"
 
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);           \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* Separate the turns of the input (both in h2.dict): after SETTLE the
  * next turn follows; after DRAIN the loop drains first (SIGTERM: GOAWAY,

@@ -54,7 +54,8 @@ import time
 import pytest
 
 from idemtest.assertions import (DEFAULT_REPLAY_EXCLUDE, after_release, assert_error,
-                                 assert_in_progress, e2e_headers, error_code,
+                                 assert_in_progress, assert_one_fresh, e2e_headers,
+                                 error_code,
                                  wait_until, wait_upstream_saw)
 from idemtest.certs import make_certs
 from idemtest.config import merge, store_config
@@ -525,17 +526,9 @@ def assert_one_execution(answers, key, upstream):
     """Of answers to one key and body sent at once: exactly one executed
     (201, not replayed), every other one is 409 request_in_progress or a
     replay of it; the upstream ran it once."""
-    fresh = [r for r in answers if r.status == 201 and not r.replayed]
-    assert len(fresh) == 1, answers
-    for r in answers:
-        if r is fresh[0]:
-            continue
-        if r.status == 409:
-            assert_in_progress(r)
-        else:
-            assert_replay(r, fresh[0])
+    fresh = assert_one_fresh(answers, 201, assert_replay)
     assert upstream.count(key) == 1, upstream.stats()
-    return fresh[0]
+    return fresh
 
 
 def test_one_key_on_many_streams_executes_once(gate, upstream, transport):

@@ -57,7 +57,7 @@ import time
 
 import pytest
 
-from idemtest.assertions import (assert_error, assert_in_progress,
+from idemtest.assertions import (assert_error, assert_in_progress, assert_one_fresh,
                                  assert_replay_of, wait_until)
 from idemtest.config import merge
 from idemtest.http import metrics, read_request, request
@@ -765,18 +765,10 @@ def test_storm_of_redeliveries_executes_once(gate, upstream, signers, store_cfg)
     results = storm_each([g.port], n, lambda i: (path, [JSON_CT] + heads[i], body))
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
-    firsts = [r for r in results if r.status == 200 and not r.replayed]
-    assert len(firsts) == 1, results
-    for r in results:
-        if r is firsts[0]:
-            continue
-        if r.status == 409:
-            assert_in_progress(r)
-        else:
-            assert_replay_of(r, firsts[0])
+    first = assert_one_fresh(results, 200, assert_replay_of)
     assert execs(upstream, "/slow") == 1
     later = deliver(g, path, heads[n], body)
-    assert_replay_of(later, firsts[0])
+    assert_replay_of(later, first)
     assert execs(upstream, "/slow") == 1
 
 

@@ -24,6 +24,9 @@ void clock_set_fake(const uint64_t *now);
 /* CLOCK_REALTIME in whole seconds since the epoch, or the fake's value
  * while one is set (clock_set_fake_wall, as clock_set_fake). */
 int64_t clock_wall_s(void);
+/* The same in milliseconds (the fake's seconds times 1000): creation
+ * dates and the expiry times a store shares across processes. */
+uint64_t clock_wall_ms(void);
 void clock_set_fake_wall(const int64_t *now);
 
 /* A duration in ms as the struct timeval libevent's timers take. */

@@ -207,8 +207,7 @@ int store_lmdb_env_open(const struct store_lmdb_opts *o, struct store_lmdb_env *
         store_lmdb_env_free(e);
         return -1;
     }
-    e->threaded = o->fsync;
-    if (e->threaded && lm_writer_start(e) != 0) {
+    if (e->fsync && lm_writer_start(e) != 0) {
         snprintf(err, errlen, "lmdb.path: cannot start the writer thread for %s", e->path);
         store_lmdb_env_free(e);
         return -1;

@@ -23,6 +23,7 @@
 #ifndef IDEMGATE_STORE_LMDB_INTERNAL_H
 #define IDEMGATE_STORE_LMDB_INTERNAL_H
 
+#include "idemgate/core/clock.h"
 #include "idemgate/store/store.h"
 
 #include <lmdb.h>
@@ -73,7 +74,6 @@ struct store_lmdb_env {
     /* this process's counts (the shared ones are in the totals) */
     _Atomic uint64_t evict_logged_ms, refuse_logged_ms;
     /* the writer thread (sync "fsync"; writer.c): its queue under mu */
-    bool threaded;
     bool writer_started;
     _Atomic bool unsynced; /* a commit since the writer's last flush */
     pthread_t writer;
@@ -97,7 +97,7 @@ struct lm_job {
 
 /* ---- writer.c ---- */
 
-/* Starts e's writer thread (e->threaded): 0, or an errno. */
+/* Starts e's writer thread (sync "fsync"): 0, or an errno. */
 int lm_writer_start(struct store_lmdb_env *e);
 /* Runs every job queued, then stops and joins the thread. */
 void lm_writer_stop(struct store_lmdb_env *e);
@@ -169,7 +169,6 @@ static inline void *lm_alloc(size_t n)
     return p;
 }
 
-uint64_t lm_wall_ms(void);
 size_t lm_scope_len(const char *skey, size_t len);
 
 /* ---- txn.c ---- */

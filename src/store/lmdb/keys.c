@@ -71,7 +71,7 @@ int lm_acquire_peek(struct store_lmdb_env *e, MDB_txn *t, struct lm_acq_args *a)
     if (lm_entry_raw(&x, key, klen, &en) <= 0) return 0;
     const char *stored = (const char *)en.val + sizeof(struct lm_hdr);
     if (en.h.skey_len != a->skey_len || memcmp(stored, a->skey, a->skey_len) != 0 ||
-        en.h.expires_ms <= lm_wall_ms())
+        en.h.expires_ms <= clock_wall_ms())
         return 0;
     free(a->record);
     a->record = NULL;

@@ -107,7 +107,7 @@ static void lm_op_defer(struct lm_op *op)
  * answers as a store error. */
 static void lm_failed(struct store_lmdb *s, const char *what, int rc)
 {
-    uint64_t now = lm_wall_ms();
+    uint64_t now = clock_wall_ms();
     if (s->error_logged_ms && now - s->error_logged_ms < LM_WARN_EVERY_MS) return;
     s->error_logged_ms = now;
     log_msg(LOG_ERROR, "lmdb store: %s failed: %s (lmdb.path %s)", what, mdb_strerror(rc),
@@ -177,7 +177,7 @@ static void lm_op_run(struct lm_op *op, int (*fn)(struct lm_txn *x, void *arg), 
 {
     struct store_lmdb *s = lm_store_of(op);
     op->finish = finish;
-    if (!s->env->threaded) {
+    if (!s->env->fsync) {
         finish(op, lm_run(s->env, fn, args));
         lm_op_defer(op);
         return;
@@ -240,7 +240,7 @@ static void lm_acquire(struct store *base, const struct store_acquire_req *req, 
             return;
         }
     }
-    if (s->env->threaded) {
+    if (s->env->fsync) {
         uint8_t *b = lm_op_bytes(op, req->skey_len + STORE_FP_LEN + STORE_TOKEN_LEN);
         memcpy(b, req->skey, req->skey_len);
         memcpy(b + req->skey_len, req->fp, STORE_FP_LEN);
@@ -270,7 +270,7 @@ static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const ch
     op->ans.arg = arg;
     struct lm_owned_args *a = &op->a.owned;
     *a = (struct lm_owned_args){action, skey, skey_len, token, record, record_len, after_ms, -1};
-    if (s->env->threaded) {
+    if (s->env->fsync) {
         uint8_t *b = lm_op_bytes(op, skey_len + STORE_TOKEN_LEN + record_len);
         memcpy(b, skey, skey_len);
         memcpy(b + skey_len, token, STORE_TOKEN_LEN);
@@ -343,7 +343,7 @@ static struct lm_limit_args *lm_limit_args(struct lm_op *op, const char *scope, 
 {
     struct lm_limit_args *la = &op->a.lim;
     *la = (struct lm_limit_args){scope, scope_len, token, NULL, false, 0, {0}, 0};
-    if (lm_store_of(op)->env->threaded) {
+    if (lm_store_of(op)->env->fsync) {
         uint8_t *b = lm_op_bytes(op, scope_len + STORE_TOKEN_LEN);
         memcpy(b, scope, scope_len);
         memcpy(b + scope_len, token, STORE_TOKEN_LEN);
@@ -457,7 +457,7 @@ struct store *store_lmdb_new(struct event_base *base, struct store_lmdb_env *env
     pthread_cond_init(&s->cv, NULL);
     TAILQ_INIT(&s->landed);
     s->wake_fd = -1;
-    if (env->threaded) {
+    if (env->fsync) {
         s->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         if (s->wake_fd < 0) abort();
         s->wake = event_new(base, s->wake_fd, EV_READ | EV_PERSIST, lm_wake, s);

@@ -23,15 +23,7 @@
 
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 #include <xxhash.h>
-
-uint64_t lm_wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 size_t lm_scope_len(const char *skey, size_t len)
 {
@@ -133,7 +125,7 @@ static int lm_begin(struct store_lmdb_env *e, struct lm_txn *x)
     x->e = e;
     int rc = mdb_txn_begin(e->env, NULL, 0, &x->t);
     if (rc) return rc;
-    x->now = lm_wall_ms();
+    x->now = clock_wall_ms();
     MDB_val k = {6, "totals"}, v;
     rc = mdb_get(x->t, e->meta, &k, &v);
     if (rc == 0 && v.mv_size == sizeof(x->tot))
@@ -159,7 +151,7 @@ static int lm_end(struct lm_txn *x, int rc)
         return rc;
     }
     rc = mdb_txn_commit(x->t);
-    if (!rc) atomic_store(&x->e->unsynced, true);
+    if (!rc && x->e->fsync) atomic_store(&x->e->unsynced, true);
     if (!rc && x->evicted) metrics_add(M_STORE_EVICTIONS, 0, (long long)x->evicted);
     return rc;
 }

@@ -34,7 +34,7 @@ static void *writer_main(void *arg)
 
         lm_run_batch(e, &q);
         /* One flush for the batch; none when nothing was committed. */
-        int rc = atomic_exchange(&e->unsynced, false) && e->fsync ? mdb_env_sync(e->env, 1) : 0;
+        int rc = atomic_exchange(&e->unsynced, false) ? mdb_env_sync(e->env, 1) : 0;
         if (rc)
             log_msg(LOG_ERROR, "lmdb store: flush failed: %s (lmdb.path %s)", mdb_strerror(rc),
                     e->path);

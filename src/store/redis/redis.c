@@ -13,13 +13,13 @@
 #include "redis_internal.h"
 
 #include "idemgate/core/buf.h"
+#include "idemgate/core/clock.h"
 #include "idemgate/core/log.h"
 #include "idemgate/net/tls.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 void *rs_alloc(size_t n)
 {
@@ -33,14 +33,6 @@ char *rs_strndup(const char *p, size_t n)
     char *d = rs_alloc(n + 1);
     if (n) memcpy(d, p, n);
     return d;
-}
-
-/* Wall-clock time, for a lock's created-at. */
-static uint64_t rs_wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 int rs_timeout_ms(const struct store_redis *s)
@@ -89,7 +81,7 @@ static void rs_acquire(struct store *base, const struct store_acquire_req *req, 
     char ms[16];
     snprintf(ms, sizeof(ms), "%u", lock_ms);
     char lock[RS_VAL_HDR];
-    rs_lock_value(lock, fp, token, rs_wall_ms());
+    rs_lock_value(lock, fp, token, clock_wall_ms());
     const char *args[5] = {key, (const char *)fp, token, ms, lock};
     size_t lens[5] = {klen, STORE_FP_LEN, STORE_TOKEN_LEN, strlen(ms), RS_VAL_HDR};
     struct rop *op = rop_new(s, ROP_ACQUIRE, RS_ACQUIRE, 5, args, lens);

@@ -88,6 +88,23 @@ def assert_in_progress(resp, problem=False):
     assert resp.header("Retry-After") == "1", resp
 
 
+def assert_one_fresh(answers, status, assert_replay):
+    """Of answers to one key and body sent at once: exactly one executed
+    (status, not replayed), every other one is 409 request_in_progress or,
+    by assert_replay(other, executed), a replay of it. Returns the one
+    executed."""
+    fresh = [r for r in answers if r.status == status and not r.replayed]
+    assert len(fresh) == 1, answers
+    for r in answers:
+        if r is fresh[0]:
+            continue
+        if r.status == 409:
+            assert_in_progress(r)
+        else:
+            assert_replay(r, fresh[0])
+    return fresh[0]
+
+
 def assert_lost_replay(r):
     """502 upstream_answer_lost, replayed (a key kept as lost)."""
     assert r.status == 502, r
