@@ -221,9 +221,11 @@ enum webhook_key_status webhook_key(const struct cfg_webhook *w, const struct ht
     int n = -1;
     if (cJSON_IsString(v)) {
         n = snprintf(buf, WEBHOOK_KEY_MAX + 1, "%s", v->valuestring);
-    } else if (cJSON_IsNumber(v) && v->valuedouble == (double)(long long)v->valuedouble &&
-               v->valuedouble < 9007199254740992.0 && v->valuedouble > -9007199254740992.0) {
-        n = snprintf(buf, WEBHOOK_KEY_MAX + 1, "%lld", (long long)v->valuedouble);
+    } else if (cJSON_IsNumber(v) && v->valuedouble < 9007199254740992.0 &&
+               v->valuedouble > -9007199254740992.0) {
+        /* In range first: converting a double beyond long long is undefined. */
+        long long i = (long long)v->valuedouble;
+        if ((double)i == v->valuedouble) n = snprintf(buf, WEBHOOK_KEY_MAX + 1, "%lld", i);
     }
     if (n >= 0 && n <= WEBHOOK_KEY_MAX) {
         *key = buf;
