@@ -5,7 +5,8 @@
  * eviction order (a scope's own oldest first, then the largest scope's,
  * never a lock); the expiry sweep; long keys; and the environments it
  * refuses (not an LMDB file, a path under a file, data above max_bytes,
- * another program's databases). Each case has a fresh directory; every
+ * another program's databases); writes issued together (one transaction)
+ * and a completion queued when its store is freed. Each case has a fresh directory; every
  * wait is bounded. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -149,6 +150,73 @@ static void test_records_survive_reopen(void **state)
     store_lmdb_stats(c->env, &st);
     assert_int_equal(st.completed, 2);
     assert_int_equal(st.locks, 0);
+}
+
+/* Writes issued before the loop runs share one transaction: each sees the
+ * ones before it (two acquires of one new key: one lock, one 409), each
+ * gets its own answer, and what the caller lent may change after the
+ * call (the store copied it). */
+static void test_writes_issued_together(void **state)
+{
+    struct ctx *c = *state;
+    struct acq_res a[4];
+    memset(a, 0, sizeof(a));
+    const char *keys[4] = {"s:t1", "s:t2", "s:t3", "s:t1"};
+    char skey[16];
+    for (int i = 0; i < 4; i++) {
+        snprintf(skey, sizeof(skey), "%s", keys[i]);
+        store_acquire(c->st,
+                      &(struct store_acquire_req){skey, strlen(skey), FP_1,
+                                                  i == 3 ? TOKEN_B : TOKEN_A, 30000, NULL, NULL, 0},
+                      acq_cb, &a[i]);
+        memset(skey, 'x', sizeof(skey)); /* lent for the call only */
+    }
+    for (int i = 0; i < 4; i++) {
+        stl_run_until(c->base, &a[i].done, WAIT_MS);
+        assert_true(a[i].done);
+        assert_int_equal(a[i].calls, 1);
+    }
+    assert_int_equal(a[0].state, STORE_ACQ_LOCKED);
+    assert_int_equal(a[1].state, STORE_ACQ_LOCKED);
+    assert_int_equal(a[2].state, STORE_ACQ_LOCKED);
+    assert_int_equal(a[3].state, STORE_ACQ_IN_PROGRESS);
+    uint8_t rec[64];
+    struct done_res d[3];
+    memset(d, 0, sizeof(d));
+    for (int i = 0; i < 3; i++) {
+        memset(rec, 'a' + i, sizeof(rec));
+        store_complete(c->st, keys[i], strlen(keys[i]), TOKEN_A, rec, sizeof(rec), 60, done_cb,
+                       &d[i]);
+        memset(rec, 'z', sizeof(rec));
+    }
+    for (int i = 0; i < 3; i++) {
+        stl_run_until(c->base, &d[i].done, WAIT_MS);
+        assert_int_equal(d[i].status, 1);
+    }
+    for (int i = 0; i < 3; i++) {
+        struct acq_res r;
+        assert_int_equal(stl_acquire(c->base, c->st, keys[i], FP_1, TOKEN_B, 1000, &r),
+                         STORE_ACQ_COMPLETED);
+        assert_int_equal(r.rec_len, sizeof(rec));
+        memset(rec, 'a' + i, sizeof(rec));
+        assert_memory_equal(r.rec, rec, sizeof(rec));
+    }
+}
+
+/* A completion still queued when its store is freed (a worker stopping)
+ * is written, not lost: the record is there after a reopen. */
+static void test_free_writes_what_is_queued(void **state)
+{
+    struct ctx *c = *state;
+    assert_int_equal(acquire(c, c->st, "s:last", FP_1, TOKEN_A, 30000), STORE_ACQ_LOCKED);
+    struct done_res d = {0};
+    store_complete(c->st, "s:last", 6, TOKEN_A, (const uint8_t *)"kept", 4, 60, done_cb, &d);
+    reopen(c, 16u << 20, 0); /* frees the store before its loop ran again */
+    assert_false(d.done);
+    struct acq_res r;
+    assert_int_equal(stl_acquire(c->base, c->st, "s:last", FP_1, TOKEN_B, 1000, &r),
+                     STORE_ACQ_COMPLETED);
+    assert_memory_equal(r.rec, "kept", 4);
 }
 
 static void test_two_environments_share(void **state)
@@ -429,6 +497,8 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_records_survive_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_writes_issued_together, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_free_writes_what_is_queued, setup, teardown),
         cmocka_unit_test_setup_teardown(test_two_environments_share, setup, teardown),
         cmocka_unit_test_setup_teardown(test_forked_process_sees_lock, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_keys, setup, teardown),

@@ -1,9 +1,10 @@
 /* ops.c — the LMDB store as seen by one worker (struct store_lmdb,
  * store.h): the struct store_ops table; each acquire first looked at in a
  * read transaction (a replay, a 409, a mismatch answered lock-free);
- * each write run in one short write transaction on the worker's thread
- * (sync "os": microseconds) or handed to the writer thread (sync "fsync",
- * writer.c: its flush would stop this loop); each answer deferred onto
+ * the writes run in batches, one write transaction each: on the worker's
+ * thread once the ready events have run (sync "os": microseconds), or on
+ * the writer thread (sync "fsync", writer.c: its flush would stop this
+ * loop); each answer deferred onto
  * the worker's event_base (store/answers.h: callbacks never fire from
  * inside the call that started them); and the periodic timer that sweeps
  * expired entries in small bounded transactions (docs/stores.md).
@@ -38,8 +39,8 @@ struct lm_op {
     struct store_limit_args limit_args;
     void (*finish)(struct lm_op *op, int rc);
     struct lm_job job;
-    /* the writer thread's copies of the caller's strings (kept while the
-     * answer is kept for the next operation) */
+    /* copies of the caller's strings and record, for the write that runs
+     * after the call (kept while the answer is kept for the next one) */
     uint8_t *bytes;
     size_t bytes_cap;
 };
@@ -62,6 +63,9 @@ struct store_lmdb {
     int wake_fd; /* an eventfd: something landed */
     struct event *wake;
     MDB_txn *rtxn; /* reset between uses */
+    /* sync "os": the writes this loop queued since its last batch ran */
+    struct lm_jobq batch;
+    struct event *run_batch;
 };
 
 static struct store_lmdb *lm_store_of(const struct lm_op *op)
@@ -78,6 +82,7 @@ static void lm_store_destroy(struct store_lmdb *s)
 {
     store_answers_free(&s->answers);
     event_free(s->tick);
+    event_free(s->run_batch);
     if (s->wake) event_free(s->wake);
     if (s->rtxn) mdb_txn_abort(s->rtxn);
     if (s->wake_fd >= 0) close(s->wake_fd);
@@ -116,8 +121,8 @@ static void lm_failed(struct store_lmdb *s, const char *what, int rc)
 
 /* ---- running an operation ---- */
 
-/* Room for n bytes of copies in op (what the caller lent is copied there
- * when the operation outlives the call: the writer thread). */
+/* Room for n bytes of copies in op (what the caller lent is copied there:
+ * a write runs after the call, lm_op_run). */
 static uint8_t *lm_op_bytes(struct lm_op *op, size_t n)
 {
     if (n > op->bytes_cap) {
@@ -128,12 +133,17 @@ static uint8_t *lm_op_bytes(struct lm_op *op, size_t n)
     return op->bytes;
 }
 
+static struct lm_op *lm_op_of_job(struct lm_job *j)
+{
+    return (struct lm_op *)(void *)((char *)j - offsetof(struct lm_op, job));
+}
+
 /* On the writer thread: the operation is committed (and flushed); its
  * loop is woken to answer it. Under mu, so that a store being freed
  * (lm_free waits for in_writer to reach 0) is never written to after. */
 static void lm_op_land(struct lm_job *j)
 {
-    struct lm_op *op = (struct lm_op *)(void *)((char *)j - offsetof(struct lm_op, job));
+    struct lm_op *op = lm_op_of_job(j);
     struct store_lmdb *s = lm_store_of(op);
     pthread_mutex_lock(&s->mu);
     bool first = TAILQ_EMPTY(&s->landed);
@@ -168,22 +178,44 @@ static void lm_wake(evutil_socket_t fd, short what, void *arg)
     }
 }
 
-/* Runs fn on op's arguments: at once in its own transaction (sync "os":
- * a few microseconds), or queued for the writer thread (sync "fsync"),
- * whose flush would otherwise stop this loop; then finish makes the
- * answer of fn's result and the callback is deferred. */
+/* Sync "os", on the loop, once the events that were ready have run: every
+ * write they queued, in one transaction (one commit's page and free-list
+ * work for all of them), then each answered. */
+static void lm_batch_run(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct store_lmdb *s = arg;
+    struct lm_jobq q = TAILQ_HEAD_INITIALIZER(q);
+    TAILQ_CONCAT(&q, &s->batch, link);
+    lm_run_batch(s->env, &q);
+    struct lm_job *j;
+    while ((j = TAILQ_FIRST(&q))) {
+        TAILQ_REMOVE(&q, j, link);
+        struct lm_op *op = lm_op_of_job(j);
+        op->finish(op, j->rc);
+        lm_op_defer(op);
+    }
+}
+
+/* Runs fn on op's arguments in a write transaction: with sync "os" on
+ * this loop, in the batch of writes run once the ready events have run
+ * (lm_batch_run); with "fsync" on the writer thread, whose flush would
+ * otherwise stop this loop. Then finish makes the answer of fn's result
+ * and the callback is deferred. Either way the run outlives the call:
+ * the callers copy what they were lent. */
 static void lm_op_run(struct lm_op *op, int (*fn)(struct lm_txn *x, void *arg), void *args,
                       void (*finish)(struct lm_op *op, int rc))
 {
     struct store_lmdb *s = lm_store_of(op);
     op->finish = finish;
-    if (!s->env->fsync) {
-        finish(op, lm_run(s->env, fn, args));
-        lm_op_defer(op);
-        return;
-    }
     op->job.fn = fn;
     op->job.args = args;
+    if (!s->env->fsync) {
+        if (TAILQ_EMPTY(&s->batch)) event_active(s->run_batch, EV_TIMEOUT, 1);
+        TAILQ_INSERT_TAIL(&s->batch, &op->job, link);
+        return;
+    }
     op->job.land = lm_op_land;
     pthread_mutex_lock(&s->mu);
     s->in_writer++;
@@ -240,7 +272,7 @@ static void lm_acquire(struct store *base, const struct store_acquire_req *req, 
             return;
         }
     }
-    if (s->env->fsync) {
+    {
         uint8_t *b = lm_op_bytes(op, req->skey_len + STORE_FP_LEN + STORE_TOKEN_LEN);
         memcpy(b, req->skey, req->skey_len);
         memcpy(b + req->skey_len, req->fp, STORE_FP_LEN);
@@ -270,7 +302,7 @@ static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const ch
     op->ans.arg = arg;
     struct lm_owned_args *a = &op->a.owned;
     *a = (struct lm_owned_args){action, skey, skey_len, token, record, record_len, after_ms, -1};
-    if (s->env->fsync) {
+    {
         uint8_t *b = lm_op_bytes(op, skey_len + STORE_TOKEN_LEN + record_len);
         memcpy(b, skey, skey_len);
         memcpy(b + skey_len, token, STORE_TOKEN_LEN);
@@ -336,14 +368,13 @@ static void lm_lease_finish(struct lm_op *op, int rc)
     op->ans.status = op->a.lim.status;
 }
 
-/* The limit's arguments in op (the scope and token copied for the writer
- * thread). */
+/* The limit's arguments in op (the scope and token copied, lm_op_run). */
 static struct lm_limit_args *lm_limit_args(struct lm_op *op, const char *scope, size_t scope_len,
                                            const char *token)
 {
     struct lm_limit_args *la = &op->a.lim;
     *la = (struct lm_limit_args){scope, scope_len, token, NULL, false, 0, {0}, 0};
-    if (lm_store_of(op)->env->fsync) {
+    {
         uint8_t *b = lm_op_bytes(op, scope_len + STORE_TOKEN_LEN);
         memcpy(b, scope, scope_len);
         memcpy(b + scope_len, token, STORE_TOKEN_LEN);
@@ -396,6 +427,9 @@ static void lm_limit_renew(struct store *base, const char *scope, size_t scope_l
 static void lm_free(struct store *base)
 {
     struct store_lmdb *s = (struct store_lmdb *)base;
+    /* Sync "os": what this loop queued is written (a completion is not
+     * lost), its answers dropped with the rest of what is pending. */
+    if (!TAILQ_EMPTY(&s->batch)) lm_batch_run(-1, 0, s);
     /* What the writer thread holds lands first (at most one batch), and
      * is dropped with the rest of what is pending. */
     pthread_mutex_lock(&s->mu);
@@ -456,6 +490,9 @@ struct store *store_lmdb_new(struct event_base *base, struct store_lmdb_env *env
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     TAILQ_INIT(&s->landed);
+    TAILQ_INIT(&s->batch);
+    s->run_batch = event_new(base, -1, 0, lm_batch_run, s);
+    if (!s->run_batch) abort();
     s->wake_fd = -1;
     if (env->fsync) {
         s->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
