@@ -272,15 +272,13 @@ static void lm_acquire(struct store *base, const struct store_acquire_req *req, 
             return;
         }
     }
-    {
-        uint8_t *b = lm_op_bytes(op, req->skey_len + STORE_FP_LEN + STORE_TOKEN_LEN);
-        memcpy(b, req->skey, req->skey_len);
-        memcpy(b + req->skey_len, req->fp, STORE_FP_LEN);
-        memcpy(b + req->skey_len + STORE_FP_LEN, req->token, STORE_TOKEN_LEN);
-        a->skey = (const char *)b;
-        a->fp = b + req->skey_len;
-        a->token = (const char *)b + req->skey_len + STORE_FP_LEN;
-    }
+    uint8_t *b = lm_op_bytes(op, req->skey_len + STORE_FP_LEN + STORE_TOKEN_LEN);
+    memcpy(b, req->skey, req->skey_len);
+    memcpy(b + req->skey_len, req->fp, STORE_FP_LEN);
+    memcpy(b + req->skey_len + STORE_FP_LEN, req->token, STORE_TOKEN_LEN);
+    a->skey = (const char *)b;
+    a->fp = b + req->skey_len;
+    a->token = (const char *)b + req->skey_len + STORE_FP_LEN;
     lm_op_run(op, lm_acquire_txn, a, lm_acquire_finish);
 }
 
@@ -302,15 +300,13 @@ static void lm_owned(struct store_lmdb *s, enum lm_owned_action action, const ch
     op->ans.arg = arg;
     struct lm_owned_args *a = &op->a.owned;
     *a = (struct lm_owned_args){action, skey, skey_len, token, record, record_len, after_ms, -1};
-    {
-        uint8_t *b = lm_op_bytes(op, skey_len + STORE_TOKEN_LEN + record_len);
-        memcpy(b, skey, skey_len);
-        memcpy(b + skey_len, token, STORE_TOKEN_LEN);
-        if (record_len) memcpy(b + skey_len + STORE_TOKEN_LEN, record, record_len);
-        a->skey = (const char *)b;
-        a->token = (const char *)b + skey_len;
-        a->record = b + skey_len + STORE_TOKEN_LEN;
-    }
+    uint8_t *b = lm_op_bytes(op, skey_len + STORE_TOKEN_LEN + record_len);
+    memcpy(b, skey, skey_len);
+    memcpy(b + skey_len, token, STORE_TOKEN_LEN);
+    if (record_len) memcpy(b + skey_len + STORE_TOKEN_LEN, record, record_len);
+    a->skey = (const char *)b;
+    a->token = (const char *)b + skey_len;
+    a->record = b + skey_len + STORE_TOKEN_LEN;
     lm_op_run(op, lm_owned_txn, a, lm_owned_finish);
 }
 
@@ -374,13 +370,11 @@ static struct lm_limit_args *lm_limit_args(struct lm_op *op, const char *scope, 
 {
     struct lm_limit_args *la = &op->a.lim;
     *la = (struct lm_limit_args){scope, scope_len, token, NULL, false, 0, {0}, 0};
-    {
-        uint8_t *b = lm_op_bytes(op, scope_len + STORE_TOKEN_LEN);
-        memcpy(b, scope, scope_len);
-        memcpy(b + scope_len, token, STORE_TOKEN_LEN);
-        la->scope = (const char *)b;
-        la->token = (const char *)b + scope_len;
-    }
+    uint8_t *b = lm_op_bytes(op, scope_len + STORE_TOKEN_LEN);
+    memcpy(b, scope, scope_len);
+    memcpy(b + scope_len, token, STORE_TOKEN_LEN);
+    la->scope = (const char *)b;
+    la->token = (const char *)b + scope_len;
     return la;
 }
 
