@@ -11,13 +11,15 @@
  *   keys.c    the operations' decisions on one key (acquire; complete,
  *             release, renew of an owned lock)
  *   limits.c  the limits (store_limit): GCRA and leased slots per scope
- *   ops.c     struct store_lmdb (one per loop): the ops table, callbacks
- *             deferred onto the loop's base, the sweep timer
+ *   ops.c     struct store_lmdb (one per loop): the ops table, replays
+ *             read lock-free, the loop's batch of writes (sync "os"),
+ *             callbacks deferred onto the loop's base, the sweep timer
  *   writer.c  the writer thread of sync "fsync": group commit
  *
- * Threads: with sync "os" every worker runs its own transactions; LMDB
- * serializes the writers (across processes too) and lets readers run
- * beside them. With sync "fsync" the operations go to the process's one
+ * Threads: with sync "os" every worker runs its own transactions (the
+ * writes of one turn of its loop in one); LMDB serializes the writers
+ * (across processes too) and lets readers run beside them. With sync
+ * "fsync" the write operations go to the process's one
  * writer thread instead, which runs all that queued up meanwhile in one
  * transaction and one flush (docs/stores.md). Owns nothing. */
 #ifndef IDEMGATE_STORE_LMDB_INTERNAL_H
@@ -83,10 +85,11 @@ struct store_lmdb_env {
     bool stop;
 };
 
-/* One operation handed to the writer thread: fn runs on args in the
+/* One write operation in a batch (lm_run_batch): its loop's (sync "os",
+ * ops.c) or the writer thread's (sync "fsync"). fn runs on args in the
  * batch's transaction (or alone, again, when the batch failed); rc is its
- * result once committed (and flushed); land is then called, on the writer
- * thread, to hand it back to its loop. */
+ * result once committed (and flushed). With the writer thread, land is
+ * then called on that thread to hand it back to its loop. */
 struct lm_job {
     TAILQ_ENTRY(lm_job) link;
     int (*fn)(struct lm_txn *x, void *arg);

@@ -186,6 +186,7 @@ static void lm_batch_run(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     struct store_lmdb *s = arg;
+    if (TAILQ_EMPTY(&s->batch)) return; /* run already, by lm_free */
     struct lm_jobq q = TAILQ_HEAD_INITIALIZER(q);
     TAILQ_CONCAT(&q, &s->batch, link);
     lm_run_batch(s->env, &q);
@@ -423,7 +424,7 @@ static void lm_free(struct store *base)
     struct store_lmdb *s = (struct store_lmdb *)base;
     /* Sync "os": what this loop queued is written (a completion is not
      * lost), its answers dropped with the rest of what is pending. */
-    if (!TAILQ_EMPTY(&s->batch)) lm_batch_run(-1, 0, s);
+    lm_batch_run(-1, 0, s);
     /* What the writer thread holds lands first (at most one batch), and
      * is dropped with the rest of what is pending. */
     pthread_mutex_lock(&s->mu);

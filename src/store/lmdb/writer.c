@@ -14,8 +14,6 @@
 
 #include "idemgate/core/log.h"
 
-#include <errno.h>
-
 static void *writer_main(void *arg)
 {
     struct store_lmdb_env *e = arg;

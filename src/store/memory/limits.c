@@ -7,9 +7,10 @@
  * The rate is a GCRA kept exact in integers (store/gcra.h): a request
  * adds an emission interval of window_ms / n ms to the theoretical arrival
  * time TAT, and it passes when TAT - now, after it, is at most window_ms
- * (so a burst of n passes at once). The rate state dies at TAT (then it equals no state); a slot
- * dies when its lease lapses; an entry holding neither is dropped, lazily on lookup and by a
- * bounded sweep on every operation and every tick.
+ * (so a burst of n passes at once). The rate state dies at TAT (then it
+ * equals no state); a slot dies when its lease lapses; an entry holding
+ * neither is dropped, lazily on lookup and by a bounded sweep on every
+ * operation and every tick.
  *
  * Owns every struct mem_limit and its leases array; each is charged to
  * the store's bytes (limit_bytes, and the table's buckets), not to a

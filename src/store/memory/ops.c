@@ -4,9 +4,10 @@
  * inside the call that started them), and the periodic tick that
  * reclaims a bounded slice of the table when no request comes.
  *
- * Owns the struct store_memory and its answers. Does not own the shared table (borrowed: it must
- * outlive the store) nor anything in it: the decisions are shared.c's,
- * taken under the table's mutex, which this file never touches. */
+ * Owns the struct store_memory and its answers. Does not own the shared
+ * table (borrowed: it must outlive the store) nor anything in it: the
+ * decisions are shared.c's, taken under the table's mutex, which this
+ * file never touches. */
 #include "internal.h"
 
 #include "idemgate/store/answers.h"
